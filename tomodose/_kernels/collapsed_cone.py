@@ -1,0 +1,206 @@
+"""numba kernels of the collapsed-cone transport (private; no validation here).
+
+Geometry of one transport direction ``u`` (see :mod:`tomodose.transport.collapsed_cone`): the
+array axis ``m`` with the largest ``|u_m| / spacing_m`` is the stepping axis; a line advances one
+slice along ``m`` per step (geometric step ``step_cm``) and moves ``da``, ``db`` voxels (|.| <= 1)
+along the other two array axes ``a < b``. Line ``(ia, ib)`` visits, at step ``n``, the voxel
+``(slice(n), ia + floor(n da + 0.5), ib + floor(n db + 0.5))``. For a fixed step the lateral
+offsets are the same for all lines, so the lines of one direction visit every voxel exactly once:
+their writes are disjoint and ``prange`` over lines is race-free.
+
+Per line and exponential term ``k`` (rate ``a_k``, amplitude ``A_k`` of the source voxel), with
+TERMA ``T`` and radiological step ``delta = rho * step_cm`` constant within a voxel, the exact
+segment recursion is (``x = a_k delta``, ``g(x) = (1 - exp(-x)) / x``)::
+
+    dose  += F_k a_k g(x) + T A_k (1 - g(x))
+    F_k    = F_k exp(-x) + T A_k (1 - exp(-x)) / a_k
+
+``F_k`` is the energy (per unit line cross-section, in TERMA x cm units) still travelling along
+the line; what is left after the last voxel leaves the grid and is lost. In vacuum (``delta = 0``)
+``g = 1`` and nothing is divided by zero.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+from tomodose.config import NUMBA_OPTIONS, NUMBA_PARALLEL_OPTIONS
+
+
+@numba.njit(**NUMBA_OPTIONS)
+def _offset(n, d):
+    return int(math.floor(n * d + 0.5))
+
+
+@numba.njit(**NUMBA_OPTIONS)
+def _interp_row(table, dtheta, cos_t, out, scale):
+    """out[k] = scale * table(theta)[k], linear in theta = acos(cos_t)."""
+    if cos_t > 1.0:
+        cos_t = 1.0
+    elif cos_t < -1.0:
+        cos_t = -1.0
+    t = math.acos(cos_t) / dtheta
+    i0 = int(t)
+    n = table.shape[0]
+    if i0 >= n - 1:
+        for k in range(table.shape[1]):
+            out[k] = scale * table[n - 1, k]
+        return
+    f = t - i0
+    for k in range(table.shape[1]):
+        out[k] = scale * ((1.0 - f) * table[i0, k] + f * table[i0 + 1, k])
+
+
+@numba.njit(**NUMBA_PARALLEL_OPTIONS)
+def tilt_normalisation(terma, directions, solid_angle, density_total, dtheta, source_xyz,
+                       origin_xyz, spacing_xyz, total_fraction, fallback_axis):
+    """(nz, ny, nx) factor making each voxel's tilted cone amplitudes sum to the kernel total.
+
+    ``density_total`` (M,) is the summed per-steradian kernel vs polar angle; voxels with zero
+    TERMA get 0 (they emit nothing).
+    """
+    nz, ny, nx = terma.shape
+    nd = directions.shape[0]
+    out = np.zeros((nz, ny, nx))
+    buf_tab = density_total.reshape((density_total.size, 1))
+    for kz in numba.prange(nz):
+        row = np.empty(1)
+        z = origin_xyz[2] + kz * spacing_xyz[2]
+        for jy in range(ny):
+            y = origin_xyz[1] + jy * spacing_xyz[1]
+            for ix in range(nx):
+                if terma[kz, jy, ix] == 0.0:
+                    continue
+                x = origin_xyz[0] + ix * spacing_xyz[0]
+                bx = x - source_xyz[0]
+                by = y - source_xyz[1]
+                bz = z - source_xyz[2]
+                bn = math.sqrt(bx * bx + by * by + bz * bz)
+                if bn > 0.0:
+                    bx /= bn
+                    by /= bn
+                    bz /= bn
+                else:
+                    bx = fallback_axis[0]
+                    by = fallback_axis[1]
+                    bz = fallback_axis[2]
+                s = 0.0
+                for d in range(nd):
+                    c = directions[d, 0] * bx + directions[d, 1] * by + directions[d, 2] * bz
+                    _interp_row(buf_tab, dtheta, c, row, solid_angle[d])
+                    s += row[0]
+                out[kz, jy, ix] = total_fraction / s if s > 0.0 else 0.0
+    return out
+
+
+@numba.njit(**NUMBA_PARALLEL_OPTIONS)
+def transport_direction(terma, rho, dose, m, sgn, da, db, step_cm, rates, amp_const,
+                        tilt, u_xyz, solid_angle, density_table, dtheta, norm,
+                        source_xyz, origin_xyz, spacing_xyz, fallback_axis):
+    """Add the dose carried along one cone direction to ``dose`` (in place).
+
+    Parameters (plain arrays/scalars)
+    ---------------------------------
+    terma, rho : (nz, ny, nx) float64
+        TERMA (energy/mass) and density relative to water.
+    dose : (nz, ny, nx) float64, accumulated in place.
+    m : int            stepping array axis (0 = z, 1 = y, 2 = x).
+    sgn : int          +1 when the direction increases the index along ``m``, else -1.
+    da, db : float     lateral index shift per step along the other two axes (ascending order).
+    step_cm : float    geometric path length per step (cm).
+    rates : (K,)       decay rates (1/cm).
+    amp_const : (K,)   cone amplitudes when ``tilt`` is False.
+    tilt : bool        per-voxel amplitudes from the source direction instead.
+    u_xyz : (3,)       transport direction (LPS x, y, z), unit.
+    solid_angle : float  cone solid angle (sr).
+    density_table : (M, K)  per-steradian amplitudes vs polar angle, step ``dtheta`` (rad).
+    norm : (nz, ny, nx)  per-voxel normalisation (tilt only).
+    source_xyz, origin_xyz, spacing_xyz, fallback_axis : (3,) LPS mm / unit vector.
+    """
+    shape = terma.shape
+    a_ax = 1 if m == 0 else 0
+    b_ax = 1 if m == 2 else 2
+    n_m = shape[m]
+    n_a = shape[a_ax]
+    n_b = shape[b_ax]
+    end_a = _offset(n_m - 1, da)
+    end_b = _offset(n_m - 1, db)
+    min_a = min(0, end_a)
+    max_a = max(0, end_a)
+    min_b = min(0, end_b)
+    max_b = max(0, end_b)
+    lines_a = n_a + max_a - min_a
+    lines_b = n_b + max_b - min_b
+    n_k = rates.size
+    for line in numba.prange(lines_a * lines_b):
+        ia = line // lines_b - max_a
+        ib = line % lines_b - max_b
+        flux = np.zeros(n_k)
+        amp = np.empty(n_k)
+        ex = np.ones(n_k)
+        gg = np.ones(n_k)
+        last_delta = -1.0
+        has_flux = False
+        started = False
+        for n in range(n_m):
+            ja = ia + _offset(n, da)
+            jb = ib + _offset(n, db)
+            if ja < 0 or ja >= n_a or jb < 0 or jb >= n_b:
+                if started:
+                    break
+                continue
+            started = True
+            km = n if sgn > 0 else n_m - 1 - n
+            if m == 0:
+                kz = km
+                jy = ja
+                ix = jb
+            elif m == 1:
+                kz = ja
+                jy = km
+                ix = jb
+            else:
+                kz = ja
+                jy = jb
+                ix = km
+            t = terma[kz, jy, ix]
+            if t == 0.0 and not has_flux:
+                continue
+            delta = rho[kz, jy, ix] * step_cm
+            if delta != last_delta:
+                last_delta = delta
+                for k in range(n_k):
+                    x = rates[k] * delta
+                    if x > 1e-10:
+                        e = math.exp(-x)
+                        ex[k] = e
+                        gg[k] = -math.expm1(-x) / x
+                    else:
+                        ex[k] = 1.0 - x
+                        gg[k] = 1.0 - 0.5 * x
+            if t != 0.0:
+                if tilt:
+                    px = origin_xyz[0] + ix * spacing_xyz[0] - source_xyz[0]
+                    py = origin_xyz[1] + jy * spacing_xyz[1] - source_xyz[1]
+                    pz = origin_xyz[2] + kz * spacing_xyz[2] - source_xyz[2]
+                    pn = math.sqrt(px * px + py * py + pz * pz)
+                    if pn > 0.0:
+                        c = (u_xyz[0] * px + u_xyz[1] * py + u_xyz[2] * pz) / pn
+                    else:
+                        c = (u_xyz[0] * fallback_axis[0] + u_xyz[1] * fallback_axis[1]
+                             + u_xyz[2] * fallback_axis[2])
+                    _interp_row(density_table, dtheta, c, amp, solid_angle * norm[kz, jy, ix])
+                else:
+                    for k in range(n_k):
+                        amp[k] = amp_const[k]
+            d = 0.0
+            for k in range(n_k):
+                a = rates[k]
+                s = t * amp[k] if t != 0.0 else 0.0
+                d += flux[k] * a * gg[k] + s * (1.0 - gg[k])
+                flux[k] = flux[k] * ex[k] + s * (1.0 - ex[k]) / a
+            has_flux = True
+            dose[kz, jy, ix] += d

@@ -1,0 +1,634 @@
+"""Collapsed-cone point kernels: derivation helpers, the :class:`CollapsedConeKernel` table, loading.
+
+A point energy-deposition kernel (EDK) gives the fraction of the energy released by photons
+interacting at a point (TERMA) that is deposited at a given polar angle ``theta`` from the
+photon direction and radiological distance ``r`` (cm of water). tomodose derives its kernels from
+mono-energetic EGSnrc/EDKnrc water kernels (48 cones of 3.75 deg x 24 spherical shells) with the
+script ``kernels/derive_ccc_kernels.py``:
+
+1. **Polyenergetic kernel** (:func:`polyenergetic_kernel`): each mono kernel is weighted by its
+   TERMA share ``phi(E) * E * mu(E)`` (normalised to sum 1), spectral bins between two kernel
+   energies being shared linearly between them.
+2. **Collapse** (:func:`collapse_kernel`): the 48 fine cones are summed into ``P`` polar bins
+   (rings), each split into ``n_azimuth`` equal azimuthal cones (the kernel is symmetric about the
+   photon direction). The cumulative energy fraction per ring ``C_p(r)`` is tabulated at the shell
+   edges, exactly as in the data (no energy is created or lost by the collapse).
+3. **Exponential representation**: ``C_p(r) ~= sum_k A[p, k] * (1 - exp(-a_k r))`` with ``K``
+   decay rates ``a_k`` (1/cm) shared by all rings and non-negative amplitudes; the rates are fitted
+   by variable projection (NNLS inside a Nelder-Mead search) and the amplitudes of each ring are
+   rescaled to reproduce its tabulated total exactly. Shared rates are what makes the
+   collapsed-cone recursion exact per segment *and* allows kernel tilting (the amplitude of a
+   transport line may change from voxel to voxel while the transported flux keeps its decay).
+
+Everything is in cm of water (radiological distance: density-scaled path length).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from tomodose._validate import check_array, check_positive
+
+__all__ = [
+    "CollapsedConeKernel",
+    "MonoKernelTable",
+    "read_edk_csv",
+    "terma_weights",
+    "polyenergetic_kernel",
+    "collapse_kernel",
+    "fit_shared_exponentials",
+    "cone_directions",
+    "load_kernel",
+    "DEFAULT_KERNEL_NAME",
+    "KERNEL_FORMAT",
+    "KERNEL_FORMAT_VERSION",
+]
+
+logger = logging.getLogger(__name__)
+
+#: name of the shipped default kernel (file ``tomodose/data/kernels/<name>.json``).
+DEFAULT_KERNEL_NAME = "ccc_water_6mv_default"
+KERNEL_FORMAT = "tomodose-collapsed-cone-kernel"
+KERNEL_FORMAT_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------
+# mono-energetic input tables
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MonoKernelTable:
+    """Mono-energetic point kernels on a cone x shell grid.
+
+    Attributes
+    ----------
+    energies_mev : (nE,) float64
+        Photon energies in MeV, increasing.
+    theta_edges_deg : (nC + 1,) float64
+        Polar-angle bin edges from the photon direction (0 = forward ... 180).
+    radius_edges_cm : (nR + 1,) float64
+        Radial shell edges in cm of water, starting at 0.
+    total : (nE, nC, nR) float64
+        Fraction of the energy of a photon interacting at the origin deposited in each
+        (cone, shell) voxel (differential, not per volume).
+    """
+
+    energies_mev: np.ndarray = field(repr=False)
+    theta_edges_deg: np.ndarray = field(repr=False)
+    radius_edges_cm: np.ndarray = field(repr=False)
+    total: np.ndarray = field(repr=False)
+
+    @property
+    def deposited_fraction(self) -> np.ndarray:
+        """(nE,) total deposited fraction of each mono kernel (about 0.93-0.98)."""
+        return self.total.sum(axis=(1, 2))
+
+
+def read_edk_csv(path: str | os.PathLike) -> MonoKernelTable:
+    """Read an EDK table in the CSV layout of the shared EDKnrc conversion.
+
+    Columns ``energy_MeV, theta_lo_deg, theta_hi_deg, r_hi_cm, total, ...`` with ``#`` comment
+    lines and one header line; rows radius-fastest, then cone, then energy.
+
+    Parameters
+    ----------
+    path : path-like
+        CSV file (e.g. ``shared/data/dose_physics/kernels/edknrc_mono_water_conehead.csv``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"path must be an existing EDK CSV file, got {str(path)!r}")
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            s = line.strip()
+            if not s or s.startswith("#") or s[0].isalpha():
+                continue
+            rows.append([float(v) for v in s.split(",")[:5]])
+    data = np.asarray(rows, dtype=np.float64)
+    energies = np.unique(data[:, 0])
+    theta_lo = np.unique(data[:, 1])
+    theta_hi = np.unique(data[:, 2])
+    r_hi = np.unique(data[:, 3])
+    n_e, n_c, n_r = energies.size, theta_lo.size, r_hi.size
+    if data.shape[0] != n_e * n_c * n_r:
+        raise ValueError(
+            f"path {str(path)!r} must hold a full energy x cone x shell grid, got {data.shape[0]} rows "
+            f"for {n_e} x {n_c} x {n_r}"
+        )
+    order = np.lexsort((data[:, 3], data[:, 1], data[:, 0]))
+    total = data[order, 4].reshape(n_e, n_c, n_r)
+    theta_edges = np.concatenate([theta_lo[:1], theta_hi])
+    radius_edges = np.concatenate([[0.0], r_hi])
+    return MonoKernelTable(energies, theta_edges, radius_edges, total)
+
+
+# --------------------------------------------------------------------------------------------
+# polyenergetic kernel
+# --------------------------------------------------------------------------------------------
+def terma_weights(
+    kernel_energies_mev,
+    spectrum_energies_mev,
+    spectrum_fluence,
+    mu_energies_mev,
+    mu_per_cm,
+) -> np.ndarray:
+    """TERMA share of each kernel energy for a photon spectrum.
+
+    Each spectral line ``E`` contributes ``phi(E) * E * mu(E)`` (``mu`` interpolated log-log),
+    shared linearly between the two kernel energies that bracket it (clamped at the ends).
+
+    Parameters
+    ----------
+    kernel_energies_mev : (nE,) array
+        Energies of the mono kernels, increasing.
+    spectrum_energies_mev, spectrum_fluence : (nS,) arrays
+        Photon fluence (any normalisation) at each spectral energy (MeV).
+    mu_energies_mev, mu_per_cm : (nM,) arrays
+        Linear (or mass) attenuation coefficient of water vs energy.
+
+    Returns
+    -------
+    (nE,) float64, non-negative, summing to 1.
+    """
+    ek = check_array("kernel_energies_mev", kernel_energies_mev, ndim=1, low=0.0)
+    es = check_array("spectrum_energies_mev", spectrum_energies_mev, ndim=1, low=0.0)
+    ws = check_array("spectrum_fluence", spectrum_fluence, shape=(es.size,), low=0.0)
+    em = check_array("mu_energies_mev", mu_energies_mev, ndim=1, low=0.0)
+    mu = check_array("mu_per_cm", mu_per_cm, shape=(em.size,), low=0.0)
+    if not np.any(ws > 0):
+        raise ValueError("spectrum_fluence must have at least one entry > 0, got all zeros")
+    keep = ws > 0
+    es, ws = es[keep], ws[keep]
+    if np.any(es <= 0):
+        raise ValueError("spectrum_energies_mev must be > 0 where the fluence is > 0")
+    mu_s = np.exp(np.interp(np.log(es), np.log(em), np.log(mu)))
+    share = ws * es * mu_s
+    out = np.zeros(ek.size)
+    pos = np.interp(es, ek, np.arange(ek.size, dtype=np.float64))
+    lo = np.floor(pos).astype(int)
+    hi = np.minimum(lo + 1, ek.size - 1)
+    frac = pos - lo
+    np.add.at(out, lo, share * (1.0 - frac))
+    np.add.at(out, hi, share * frac)
+    return out / out.sum()
+
+
+def polyenergetic_kernel(table: MonoKernelTable, weights) -> np.ndarray:
+    """(nC, nR) weighted sum of the mono kernels of ``table`` with ``weights`` (nE,)."""
+    w = check_array("weights", weights, shape=(table.energies_mev.size,), low=0.0)
+    return np.tensordot(w, table.total, axes=(0, 0))
+
+
+# --------------------------------------------------------------------------------------------
+# collapse and exponential fit
+# --------------------------------------------------------------------------------------------
+def _model_matrix(radii_cm: np.ndarray, rates_per_cm: np.ndarray) -> np.ndarray:
+    return -np.expm1(-np.outer(radii_cm, rates_per_cm))
+
+
+def _fit_amplitudes(radii, cum, rates, totals):
+    """NNLS amplitudes per ring for fixed rates; rows weighted by 1/total of all rings."""
+    from scipy.optimize import nnls
+
+    m = _model_matrix(radii, rates)
+    grand = float(totals.sum())
+    amps = np.zeros((cum.shape[0], rates.size))
+    resid = 0.0
+    for p in range(cum.shape[0]):
+        if totals[p] <= 0:
+            continue
+        # relative weighting: errors of the cumulative as a fraction of the ring total, plus a
+        # heavy row that pins the total (energy conservation)
+        scale = 1.0 / max(totals[p], 1e-12)
+        a_mat = np.vstack([m * scale, 1e3 * np.ones((1, rates.size)) * scale])
+        b_vec = np.concatenate([cum[p] * scale, [1e3 * totals[p] * scale]])
+        x, _ = nnls(a_mat, b_vec, maxiter=2000)
+        if x.sum() > 0:
+            x *= totals[p] / x.sum()
+        amps[p] = x
+        err = (m @ x - cum[p]) / grand
+        resid += float(np.sum(err**2)) * (totals[p] / grand)
+    return amps, resid
+
+
+def fit_shared_exponentials(
+    radius_edges_cm, cumulative, n_terms: int = 5, *, initial_rates_per_cm=None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fit ``C_p(r) ~= sum_k A[p,k] (1 - exp(-a_k r))`` with rates shared by all rings.
+
+    Parameters
+    ----------
+    radius_edges_cm : (nR + 1,) array
+        Radii of the tabulated cumulative values (first must be 0).
+    cumulative : (P, nR + 1) array
+        Cumulative deposited energy fraction per ring at those radii.
+    n_terms : int
+        Number of exponential terms ``K``.
+
+    Returns
+    -------
+    rates_per_cm : (K,) float64, increasing
+    amplitudes : (P, K) float64, >= 0, each row summing exactly to ``cumulative[p, -1]``.
+    """
+    from scipy.optimize import minimize
+
+    r = check_array("radius_edges_cm", radius_edges_cm, ndim=1, low=0.0)
+    cum = check_array("cumulative", cumulative, ndim=2)
+    if cum.shape[1] != r.size:
+        raise ValueError(f"cumulative must have shape (P, {r.size}), got {cum.shape}")
+    if int(n_terms) < 1:
+        raise ValueError(f"n_terms must be >= 1, got {n_terms}")
+    k = int(n_terms)
+    totals = cum[:, -1]
+    if initial_rates_per_cm is None:
+        x0 = np.log(np.geomspace(0.04, 40.0, k))
+    else:
+        x0 = np.log(check_array("initial_rates_per_cm", initial_rates_per_cm, shape=(k,), low=1e-6))
+
+    def objective(logr):
+        rates = np.sort(np.exp(logr))
+        return _fit_amplitudes(r, cum, rates, totals)[1]
+
+    best = minimize(objective, x0, method="Powell",
+                    options={"maxiter": 20000 * k, "xtol": 1e-5, "ftol": 1e-13})
+    polish = minimize(objective, best.x, method="Nelder-Mead",
+                      options={"maxiter": 4000 * k, "xatol": 1e-6, "fatol": 1e-16})
+    if polish.fun < best.fun:
+        best = polish
+    rates = np.sort(np.exp(best.x))
+    amps, _ = _fit_amplitudes(r, cum, rates, totals)
+    return rates, amps
+
+
+def collapse_kernel(
+    fine_kernel,
+    theta_edges_deg,
+    radius_edges_cm,
+    *,
+    n_polar: int = 12,
+    n_azimuth: int = 8,
+    polar_group_edges: Sequence[int] | None = None,
+    n_terms: int = 5,
+    name: str = "custom",
+    provenance: Mapping | None = None,
+) -> "CollapsedConeKernel":
+    """Collapse a (nC, nR) kernel onto ``P`` polar rings x ``n_azimuth`` cones.
+
+    Parameters
+    ----------
+    fine_kernel : (nC, nR) array
+        Energy fraction per (fine cone, shell) voxel (e.g. from :func:`polyenergetic_kernel`).
+    theta_edges_deg : (nC + 1,) array
+        Fine cone edges (deg from the photon direction).
+    radius_edges_cm : (nR + 1,) array
+        Shell edges (cm of water).
+    n_polar : int
+        Number of polar rings; the fine cones are grouped evenly (nC must be divisible by it)
+        unless ``polar_group_edges`` is given.
+    n_azimuth : int
+        Cones per ring.
+    polar_group_edges : sequence of int, optional
+        Fine-cone indices of the ring edges (first 0, last nC), for uneven rings.
+    n_terms : int
+        Exponential terms of the fit.
+    name : str
+        Kernel name stored in the table.
+    provenance : mapping, optional
+        Free-form provenance stored with the table.
+    """
+    fk = check_array("fine_kernel", fine_kernel, ndim=2, low=0.0)
+    te = check_array("theta_edges_deg", theta_edges_deg, shape=(fk.shape[0] + 1,))
+    re = check_array("radius_edges_cm", radius_edges_cm, shape=(fk.shape[1] + 1,), low=0.0)
+    n_c = fk.shape[0]
+    if polar_group_edges is None:
+        if int(n_polar) < 1 or n_c % int(n_polar):
+            raise ValueError(f"n_polar must divide the {n_c} fine cones, got {n_polar}")
+        step = n_c // int(n_polar)
+        groups = list(range(0, n_c + 1, step))
+    else:
+        groups = [int(g) for g in polar_group_edges]
+        if groups[0] != 0 or groups[-1] != n_c or any(b <= a for a, b in zip(groups, groups[1:])):
+            raise ValueError(
+                f"polar_group_edges must increase strictly from 0 to {n_c}, got {groups}"
+            )
+    if int(n_azimuth) < 1:
+        raise ValueError(f"n_azimuth must be >= 1, got {n_azimuth}")
+    p = len(groups) - 1
+    ring_shell = np.array([fk[groups[i]:groups[i + 1]].sum(axis=0) for i in range(p)])
+    cumulative = np.concatenate([np.zeros((p, 1)), np.cumsum(ring_shell, axis=1)], axis=1)
+    polar_edges = te[groups]
+    # representative polar angle: energy-weighted mean of cos(theta) over the ring's fine cones
+    cos_c = 0.5 * (np.cos(np.radians(te[:-1])) + np.cos(np.radians(te[1:])))
+    e_c = fk.sum(axis=1)
+    polar_deg = np.empty(p)
+    for i in range(p):
+        sl = slice(groups[i], groups[i + 1])
+        w = e_c[sl]
+        mean_cos = float(np.sum(w * cos_c[sl]) / w.sum()) if w.sum() > 0 else float(cos_c[sl].mean())
+        polar_deg[i] = math.degrees(math.acos(max(-1.0, min(1.0, mean_cos))))
+    rates, amps = fit_shared_exponentials(re, cumulative, n_terms)
+    return CollapsedConeKernel(
+        name=name,
+        polar_edges_deg=polar_edges,
+        polar_deg=polar_deg,
+        n_azimuth=int(n_azimuth),
+        radius_edges_cm=re,
+        cumulative=cumulative,
+        rates_per_cm=rates,
+        amplitudes=amps,
+        provenance=dict(provenance or {}),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# the table
+# --------------------------------------------------------------------------------------------
+def _readonly(a, dtype=np.float64) -> np.ndarray:
+    out = np.array(a, dtype=dtype, copy=True)
+    out.setflags(write=False)
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class CollapsedConeKernel:
+    """Polyenergetic collapsed-cone kernel in water.
+
+    The kernel is symmetric about the photon direction. Its sphere of directions is divided into
+    ``P`` polar rings (edges ``polar_edges_deg``), each split into ``n_azimuth`` equal cones, so
+    there are ``P * n_azimuth`` transport directions (see :meth:`directions`).
+
+    Attributes
+    ----------
+    name : str
+    polar_edges_deg : (P + 1,) float64
+        Ring edges in degrees from the photon direction (0 ... 180).
+    polar_deg : (P,) float64
+        Direction of each ring (energy-weighted mean polar angle of its fine cones).
+    n_azimuth : int
+        Cones per ring (equal azimuth sectors).
+    radius_edges_cm : (nR + 1,) float64
+        Radii (cm of water) of the tabulated cumulative kernel, from 0.
+    cumulative : (P, nR + 1) float64
+        Fraction of the interacting photon energy deposited in ring ``p`` within radius ``r``
+        (all azimuths of the ring together), as tabulated from the Monte Carlo data.
+    rates_per_cm : (K,) float64
+        Decay rates ``a_k`` (1/cm of water) shared by all rings.
+    amplitudes : (P, K) float64
+        ``C_p(r) ~= sum_k amplitudes[p, k] * (1 - exp(-rates_per_cm[k] * r))``; each row sums to
+        ``cumulative[p, -1]`` (energy conserved by construction).
+    provenance : dict
+        Inputs, licence, method, date, script version.
+    """
+
+    name: str
+    polar_edges_deg: np.ndarray = field(repr=False)
+    polar_deg: np.ndarray = field(repr=False)
+    n_azimuth: int
+    radius_edges_cm: np.ndarray = field(repr=False)
+    cumulative: np.ndarray = field(repr=False)
+    rates_per_cm: np.ndarray = field(repr=False)
+    amplitudes: np.ndarray = field(repr=False)
+    provenance: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        pe = check_array("polar_edges_deg", self.polar_edges_deg, ndim=1, low=0.0, high=180.0)
+        p = pe.size - 1
+        if p < 1 or np.any(np.diff(pe) <= 0) or pe[0] != 0.0 or pe[-1] != 180.0:
+            raise ValueError(f"polar_edges_deg must increase strictly from 0 to 180, got {pe.tolist()}")
+        pd = check_array("polar_deg", self.polar_deg, shape=(p,), low=0.0, high=180.0)
+        if isinstance(self.n_azimuth, bool) or int(self.n_azimuth) != self.n_azimuth or self.n_azimuth < 1:
+            raise ValueError(f"n_azimuth must be an integer >= 1, got {self.n_azimuth!r}")
+        re = check_array("radius_edges_cm", self.radius_edges_cm, ndim=1, low=0.0)
+        if re.size < 2 or re[0] != 0.0 or np.any(np.diff(re) <= 0):
+            raise ValueError("radius_edges_cm must increase strictly from 0")
+        cum = check_array("cumulative", self.cumulative, shape=(p, re.size), low=0.0)
+        rates = check_array("rates_per_cm", self.rates_per_cm, ndim=1)
+        if rates.size < 1 or np.any(rates <= 0):
+            raise ValueError(f"rates_per_cm must be > 0, got {rates.tolist()}")
+        amps = check_array("amplitudes", self.amplitudes, shape=(p, rates.size), low=0.0)
+        object.__setattr__(self, "polar_edges_deg", _readonly(pe))
+        object.__setattr__(self, "polar_deg", _readonly(pd))
+        object.__setattr__(self, "n_azimuth", int(self.n_azimuth))
+        object.__setattr__(self, "radius_edges_cm", _readonly(re))
+        object.__setattr__(self, "cumulative", _readonly(cum))
+        object.__setattr__(self, "rates_per_cm", _readonly(rates))
+        object.__setattr__(self, "amplitudes", _readonly(amps))
+        object.__setattr__(self, "provenance", dict(self.provenance))
+
+    # --- sizes and totals -------------------------------------------------------------------
+    @property
+    def n_polar(self) -> int:
+        return self.polar_deg.size
+
+    @property
+    def n_terms(self) -> int:
+        return self.rates_per_cm.size
+
+    @property
+    def n_directions(self) -> int:
+        return self.n_polar * self.n_azimuth
+
+    @property
+    def total_fraction(self) -> float:
+        """Total deposited fraction of the released energy (sum over rings; about 0.95)."""
+        return float(self.cumulative[:, -1].sum())
+
+    @property
+    def ring_solid_angle_sr(self) -> np.ndarray:
+        """(P,) solid angle of each ring (sr); they sum to 4 pi."""
+        c = np.cos(np.radians(self.polar_edges_deg))
+        return 2.0 * np.pi * (c[:-1] - c[1:])
+
+    # --- evaluation ---------------------------------------------------------------------------
+    def fitted_cumulative(self, radius_cm) -> np.ndarray:
+        """(P, n) exponential-model cumulative fraction per ring at ``radius_cm`` (n,) cm."""
+        r = np.atleast_1d(np.asarray(radius_cm, dtype=np.float64))
+        return self.amplitudes @ _model_matrix(r, self.rates_per_cm).T
+
+    def tabulated_cumulative(self, radius_cm) -> np.ndarray:
+        """(P, n) tabulated cumulative per ring, linear between shell edges, flat beyond."""
+        r = np.atleast_1d(np.asarray(radius_cm, dtype=np.float64))
+        return np.array([np.interp(r, self.radius_edges_cm, c) for c in self.cumulative])
+
+    def fit_error(self) -> float:
+        """Max |fitted - tabulated| cumulative at the shell edges, as a fraction of the total."""
+        d = self.fitted_cumulative(self.radius_edges_cm) - self.cumulative
+        return float(np.abs(d).max() / self.total_fraction)
+
+    def with_azimuths(self, n_azimuth: int) -> "CollapsedConeKernel":
+        """The same kernel with another number of cones per ring."""
+        return CollapsedConeKernel(
+            self.name, self.polar_edges_deg, self.polar_deg, int(n_azimuth), self.radius_edges_cm,
+            self.cumulative, self.rates_per_cm, self.amplitudes, self.provenance,
+        )
+
+    def directions(self, axis=(0.0, 0.0, 1.0)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Transport directions of the collapsed cones about ``axis``.
+
+        Parameters
+        ----------
+        axis : (3,) array
+            Photon direction (any frame; normalised here).
+
+        Returns
+        -------
+        directions : (P * n_azimuth, 3) float64
+            Unit vectors, ring-major (cone ``p * n_azimuth + q``), in the frame of ``axis``.
+        solid_angle_sr : (P * n_azimuth,) float64
+            Solid angle of each cone (ring solid angle / n_azimuth).
+        ring : (P * n_azimuth,) int64
+            Ring index of each cone.
+        """
+        return cone_directions(self.polar_deg, self.n_azimuth, axis, self.ring_solid_angle_sr)
+
+    def angular_density_table(self, n_theta: int = 721) -> tuple[np.ndarray, float]:
+        """(n_theta, K) energy per steradian of each term vs polar angle, for kernel tilting.
+
+        The per-steradian amplitude of ring ``p`` (``amplitudes[p] / ring solid angle``) is placed
+        at ``polar_deg[p]`` and interpolated linearly in angle (constant beyond the first and last
+        ring). Returns the table on ``theta = i * dtheta`` (rad) and ``dtheta``.
+        """
+        theta = np.linspace(0.0, np.pi, int(n_theta))
+        dens = self.amplitudes / self.ring_solid_angle_sr[:, None]
+        nodes = np.radians(self.polar_deg)
+        table = np.stack([np.interp(theta, nodes, dens[:, k]) for k in range(self.n_terms)], axis=1)
+        return np.ascontiguousarray(table), float(theta[1] - theta[0])
+
+    # --- io -------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "format": KERNEL_FORMAT,
+            "format_version": KERNEL_FORMAT_VERSION,
+            "name": self.name,
+            "units": {"radius": "cm of water (radiological)", "angles": "deg from photon direction",
+                      "cumulative": "fraction of interacting photon energy", "rates": "1/cm"},
+            "provenance": self.provenance,
+            "n_azimuth": self.n_azimuth,
+            "polar_edges_deg": self.polar_edges_deg.tolist(),
+            "polar_deg": self.polar_deg.tolist(),
+            "radius_edges_cm": self.radius_edges_cm.tolist(),
+            "cumulative": self.cumulative.tolist(),
+            "rates_per_cm": self.rates_per_cm.tolist(),
+            "amplitudes": self.amplitudes.tolist(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "CollapsedConeKernel":
+        if data.get("format") != KERNEL_FORMAT:
+            raise ValueError(f"format must be {KERNEL_FORMAT!r}, got {data.get('format')!r}")
+        if data.get("format_version") != KERNEL_FORMAT_VERSION:
+            raise ValueError(
+                f"format_version must be {KERNEL_FORMAT_VERSION}, got {data.get('format_version')!r}"
+            )
+        return cls(
+            name=data["name"],
+            polar_edges_deg=data["polar_edges_deg"],
+            polar_deg=data["polar_deg"],
+            n_azimuth=data["n_azimuth"],
+            radius_edges_cm=data["radius_edges_cm"],
+            cumulative=data["cumulative"],
+            rates_per_cm=data["rates_per_cm"],
+            amplitudes=data["amplitudes"],
+            provenance=data.get("provenance", {}),
+        )
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the table as JSON atomically (temporary file + ``os.replace``)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(self.to_dict(), fh, indent=1)
+                fh.write("\n")
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "CollapsedConeKernel":
+        with open(path, encoding="utf-8") as fh:
+            return cls.from_dict(json.load(fh))
+
+
+def cone_directions(polar_deg, n_azimuth: int, axis=(0.0, 0.0, 1.0), ring_solid_angle_sr=None):
+    """Unit vectors of rings of cones about ``axis`` (see :meth:`CollapsedConeKernel.directions`).
+
+    Azimuths are ``2 pi (q + 0.5 * (p % 2)) / n_azimuth``: alternate rings are staggered by half a
+    sector so the directions spread evenly. The azimuth origin is a fixed vector perpendicular to
+    ``axis`` (the lab axis least aligned with it).
+    """
+    ax = np.asarray(axis, dtype=np.float64)
+    norm = float(np.linalg.norm(ax))
+    if not np.isfinite(norm) or norm == 0.0:
+        raise ValueError(f"axis must be a finite non-zero vector, got {ax.tolist()}")
+    ax = ax / norm
+    helper = np.zeros(3)
+    helper[int(np.argmin(np.abs(ax)))] = 1.0
+    e1 = np.cross(ax, helper)
+    e1 /= np.linalg.norm(e1)
+    e2 = np.cross(ax, e1)
+    th = np.radians(np.asarray(polar_deg, dtype=np.float64))
+    p = th.size
+    dirs = np.empty((p * n_azimuth, 3))
+    ring = np.repeat(np.arange(p), n_azimuth)
+    for i in range(p):
+        for q in range(n_azimuth):
+            phi = 2.0 * np.pi * (q + 0.5 * (i % 2)) / n_azimuth
+            dirs[i * n_azimuth + q] = (
+                math.cos(th[i]) * ax + math.sin(th[i]) * (math.cos(phi) * e1 + math.sin(phi) * e2)
+            )
+    dirs /= np.linalg.norm(dirs, axis=1)[:, None]
+    if ring_solid_angle_sr is None:
+        omega = np.full(p * n_azimuth, 4.0 * np.pi / (p * n_azimuth))
+    else:
+        omega = np.repeat(np.asarray(ring_solid_angle_sr, dtype=np.float64), n_azimuth) / n_azimuth
+    return dirs, omega, ring
+
+
+_CACHE: dict[tuple[str, int | None], CollapsedConeKernel] = {}
+
+
+def load_kernel(name: str = DEFAULT_KERNEL_NAME, *, n_azimuth: int | None = None) -> CollapsedConeKernel:
+    """Load a shipped kernel table from ``tomodose/data/kernels/<name>.json`` (or a path).
+
+    Parameters
+    ----------
+    name : str or path
+        Name of a shipped table, or a path to a JSON kernel file.
+    n_azimuth : int, optional
+        Override the number of cones per ring.
+    """
+    key = (str(name), n_azimuth)
+    if key in _CACHE:
+        return _CACHE[key]
+    candidate = Path(str(name))
+    if candidate.suffix == ".json" and candidate.is_file():
+        kernel = CollapsedConeKernel.load(candidate)
+    else:
+        folder = resources.files("tomodose").joinpath("data", "kernels")
+        ref = folder.joinpath(f"{name}.json")
+        if not ref.is_file():
+            available = sorted(
+                p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json")
+            ) if folder.is_dir() else []
+            raise ValueError(f"name must be a shipped kernel {available} or a JSON path, got {name!r}")
+        kernel = CollapsedConeKernel.from_dict(json.loads(ref.read_text(encoding="utf-8")))
+    if n_azimuth is not None:
+        check_positive("n_azimuth", n_azimuth)
+        kernel = kernel.with_azimuths(int(n_azimuth))
+    _CACHE[key] = kernel
+    return kernel
