@@ -1,0 +1,311 @@
+"""TERMA (total energy released per unit mass) of a tomotherapy delivery.
+
+Normalisation
+-------------
+The result is the TERMA per unit **primary energy-fluence rate at the isocentre in air** on the
+central axis of a fully open fan (all leaves open, jaws open, ``Psi = 1``), integrated over the
+beam-on time of each projection. Units: ``cm2/g * s`` — multiply by an energy-fluence rate in
+``J cm-2 s-1`` to get J/g, or by one in ``J m-2 s-1`` and by 0.1 to get Gy. The dose module
+calibrates it (reference dose rate).
+
+Physics
+-------
+For each projection, sub-sampled into ``n_subsamples`` equal time slices at the interpolated
+gantry angle and couch position (continuous motion), every voxel centre ``P`` in the field
+receives::
+
+    T(P) += dt * Psi(u, v) * (SAD / |P - S|)^2 * sum_E ef_E h mu/rho(E, P) exp(-h sum_voxels l rho mu/rho(E, voxel))
+
+``S`` is the source at its full 3-D position (gantry angle and couch, longitudinal divergence
+included), ``Psi`` the beam model fluence of :mod:`tomodose.terma.beam_model` evaluated at the
+isocentre-plane projection ``(u, v)`` of ``P``, ``ef_E`` the spectrum's energy-fluence weights,
+``h`` the off-axis softening factor. The attenuation is the exact line integral from ``P`` to the
+source through the voxel grid (Siddon/Jacobs traversal; outside the grid is vacuum) of the
+mass density times the per-energy mu/rho of each voxel's material mixture
+(:mod:`tomodose.terma.attenuation`): beam hardening falls out. **Mass density** is used (not
+electron density) together with per-material mass attenuation coefficients.
+
+Only voxels inside the jaw field (FWHM plus a 6-sigma penumbra margin, with divergence) and under
+a leaf or its blurred edge with non-zero output are traced, so closed leaves cost nothing and
+give exactly zero when the beam model has no transmission.
+
+Angle groups
+------------
+Projections are grouped by gantry angle: ``n`` equal bins of ``360/n`` degrees whose centres
+start at the first projection's angle (by default ``n`` = the machine's projections per rotation,
+51, so a helical plan's projections sharing an angle mod 360 form one group). Empty groups are
+dropped. ``per_group[g]`` is the TERMA of group ``g``; ``group_angles_deg[g]`` the circular mean
+of its projections' angles and ``group_couch_mm[g]`` their mean couch position. The collapsed
+cone engine transports each group along its representative angle.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tomodose import config
+from tomodose._validate import check_array
+from tomodose.delivery.plan import HelicalPlan, ProjectionSequence
+from tomodose.geometry.frames import beam_axes_patient, couch_shift_patient, source_position_patient
+from tomodose.geometry.grid import Grid, ImageVolume
+from tomodose.terma.attenuation import DENSITY_ANCHORS, attenuation_table, material_weights
+from tomodose.terma.beam_model import EDGE_CUTOFF_SIGMAS, BeamModel
+
+__all__ = ["TermaResult", "compute_terma", "assign_angle_groups", "TERMA_UNIT"]
+
+log = logging.getLogger(__name__)
+
+#: Unit of the TERMA arrays (see module docstring).
+TERMA_UNIT = "cm2/g*s"
+_DENSITY_UNITS = ("g/cm3", "g/cm^3", "g cm-3", "g/cc")
+
+
+@dataclass(frozen=True)
+class TermaResult:
+    """TERMA of a delivery on a patient grid.
+
+    Attributes
+    ----------
+    grid : Grid
+        The density grid (DICOM LPS).
+    total : (nz, ny, nx) float32
+        TERMA summed over all projections (``TERMA_UNIT``).
+    per_group : (n_groups, nz, ny, nx) float32
+        TERMA of each gantry-angle group; sums to ``total`` (to float32 rounding).
+    group_angles_deg : (n_groups,) float64
+        Representative IEC 61217 gantry angle of each group (deg, [0, 360)).
+    group_couch_mm : (n_groups,) float64
+        Mean couch position of each group's projections (mm).
+    projection_group : (n_projections,) int64
+        Group index of each projection.
+    metadata : dict
+        Unit, normalisation, spectrum, beam model, sub-sampling, timings.
+    """
+
+    grid: Grid
+    total: np.ndarray = field(repr=False)
+    per_group: np.ndarray = field(repr=False)
+    group_angles_deg: np.ndarray
+    group_couch_mm: np.ndarray
+    projection_group: np.ndarray = field(repr=False)
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def n_groups(self) -> int:
+        return int(self.group_angles_deg.shape[0])
+
+    def total_volume(self) -> ImageVolume:
+        """The total TERMA as an :class:`ImageVolume`."""
+        return ImageVolume(self.grid, self.total, TERMA_UNIT, "terma")
+
+
+def assign_angle_groups(gantry_angle_deg, n_groups: int, couch_mm=None):
+    """Group projections by gantry angle.
+
+    Parameters
+    ----------
+    gantry_angle_deg : (n,) float
+        Projection angles (deg).
+    n_groups : int
+        Number of equal angle bins over 360 deg; bin centres at ``a0 + g * 360 / n_groups`` with
+        ``a0`` the first angle.
+    couch_mm : (n,) float, optional
+
+    Returns
+    -------
+    projection_group : (n,) int64
+        Index of each projection's (non-empty) group.
+    group_angles_deg : (G,) float64
+        Circular mean angle of each group, in [0, 360).
+    group_couch_mm : (G,) float64
+        Mean couch position per group (0 when ``couch_mm`` is None).
+    """
+    ang = check_array("gantry_angle_deg", gantry_angle_deg, ndim=1)
+    if isinstance(n_groups, bool) or not isinstance(n_groups, (int, np.integer)) or n_groups < 1:
+        raise ValueError(f"angle_groups must be a positive integer, got {n_groups!r}")
+    couch = np.zeros_like(ang) if couch_mm is None else check_array("couch_mm", couch_mm, shape=ang.shape)
+    step = 360.0 / n_groups
+    a0 = ang[0]
+    raw = np.mod(np.rint(np.mod(ang - a0, 360.0) / step).astype(np.int64), n_groups)
+    used, proj_group = np.unique(raw, return_inverse=True)
+    rad = np.deg2rad(ang)
+    g_ang = np.empty(used.size)
+    g_couch = np.empty(used.size)
+    for g in range(used.size):
+        sel = proj_group == g
+        g_ang[g] = np.mod(np.rad2deg(np.arctan2(np.sin(rad[sel]).mean(), np.cos(rad[sel]).mean())), 360.0)
+        g_couch[g] = couch[sel].mean()
+    return proj_group.astype(np.int64), g_ang, g_couch
+
+
+def _density_input(patient_or_density):
+    """(grid, mass density float64 array, patient_position or None)."""
+    if isinstance(patient_or_density, ImageVolume):
+        unit = patient_or_density.unit.replace(" ", "")
+        if unit not in _DENSITY_UNITS:
+            raise ValueError(
+                f"patient_or_density must be an ImageVolume of mass density in g/cm3, got unit "
+                f"{patient_or_density.unit!r} (convert CT numbers with a PatientModel first)")
+        dens = patient_or_density.array
+        grid = patient_or_density.grid
+        position = None
+    elif hasattr(patient_or_density, "mass_density_g_cm3") and hasattr(patient_or_density, "grid"):
+        dens = patient_or_density.mass_density_g_cm3
+        grid = patient_or_density.grid
+        position = getattr(patient_or_density, "patient_position", None)
+    else:
+        raise TypeError(
+            "patient_or_density must be a PatientModel or an ImageVolume of mass density (g/cm3), "
+            f"got {type(patient_or_density).__name__}")
+    dens = check_array("mass density", dens, shape=grid.shape, low=0.0)
+    return grid, dens, position
+
+
+def _samples(projections: ProjectionSequence, n_sub: int):
+    """Per-sample geometry arrays (sample order: projection-major)."""
+    n = projections.n_projections
+    frac = (np.arange(n_sub) + 0.5) / n_sub - 0.5
+    ang = (projections.gantry_angle_deg[:, None] + projections.arc_deg[:, None] * frac[None, :]).ravel()
+    couch = (projections.couch_mm[:, None] + projections.couch_travel_mm[:, None] * frac[None, :]).ravel()
+    weight = np.repeat(projections.duration_s / n_sub, n_sub)
+    proj = np.repeat(np.arange(n, dtype=np.int64), n_sub)
+    m = projections.machine
+    pp = projections.patient_position
+    iso0 = projections.isocentre_lps_mm
+    src = source_position_patient(ang, couch, iso0, m.sad_mm, pp)
+    ex, ey, ez = beam_axes_patient(ang, pp)
+    iso = np.asarray(iso0)[None, :] + couch_shift_patient(couch, pp)
+    return (np.ascontiguousarray(src), np.ascontiguousarray(ex), np.ascontiguousarray(ey),
+            np.ascontiguousarray(ez), np.ascontiguousarray(iso), weight, proj)
+
+
+def _slabs(grid: Grid, iso, ey, v_ext_mm: float, sad_mm: float):
+    """[k_lo, k_hi) of z slices that may lie inside |v| <= v_ext for each sample."""
+    if not np.allclose(np.abs(ey[:, 2]), 1.0):
+        raise RuntimeError("the jaw axis must be the patient z axis (head/feet-first positions only)")
+    x = grid.x_mm
+    y = grid.y_mm
+    dx, dy, dz = grid.spacing_mm
+    xs = np.array([x[0] - 0.5 * dx, x[-1] + 0.5 * dx])
+    ys = np.array([y[0] - 0.5 * dy, y[-1] + 0.5 * dy])
+    corner = np.sqrt(np.max((xs[None, :, None] - iso[:, 0, None, None]) ** 2
+                            + (ys[None, None, :] - iso[:, 1, None, None]) ** 2, axis=(1, 2)))
+    reach = v_ext_mm * (sad_mm + corner) / sad_mm + 0.5 * dz + 1e-6
+    oz = grid.origin_mm[2]
+    k_lo = np.floor((iso[:, 2] - reach - oz) / dz).astype(np.int64)
+    k_hi = np.ceil((iso[:, 2] + reach - oz) / dz).astype(np.int64) + 1
+    return np.clip(k_lo, 0, grid.nz), np.clip(k_hi, 0, grid.nz)
+
+
+def compute_terma(patient_or_density, projections, beam_model: BeamModel | None = None, *,
+                  n_subsamples: int = 3, angle_groups: int | None = None,
+                  progress: bool | None = None) -> TermaResult:
+    """TERMA of every projection, accumulated in total and per gantry-angle group.
+
+    Parameters
+    ----------
+    patient_or_density : PatientModel or ImageVolume
+        The patient (its ``mass_density_g_cm3`` on its ``grid``) or a mass-density volume
+        (unit ``"g/cm3"``), DICOM LPS.
+    projections : ProjectionSequence or HelicalPlan
+        The delivery (a plan is converted with ``.projections()``).
+    beam_model : BeamModel, optional
+        Default :meth:`BeamModel.default`.
+    n_subsamples : int
+        Time slices per projection modelling continuous gantry rotation and couch motion
+        (default 3; 1 = all at the projection centre).
+    angle_groups : int, optional
+        Number of equal gantry-angle bins (default: the machine's projections per rotation, 51).
+    progress : bool, optional
+        Progress bar (default: ``tomodose.config.settings.progress``).
+
+    Returns
+    -------
+    TermaResult
+        ``total`` (nz, ny, nx) and ``per_group`` (G, nz, ny, nx) float32 in ``TERMA_UNIT``.
+    """
+    from tomodose._kernels.terma import terma_samples
+
+    t_start = time.perf_counter()
+    if isinstance(projections, HelicalPlan):
+        projections = projections.projections()
+    if not isinstance(projections, ProjectionSequence):
+        raise TypeError(f"projections must be a ProjectionSequence or HelicalPlan, got {type(projections).__name__}")
+    beam = BeamModel.default() if beam_model is None else beam_model
+    if not isinstance(beam, BeamModel):
+        raise TypeError(f"beam_model must be a BeamModel, got {type(beam).__name__}")
+    if isinstance(n_subsamples, bool) or not isinstance(n_subsamples, (int, np.integer)) or n_subsamples < 1:
+        raise ValueError(f"n_subsamples must be a positive integer, got {n_subsamples!r}")
+    machine = projections.machine
+    n_groups = machine.projections_per_rotation if angle_groups is None else angle_groups
+    grid, dens, position = _density_input(patient_or_density)
+    if position is not None and position != projections.patient_position:
+        raise ValueError(
+            f"patient_position of the patient ({position!r}) differs from that of the projections "
+            f"({projections.patient_position!r})")
+
+    proj_group, g_ang, g_couch = assign_angle_groups(projections.gantry_angle_deg, n_groups, projections.couch_mm)
+    spectrum = beam.spectrum.trimmed()
+    table = attenuation_table()
+    mu_anchor = np.ascontiguousarray(table.anchor_mu_rho(spectrum.energies_mev))
+    ef = np.ascontiguousarray(spectrum.energy_fluence)
+    weights = material_weights(dens)
+    mat = np.ascontiguousarray(weights * dens[..., None])
+    air_index = [n for n, _ in DENSITY_ANCHORS].index("air")
+
+    src, ex, ey, ez, iso, weight, proj = _samples(projections, int(n_subsamples))
+    group = proj_group[proj]
+    fw = projections.field_width_mm
+    jaw_half = beam.jaw_half_width_mm(fw, machine)
+    v_ext = beam.jaw_extent_mm(fw, machine)
+    k_lo, k_hi = _slabs(grid, iso, ey, v_ext, machine.sad_mm)
+    leaf_a = np.ascontiguousarray(beam.leaf_weights(projections.leaf_open_fraction))
+    edges = machine.leaf_edges_mm()
+
+    total = np.zeros(grid.shape, dtype=np.float64)
+    per_group = np.zeros((g_ang.size,) + grid.shape, dtype=np.float32)
+    origin = np.asarray(grid.origin_mm, dtype=np.float64)
+    spacing = np.asarray(grid.spacing_mm, dtype=np.float64)
+    offc = np.asarray(beam.offaxis_fluence_coeffs, dtype=np.float64)
+
+    n_samples = src.shape[0]
+    batch = max(1, machine.projections_per_rotation * int(n_subsamples))
+    starts = range(0, n_samples, batch)
+    if config.progress_enabled(progress):
+        from tqdm.auto import tqdm
+        starts = tqdm(starts, desc="TERMA", unit="rotation", total=(n_samples + batch - 1) // batch)
+    t_kernel = time.perf_counter()
+    for b0 in starts:
+        sl = slice(b0, min(b0 + batch, n_samples))
+        terma_samples(mat, dens, origin, spacing, src[sl], ex[sl], ey[sl], ez[sl], iso[sl], weight[sl],
+                      proj[sl], group[sl], k_lo[sl], k_hi[sl], leaf_a, float(edges[0]),
+                      float(machine.leaf_width_mm), beam.leaf_edge_sigma_mm, jaw_half,
+                      beam.jaw_penumbra_sigma_mm, EDGE_CUTOFF_SIGMAS, offc, beam.offaxis_softening_per_rad,
+                      float(machine.sad_mm), mu_anchor, ef, air_index, total, per_group)
+    t_end = time.perf_counter()
+    log.info("TERMA: %d projections x %d sub-samples on %s voxels in %.2f s",
+             projections.n_projections, n_subsamples, grid.shape, t_end - t_start)
+    meta = {
+        "unit": TERMA_UNIT,
+        "normalisation": "per unit primary energy-fluence rate at the isocentre in air (open fan, "
+                         "central axis), integrated over beam-on time",
+        "density": "mass density with NIST mu/rho of a two-anchor material mixture",
+        "spectrum": spectrum.name,
+        "spectrum_mean_energy_mev": spectrum.mean_energy_mev,
+        "beam_model": beam.name,
+        "n_subsamples": int(n_subsamples),
+        "n_projections": projections.n_projections,
+        "angle_groups": int(n_groups),
+        "field_width_mm": fw,
+        "wall_time_s": t_end - t_start,
+        "kernel_time_s": t_end - t_kernel,
+    }
+    for arr in (proj_group, g_ang, g_couch):
+        arr.setflags(write=False)
+    return TermaResult(grid=grid, total=total.astype(np.float32), per_group=per_group,
+                       group_angles_deg=g_ang, group_couch_mm=g_couch, projection_group=proj_group,
+                       metadata=meta)
