@@ -31,7 +31,7 @@ def save(ds: Dataset, path, *, implicit: bool = False) -> Path:
 
 def write_ct_series(folder, hu, *, ipps, iop=(1, 0, 0, 0, 1, 0), pixel_spacing=(1.0, 1.0),
                     slope=1.0, intercepts=None, frame_uid=None, study_uid=None, series_uid=None,
-                    patient_position="HFS", extra=None, shuffle=True) -> dict:
+                    patient_position="HFS", extra=None, shuffle=True, prefix="CT") -> dict:
     """Write ``hu`` (n, rows, cols) as single-frame CT slices at positions ``ipps`` (n, 3).
 
     ``pixel_spacing`` is (row spacing, column spacing) as in DICOM. Returns the UIDs.
@@ -78,7 +78,7 @@ def write_ct_series(folder, hu, *, ipps, iop=(1, 0, 0, 0, 1, 0), pixel_spacing=(
         for key, value in (extra or {}).items():
             setattr(ds, key, value)
         ds.PixelData = stored.tobytes()
-        save(ds, folder / f"CT{k:04d}.dcm")
+        save(ds, folder / f"{prefix}{k:04d}.dcm")
     return {"frame_uid": frame_uid, "study_uid": study_uid, "series_uid": series_uid}
 
 
