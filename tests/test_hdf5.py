@@ -59,13 +59,9 @@ def test_round_trip_everything(tmp_path, patient, plan):
     dose = ImageVolume(patient.grid, np.random.default_rng(2).random(patient.grid.shape).astype(np.float32) * 60,
                        "Gy", "dose")
     seq = plan.projections()
-    from tomodose.evaluation.dvh import DVH
-
-    dvh = DVH.from_samples(dose.array.ravel().astype(np.float64), np.full(dose.array.size, 0.015), name="Body",
-                           bin_width_gy=0.5)
     m = sparse.random(30, 7, density=0.2, format="csr", random_state=3)
     path = write_results(tmp_path / "res.h5", patient=patient, plan=plan, doses={"total": dose, "beam/1": dose},
-                         dvhs={"Body": dvh, "PTV": {"dose_gy": np.array([0.0, 10.0]), "volume_percent": [100.0, 0.0],
+                         dvhs={"PTV": {"dose_gy": np.array([0.0, 10.0]), "volume_percent": [100.0, 0.0],
                                                    "note": "by hand"}},
                          extra={"dij": m, "label": "run 1", "n_iter": 7, "nested": {"w_mm": np.arange(4.0)},
                                 "tags": ["a", "b"], "sequence_ok": True})
@@ -105,8 +101,6 @@ def test_round_trip_everything(tmp_path, patient, plan):
     np.testing.assert_array_equal(r.doses["beam/1"].array, dose.array)
     assert r.doses["total"].unit == "Gy" and r.doses["total"].grid == dose.grid
     # dvhs
-    assert r.dvhs["Body"].mean_gy == dvh.mean_gy
-    np.testing.assert_array_equal(r.dvhs["Body"].differential_ml, dvh.differential_ml)
     assert r.dvhs["PTV"]["note"] == "by hand"
     np.testing.assert_array_equal(r.dvhs["PTV"]["volume_percent"], [100.0, 0.0])
     # extra
@@ -119,7 +113,26 @@ def test_round_trip_everything(tmp_path, patient, plan):
         assert "units" in attrs, name
     units = dict((n, a["units"]) for n, a in _all_datasets(path))
     assert units["patient/ct"] == "HU" and units["dose/total"] == "Gy" and units["plan/sinogram"] == "1"
-    assert units["extra/nested/w_mm"] == "mm" and units["dvh/Body/dose_gy"] == "Gy"
+    assert units["extra/nested/w_mm"] == "mm" and units["dvh/PTV/dose_gy"] == "Gy"
+    assert units["dvh/PTV/volume_percent"] == "%"
+
+
+def test_dvh_object_round_trip(tmp_path):
+    dvh_mod = pytest.importorskip("tomodose.evaluation.dvh")
+    rng = np.random.default_rng(5)
+    dvh = dvh_mod.DVH.from_samples(rng.random(500) * 60.0, np.full(500, 0.015), name="Liver", bin_width_gy=0.5)
+    path = write_results(tmp_path / "dvh.h5", dvhs={"Liver": dvh})
+    back = read_results(path).dvhs["Liver"]
+    assert isinstance(back, dvh_mod.DVH)
+    assert (back.name, back.bin_width_gy, back.min_gy, back.max_gy, back.mean_gy) == (
+        dvh.name, dvh.bin_width_gy, dvh.min_gy, dvh.max_gy, dvh.mean_gy)
+    np.testing.assert_array_equal(back.differential_ml, dvh.differential_ml)
+    with h5py.File(path, "r") as f:
+        g = f["dvh/Liver"]
+        assert g.attrs["kind"] == "DVH"
+        np.testing.assert_array_equal(g["dose_gy"][()], dvh.edges_gy)
+        np.testing.assert_array_equal(g["volume_ml"][()], dvh.cumulative_ml)
+        assert g["volume_ml"].attrs["units"] == "mL" and g["dose_gy"].attrs["units"] == "Gy"
 
 
 def test_projection_sequence_round_trip(tmp_path):
