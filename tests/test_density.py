@@ -110,3 +110,20 @@ def test_bad_file_and_values(tmp_path):
 def test_dict_round_trip():
     t = DensityTable.default()
     assert DensityTable.from_dict(t.to_dict()) == t
+
+
+def test_inverse_clamps_and_needs_invertible_table(caplog):
+    with caplog.at_level(logging.WARNING, logger="tomodose.geometry.density"):
+        hu = mass_density_to_hu(np.array([0.0, 1.0, 5.0]))
+    np.testing.assert_allclose(hu, [-1000.0, 0.0, 3000.0])
+    assert "1 value(s) below" in caplog.text and "1 above" in caplog.text
+    flat = DensityTable([-1000, 0, 100], [0.0, 1.0, 1.0], [0.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="is not invertible: mass_density_g_cm3 must be strictly increasing"):
+        mass_density_to_hu(1.0, flat)
+    with pytest.raises(ValueError, match="density_g_cm3 must be finite"):
+        mass_density_to_hu([np.inf])
+
+
+def test_integer_ct_input():
+    rho = hu_to_mass_density(np.array([[-1000, 0, 1000]], dtype=np.int16))
+    np.testing.assert_allclose(rho, [[0.0012, 1.0, 1.6]])
