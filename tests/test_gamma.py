@@ -214,8 +214,12 @@ def _kernel_inputs(reference, evaluated, radius, step, dta):
 def test_gamma_kernel_matches_naive(seed, local):
     reference, evaluated = _random_case(seed)
     a = _kernel_inputs(reference, evaluated, radius=1.5, step=0.5, dta=1.0)
+    from tomodose.evaluation.gamma import _BLOCK, _block_extrema
+
+    bmin, bmax = _block_extrema(a["ev"])
+    reach = np.abs(a["offs"]).max(axis=0)
     args = (a["ref_flat"], a["ref_shape_yx"], a["points"], a["ev"], a["base0"], a["scale"],
-            a["offs"], a["dist2"], 1.0 / 0.06, local, 0.03)
+            a["offs"], a["dist2"], 1.0 / 0.06, local, 0.03, bmin, bmax, _BLOCK, reach)
     fast = kg.gamma_search(*args, np.empty(a["points"].size))
     slow = naive.gamma_search(*args, np.empty(a["points"].size))
     assert np.array_equal(np.isinf(fast), np.isinf(slow))

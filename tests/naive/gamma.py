@@ -64,8 +64,10 @@ def _base(flat, ref_shape_yx, base0, scale):
 
 
 def gamma_search(ref_flat, ref_shape_yx, points, ev, base0, scale, offs, dist2, inv_dd_global,
-                 local, dd_fraction, out):
-    """Brute-force gamma: minimum over *all* offsets of dist2 + ((De - Dr) / DD)^2."""
+                 local, dd_fraction, bmin, bmax, block, reach, out):
+    """Brute-force gamma: minimum over *all* offsets of dist2 + ((De - Dr) / DD)^2.
+
+    (``bmin``, ``bmax``, ``block``, ``reach`` only serve the kernel's early stop: unused.)"""
     for m, flat in enumerate(points):
         dr = ref_flat[flat]
         inv_dd = 1.0 / (dd_fraction * dr) if local else inv_dd_global

@@ -37,40 +37,29 @@ _BISECTION_STEPS = 40
 
 
 @numba.njit(**NUMBA_OPTIONS)
-def _axis_cell(f, n):
-    """Lower cell index and weight along one axis; ``i0 < 0`` when outside."""
-    if n == 1:
-        if -_EDGE_TOL <= f <= _EDGE_TOL:
-            return 0, 0, 0.0
-        return -1, 0, 0.0
-    if f < -_EDGE_TOL or f > n - 1 + _EDGE_TOL:
-        return -1, 0, 0.0
-    i0 = int(math.floor(f))
-    if i0 < 0:
-        i0 = 0
-    if i0 > n - 2:
-        i0 = n - 2
-    t = f - i0
-    if t < 0.0:
-        t = 0.0
-    elif t > 1.0:
-        t = 1.0
-    return i0, i0 + 1, t
-
-
-@numba.njit(**NUMBA_OPTIONS)
 def trilinear(ev, fx, fy, fz):
-    """Trilinear interpolation of ``ev`` at fractional index (fx, fy, fz); NaN outside."""
+    """Trilinear interpolation of ``ev`` at fractional index (fx, fy, fz); NaN outside.
+
+    Inside means ``-_EDGE_TOL <= f <= n - 1 + _EDGE_TOL`` on every axis. The lower corner is
+    ``clip(trunc(f), 0, n - 2)`` (so the last voxel centre uses the last cell with weight 1),
+    the upper ``min(lower + 1, n - 1)`` (an axis with one voxel uses it twice).
+    """
     nz, ny, nx = ev.shape
-    i0, i1, tx = _axis_cell(fx, nx)
-    if i0 < 0:
+    if (
+        fx < -_EDGE_TOL or fx > nx - 1 + _EDGE_TOL
+        or fy < -_EDGE_TOL or fy > ny - 1 + _EDGE_TOL
+        or fz < -_EDGE_TOL or fz > nz - 1 + _EDGE_TOL
+    ):
         return np.nan
-    j0, j1, ty = _axis_cell(fy, ny)
-    if j0 < 0:
-        return np.nan
-    k0, k1, tz = _axis_cell(fz, nz)
-    if k0 < 0:
-        return np.nan
+    i0 = max(min(int(fx), nx - 2), 0)
+    j0 = max(min(int(fy), ny - 2), 0)
+    k0 = max(min(int(fz), nz - 2), 0)
+    i1 = min(i0 + 1, nx - 1)
+    j1 = min(j0 + 1, ny - 1)
+    k1 = min(k0 + 1, nz - 1)
+    tx = fx - i0
+    ty = fy - j0
+    tz = fz - k0
     c00 = ev[k0, j0, i0] + tx * (ev[k0, j0, i1] - ev[k0, j0, i0])
     c01 = ev[k0, j1, i0] + tx * (ev[k0, j1, i1] - ev[k0, j1, i0])
     c10 = ev[k1, j0, i0] + tx * (ev[k1, j0, i1] - ev[k1, j0, i0])
@@ -90,17 +79,85 @@ def _unravel(flat, ny, nx):
 
 
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
+def block_extrema(ev, block, bmin, bmax):
+    """Minimum and maximum of ``ev`` over blocks of ``block``^3 voxels (last blocks partial).
+
+    ``bmin``/``bmax`` have shape ``ceil(ev.shape / block)`` and are written.
+    """
+    nz, ny, nx = ev.shape
+    nbz, nby, nbx = bmin.shape
+    for kb in numba.prange(nbz):
+        for jb in range(nby):
+            for ib in range(nbx):
+                lo = np.inf
+                hi = -np.inf
+                for k in range(kb * block, min((kb + 1) * block, nz)):
+                    for j in range(jb * block, min((jb + 1) * block, ny)):
+                        for i in range(ib * block, min((ib + 1) * block, nx)):
+                            v = ev[k, j, i]
+                            if v < lo:
+                                lo = v
+                            if v > hi:
+                                hi = v
+                bmin[kb, jb, ib] = lo
+                bmax[kb, jb, ib] = hi
+    return bmin, bmax
+
+
+@numba.njit(**NUMBA_OPTIONS)
+def _index_box(f, reach, n):
+    """Voxel index range [lo, hi] whose trilinear cells cover all points within ``f +- reach``."""
+    lo = int(math.floor(f - reach))
+    hi = int(math.ceil(f + reach))
+    if n == 1:
+        return 0, 0
+    if lo < 0:
+        lo = 0
+    if lo > n - 2:
+        lo = n - 2
+    if hi > n - 1:
+        hi = n - 1
+    if hi < lo + 1:
+        hi = lo + 1
+    return lo, hi
+
+
+@numba.njit(**NUMBA_OPTIONS)
+def _dose_range(bmin, bmax, block, shape, fx, fy, fz, reach):
+    """Lower and upper bounds of the evaluated dose anywhere within ``reach`` (index units,
+    x, y, z) of the point (fx, fy, fz), from the block extrema."""
+    ilo, ihi = _index_box(fx, reach[0], shape[2])
+    jlo, jhi = _index_box(fy, reach[1], shape[1])
+    klo, khi = _index_box(fz, reach[2], shape[0])
+    lo = np.inf
+    hi = -np.inf
+    for kb in range(klo // block, khi // block + 1):
+        for jb in range(jlo // block, jhi // block + 1):
+            for ib in range(ilo // block, ihi // block + 1):
+                if bmin[kb, jb, ib] < lo:
+                    lo = bmin[kb, jb, ib]
+                if bmax[kb, jb, ib] > hi:
+                    hi = bmax[kb, jb, ib]
+    return lo, hi
+
+
+@numba.njit(**NUMBA_PARALLEL_OPTIONS)
 def gamma_search(ref_flat, ref_shape_yx, points, ev, base0, scale, offs, dist2, inv_dd_global,
-                 local, dd_fraction, out):
+                 local, dd_fraction, bmin, bmax, block, reach, out):
     """Gamma index at the reference voxels ``points`` (flat indices).
 
     For each reference voxel with dose ``Dr`` the kernel scans the search offsets in order of
     increasing distance, interpolates the evaluated dose ``De`` there and keeps the minimum of
     ``dist2 + ((De - Dr) / DD) ** 2`` where ``DD = 1 / inv_dd_global`` (global) or
-    ``dd_fraction * Dr`` (local). The scan stops at the first offset whose ``dist2`` alone
-    reaches the best value found (all later offsets are farther, so the result is the exact
-    minimum over the whole offset set). ``out[m]`` receives sqrt of the minimum, ``inf`` when
-    no offset lands inside the evaluated grid.
+    ``dd_fraction * Dr`` (local). ``out[m]`` receives sqrt of the minimum, ``inf`` when no
+    offset lands inside the evaluated grid.
+
+    Early stop, exact with respect to the whole offset set: every evaluated dose within the
+    search ball lies in ``[lo, hi]`` (block extrema of the voxels whose cells the ball touches;
+    trilinear interpolation never leaves the range of its 8 corners), so ``|De - Dr| >= m =
+    dist(Dr, [lo, hi])`` for every offset. Offsets are sorted by distance, so once
+    ``dist2[p] + (m / DD)^2`` reaches the best value found no later offset can improve it.
+    (``m`` is reduced by a relative 1e-9 to absorb rounding.)
 
     Parameters
     ----------
@@ -113,11 +170,14 @@ def gamma_search(ref_flat, ref_shape_yx, points, ev, base0, scale, offs, dist2, 
     dist2 : (n,) float64, (distance / DTA) ** 2 of each offset, non-decreasing.
     inv_dd_global : float, 1 / (global dose criterion in Gy).
     local : bool; dd_fraction : float, local dose criterion as a fraction of ``Dr``.
+    bmin, bmax : block extrema of ``ev`` (:func:`block_extrema`); block : int, their block size.
+    reach : (3,) float64, largest ``|offs|`` per axis (x, y, z).
     out : (M,) float64, written.
     """
     ny = ref_shape_yx[0]
     nx = ref_shape_yx[1]
     n_off = offs.shape[0]
+    shape = ev.shape
     for m in numba.prange(points.shape[0]):
         flat = points[m]
         k, j, i = _unravel(flat, ny, nx)
@@ -129,10 +189,14 @@ def gamma_search(ref_flat, ref_shape_yx, points, ev, base0, scale, offs, dist2, 
         bx = base0[0] + i * scale[0]
         by = base0[1] + j * scale[1]
         bz = base0[2] + k * scale[2]
+        lo, hi = _dose_range(bmin, bmax, block, shape, bx, by, bz, reach)
+        gap = max(lo - dr, dr - hi, 0.0)
+        gap = max(gap - 1e-9 * (abs(lo) + abs(hi) + abs(dr)), 0.0) * inv_dd
+        lb = gap * gap
         best = np.inf
         for p in range(n_off):
             d2 = dist2[p]
-            if d2 >= best:
+            if d2 + lb >= best:
                 break
             de = trilinear(ev, bx + offs[p, 0], by + offs[p, 1], bz + offs[p, 2])
             if de != de:  # outside the evaluated grid

@@ -457,6 +457,15 @@ def _grid_mapping(reference: ImageVolume, evaluated: ImageVolume):
     return np.ascontiguousarray((o_r - o_e) / s_e), np.ascontiguousarray(s_r / s_e)
 
 
+#: block size of the evaluated-dose extrema used to bound the gamma search.
+_BLOCK = 4
+
+
+def _block_extrema(ev: np.ndarray):
+    nb = tuple(-(-n // _BLOCK) for n in ev.shape)
+    return _kg.block_extrema(ev, _BLOCK, np.empty(nb), np.empty(nb))
+
+
 def _active_axes(evaluated: ImageVolume) -> tuple[bool, bool, bool]:
     nz, ny, nx = evaluated.grid.shape
     return (nx > 1, ny > 1, nz > 1)
@@ -581,12 +590,14 @@ def gamma_index(
         criteria.max_search_radius_mm,
     )
     shape_yx = np.array(ref.shape[1:], dtype=np.int64)
+    bmin, bmax = _block_extrema(ev)
+    reach = np.ascontiguousarray(np.abs(offs_idx).max(axis=0))
     vals = _run_blocks(
         _kg.gamma_search,
         points,
         (ref.ravel(), shape_yx),
         (ev, base0, scale, offs_idx, dist2, 1.0 / dd_gy, criteria.local,
-         criteria.dose_percent / 100.0),
+         criteria.dose_percent / 100.0, bmin, bmax, _BLOCK, reach),
         progress,
         "gamma",
     )
