@@ -1,0 +1,125 @@
+"""BeamModel: jaw FWHM, leaf edges, transmission, neighbouring-leaf effect, off-axis, presets."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from tomodose.delivery.machine import TomoMachine
+from tomodose.terma import BeamModel, Spectrum
+from tomodose.terma.beam_model import jaw_half_width_mm
+
+M = TomoMachine()
+
+
+@pytest.mark.parametrize("fw", [10.0, 25.0, 50.0])
+@pytest.mark.parametrize("sigma", [0.0, 1.5, 3.0])
+def test_jaw_fwhm_matches_machine(fw, sigma):
+    b = BeamModel.default().replace(jaw_penumbra_sigma_mm=sigma)
+    half = np.linspace(0, 60, 120001)
+    v = np.concatenate([-half[:0:-1], half])  # exactly symmetric samples
+    j = b.jaw_profile(v, fw, M)
+    above = v[j >= 0.5 * j.max()]
+    assert above[-1] - above[0] == pytest.approx(M.real_fwhm_mm(fw), abs=2e-3)
+    np.testing.assert_allclose(j, j[::-1], atol=1e-12)
+
+
+def test_jaw_half_width_errors_and_sharp():
+    assert jaw_half_width_mm(10.0, 0.0) == 5.0
+    with pytest.raises(ValueError, match="too small"):
+        jaw_half_width_mm(2.0, 3.0)
+
+
+def test_ideal_is_sharp_flat_and_leakfree():
+    b = BeamModel.ideal()
+    a = b.leaf_weights(np.zeros(64))
+    assert np.all(a == 0)
+    u = np.array([-199.0, -3.0, 0.1, 150.0, 201.0])
+    np.testing.assert_array_equal(b.leaf_fluence(u, b.leaf_weights(np.ones(64)), M), [1, 1, 1, 1, 0])
+    np.testing.assert_array_equal(b.offaxis_fluence(u, 850.0), 1.0)
+    np.testing.assert_array_equal(b.softening_factor(u, 850.0), 1.0)
+    np.testing.assert_array_equal(b.jaw_profile(np.array([-12.0, 12.0, 12.6]), 25.0, M), [1, 1, 0])
+
+
+def test_leaf_edges_blurred_by_source():
+    b = BeamModel.default().replace(adjacent_leaf_output_gain=0.0, leaf_transmission=0.0)
+    f = np.zeros(64)
+    f[32] = 1.0  # leaf 32 spans [0, 6.25] mm
+    u = np.array([0.0, 3.125, 6.25, -3.0])
+    val = b.leaf_fluence(u, b.leaf_weights(f), M)
+    assert val[0] == pytest.approx(0.5) and val[2] == pytest.approx(0.5)
+    assert val[1] == pytest.approx(1.0, abs=1e-6) and val[3] < 1e-6
+
+
+def test_transmission_and_neighbour_effect():
+    b = BeamModel.default()
+    g, t = b.adjacent_leaf_output_gain, b.leaf_transmission
+    assert g == pytest.approx(0.049) and t == pytest.approx(0.005)
+    single = np.zeros(64)
+    single[30] = 1.0
+    pair = single.copy()
+    pair[31] = 1.0
+    a1 = b.leaf_weights(single)
+    a2 = b.leaf_weights(pair)
+    # Balog 1999: +4.9 % output for a leaf when an adjacent leaf is open
+    assert (a2[30] - t * 0) / (a1[30]) == pytest.approx(1.049)
+    assert a1[10] == pytest.approx(t)
+    assert b.leaf_weights(np.ones(64))[10:50] == pytest.approx(1.0)
+    # partial openings overlap for min(f_i, f_j)
+    f = np.zeros(64)
+    f[20], f[21] = 0.4, 0.9
+    a = b.leaf_weights(f)
+    assert a[20] == pytest.approx((0.4 + g * 0.4) / (1 + 2 * g) + t * 0.6)
+    assert a[21] == pytest.approx((0.9 + g * 0.4) / (1 + 2 * g) + t * 0.1)
+
+
+def test_offaxis_cone_and_softening():
+    b = BeamModel.default()
+    u = np.array([0.0, 100.0, 200.0])
+    o = b.offaxis_fluence(u, 850.0)
+    assert o[0] == 1.0 and o[0] > o[1] > o[2] > 0.5
+    h = b.softening_factor(u, 850.0)
+    assert h[0] == 1.0 and 1.0 < h[1] < h[2] < 1.05  # Jeraj 2004: < 5 % mean-energy change off axis
+
+
+def test_fluence_combines_profiles():
+    b = BeamModel.default()
+    f = np.random.default_rng(0).uniform(0, 1, 64)
+    u = np.linspace(-190, 190, 7)
+    v = np.linspace(-15, 15, 7)
+    psi = b.fluence(u, v, f, 25.0, M)
+    expected = b.jaw_profile(v, 25.0, M) * b.leaf_fluence(u, b.leaf_weights(f), M) * b.offaxis_fluence(u, M.sad_mm)
+    np.testing.assert_allclose(psi, expected)
+
+
+def test_frozen_and_validation():
+    b = BeamModel.default()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        b.leaf_transmission = 0.1
+    with pytest.raises(ValueError, match="leaf_transmission must be < 1"):
+        b.replace(leaf_transmission=1.0)
+    with pytest.raises(ValueError, match="jaw_penumbra_sigma_mm must be >= 0"):
+        b.replace(jaw_penumbra_sigma_mm=-1.0)
+    with pytest.raises(ValueError, match="leaf_edge_sigma_mm must be >= 0"):
+        b.replace(leaf_edge_sigma_mm=-0.1)
+    with pytest.raises(ValueError, match="adjacent_leaf_output_gain"):
+        b.replace(adjacent_leaf_output_gain=-0.01)
+    with pytest.raises(ValueError, match="non-positive fluence"):
+        b.replace(offaxis_fluence_coeffs=(0.0, -100.0))
+    with pytest.raises(TypeError, match="spectrum must be a Spectrum"):
+        BeamModel(spectrum="6MV")
+    with pytest.raises(ValueError, match="jaw_fwhm_mm"):
+        b.replace(jaw_fwhm_mm={})
+    with pytest.raises(ValueError, match="no entry"):
+        b.replace(jaw_fwhm_mm={25.0: 25.0}).real_fwhm_mm(10.0, M)
+    with pytest.raises(ValueError, match="leaf_open_fraction must be <= 1"):
+        b.leaf_weights(np.full(64, 1.5))
+
+
+def test_presets_carry_the_spectrum():
+    s = Spectrum.monoenergetic(2.0)
+    assert BeamModel.ideal(s).spectrum is s and BeamModel.default(s).spectrum is s
+    assert BeamModel.ideal().name == "ideal"
+    assert hash(BeamModel.default()) == hash(BeamModel.default())
