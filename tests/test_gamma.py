@@ -422,3 +422,52 @@ def test_agrees_with_pymedphys(local):
     assert abs(ours.pass_rate_percent - pr_theirs) <= 0.5
     both = np.minimum(ours.gamma.array[valid], 2.0)
     assert np.median(np.abs(both - theirs[valid])) < 0.02
+
+
+# ------------------------------------------------------------------------------------------
+# command line
+# ------------------------------------------------------------------------------------------
+def _cli_doses():
+    ref = _ramp(GRID, 2.5, 0.08)
+    x, _, _ = GRID.meshgrid_mm()
+    return ref, ref.with_array(ref.array * np.where(x > 0, 1.05, 1.0))
+
+
+def test_cli_images(tmp_path, capsys):
+    from tomodose.cli.main import main
+    from tomodose.io.export import export_volume
+
+    ref, ev = _cli_doses()
+    a = export_volume(ref, tmp_path / "ref.mha")
+    b = export_volume(ev, tmp_path / "eval.nrrd")
+    out_json, out_png = tmp_path / "g.json", tmp_path / "g.png"
+    rc = main(["gamma", str(a), str(b), "--dd", "2", "--dta", "1", "--cutoff", "20",
+               "--json", str(out_json), "--plot", str(out_png)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    expected = gamma_index(ref, ev, dose_percent=2, distance_mm=1, cutoff_percent=20)
+    data = json.loads(out_json.read_text())
+    # images are stored as float32: pass rates agree to the voxel
+    assert abs(data["n_passed"] - expected.n_passed) <= 2
+    assert f"{data['pass_rate_percent']:.2f}%" in text
+    assert out_png.stat().st_size > 1000
+    assert main(["gamma", str(a), str(b), "--dta", "1", "--min-pass", "99.9"]) == 1
+
+
+def test_cli_results_files(tmp_path, capsys):
+    from tomodose.cli.main import main
+
+    hdf5 = pytest.importorskip("tomodose.io.hdf5", reason="tomodose.io.hdf5 not available yet")
+    ref, ev = _cli_doses()
+    a = hdf5.write_results(tmp_path / "ref.h5", doses={"total": ref})
+    b = hdf5.write_results(tmp_path / "eval.h5", doses={"total": ev, "other": ref})
+    assert main(["gamma", str(a), str(b), "--dta", "1", "--dose-eval", "total", "--local"]) == 0
+    assert "local" in capsys.readouterr().out
+    # several doses without a choice, an unknown name: clear errors, status 2
+    assert main(["gamma", str(a), str(b)]) == 2
+    assert "holds several doses ['other', 'total']" in capsys.readouterr().err
+    assert main(["gamma", str(a), str(b), "--dose-eval", "nope"]) == 2
+    assert "'nope' not in" in capsys.readouterr().err
+    assert main(["gamma", str(a), str(tmp_path / "missing.h5")]) == 2
+    assert main(["gamma", str(a), str(a), "--dta", "0"]) == 2
+    assert "distance_mm must be > 0" in capsys.readouterr().err
