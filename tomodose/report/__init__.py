@@ -1,0 +1,1 @@
+"""Human- and machine-readable reports (:mod:`~tomodose.report.protocol_report`)."""
