@@ -130,7 +130,7 @@ def list_ct_series(folder) -> list[dict]:
     for uid, items in _scan(folder).items():
         ds = items[0][1]
         out.append({"series_uid": uid, "n_slices": len(items),
-                    "description": str(ds.get("SeriesDescription", ""))})
+                    "description": str(optional(ds, "SeriesDescription", uid, ""))})
     return out
 
 

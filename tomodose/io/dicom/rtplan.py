@@ -183,7 +183,12 @@ def _private_numbers(ds, offset: int, where: str) -> tuple[np.ndarray | None, st
     label = _label(block, offset)
     if tag not in ds:
         return None, label
-    return _decode_numbers(ds[tag], label, where), label
+    try:
+        elem = ds[tag]
+    except Exception as exc:
+        raise DicomError(f"{where}: {label} could not be decoded (wrong VR or corrupt value): "
+                         f"{type(exc).__name__}: {str(exc)[:120]}") from None
+    return _decode_numbers(elem, label, where), label
 
 
 def _private_scalar(beam, ds, offset: int, where: str) -> tuple[float | None, str]:
@@ -192,6 +197,8 @@ def _private_scalar(beam, ds, offset: int, where: str) -> tuple[float | None, st
     label = _label(None, offset)
     for item, w in ((beam, f"{where}, beam"), (ds, where)):
         arr, lab = _private_numbers(item, offset, w)
+        if "xx" in label and "xx" not in lab:
+            label = lab  # name the element in the block that exists
         if arr is not None:
             if arr.size != 1:
                 raise DicomError(f"{w}: {lab} must hold one value, got {arr.size}")
@@ -229,7 +236,7 @@ def _select_beam(ds, beam_number, where):
         raise DicomError(f"{where}: no beam with BeamNumber {beam_number}; beams: {[c[0] for c in candidates]}")
     treatment = [(n, b) for n, b, d in candidates if d == "TREATMENT"]
     if len(treatment) != 1:
-        names = [(n, str(b.get("BeamName", ""))) for n, b, _ in candidates]
+        names = [(n, str(optional(b, "BeamName", where, ""))) for n, b, _ in candidates]
         raise DicomError(f"{where}: expected one helical treatment beam, found {len(treatment)} "
                          f"treatment beam(s) among {names}; choose one with beam_number=")
     return treatment[0]
@@ -547,7 +554,7 @@ def read_tomo_plan_info(
     except ValueError as exc:
         raise DicomError(f"{where}: the plan's values are out of the machine's range: {exc}") from None
     info = TomoPlanInfo(
-        source=source, beam_number=number, beam_name=str(beam.get("BeamName", "")),
+        source=source, beam_number=number, beam_name=str(optional(beam, "BeamName", wb, "")),
         jaw_positions_mm=None if jaws is None else (float(jaws[0]), float(jaws[1])),
         sop_instance_uid=str(optional(ds, "SOPInstanceUID", where, "")),
         frame_of_reference_uid=str(optional(ds, "FrameOfReferenceUID", where, "")),
