@@ -238,3 +238,35 @@ def test_ct_to_rtdose_chain_keeps_geometry(tmp_path):
     np.testing.assert_allclose(z_frames, z_ct, atol=0.01)
     back = read_rtdose(path)
     assert back.grid.same_as(grid, tol_mm=0.01)
+
+
+def test_dvh_matches_dicompyler_core(tmp_path, monkeypatch):
+    """Our RT Dose + RTSTRUCT read by dicompyler-core give the same DVH as ours within 1 %."""
+    pytest.importorskip("dicompylercore", reason="dicompyler-core not installed (optional)")
+    from tomodose.evaluation.dvh import compute_dvh
+    from tomodose.io.dicom import read_patient
+
+    from tests._dicom_synth import circle, make_rtstruct, save
+
+    import pydicom.dicomio
+
+    if not hasattr(pydicom.dicomio, "read_file"):  # dicompyler-core 0.5.6 imports the pydicom < 3 name
+        monkeypatch.setattr(pydicom.dicomio, "read_file", pydicom.dcmread, raising=False)
+    from dicompylercore import dvhcalc
+
+    n = 31
+    uids = write_ct_series(tmp_path / "ct", np.zeros((n, 81, 81)), ipps=axial_positions(n, (-40.0, -40.0, -30.0), 2.0))
+    zs = [-20.0 + 2.0 * k for k in range(21)]
+    save(make_rtstruct({"PTV": [circle((0, 0), 25.0, z, 128) for z in zs]}, frame_uid=uids["frame_uid"]),
+         tmp_path / "RS.dcm")
+    model, series, _ = read_patient(tmp_path / "ct", tmp_path / "RS.dcm")
+    g = model.grid
+    x, y, z = g.meshgrid_mm()
+    dose = ImageVolume(g, np.broadcast_to(50.0 + 0.2 * x + 0.05 * y + 0 * z, g.shape).copy(), "Gy")
+    write_rtdose(dose, tmp_path / "RD.dcm", reference=series.reference)
+    ours = compute_dvh(dose, model.structures["PTV"])
+    theirs = dvhcalc.get_dvh(str(tmp_path / "RS.dcm"), str(tmp_path / "RD.dcm"), 1)
+    assert theirs.mean == pytest.approx(ours.mean_gy, rel=0.01)
+    assert theirs.max == pytest.approx(ours.max_gy, rel=0.01)
+    for p in (2, 5, 25, 50, 75, 95, 98):
+        assert theirs.statistic(f"D{p}").value == pytest.approx(ours.dose_at_volume_percent(p), rel=0.01), p
