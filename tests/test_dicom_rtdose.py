@@ -270,3 +270,48 @@ def test_dvh_matches_dicompyler_core(tmp_path, monkeypatch):
     assert theirs.max == pytest.approx(ours.max_gy, rel=0.01)
     for p in (2, 5, 25, 50, 75, 95, 98):
         assert theirs.statistic(f"D{p}").value == pytest.approx(ours.dose_at_volume_percent(p), rel=0.01), p
+
+
+def test_cli_import_and_export(tmp_path, capsys):
+    """tomodose dicom import CTDIR --rtstruct --rtplan --out; export-dose; info."""
+    pytest.importorskip("tomodose.io.hdf5")
+    from tomodose.cli.main import main
+    from tomodose.io.hdf5 import read_results, write_results
+
+    from tests._dicom_synth import circle, make_rtstruct, make_tomo_plan, save
+
+    n = 8
+    uids = write_ct_series(tmp_path / "ct", np.zeros((n, 20, 24)), ipps=axial_positions(n, (-11.5, -9.5, -7.0), 2.0))
+    save(make_rtstruct({"LIVER": [circle((0, 0), 5.0, z) for z in (-3.0, -1.0, 1.0)]}, frame_uid=uids["frame_uid"]),
+         tmp_path / "RS.dcm")
+    sino = np.random.default_rng(0).random((10, 64)).round(6)
+    save(make_tomo_plan(sino, frame_uid=uids["frame_uid"]), tmp_path / "RP.dcm")
+    rc = main(["dicom", "import", str(tmp_path / "ct"), "--rtstruct", str(tmp_path / "RS.dcm"),
+               "--rtplan", str(tmp_path / "RP.dcm"), "--out", str(tmp_path / "patient.h5")])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "Liver <- 'LIVER'" in out and "10 projections" in out
+    res = read_results(tmp_path / "patient.h5")
+    assert "Liver" in res.patient.structures
+    np.testing.assert_allclose(res.plan.sinogram, sino, atol=1e-9)
+    assert res.extra["dicom_reference"]["frame_of_reference_uid"] == uids["frame_uid"]
+    # a dose on the CT grid, stored with the DICOM reference, exported as RT Dose
+    grid = res.patient.grid
+    dose = ImageVolume(grid, np.full(grid.shape, 2.0), "Gy")
+    write_results(tmp_path / "results.h5", patient=res.patient, doses={"total": dose}, extra=res.extra)
+    rc = main(["dicom", "export-dose", str(tmp_path / "results.h5"), "--out", str(tmp_path / "RD.dcm")])
+    assert rc == 0
+    ds = pydicom.dcmread(tmp_path / "RD.dcm")
+    assert ds.FrameOfReferenceUID == uids["frame_uid"]
+    back = read_rtdose(tmp_path / "RD.dcm")
+    assert back.grid.same_as(grid, tol_mm=0.01)
+    np.testing.assert_allclose(back.array, 2.0, rtol=1e-8)
+    capsys.readouterr()
+    rc = main(["dicom", "info", str(tmp_path / "RD.dcm"), str(tmp_path / "RP.dcm"), str(tmp_path / "RS.dcm")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "RT Dose PHYSICAL/PLAN" in out and "TOMO_HA_01" in out and "-> Liver" in out
+    # errors: clear message, status 2
+    rc = main(["dicom", "export-dose", str(tmp_path / "patient.h5"), "--out", str(tmp_path / "x.dcm")])
+    assert rc == 2 and "holds no dose" in capsys.readouterr().err
+    rc = main(["dicom", "import", str(tmp_path / "absent"), "--out", str(tmp_path / "p.h5")])
+    assert rc == 2 and "does not exist" in capsys.readouterr().err

@@ -16,7 +16,7 @@ and the attribute.
 from __future__ import annotations
 
 from tomodose.io.dicom._common import DicomError, DicomReference
-from tomodose.io.dicom.ct import CTSeries, list_ct_series, read_ct_series
+from tomodose.io.dicom.ct import CTSeries, list_ct_series, read_ct_reference, read_ct_series
 from tomodose.io.dicom.rtdose import RTDoseInfo, read_rtdose, read_rtdose_info, write_rtdose
 from tomodose.io.dicom.rtplan import TomoPlanInfo, read_tomo_plan, read_tomo_plan_info
 from tomodose.io.dicom.rtstruct import (
@@ -34,6 +34,7 @@ __all__ = [
     "DicomReference",
     "CTSeries",
     "read_ct_series",
+    "read_ct_reference",
     "list_ct_series",
     "read_rtdose",
     "read_rtdose_info",

@@ -39,7 +39,7 @@ from tomodose.io.dicom._common import (
     tag_label,
 )
 
-__all__ = ["CTSeries", "read_ct_series", "list_ct_series", "CT_IMAGE_STORAGE"]
+__all__ = ["CTSeries", "read_ct_series", "read_ct_reference", "list_ct_series", "CT_IMAGE_STORAGE"]
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,22 @@ def list_ct_series(folder) -> list[dict]:
         out.append({"series_uid": uid, "n_slices": len(items),
                     "description": str(optional(ds, "SeriesDescription", uid, ""))})
     return out
+
+
+def read_ct_reference(folder, *, series_uid: str | None = None) -> DicomReference:
+    """Frame of reference, study and patient identifiers of a CT series (headers only)."""
+    folder = _folder(folder)
+    groups = _scan(folder)
+    if not groups:
+        raise DicomError(f"CT folder {str(folder)!r} holds no CT images (Modality CT)")
+    if series_uid is None:
+        if len(groups) > 1:
+            raise DicomError(f"CT folder {str(folder)!r} holds {len(groups)} CT series; choose one with "
+                             f"series_uid (CLI --series): {list(groups)}")
+        series_uid = next(iter(groups))
+    if series_uid not in groups:
+        raise DicomError(f"series_uid {series_uid!r} is not among the CT series of {str(folder)!r}: {list(groups)}")
+    return DicomReference.from_dataset(groups[series_uid][0][1])
 
 
 def _folder(folder) -> Path:
