@@ -210,6 +210,75 @@ def gamma_search(ref_flat, ref_shape_yx, points, ev, base0, scale, offs, dist2, 
 
 
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
+def gamma_search_aligned(ref_flat, ref_shape_yx, points, ev, ishift, oi, ow, dist2, inv_dd_global,
+                         local, dd_fraction, bmin, bmax, block, reach, out):
+    """:func:`gamma_search` for a reference grid whose voxel centres are evaluated voxel centres.
+
+    Reference voxel ``(k, j, i)`` is evaluated voxel ``(k, j, i) + ishift`` (x, y, z order in
+    ``ishift``), so every search point has the same cell offset and weights for all reference
+    voxels: ``oi`` (n, 3) int64 lower-corner offsets and ``ow`` (n, 3) float64 weights in
+    [0, 1) (x, y, z), precomputed once. Same early stop and result as :func:`gamma_search`
+    (to rounding of the weights).
+    """
+    ny = ref_shape_yx[0]
+    nx = ref_shape_yx[1]
+    enz, eny, enx = ev.shape
+    n_off = oi.shape[0]
+    shape = ev.shape
+    for m in numba.prange(points.shape[0]):
+        flat = points[m]
+        k, j, i = _unravel(flat, ny, nx)
+        dr = ref_flat[flat]
+        if local:
+            inv_dd = 1.0 / (dd_fraction * dr)
+        else:
+            inv_dd = inv_dd_global
+        ci = i + ishift[0]
+        cj = j + ishift[1]
+        ck = k + ishift[2]
+        lo, hi = _dose_range(bmin, bmax, block, shape, float(ci), float(cj), float(ck), reach)
+        gap = max(lo - dr, dr - hi, 0.0)
+        gap = max(gap - 1e-9 * (abs(lo) + abs(hi) + abs(dr)), 0.0) * inv_dd
+        lb = gap * gap
+        best = np.inf
+        for p in range(n_off):
+            d2 = dist2[p]
+            if d2 + lb >= best:
+                break
+            tx = ow[p, 0]
+            ty = ow[p, 1]
+            tz = ow[p, 2]
+            i0 = ci + oi[p, 0]
+            j0 = cj + oi[p, 1]
+            k0 = ck + oi[p, 2]
+            # inside: the lower corner must exist, the upper one too unless its weight is 0
+            if i0 < 0 or j0 < 0 or k0 < 0:
+                continue
+            if i0 > enx - 1 or (tx > 0.0 and i0 > enx - 2):
+                continue
+            if j0 > eny - 1 or (ty > 0.0 and j0 > eny - 2):
+                continue
+            if k0 > enz - 1 or (tz > 0.0 and k0 > enz - 2):
+                continue
+            i1 = min(i0 + 1, enx - 1)
+            j1 = min(j0 + 1, eny - 1)
+            k1 = min(k0 + 1, enz - 1)
+            c00 = ev[k0, j0, i0] + tx * (ev[k0, j0, i1] - ev[k0, j0, i0])
+            c01 = ev[k0, j1, i0] + tx * (ev[k0, j1, i1] - ev[k0, j1, i0])
+            c10 = ev[k1, j0, i0] + tx * (ev[k1, j0, i1] - ev[k1, j0, i0])
+            c11 = ev[k1, j1, i0] + tx * (ev[k1, j1, i1] - ev[k1, j1, i0])
+            c0 = c00 + ty * (c01 - c00)
+            c1 = c10 + ty * (c11 - c10)
+            de = c0 + tz * (c1 - c0)
+            diff = (de - dr) * inv_dd
+            g2 = d2 + diff * diff
+            if g2 < best:
+                best = g2
+        out[m] = math.sqrt(best)
+    return out
+
+
+@numba.njit(**NUMBA_PARALLEL_OPTIONS)
 def sample_at_reference(ref_shape, ev, base0, scale, out):
     """Evaluated dose interpolated at every reference voxel centre (NaN outside)."""
     nz, ny, nx = ref_shape[0], ref_shape[1], ref_shape[2]

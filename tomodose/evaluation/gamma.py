@@ -466,6 +466,26 @@ def _block_extrema(ev: np.ndarray):
     return _kg.block_extrema(ev, _BLOCK, np.empty(nb), np.empty(nb))
 
 
+def _aligned_shift(base0: np.ndarray, scale: np.ndarray, tol: float = 1e-9):
+    """Integer index shift (x, y, z) when reference voxel centres are evaluated voxel centres
+    (same spacing, origins a whole number of voxels apart), else None."""
+    if np.all(np.abs(scale - 1.0) <= tol) and np.all(np.abs(base0 - np.round(base0)) <= tol):
+        return np.round(base0).astype(np.int64)
+    return None
+
+
+def _split_offsets(offs_idx: np.ndarray, tol: float = 1e-9):
+    """Offsets in index units -> integer lower corners and weights in [0, 1); weights within
+    ``tol`` of 0 or 1 snap to the voxel (as the general kernel's edge tolerance does)."""
+    low = np.floor(offs_idx)
+    w = offs_idx - low
+    up = w > 1.0 - tol
+    low[up] += 1.0
+    w[up] = 0.0
+    w[w < tol] = 0.0
+    return np.ascontiguousarray(low.astype(np.int64)), np.ascontiguousarray(w)
+
+
 def _active_axes(evaluated: ImageVolume) -> tuple[bool, bool, bool]:
     nz, ny, nx = evaluated.grid.shape
     return (nx > 1, ny > 1, nz > 1)
@@ -592,15 +612,15 @@ def gamma_index(
     shape_yx = np.array(ref.shape[1:], dtype=np.int64)
     bmin, bmax = _block_extrema(ev)
     reach = np.ascontiguousarray(np.abs(offs_idx).max(axis=0))
-    vals = _run_blocks(
-        _kg.gamma_search,
-        points,
-        (ref.ravel(), shape_yx),
-        (ev, base0, scale, offs_idx, dist2, 1.0 / dd_gy, criteria.local,
-         criteria.dose_percent / 100.0, bmin, bmax, _BLOCK, reach),
-        progress,
-        "gamma",
-    )
+    common = (dist2, 1.0 / dd_gy, criteria.local, criteria.dose_percent / 100.0, bmin, bmax,
+              _BLOCK, reach)
+    ishift = _aligned_shift(base0, scale)
+    if ishift is not None:
+        oi, ow = _split_offsets(offs_idx)
+        kernel, args = _kg.gamma_search_aligned, (ev, ishift, oi, ow, *common)
+    else:
+        kernel, args = _kg.gamma_search, (ev, base0, scale, offs_idx, *common)
+    vals = _run_blocks(kernel, points, (ref.ravel(), shape_yx), args, progress, "gamma")
     outside = np.isinf(vals)
     vals[outside] = np.nan
     gamma = np.full(ref.shape, np.nan)
