@@ -71,7 +71,9 @@ def direction_geometry(u_xyz, spacing_mm) -> tuple[int, int, float, float, float
     u_arr = np.array([u[2], u[1], u[0]])
     s_arr = np.array([sp[2], sp[1], sp[0]])
     v = u_arr / s_arr  # index units per mm of travel
-    m = int(np.argmax(np.abs(v)))
+    av = np.abs(v)
+    # first axis within rounding of the maximum: mirrored directions pick the same axis
+    m = int(np.nonzero(av >= av.max() * (1.0 - 1e-12))[0][0])
     others = [ax for ax in range(3) if ax != m]
     sgn = 1 if v[m] > 0 else -1
     da = float(v[others[0]] / abs(v[m]))

@@ -60,6 +60,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_KERNEL_NAME = "ccc_water_6mv_default"
 KERNEL_FORMAT = "tomodose-collapsed-cone-kernel"
 KERNEL_FORMAT_VERSION = 1
+#: bounds of the fitted decay rates (1/cm of water).
+RATE_MIN_PER_CM = 0.02
+RATE_MAX_PER_CM = 100.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,14 +213,18 @@ def _fit_amplitudes(radii, cum, rates, totals):
         # relative weighting: errors of the cumulative as a fraction of the ring total, plus a
         # heavy row that pins the total (energy conservation)
         scale = 1.0 / max(totals[p], 1e-12)
-        a_mat = np.vstack([m * scale, 1e3 * np.ones((1, rates.size)) * scale])
+        a_mat = np.vstack([m * scale, 1e3 * m[-1:] * scale])
         b_vec = np.concatenate([cum[p] * scale, [1e3 * totals[p] * scale]])
         x, _ = nnls(a_mat, b_vec, maxiter=2000)
-        if x.sum() > 0:
-            x *= totals[p] / x.sum()
+        reach = float(m[-1] @ x)
+        if reach > 0:
+            x *= totals[p] / reach
         amps[p] = x
         err = (m @ x - cum[p]) / grand
         resid += float(np.sum(err**2)) * (totals[p] / grand)
+    # the sum over rings (broad-field dose) matters most: add its error
+    err_sum = (amps.sum(axis=0) @ m.T - cum.sum(axis=0)) / grand
+    resid += float(np.sum(err_sum**2))
     return amps, resid
 
 
@@ -238,7 +245,9 @@ def fit_shared_exponentials(
     Returns
     -------
     rates_per_cm : (K,) float64, increasing
-    amplitudes : (P, K) float64, >= 0, each row summing exactly to ``cumulative[p, -1]``.
+    amplitudes : (P, K) float64, >= 0; each row reproduces ``cumulative[p, -1]`` exactly at the
+        last radius (energy conserved within the tabulated range; the model's small tail beyond
+        it, ``sum_k A_k exp(-a_k r_max)``, lies outside any patient grid).
     """
     from scipy.optimize import minimize
 
@@ -255,9 +264,13 @@ def fit_shared_exponentials(
     else:
         x0 = np.log(check_array("initial_rates_per_cm", initial_rates_per_cm, shape=(k,), low=1e-6))
 
+    # rates are kept within [RATE_MIN, RATE_MAX] 1/cm: a vanishing rate would turn a term into a
+    # huge-amplitude linear ramp (numerically useless), an enormous one into a delta function
+    def to_rates(logr):
+        return np.sort(np.clip(np.exp(logr), RATE_MIN_PER_CM, RATE_MAX_PER_CM))
+
     def objective(logr):
-        rates = np.sort(np.exp(logr))
-        return _fit_amplitudes(r, cum, rates, totals)[1]
+        return _fit_amplitudes(r, cum, to_rates(logr), totals)[1]
 
     best = minimize(objective, x0, method="Powell",
                     options={"maxiter": 20000 * k, "xtol": 1e-5, "ftol": 1e-13})
@@ -265,7 +278,7 @@ def fit_shared_exponentials(
                       options={"maxiter": 4000 * k, "xatol": 1e-6, "fatol": 1e-16})
     if polish.fun < best.fun:
         best = polish
-    rates = np.sort(np.exp(best.x))
+    rates = to_rates(best.x)
     amps, _ = _fit_amplitudes(r, cum, rates, totals)
     return rates, amps
 
@@ -384,8 +397,9 @@ class CollapsedConeKernel:
     rates_per_cm : (K,) float64
         Decay rates ``a_k`` (1/cm of water) shared by all rings.
     amplitudes : (P, K) float64
-        ``C_p(r) ~= sum_k amplitudes[p, k] * (1 - exp(-rates_per_cm[k] * r))``; each row sums to
-        ``cumulative[p, -1]`` (energy conserved by construction).
+        ``C_p(r) ~= sum_k amplitudes[p, k] * (1 - exp(-rates_per_cm[k] * r))``; the model equals
+        ``cumulative[p, -1]`` exactly at the last tabulated radius (energy conserved by
+        construction within the table's range, 60 cm for EDKnrc).
     provenance : dict
         Inputs, licence, method, date, script version.
     """
@@ -460,9 +474,14 @@ class CollapsedConeKernel:
         r = np.atleast_1d(np.asarray(radius_cm, dtype=np.float64))
         return np.array([np.interp(r, self.radius_edges_cm, c) for c in self.cumulative])
 
-    def fit_error(self) -> float:
-        """Max |fitted - tabulated| cumulative at the shell edges, as a fraction of the total."""
+    def fit_error(self, *, summed: bool = False) -> float:
+        """Max |fitted - tabulated| cumulative at the shell edges, as a fraction of the total.
+
+        Per ring, or (``summed=True``) for the sum over all rings (what a broad field sees).
+        """
         d = self.fitted_cumulative(self.radius_edges_cm) - self.cumulative
+        if summed:
+            d = d.sum(axis=0)
         return float(np.abs(d).max() / self.total_fraction)
 
     def with_azimuths(self, n_azimuth: int) -> "CollapsedConeKernel":
@@ -567,9 +586,11 @@ class CollapsedConeKernel:
 def cone_directions(polar_deg, n_azimuth: int, axis=(0.0, 0.0, 1.0), ring_solid_angle_sr=None):
     """Unit vectors of rings of cones about ``axis`` (see :meth:`CollapsedConeKernel.directions`).
 
-    Azimuths are ``2 pi (q + 0.5 * (p % 2)) / n_azimuth``: alternate rings are staggered by half a
-    sector so the directions spread evenly. The azimuth origin is a fixed vector perpendicular to
-    ``axis`` (the lab axis least aligned with it).
+    Azimuths are ``2 pi (q + 0.5) / n_azimuth`` from a fixed vector perpendicular to ``axis`` (the
+    lab axis least aligned with it). For an axis along a grid axis and ``n_azimuth`` a multiple of
+    4 the set is symmetric under both lateral reflections and 90 deg rotation and contains no
+    direction exactly on a grid diagonal, so a beam along a grid axis gives exactly symmetric
+    transport lines.
     """
     ax = np.asarray(axis, dtype=np.float64)
     norm = float(np.linalg.norm(ax))
@@ -587,7 +608,7 @@ def cone_directions(polar_deg, n_azimuth: int, axis=(0.0, 0.0, 1.0), ring_solid_
     ring = np.repeat(np.arange(p), n_azimuth)
     for i in range(p):
         for q in range(n_azimuth):
-            phi = 2.0 * np.pi * (q + 0.5 * (i % 2)) / n_azimuth
+            phi = 2.0 * np.pi * (q + 0.5) / n_azimuth
             dirs[i * n_azimuth + q] = (
                 math.cos(th[i]) * ax + math.sin(th[i]) * (math.cos(phi) * e1 + math.sin(phi) * e2)
             )

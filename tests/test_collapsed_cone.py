@@ -1,0 +1,319 @@
+"""Collapsed-cone transport: naive twin, invariants, energy conservation, physics sanity."""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+import pytest
+
+from tests.naive import collapsed_cone as naive
+from tomodose.geometry.grid import Grid
+from tomodose.transport import collapsed_cone_dose, load_kernel
+from tomodose.transport.collapsed_cone import direction_geometry
+from tomodose.transport.kernels import polyenergetic_kernel, read_edk_csv
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    return load_kernel()
+
+
+@pytest.fixture(scope="module")
+def small_kernel():
+    return load_kernel(n_azimuth=3)
+
+
+def _ccc(terma, rho, grid, **kw):
+    kw.setdefault("progress", False)
+    return collapsed_cone_dose(terma, rho, grid, **kw)
+
+
+# --- naive twin -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("mode", ["beam", "source"])
+def test_matches_naive_twin(seed, mode, small_kernel):
+    rng = np.random.default_rng(seed)
+    shape = (6, 5, 7) if seed == 0 else (5, 7, 4)
+    spacing = (4.0, 5.0, 3.0) if seed == 0 else (2.5, 2.5, 6.0)
+    origin = (-10.0, 3.0, 7.0)
+    grid = Grid(shape, spacing, origin)
+    terma = rng.random(shape) * (rng.random(shape) > 0.4)
+    rho = rng.uniform(0.0, 2.0, shape)
+    rho[0, 0, :] = 0.0  # vacuum voxels
+    rho[1, :, 1] = 0.0012  # air
+    if mode == "beam":
+        kw = {"beam_direction": rng.normal(size=3)}
+        tol = 2e-6
+    else:
+        kw = {"source_position_mm": np.array(grid.centre_mm) + rng.normal(size=3) * 300 + 400}
+        tol = 2e-4  # the kernel tabulates the angular density on a 0.25 deg grid
+    fast = _ccc(terma, rho, grid, kernel=small_kernel, **kw)
+    slow = naive.collapsed_cone_dose(terma, rho, spacing, origin, small_kernel, **kw)
+    assert fast.dtype == np.float32 and fast.shape == shape
+    np.testing.assert_allclose(fast, slow, rtol=tol, atol=tol * slow.max())
+
+
+def test_lines_visit_every_voxel_once():
+    # the naive twin asserts it; exercise many directions, including axis-aligned ones
+    k = load_kernel(n_azimuth=4)
+    dirs, _, _ = k.directions((0.2, 0.1, -1.0))
+    dirs = np.vstack([dirs, np.eye(3), -np.eye(3)])
+    terma = np.zeros((3, 4, 5))
+    for u in dirs:
+        m, sgn, da, db, step = direction_geometry(u, (1.0, 2.0, 3.0))
+        assert abs(da) <= 1 + 1e-12 and abs(db) <= 1 + 1e-12 and step > 0
+        naive.transport_direction(terma, np.ones_like(terma), m, sgn, da, db, step, [1.0], lambda v: [1.0])
+
+
+# --- invariants -----------------------------------------------------------------------------------
+def test_zero_terma_gives_zero(kernel):
+    g = Grid((4, 5, 6), (3.0, 3.0, 3.0))
+    d = _ccc(np.zeros(g.shape), np.ones(g.shape), g, beam_direction=(0, 0, 1))
+    assert d.dtype == np.float32 and not d.any()
+
+
+def test_linear_in_terma(small_kernel):
+    rng = np.random.default_rng(3)
+    g = Grid((10, 9, 8), (4.0, 4.0, 4.0))
+    rho = rng.uniform(0.2, 1.5, g.shape)
+    t1, t2 = rng.random(g.shape), rng.random(g.shape) * (rng.random(g.shape) > 0.7)
+    kw = {"source_position_mm": (0.0, -850.0, 0.0), "kernel": small_kernel}
+    d12 = _ccc(2 * t1 + 3 * t2, rho, g, **kw).astype(float)
+    d1 = _ccc(t1, rho, g, **kw).astype(float)
+    d2 = _ccc(t2, rho, g, **kw).astype(float)
+    np.testing.assert_allclose(d12, 2 * d1 + 3 * d2, rtol=2e-5, atol=1e-6 * d12.max())
+
+
+@pytest.mark.parametrize("mode", ["beam", "source"])
+def test_symmetric_about_beam_axis(kernel, mode):
+    g = Grid((12, 15, 15), (5.0, 5.0, 5.0), (-35.0, -35.0, -27.5))
+    x, y, z = g.meshgrid_mm()
+    terma = np.exp(-(x**2 + y**2) / (2 * 15.0**2)) * np.exp(-0.005 * (z - z.min())) * np.ones(g.shape)
+    rho = np.ones(g.shape)
+    rho[5:8] = 0.3  # a lung-like slab perpendicular to the axis keeps the symmetry
+    kw = {"beam_direction": (0, 0, 1)} if mode == "beam" else {"source_position_mm": (0, 0, -850)}
+    d = _ccc(terma, rho, g, **kw).astype(float)
+    tol = 1e-5 * d.max()
+    np.testing.assert_allclose(d, d[:, :, ::-1], atol=tol)  # x -> -x
+    np.testing.assert_allclose(d, d[:, ::-1, :], atol=tol)  # y -> -y
+    np.testing.assert_allclose(d, d.transpose(0, 2, 1), atol=tol)  # 90 deg about the axis (8 azimuths)
+
+
+def test_density_scaling_theorem(small_kernel):
+    """Uniform density rho with lengths scaled by 1/rho gives the water dose (O'Connor)."""
+    rng = np.random.default_rng(5)
+    terma = rng.random((7, 8, 6))
+    water = Grid(terma.shape, (4.0, 3.0, 5.0))
+    d_water = _ccc(terma, np.ones(terma.shape), water, beam_direction=(0.3, 0.4, 0.8), kernel=small_kernel)
+    for rho in (0.25, 1.8):
+        g = Grid(terma.shape, tuple(s / rho for s in water.spacing_mm))
+        d = _ccc(terma, np.full(terma.shape, rho), g, beam_direction=(0.3, 0.4, 0.8), kernel=small_kernel)
+        np.testing.assert_allclose(d, d_water, rtol=1e-5, atol=1e-7 * d_water.max())
+
+
+def test_independent_of_thread_count(small_kernel):
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba has a single thread")
+    rng = np.random.default_rng(7)
+    g = Grid((12, 11, 13), (3.0, 3.0, 3.0))
+    terma = rng.random(g.shape)
+    rho = rng.uniform(0.0, 2.0, g.shape)
+    old = numba.get_num_threads()
+    try:
+        out = []
+        for n in (1, 2, 1):
+            numba.set_num_threads(n)
+            out.append(_ccc(terma, rho, g, source_position_mm=(50, -800, 20), kernel=small_kernel))
+    finally:
+        numba.set_num_threads(old)
+    np.testing.assert_array_equal(out[0], out[1])
+    np.testing.assert_array_equal(out[0], out[2])
+
+
+# --- energy conservation -----------------------------------------------------------------------------
+def _expected_point_energy(kernel, grid, src_kji, axis):
+    """Released energy (T = rho = V = 1) minus what leaves the grid, from the line geometry."""
+    dirs, _, ring = kernel.directions(axis)
+    amps = kernel.amplitudes / kernel.n_azimuth
+    rates = kernel.rates_per_cm
+    shape = grid.shape
+    total = 0.0
+    for d in range(dirs.shape[0]):
+        m, sgn, da, db, step = direction_geometry(dirs[d], grid.spacing_mm)
+        a_ax, b_ax = [ax for ax in range(3) if ax != m]
+        n_m = shape[m]
+        n_src = src_kji[m] if sgn > 0 else n_m - 1 - src_kji[m]
+        ia = src_kji[a_ax] - math.floor(n_src * da + 0.5)
+        ib = src_kji[b_ax] - math.floor(n_src * db + 0.5)
+        n_after = 0
+        for n in range(n_src + 1, n_m):
+            ja, jb = ia + math.floor(n * da + 0.5), ib + math.floor(n * db + 0.5)
+            if not (0 <= ja < shape[a_ax] and 0 <= jb < shape[b_ax]):
+                break
+            n_after += 1
+        x = rates * step
+        leak = np.sum(amps[ring[d]] / rates * -np.expm1(-x) * np.exp(-x * n_after))
+        total += amps[ring[d]].sum() - leak / step
+    return total
+
+
+@pytest.mark.parametrize("src", [(15, 15, 15), (3, 20, 27)])
+def test_point_source_energy_conservation(kernel, src):
+    """Deposited energy = released x kernel total - the part leaving the grid (float64 check)."""
+    g = Grid((31, 31, 31), (6.0, 6.0, 6.0))
+    terma = np.zeros(g.shape)
+    terma[src] = 1.0
+    d = _ccc(terma, np.ones(g.shape), g, beam_direction=(0, 0.6, 0.8))
+    deposited = float(d.astype(np.float64).sum())
+    expected = _expected_point_energy(kernel, g, src, np.array([0, 0.6, 0.8]))
+    assert deposited == pytest.approx(expected, rel=1e-5)
+    assert deposited < kernel.total_fraction
+    if src == (15, 15, 15):
+        # a 18.6 cm cube keeps most of the energy; compare with the tabulated radial integral
+        assert kernel.tabulated_cumulative([9.0]).sum() < deposited < kernel.total_fraction
+
+
+def test_point_source_radial_integrals(kernel):
+    """Energy inside spheres around a point source vs the tabulated cumulative kernel."""
+    g = Grid((41, 41, 41), (4.0, 4.0, 4.0), (-80.0, -80.0, -80.0))
+    terma = np.zeros(g.shape)
+    terma[20, 20, 20] = 1.0
+    d = _ccc(terma, np.ones(g.shape), g, beam_direction=(0, 0, 1)).astype(np.float64)
+    x, y, z = g.meshgrid_mm()
+    r_cm = np.sqrt(x**2 + y**2 + z**2) / 10.0 * np.ones(g.shape)
+    for radius in (2.0, 4.0, 7.0):
+        inside = d[r_cm <= radius].sum()
+        ref = kernel.tabulated_cumulative([radius]).sum()
+        assert inside == pytest.approx(ref, rel=0.05), radius
+
+
+def test_uniform_terma_in_large_block_gives_terma_times_fraction(kernel):
+    """Uniform TERMA: the centre dose approaches TERMA x (kernel energy inside the block)."""
+    g = Grid((21, 21, 21), (10.0, 10.0, 10.0))
+    d = _ccc(np.ones(g.shape), np.ones(g.shape), g, beam_direction=(0, 0, 1))
+    centre = float(d[10, 10, 10])
+    # the block reaches 10.5 cm (faces) to 18 cm (corners) from the centre
+    lo = kernel.tabulated_cumulative([10.5]).sum()
+    hi = kernel.tabulated_cumulative([18.2]).sum()
+    assert lo * 0.98 < centre < hi * 1.02
+
+
+# --- heterogeneity, air, edges ---------------------------------------------------------------------
+def test_air_and_vacuum_are_finite(kernel):
+    g = Grid((20, 6, 6), (5.0, 5.0, 5.0))
+    rho = np.ones(g.shape)
+    rho[6:12] = 0.0012
+    rho[12:14] = 0.0
+    terma = np.ones(g.shape)
+    d = _ccc(terma, rho, g, beam_direction=(0, 0, 1))
+    assert np.all(np.isfinite(d)) and np.all(d >= 0)
+    # water right after the gap is in build-down/build-up: lower than before the gap
+    assert d[15, 3, 3] < d[5, 3, 3]
+
+
+def test_lung_slab_lowers_dose_behind_small_field(kernel):
+    """Lateral electronic disequilibrium: a narrow field loses dose in low density."""
+    g = Grid((30, 21, 21), (4.0, 4.0, 4.0), (-40.0, -40.0, 0.0))
+    x, y, _ = g.meshgrid_mm()
+    field = ((np.abs(x) <= 10) & (np.abs(y) <= 10)) * np.ones(g.shape)
+    rho = np.ones(g.shape)
+    d_w = _ccc(field, rho, g, beam_direction=(0, 0, 1))
+    rho[10:20] = 0.25
+    d_l = _ccc(field, rho, g, beam_direction=(0, 0, 1))
+    assert d_l[15, 10, 10] < 0.9 * d_w[15, 10, 10]
+    # upstream of the slab the dose barely changes (only backscatter is lost)
+    assert d_l[5, 10, 10] == pytest.approx(d_w[5, 10, 10], rel=0.03)
+
+
+# --- physics sanity: broad-beam depth dose vs brute-force convolution ----------------------------
+def _slab_transfer(fine, theta_edges_deg, r_edges_cm, dz, nz, half_width_cm, ns=10, nphi=16, sub=8):
+    """Energy from a uniform source slab into slab offsets -nz..nz, integrating the 3-D kernel
+    by sampling every (cone, shell) voxel, kept only within the lateral square of the grid."""
+    h = dz / sub
+    edges = np.arange(-nz * dz, nz * dz + h / 2, h)
+    hist = np.zeros(edges.size - 1)
+    te = np.radians(theta_edges_deg)
+    u = (np.arange(ns) + 0.5) / ns
+    phi = (np.arange(nphi) + 0.5) / nphi * 2 * np.pi
+    for c in range(fine.shape[0]):
+        ct = np.cos(te[c]) + (np.cos(te[c + 1]) - np.cos(te[c])) * u
+        for s in range(fine.shape[1]):
+            if fine[c, s] == 0:
+                continue
+            r = np.cbrt(r_edges_cm[s] ** 3 + (r_edges_cm[s + 1] ** 3 - r_edges_cm[s] ** 3) * u)
+            rr, cc, pp = np.meshgrid(r, ct, phi, indexing="ij")
+            ss = np.sqrt(np.clip(1 - cc**2, 0, 1))
+            ok = (np.abs(rr * ss * np.cos(pp)) <= half_width_cm) & (np.abs(rr * ss * np.sin(pp)) <= half_width_cm)
+            hist += np.histogram((rr * cc)[ok], bins=edges, weights=np.full(ok.sum(), fine[c, s] / rr.size))[0]
+    zc = 0.5 * (edges[1:] + edges[:-1])
+    tr = np.zeros(2 * nz + 1)
+    for q in range(sub):
+        m = np.floor(((q + 0.5) * h + zc) / dz).astype(int)
+        ok = (m >= -nz) & (m <= nz)
+        np.add.at(tr, m[ok] + nz, hist[ok] / sub)
+    return tr
+
+
+def test_broad_beam_depth_dose_matches_brute_force_convolution(kernel, shared_data):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "kernels" / "derive_ccc_kernels.py"
+    spec = importlib.util.spec_from_file_location("derive_ccc_kernels", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    edk = read_edk_csv(shared_data / script.EDK_REL)
+    mu_e, mu_v = script.read_mu_water(shared_data / script.MU_REL)
+    w = np.asarray(kernel.provenance["terma_weights"])
+    fine = polyenergetic_kernel(edk, w)
+    mu = np.exp(np.interp(np.log(edk.energies_mev), np.log(mu_e), np.log(mu_v)))
+
+    nz, dz = 64, 0.25
+    zc = (np.arange(nz) + 0.5) * dz
+    terma_z = (w[None, :] * np.exp(-np.outer(zc, mu))).sum(axis=1)  # polyenergetic, hardening
+    g = Grid((nz, 40, 40), (5.0, 5.0, dz * 10))
+    half = 20 * 0.5
+    tr = _slab_transfer(fine, edk.theta_edges_deg, edk.radius_edges_cm, dz, nz, half)
+    ref = np.array([sum(terma_z[i] * tr[j - i + nz] for i in range(nz)) for j in range(nz)])
+    terma = np.broadcast_to(terma_z[:, None, None], g.shape)
+    d = _ccc(terma, np.ones(g.shape), g, beam_direction=(0, 0, 1))[:, 20, 20].astype(float)
+    dmax_ref, dmax_ccc = zc[np.argmax(ref)], zc[np.argmax(d)]
+    assert 1.0 <= dmax_ref <= 2.2 and abs(dmax_ccc - dmax_ref) <= 0.5
+    beyond = zc >= 2.0
+    ratio = d[beyond] / ref[beyond]
+    assert np.all(np.abs(ratio - 1) < 0.03), ratio
+    # build-up: surface dose well below the maximum, then exponential-like fall-off
+    assert d[0] < 0.7 * d.max() and d[-1] < 0.85 * d.max()
+
+
+# --- validation ------------------------------------------------------------------------------------
+def test_bad_input(kernel):
+    g = Grid((3, 4, 5), (2.0, 2.0, 2.0))
+    t = np.ones(g.shape)
+    rho = np.ones(g.shape)
+    with pytest.raises(ValueError, match="terma must have shape"):
+        _ccc(np.ones((3, 4, 4)), rho, g, beam_direction=(0, 0, 1))
+    with pytest.raises(ValueError, match="terma must be >= 0"):
+        _ccc(-t, rho, g, beam_direction=(0, 0, 1))
+    bad = rho.copy()
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="density_g_cm3 must be finite"):
+        _ccc(t, bad, g, beam_direction=(0, 0, 1))
+    with pytest.raises(ValueError, match="density_g_cm3 must be >= 0"):
+        _ccc(t, -rho, g, beam_direction=(0, 0, 1))
+    with pytest.raises(ValueError, match="exactly one of"):
+        _ccc(t, rho, g)
+    with pytest.raises(ValueError, match="exactly one of"):
+        _ccc(t, rho, g, beam_direction=(0, 0, 1), source_position_mm=(0, 0, -850))
+    with pytest.raises(ValueError, match="beam_direction must be a non-zero"):
+        _ccc(t, rho, g, beam_direction=(0, 0, 0))
+    with pytest.raises(ValueError, match="beam_direction must have shape"):
+        _ccc(t, rho, g, beam_direction=(0, 1))
+    with pytest.raises(ValueError, match="source_position_mm must differ"):
+        _ccc(t, rho, g, source_position_mm=g.centre_mm)
+    with pytest.raises(TypeError, match="kernel must be a CollapsedConeKernel"):
+        _ccc(t, rho, g, beam_direction=(0, 0, 1), kernel="default")
+    with pytest.raises(TypeError, match="grid must be a tomodose Grid"):
+        _ccc(t, rho, (3, 4, 5), beam_direction=(0, 0, 1))
