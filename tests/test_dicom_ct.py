@@ -209,3 +209,14 @@ def test_fuzzed_slice_gives_clear_error(tmp_path_factory, cut, pos, byte):
         pass
     else:
         assert series.volume.array.shape[1:] == (8, 8) or series.volume.array.ndim == 3
+
+
+def test_slice_position_tolerance(tmp_path):
+    """Positions written with one decimal (1.25 mm slices) are irregular at 0.01 mm, fine at 0.1 mm."""
+    zs = [round(1.25 * k, 1) for k in range(5)]  # 0.0, 1.2 (banker's), 2.5, 3.8, 5.0
+    write_ct_series(tmp_path, np.zeros((5, 3, 3)), ipps=[(0.0, 0.0, z) for z in zs])
+    with pytest.raises(DicomError, match=r"irregular slice spacing.*tolerance_mm=0.01"):
+        read_ct_series(tmp_path)
+    series = read_ct_series(tmp_path, tolerance_mm=0.1)
+    assert series.grid.spacing_mm[2] == pytest.approx(1.25, abs=0.06)
+    assert not series.resampled

@@ -47,6 +47,8 @@ def register(subparsers) -> None:
     imp.add_argument("--series", metavar="UID", help="SeriesInstanceUID when CTDIR holds several series")
     imp.add_argument("--resample", action="store_true",
                      help="resample tilted, irregularly spaced or oblique CT series onto a regular grid")
+    imp.add_argument("--slice-tolerance", type=float, default=0.01, metavar="MM",
+                     help="allowed deviation of CT slice positions from a regular untilted stack (default 0.01 mm)")
     imp.add_argument("--aliases", type=Path, metavar="FILE.toml",
                      help="structure name aliases ([aliases] Canonical = [\"name\", ...]), added to the defaults")
     imp.add_argument("--drop-unmapped", action="store_true", help="leave out ROIs no alias matches")
@@ -84,7 +86,8 @@ def run_import(args) -> int:
 
     aliases = StructureAliases.from_toml(args.aliases) if args.aliases else None
     model, series, names = read_patient(
-        args.ct_dir, args.rtstruct, series_uid=args.series, resample=args.resample, aliases=aliases,
+        args.ct_dir, args.rtstruct, series_uid=args.series, resample=args.resample,
+        tolerance_mm=args.slice_tolerance, aliases=aliases,
         keep_unmapped=not args.drop_unmapped, check_frame_of_reference=not args.no_frame_check,
         supersample=args.supersample, patient_position=args.patient_position,
     )

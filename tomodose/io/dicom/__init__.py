@@ -60,6 +60,7 @@ def read_patient(
     *,
     series_uid: str | None = None,
     resample: bool = False,
+    tolerance_mm: float = 0.01,
     aliases: StructureAliases | None = None,
     keep_unmapped: bool = True,
     check_frame_of_reference: bool = True,
@@ -75,7 +76,7 @@ def read_patient(
         Folder of CT slices (see :func:`read_ct_series`).
     rtstruct : str or Path, optional
         RT Structure Set drawn on that CT.
-    series_uid, resample : see :func:`read_ct_series`.
+    series_uid, resample, tolerance_mm : see :func:`read_ct_series`.
     aliases, keep_unmapped, supersample : see :func:`rasterise_rois`.
     check_frame_of_reference : bool
         Refuse an RTSTRUCT whose frame of reference differs from the CT's (default True).
@@ -96,7 +97,7 @@ def read_patient(
 
     from tomodose.geometry.patient import PatientModel
 
-    series = read_ct_series(ct_folder, series_uid=series_uid, resample=resample)
+    series = read_ct_series(ct_folder, series_uid=series_uid, resample=resample, tolerance_mm=tolerance_mm)
     structures, names = None, {}
     if rtstruct is not None:
         structures, names = read_structures(

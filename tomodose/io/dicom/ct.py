@@ -364,7 +364,8 @@ def read_ct_series(
     message = "; ".join(reasons)
     if not resample:
         raise DicomError(f"{where}: {message}. tomodose needs an axis-aligned regular grid: pass "
-                         f"resample=True (CLI --resample) to interpolate onto one")
+                         f"resample=True (CLI --resample) to interpolate onto one (positions are compared "
+                         f"with tolerance_mm={tol:g}, CLI --slice-tolerance)")
     log.warning("%s: %s; resampling onto an axis-aligned grid (trilinear)", where, message)
     grid = _target_grid(ipps, row, col, dx_col, dy_row, first.rows, first.cols, dz, spacing_mm)
     arr = _resample(pixels, ipps, d, row, col, normal, dx_col, dy_row, grid, default_hu, tol, progress)
