@@ -342,7 +342,7 @@ def compute_dvh(
     bw = check_positive("bin_width_gy", bin_width_gy)
     if not isinstance(dose, ImageVolume):
         raise TypeError(f"dose must be an ImageVolume, got {type(dose).__name__}")
-    acc = _Accumulator(float(dose.array.max()) if dose.array.size else 0.0, bw)
+    acc = _Accumulator(max(float(dose.array.max()), 0.0), bw)
     for d, w in dose_samples(dose, structure, supersample=supersample, allow_outside=allow_outside):
         acc.add(d, w)
     label = structure.name if name is None else name
@@ -427,7 +427,7 @@ def dvh_from_contours(
     if dose.unit != "Gy":
         raise ValueError(f"dose must be in Gy, got unit {dose.unit!r}")
     label = name or "structure"
-    acc = _Accumulator(float(dose.array.max()), check_positive("bin_width_gy", bin_width_gy))
+    acc = _Accumulator(max(float(dose.array.max()), 0.0), check_positive("bin_width_gy", bin_width_gy))
     shape = np.asarray(dose.grid.shape)
     vol_out = 0.0
     for pts, w in contour_sample_points(
