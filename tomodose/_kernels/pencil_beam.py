@@ -1,0 +1,403 @@
+"""numba kernels of the pencil-beam engine (plain arrays and scalars in, arrays out; no validation).
+
+Geometry of one projection sample: source ``src`` (3,), gantry axes ``xg, yg, zg`` (3,) in LPS mm.
+A voxel centre ``P`` has ``d = P - src``, ``den = -(d . zg)`` (distance along the central axis),
+isocentre-plane coordinates ``u = SAD (d . xg) / den`` (leaf axis) and ``v = SAD (d . yg) / den``
+(jaw axis) and source distance ``r = |d|``.
+
+Dose of one sample at a voxel (see ``docs/pencil_beam.md``)::
+
+    dt * (SAD / r)^2 * O(theta) * h * sum_i A_i(h * d_rad) * J_i(v) * L_i(u)
+
+with ``A_i`` the depth-dependent amplitudes of the Gaussian pencil kernel (cm2/g), ``d_rad`` the
+radiological depth (mm water), ``h = 1 + softening |theta|``, ``J_i`` the jaw profile convolved
+with Gaussian ``i`` and ``L_i`` the leaf-weighted aperture convolved with it; the Gaussian width in
+isocentre-plane mm is ``sigma_i / rho_lat * SAD / den``.
+
+``L_i`` is evaluated directly from the leaf edges (error functions through a lookup table) when its
+total width is below ``s_tab``; wider ones are read from a table of leaf apertures convolved with a
+ladder of Gaussian widths (``tab``: per level ``q`` the points ``u = -u_max + j * h_q``), linear in
+``u`` and in ``log2(s)``. Both forms are linear in the leaf weights ``a``, so the full-plan dose and
+the influence matrix use exactly the same arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+from tomodose._kernels.raytrace import trace_accumulate
+from tomodose.config import NUMBA_OPTIONS, NUMBA_PARALLEL_OPTIONS
+
+#: Phi lookup table: x in [-PHI_X, PHI_X] with PHI_PER_UNIT points per unit.
+PHI_X = 8.0
+PHI_PER_UNIT = 512
+
+
+def phi_table() -> np.ndarray:
+    """Standard normal CDF on ``x = -PHI_X + j / PHI_PER_UNIT`` (float64)."""
+    from scipy.special import ndtr
+
+    x = np.arange(int(2 * PHI_X * PHI_PER_UNIT) + 1) / PHI_PER_UNIT - PHI_X
+    return ndtr(x)
+
+
+@numba.njit(**NUMBA_OPTIONS)
+def _phi(x, phi):
+    t = (x + PHI_X) * PHI_PER_UNIT
+    if t <= 0.0:
+        return 0.0
+    n = phi.shape[0] - 1
+    if t >= n:
+        return 1.0
+    j = int(t)
+    f = t - j
+    return phi[j] + f * (phi[j + 1] - phi[j])
+
+
+@numba.njit(**NUMBA_OPTIONS)
+def _leaf_direct(u, s, a, e0, w, phi):
+    """sum_l a_l [Phi((u - e_l)/s) - Phi((u - e_{l+1})/s)] with edges e_m = e0 + m w."""
+    n = a.shape[0]
+    reach = 7.5 * s
+    m_lo = int(math.ceil((u - reach - e0) / w))
+    m_hi = int(math.floor((u + reach - e0) / w))
+    if m_lo < 0:
+        m_lo = 0
+    if m_hi > n:
+        m_hi = n
+    # saturated edges below m_lo: sum of jumps = a[m_lo - 1]
+    if m_lo >= 1:
+        total = a[m_lo - 1] if m_lo - 1 < n else 0.0
+    else:
+        total = 0.0
+    for m in range(m_lo, m_hi + 1):
+        right = a[m] if m < n else 0.0
+        left = a[m - 1] if m >= 1 else 0.0
+        jump = right - left
+        if jump != 0.0:
+            total += jump * _phi((u - (e0 + m * w)) / s, phi)
+    return total
+
+
+@numba.njit(**NUMBA_OPTIONS)
+def _leaf_table(u, s, tab, lev_off, lev_h, lev_n, log2_s0, lpo, u_max):
+    """Linear interpolation of the aperture table in u and log2(s)."""
+    n_lev = lev_off.shape[0]
+    q = (math.log2(s) - log2_s0) * lpo
+    if q <= 0.0:
+        q0 = 0
+        f = 0.0
+    elif q >= n_lev - 1:
+        q0 = n_lev - 2
+        f = 1.0
+    else:
+        q0 = int(q)
+        f = q - q0
+    out = 0.0
+    for dq in range(2):
+        wq = (1.0 - f) if dq == 0 else f
+        if wq == 0.0:
+            continue
+        lq = q0 + dq
+        x = (u + u_max) / lev_h[lq]
+        nq = lev_n[lq]
+        if x <= 0.0:
+            val = tab[lev_off[lq]]
+        elif x >= nq - 1:
+            val = tab[lev_off[lq] + nq - 1]
+        else:
+            j = int(x)
+            fu = x - j
+            base = lev_off[lq] + j
+            val = tab[base] + fu * (tab[base + 1] - tab[base])
+        out += wq * val
+    return out
+
+
+@numba.njit(**NUMBA_OPTIONS)
+def voxel_value(u, v, r, den, d_rad, rho, sad, amps, dz_tab, tail, sig, a, tab, e0, w, s_leaf,
+                s_tab, lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi):
+    """Dose per unit time of one sample at one voxel (cm2/g per unit energy-fluence rate)."""
+    theta = math.atan(u / sad)
+    at = abs(theta)
+    hsoft = 1.0 + soft * at
+    off = 1.0
+    p = 1.0
+    for c in range(offc.shape[0]):
+        p *= at
+        off += offc[c] * p
+    dd = hsoft * d_rad
+    nzt = amps.shape[0]
+    t = dd / dz_tab - 0.5
+    ext = 0.0
+    if t <= 0.0:
+        k0 = 0
+        f = 0.0
+    elif t >= nzt - 1:
+        k0 = nzt - 2
+        f = 1.0
+        ext = t - (nzt - 1)
+    else:
+        k0 = int(t)
+        f = t - k0
+    lat = sad / (rho * den)  # isocentre-plane mm per mm of water
+    total = 0.0
+    for i in range(sig.shape[0]):
+        amp = amps[k0, i] + f * (amps[k0 + 1, i] - amps[k0, i])
+        if ext > 0.0:
+            amp *= tail[i] ** ext
+        if amp <= 0.0:
+            continue
+        su = sig[i] * lat
+        sv = math.sqrt(su * su + s_jaw * s_jaw)
+        if sv < 1e-9:
+            sv = 1e-9
+        jv = _phi((v + jaw_h) / sv, phi) - _phi((v - jaw_h) / sv, phi)
+        if jv <= 0.0:
+            continue
+        sl = math.sqrt(su * su + s_leaf * s_leaf)
+        if sl < s_tab:
+            if sl < 1e-9:
+                sl = 1e-9
+            lu = _leaf_direct(u, sl, a, e0, w, phi)
+        else:
+            lu = _leaf_table(u, sl, tab, lev_off, lev_h, lev_n, log2_s0, lpo, u_max)
+        total += amp * jv * lu
+    return total * hsoft * off * (sad / r) ** 2
+
+
+@numba.njit(**NUMBA_OPTIONS)
+def _row_range(u_lo, u_hi, ax, bx, sad, nx):
+    """Column range [i0, i1] of a row where u(i) = sad (A + i a)/(B + i b) may lie in [u_lo, u_hi].
+
+    ``ax = (A, a)``, ``bx = (B, b)`` as tuples of floats.
+    """
+    a0, a1 = ax
+    b0, b1 = bx
+    if not (math.isfinite(u_lo) and math.isfinite(u_hi)):
+        return 0, nx - 1
+    lo = nx
+    hi = -1
+    for uu in (u_lo, u_hi):
+        den = sad * a1 - uu * b1
+        if abs(den) < 1e-12:
+            return 0, nx - 1
+        x = (uu * b0 - sad * a0) / den
+        if x < lo:
+            lo = x
+        if x > hi:
+            hi = x
+    i0 = int(math.floor(lo)) - 1
+    i1 = int(math.ceil(hi)) + 1
+    if i0 < 0:
+        i0 = 0
+    if i1 > nx - 1:
+        i1 = nx - 1
+    return i0, i1
+
+
+@numba.njit(**NUMBA_PARALLEL_OPTIONS)
+def inplane_depth(dens_t, ox, oy, dx, dy, sx, sy, out_t):
+    """Radiological depth (mm of water) of every voxel centre along the in-slice ray to the source.
+
+    ``dens_t`` (ny, nx, nz) mass density (g/cm3); the source (sx, sy) is projected onto each slice
+    (longitudinal divergence neglected in the depth). ``out_t`` (ny, nx, nz) is overwritten.
+    Uses the Siddon traversal of :mod:`tomodose._kernels.raytrace` with all slices as channels.
+    """
+    ny, nx, nz = dens_t.shape
+    vals = dens_t.reshape((1, ny, nx, nz))
+    for j in numba.prange(ny):
+        acc = np.zeros(nz)
+        for i in range(nx):
+            acc[:] = 0.0
+            x0 = ox + i * dx
+            y0 = oy + j * dy
+            trace_accumulate(vals, ox, oy, 0.0, dx, dy, 1.0, x0, y0, 0.0, sx, sy, 0.0, acc)
+            for k in range(nz):
+                out_t[j, i, k] = acc[k]
+
+
+@numba.njit(**NUMBA_PARALLEL_OPTIONS)
+def full_dose_group(dose, depth_t, rho_t, origin, spacing, src, xg, yg, zg, dt, proj_of_sample,
+                    a_all, tab_all, u_lo, u_hi, v_reach, k_lo, k_hi, sad, amps, dz_tab, tail, sig,
+                    e0, w, s_leaf, s_tab, lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw,
+                    offc, soft, phi):
+    """Add the dose of the samples of one angle group to ``dose`` (nz, ny, nx), float64.
+
+    Parallel over slices (each thread owns whole slices: race-free, order fixed).
+    ``a_all`` (n_proj_in_group, n_leaves) leaf weights, ``tab_all`` (n_proj_in_group, n_pts)
+    aperture tables, ``proj_of_sample`` index into them.
+    """
+    nz, ny, nx = dose.shape
+    ox, oy, oz = origin[0], origin[1], origin[2]
+    dx, dy, dz = spacing[0], spacing[1], spacing[2]
+    n_s = src.shape[0]
+    for k in numba.prange(nz):
+        z = oz + k * dz
+        for s in range(n_s):
+            if k < k_lo[s] or k >= k_hi[s]:
+                continue
+            p = proj_of_sample[s]
+            a = a_all[p]
+            tab = tab_all[p]
+            sxx, syy, szz = src[s, 0], src[s, 1], src[s, 2]
+            for j in range(ny):
+                y = oy + j * dy
+                # row: P(i) = (ox + i dx, y, z); d = P - src
+                d0x = ox - sxx
+                d0y = y - syy
+                d0z = z - szz
+                A = d0x * xg[s, 0] + d0y * xg[s, 1] + d0z * xg[s, 2]
+                a1 = dx * xg[s, 0]
+                B = -(d0x * zg[s, 0] + d0y * zg[s, 1] + d0z * zg[s, 2])
+                b1 = -dx * zg[s, 0]
+                i0, i1 = _row_range(u_lo[s], u_hi[s], (A, a1), (B, b1), sad, nx)
+                for i in range(i0, i1 + 1):
+                    ddx = d0x + i * dx
+                    den = B + i * b1
+                    if den <= 0.0:
+                        continue
+                    u = sad * (A + i * a1) / den
+                    if u < u_lo[s] or u > u_hi[s]:
+                        continue
+                    v = sad * (ddx * yg[s, 0] + d0y * yg[s, 1] + d0z * yg[s, 2]) / den
+                    if abs(v) > v_reach:
+                        continue
+                    r = math.sqrt(ddx * ddx + d0y * d0y + d0z * d0z)
+                    val = voxel_value(u, v, r, den, depth_t[j, i, k], rho_t[j, i, k], sad, amps, dz_tab,
+                                      tail, sig, a, tab, e0, w, s_leaf, s_tab, lev_off, lev_h, lev_n,
+                                      log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi)
+                    dose[k, j, i] += dt[s] * val
+
+
+@numba.njit(**NUMBA_OPTIONS)
+def _beamlet_window(out_idx, count_only, origin, spacing, shape, src, xg, yg, zg, u_lo, u_hi, v_reach,
+                    k_lo, k_hi, sad):
+    """Voxels of a sample's window (flat indices written to out_idx unless count_only); returns count."""
+    nz, ny, nx = shape
+    ox, oy, oz = origin[0], origin[1], origin[2]
+    dx, dy, dz = spacing[0], spacing[1], spacing[2]
+    n = 0
+    for k in range(k_lo, k_hi):
+        z = oz + k * dz
+        for j in range(ny):
+            y = oy + j * dy
+            d0x = ox - src[0]
+            d0y = y - src[1]
+            d0z = z - src[2]
+            A = d0x * xg[0] + d0y * xg[1] + d0z * xg[2]
+            a1 = dx * xg[0]
+            B = -(d0x * zg[0] + d0y * zg[1] + d0z * zg[2])
+            b1 = -dx * zg[0]
+            i0, i1 = _row_range(u_lo, u_hi, (A, a1), (B, b1), sad, nx)
+            for i in range(i0, i1 + 1):
+                den = B + i * b1
+                if den <= 0.0:
+                    continue
+                u = sad * (A + i * a1) / den
+                if u < u_lo or u > u_hi:
+                    continue
+                ddx = d0x + i * dx
+                v = sad * (ddx * yg[0] + d0y * yg[1] + d0z * yg[2]) / den
+                if abs(v) > v_reach:
+                    continue
+                if not count_only:
+                    out_idx[n] = (k * ny + j) * nx + i
+                n += 1
+    return n
+
+
+@numba.njit(**NUMBA_PARALLEL_OPTIONS)
+def beamlet_window_counts(counts, beam_proj, beam_leaf, samp_start, samp_stop, origin, spacing, shape,
+                          src, xg, yg, zg, leaf_u_lo, leaf_u_hi, v_reach, k_lo, k_hi, sad):
+    """Upper bound of the entries of each beamlet: sum over its samples of the window sizes."""
+    dummy = np.zeros(1, dtype=np.int64)
+    for b in numba.prange(beam_proj.shape[0]):
+        p = beam_proj[b]
+        l = beam_leaf[b]
+        n = 0
+        for s in range(samp_start[p], samp_stop[p]):
+            n += _beamlet_window(dummy, True, origin, spacing, shape, src[s], xg[s], yg[s], zg[s],
+                                 leaf_u_lo[l], leaf_u_hi[l], v_reach, k_lo[s], k_hi[s], sad)
+        counts[b] = n
+
+
+@numba.njit(**NUMBA_PARALLEL_OPTIONS)
+def beamlet_columns(out_idx, out_val, offsets, kept, beam_proj, beam_leaf, samp_start, samp_stop, group_of_proj,
+                    depth_all, rho_t, origin, spacing, shape, src, xg, yg, zg, dt, leaf_u_lo, leaf_u_hi,
+                    v_reach, k_lo, k_hi, threshold, n_workers, scratch, mark, wbuf, sad, amps, dz_tab, tail,
+                    sig, unit_a, btab, e0, w, s_leaf, s_tab, lev_off, lev_h, lev_n, log2_s0, lpo, u_max,
+                    jaw_h, s_jaw, offc, soft, phi):
+    """Columns of the influence matrix for a chunk of beamlets.
+
+    Worker ``q`` (0..n_workers-1) handles beamlets q, q + n_workers, ... with its own dense
+    ``scratch[q]`` (n_voxels) accumulator, ``mark[q]`` touched flags and ``wbuf[q]`` index buffer,
+    so writes are disjoint. Each column's entries (sorted voxel indices, values >= threshold x the
+    column maximum) go to ``out_idx/out_val[offsets[b]:offsets[b] + kept[b]]``.
+    ``depth_all`` (n_groups_in_chunk, ny, nx, nz) radiological depth maps.
+    """
+    nz, ny, nx = shape
+    n_b = beam_proj.shape[0]
+    for q in numba.prange(n_workers):
+        acc = scratch[q]
+        flag = mark[q]
+        buf = wbuf[q]
+        b = q
+        while b < n_b:
+            p = beam_proj[b]
+            l = beam_leaf[b]
+            g = group_of_proj[p]
+            a = unit_a[l]
+            tab = btab[l]
+            n_t = 0
+            for s in range(samp_start[p], samp_stop[p]):
+                n_w = _beamlet_window(buf[n_t:], False, origin, spacing, shape, src[s], xg[s], yg[s], zg[s],
+                                      leaf_u_lo[l], leaf_u_hi[l], v_reach, k_lo[s], k_hi[s], sad)
+                sxx, syy, szz = src[s, 0], src[s, 1], src[s, 2]
+                for t in range(n_t, n_t + n_w):
+                    flat = buf[t]
+                    i = flat % nx
+                    j = (flat // nx) % ny
+                    k = flat // (nx * ny)
+                    ddx = origin[0] + i * spacing[0] - sxx
+                    ddy = origin[1] + j * spacing[1] - syy
+                    ddz = origin[2] + k * spacing[2] - szz
+                    den = -(ddx * zg[s, 0] + ddy * zg[s, 1] + ddz * zg[s, 2])
+                    u = sad * (ddx * xg[s, 0] + ddy * xg[s, 1] + ddz * xg[s, 2]) / den
+                    v = sad * (ddx * yg[s, 0] + ddy * yg[s, 1] + ddz * yg[s, 2]) / den
+                    r = math.sqrt(ddx * ddx + ddy * ddy + ddz * ddz)
+                    val = voxel_value(u, v, r, den, depth_all[g, j, i, k], rho_t[j, i, k], sad, amps, dz_tab,
+                                      tail, sig, a, tab, e0, w, s_leaf, s_tab, lev_off, lev_h, lev_n,
+                                      log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi)
+                    acc[flat] += dt[s] * val
+                # keep each voxel once in buf
+                m = n_t
+                for t in range(n_t, n_t + n_w):
+                    flat = buf[t]
+                    if flag[flat] == 0:
+                        flag[flat] = 1
+                        buf[m] = flat
+                        m += 1
+                n_t = m
+            touched = np.sort(buf[:n_t])
+            vmax = 0.0
+            for t in range(n_t):
+                if acc[touched[t]] > vmax:
+                    vmax = acc[touched[t]]
+            cut = threshold * vmax
+            o = offsets[b]
+            n_k = 0
+            for t in range(n_t):
+                flat = touched[t]
+                val = acc[flat]
+                if val > 0.0 and val >= cut:
+                    out_idx[o + n_k] = flat
+                    out_val[o + n_k] = val
+                    n_k += 1
+                acc[flat] = 0.0
+                flag[flat] = 0
+            kept[b] = n_k
+            b += n_workers
