@@ -228,6 +228,8 @@ def lkb_ntcp(dvh: DVH, n_fractions, *, parameters: LKBParameters | str = "primar
     dict with ``ntcp`` (0..1), ``geud_gy`` (at the reference fractionation), ``t`` and the
     parameters used.
     """
+    if isinstance(parameters, str) and parameters not in DAWSON_2002:
+        raise ValueError(f"parameters must be one of {sorted(DAWSON_2002)} or LKBParameters, got {parameters!r}")
     p = DAWSON_2002[parameters] if isinstance(parameters, str) else parameters
     if not isinstance(p, LKBParameters):
         raise TypeError(f"parameters must be 'primary', 'metastases' or LKBParameters, got {parameters!r}")
