@@ -88,10 +88,12 @@ def sample_at_reference(ref_shape, ev, base0, scale, out):
     return out
 
 
-def dta_search(ref_flat, ref_shape_yx, points, ev, base0, scale, offs, dist_mm, shell, out,
-               bisection_steps=40):
+def dta_search(ref_flat, ref_shape_yx, points, ev, base0, scale, offs, dist_mm, shell, bmin, bmax,
+               block, reach, out, bisection_steps=40):
     """Brute-force DTA: all offsets whose dose is on the other side of Dr; keep those of the
-    innermost such shell; bisect along each ray; smallest crossing distance."""
+    innermost such shell; bisect along each ray; smallest crossing distance.
+
+    (``bmin``, ``bmax``, ``block``, ``reach`` only serve the kernel's shortcut: unused.)"""
     for m, flat in enumerate(points):
         dr = ref_flat[flat]
         b = _base(flat, ref_shape_yx, base0, scale)

@@ -311,7 +311,8 @@ def _ray_crossing(ev, bx, by, bz, ox, oy, oz, dr, s0):
 
 
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
-def dta_search(ref_flat, ref_shape_yx, points, ev, base0, scale, offs, dist_mm, shell, out):
+def dta_search(ref_flat, ref_shape_yx, points, ev, base0, scale, offs, dist_mm, shell, bmin, bmax,
+               block, reach, out):
     """Distance to agreement (mm) at the reference voxels ``points``.
 
     The agreement surface is where the evaluated dose equals the reference dose ``Dr``. With
@@ -320,7 +321,10 @@ def dta_search(ref_flat, ref_shape_yx, points, ev, base0, scale, offs, dist_mm, 
     opposite sign is located; for every such offset of that shell the crossing is refined by
     bisection along the straight ray from the reference point, and the smallest crossing
     distance is the DTA. ``out[m]``: NaN when the reference point is outside the evaluated
-    grid, ``inf`` when no agreement lies within the search radius.
+    grid, ``inf`` when no agreement lies within the search radius. When ``Dr`` lies outside the
+    range of the evaluated voxels the search ball touches (block extrema ``bmin``/``bmax`` of
+    size ``block``, ``reach`` = largest ``|offs|`` per axis) there is no agreement in reach and
+    ``inf`` is returned without searching (exact: interpolation stays within that range).
     """
     ny = ref_shape_yx[0]
     nx = ref_shape_yx[1]
@@ -339,6 +343,10 @@ def dta_search(ref_flat, ref_shape_yx, points, ev, base0, scale, offs, dist_mm, 
         v0 = d0 - dr
         if v0 == 0.0:
             out[m] = 0.0
+            continue
+        lo, hi = _dose_range(bmin, bmax, block, ev.shape, bx, by, bz, reach)
+        if dr < lo or dr > hi:
+            out[m] = np.inf
             continue
         s0 = 1.0 if v0 > 0.0 else -1.0
         best = np.inf

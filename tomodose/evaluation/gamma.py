@@ -751,7 +751,8 @@ def distance_to_agreement_map(
         _kg.dta_search,
         points,
         (ref.ravel(), np.array(ref.shape[1:], dtype=np.int64)),
-        (ev, base0, scale, offs_idx, true_dist, shell),
+        (ev, base0, scale, offs_idx, true_dist, shell, *_block_extrema(ev), _BLOCK,
+         np.ascontiguousarray(np.abs(offs_idx).max(axis=0))),
         progress,
         "DTA",
     )
