@@ -505,3 +505,14 @@ def test_cli_results_files(tmp_path, capsys):
     assert main(["gamma", str(a), str(tmp_path / "missing.h5")]) == 2
     assert main(["gamma", str(a), str(a), "--dta", "0"]) == 2
     assert "distance_mm must be > 0" in capsys.readouterr().err
+
+
+def test_no_overlap_gives_nan_pass_rate_and_valid_json(tmp_path, caplog):
+    ref = _ramp(GRID, 2.5, 0.05)
+    far_grid = Grid((3, 3, 3), (1.0, 1.0, 1.0), (500.0, 500.0, 500.0))
+    with caplog.at_level("WARNING"):
+        res = gamma_index(ref, _dose(far_grid, 1.0))
+    assert "no evaluated dose within" in caplog.text
+    assert res.n_evaluated == 0 and res.n_outside > 0 and math.isnan(res.pass_rate_percent)
+    data = json.loads(res.write_json(tmp_path / "g.json").read_text())
+    assert data["pass_rate_percent"] is None and data["statistics"]["mean"] is None

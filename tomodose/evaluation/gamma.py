@@ -342,9 +342,17 @@ class GammaResult:
         return counts.astype(np.int64), edges
 
     def to_dict(self) -> dict:
-        """JSON-ready summary (criteria, counts, pass rate, statistics, histogram)."""
+        """JSON-ready summary (criteria, counts, pass rate, statistics, histogram); NaN -> None."""
         counts, edges = self.histogram()
-        return {
+
+        def clean(v):
+            if isinstance(v, float) and not math.isfinite(v):
+                return None
+            if isinstance(v, dict):
+                return {k: clean(x) for k, x in v.items()}
+            return v
+
+        return clean({
             "criteria": asdict(self.criteria),
             "label": self.criteria.label,
             "normalisation_gy": self.normalisation_gy,
@@ -357,7 +365,7 @@ class GammaResult:
             "statistics": self.statistics(),
             "histogram": {"edges": edges.tolist(), "counts": counts.tolist()},
             "grid": self.gamma.grid.to_dict(),
-        }
+        })
 
     def write_json(self, path) -> Path:
         """Write :meth:`to_dict` as JSON (atomically)."""
@@ -395,9 +403,7 @@ class GammaResult:
             Upper end of the colour scale and of the histogram.
         """
         import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        from matplotlib.figure import Figure
+        from matplotlib.figure import Figure  # Agg canvas, no pyplot state touched
 
         nz = self.gamma.grid.nz
         k = self.default_slice() if slice_index is None else int(slice_index)
