@@ -436,16 +436,26 @@ def _smooth_case(n=24, spacing=2.0, seed=7):
     return grid, ref, np.clip(ev, 0, None)
 
 
-@pytest.mark.parametrize("local", [False, True])
-def test_agrees_with_pymedphys(local):
+@pytest.mark.parametrize("local,different_grids", [(False, False), (True, False), (False, True)])
+def test_agrees_with_pymedphys(local, different_grids):
     pymedphys = pytest.importorskip("pymedphys")
     grid, ref, ev = _smooth_case()
     axes = (grid.z_mm, grid.y_mm, grid.x_mm)
+    ev_grid, ev_axes = grid, axes
+    if different_grids:
+        # the evaluated dose resampled (linearly) on a finer, shifted grid
+        from scipy.interpolate import RegularGridInterpolator
+
+        ev_grid = Grid((40, 38, 36), (1.3, 1.25, 1.2), (0.7, -0.4, 0.3))
+        ev_axes = (ev_grid.z_mm, ev_grid.y_mm, ev_grid.x_mm)
+        interp = RegularGridInterpolator(axes, ev, bounds_error=False, fill_value=None)
+        zz, yy, xx = np.meshgrid(*ev_axes, indexing="ij")
+        ev = np.clip(interp(np.stack([zz, yy, xx], axis=-1)), 0, None)
     kw = dict(dose_percent=2.0, distance_mm=2.0, cutoff_percent=10.0, local=local)
-    ours = gamma_index(_dose(grid, ref), _dose(grid, ev), max_search_radius_mm=2 * 2.0,
+    ours = gamma_index(_dose(grid, ref), _dose(ev_grid, ev), max_search_radius_mm=2 * 2.0,
                        search_step_mm=2.0 / 10, **kw)
     theirs = pymedphys.gamma(
-        axes, ref, axes, ev, kw["dose_percent"], kw["distance_mm"],
+        axes, ref, ev_axes, ev, kw["dose_percent"], kw["distance_mm"],
         lower_percent_dose_cutoff=kw["cutoff_percent"], interp_fraction=10, max_gamma=2.0,
         local_gamma=local,
     )
