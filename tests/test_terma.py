@@ -65,8 +65,8 @@ def test_homogeneous_water_matches_analytic(gantry):
     assert checked > 500
 
 
-@pytest.mark.parametrize("position", ["HFS", "FFP"])
-def test_kernel_matches_naive_twin(position):
+@pytest.mark.parametrize("position, exact", [("HFS", False), ("FFP", False), ("HFS", True)])
+def test_kernel_matches_naive_twin(position, exact):
     rng = np.random.default_rng(3 if position == "HFS" else 4)
     grid = Grid((4, 6, 5), (7.0, 6.0, 5.0), (-14.0, -15.0, -8.0))
     dens = rng.choice([0.0005, 0.3, 0.95, 1.0, 1.04, 1.5, 2.3], size=grid.shape)
@@ -78,8 +78,8 @@ def test_kernel_matches_naive_twin(position):
                             isocentre_lps_mm=(1.0, 2.0, -1.0), patient_position=position)
     beam = BeamModel.default().replace(jaw_penumbra_sigma_mm=3.0, leaf_edge_sigma_mm=2.0)
     res = compute_terma(ImageVolume(grid, dens, "g/cm3", "mass_density"), ps, beam, n_subsamples=2,
-                        angle_groups=4, progress=False)
-    ref = terma_naive(grid, dens, ps, beam, n_subsamples=2)
+                        exact_subsamples=exact, angle_groups=4, progress=False)
+    ref = terma_naive(grid, dens, ps, beam, n_subsamples=2, exact_subsamples=exact)
     assert np.count_nonzero(ref) > 20
     np.testing.assert_allclose(res.total, ref, rtol=2e-6, atol=1e-12)
     np.testing.assert_allclose(res.per_group.sum(axis=0), ref, rtol=2e-6, atol=1e-12)
@@ -159,18 +159,32 @@ def test_couch_shift_shifts_terma():
     np.testing.assert_allclose(b.total[:-2], a.total[2:], rtol=1e-5, atol=1e-6 * a.total.max())
 
 
-def test_subsampling_converges():
+@pytest.mark.parametrize("exact", [False, True])
+def test_subsampling_converges(exact):
+    """Continuous gantry/couch motion: the sub-sampled TERMA converges as n_subsamples grows."""
     grid, vol = _cylinder(n=13, nz=5, dz=4.0, radius=20.0, spacing=5.0)
+    vol = ImageVolume(grid, vol.array * np.random.default_rng(9).uniform(0.5, 1.8, grid.shape), "g/cm3", "m")
     rng = np.random.default_rng(2)
     plan = HelicalPlan(sinogram=rng.uniform(0, 1, (51, 64)), field_width_mm=25.0, pitch=0.3, gantry_period_s=20.0)
     beam = BeamModel.default()
-    ref = compute_terma(vol, plan, beam, n_subsamples=16, progress=False).total
+    kw = dict(exact_subsamples=exact, progress=False)
+    ref = compute_terma(vol, plan, beam, n_subsamples=16, **kw).total
     errs = []
     for n in (1, 2, 4, 8):
-        t = compute_terma(vol, plan, beam, n_subsamples=n, progress=False).total
+        t = compute_terma(vol, plan, beam, n_subsamples=n, **kw).total
         errs.append(np.abs(t - ref).max() / ref.max())
     assert all(e2 < e1 for e1, e2 in zip(errs, errs[1:])), errs
     assert errs[-1] < 0.2 * errs[0]
+
+
+def test_shared_attenuation_close_to_exact_subsamples():
+    """Tracing once per projection (default) differs little from tracing every sub-sample."""
+    grid, vol = _small_case()
+    rng = np.random.default_rng(4)
+    plan = HelicalPlan(sinogram=rng.uniform(0, 1, (51, 64)), field_width_mm=25.0, pitch=0.3, gantry_period_s=20.0)
+    a = compute_terma(vol, plan, BeamModel.default(), n_subsamples=4, progress=False).total
+    b = compute_terma(vol, plan, BeamModel.default(), n_subsamples=4, exact_subsamples=True, progress=False).total
+    assert np.abs(a - b).max() < 5e-3 * b.max()
 
 
 def test_angle_groups_of_helical_plan():
@@ -252,6 +266,8 @@ def test_bad_inputs():
     for bad in (0, 1.5, True):
         with pytest.raises(ValueError, match="n_subsamples"):
             compute_terma(vol, ps, n_subsamples=bad, progress=False)
+    with pytest.raises(TypeError, match="exact_subsamples"):
+        compute_terma(vol, ps, exact_subsamples="yes", progress=False)
     with pytest.raises(ValueError, match="angle_groups"):
         compute_terma(vol, ps, angle_groups=-1, progress=False)
     neg = vol.array.copy()

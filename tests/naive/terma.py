@@ -13,8 +13,30 @@ from tomodose.geometry.frames import beam_axes_patient, couch_shift_patient, sou
 from tomodose.terma.attenuation import attenuation_table, material_weights
 
 
-def terma_naive(grid, density, projections, beam, n_subsamples=1):
-    """(nz, ny, nx) float64 total TERMA (same normalisation as compute_terma)."""
+def _geometry(projections, p, frac):
+    m = projections.machine
+    pp = projections.patient_position
+    ang = projections.gantry_angle_deg[p] + projections.arc_deg[p] * frac
+    couch = projections.couch_mm[p] + projections.couch_travel_mm[p] * frac
+    src = source_position_patient(ang, couch, projections.isocentre_lps_mm, m.sad_mm, pp)
+    ex, ey, ez = beam_axes_patient(ang, pp)
+    iso = np.asarray(projections.isocentre_lps_mm) + couch_shift_patient(couch, pp)
+    return src, ex, ey, ez, iso
+
+
+def _uv(pnt, geo, sad):
+    src, ex, ey, ez, iso = geo
+    r = pnt - iso
+    dist = sad - r @ ez
+    return (r @ ex) * sad / dist, (r @ ey) * sad / dist
+
+
+def terma_naive(grid, density, projections, beam, n_subsamples=1, exact_subsamples=False):
+    """(nz, ny, nx) float64 total TERMA (same normalisation as compute_terma).
+
+    ``exact_subsamples=False``: fluence and inverse square per sub-sample, attenuation and
+    softening once per projection at its centre geometry (as compute_terma's default).
+    """
     m = projections.machine
     sad = m.sad_mm
     spec = beam.spectrum.trimmed()
@@ -24,34 +46,34 @@ def terma_naive(grid, density, projections, beam, n_subsamples=1):
     mat = w * density[..., None]
     out = np.zeros(grid.shape)
     x, y, z = grid.x_mm, grid.y_mm, grid.z_mm
-    pp = projections.patient_position
+    fw = projections.field_width_mm
     for p in range(projections.n_projections):
         a = beam.leaf_weights(projections.leaf_open_fraction[p])
-        for s in range(n_subsamples):
-            frac = (s + 0.5) / n_subsamples - 0.5
-            ang = projections.gantry_angle_deg[p] + projections.arc_deg[p] * frac
-            couch = projections.couch_mm[p] + projections.couch_travel_mm[p] * frac
-            dt = projections.duration_s[p] / n_subsamples
-            src = source_position_patient(ang, couch, projections.isocentre_lps_mm, sad, pp)
-            ex, ey, ez = beam_axes_patient(ang, pp)
-            iso = np.asarray(projections.isocentre_lps_mm) + couch_shift_patient(couch, pp)
+        fracs = (np.arange(n_subsamples) + 0.5) / n_subsamples - 0.5
+        geos = [_geometry(projections, p, f) for f in fracs]
+        dt = projections.duration_s[p] / n_subsamples
+        if exact_subsamples or n_subsamples == 1:
+            units = [([g], g) for g in geos]
+        else:
+            units = [(geos, _geometry(projections, p, 0.0))]
+        for samples, tgeo in units:
             for k in range(grid.nz):
                 for j in range(grid.ny):
                     for i in range(grid.nx):
                         pnt = np.array([x[i], y[j], z[k]])
-                        r = pnt - iso
-                        dist = sad - r @ ez
-                        u = (r @ ex) * sad / dist
-                        v = (r @ ey) * sad / dist
-                        psi = (beam.jaw_profile(v, projections.field_width_mm, m)
-                               * beam.leaf_fluence(u, a, m) * beam.offaxis_fluence(u, sad))
-                        if psi <= 0:
+                        fl = 0.0
+                        for geo in samples:
+                            u, v = _uv(pnt, geo, sad)
+                            psi = (beam.jaw_profile(v, fw, m) * beam.leaf_fluence(u, a, m)
+                                   * beam.offaxis_fluence(u, sad))
+                            fl += dt * psi * sad**2 / np.sum((geo[0] - pnt) ** 2)
+                        if fl <= 0:
                             continue
-                        h = beam.softening_factor(u, sad)
-                        path = radiological_path(mat, grid.origin_mm, grid.spacing_mm, pnt, src)  # mm g/cm3
+                        u_t, _ = _uv(pnt, tgeo, sad)
+                        h = beam.softening_factor(u_t, sad)
+                        path = radiological_path(mat, grid.origin_mm, grid.spacing_mm, pnt, tgeo[0])  # mm g/cm3
                         expo = 0.1 * h * (path @ mu)  # (E,)
                         rho = density[k, j, i]
                         mu_loc = (w[k, j, i] @ mu) if rho > 0 else mu[0]
-                        invsq = sad**2 / np.sum((src - pnt) ** 2)
-                        out[k, j, i] += dt * psi * invsq * np.sum(ef * h * mu_loc * np.exp(-expo))
+                        out[k, j, i] += fl * np.sum(ef * h * mu_loc * np.exp(-expo))
     return out

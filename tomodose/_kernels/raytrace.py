@@ -51,39 +51,42 @@ def _axis_alpha(p0, d, lo, step, n):
 
 
 @numba.njit(**NUMBA_OPTIONS)
-def trace_accumulate(values, ox, oy, oz, dx, dy, dz, x0, y0, z0, x1, y1, z1, acc):
-    """Add ``sum over voxels of (path length in mm) * values[k, j, i, :]`` to ``acc``.
+def trace_segments(nz, ny, nx, ox, oy, oz, dx, dy, dz, x0, y0, z0, x1, y1, z1, out_index, out_length):
+    """List the voxels crossed by the segment ``p0 -> p1`` and the path length in each.
 
     Parameters
     ----------
-    values : (nz, ny, nx, m) float array
+    nz, ny, nx : int
+        Grid shape.
     ox, oy, oz : float
         Centre of voxel [0, 0, 0] (mm).
     dx, dy, dz : float
         Voxel size (mm).
     x0, y0, z0, x1, y1, z1 : float
         Segment end points (mm). Parts outside the grid contribute nothing.
-    acc : (m,) float64
-        Accumulator, updated in place.
+    out_index : (>= nx + ny + nz + 3,) int64
+        Receives the flat C-order indices ``(k * ny + j) * nx + i`` of the voxels crossed, in order
+        from ``p0``.
+    out_length : same shape, float64
+        Receives the path length (mm) in each of them.
 
     Returns
     -------
-    float
-        Length (mm) of the segment inside the grid.
+    int
+        Number of segments written (zero-length steps at plane ties are skipped).
     """
-    nz, ny, nx, m = values.shape
     lx, ly, lz = ox - 0.5 * dx, oy - 0.5 * dy, oz - 0.5 * dz
     ddx, ddy, ddz = x1 - x0, y1 - y0, z1 - z0
     length = math.sqrt(ddx * ddx + ddy * ddy + ddz * ddz)
     if length == 0.0:
-        return 0.0
+        return 0
     ax0, ax1 = _axis_alpha(x0, ddx, lx, dx, nx)
     ay0, ay1 = _axis_alpha(y0, ddy, ly, dy, ny)
     az0, az1 = _axis_alpha(z0, ddz, lz, dz, nz)
     a_min = max(0.0, ax0, ay0, az0)
     a_max = min(1.0, ax1, ay1, az1)
     if a_min >= a_max:
-        return 0.0
+        return 0
     # entry point and first voxel
     i = _first_index(x0 + a_min * ddx, ddx, lx, dx, nx)
     j = _first_index(y0 + a_min * ddy, ddy, ly, dy, ny)
@@ -126,14 +129,14 @@ def trace_accumulate(values, ox, oy, oz, dx, dy, dz, x0, y0, z0, x1, y1, z1, acc
         daz = _BIG
         sk = 0
     a_cur = a_min
-    inside = 0.0
+    count = 0
     while a_cur < a_max:
         a_next = min(nax, nay, naz, a_max)
         seg = (a_next - a_cur) * length
         if seg > 0.0:
-            inside += seg
-            for c in range(m):
-                acc[c] += seg * values[k, j, i, c]
+            out_index[count] = (k * ny + j) * nx + i
+            out_length[count] = seg
+            count += 1
         a_cur = a_next
         if a_cur >= a_max:
             break
@@ -152,6 +155,27 @@ def trace_accumulate(values, ox, oy, oz, dx, dy, dz, x0, y0, z0, x1, y1, z1, acc
             naz += daz
             if k < 0 or k >= nz:
                 break
+    return count
+
+
+@numba.njit(**NUMBA_OPTIONS)
+def trace_accumulate(values, ox, oy, oz, dx, dy, dz, x0, y0, z0, x1, y1, z1, acc):
+    """Add ``sum over voxels of (path length in mm) * values[k, j, i, :]`` to ``acc`` (m,).
+
+    ``values`` is (nz, ny, nx, m); returns the length (mm) of the segment inside the grid.
+    """
+    nz, ny, nx, m = values.shape
+    cap = nx + ny + nz + 3
+    idx = np.empty(cap, dtype=np.int64)
+    seg = np.empty(cap)
+    n = trace_segments(nz, ny, nx, ox, oy, oz, dx, dy, dz, x0, y0, z0, x1, y1, z1, idx, seg)
+    flat = values.reshape(nz * ny * nx, m)
+    inside = 0.0
+    for q in range(n):
+        v = idx[q]
+        inside += seg[q]
+        for c in range(m):
+            acc[c] += seg[q] * flat[v, c]
     return inside
 
 

@@ -1,9 +1,11 @@
 """Polyenergetic TERMA of divergent fan-beam projections (numba kernel).
 
-One call handles a batch of *samples* (sub-samples of projections). For each sample the voxels
-of the z-slab that can lie in the field are visited in parallel by (k, j) row; each row writes
-only its own voxels, so the accumulation is race-free and identical for any thread count
-(every voxel sums its samples in the same serial order).
+One call handles a batch of *trace units*. A unit is one attenuation evaluation shared by one or
+more fluence samples (time slices of a projection): with exact sub-sampling each sample is its
+own unit; with shared attenuation a projection's samples share the ray trace at the projection
+centre. For each unit the voxels of the z-slab that can lie in the field are visited in parallel
+by (k, j) row; each row writes only its own voxels, so the accumulation is race-free and
+identical for any thread count (every voxel sums its units in the same serial order).
 
 Per voxel centre P and sample s (source S, gantry axes ex, ey, ez, isocentre C, SAD)::
 
@@ -24,7 +26,7 @@ import math
 import numba
 import numpy as np
 
-from tomodose._kernels.raytrace import trace_accumulate
+from tomodose._kernels.raytrace import trace_segments
 from tomodose.config import NUMBA_OPTIONS, NUMBA_PARALLEL_OPTIONS
 
 _SQRT2 = math.sqrt(2.0)
@@ -68,27 +70,40 @@ def leaf_fluence(u, a, e0, w, sigma, cutoff):
 
 
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
-def terma_samples(mat, rho, origin, spacing, src, ex, ey, ez, iso, weight, proj, group, k_lo, k_hi,
-                  leaf_a, leaf_e0, leaf_w, leaf_sigma, jaw_half, jaw_sigma, cutoff, offaxis_c,
-                  softening, sad, mu_anchor, ef, air_index, total, per_group):
-    """Accumulate the TERMA of a batch of samples into ``total`` and ``per_group`` (in place).
+def terma_units(mat_lo, mat_pair, rho, shape, origin, spacing, t_src, t_ex, t_ez, t_iso, unit_start, unit_proj,
+                unit_group, k_lo, k_hi, src, ex, ey, ez, iso, weight, leaf_a, leaf_e0, leaf_w, leaf_sigma,
+                jaw_half, jaw_sigma, cutoff, offaxis_c, softening, sad, mu_anchor, ef, air_index, total, per_group):
+    """Accumulate the TERMA of a batch of *trace units* into ``total`` and ``per_group`` (in place).
+
+    A trace unit is one attenuation evaluation (ray trace voxel -> ``t_src[u]``, off-axis softening
+    from the unit's geometry ``t_ex, t_ez, t_iso``) shared by the fluence samples
+    ``unit_start[u] .. unit_start[u + 1] - 1`` (each with its own source, axes, isocentre, beam-on
+    time). Exact sub-sampling uses one sample per unit (unit geometry = sample geometry).
 
     Parameters
     ----------
-    mat : (nz, ny, nx, m) float64
-        ``rho * w_m`` per anchor material (g/cm3).
-    rho : (nz, ny, nx) float64
+    mat_lo : (nvox,) int64
+        Lower anchor material of each voxel's two-material mixture (flat C order of (nz, ny, nx)).
+    mat_pair : (nvox, 2) float64
+        ``rho * w_lo`` and ``rho * w_hi`` (g/cm3) of anchors ``mat_lo`` and ``mat_lo + 1``.
+    rho : (nvox,) float64
         Mass density (g/cm3).
+    shape : (3,) int64
+        (nz, ny, nx).
     origin, spacing : (3,) float64
         Grid origin (centre of voxel 0) and voxel size (mm), x, y, z order.
+    t_src, t_ex, t_ez, t_iso : (U, 3) float64
+        Trace geometry of each unit (source, across-fan axis, beam axis, isocentre; LPS mm).
+    unit_start : (U + 1,) int64
+        Sample ranges of the units.
+    unit_proj, unit_group : (U,) int64
+        Projection (row of ``leaf_a``) and output group of each unit.
+    k_lo, k_hi : (U,) int64
+        Slab of z indices [k_lo, k_hi) that may lie in the field of any sample of the unit.
     src, ex, ey, ez, iso : (S, 3) float64
-        Source position, gantry unit vectors and isocentre (LPS mm) per sample.
+        Source position, gantry unit vectors and isocentre (LPS mm) per fluence sample.
     weight : (S,) float64
-        Beam-on time of the sample (s).
-    proj, group : (S,) int64
-        Projection (row of ``leaf_a``) and output group of each sample.
-    k_lo, k_hi : (S,) int64
-        Slab of z indices [k_lo, k_hi) that may lie in the field.
+        Beam-on time of each sample (s).
     leaf_a : (P, L) float64
         Leaf output weights per projection.
     leaf_e0, leaf_w, leaf_sigma : float
@@ -108,82 +123,108 @@ def terma_samples(mat, rho, origin, spacing, src, ex, ey, ez, iso, weight, proj,
     ef : (E,) float64
         Energy-fluence weights of the spectrum (sum 1).
     air_index : int
-        Anchor used for voxels with rho == 0.
+        Anchor used for voxels with rho == 0 (must not be the last anchor).
     total : (nz, ny, nx) float64, per_group : (G, nz, ny, nx) float32
         Outputs, accumulated in place.
     """
-    nz, ny, nx, m = mat.shape
+    nz, ny, nx = shape[0], shape[1], shape[2]
+    m = mu_anchor.shape[0]
     n_e = ef.shape[0]
     n_c = offaxis_c.shape[0]
+    cap = nx + ny + nz + 3
     ox, oy, oz = origin[0], origin[1], origin[2]
     dx, dy, dz = spacing[0], spacing[1], spacing[2]
     v_ext = jaw_half + cutoff * jaw_sigma
-    for s in range(src.shape[0]):
-        k0 = k_lo[s]
-        nrows = (k_hi[s] - k0) * ny
+    for t in range(t_src.shape[0]):
+        k0 = k_lo[t]
+        nrows = (k_hi[t] - k0) * ny
         if nrows <= 0:
             continue
-        sx, sy, sz = src[s, 0], src[s, 1], src[s, 2]
-        cx, cy, cz = iso[s, 0], iso[s, 1], iso[s, 2]
-        p = proj[s]
-        g = group[s]
-        wgt = weight[s]
-        a = leaf_a[p]
+        s0 = unit_start[t]
+        s1 = unit_start[t + 1]
+        a = leaf_a[unit_proj[t]]
+        g = unit_group[t]
+        tsx, tsy, tsz = t_src[t, 0], t_src[t, 1], t_src[t, 2]
         for r in numba.prange(nrows):
             k = k0 + r // ny
             j = r % ny
             acc = np.empty(m)
+            used = np.empty(m, dtype=np.int64)
+            idx = np.empty(cap, dtype=np.int64)
+            seg = np.empty(cap)
             py = oy + j * dy
             pz = oz + k * dz
             for i in range(nx):
                 px = ox + i * dx
-                rx, ry, rz = px - cx, py - cy, pz - cz
-                depth = rx * ez[s, 0] + ry * ez[s, 1] + rz * ez[s, 2]
-                dist_axis = sad - depth
-                if dist_axis <= 0.0:
+                # fluence x inverse square x beam-on time, summed over the unit's samples
+                fl = 0.0
+                for s in range(s0, s1):
+                    rx, ry, rz = px - iso[s, 0], py - iso[s, 1], pz - iso[s, 2]
+                    dist_axis = sad - (rx * ez[s, 0] + ry * ez[s, 1] + rz * ez[s, 2])
+                    if dist_axis <= 0.0:
+                        continue
+                    scale = sad / dist_axis
+                    v = (rx * ey[s, 0] + ry * ey[s, 1] + rz * ey[s, 2]) * scale
+                    if v > v_ext or v < -v_ext:
+                        continue
+                    jaw = edge(v + jaw_half, jaw_sigma, cutoff) - edge(v - jaw_half, jaw_sigma, cutoff)
+                    if jaw <= 0.0:
+                        continue
+                    u = (rx * ex[s, 0] + ry * ex[s, 1] + rz * ex[s, 2]) * scale
+                    lf = leaf_fluence(u, a, leaf_e0, leaf_w, leaf_sigma, cutoff)
+                    if lf <= 0.0:
+                        continue
+                    theta = abs(math.atan(u / sad))
+                    off = 1.0
+                    tp = 1.0
+                    for c in range(n_c):
+                        tp *= theta
+                        off += offaxis_c[c] * tp
+                    psi = jaw * lf * off
+                    if psi <= 0.0:
+                        continue
+                    qx, qy, qz = src[s, 0] - px, src[s, 1] - py, src[s, 2] - pz
+                    fl += weight[s] * psi * sad * sad / (qx * qx + qy * qy + qz * qz)
+                if fl <= 0.0:
                     continue
-                scale = sad / dist_axis
-                v = (rx * ey[s, 0] + ry * ey[s, 1] + rz * ey[s, 2]) * scale
-                if v > v_ext or v < -v_ext:
-                    continue
-                jaw = edge(v + jaw_half, jaw_sigma, cutoff) - edge(v - jaw_half, jaw_sigma, cutoff)
-                if jaw <= 0.0:
-                    continue
-                u = (rx * ex[s, 0] + ry * ex[s, 1] + rz * ex[s, 2]) * scale
-                lf = leaf_fluence(u, a, leaf_e0, leaf_w, leaf_sigma, cutoff)
-                if lf <= 0.0:
-                    continue
-                theta = abs(math.atan(u / sad))
-                off = 1.0
-                tp = 1.0
-                for c in range(n_c):
-                    tp *= theta
-                    off += offaxis_c[c] * tp
-                psi = jaw * lf * off
-                if psi <= 0.0:
-                    continue
-                qx, qy, qz = sx - px, sy - py, sz - pz
-                r2 = qx * qx + qy * qy + qz * qz
-                invsq = sad * sad / r2
+                # off-axis softening from the unit geometry
+                rx, ry, rz = px - t_iso[t, 0], py - t_iso[t, 1], pz - t_iso[t, 2]
+                dist_axis = sad - (rx * t_ez[t, 0] + ry * t_ez[t, 1] + rz * t_ez[t, 2])
+                u_t = (rx * t_ex[t, 0] + ry * t_ex[t, 1] + rz * t_ex[t, 2]) * sad / dist_axis
+                h = 1.0 + softening * abs(math.atan(u_t / sad))
+                # radiological path per anchor material, voxel centre -> source
+                n_seg = trace_segments(nz, ny, nx, ox, oy, oz, dx, dy, dz, px, py, pz, tsx, tsy, tsz, idx, seg)
                 for c in range(m):
                     acc[c] = 0.0
-                trace_accumulate(mat, ox, oy, oz, dx, dy, dz, px, py, pz, sx, sy, sz, acc)
-                h = 1.0 + softening * theta
-                rv = rho[k, j, i]
+                for q in range(n_seg):
+                    vox = idx[q]
+                    lo = mat_lo[vox]
+                    acc[lo] += seg[q] * mat_pair[vox, 0]
+                    acc[lo + 1] += seg[q] * mat_pair[vox, 1]
+                n_used = 0
+                for c in range(m):
+                    if acc[c] != 0.0:
+                        used[n_used] = c
+                        n_used += 1
+                flat = (k * ny + j) * nx + i
+                rv = rho[flat]
+                lo_here = mat_lo[flat]
+                w_lo = 1.0
+                w_hi = 0.0
+                if rv > 0.0:
+                    w_lo = mat_pair[flat, 0] / rv
+                    w_hi = mat_pair[flat, 1] / rv
+                else:
+                    lo_here = air_index
                 tsum = 0.0
                 for e in range(n_e):
                     expo = 0.0
-                    mu_loc = 0.0
-                    for c in range(m):
+                    for q in range(n_used):
+                        c = used[q]
                         expo += acc[c] * mu_anchor[c, e]
-                        if rv > 0.0:
-                            mu_loc += mat[k, j, i, c] * mu_anchor[c, e]
-                    if rv > 0.0:
-                        mu_loc /= rv
-                    else:
-                        mu_loc = mu_anchor[air_index, e]
+                    mu_here = w_lo * mu_anchor[lo_here, e] + w_hi * mu_anchor[lo_here + 1, e]
                     # acc is in mm * g/cm3 -> 0.1 g/cm2
-                    tsum += ef[e] * h * mu_loc * math.exp(-0.1 * h * expo)
-                val = wgt * psi * invsq * tsum
+                    tsum += ef[e] * h * mu_here * math.exp(-0.1 * h * expo)
+                val = fl * tsum
                 total[k, j, i] += val
                 per_group[g, k, j, i] += val

@@ -202,7 +202,7 @@ def _slabs(grid: Grid, iso, ey, v_ext_mm: float, sad_mm: float):
 
 
 def compute_terma(patient_or_density, projections, beam_model: BeamModel | None = None, *,
-                  n_subsamples: int = 3, angle_groups: int | None = None,
+                  n_subsamples: int = 8, exact_subsamples: bool = False, angle_groups: int | None = None,
                   progress: bool | None = None) -> TermaResult:
     """TERMA of every projection, accumulated in total and per gantry-angle group.
 
@@ -217,7 +217,13 @@ def compute_terma(patient_or_density, projections, beam_model: BeamModel | None 
         Default :meth:`BeamModel.default`.
     n_subsamples : int
         Time slices per projection modelling continuous gantry rotation and couch motion
-        (default 3; 1 = all at the projection centre).
+        (default 8; 1 = all at the projection centre).
+    exact_subsamples : bool
+        If True, every sub-sample traces its own rays (attenuation and off-axis softening at the
+        sub-sample's geometry; cost x ``n_subsamples``). If False (default), the fluence, jaw and
+        leaf profiles and inverse square are evaluated at every sub-sample but the attenuation
+        along the ray is traced once per projection, from the source at the projection centre
+        (see docs/terma.md for the size of this approximation).
     angle_groups : int, optional
         Number of equal gantry-angle bins (default: the machine's projections per rotation, 51).
     progress : bool, optional
@@ -228,7 +234,7 @@ def compute_terma(patient_or_density, projections, beam_model: BeamModel | None 
     TermaResult
         ``total`` (nz, ny, nx) and ``per_group`` (G, nz, ny, nx) float32 in ``TERMA_UNIT``.
     """
-    from tomodose._kernels.terma import terma_samples
+    from tomodose._kernels.terma import terma_units
 
     t_start = time.perf_counter()
     if isinstance(projections, HelicalPlan):
@@ -240,6 +246,8 @@ def compute_terma(patient_or_density, projections, beam_model: BeamModel | None 
         raise TypeError(f"beam_model must be a BeamModel, got {type(beam).__name__}")
     if isinstance(n_subsamples, bool) or not isinstance(n_subsamples, (int, np.integer)) or n_subsamples < 1:
         raise ValueError(f"n_subsamples must be a positive integer, got {n_subsamples!r}")
+    if not isinstance(exact_subsamples, (bool, np.bool_)):
+        raise TypeError(f"exact_subsamples must be a bool, got {exact_subsamples!r}")
     machine = projections.machine
     n_groups = machine.projections_per_rotation if angle_groups is None else angle_groups
     grid, dens, position = _density_input(patient_or_density)
@@ -253,16 +261,37 @@ def compute_terma(patient_or_density, projections, beam_model: BeamModel | None 
     table = attenuation_table()
     mu_anchor = np.ascontiguousarray(table.anchor_mu_rho(spectrum.energies_mev))
     ef = np.ascontiguousarray(spectrum.energy_fluence)
-    weights = material_weights(dens)
-    mat = np.ascontiguousarray(weights * dens[..., None])
+    weights = material_weights(dens).reshape(-1, len(DENSITY_ANCHORS))
+    rho_flat = np.ascontiguousarray(dens.ravel())
+    mat_lo = np.clip(np.argmax(weights > 0, axis=1), 0, len(DENSITY_ANCHORS) - 2).astype(np.int64)
+    rows = np.arange(weights.shape[0])
+    mat_pair = np.ascontiguousarray(np.stack([weights[rows, mat_lo], weights[rows, mat_lo + 1]], axis=1)
+                                    * rho_flat[:, None])
+    del weights, rows
     air_index = [n for n, _ in DENSITY_ANCHORS].index("air")
 
-    src, ex, ey, ez, iso, weight, proj = _samples(projections, int(n_subsamples))
-    group = proj_group[proj]
+    n_sub = int(n_subsamples)
+    src, ex, ey, ez, iso, weight, proj = _samples(projections, n_sub)
     fw = projections.field_width_mm
     jaw_half = beam.jaw_half_width_mm(fw, machine)
     v_ext = beam.jaw_extent_mm(fw, machine)
-    k_lo, k_hi = _slabs(grid, iso, ey, v_ext, machine.sad_mm)
+    k_lo_s, k_hi_s = _slabs(grid, iso, ey, v_ext, machine.sad_mm)
+    n_samples = src.shape[0]
+    if exact_subsamples or n_sub == 1:
+        # one trace unit per sample
+        unit_start = np.arange(n_samples + 1, dtype=np.int64)
+        t_src, t_ex, t_ez, t_iso = src, ex, ez, iso
+        unit_proj = proj
+        k_lo, k_hi = k_lo_s, k_hi_s
+    else:
+        # one trace unit per projection, at the projection centre
+        unit_start = np.arange(0, n_samples + 1, n_sub, dtype=np.int64)
+        c_src, c_ex, _, c_ez, c_iso, _, _ = _samples(projections, 1)
+        t_src, t_ex, t_ez, t_iso = c_src, c_ex, c_ez, c_iso
+        unit_proj = np.arange(projections.n_projections, dtype=np.int64)
+        k_lo = k_lo_s.reshape(-1, n_sub).min(axis=1)
+        k_hi = k_hi_s.reshape(-1, n_sub).max(axis=1)
+    unit_group = proj_group[unit_proj]
     leaf_a = np.ascontiguousarray(beam.leaf_weights(projections.leaf_open_fraction))
     edges = machine.leaf_edges_mm()
 
@@ -271,21 +300,27 @@ def compute_terma(patient_or_density, projections, beam_model: BeamModel | None 
     origin = np.asarray(grid.origin_mm, dtype=np.float64)
     spacing = np.asarray(grid.spacing_mm, dtype=np.float64)
     offc = np.asarray(beam.offaxis_fluence_coeffs, dtype=np.float64)
+    shape = np.asarray(grid.shape, dtype=np.int64)
 
-    n_samples = src.shape[0]
-    batch = max(1, machine.projections_per_rotation * int(n_subsamples))
-    starts = range(0, n_samples, batch)
+    n_units = unit_start.size - 1
+    units_per_rotation = machine.projections_per_rotation * (n_sub if (exact_subsamples and n_sub > 1) else 1)
+    batch = max(1, units_per_rotation)
+    starts = range(0, n_units, batch)
     if config.progress_enabled(progress):
         from tqdm.auto import tqdm
-        starts = tqdm(starts, desc="TERMA", unit="rotation", total=(n_samples + batch - 1) // batch)
+        starts = tqdm(starts, desc="TERMA", unit="rotation", total=(n_units + batch - 1) // batch)
     t_kernel = time.perf_counter()
     for b0 in starts:
-        sl = slice(b0, min(b0 + batch, n_samples))
-        terma_samples(mat, dens, origin, spacing, src[sl], ex[sl], ey[sl], ez[sl], iso[sl], weight[sl],
-                      proj[sl], group[sl], k_lo[sl], k_hi[sl], leaf_a, float(edges[0]),
-                      float(machine.leaf_width_mm), beam.leaf_edge_sigma_mm, jaw_half,
-                      beam.jaw_penumbra_sigma_mm, EDGE_CUTOFF_SIGMAS, offc, beam.offaxis_softening_per_rad,
-                      float(machine.sad_mm), mu_anchor, ef, air_index, total, per_group)
+        b1 = min(b0 + batch, n_units)
+        s0, s1 = int(unit_start[b0]), int(unit_start[b1])
+        terma_units(mat_lo, mat_pair, rho_flat, shape, origin, spacing,
+                    t_src[b0:b1], t_ex[b0:b1], t_ez[b0:b1], t_iso[b0:b1],
+                    np.ascontiguousarray(unit_start[b0:b1 + 1] - s0), unit_proj[b0:b1], unit_group[b0:b1],
+                    k_lo[b0:b1], k_hi[b0:b1], src[s0:s1], ex[s0:s1], ey[s0:s1], ez[s0:s1], iso[s0:s1],
+                    weight[s0:s1], leaf_a, float(edges[0]), float(machine.leaf_width_mm),
+                    beam.leaf_edge_sigma_mm, jaw_half, beam.jaw_penumbra_sigma_mm, EDGE_CUTOFF_SIGMAS, offc,
+                    beam.offaxis_softening_per_rad, float(machine.sad_mm), mu_anchor, ef, air_index,
+                    total, per_group)
     t_end = time.perf_counter()
     log.info("TERMA: %d projections x %d sub-samples on %s voxels in %.2f s",
              projections.n_projections, n_subsamples, grid.shape, t_end - t_start)
@@ -298,6 +333,7 @@ def compute_terma(patient_or_density, projections, beam_model: BeamModel | None 
         "spectrum_mean_energy_mev": spectrum.mean_energy_mev,
         "beam_model": beam.name,
         "n_subsamples": int(n_subsamples),
+        "exact_subsamples": bool(exact_subsamples),
         "n_projections": projections.n_projections,
         "angle_groups": int(n_groups),
         "field_width_mm": fw,
