@@ -13,7 +13,7 @@ Inputs (read where they are, never copied into the repository):
   clearly labelled interim placeholder (``--spectrum interim``).
 
 Method (see :mod:`tomodose.transport.kernels` and ``docs/collapsed_cone.md``): weight each mono
-kernel by its TERMA share ``phi(E) E mu(E)``, sum, collapse the 48 cones onto ``--n-polar`` rings
+kernel by its TERMA share ``phi(E) E mu(E)``, sum, collapse the 48 cones onto the rings ``--polar-edges-deg``
 x ``--n-azimuth`` cones, fit ``--n-terms`` shared exponentials and write
 ``tomodose/data/kernels/<name>.json`` (atomic write) with a provenance block, plus a
 ``<name>.provenance.md`` next to it.
@@ -48,7 +48,10 @@ from tomodose.transport.kernels import (  # noqa: E402
     terma_weights,
 )
 
-SCRIPT_VERSION = "1.0"
+SCRIPT_VERSION = "1.1"
+#: default ring edges (deg): fine forward rings where the primary-electron energy is, coarse
+#: backward; chosen by kernels/study_ccc_cones.py (see docs/collapsed_cone.md)
+DEFAULT_POLAR_EDGES_DEG = (0, 3.75, 7.5, 15, 22.5, 30, 45, 60, 90, 120, 150, 180)
 logger = logging.getLogger("derive_ccc_kernels")
 
 EDK_REL = "dose_physics/kernels/edknrc_mono_water_conehead.csv"
@@ -110,7 +113,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     ap.add_argument("--shared-data", type=Path, default=ROOT.parent / "shared" / "data")
     ap.add_argument("--spectrum", default="auto", help="auto | interim | path to CSV energy_MeV,fluence")
-    ap.add_argument("--n-polar", type=int, default=12)
+    ap.add_argument("--polar-edges-deg", default=",".join(f"{v:g}" for v in DEFAULT_POLAR_EDGES_DEG),
+                    help="ring edges in deg (multiples of the 3.75 deg fine cones), comma separated")
     ap.add_argument("--n-azimuth", type=int, default=8)
     ap.add_argument("--n-terms", type=int, default=4)
     ap.add_argument("--name", default=DEFAULT_KERNEL_NAME)
@@ -172,8 +176,13 @@ def main(argv=None) -> int:
         "terma_weights": [round(float(v), 8) for v in weights],
         "expected_total_fraction": expected_total,
     }
+    edges = [float(v) for v in args.polar_edges_deg.split(",")]
+    step = float(table.theta_edges_deg[1] - table.theta_edges_deg[0])
+    groups = [int(round(e / step)) for e in edges]
+    if any(abs(g * step - e) > 1e-6 for g, e in zip(groups, edges)):
+        raise SystemExit(f"--polar-edges-deg must be multiples of {step} deg, got {edges}")
     kernel = collapse_kernel(
-        fine, table.theta_edges_deg, table.radius_edges_cm, n_polar=args.n_polar,
+        fine, table.theta_edges_deg, table.radius_edges_cm, polar_group_edges=groups,
         n_azimuth=args.n_azimuth, n_terms=args.n_terms, name=args.name, provenance=provenance,
     )
     rel = abs(kernel.total_fraction - expected_total) / expected_total

@@ -48,7 +48,7 @@ def test_matches_naive_twin(seed, mode, small_kernel):
         tol = 2e-6
     else:
         kw = {"source_position_mm": np.array(grid.centre_mm) + rng.normal(size=3) * 300 + 400}
-        tol = 2e-4  # the kernel tabulates the angular density on a 0.25 deg grid
+        tol = 5e-5  # the kernel tabulates the angular density on a 1/16 deg grid
     fast = _ccc(terma, rho, grid, kernel=small_kernel, **kw)
     slow = naive.collapsed_cone_dose(terma, rho, spacing, origin, small_kernel, **kw)
     assert fast.dtype == np.float32 and fast.shape == shape

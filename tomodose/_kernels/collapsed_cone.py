@@ -29,6 +29,10 @@ import numpy as np
 
 from tomodose.config import NUMBA_OPTIONS, NUMBA_PARALLEL_OPTIONS
 
+#: neighbouring lines handled together by one thread (memory locality only; results do not
+#: depend on it).
+BUNDLE = 16
+
 
 @numba.njit(**NUMBA_OPTIONS)
 def _offset(n, d):
@@ -135,72 +139,82 @@ def transport_direction(terma, rho, dose, m, sgn, da, db, step_cm, rates, amp_co
     lines_a = n_a + max_a - min_a
     lines_b = n_b + max_b - min_b
     n_k = rates.size
-    for line in numba.prange(lines_a * lines_b):
-        ia = line // lines_b - max_a
-        ib = line % lines_b - max_b
-        flux = np.zeros(n_k)
+    # lines are processed in bundles of BUNDLE neighbours along axis b (the contiguous x axis
+    # unless x is the stepping axis) so that one thread touches neighbouring memory
+    n_bundles = (lines_b + BUNDLE - 1) // BUNDLE
+    for task in numba.prange(lines_a * n_bundles):
+        ia = task // n_bundles - max_a
+        first = (task % n_bundles) * BUNDLE
+        nb = min(BUNDLE, lines_b - first)
+        ib0 = first - max_b
+        flux = np.zeros((nb, n_k))
+        ex = np.ones((nb, n_k))
+        gg = np.ones((nb, n_k))
+        last_delta = np.full(nb, -1.0)
+        has_flux = np.zeros(nb, dtype=np.bool_)
         amp = np.empty(n_k)
-        ex = np.ones(n_k)
-        gg = np.ones(n_k)
-        last_delta = -1.0
-        has_flux = False
+        inv_rates = 1.0 / rates
         started = False
         for n in range(n_m):
             ja = ia + _offset(n, da)
-            jb = ib + _offset(n, db)
-            if ja < 0 or ja >= n_a or jb < 0 or jb >= n_b:
+            if ja < 0 or ja >= n_a:
                 if started:
                     break
                 continue
             started = True
+            off_b = _offset(n, db)
             km = n if sgn > 0 else n_m - 1 - n
-            if m == 0:
-                kz = km
-                jy = ja
-                ix = jb
-            elif m == 1:
-                kz = ja
-                jy = km
-                ix = jb
-            else:
-                kz = ja
-                jy = jb
-                ix = km
-            t = terma[kz, jy, ix]
-            if t == 0.0 and not has_flux:
-                continue
-            delta = rho[kz, jy, ix] * step_cm
-            if delta != last_delta:
-                last_delta = delta
-                for k in range(n_k):
-                    x = rates[k] * delta
-                    if x > 1e-10:
-                        e = math.exp(-x)
-                        ex[k] = e
-                        gg[k] = -math.expm1(-x) / x
-                    else:
-                        ex[k] = 1.0 - x
-                        gg[k] = 1.0 - 0.5 * x
-            if t != 0.0:
-                if tilt:
-                    px = origin_xyz[0] + ix * spacing_xyz[0] - source_xyz[0]
-                    py = origin_xyz[1] + jy * spacing_xyz[1] - source_xyz[1]
-                    pz = origin_xyz[2] + kz * spacing_xyz[2] - source_xyz[2]
-                    pn = math.sqrt(px * px + py * py + pz * pz)
-                    if pn > 0.0:
-                        c = (u_xyz[0] * px + u_xyz[1] * py + u_xyz[2] * pz) / pn
-                    else:
-                        c = (u_xyz[0] * fallback_axis[0] + u_xyz[1] * fallback_axis[1]
-                             + u_xyz[2] * fallback_axis[2])
-                    _interp_row(density_table, dtheta, c, amp, solid_angle * norm[kz, jy, ix])
+            for li in range(nb):
+                jb = ib0 + li + off_b
+                if jb < 0 or jb >= n_b:
+                    continue  # outside for now (a line enters and leaves the box once)
+                if m == 0:
+                    kz = km
+                    jy = ja
+                    ix = jb
+                elif m == 1:
+                    kz = ja
+                    jy = km
+                    ix = jb
                 else:
+                    kz = ja
+                    jy = jb
+                    ix = km
+                t = terma[kz, jy, ix]
+                if t == 0.0 and not has_flux[li]:
+                    continue
+                delta = rho[kz, jy, ix] * step_cm
+                if delta != last_delta[li]:
+                    last_delta[li] = delta
                     for k in range(n_k):
-                        amp[k] = amp_const[k]
-            d = 0.0
-            for k in range(n_k):
-                a = rates[k]
-                s = t * amp[k] if t != 0.0 else 0.0
-                d += flux[k] * a * gg[k] + s * (1.0 - gg[k])
-                flux[k] = flux[k] * ex[k] + s * (1.0 - ex[k]) / a
-            has_flux = True
-            dose[kz, jy, ix] += d
+                        x = rates[k] * delta
+                        if x > 1e-10:
+                            ex[li, k] = math.exp(-x)
+                            gg[li, k] = -math.expm1(-x) / x
+                        else:
+                            ex[li, k] = 1.0 - x
+                            gg[li, k] = 1.0 - 0.5 * x
+                if t != 0.0:
+                    if tilt:
+                        px = origin_xyz[0] + ix * spacing_xyz[0] - source_xyz[0]
+                        py = origin_xyz[1] + jy * spacing_xyz[1] - source_xyz[1]
+                        pz = origin_xyz[2] + kz * spacing_xyz[2] - source_xyz[2]
+                        pn = math.sqrt(px * px + py * py + pz * pz)
+                        if pn > 0.0:
+                            c = (u_xyz[0] * px + u_xyz[1] * py + u_xyz[2] * pz) / pn
+                        else:
+                            c = (u_xyz[0] * fallback_axis[0] + u_xyz[1] * fallback_axis[1]
+                                 + u_xyz[2] * fallback_axis[2])
+                        _interp_row(density_table, dtheta, c, amp, solid_angle * norm[kz, jy, ix])
+                    else:
+                        for k in range(n_k):
+                            amp[k] = amp_const[k]
+                d = 0.0
+                for k in range(n_k):
+                    a = rates[k]
+                    s = t * amp[k] if t != 0.0 else 0.0
+                    f = flux[li, k]
+                    d += f * a * gg[li, k] + s * (1.0 - gg[li, k])
+                    flux[li, k] = f * ex[li, k] + s * (1.0 - ex[li, k]) * inv_rates[k]
+                has_flux[li] = True
+                dose[kz, jy, ix] += d

@@ -510,7 +510,7 @@ class CollapsedConeKernel:
         """
         return cone_directions(self.polar_deg, self.n_azimuth, axis, self.ring_solid_angle_sr)
 
-    def angular_density_table(self, n_theta: int = 721) -> tuple[np.ndarray, float]:
+    def angular_density_table(self, n_theta: int = 2881) -> tuple[np.ndarray, float]:
         """(n_theta, K) energy per steradian of each term vs polar angle, for kernel tilting.
 
         The per-steradian amplitude of ring ``p`` (``amplitudes[p] / ring solid angle``) is placed
