@@ -17,8 +17,13 @@ Conventions shared by every kernel here
   physical distance; ``dist2`` (n,) holds ``(distance / DTA) ** 2`` for each of them and
   ``shell`` (n,) the index of the concentric shell the point belongs to.
 
-Every parallel loop writes only its own output element (``out[flat]``): race-free by
-construction, so results do not depend on the number of threads or on scheduling.
+* ``bmin``/``bmax`` are minima/maxima of ``ev`` over blocks of ``block``^3 voxels
+  (:func:`block_extrema`); they bound the evaluated dose anywhere in a search ball and make the
+  early stops exact (see :func:`gamma_search`).
+
+Every parallel loop writes only its own output element (``out[m]`` for ``points[m]``, or one
+block / one slice): race-free by construction, so results do not depend on the number of
+threads or on scheduling.
 """
 
 from __future__ import annotations
