@@ -148,6 +148,15 @@ class DVH:
         xp, fp = self._curve()
         return float(np.interp(d, xp, fp))
 
+    def volumes_at_doses_ml(self, doses_gy) -> np.ndarray:
+        """Vectorised :meth:`volume_at_dose_ml` for a 1-D array of doses (Gy)."""
+        d = np.asarray(doses_gy, dtype=np.float64)
+        xp, fp = self._curve()
+        out = np.interp(d, xp, fp)
+        out[d <= self.min_gy] = self.total_volume_ml
+        out[d > self.max_gy] = 0.0
+        return out
+
     def volume_at_dose_percent(self, dose_gy: float) -> float:
         """Percentage of the structure volume receiving at least ``dose_gy``."""
         return 100.0 * self.volume_at_dose_ml(dose_gy) / self.total_volume_ml
@@ -185,7 +194,7 @@ class DVH:
         else:
             step = check_positive("step_gy", step_gy)
             doses = np.arange(0.0, self.max_gy + step, step)
-        vols = np.array([self.volume_at_dose_ml(d) if d > 0 else self.total_volume_ml for d in doses])
+        vols = self.volumes_at_doses_ml(doses)
         return {
             "dose_gy": doses.tolist(),
             "volume_ml": vols.tolist(),
