@@ -31,6 +31,8 @@ import numpy as np
 from tomodose._kernels.raytrace import trace_accumulate
 from tomodose.config import NUMBA_OPTIONS, NUMBA_PARALLEL_OPTIONS
 
+#: reaches at or beyond this (mm) mean "no limit" (finite: the kernels avoid infinities).
+NO_LIMIT = 1e8
 #: Phi lookup table: x in [-PHI_X, PHI_X] with PHI_PER_UNIT points per unit.
 PHI_X = 8.0
 PHI_PER_UNIT = 512
@@ -83,10 +85,9 @@ def _leaf_direct(u, s, a, e0, w, phi):
 
 
 @numba.njit(**NUMBA_OPTIONS)
-def _leaf_table(u, s, tab, lev_off, lev_h, lev_n, log2_s0, lpo, u_max):
-    """Linear interpolation of the aperture table in u and log2(s)."""
+def _leaf_table(u, q, tab, lev_off, lev_h, lev_n, u_max):
+    """Linear interpolation of the aperture table in u and in the level coordinate ``q``."""
     n_lev = lev_off.shape[0]
-    q = (math.log2(s) - log2_s0) * lpo
     if q <= 0.0:
         q0 = 0
         f = 0.0
@@ -117,6 +118,9 @@ def _leaf_table(u, s, tab, lev_off, lev_h, lev_n, log2_s0, lpo, u_max):
     return out
 
 
+_INV_LN2 = 1.0 / math.log(2.0)
+
+
 @numba.njit(**NUMBA_OPTIONS)
 def voxel_value(u, v, r, den, d_rad, rho, sad, amps, dz_tab, tail, sig, a, tab, e0, w, s_leaf,
                 s_tab, lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi):
@@ -144,6 +148,10 @@ def voxel_value(u, v, r, den, d_rad, rho, sad, amps, dz_tab, tail, sig, a, tab, 
         k0 = int(t)
         f = t - k0
     lat = sad / (rho * den)  # isocentre-plane mm per mm of water
+    log2_lat = math.log2(lat)
+    sj2 = s_jaw * s_jaw
+    sl2 = s_leaf * s_leaf
+    st2 = s_tab * s_tab
     total = 0.0
     for i in range(sig.shape[0]):
         amp = amps[k0, i] + f * (amps[k0 + 1, i] - amps[k0, i])
@@ -152,19 +160,25 @@ def voxel_value(u, v, r, den, d_rad, rho, sad, amps, dz_tab, tail, sig, a, tab, 
         if amp <= 0.0:
             continue
         su = sig[i] * lat
-        sv = math.sqrt(su * su + s_jaw * s_jaw)
+        su2 = su * su
+        sv = math.sqrt(su2 + sj2)
         if sv < 1e-9:
             sv = 1e-9
-        jv = _phi((v + jaw_h) / sv, phi) - _phi((v - jaw_h) / sv, phi)
+        isv = 1.0 / sv
+        jv = _phi((v + jaw_h) * isv, phi) - _phi((v - jaw_h) * isv, phi)
         if jv <= 0.0:
             continue
-        sl = math.sqrt(su * su + s_leaf * s_leaf)
-        if sl < s_tab:
+        s2 = su2 + sl2
+        if s2 < st2:
+            sl = math.sqrt(s2)
             if sl < 1e-9:
                 sl = 1e-9
             lu = _leaf_direct(u, sl, a, e0, w, phi)
         else:
-            lu = _leaf_table(u, sl, tab, lev_off, lev_h, lev_n, log2_s0, lpo, u_max)
+            # log2(sqrt(su2 + sl2)) = log2(su) + 0.5 log2(1 + x), x = sl2 / su2 <= (s_leaf / s_tab)^2
+            x = sl2 / su2
+            lg = math.log2(sig[i]) + log2_lat + 0.5 * _INV_LN2 * (x - 0.5 * x * x)
+            lu = _leaf_table(u, (lg - log2_s0) * lpo, tab, lev_off, lev_h, lev_n, u_max)
         total += amp * jv * lu
     return total * hsoft * off * (sad / r) ** 2
 
@@ -177,7 +191,7 @@ def _row_range(u_lo, u_hi, ax, bx, sad, nx):
     """
     a0, a1 = ax
     b0, b1 = bx
-    if not (math.isfinite(u_lo) and math.isfinite(u_hi)):
+    if u_lo < -NO_LIMIT or u_hi > NO_LIMIT:
         return 0, nx - 1
     lo = nx
     hi = -1
@@ -274,12 +288,21 @@ def full_dose_group(dose, depth_t, rho_t, origin, spacing, src, xg, yg, zg, dt, 
 
 
 @numba.njit(**NUMBA_OPTIONS)
-def _beamlet_window(out_idx, count_only, origin, spacing, shape, src, xg, yg, zg, u_lo, u_hi, v_reach,
-                    k_lo, k_hi, sad):
-    """Voxels of a sample's window (flat indices written to out_idx unless count_only); returns count."""
+def _beamlet_window(out_idx, count_only, origin, spacing, shape, src, xg, yg, zg, u_c, half_u, r_u, half_v, r_v,
+                    k_lo, k_hi, sad, den_min):
+    """Voxels of a beamlet sample's window; returns their number (flat indices, increasing, written
+    to ``out_idx`` unless ``count_only``).
+
+    A voxel is in the window when ``|u - u_c| <= half_u + r_u * SAD / den`` and
+    ``|v| <= half_v + r_v * SAD / den`` (reaches given at the voxel's own distance, isocentre-plane
+    units; ``inf`` = no limit).
+    """
     nz, ny, nx = shape
     ox, oy, oz = origin[0], origin[1], origin[2]
     dx, dy, dz = spacing[0], spacing[1], spacing[2]
+    wide = half_u + r_u * sad / den_min
+    u_lo = u_c - wide
+    u_hi = u_c + wide
     n = 0
     for k in range(k_lo, k_hi):
         z = oz + k * dz
@@ -297,12 +320,13 @@ def _beamlet_window(out_idx, count_only, origin, spacing, shape, src, xg, yg, zg
                 den = B + i * b1
                 if den <= 0.0:
                     continue
-                u = sad * (A + i * a1) / den
-                if u < u_lo or u > u_hi:
+                sc = sad / den
+                u = (A + i * a1) * sc
+                if abs(u - u_c) > half_u + r_u * sc:
                     continue
                 ddx = d0x + i * dx
-                v = sad * (ddx * yg[0] + d0y * yg[1] + d0z * yg[2]) / den
-                if abs(v) > v_reach:
+                v = (ddx * yg[0] + d0y * yg[1] + d0z * yg[2]) * sc
+                if abs(v) > half_v + r_v * sc:
                     continue
                 if not count_only:
                     out_idx[n] = (k * ny + j) * nx + i
@@ -312,7 +336,7 @@ def _beamlet_window(out_idx, count_only, origin, spacing, shape, src, xg, yg, zg
 
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
 def beamlet_window_counts(counts, beam_proj, beam_leaf, samp_start, samp_stop, origin, spacing, shape,
-                          src, xg, yg, zg, leaf_u_lo, leaf_u_hi, v_reach, k_lo, k_hi, sad):
+                          src, xg, yg, zg, leaf_uc, half_u, r_u, half_v, r_v, k_lo, k_hi, sad, den_min):
     """Upper bound of the entries of each beamlet: sum over its samples of the window sizes."""
     dummy = np.zeros(1, dtype=np.int64)
     for b in numba.prange(beam_proj.shape[0]):
@@ -321,23 +345,25 @@ def beamlet_window_counts(counts, beam_proj, beam_leaf, samp_start, samp_stop, o
         n = 0
         for s in range(samp_start[p], samp_stop[p]):
             n += _beamlet_window(dummy, True, origin, spacing, shape, src[s], xg[s], yg[s], zg[s],
-                                 leaf_u_lo[l], leaf_u_hi[l], v_reach, k_lo[s], k_hi[s], sad)
+                                 leaf_uc[l], half_u, r_u, half_v, r_v, k_lo[s], k_hi[s], sad, den_min)
         counts[b] = n
 
 
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
 def beamlet_columns(out_idx, out_val, offsets, kept, beam_proj, beam_leaf, samp_start, samp_stop, group_of_proj,
-                    depth_all, rho_t, origin, spacing, shape, src, xg, yg, zg, dt, leaf_u_lo, leaf_u_hi,
-                    v_reach, k_lo, k_hi, threshold, n_workers, scratch, mark, wbuf, sad, amps, dz_tab, tail,
+                    depth_all, rho_t, origin, spacing, shape, src, xg, yg, zg, dt, leaf_uc, half_u, r_u, half_v,
+                    r_v, den_min, k_lo, k_hi, threshold, n_workers, scratch, mark, wbuf, sad, amps, dz_tab, tail,
                     sig, unit_a, btab, e0, w, s_leaf, s_tab, lev_off, lev_h, lev_n, log2_s0, lpo, u_max,
                     jaw_h, s_jaw, offc, soft, phi):
     """Columns of the influence matrix for a chunk of beamlets.
 
     Worker ``q`` (0..n_workers-1) handles beamlets q, q + n_workers, ... with its own dense
     ``scratch[q]`` (n_voxels) accumulator, ``mark[q]`` touched flags and ``wbuf[q]`` index buffer,
-    so writes are disjoint. Each column's entries (sorted voxel indices, values >= threshold x the
-    column maximum) go to ``out_idx/out_val[offsets[b]:offsets[b] + kept[b]]``.
-    ``depth_all`` (n_groups_in_chunk, ny, nx, nz) radiological depth maps.
+    so writes are disjoint and every column is computed by the same arithmetic whatever the thread
+    count. Each column's entries (increasing voxel indices, values >= threshold x the column
+    maximum, > 0) go to ``out_idx/out_val[offsets[b]:offsets[b] + kept[b]]``.
+    ``depth_all`` (n_groups_in_chunk, ny, nx, nz) radiological depth maps, ``group_of_proj`` the
+    map of each projection.
     """
     nz, ny, nx = shape
     n_b = beam_proj.shape[0]
@@ -345,17 +371,17 @@ def beamlet_columns(out_idx, out_val, offsets, kept, beam_proj, beam_leaf, samp_
         acc = scratch[q]
         flag = mark[q]
         buf = wbuf[q]
-        b = q
-        while b < n_b:
+        for b in range(q, n_b, n_workers):
             p = beam_proj[b]
             l = beam_leaf[b]
             g = group_of_proj[p]
             a = unit_a[l]
             tab = btab[l]
             n_t = 0
+            n_samp = samp_stop[p] - samp_start[p]
             for s in range(samp_start[p], samp_stop[p]):
                 n_w = _beamlet_window(buf[n_t:], False, origin, spacing, shape, src[s], xg[s], yg[s], zg[s],
-                                      leaf_u_lo[l], leaf_u_hi[l], v_reach, k_lo[s], k_hi[s], sad)
+                                      leaf_uc[l], half_u, r_u, half_v, r_v, k_lo[s], k_hi[s], sad, den_min)
                 sxx, syy, szz = src[s, 0], src[s, 1], src[s, 2]
                 for t in range(n_t, n_t + n_w):
                     flat = buf[t]
@@ -366,38 +392,44 @@ def beamlet_columns(out_idx, out_val, offsets, kept, beam_proj, beam_leaf, samp_
                     ddy = origin[1] + j * spacing[1] - syy
                     ddz = origin[2] + k * spacing[2] - szz
                     den = -(ddx * zg[s, 0] + ddy * zg[s, 1] + ddz * zg[s, 2])
-                    u = sad * (ddx * xg[s, 0] + ddy * xg[s, 1] + ddz * xg[s, 2]) / den
-                    v = sad * (ddx * yg[s, 0] + ddy * yg[s, 1] + ddz * yg[s, 2]) / den
+                    sc = sad / den
+                    u = (ddx * xg[s, 0] + ddy * xg[s, 1] + ddz * xg[s, 2]) * sc
+                    v = (ddx * yg[s, 0] + ddy * yg[s, 1] + ddz * yg[s, 2]) * sc
                     r = math.sqrt(ddx * ddx + ddy * ddy + ddz * ddz)
                     val = voxel_value(u, v, r, den, depth_all[g, j, i, k], rho_t[j, i, k], sad, amps, dz_tab,
                                       tail, sig, a, tab, e0, w, s_leaf, s_tab, lev_off, lev_h, lev_n,
                                       log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi)
                     acc[flat] += dt[s] * val
-                # keep each voxel once in buf
-                m = n_t
-                for t in range(n_t, n_t + n_w):
-                    flat = buf[t]
-                    if flag[flat] == 0:
-                        flag[flat] = 1
-                        buf[m] = flat
-                        m += 1
-                n_t = m
-            touched = np.sort(buf[:n_t])
+                if n_samp > 1:
+                    # keep each voxel once in buf
+                    m = n_t
+                    for t in range(n_t, n_t + n_w):
+                        flat = buf[t]
+                        if flag[flat] == 0:
+                            flag[flat] = 1
+                            buf[m] = flat
+                            m += 1
+                    n_t = m
+                else:
+                    n_t = n_w
             vmax = 0.0
             for t in range(n_t):
-                if acc[touched[t]] > vmax:
-                    vmax = acc[touched[t]]
+                if acc[buf[t]] > vmax:
+                    vmax = acc[buf[t]]
             cut = threshold * vmax
             o = offsets[b]
             n_k = 0
             for t in range(n_t):
-                flat = touched[t]
+                flat = buf[t]
                 val = acc[flat]
                 if val > 0.0 and val >= cut:
                     out_idx[o + n_k] = flat
-                    out_val[o + n_k] = val
                     n_k += 1
-                acc[flat] = 0.0
-                flag[flat] = 0
+            if n_samp > 1:
+                out_idx[o:o + n_k] = np.sort(out_idx[o:o + n_k])
+            for t in range(n_k):
+                out_val[o + t] = acc[out_idx[o + t]]
+            for t in range(n_t):
+                acc[buf[t]] = 0.0
+                flag[buf[t]] = 0
             kept[b] = n_k
-            b += n_workers

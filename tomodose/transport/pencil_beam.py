@@ -240,7 +240,7 @@ class _Engine:
         self.rho_t = np.ascontiguousarray(np.maximum(self.dens, self.rho_floor).transpose(1, 2, 0))
         self._dens_t = np.ascontiguousarray(self.dens.transpose(1, 2, 0))
         # slab of slices each sample can reach (|v| <= v_reach)
-        self.v_reach_full = math.inf
+        self.v_reach_full = 1e30
         self.unit_a = np.ascontiguousarray(np.eye(self.n_leaves))
 
     # --- helpers ---------------------------------------------------------------------------
@@ -255,7 +255,7 @@ class _Engine:
     def slab(self, v_reach: float):
         """(k_lo, k_hi) per sample: slices where some voxel may have |v| <= v_reach."""
         nz = self.grid.nz
-        if not math.isfinite(v_reach):
+        if v_reach >= 1e8:
             return np.zeros(self.src.shape[0], np.int64), np.full(self.src.shape[0], nz, np.int64)
         den_max = self.sad + (self.sad - self.den_min)
         reach = v_reach * den_max / self.sad + 0.5 * self.spacing[2] + 1e-6
@@ -335,8 +335,8 @@ def _full_dose(engine: _Engine, a_proj: np.ndarray, progress) -> np.ndarray:
         local = np.searchsorted(active, engine.proj[samples])
         a_g = np.ascontiguousarray(a_proj[active])
         tab_g = np.ascontiguousarray(a_g @ engine.btab)
-        u_lo = np.full(samples.size, -np.inf)
-        u_hi = np.full(samples.size, np.inf)
+        u_lo = np.full(samples.size, -1e30)
+        u_hi = np.full(samples.size, 1e30)
         full_dose_group(
             dose, depth, engine.rho_t, engine.origin, engine.spacing,
             np.ascontiguousarray(engine.src[samples]), np.ascontiguousarray(engine.xg[samples]),
