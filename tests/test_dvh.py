@@ -234,3 +234,10 @@ def test_dvh_from_contours_outside_grid():
     planes = [np.array([[500, 500, z], [510, 500, z], [510, 510, z]], float) for z in (0.0, 2.0)]
     with pytest.raises(ValueError, match="outside the dose grid"):
         dvh_from_contours(dose_of(np.ones(GRID.shape)), planes, name="far")
+
+
+def test_vectorised_volumes_match_scalar():
+    rng = np.random.default_rng(3)
+    dvh = DVH.from_samples(rng.uniform(0, 60, 5000), rng.uniform(0.1, 1.0, 5000))
+    doses = np.linspace(-1.0, 62.0, 500)
+    np.testing.assert_allclose(dvh.volumes_at_doses_ml(doses), [dvh.volume_at_dose_ml(d) for d in doses])

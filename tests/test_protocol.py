@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-import tomllib
+try:  # Python >= 3.11
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10 (pyproject: tomli)
+    import tomli as tomllib
 from importlib import resources
 
 import numpy as np
 import pytest
-from scipy import ndimage
 
 from tomodose.evaluation.protocol import (
     DEFAULT_PROTOCOL, ProtocolError, available_protocols, check_target_nesting, evaluate_protocol,

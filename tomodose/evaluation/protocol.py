@@ -23,7 +23,10 @@ from __future__ import annotations
 import logging
 import math
 import operator as _op
-import tomllib
+try:  # Python >= 3.11
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10 (pyproject: tomli)
+    import tomli as tomllib
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
