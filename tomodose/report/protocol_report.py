@@ -221,9 +221,13 @@ def plot_dvh(ev: ProtocolEvaluation, path, *, structures=None, dpi: int = 120) -
     fig = Figure(figsize=(9, 5.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    for n in names:
+
+    colours = matplotlib.colormaps["tab20"].colors
+    targets = {t.name for t in ev.protocol.targets}
+    for i, n in enumerate(names):
         d = ev.dvhs[n]
-        ax.plot(d.edges_gy, d.cumulative_percent, label=n, lw=1.4)
+        ax.plot(d.edges_gy, d.cumulative_percent, label=n, color=colours[i % 20],
+                lw=2.2 if n in targets else 1.3, ls="-" if i < 20 else "--")
     for t in ev.protocol.targets:
         ax.axvline(t.prescription_gy, ls="--", lw=0.8, color="k")
     ax.set_xlabel("dose (Gy)")
