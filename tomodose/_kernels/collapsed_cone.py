@@ -40,13 +40,12 @@ def _offset(n, d):
 
 
 @numba.njit(**NUMBA_OPTIONS)
-def _interp_row(table, dtheta, cos_t, out, scale):
-    """out[k] = scale * table(theta)[k], linear in theta = acos(cos_t)."""
-    if cos_t > 1.0:
-        cos_t = 1.0
-    elif cos_t < -1.0:
-        cos_t = -1.0
-    t = math.acos(cos_t) / dtheta
+def _interp_row(table, ds, cos_t, out, scale):
+    """out[k] = scale * table(s)[k], linear in s = sqrt(1 - cos_t) (table step ``ds``)."""
+    u = 1.0 - cos_t
+    if u < 0.0:
+        u = 0.0
+    t = math.sqrt(u) / ds
     i0 = int(t)
     n = table.shape[0]
     if i0 >= n - 1:
@@ -59,11 +58,12 @@ def _interp_row(table, dtheta, cos_t, out, scale):
 
 
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
-def tilt_normalisation(terma, directions, solid_angle, density_total, dtheta, source_xyz,
+def tilt_normalisation(terma, directions, solid_angle, density_total, ds, source_xyz,
                        origin_xyz, spacing_xyz, total_fraction, fallback_axis):
     """(nz, ny, nx) factor making each voxel's tilted cone amplitudes sum to the kernel total.
 
-    ``density_total`` (M,) is the summed per-steradian kernel vs polar angle; voxels with zero
+    ``density_total`` (M,) is the summed per-steradian kernel vs ``s = sqrt(1 - cos theta)``
+    (step ``ds``); voxels with zero
     TERMA get 0 (they emit nothing).
     """
     nz, ny, nx = terma.shape
@@ -94,7 +94,7 @@ def tilt_normalisation(terma, directions, solid_angle, density_total, dtheta, so
                 s = 0.0
                 for d in range(nd):
                     c = directions[d, 0] * bx + directions[d, 1] * by + directions[d, 2] * bz
-                    _interp_row(buf_tab, dtheta, c, row, solid_angle[d])
+                    _interp_row(buf_tab, ds, c, row, solid_angle[d])
                     s += row[0]
                 out[kz, jy, ix] = total_fraction / s if s > 0.0 else 0.0
     return out
@@ -102,7 +102,7 @@ def tilt_normalisation(terma, directions, solid_angle, density_total, dtheta, so
 
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
 def transport_direction(terma, rho, dose, m, sgn, da, db, step_cm, rates, amp_const,
-                        tilt, u_xyz, solid_angle, density_table, dtheta, norm,
+                        tilt, u_xyz, solid_angle, density_table, ds, norm,
                         source_xyz, origin_xyz, spacing_xyz, fallback_axis):
     """Add the dose carried along one cone direction to ``dose`` (in place).
 
@@ -120,7 +120,7 @@ def transport_direction(terma, rho, dose, m, sgn, da, db, step_cm, rates, amp_co
     tilt : bool        per-voxel amplitudes from the source direction instead.
     u_xyz : (3,)       transport direction (LPS x, y, z), unit.
     solid_angle : float  cone solid angle (sr).
-    density_table : (M, K)  per-steradian amplitudes vs polar angle, step ``dtheta`` (rad).
+    density_table : (M, K)  per-steradian amplitudes vs s = sqrt(1 - cos theta), step ``ds``.
     norm : (nz, ny, nx)  per-voxel normalisation (tilt only).
     source_xyz, origin_xyz, spacing_xyz, fallback_axis : (3,) LPS mm / unit vector.
     """
@@ -205,7 +205,7 @@ def transport_direction(terma, rho, dose, m, sgn, da, db, step_cm, rates, amp_co
                         else:
                             c = (u_xyz[0] * fallback_axis[0] + u_xyz[1] * fallback_axis[1]
                                  + u_xyz[2] * fallback_axis[2])
-                        _interp_row(density_table, dtheta, c, amp, solid_angle * norm[kz, jy, ix])
+                        _interp_row(density_table, ds, c, amp, solid_angle * norm[kz, jy, ix])
                     else:
                         for k in range(n_k):
                             amp[k] = amp_const[k]

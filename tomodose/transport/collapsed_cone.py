@@ -157,7 +157,7 @@ def collapsed_cone_dose(
     dirs, omega, ring = kernel.directions(axis)
     rates = np.ascontiguousarray(kernel.rates_per_cm, dtype=np.float64)
     amps_ring = np.asarray(kernel.amplitudes, dtype=np.float64) / kernel.n_azimuth
-    table, dtheta = kernel.angular_density_table()
+    table, ds = kernel.angular_density_table()
     origin = np.asarray(grid.origin_mm, dtype=np.float64)
     spacing = np.asarray(grid.spacing_mm, dtype=np.float64)
     dose = np.zeros(grid.shape, dtype=np.float64)
@@ -167,7 +167,7 @@ def collapsed_cone_dose(
     t0 = time.perf_counter()
     if tilt:
         norm = _k.tilt_normalisation(
-            t_arr, dirs, omega, np.ascontiguousarray(table.sum(axis=1)), dtheta, src, origin,
+            t_arr, dirs, omega, np.ascontiguousarray(table.sum(axis=1)), ds, src, origin,
             spacing, kernel.total_fraction, axis,
         )
     else:
@@ -182,7 +182,7 @@ def collapsed_cone_dose(
         _k.transport_direction(
             t_arr, rho, dose, m, sgn, da, db, step_cm, rates,
             np.ascontiguousarray(amps_ring[ring[d]]), tilt, np.ascontiguousarray(dirs[d]),
-            float(omega[d]), table, dtheta, norm, src, origin, spacing, axis,
+            float(omega[d]), table, ds, norm, src, origin, spacing, axis,
         )
     logger.debug("collapsed cone: %d directions on %s in %.2f s", dirs.shape[0], grid.shape,
                   time.perf_counter() - t0)

@@ -510,18 +510,22 @@ class CollapsedConeKernel:
         """
         return cone_directions(self.polar_deg, self.n_azimuth, axis, self.ring_solid_angle_sr)
 
-    def angular_density_table(self, n_theta: int = 2881) -> tuple[np.ndarray, float]:
-        """(n_theta, K) energy per steradian of each term vs polar angle, for kernel tilting.
+    def angular_density_table(self, n_points: int = 2881) -> tuple[np.ndarray, float]:
+        """(n_points, K) energy per steradian of each term vs polar angle, for kernel tilting.
 
         The per-steradian amplitude of ring ``p`` (``amplitudes[p] / ring solid angle``) is placed
-        at ``polar_deg[p]`` and interpolated linearly in angle (constant beyond the first and last
-        ring). Returns the table on ``theta = i * dtheta`` (rad) and ``dtheta``.
+        at ``polar_deg[p]`` and interpolated linearly in angle (constant before the first and
+        after the last ring). The table is sampled uniformly in ``s = sqrt(1 - cos(theta))``
+        (``s = i * ds``, ``0 <= s <= sqrt(2)``), so a kernel can look it up from a cosine
+        without ``acos``; the angular step is about 0.04 deg near the forward direction.
+        Returns ``(table, ds)``.
         """
-        theta = np.linspace(0.0, np.pi, int(n_theta))
+        s_grid = np.linspace(0.0, math.sqrt(2.0), int(n_points))
+        theta = 2.0 * np.arcsin(np.clip(s_grid / math.sqrt(2.0), 0.0, 1.0))
         dens = self.amplitudes / self.ring_solid_angle_sr[:, None]
         nodes = np.radians(self.polar_deg)
         table = np.stack([np.interp(theta, nodes, dens[:, k]) for k in range(self.n_terms)], axis=1)
-        return np.ascontiguousarray(table), float(theta[1] - theta[0])
+        return np.ascontiguousarray(table), float(s_grid[1] - s_grid[0])
 
     # --- io -------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
