@@ -4,7 +4,7 @@ Prints JIT compile time, wall time, throughput (voxel-samples per second) and pe
 memory for the liver phantom on a 3 mm grid, then how the time grows with the number of voxels
 (grid spacing) and of projections / sub-samples.
 
-    python benchmarks/bench_terma.py [--threads N] [--quick] [--subsamples 8]
+    python benchmarks/bench_terma.py [--threads N] [--quick] [--cold] [--subsamples 8]
 """
 
 from __future__ import annotations
@@ -25,9 +25,13 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="numba threads (default: all)")
     p.add_argument("--subsamples", type=int, default=8)
     p.add_argument("--quick", action="store_true", help="skip the scaling series")
+    p.add_argument("--cold", action="store_true", help="empty numba cache: measure the real JIT compile time")
     args = p.parse_args(argv)
     if args.threads:
         os.environ["NUMBA_NUM_THREADS"] = str(args.threads)
+    if args.cold:
+        import tempfile
+        os.environ["NUMBA_CACHE_DIR"] = tempfile.mkdtemp(prefix="tomodose-bench-numba-")
     import numba
     import numpy as np
 
@@ -46,7 +50,8 @@ def main(argv=None) -> int:
     compute_terma(ImageVolume(g, np.ones(g.shape), "g/cm3", "mass_density"),
                   ProjectionSequence.static_beams([0.0], np.ones(64), 1.0, 25.0), beam, progress=False)
     t_jit = time.perf_counter() - t0
-    print(f"first call (JIT compile or cache load): {t_jit:.2f} s")
+    what = "JIT compile" if args.cold else "JIT compile or cache load"
+    print(f"first call ({what}): {t_jit:.2f} s")
 
     def plan_for(patient, fraction_of_projections=1.0):
         ptv = patient.structures["PTV"]
