@@ -101,6 +101,21 @@ def test_symmetric_about_beam_axis(kernel, mode):
     np.testing.assert_allclose(d, d.transpose(0, 2, 1), atol=tol)  # 90 deg about the axis (8 azimuths)
 
 
+def test_far_source_equals_parallel_beam(kernel):
+    """Tilting toward a very distant source reduces to the parallel-beam kernel."""
+    rng = np.random.default_rng(11)
+    g = Grid((9, 10, 8), (4.0, 4.0, 4.0), (-14.0, -18.0, -16.0))
+    terma = rng.random(g.shape)
+    rho = rng.uniform(0.1, 1.5, g.shape)
+    u = np.array([0.3, -0.8, 0.2])
+    u /= np.linalg.norm(u)
+    par = _ccc(terma, rho, g, beam_direction=u).astype(float)
+    far = _ccc(terma, rho, g, source_position_mm=np.array(g.centre_mm) - 1e7 * u).astype(float)
+    np.testing.assert_allclose(far, par, rtol=2e-4, atol=2e-4 * par.max())
+    near = _ccc(terma, rho, g, source_position_mm=np.array(g.centre_mm) - 300 * u).astype(float)
+    assert np.abs(near - par).max() > 1e-3 * par.max()  # tilting does something at 30 cm
+
+
 def test_density_scaling_theorem(small_kernel):
     """Uniform density rho with lengths scaled by 1/rho gives the water dose (O'Connor)."""
     rng = np.random.default_rng(5)

@@ -119,7 +119,7 @@ def collapsed_cone_dose(terma, rho, spacing_mm, origin_mm, kernel, *, beam_direc
         for v in zip(*np.nonzero(terma)):
             b = photon_dir(v)
             s = sum(omega[d] * dens_at(float(dirs[d] @ b)).sum() for d in range(dirs.shape[0]))
-            norm[v] = kernel.total_fraction / s
+            norm[v] = float(np.sum(kernel.amplitudes)) / s  # the model total (tail beyond the table included)
 
     dose = np.zeros(shape)
     for d in range(dirs.shape[0]):

@@ -60,7 +60,8 @@ def _interp_row(table, ds, cos_t, out, scale):
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
 def tilt_normalisation(terma, directions, solid_angle, density_total, ds, source_xyz,
                        origin_xyz, spacing_xyz, total_fraction, fallback_axis):
-    """(nz, ny, nx) factor making each voxel's tilted cone amplitudes sum to the kernel total.
+    """(nz, ny, nx) factor making each voxel's tilted cone amplitudes sum to ``total_fraction``
+    (the sum of the kernel's exponential amplitudes, i.e. what the untilted cones emit).
 
     ``density_total`` (M,) is the summed per-steradian kernel vs ``s = sqrt(1 - cos theta)``
     (step ``ds``); voxels with zero

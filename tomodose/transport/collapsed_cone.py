@@ -168,7 +168,7 @@ def collapsed_cone_dose(
     if tilt:
         norm = _k.tilt_normalisation(
             t_arr, dirs, omega, np.ascontiguousarray(table.sum(axis=1)), ds, src, origin,
-            spacing, kernel.total_fraction, axis,
+            spacing, float(kernel.amplitudes.sum()), axis,
         )
     else:
         norm = np.zeros((1, 1, 1))
