@@ -20,6 +20,11 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=None, help="numba threads (default: all)")
@@ -70,13 +75,15 @@ def main(argv=None) -> int:
         patient = liver_phantom(spacing_mm=spacing)
         plan = plan_for(patient, frac)
         t = time.perf_counter()
+        c = _cpu_s()
         res = compute_terma(patient, plan, beam, n_subsamples=nsub, progress=False)
         wall = time.perf_counter() - t
+        cpu = _cpu_s() - c
         nvox = patient.grid.n_voxels
-        n_samples = plan.n_projections * nsub
-        print(f"{label:>10} spacing {spacing:4.1f} mm  grid {patient.grid.shape}  {nvox/1e6:6.2f} Mvox  "
-              f"{plan.n_projections:5d} proj x {nsub} sub  groups {res.n_groups:3d}  wall {wall:7.2f} s  "
-              f"{nvox * n_samples / wall / 1e9:6.2f} Gvox-samples/s  peak RSS {_peak_rss_mb():7.0f} MB")
+        print(f"{label:>8} {spacing:4.1f} mm  grid {str(patient.grid.shape):>15} {nvox/1e6:5.2f} Mvox  "
+              f"{plan.n_projections:4d} proj x {nsub} sub  groups {res.n_groups:2d}  wall {wall:7.1f} s  "
+              f"cpu {cpu:7.1f} s  {nvox * plan.n_projections / cpu / 1e6:5.2f} Mvox-proj per cpu-s  "
+              f"peak RSS {_peak_rss_mb():6.0f} MB  (load {os.getloadavg()[0]:.1f})")
         return wall
 
     print("\nfull helical liver plan (25 mm jaw, pitch 0.3, conformal modulated sinogram):")

@@ -287,3 +287,29 @@ def test_mono_spectrum_in_water_single_voxel_value():
     expected = mu * np.exp(-mu * depth_cm) * (850.0 / (850.0 + grid.y_mm)) ** 2
     np.testing.assert_allclose(t, expected, rtol=1e-6)
     assert material_weights(np.array([1.0]))[0, 3] == 1.0
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=12, deadline=None)
+@given(gantry=st.floats(0.0, 360.0), couch=st.floats(-10.0, 10.0), scale=st.floats(0.0, 1.0),
+       seed=st.integers(0, 2**16), position=st.sampled_from(["HFS", "HFP", "FFS", "FFP"]))
+def test_property_nonnegative_homogeneous_in_leaf_fraction(gantry, couch, scale, seed, position):
+    """TERMA >= 0, closed leaves give 0, and TERMA(scale * f) == scale * TERMA(f) (no transmission)."""
+    rng = np.random.default_rng(seed)
+    grid = Grid((4, 7, 7), (6.0, 6.0, 5.0), (-18.0, -18.0, -7.5))
+    vol = ImageVolume(grid, rng.uniform(0.0, 2.0, grid.shape), "g/cm3", "mass_density")
+    lof = rng.uniform(0, 1, 64) * (rng.uniform(size=64) < 0.7)
+    beam = BeamModel.default().replace(leaf_transmission=0.0)
+
+    def run(f):
+        ps = ProjectionSequence.static_beams([gantry], f, 1.0, 25.0, couch_mm=couch, patient_position=position,
+                                             arc_deg=np.array([7.0]))
+        return compute_terma(vol, ps, beam, n_subsamples=2, progress=False).total
+
+    t1 = run(lof)
+    assert np.all(t1 >= 0)
+    np.testing.assert_allclose(run(scale * lof), scale * t1, rtol=1e-5, atol=1e-9 * max(t1.max(), 1e-30))
+    assert np.all(run(np.zeros(64)) == 0)
