@@ -526,3 +526,12 @@ def test_no_overlap_gives_nan_pass_rate_and_valid_json(tmp_path, caplog):
     assert res.n_evaluated == 0 and res.n_outside > 0 and math.isnan(res.pass_rate_percent)
     data = json.loads(res.write_json(tmp_path / "g.json").read_text())
     assert data["pass_rate_percent"] is None and data["statistics"]["mean"] is None
+
+
+def test_default_plot_slice_shows_failures():
+    ref = _dose(GRID, 2.0)
+    bump = np.zeros(GRID.shape)
+    bump[3] = 0.2  # +10 % on slice 3 only: gamma 5 there
+    res = gamma_index(ref, ref.with_array(ref.array + bump), dose_percent=2, distance_mm=1)
+    assert res.default_slice() == 3
+    assert gamma_index(ref, ref).default_slice() == GRID.nz // 2

@@ -386,9 +386,15 @@ class GammaResult:
         )
 
     def default_slice(self) -> int:
-        """Axial slice index (z) holding the most evaluated voxels."""
-        counts = np.sum(~np.isnan(self.gamma.array), axis=(1, 2))
-        return int(np.argmax(counts))
+        """Axial slice index (z) holding the most failing voxels (gamma > 1); without failures
+        the one with the most evaluated voxels; ties: the middle of the tied slices."""
+        g = self.gamma.array
+        with np.errstate(invalid="ignore"):
+            n_fail = np.sum(g > 1.0, axis=(1, 2))
+        n_eval = np.sum(~np.isnan(g), axis=(1, 2))
+        score = n_fail if n_fail.max() > 0 else n_eval
+        tied = np.flatnonzero(score == score.max())
+        return int(tied[len(tied) // 2])
 
     def plot(self, path, slice_index: int | None = None, max_gamma: float = 2.0) -> Path:
         """Save a figure: axial gamma map at ``slice_index`` and the gamma histogram.
