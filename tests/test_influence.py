@@ -1,0 +1,169 @@
+"""Influence matrix: consistency with the full-plan pencil-beam dose, threshold, chunking, HDF5."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from scipy import sparse
+
+from tomodose.delivery.beams_eye import conformal_sinogram
+from tomodose.delivery.plan import HelicalPlan
+from tomodose.geometry.grid import Grid, ImageVolume
+from tomodose.geometry.structures import Structure, ellipsoid_mask
+from tomodose.terma import BeamModel
+from tomodose.transport.influence import (
+    DEFAULT_THRESHOLD,
+    beamlet_weights,
+    influence_beamlets,
+    influence_matrix,
+    read_influence,
+    write_influence,
+)
+from tomodose.transport.pencil_beam import beamlet_dose, pencil_beam_dose
+
+
+@pytest.fixture(scope="module")
+def case():
+    g = Grid(shape=(8, 12, 12), spacing_mm=(12.0, 12.0, 10.0), origin_mm=(-66.0, -66.0, -35.0))
+    rho = np.ones(g.shape)
+    rho[:, :, :3] = 0.3  # a lung-like block on one side
+    rho[:, :1, :] = 0.0012
+    dens = ImageVolume(g, rho, "g/cm3", "mass density")
+    target = Structure("PTV", g, ellipsoid_mask(g, (5.0, 0.0, 0.0), (25.0, 25.0, 18.0)), role="target")
+    plan = HelicalPlan.covering(lambda n, m: np.ones((n, m)), 18.0, -18.0, field_width_mm=25.0, pitch=0.9,
+                                gantry_period_s=15.0)
+    rng = np.random.default_rng(11)
+    sino = conformal_sinogram(plan, target) * rng.uniform(0.1, 1.0, (plan.n_projections, 64))
+    plan = dataclasses.replace(plan, sinogram=sino)
+    return dens, target, plan, sino
+
+
+def test_matrix_times_sinogram_equals_full_dose(case):
+    dens, target, plan, sino = case
+    beam = BeamModel.default()
+    for n_sub in (1, 2):
+        full = pencil_beam_dose(dens, plan, beam, leaf_model="linear", n_subsamples=n_sub, progress=False)
+        m, (p, l) = influence_matrix(dens, plan, target=target, threshold=0.0, beam_model=beam,
+                                     n_subsamples=n_sub, progress=False, return_beamlets=True)
+        assert isinstance(m, sparse.csc_matrix) and m.dtype == np.float32
+        assert m.shape == (dens.grid.n_voxels, p.size)
+        assert m.has_sorted_indices
+        approx = (m @ beamlet_weights(sino, p, l)).reshape(dens.grid.shape)
+        assert full.max() > 0
+        assert np.abs(approx - full).max() <= 1e-5 * full.max()
+
+
+def test_beamlets_are_those_seeing_the_target(case):
+    dens, target, plan, _ = case
+    p, l = influence_beamlets(plan, target)
+    assert np.all(np.diff(p * 64 + l) > 0)  # sorted by projection, then leaf
+    from tomodose.delivery.beams_eye import leaves_seeing_structure
+
+    seeing = leaves_seeing_structure(plan.projections(), target)
+    assert p.size == seeing.sum() and np.all(seeing[p, l])
+
+
+def test_column_equals_beamlet_dose(case):
+    dens, target, plan, _ = case
+    m, (p, l) = influence_matrix(dens, plan, target=target, threshold=0.0, progress=False, return_beamlets=True)
+    b = p.size // 2
+    ref = beamlet_dose(dens, plan, int(p[b]), int(l[b])).ravel()
+    col = m[:, b].toarray().ravel()
+    np.testing.assert_allclose(col, ref, rtol=1e-6, atol=1e-7 * ref.max())
+
+
+def test_threshold_and_its_error(case):
+    dens, target, plan, sino = case
+    m0, (p, l) = influence_matrix(dens, plan, target=target, threshold=0.0, progress=False, return_beamlets=True)
+    x = beamlet_weights(sino, p, l)
+    exact = m0 @ x
+    previous = None
+    for thr in (1e-3, DEFAULT_THRESHOLD, 5e-2):
+        m = influence_matrix(dens, plan, target=target, threshold=thr, progress=False)
+        # every kept entry is >= threshold x its column maximum, and none is invented
+        cmax = m0.max(axis=0).toarray().ravel()
+        for b in range(0, m.shape[1], max(1, m.shape[1] // 25)):
+            col = m[:, b]
+            assert np.all(col.data >= thr * cmax[b] * (1 - 1e-6))
+            np.testing.assert_allclose(col.toarray().ravel()[col.indices], m0[:, b].toarray().ravel()[col.indices],
+                                       rtol=1e-6)
+        approx = m @ x
+        deficit = (exact - approx)[target.mask.ravel()]
+        assert np.all(deficit >= -1e-6 * exact.max())  # dropping entries only lowers the dose
+        rel = deficit.mean() / exact[target.mask.ravel()].mean()
+        assert rel < 0.25
+        if previous is not None:
+            assert m.nnz <= previous
+        previous = m.nnz
+
+
+def test_chunking_and_threads_do_not_change_the_matrix(case):
+    import numba
+
+    dens, target, plan, _ = case
+    a = influence_matrix(dens, plan, target=target, threshold=DEFAULT_THRESHOLD, chunk_beamlets=7, progress=False)
+    n = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        b = influence_matrix(dens, plan, target=target, threshold=DEFAULT_THRESHOLD, chunk_beamlets=10_000,
+                             progress=False)
+    finally:
+        numba.set_num_threads(n)
+    assert np.array_equal(a.indptr, b.indptr)
+    assert np.array_equal(a.indices, b.indices)
+    assert np.array_equal(a.data, b.data)
+
+
+def test_hdf5_roundtrip(case, tmp_path):
+    import h5py
+
+    dens, target, plan, _ = case
+    m, (p, l) = influence_matrix(dens, plan, target=target, progress=False, return_beamlets=True)
+    path = tmp_path / "influence.h5"
+    with h5py.File(path, "w") as f:
+        write_influence(f, "ptv", m, p, l, threshold=DEFAULT_THRESHOLD, metadata={"target": "PTV"})
+    with h5py.File(path, "r") as f:
+        m2, p2, l2, attrs = read_influence(f["ptv"])
+        with pytest.raises(ValueError, match="not an influence matrix"):
+            read_influence(f["ptv/matrix"])
+    assert (m2 != m).nnz == 0 and m2.dtype == np.float32
+    assert np.array_equal(p2, p) and np.array_equal(l2, l)
+    assert attrs["threshold"] == DEFAULT_THRESHOLD and attrs["metadata"] == {"target": "PTV"}
+
+
+def test_results_file_extra_roundtrip(case, tmp_path):
+    """The matrix also travels in the results file's free-form section (FOUNDATION's writer)."""
+    from tomodose.io.hdf5 import read_results, write_results
+
+    dens, target, plan, _ = case
+    m = influence_matrix(dens, plan, target=target, progress=False)
+    path = write_results(tmp_path / "r.h5", plan=plan, extra={"influence_ptv": m})
+    back = read_results(path).extra["influence_ptv"]
+    assert (sparse.csc_matrix(back) != m).nnz == 0
+
+
+def test_bad_inputs(case):
+    dens, target, plan, _ = case
+    with pytest.raises(ValueError, match="threshold must be"):
+        influence_matrix(dens, plan, target=target, threshold=1.0, progress=False)
+    with pytest.raises(ValueError, match="threshold"):
+        influence_matrix(dens, plan, target=target, threshold=-0.1, progress=False)
+    with pytest.raises(ValueError, match="chunk_beamlets"):
+        influence_matrix(dens, plan, target=target, chunk_beamlets=0, progress=False)
+    with pytest.raises(TypeError, match="needs a PatientModel"):
+        influence_matrix(dens, plan, target="PTV", progress=False)
+    with pytest.raises(TypeError, match="target must be"):
+        influence_matrix(dens, plan, target=3, progress=False)
+    with pytest.raises(TypeError, match="projections_or_plan"):
+        influence_matrix(dens, np.ones((3, 64)), target=target, progress=False)
+    with pytest.raises(ValueError, match="margin_mm"):
+        influence_matrix(dens, plan, target=target, margin_mm=-1.0, progress=False)
+    m = influence_matrix(dens, plan, target=target, progress=False)
+    with pytest.raises(ValueError, match="projection and leaf"):
+        import h5py
+        import io
+
+        with h5py.File(io.BytesIO(), "w") as f:
+            write_influence(f, "x", m, np.zeros(2), np.zeros(2))
