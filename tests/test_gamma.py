@@ -11,6 +11,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.naive import gamma as naive
 from tomodose._kernels import gamma as kg
@@ -535,3 +537,33 @@ def test_default_plot_slice_shows_failures():
     res = gamma_index(ref, ref.with_array(ref.array + bump), dose_percent=2, distance_mm=1)
     assert res.default_slice() == 3
     assert gamma_index(ref, ref).default_slice() == GRID.nz // 2
+
+
+# ------------------------------------------------------------------------------------------
+# invariants (hypothesis)
+# ------------------------------------------------------------------------------------------
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 10_000), shift=st.tuples(*[st.floats(-50, 50)] * 3),
+       local=st.booleans())
+def test_invariants_translation_and_criteria(seed, shift, local):
+    """Translating both grids together changes nothing; with a fixed search set, looser criteria
+    never raise gamma (every term of the minimum decreases)."""
+    rng = np.random.default_rng(seed)
+    g_ref = Grid((3, 4, 5), (1.0, 1.1, 1.3), (0.0, 0.0, 0.0))
+    g_ev = Grid((4, 5, 6), (0.9, 1.0, 1.2), (-0.7, -0.4, -0.9))
+    ref, ev = rng.uniform(0.5, 2.0, g_ref.shape), rng.uniform(0.5, 2.0, g_ev.shape)
+    fixed = dict(max_search_radius_mm=1.5, search_step_mm=0.3, cutoff_percent=0, local=local,
+                 normalisation_gy=2.0)
+    base = gamma_index(_dose(g_ref, ref), _dose(g_ev, ev), dose_percent=3, distance_mm=1.0, **fixed)
+    moved = gamma_index(
+        _dose(Grid(g_ref.shape, g_ref.spacing_mm, tuple(np.add(g_ref.origin_mm, shift))), ref),
+        _dose(Grid(g_ev.shape, g_ev.spacing_mm, tuple(np.add(g_ev.origin_mm, shift))), ev),
+        dose_percent=3, distance_mm=1.0, **fixed)
+    np.testing.assert_allclose(moved.gamma.array, base.gamma.array, rtol=1e-6, atol=1e-9,
+                               equal_nan=True)
+    looser_dd = gamma_index(_dose(g_ref, ref), _dose(g_ev, ev), dose_percent=4, distance_mm=1.0, **fixed)
+    looser_dta = gamma_index(_dose(g_ref, ref), _dose(g_ev, ev), dose_percent=3, distance_mm=1.4, **fixed)
+    ok = ~np.isnan(base.gamma.array)
+    assert np.all(looser_dd.gamma.array[ok] <= base.gamma.array[ok] + 1e-12)
+    assert np.all(looser_dta.gamma.array[ok] <= base.gamma.array[ok] + 1e-12)
+    assert looser_dd.n_passed >= base.n_passed and looser_dta.n_passed >= base.n_passed
