@@ -498,6 +498,12 @@ def test_cli_images(tmp_path, capsys):
     assert f"{data['pass_rate_percent']:.2f}%" in text
     assert out_png.stat().st_size > 1000
     assert main(["gamma", str(a), str(b), "--dta", "1", "--min-pass", "99.9"]) == 1
+    # NIfTI records no unit: read as Gy with a warning
+    c = export_volume(ev, tmp_path / "eval.nii.gz")
+    assert main(["gamma", str(a), str(c), "--dta", "1", "--json", str(out_json)]) == 0
+    assert abs(json.loads(out_json.read_text())["n_passed"] - expected.n_passed) <= 2
+    assert main(["gamma", str(a), str(b), "--dose-eval", "x"]) == 2
+    assert "applies to .h5 results files only" in capsys.readouterr().err
 
 
 def test_cli_results_files(tmp_path, capsys):
