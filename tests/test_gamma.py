@@ -573,3 +573,23 @@ def test_invariants_translation_and_criteria(seed, shift, local):
     assert np.all(looser_dd.gamma.array[ok] <= base.gamma.array[ok] + 1e-12)
     assert np.all(looser_dta.gamma.array[ok] <= base.gamma.array[ok] + 1e-12)
     assert looser_dd.n_passed >= base.n_passed and looser_dta.n_passed >= base.n_passed
+
+
+def test_mask_restricts_evaluation():
+    from tomodose.geometry.structures import Structure
+
+    ref = _ramp(GRID, 2.5, 0.05)
+    ev = _ramp(GRID, 2.5, 0.05, 1.0)
+    full = gamma_index(ref, ev, cutoff_percent=0)
+    x, _, _ = GRID.meshgrid_mm()
+    inside = np.broadcast_to(x < 0, GRID.shape)
+    part = gamma_index(ref, ev, cutoff_percent=0, mask=inside)
+    assert part.n_evaluated == int(inside.sum())
+    assert np.all(np.isnan(part.gamma.array[~inside]))
+    np.testing.assert_array_equal(part.gamma.array[inside], full.gamma.array[inside])
+    body = Structure("body", GRID, inside.astype(float))
+    assert gamma_index(ref, ev, cutoff_percent=0, mask=body).n_evaluated == part.n_evaluated
+    with pytest.raises(ValueError, match="mask must have the reference shape"):
+        gamma_index(ref, ev, mask=np.ones((2, 2, 2), bool))
+    with pytest.raises(TypeError, match="mask must be a bool array"):
+        gamma_index(ref, ev, mask=inside.astype(int))

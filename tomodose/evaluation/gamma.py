@@ -460,6 +460,22 @@ def _check_dose(name: str, value) -> ImageVolume:
     return value
 
 
+def _check_mask(mask, reference: ImageVolume) -> np.ndarray:
+    from tomodose.geometry.structures import Structure
+
+    if isinstance(mask, Structure):
+        reference.grid.require_same(mask.grid, f"mask structure {mask.name!r}")
+        return np.asarray(mask.occupancy) >= 0.5
+    arr = np.asarray(mask)
+    if arr.dtype != np.bool_:
+        raise TypeError(f"mask must be a bool array or a Structure, got dtype {arr.dtype}")
+    if arr.shape != reference.grid.shape:
+        raise ValueError(
+            f"mask must have the reference shape {reference.grid.shape}, got {arr.shape}"
+        )
+    return arr
+
+
 def _grid_mapping(reference: ImageVolume, evaluated: ImageVolume):
     """base0, scale (x, y, z): reference index -> evaluated fractional index."""
     o_r = np.asarray(reference.grid.origin_mm)
@@ -555,6 +571,7 @@ def gamma_index(
     evaluated: ImageVolume,
     criteria: GammaCriteria | None = None,
     *,
+    mask=None,
     progress: bool | None = None,
     **criteria_kwargs,
 ) -> GammaResult:
@@ -570,6 +587,10 @@ def gamma_index(
     criteria : GammaCriteria, optional
         Criteria; alternatively give its fields as keyword arguments (``dose_percent=3,
         distance_mm=3, local=True, ...``), not both.
+    mask : (nz, ny, nx) bool array, Structure or None
+        Restrict the evaluation to these reference voxels (in addition to the cut-off), e.g. the
+        body; a :class:`~tomodose.geometry.structures.Structure` on the reference grid counts
+        voxels with occupancy >= 0.5.
     progress : bool or None
         tqdm progress bar for large grids (None: global setting).
 
@@ -604,10 +625,12 @@ def gamma_index(
         )
     dd_gy = criteria.dose_percent / 100.0 * norm
     cutoff_gy = criteria.cutoff_percent / 100.0 * norm
-    mask = ref >= cutoff_gy
+    selected = ref >= cutoff_gy
     if criteria.local:
-        mask &= ref > 0
-    points = np.flatnonzero(mask).astype(np.int64)
+        selected &= ref > 0
+    if mask is not None:
+        selected &= _check_mask(mask, reference)
+    points = np.flatnonzero(selected).astype(np.int64)
 
     offsets_mm, dist_mm, _ = search_offsets_mm(
         criteria.max_search_radius_mm, criteria.search_step_mm, _active_axes(evaluated)
