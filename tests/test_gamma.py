@@ -394,6 +394,12 @@ def test_bad_criteria(kwargs, match):
         GammaCriteria(**kwargs)
 
 
+def test_search_set_size_is_limited():
+    ref = _ramp(GRID, 2.5, 0.05)
+    with pytest.raises(ValueError, match="needs about .* search points"):
+        gamma_index(ref, ref, distance_mm=2, search_step_mm=0.01)
+
+
 def test_bad_doses():
     ref = _ramp(GRID, 2.5, 0.05)
     with pytest.raises(TypeError, match="evaluated must be a tomodose ImageVolume"):

@@ -74,6 +74,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_INTERP_FRACTION = 10
 #: default maximum search radius in units of the distance criterion.
 DEFAULT_MAX_GAMMA = 3.0
+#: refuse search sets larger than this (memory: 56 bytes per point).
+MAX_SEARCH_POINTS = 5_000_000
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,6 +216,14 @@ def search_offsets_mm(
     active = np.asarray(active_axes, dtype=bool)
     if active.shape != (3,):
         raise ValueError(f"active_axes must be 3 booleans (x, y, z), got {active_axes!r}")
+    ratio = max_radius_mm / step_mm
+    estimate = {0: 1, 1: 2 * ratio, 2: math.pi * ratio**2, 3: 4.2 * ratio**3}[int(active.sum())]
+    if estimate > MAX_SEARCH_POINTS:
+        raise ValueError(
+            f"search_step_mm={step_mm} with max_search_radius_mm={max_radius_mm} needs about "
+            f"{estimate:.3g} search points (limit {MAX_SEARCH_POINTS:.0e}); use a larger step or "
+            f"a smaller radius"
+        )
     offsets, distance, shell = _search_offsets_cached(max_radius_mm, step_mm, tuple(active.tolist()))
     return offsets.copy(), distance.copy(), shell.copy()
 
