@@ -14,9 +14,10 @@ script ``kernels/derive_ccc_kernels.py``:
    photon direction). The cumulative energy fraction per ring ``C_p(r)`` is tabulated at the shell
    edges, exactly as in the data (no energy is created or lost by the collapse).
 3. **Exponential representation**: ``C_p(r) ~= sum_k A[p, k] * (1 - exp(-a_k r))`` with ``K``
-   decay rates ``a_k`` (1/cm) shared by all rings and non-negative amplitudes; the rates are fitted
-   by variable projection (NNLS inside a Nelder-Mead search) and the amplitudes of each ring are
-   rescaled to reproduce its tabulated total exactly. Shared rates are what makes the
+   decay rates ``a_k`` (1/cm, bounded to [0.02, 100]) shared by all rings and non-negative
+   amplitudes; the rates are fitted by variable projection (NNLS inside a Powell/Nelder-Mead
+   search on log rates) and the amplitudes of each ring are rescaled so the model reproduces the
+   ring's tabulated total exactly at the last tabulated radius (60 cm). Shared rates are what makes the
    collapsed-cone recursion exact per segment *and* allows kernel tilting (the amplitude of a
    transport line may change from voxel to voxel while the transported flux keeps its decay).
 
@@ -454,7 +455,11 @@ class CollapsedConeKernel:
 
     @property
     def total_fraction(self) -> float:
-        """Total deposited fraction of the released energy (sum over rings; about 0.95)."""
+        """Deposited fraction of the released energy within the table (sum over rings; ~0.96).
+
+        The exponential model emits ``amplitudes.sum()`` (a few % more: its tail beyond the
+        table radius), and reproduces ``total_fraction`` at the table radius.
+        """
         return float(self.cumulative[:, -1].sum())
 
     @property
