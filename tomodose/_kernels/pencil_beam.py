@@ -86,7 +86,8 @@ def _leaf_direct(u, s, a, e0, w, phi):
 
 @numba.njit(**NUMBA_OPTIONS)
 def _leaf_table(u, q, tab, lev_off, lev_h, lev_n, u_max):
-    """Linear interpolation of the aperture table in u and in the level coordinate ``q``."""
+    """Linear interpolation of the aperture table in u and in the level coordinate ``q``
+    (``lev_h``: inverse u step of each level, 1/mm)."""
     n_lev = lev_off.shape[0]
     if q <= 0.0:
         q0 = 0
@@ -103,7 +104,7 @@ def _leaf_table(u, q, tab, lev_off, lev_h, lev_n, u_max):
         if wq == 0.0:
             continue
         lq = q0 + dq
-        x = (u + u_max) / lev_h[lq]
+        x = (u + u_max) * lev_h[lq]
         nq = lev_n[lq]
         if x <= 0.0:
             val = tab[lev_off[lq]]
@@ -122,9 +123,14 @@ _INV_LN2 = 1.0 / math.log(2.0)
 
 
 @numba.njit(**NUMBA_OPTIONS)
-def voxel_value(u, v, r, den, d_rad, rho, sad, amps, dz_tab, tail, sig, a, tab, e0, w, s_leaf,
+def voxel_value(u, v, r, den, d_rad, rho, leaf, sad, amps, dz_tab, tail, sig, a, tab, e0, w, s_leaf,
                 s_tab, lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi):
-    """Dose per unit time of one sample at one voxel (cm2/g per unit energy-fluence rate)."""
+    """Dose per unit time of one sample at one voxel (cm2/g per unit energy-fluence rate).
+
+    ``sig`` is (2, nG): Gaussian widths (mm of water) and their log2. ``leaf >= 0``: a single leaf
+    with unit weight (``a`` must then be its unit vector; same value as the general sum);
+    ``leaf < 0``: the leaf weights ``a``.
+    """
     theta = math.atan(u / sad)
     at = abs(theta)
     hsoft = 1.0 + soft * at
@@ -153,13 +159,13 @@ def voxel_value(u, v, r, den, d_rad, rho, sad, amps, dz_tab, tail, sig, a, tab, 
     sl2 = s_leaf * s_leaf
     st2 = s_tab * s_tab
     total = 0.0
-    for i in range(sig.shape[0]):
+    for i in range(sig.shape[1]):
         amp = amps[k0, i] + f * (amps[k0 + 1, i] - amps[k0, i])
         if ext > 0.0:
             amp *= tail[i] ** ext
         if amp <= 0.0:
             continue
-        su = sig[i] * lat
+        su = sig[0, i] * lat
         su2 = su * su
         sv = math.sqrt(su2 + sj2)
         if sv < 1e-9:
@@ -173,11 +179,16 @@ def voxel_value(u, v, r, den, d_rad, rho, sad, amps, dz_tab, tail, sig, a, tab, 
             sl = math.sqrt(s2)
             if sl < 1e-9:
                 sl = 1e-9
-            lu = _leaf_direct(u, sl, a, e0, w, phi)
+            if leaf >= 0:
+                isl = 1.0 / sl
+                el = e0 + leaf * w
+                lu = _phi((u - el) * isl, phi) - _phi((u - el - w) * isl, phi)
+            else:
+                lu = _leaf_direct(u, sl, a, e0, w, phi)
         else:
             # log2(sqrt(su2 + sl2)) = log2(su) + 0.5 log2(1 + x), x = sl2 / su2 <= (s_leaf / s_tab)^2
             x = sl2 / su2
-            lg = math.log2(sig[i]) + log2_lat + 0.5 * _INV_LN2 * (x - 0.5 * x * x)
+            lg = sig[1, i] + log2_lat + 0.5 * _INV_LN2 * (x - 0.5 * x * x)
             lu = _leaf_table(u, (lg - log2_s0) * lpo, tab, lev_off, lev_h, lev_n, u_max)
         total += amp * jv * lu
     return total * hsoft * off * (sad / r) ** 2
@@ -281,7 +292,7 @@ def full_dose_group(dose, depth_t, rho_t, origin, spacing, src, xg, yg, zg, dt, 
                     if abs(v) > v_reach:
                         continue
                     r = math.sqrt(ddx * ddx + d0y * d0y + d0z * d0z)
-                    val = voxel_value(u, v, r, den, depth_t[j, i, k], rho_t[j, i, k], sad, amps, dz_tab,
+                    val = voxel_value(u, v, r, den, depth_t[j, i, k], rho_t[j, i, k], -1, sad, amps, dz_tab,
                                       tail, sig, a, tab, e0, w, s_leaf, s_tab, lev_off, lev_h, lev_n,
                                       log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi)
                     dose[k, j, i] += dt[s] * val
@@ -396,7 +407,7 @@ def beamlet_columns(out_idx, out_val, offsets, kept, beam_proj, beam_leaf, samp_
                     u = (ddx * xg[s, 0] + ddy * xg[s, 1] + ddz * xg[s, 2]) * sc
                     v = (ddx * yg[s, 0] + ddy * yg[s, 1] + ddz * yg[s, 2]) * sc
                     r = math.sqrt(ddx * ddx + ddy * ddy + ddz * ddz)
-                    val = voxel_value(u, v, r, den, depth_all[g, j, i, k], rho_t[j, i, k], sad, amps, dz_tab,
+                    val = voxel_value(u, v, r, den, depth_all[g, j, i, k], rho_t[j, i, k], l, sad, amps, dz_tab,
                                       tail, sig, a, tab, e0, w, s_leaf, s_tab, lev_off, lev_h, lev_n,
                                       log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi)
                     acc[flat] += dt[s] * val

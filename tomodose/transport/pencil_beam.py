@@ -218,7 +218,7 @@ class _Engine:
         self.den_min = self.sad - half_diag
         self.u_max = self.sad * half_diag / self.den_min + 10.0
         k = self.kernel
-        self.sig = np.ascontiguousarray(k.sigma_mm)
+        self.sig = np.ascontiguousarray(np.stack([k.sigma_mm, np.log2(k.sigma_mm)]))
         self.amps = np.ascontiguousarray(k.amplitude_cm2_g)
         self.tail = np.ascontiguousarray(k.tail_ratio)
         self.dz_tab = k.dz_mm
@@ -249,7 +249,7 @@ class _Engine:
         return (self.sad, self.amps, self.dz_tab, self.tail, self.sig)
 
     def tail_params(self):
-        return (self.e0, self.w, self.s_leaf, S_TAB_MM, self.lev_off, self.lev_h, self.lev_n, self.log2_s0,
+        return (self.e0, self.w, self.s_leaf, S_TAB_MM, self.lev_off, 1.0 / self.lev_h, self.lev_n, self.log2_s0,
                 float(LEVELS_PER_OCTAVE), self.u_max, self.jaw_h, self.s_jaw, self.offc, self.soft, self.phi)
 
     def slab(self, v_reach: float):
