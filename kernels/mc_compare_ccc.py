@@ -36,6 +36,8 @@ def main(argv=None) -> int:
     ap.add_argument("--histories", type=int, default=300_000)
     ap.add_argument("--shared-data", type=Path, default=ROOT.parent / "shared" / "data")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--mono", type=float, default=None,
+                    help="mono-energetic beam (MeV, one of the EDKnrc energies) instead of the spectrum")
     args = ap.parse_args(argv)
     import ompmc
 
@@ -53,9 +55,13 @@ def main(argv=None) -> int:
     nx, ny, nz = xb.size - 1, yb.size - 1, zb.size - 1
     jc = int(np.argmin(np.abs(0.5 * (yb[1:] + yb[:-1]))))
 
-    spec = default_spectrum()
-    edges = np.asarray(spec.bin_edges_mev, float)
-    mc_spec = ompmc.Spectrum.from_histogram(edges[1:], np.asarray(spec.fluence, float), e_min=float(edges[0]))
+    if args.mono is None:
+        spec = default_spectrum()
+        edges = np.asarray(spec.bin_edges_mev, float)
+        mc_spec = ompmc.Spectrum.from_histogram(edges[1:], np.asarray(spec.fluence, float),
+                                                e_min=float(edges[0]))
+    else:
+        mc_spec = ompmc.Spectrum.monoenergetic(args.mono)
     geo = ompmc.Geometry(xb, yb, zb, ["H2O700ICRU"],
                          density=np.asfortranarray(np.ones((nx, ny, nz))),
                          material=np.asfortranarray(np.ones((nx, ny, nz), dtype=np.int32)))
@@ -69,8 +75,19 @@ def main(argv=None) -> int:
     # CCC on a 0.5 x 0.5 x 0.25 cm grid with the kernel's TERMA weights, averaged to the tally
     kernel = load_kernel()
     w = np.asarray(kernel.provenance["terma_weights"])
-    mu_e, mu_v = script.read_mu_water(args.shared_data / script.MU_REL)
     e_k = np.asarray(kernel.provenance["inputs"]["mono_kernels"]["energies_mev"])
+    if args.mono is not None:
+        from tomodose.transport.kernels import collapse_kernel, read_edk_csv
+
+        edk = read_edk_csv(args.shared_data / script.EDK_REL)
+        ie = int(np.argmin(np.abs(edk.energies_mev - args.mono)))
+        groups = [int(round(e / 3.75)) for e in kernel.polar_edges_deg]
+        kernel = collapse_kernel(edk.total[ie], edk.theta_edges_deg, edk.radius_edges_cm,
+                                 polar_group_edges=groups, n_azimuth=kernel.n_azimuth,
+                                 n_terms=kernel.n_terms)
+        w = np.zeros(edk.energies_mev.size)
+        w[ie] = 1.0
+    mu_e, mu_v = script.read_mu_water(args.shared_data / script.MU_REL)
     mu = np.exp(np.interp(np.log(e_k), np.log(mu_e), np.log(mu_v)))
     gz = 80
     grid = Grid((gz, 40, 40), (5.0, 5.0, 2.5), (-97.5, -97.5, 1.25))
@@ -81,7 +98,8 @@ def main(argv=None) -> int:
     terma = inside * np.einsum("e,zyxe->zyx", w, np.exp(-d_cm[..., None] * mu)) / mag**2
     t0 = time.perf_counter()
     ccc = collapsed_cone_dose(terma * np.ones(grid.shape), np.ones(grid.shape), grid,
-                              source_position_mm=(0.0, 0.0, -ssd * 10), progress=False).astype(float)
+                              source_position_mm=(0.0, 0.0, -ssd * 10), kernel=kernel,
+                              progress=False).astype(float)
     t_ccc = time.perf_counter() - t0
     ccc_prof = ccc[:, 18:22, :].mean(axis=1).reshape(nz, 2, nx).mean(axis=1)  # (z, x)
 
@@ -98,6 +116,7 @@ def main(argv=None) -> int:
     i_c = nx // 2
     result = {
         "histories": args.histories,
+        "beam": "default spectrum" if args.mono is None else f"{args.mono} MeV",
         "time_mc_s": round(t_mc, 1),
         "time_ccc_s": round(t_ccc, 2),
         "mc_voxel_unc_pct_at_10cm_cax": round(float(unc[i10, i_c] * 100), 2),

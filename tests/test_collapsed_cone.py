@@ -228,6 +228,14 @@ def test_air_and_vacuum_are_finite(kernel):
     assert d[15, 3, 3] < d[5, 3, 3]
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 5, 4), (3, 1, 1)])
+def test_degenerate_grids(kernel, shape):
+    g = Grid(shape, (3.0, 3.0, 3.0))
+    for kw in ({"beam_direction": (0.2, 1.0, 0.1)}, {"source_position_mm": (0.0, -850.0, 0.0)}):
+        d = _ccc(np.ones(shape), np.ones(shape), g, **kw)
+        assert np.all(np.isfinite(d)) and np.all(d > 0) and np.all(d < kernel.total_fraction)
+
+
 def test_lung_slab_lowers_dose_behind_small_field(kernel):
     """Lateral electronic disequilibrium: a narrow field loses dose in low density."""
     g = Grid((30, 21, 21), (4.0, 4.0, 4.0), (-40.0, -40.0, 0.0))
