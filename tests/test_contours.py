@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tomodose.geometry.contours import (
-    contour_sample_points, rasterise_contours, slab_bounds_mm, structure_from_contours,
+    _inside_subrows, contour_sample_points, rasterise_contours, slab_bounds_mm, structure_from_contours,
 )
 from tomodose.geometry.grid import Grid
 
@@ -124,3 +124,22 @@ def test_sample_points_volume_and_reproducibility():
     assert pts[:, 2].min() >= -1.0 and pts[:, 2].max() <= 21.0
     again = np.concatenate([p for p, _ in contour_sample_points(planes, resolution_mm=0.25)])
     np.testing.assert_array_equal(pts, again)
+
+
+def test_scanline_inside_matches_matplotlib_even_odd():
+    from matplotlib.path import Path
+
+    rng = np.random.default_rng(0)
+    t = np.linspace(0, 2 * np.pi, 50, endpoint=False)
+    r = 10 + 3 * rng.uniform(size=50)
+    star = np.column_stack([r * np.cos(t), r * np.sin(t)])
+    hole = np.array([[-2, -2], [2, -2], [2, 2], [-2, 2.0]])
+    far = np.array([[20, 20], [24, 20], [22, 23.0]])
+    ys = np.linspace(-14, 25, 300) + 0.0137
+    row = rng.integers(0, ys.size, 60000)
+    x = rng.uniform(-14, 25, 60000)
+    got = _inside_subrows([star, hole, far], ys, row, x)
+    pts = np.column_stack([x, ys[row]])
+    ref = Path(star).contains_points(pts) ^ Path(hole).contains_points(pts) ^ Path(far).contains_points(pts)
+    np.testing.assert_array_equal(got, ref)
+    assert got.sum() > 1000

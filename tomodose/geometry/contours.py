@@ -294,6 +294,42 @@ def structure_from_contours(
     return Structure(name, grid, occ, role=role, color=color)
 
 
+def _inside_subrows(polys, ys: np.ndarray, row: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Even-odd inside test of points ``(x[i], ys[row[i]])``; ``ys`` regular and increasing.
+
+    Scanline: the crossings of every polygon edge with the rows it spans (half-open in y, so a
+    vertex on a row counts once) are listed sparsely and sorted by (row, x); a point is inside
+    when an odd number of its row's crossings lie to its left.
+    """
+    a = np.concatenate(polys)
+    b = np.concatenate([np.roll(p, -1, axis=0) for p in polys])
+    lo = np.minimum(a[:, 1], b[:, 1])
+    hi = np.maximum(a[:, 1], b[:, 1])
+    y0 = float(ys[0])
+    dy = float(ys[1] - ys[0]) if ys.size > 1 else 1.0
+    # rows r with lo <= ys[r] < hi
+    r0 = np.clip(np.ceil((lo - y0) / dy - 1e-9).astype(np.int64), 0, ys.size)
+    r1 = np.clip(np.ceil((hi - y0) / dy - 1e-9).astype(np.int64), 0, ys.size)
+    # exact half-open check at the ends (guards rounding)
+    r0 = np.where((r0 > 0) & (ys[np.maximum(r0 - 1, 0)] >= lo), r0 - 1, r0)
+    r1 = np.where((r1 < ys.size) & (ys[np.minimum(r1, ys.size - 1)] < hi), r1 + 1, r1)
+    n = np.maximum(r1 - r0, 0)
+    if n.sum() == 0:
+        return np.zeros(x.size, dtype=bool)
+    e = np.repeat(np.arange(a.shape[0]), n)
+    rows = r0[e] + (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n))
+    yr = ys[rows]
+    keep = (lo[e] <= yr) & (yr < hi[e])
+    e, rows, yr = e[keep], rows[keep], yr[keep]
+    xc = a[e, 0] + (yr - a[e, 1]) * (b[e, 0] - a[e, 0]) / (b[e, 1] - a[e, 1])
+    shift = 1.0 + max(float(np.abs(xc).max(initial=0.0)), float(np.abs(x).max(initial=0.0)))
+    width = 4.0 * shift
+    keys = np.sort(rows * width + (xc + shift))
+    starts = np.searchsorted(keys, np.arange(ys.size) * width)
+    left = np.searchsorted(keys, row * width + (x + shift)) - starts[row]
+    return (left % 2) == 1
+
+
 def contour_sample_points(
     contours,
     *,
@@ -305,6 +341,7 @@ def contour_sample_points(
     default_spacing_mm: float = 1.0,
     jitter: bool = True,
     seed: int = 0,
+    min_samples_per_plane: int = 10_000,
 ):
     """Point samples filling the structure, for grid-free DVHs (slab model, even-odd rule).
 
@@ -314,10 +351,14 @@ def contour_sample_points(
     layers, so the slab extents (and end caps) are exact.
 
     With ``jitter=True`` (default) the sampling is *stratified*: each point sits at a
-    pseudo-random position inside its cell (x, y per plane; z per point), drawn from a generator
-    seeded with ``seed`` (reproducible). Regular points would make the DVH of a dose gradient
+    pseudo-random position inside its cell (x per point and y per lattice row, per plane; z per
+    point), drawn from a generator seeded with ``seed`` (reproducible). Regular points would make the DVH of a dose gradient
     aligned with the lattice a staircase of steps ``gradient x pitch``; jittered points make it
     smooth and unbiased. With ``jitter=False`` points sit at the cell centres.
+
+    Planes whose bounding box would hold fewer than ``min_samples_per_plane`` lattice cells get
+    a finer pitch (so that they hold about that many): small cross-sections (apices, poles,
+    small structures) are sampled as precisely as large ones.
 
     Yields
     ------
@@ -340,18 +381,27 @@ def contour_sample_points(
         if hi <= lo:
             continue
         xy = np.concatenate(polys)
-        x0, y0 = np.floor(xy.min(axis=0) / h) * h
-        x1, y1 = np.ceil(xy.max(axis=0) / h) * h
-        xs = x0 + h * (np.arange(int(round((x1 - x0) / h))) + 0.5)
-        ys = y0 + h * (np.arange(int(round((y1 - y0) / h))) + 0.5)
-        px, py = np.meshgrid(xs, ys)
-        pts = np.column_stack([px.ravel(), py.ravel()])
+        span = np.maximum(xy.max(axis=0) - xy.min(axis=0), 1e-6)
+        hp = h
+        if span[0] * span[1] / (h * h) < min_samples_per_plane:
+            hp = max(float(np.sqrt(span[0] * span[1] / min_samples_per_plane)), 1e-4)
+        x0, y0 = np.floor(xy.min(axis=0) / hp) * hp
+        x1, y1 = np.ceil(xy.max(axis=0) / hp) * hp
+        xs = x0 + hp * (np.arange(max(1, int(round((x1 - x0) / hp)))) + 0.5)
+        ys = y0 + hp * (np.arange(max(1, int(round((y1 - y0) / hp)))) + 0.5)
         if jitter:
-            pts += rng.uniform(-0.5 * h, 0.5 * h, size=pts.shape)
-        parity = np.zeros(pts.shape[0], dtype=bool)
-        for poly in polys:
-            parity ^= _MplPath(poly, closed=False).contains_points(pts)
-        pts = pts[parity]
+            # y is jittered on n_sub sub-rows per lattice row (so the inside test stays a scanline)
+            n_sub = 64
+            sub_y = (y0 + (hp / n_sub) * (np.arange(ys.size * n_sub) + 0.5))
+            row = (np.arange(ys.size) * n_sub)[:, None] + rng.integers(0, n_sub, size=(ys.size, xs.size))
+            px = xs[None, :] + rng.uniform(-0.5 * hp, 0.5 * hp, size=(ys.size, xs.size))
+            row, px = row.ravel(), px.ravel()
+        else:
+            sub_y = ys
+            row = np.repeat(np.arange(ys.size), xs.size)
+            px = np.tile(xs, ys.size)
+        inside = _inside_subrows(polys, sub_y, row, px)
+        pts = np.column_stack([px[inside], sub_y[row[inside]]])
         if pts.shape[0] == 0:
             continue
         n_z = max(1, int(np.ceil((hi - lo) / hz - 1e-9)))
@@ -362,4 +412,4 @@ def contour_sample_points(
         out[:, 2] = np.repeat(zs, pts.shape[0])
         if jitter:
             out[:, 2] += rng.uniform(-0.5 * t, 0.5 * t, size=out.shape[0])
-        yield out, np.full(out.shape[0], h * h * t / 1000.0)
+        yield out, np.full(out.shape[0], hp * hp * t / 1000.0)
