@@ -1,0 +1,187 @@
+"""One call from a patient and a plan to absolute dose, with a named engine.
+
+Engines
+-------
+``"collapsed_cone"`` (accurate, default)
+    Polyenergetic TERMA (:func:`tomodose.terma.compute_terma`) accumulated per gantry-angle
+    group, then one collapsed-cone transport (:func:`tomodose.transport.collapsed_cone
+    .collapsed_cone_dose`) per group. Projections that share a gantry angle (one per rotation of
+    a helical plan) are summed at the TERMA level, so the transport cost does not grow with the
+    number of rotations. Kernel tilt: when a group's projections share one source position (a
+    fixed beam, or a single rotation without couch motion) the kernel is tilted per voxel toward
+    that point source; otherwise (helical groups spread along the couch axis) the group's central
+    beam direction is used for all voxels (parallel-beam tilt). ``grouping="projection"`` instead
+    transports every projection separately with its own point source: the reference used to
+    measure the grouping error (see ``docs/dose.md``).
+``"pencil_beam"`` (fast)
+    :func:`tomodose.transport.pencil_beam.pencil_beam_dose`.
+
+Both are calibrated to absolute dose by :func:`tomodose.dose.calibration.calibration_factor`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from tomodose import config
+from tomodose._validate import check_choice
+from tomodose.delivery.plan import HelicalPlan, ProjectionSequence
+from tomodose.geometry.frames import beam_axes_patient, source_position_patient
+from tomodose.geometry.grid import ImageVolume
+from tomodose.geometry.patient import PatientModel
+from tomodose.dose.result import DoseResult
+
+__all__ = ["compute_dose", "ENGINES"]
+
+log = logging.getLogger(__name__)
+
+#: Engine names accepted by :func:`compute_dose`.
+ENGINES = ("collapsed_cone", "pencil_beam")
+
+
+def _ccc_engine(patient: PatientModel, seq: ProjectionSequence, *, beam_model=None, kernel=None,
+                progress=None, n_subsamples: int = 3, angle_groups: int | None = None,
+                grouping: str = "angle", tilt: str = "auto", timings: dict | None = None) -> np.ndarray:
+    from tomodose.terma.terma import compute_terma
+    from tomodose.transport.collapsed_cone import collapsed_cone_dose
+
+    check_choice("grouping", grouping, ("angle", "projection"))
+    check_choice("tilt", tilt, ("auto", "source", "parallel"))
+    density = patient.mass_density_g_cm3
+    grid = patient.grid
+    dose = np.zeros(grid.shape, dtype=np.float64)
+    show = config.progress_enabled(progress)
+    t0 = time.perf_counter()
+    if grouping == "projection":
+        units = []
+        for k in range(seq.n_projections):
+            sub = _sub_sequence(seq, [k])
+            units.append((sub, compute_terma(patient, sub, beam_model, n_subsamples=n_subsamples,
+                                             angle_groups=1, progress=False)))
+        t_terma = time.perf_counter() - t0
+        groups = [(sub, tr.per_group[0], tr.group_angles_deg[0], sub.couch_mm, sub.couch_travel_mm)
+                  for sub, tr in units]
+    else:
+        tr = compute_terma(patient, seq, beam_model, n_subsamples=n_subsamples, angle_groups=angle_groups,
+                           progress=progress)
+        t_terma = time.perf_counter() - t0
+        groups = []
+        for g in range(tr.n_groups):
+            members = np.flatnonzero(tr.projection_group == g)
+            groups.append((seq, tr.per_group[g], tr.group_angles_deg[g], seq.couch_mm[members],
+                           seq.couch_travel_mm[members]))
+    iterator = groups
+    if show:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(groups, desc="collapsed cone", unit="angle group")
+    t1 = time.perf_counter()
+    for s, terma_g, angle, couches, travel in iterator:
+        if not np.any(terma_g > 0):
+            continue
+        single_source = np.ptp(couches) == 0 and not np.any(travel > 0)
+        use_source = tilt == "source" or (tilt == "auto" and single_source)
+        if use_source:
+            src = source_position_patient(angle, float(np.mean(couches)), s.isocentre_lps_mm, s.machine.sad_mm,
+                                          s.patient_position)
+            d = collapsed_cone_dose(terma_g, density, grid, source_position_mm=src, kernel=kernel, progress=False)
+        else:
+            _, _, zg = beam_axes_patient(angle, s.patient_position)
+            d = collapsed_cone_dose(terma_g, density, grid, beam_direction=-zg, kernel=kernel, progress=False)
+        dose += d
+    if timings is not None:
+        timings.update(terma_s=t_terma, transport_s=time.perf_counter() - t1, n_transports=len(groups))
+    return dose.astype(np.float32)
+
+
+def _pencil_engine(patient, seq, *, beam_model=None, kernel=None, progress=None, timings=None, **options):
+    from tomodose.transport.pencil_beam import pencil_beam_dose
+
+    t0 = time.perf_counter()
+    out = pencil_beam_dose(patient, seq, beam_model, progress=progress, **options)
+    if timings is not None:
+        timings.update(pencil_beam_s=time.perf_counter() - t0)
+    return np.asarray(out.array if isinstance(out, ImageVolume) else out, dtype=np.float32)
+
+
+def _sub_sequence(seq: ProjectionSequence, index) -> ProjectionSequence:
+    idx = np.asarray(index)
+    return ProjectionSequence(
+        gantry_angle_deg=seq.gantry_angle_deg[idx], couch_mm=seq.couch_mm[idx],
+        leaf_open_fraction=seq.leaf_open_fraction[idx], duration_s=seq.duration_s[idx],
+        field_width_mm=seq.field_width_mm, arc_deg=seq.arc_deg[idx], couch_travel_mm=seq.couch_travel_mm[idx],
+        isocentre_lps_mm=seq.isocentre_lps_mm, patient_position=seq.patient_position, machine=seq.machine)
+
+
+def _engine_dose(engine: str, patient: PatientModel, seq: ProjectionSequence, **options) -> np.ndarray:
+    """Dose in engine units (no calibration)."""
+    if engine == "collapsed_cone":
+        return _ccc_engine(patient, seq, **options)
+    return _pencil_engine(patient, seq, **options)
+
+
+def compute_dose(patient: PatientModel, plan, engine: str = "collapsed_cone", *, beam_model=None, kernel=None,
+                 reference=None, progress: bool | None = None, **engine_options) -> DoseResult:
+    """Absolute dose (Gy per fraction) of a plan on a patient.
+
+    Parameters
+    ----------
+    patient : PatientModel
+        CT (HU) and structures on a DICOM LPS grid; the dose is computed on its grid.
+    plan : HelicalPlan or ProjectionSequence
+        The delivery. A sequence is treated as one fraction.
+    engine : str
+        ``"collapsed_cone"`` (default) or ``"pencil_beam"``.
+    beam_model : BeamModel, optional
+        Default :meth:`tomodose.terma.beam_model.BeamModel.default`.
+    kernel : optional
+        Collapsed-cone kernel (default: the shipped one).
+    reference : ReferenceCondition, optional
+        Calibration condition (default: 5 x 40 cm, SSD 850 mm, depth 15 mm, machine dose rate).
+    progress : bool, optional
+        Progress bars (default: ``tomodose.config.settings.progress``).
+    **engine_options
+        Collapsed cone: ``n_subsamples`` (3), ``angle_groups`` (51), ``grouping``
+        (``"angle"``/``"projection"``), ``tilt`` (``"auto"``/``"source"``/``"parallel"``).
+
+    Returns
+    -------
+    DoseResult
+        ``per_fraction`` (Gy) and ``total``, with calibration and timings in ``metadata``.
+    """
+    from tomodose.dose.calibration import calibration_factor
+    from tomodose.terma.beam_model import BeamModel
+
+    if not isinstance(patient, PatientModel):
+        raise TypeError(f"patient must be a PatientModel, got {type(patient).__name__}")
+    check_choice("engine", engine, ENGINES)
+    if isinstance(plan, HelicalPlan):
+        seq, n_fractions = plan.projections(), plan.n_fractions
+    elif isinstance(plan, ProjectionSequence):
+        seq, n_fractions = plan, 1
+    else:
+        raise TypeError(f"plan must be a HelicalPlan or ProjectionSequence, got {type(plan).__name__}")
+    if seq.patient_position != patient.patient_position:
+        raise ValueError(f"plan patient_position {seq.patient_position!r} differs from the patient's "
+                         f"{patient.patient_position!r}")
+    beam_model = beam_model or BeamModel.default()
+    calib_options = {k: v for k, v in engine_options.items() if k in ("n_subsamples",)}
+    t0 = time.perf_counter()
+    k = calibration_factor(engine, beam_model=beam_model, machine=seq.machine, kernel=kernel,
+                           reference=reference, engine_options=calib_options)
+    t_cal = time.perf_counter() - t0
+    timings: dict = {}
+    t0 = time.perf_counter()
+    raw = _engine_dose(engine, patient, seq, beam_model=beam_model, kernel=kernel, progress=progress,
+                       timings=timings, **engine_options)
+    timings["engine_s"] = time.perf_counter() - t0
+    timings["calibration_s"] = t_cal
+    dose = ImageVolume(patient.grid, (raw * np.float32(k)).astype(np.float32), "Gy", "dose")
+    meta = {"engine": engine, "calibration_gy_per_unit": k, "beam_model": beam_model.name,
+            "n_projections": seq.n_projections, "timings_s": timings,
+            "engine_options": {key: repr(v) for key, v in engine_options.items()}}
+    log.info("dose (%s): max %.3f Gy per fraction in %.1f s", engine, float(dose.array.max()), timings["engine_s"])
+    return DoseResult(dose, n_fractions, engine, meta)

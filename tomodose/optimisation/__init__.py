@@ -1,0 +1,7 @@
+"""Sinogram optimisation (inverse planning) on the pencil-beam influence matrix."""
+
+from tomodose.optimisation.sinogram import (
+    OptimisationSettings, build_terms, make_deliverable, optimise_plan, optimise_sinogram,
+)
+
+__all__ = ["OptimisationSettings", "build_terms", "optimise_sinogram", "make_deliverable", "optimise_plan"]
