@@ -38,6 +38,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--mono", type=float, default=None,
                     help="mono-energetic beam (MeV, one of the EDKnrc energies) instead of the spectrum")
+    ap.add_argument("--min-energy", type=float, default=None,
+                    help="drop spectral bins whose representative energy is below this (MeV), in both "
+                         "the Monte Carlo and the kernel (re-derived for the cut spectrum)")
     args = ap.parse_args(argv)
     import ompmc
 
@@ -58,8 +61,10 @@ def main(argv=None) -> int:
     if args.mono is None:
         spec = default_spectrum()
         edges = np.asarray(spec.bin_edges_mev, float)
-        mc_spec = ompmc.Spectrum.from_histogram(edges[1:], np.asarray(spec.fluence, float),
-                                                e_min=float(edges[0]))
+        fluence = np.asarray(spec.fluence, float).copy()
+        if args.min_energy is not None:
+            fluence[np.asarray(spec.energies_mev) < args.min_energy] = 0.0
+        mc_spec = ompmc.Spectrum.from_histogram(edges[1:], fluence, e_min=float(edges[0]))
     else:
         mc_spec = ompmc.Spectrum.monoenergetic(args.mono)
     geo = ompmc.Geometry(xb, yb, zb, ["H2O700ICRU"],
@@ -75,7 +80,18 @@ def main(argv=None) -> int:
     # CCC on a 0.5 x 0.5 x 0.25 cm grid with the kernel's TERMA weights, averaged to the tally
     kernel = load_kernel()
     w = np.asarray(kernel.provenance["terma_weights"])
+    mu_e, mu_v = script.read_mu_water(args.shared_data / script.MU_REL)
     e_k = np.asarray(kernel.provenance["inputs"]["mono_kernels"]["energies_mev"])
+    if args.mono is None and args.min_energy is not None:
+        from tomodose.transport.kernels import (collapse_kernel, polyenergetic_kernel, read_edk_csv,
+                                                terma_weights)
+
+        edk = read_edk_csv(args.shared_data / script.EDK_REL)
+        w = terma_weights(edk.energies_mev, spec.energies_mev, fluence, mu_e, mu_v)
+        groups = [int(round(e / 3.75)) for e in kernel.polar_edges_deg]
+        kernel = collapse_kernel(polyenergetic_kernel(edk, w), edk.theta_edges_deg,
+                                 edk.radius_edges_cm, polar_group_edges=groups,
+                                 n_azimuth=kernel.n_azimuth, n_terms=kernel.n_terms)
     if args.mono is not None:
         from tomodose.transport.kernels import collapse_kernel, read_edk_csv
 
@@ -87,7 +103,6 @@ def main(argv=None) -> int:
                                  n_terms=kernel.n_terms)
         w = np.zeros(edk.energies_mev.size)
         w[ie] = 1.0
-    mu_e, mu_v = script.read_mu_water(args.shared_data / script.MU_REL)
     mu = np.exp(np.interp(np.log(e_k), np.log(mu_e), np.log(mu_v)))
     gz = 80
     grid = Grid((gz, 40, 40), (5.0, 5.0, 2.5), (-97.5, -97.5, 1.25))
@@ -116,7 +131,8 @@ def main(argv=None) -> int:
     i_c = nx // 2
     result = {
         "histories": args.histories,
-        "beam": "default spectrum" if args.mono is None else f"{args.mono} MeV",
+        "beam": ("default spectrum" + ("" if args.min_energy is None else f" >= {args.min_energy} MeV")
+                 if args.mono is None else f"{args.mono} MeV"),
         "time_mc_s": round(t_mc, 1),
         "time_ccc_s": round(t_ccc, 2),
         "mc_voxel_unc_pct_at_10cm_cax": round(float(unc[i10, i_c] * 100), 2),
