@@ -4,7 +4,7 @@ Reads ../shared/data/dvh_validation/nelms2015 at test time (skips when absent). 
 (never loosened): volume, mean, D95, D5 within 1 %; D99, D1, D0.03cc within 3 %.
 
 DVHs are computed grid-free from the RTSTRUCT contours (:func:`dvh_from_contours`: stratified
-point sampling, 0.2 mm pitch, slab model with half-slice end caps, trilinear dose). The cases
+point sampling, 0.2 mm pitch, fixed seed, slab model with half-slice end caps, trilinear dose). The cases
 listed in KNOWN_FAILURES fail the tolerance because of the slab model itself (the structure's
 cross-section is constant between contour planes) at coarse contour spacing: the analytical
 values describe the true sphere / rotated cylinder / rotated cone, which 2-3 mm planar
@@ -15,6 +15,7 @@ so they stay visible and an improvement shows up as XPASS.
 from __future__ import annotations
 
 import csv
+import functools
 
 import numpy as np
 import pytest
@@ -30,25 +31,24 @@ TOL = {"total_volume_cc": 1.0, "Dmean_cGy": 1.0, "D95_cGy": 1.0, "D5_cGy": 1.0,
 #: (structure, gradient, dose voxel mm) -> metrics measured out of tolerance (slab-model limit)
 KNOWN_FAILURES = {
     ("RtCylinder_10_0", "SupInf", "1"): "D99 +3.8 %, D95 +2.1 %",
-    ("RtCylinder_10_X05Z05", "SupInf", "1"): "D99 +3.8 %, D95 +2.0 %",
+    ("RtCylinder_10_X05Z05", "SupInf", "1"): "D99 +3.8 %, D95 +2.1 %",
     ("Sphere_20_0", "SupInf", "2"): "D95 +1.2 %",
     ("Sphere_20_X10Z10", "SupInf", "2"): "D95 +1.2 %",
-    ("RtCylinder_20_0", "AntPost", "2"): "volume -2.5 %",
-    ("RtCylinder_20_0", "SupInf", "2"): "volume -2.5 %, D99 +11 %, D95 +5 %, D5 -1.3 %",
+    ("RtCylinder_20_0", "AntPost", "2"): "volume -2.6 %",
+    ("RtCylinder_20_0", "SupInf", "2"): "volume -2.6 %, D99 +11 %, D95 +5.2 %, D5 -1.3 %",
     ("RtCylinder_20_X10", "AntPost", "2"): "volume -2.5 %",
-    ("RtCylinder_20_X10Z10", "SupInf", "2"): "volume -2.5 %, D99 +11 %, D95 +5 %, D5 -1.3 %",
+    ("RtCylinder_20_X10Z10", "SupInf", "2"): "volume -2.5 %, D99 +11 %, D95 +5.2 %, D5 -1.3 %",
     ("Sphere_30_0", "AntPost", "3"): "volume -1.6 %",
-    ("Sphere_30_0", "SupInf", "3"): "volume -1.6 %, D99 +8 %",
-    ("Sphere_30_X15", "AntPost", "3"): "volume -1.5 %",
-    ("Sphere_30_X15Z15", "SupInf", "3"): "volume -1.5 %, D99 +8 %",
-    ("RtCylinder_30_0", "AntPost", "3"): "volume -4.6 %",
-    ("RtCylinder_30_0", "SupInf", "3"): "volume -4.6 %, D99 +21 %, D95 +8 %, D5 -2 %, D1 -3.6 %, D0.03cc -4.5 %",
-    ("RtCylinder_30_X15", "AntPost", "3"): "volume -4.6 %",
-    ("RtCylinder_30_X15Z15", "SupInf", "3"): "volume -4.7 %, D99 +21 %, D95 +8 %, D5 -2 %, D1 -3.6 %, D0.03cc -4.5 %",
-    ("RtCone_30_0", "AntPost", "3"): "D99 -3.1 %",
+    ("Sphere_30_0", "SupInf", "3"): "volume -1.6 %, D99 +8.3 %",
+    ("Sphere_30_X15", "AntPost", "3"): "volume -1.6 %",
+    ("Sphere_30_X15Z15", "SupInf", "3"): "volume -1.6 %, D99 +8.3 %",
+    ("RtCylinder_30_0", "AntPost", "3"): "volume -4.7 %",
+    ("RtCylinder_30_0", "SupInf", "3"): "volume -4.7 %, D99 +21 %, D95 +8.3 %, D5 -2.0 %, D1 -3.6 %, D0.03cc -4.5 %",
+    ("RtCylinder_30_X15", "AntPost", "3"): "volume -4.7 %",
+    ("RtCylinder_30_X15Z15", "SupInf", "3"): "volume -4.6 %, D99 +21 %, D95 +8.3 %, D5 -2.0 %, D1 -3.6 %, D0.03cc -4.5 %",
     ("RtCone_30_0", "SupInf", "3"): "D95 +1.6 %",
-    ("RtCone_30_X15", "AntPost", "3"): "D99 -3.3 %",
-    ("RtCone_30_X15Z15", "SupInf", "3"): "D95 +1.5 %",
+    ("RtCone_30_X15", "AntPost", "3"): "D99 -3.2 % (its unshifted twin passes at -2.7 %: sampling noise ~0.3 % near the apex)",
+    ("RtCone_30_X15Z15", "SupInf", "3"): "D95 +1.6 %",
 }
 
 #: fast subset run by default (1 mm contours on the 1 mm grid, both gradients); the rest is slow
@@ -86,6 +86,7 @@ def _cases():
     return out
 
 
+@functools.lru_cache(maxsize=8)
 def read_rtdose(path) -> ImageVolume:
     ds = pydicom.dcmread(path)
     arr = ds.pixel_array.astype(np.float64) * float(ds.DoseGridScaling)
@@ -97,14 +98,15 @@ def read_rtdose(path) -> ImageVolume:
     return ImageVolume(grid, arr, "Gy", "dose")
 
 
-def read_contours(path) -> list[np.ndarray]:
+@functools.lru_cache(maxsize=64)
+def read_contours(path) -> tuple:
     ds = pydicom.dcmread(path)
     out = []
     for rc in ds.ROIContourSequence:
         for c in getattr(rc, "ContourSequence", []):
             if c.ContourGeometricType == "CLOSED_PLANAR":
                 out.append(np.array(c.ContourData, dtype=float).reshape(-1, 3))
-    return out
+    return tuple(out)
 
 
 def measure(root, key) -> dict:
