@@ -54,6 +54,7 @@ __all__ = [
     "available_protocols",
     "load_protocol",
     "resolve_structures",
+    "derive_structures",
     "check_target_nesting",
     "normalise_to_coverage",
     "evaluate_protocol",
@@ -413,6 +414,13 @@ def _derive(protocol: Protocol, found: dict) -> dict:
             continue
         out[name] = s.renamed(name)
     return out
+
+
+def derive_structures(protocol: Protocol, found: dict) -> dict:
+    """The bound structures plus the protocol's derived ones (``[derived]``: normal liver, PTV
+    minus PGTV, combined kidneys / lungs). Unions use the operands present; a ``minus`` whose
+    first operand is absent, or an empty result, is left out."""
+    return _derive(protocol, found)
 
 
 # --- normalisation ----------------------------------------------------------------------
