@@ -16,6 +16,7 @@ from tomodose.terma import BeamModel
 from tomodose.transport.influence import (
     DEFAULT_THRESHOLD,
     beamlet_weights,
+    far_field_operator,
     influence_beamlets,
     influence_matrix,
     read_influence,
@@ -107,6 +108,30 @@ def test_threshold_and_its_error(case, exact):
         if previous is not None:
             assert m.nnz <= previous
         previous = m.nnz
+
+
+def test_far_field_restores_the_dropped_scatter(case, exact):
+    dens, target, plan, sino = case
+    m0, (p, l) = exact
+    x = beamlet_weights(sino, p, l)
+    full = m0 @ x
+    m = influence_matrix(dens, plan, target=target, threshold=DEFAULT_THRESHOLD, progress=False)
+    near = m @ x
+    far = far_field_operator(dens, plan, m, p, l, step=2, progress=False)
+    assert far.values.shape == (far.node_flat.size, p.size) and far.interp.shape == (dens.grid.n_voxels,
+                                                                                      far.node_flat.size)
+    both = near + far.dose(x)
+    t = target.mask.ravel()
+    err_near = abs((near - full)[t].mean()) / full[t].mean()
+    err_both = abs((both - full)[t].mean()) / full[t].mean()
+    assert err_both < 0.02 and err_both < 0.5 * err_near
+    assert np.abs(both - full).max() < 0.05 * full.max()
+    # at the nodes themselves near + far is the full dose (interpolation is exact there)
+    np.testing.assert_allclose(both[far.node_flat], full[far.node_flat], rtol=1e-4, atol=1e-6 * full.max())
+    with pytest.raises(ValueError, match="step must be"):
+        far_field_operator(dens, plan, m, p, l, step=0, progress=False)
+    with pytest.raises(ValueError, match="matrix must have shape"):
+        far_field_operator(dens, plan, m[:, :3], p, l, progress=False)
 
 
 def test_chunking_and_threads_do_not_change_the_matrix(case):

@@ -444,3 +444,42 @@ def beamlet_columns(out_idx, out_val, offsets, kept, beam_proj, beam_leaf, samp_
                 acc[buf[t]] = 0.0
                 flag[buf[t]] = 0
             kept[b] = n_k
+
+
+@numba.njit(**NUMBA_PARALLEL_OPTIONS)
+def beamlet_node_values(out, beam_proj, beam_leaf, samp_start, samp_stop, node_flat, depth_t, rho_t, origin,
+                        spacing, shape, src, xg, yg, zg, dt, sad, amps, dz_tab, tail, sig, unit_a, btab, e0, w,
+                        s_leaf, s_tab, lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi):
+    """Full (unwindowed, unthresholded) dose of each beamlet at the voxels ``node_flat``.
+
+    ``out`` (n_beamlets, n_nodes) float64 is overwritten; parallel over beamlets (disjoint rows).
+    ``depth_t`` (ny, nx, nz): the depth map of the beamlets' angle group.
+    """
+    nz, ny, nx = shape
+    for b in numba.prange(beam_proj.shape[0]):
+        p = beam_proj[b]
+        l = beam_leaf[b]
+        a = unit_a[l]
+        tab = btab[l]
+        for n in range(node_flat.shape[0]):
+            out[b, n] = 0.0
+        for s in range(samp_start[p], samp_stop[p]):
+            for n in range(node_flat.shape[0]):
+                flat = node_flat[n]
+                i = flat % nx
+                j = (flat // nx) % ny
+                k = flat // (nx * ny)
+                ddx = origin[0] + i * spacing[0] - src[s, 0]
+                ddy = origin[1] + j * spacing[1] - src[s, 1]
+                ddz = origin[2] + k * spacing[2] - src[s, 2]
+                den = -(ddx * zg[s, 0] + ddy * zg[s, 1] + ddz * zg[s, 2])
+                if den <= 0.0:
+                    continue
+                sc = sad / den
+                u = (ddx * xg[s, 0] + ddy * xg[s, 1] + ddz * xg[s, 2]) * sc
+                v = (ddx * yg[s, 0] + ddy * yg[s, 1] + ddz * yg[s, 2]) * sc
+                r = math.sqrt(ddx * ddx + ddy * ddy + ddz * ddz)
+                val = voxel_value(u, v, r, den, depth_t[j, i, k], rho_t[j, i, k], l, sad, amps, dz_tab, tail, sig,
+                                  a, tab, e0, w, s_leaf, s_tab, lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h,
+                                  s_jaw, offc, soft, phi)
+                out[b, n] += dt[s] * val

@@ -25,8 +25,6 @@ the measured dose error per threshold.
 from __future__ import annotations
 
 import logging
-import math
-import os
 import time
 
 import numpy as np
@@ -37,7 +35,7 @@ from tomodose._validate import check_in_range, check_nonnegative
 from tomodose.delivery.beams_eye import leaves_seeing_structure
 from tomodose.delivery.plan import HelicalPlan, ProjectionSequence
 from tomodose.geometry.structures import Structure
-from tomodose.transport.pencil_beam import LEVELS_PER_OCTAVE, S_TAB_MM, DOSE_UNIT, _Engine, _resolve
+from tomodose.transport.pencil_beam import DOSE_UNIT, _Engine, _resolve
 
 __all__ = [
     "influence_matrix",
@@ -46,6 +44,8 @@ __all__ = [
     "beamlet_reach_mm",
     "write_influence",
     "read_influence",
+    "FarField",
+    "far_field_operator",
     "DEFAULT_THRESHOLD",
 ]
 
@@ -285,6 +285,123 @@ def influence_matrix(patient, projections_or_plan, *, target="PTV", threshold: f
     if return_beamlets:
         return matrix, (proj_b, leaf_b)
     return matrix
+
+
+# ---------------------------------------------------------------------------------------------
+# far field: what the threshold dropped, on a coarse grid
+# ---------------------------------------------------------------------------------------------
+def _axis_nodes(n: int, step: int) -> np.ndarray:
+    nodes = np.arange(0, n, step)
+    if nodes[-1] != n - 1:
+        nodes = np.append(nodes, n - 1)
+    return nodes
+
+
+def _axis_weights(n: int, nodes: np.ndarray):
+    """For each index 0..n-1: lower node position, upper node position, weight of the upper one."""
+    idx = np.arange(n)
+    hi = np.clip(np.searchsorted(nodes, idx, side="left"), 0, nodes.size - 1)
+    lo = np.where(nodes[hi] == idx, hi, np.maximum(hi - 1, 0))
+    span = nodes[hi] - nodes[lo]
+    wt = np.where(span > 0, (idx - nodes[lo]) / np.where(span > 0, span, 1), 0.0)
+    return lo, hi, wt
+
+
+class FarField:
+    """Low-resolution complement of a thresholded influence matrix.
+
+    ``dose ~= matrix @ x + far.dose(x)``: ``far.values`` (n_nodes, n_beamlets) float32 holds, at a
+    coarse sub-grid of voxels (every ``step``-th voxel along each axis plus the last), each
+    beamlet's full pencil-beam dose minus the entry kept in the thresholded matrix; ``far.interp``
+    (n_voxels, n_nodes) CSR interpolates trilinearly back to every voxel.
+
+    Attributes
+    ----------
+    step : int
+    node_flat : (n_nodes,) int64
+        Flat (C-order) voxel index of each node.
+    values : (n_nodes, n_beamlets) float32
+    interp : scipy.sparse.csr_matrix (n_voxels, n_nodes)
+    """
+
+    def __init__(self, step, node_flat, values, interp):
+        self.step = int(step)
+        self.node_flat = node_flat
+        self.values = values
+        self.interp = interp
+
+    def dose(self, x) -> np.ndarray:
+        """(n_voxels,) far-field dose of beamlet weights ``x`` (n_beamlets,)."""
+        return self.interp @ (self.values @ np.asarray(x, dtype=np.float64))
+
+
+def far_field_operator(patient, projections_or_plan, matrix, projection, leaf, *, step: int = 6, beam_model=None,
+                       n_subsamples: int = 1, kernel=None, rho_floor: float = 0.05, angle_groups: int | None = None,
+                       progress: bool | None = None) -> FarField:
+    """What the threshold of ``matrix`` dropped, on a coarse grid (see :class:`FarField`).
+
+    The beamlets' full doses are evaluated at every ``step``-th voxel (no window, no threshold; the
+    same model and options as the matrix must be given), the matrix entries kept at those voxels are
+    subtracted, and trilinear interpolation spreads the (smooth) remainder to all voxels. Cost:
+    n_nodes x n_beamlets evaluations; memory n_nodes x n_beamlets x 4 bytes.
+    """
+    from tomodose._kernels.pencil_beam import beamlet_node_values
+
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 1:
+        raise ValueError(f"step must be a positive integer, got {step!r}")
+    if not sparse.issparse(matrix):
+        raise TypeError(f"matrix must be a scipy.sparse matrix, got {type(matrix).__name__}")
+    seq = _projections(projections_or_plan)
+    engine = _resolve(patient, seq, beam_model, kernel, n_subsamples, rho_floor, angle_groups)
+    proj_b = np.ascontiguousarray(projection, dtype=np.int64)
+    leaf_b = np.ascontiguousarray(leaf, dtype=np.int64)
+    n_vox = engine.grid.n_voxels
+    if matrix.shape != (n_vox, proj_b.size) or leaf_b.shape != proj_b.shape:
+        raise ValueError(f"matrix must have shape ({n_vox}, n_beamlets) matching projection/leaf, got "
+                         f"{matrix.shape} with {proj_b.size} beamlets")
+    nz, ny, nx = engine.grid.shape
+    ks, js, is_ = (_axis_nodes(n, int(step)) for n in (nz, ny, nx))
+    kk, jj, ii = np.meshgrid(ks, js, is_, indexing="ij")
+    node_flat = ((kk * ny + jj) * nx + ii).ravel().astype(np.int64)
+    n_nodes = node_flat.size
+    t0 = time.perf_counter()
+    log.info("far field: %d nodes (step %d) x %d beamlets = %d evaluations, %.0f MiB",
+             n_nodes, step, proj_b.size, n_nodes * proj_b.size * engine.n_subsamples,
+             n_nodes * proj_b.size * 4 / 2**20)
+    values = np.zeros((n_nodes, proj_b.size), dtype=np.float32)
+    shape = np.asarray(engine.grid.shape, dtype=np.int64)
+    near = sparse.csc_matrix(matrix)[node_flat, :].toarray() if proj_b.size else np.zeros((n_nodes, 0))
+    groups = engine.proj_group[proj_b]
+    for g in np.unique(groups):
+        members = np.flatnonzero(groups == g)
+        depth = engine.depth_map(int(g))
+        for c0 in range(0, members.size, 256):
+            sel = members[c0:c0 + 256]
+            out = np.empty((sel.size, n_nodes))
+            beamlet_node_values(out, np.ascontiguousarray(proj_b[sel]), np.ascontiguousarray(leaf_b[sel]),
+                                engine.samp_start, engine.samp_stop, node_flat, depth, engine.rho_t, engine.origin,
+                                engine.spacing, shape, engine.src, engine.xg, engine.yg, engine.zg, engine.dt,
+                                *engine.params(), engine.unit_a, engine.btab, *engine.tail_params())
+            values[:, sel] = (out.T - near[:, sel]).astype(np.float32)
+    # trilinear interpolation matrix (n_voxels x n_nodes)
+    lo_k, hi_k, w_k = _axis_weights(nz, ks)
+    lo_j, hi_j, w_j = _axis_weights(ny, js)
+    lo_i, hi_i, w_i = _axis_weights(nx, is_)
+    rows, cols, vals = [], [], []
+    vox = np.arange(n_vox)
+    K, J, I = np.unravel_index(vox, (nz, ny, nx))
+    for ck, wk in ((lo_k[K], 1 - w_k[K]), (hi_k[K], w_k[K])):
+        for cj, wj in ((lo_j[J], 1 - w_j[J]), (hi_j[J], w_j[J])):
+            for ci, wi in ((lo_i[I], 1 - w_i[I]), (hi_i[I], w_i[I])):
+                wgt = wk * wj * wi
+                keep = wgt > 0
+                rows.append(vox[keep])
+                cols.append(((ck[keep] * js.size) + cj[keep]) * is_.size + ci[keep])
+                vals.append(wgt[keep])
+    interp = sparse.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                               shape=(n_vox, n_nodes))
+    log.info("far field: done in %.2f s", time.perf_counter() - t0)
+    return FarField(step, node_flat, values, interp)
 
 
 # ---------------------------------------------------------------------------------------------

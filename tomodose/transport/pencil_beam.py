@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from tomodose import config
-from tomodose._validate import check_finite_scalar, check_in_range
+from tomodose._validate import check_in_range
 from tomodose.delivery.plan import HelicalPlan, ProjectionSequence
 from tomodose.geometry.frames import source_position_patient
 from tomodose.geometry.grid import Grid
