@@ -241,3 +241,25 @@ def test_vectorised_volumes_match_scalar():
     dvh = DVH.from_samples(rng.uniform(0, 60, 5000), rng.uniform(0.1, 1.0, 5000))
     doses = np.linspace(-1.0, 62.0, 500)
     np.testing.assert_allclose(dvh.volumes_at_doses_ml(doses), [dvh.volume_at_dose_ml(d) for d in doses])
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.sampled_from([1, 2]))
+def test_dvh_invariants_property(seed, supersample):
+    rng = np.random.default_rng(seed)
+    g = Grid((4, 5, 6), (1.5, 2.0, 2.5), (-3.0, 1.0, 7.0))
+    d = rng.uniform(0, 70, g.shape) * (rng.uniform(size=g.shape) > 0.2)
+    occ = rng.uniform(0, 1, g.shape).astype(np.float32)
+    occ[0, 0, 0] = 1.0
+    s = Structure("s", g, occ)
+    dvh = compute_dvh(dose_of(d, g), s, supersample=supersample)
+    assert dvh.total_volume_ml == pytest.approx(s.volume_ml, rel=1e-6)
+    cum = dvh.cumulative_ml
+    assert np.all(np.diff(cum) <= 1e-12) and cum[0] == pytest.approx(dvh.total_volume_ml)
+    assert dvh.min_gy - 1e-12 <= dvh.mean_gy <= dvh.max_gy + 1e-12
+    if supersample == 1:
+        w = occ.astype(np.float64)
+        assert dvh.mean_gy == pytest.approx(float((d * w).sum() / w.sum()), rel=1e-9)
+    ps = np.array([1, 2, 5, 50, 95, 98, 99])
+    ds = [dvh.dose_at_volume_percent(p) for p in ps]
+    assert np.all(np.diff(ds) <= 1e-9)  # more volume -> lower dose
