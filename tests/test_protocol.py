@@ -301,3 +301,19 @@ def test_reports(tmp_path):
     assert "not evaluated" in text_table(ev)
     assert set(files) == {"json", "markdown", "html", "plot"}
     assert to_dict(ev)["scale_factor"] == 1.0 and "<html>" in to_html(ev) and "# Protocol" in to_markdown(ev)
+
+
+def test_borderline_volume_metric():
+    from tomodose.evaluation.dvh import DVH
+    from tomodose.evaluation.protocol import Constraint, _evaluate_constraint
+
+    doses = np.linspace(0.0, 40.0, 40001)  # uniform: V20Gy = 50 %, 1 % per 0.4 Gy
+    dvh = DVH.from_samples(doses, np.ones_like(doses), name="Lungs")
+    near = Constraint("v", "Lungs", "V20Gy", "%", "test", "<=", None, 50.01)
+    far = Constraint("v", "Lungs", "V20Gy", "%", "test", "<=", None, 55.0)
+    r_near = _evaluate_constraint(near, "Lungs", dvh, None, 0.01)
+    r_far = _evaluate_constraint(far, "Lungs", dvh, None, 0.01)
+    assert r_near.value == pytest.approx(50.0, abs=0.01)
+    assert r_near.verdict == "pass" and r_near.borderline  # 0.01 Gy lower -> 50.025 % > 50.01 %
+    assert r_far.verdict == "pass" and not r_far.borderline
+    assert r_far.margin_hard == pytest.approx(5.0, abs=0.01)
