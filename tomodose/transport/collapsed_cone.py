@@ -31,7 +31,6 @@ write disjoint voxels, and directions are accumulated in a fixed order.
 from __future__ import annotations
 
 import logging
-import math
 import time
 
 import numpy as np
