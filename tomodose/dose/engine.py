@@ -11,8 +11,8 @@ Engines
     fixed beam, or a single rotation without couch motion) the kernel is tilted per voxel toward
     that point source; otherwise (helical groups spread along the couch axis) the group's central
     beam direction is used for all voxels (parallel-beam tilt). ``grouping="projection"`` instead
-    transports every projection separately with its own point source: the reference used to
-    measure the grouping error (see ``docs/dose.md``).
+    transports every projection separately, tilted toward its own point source (at the centre of
+    the projection): the reference used to measure the grouping error (see ``docs/dose.md``).
 ``"pencil_beam"`` (fast)
     :func:`tomodose.transport.pencil_beam.pencil_beam_dose`.
 
@@ -43,13 +43,14 @@ ENGINES = ("collapsed_cone", "pencil_beam")
 
 
 def _ccc_engine(patient: PatientModel, seq: ProjectionSequence, *, beam_model=None, kernel=None,
-                progress=None, n_subsamples: int = 3, angle_groups: int | None = None,
+                progress=None, n_subsamples: int | None = None, angle_groups: int | None = None,
                 grouping: str = "angle", tilt: str = "auto", timings: dict | None = None) -> np.ndarray:
     from tomodose.terma.terma import compute_terma
     from tomodose.transport.collapsed_cone import collapsed_cone_dose
 
     check_choice("grouping", grouping, ("angle", "projection"))
     check_choice("tilt", tilt, ("auto", "source", "parallel"))
+    sub_kw = {} if n_subsamples is None else {"n_subsamples": n_subsamples}
     density = patient.mass_density_g_cm3
     grid = patient.grid
     dose = np.zeros(grid.shape, dtype=np.float64)
@@ -59,14 +60,12 @@ def _ccc_engine(patient: PatientModel, seq: ProjectionSequence, *, beam_model=No
         units = []
         for k in range(seq.n_projections):
             sub = _sub_sequence(seq, [k])
-            units.append((sub, compute_terma(patient, sub, beam_model, n_subsamples=n_subsamples,
-                                             angle_groups=1, progress=False)))
+            units.append((sub, compute_terma(patient, sub, beam_model, angle_groups=1, progress=False, **sub_kw)))
         t_terma = time.perf_counter() - t0
         groups = [(sub, tr.per_group[0], tr.group_angles_deg[0], sub.couch_mm, sub.couch_travel_mm)
                   for sub, tr in units]
     else:
-        tr = compute_terma(patient, seq, beam_model, n_subsamples=n_subsamples, angle_groups=angle_groups,
-                           progress=progress)
+        tr = compute_terma(patient, seq, beam_model, angle_groups=angle_groups, progress=progress, **sub_kw)
         t_terma = time.perf_counter() - t0
         groups = []
         for g in range(tr.n_groups):
@@ -82,7 +81,9 @@ def _ccc_engine(patient: PatientModel, seq: ProjectionSequence, *, beam_model=No
     for s, terma_g, angle, couches, travel in iterator:
         if not np.any(terma_g > 0):
             continue
-        single_source = np.ptp(couches) == 0 and not np.any(travel > 0)
+        # one source position: a fixed beam, or one projection transported on its own (its couch
+        # travel, < 1 mm, is neglected for the tilt only)
+        single_source = np.ptp(couches) == 0 and (grouping == "projection" or not np.any(travel > 0))
         use_source = tilt == "source" or (tilt == "auto" and single_source)
         if use_source:
             src = source_position_patient(angle, float(np.mean(couches)), s.isocentre_lps_mm, s.machine.sad_mm,
@@ -144,7 +145,7 @@ def compute_dose(patient: PatientModel, plan, engine: str = "collapsed_cone", *,
     progress : bool, optional
         Progress bars (default: ``tomodose.config.settings.progress``).
     **engine_options
-        Collapsed cone: ``n_subsamples`` (3), ``angle_groups`` (51), ``grouping``
+        Collapsed cone: ``n_subsamples`` (TERMA default), ``angle_groups`` (51), ``grouping``
         (``"angle"``/``"projection"``), ``tilt`` (``"auto"``/``"source"``/``"parallel"``).
 
     Returns

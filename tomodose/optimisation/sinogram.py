@@ -94,10 +94,10 @@ class OptimisationSettings:
 
 
 def _protocol_structures(protocol, structures) -> dict[str, Structure]:
-    from tomodose.evaluation.protocol import _derive, resolve_structures
+    from tomodose.evaluation.protocol import derive_structures, resolve_structures
 
     found, _ = resolve_structures(protocol, structures)
-    return _derive(protocol, found)
+    return derive_structures(protocol, found)
 
 
 def build_terms(protocol, structures, settings: OptimisationSettings, *, options=None):
