@@ -148,6 +148,7 @@ def test_directions_cover_the_sphere(axis):
     ax = np.asarray(axis, float) / np.linalg.norm(axis)
     theta = np.degrees(np.arccos(np.clip(dirs @ ax, -1, 1)))
     np.testing.assert_allclose(theta, k.polar_deg[ring], atol=1e-9)
+    assert k.azimuth_deg.shape == (k.n_azimuth,) and k.azimuth_deg[0] == 180.0 / k.n_azimuth
     assert np.all(theta >= k.polar_edges_deg[ring]) and np.all(theta <= k.polar_edges_deg[ring + 1])
 
 

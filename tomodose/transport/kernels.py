@@ -463,6 +463,11 @@ class CollapsedConeKernel:
         return float(self.cumulative[:, -1].sum())
 
     @property
+    def azimuth_deg(self) -> np.ndarray:
+        """(n_azimuth,) azimuths of the cones of every ring, ``360 (q + 1/2) / n_azimuth`` deg."""
+        return 360.0 * (np.arange(self.n_azimuth) + 0.5) / self.n_azimuth
+
+    @property
     def ring_solid_angle_sr(self) -> np.ndarray:
         """(P,) solid angle of each ring (sr); they sum to 4 pi."""
         c = np.cos(np.radians(self.polar_edges_deg))
