@@ -198,15 +198,29 @@ def voxel_value(u, v, r, den, d_rad, rho, leaf, sad, amps, dz_tab, tail, sig, a,
 def _row_range(u_lo, u_hi, ax, bx, sad, nx):
     """Column range [i0, i1] of a row where u(i) = sad (A + i a)/(B + i b) may lie in [u_lo, u_hi].
 
-    ``ax = (A, a)``, ``bx = (B, b)`` as tuples of floats.
+    ``ax = (A, a)``, ``bx = (B, b)``. ``u`` is monotonic over the row when the row lies in front of
+    the source (B + i b > 0 for i in [0, nx - 1]); otherwise the whole row is returned (the caller
+    tests every voxel). An empty range is returned as (1, 0). A one-voxel margin is added.
     """
     a0, a1 = ax
     b0, b1 = bx
     if u_lo < -NO_LIMIT or u_hi > NO_LIMIT:
         return 0, nx - 1
-    lo = nx
-    hi = -1
-    for uu in (u_lo, u_hi):
+    den0 = b0
+    den1 = b0 + b1 * (nx - 1)
+    if den0 <= 0.0 or den1 <= 0.0:
+        return 0, nx - 1
+    ua = sad * a0 / den0
+    ub = sad * (a0 + a1 * (nx - 1)) / den1
+    umin = min(ua, ub)
+    umax = max(ua, ub)
+    if u_hi < umin or u_lo > umax:
+        return 1, 0
+    lo_val = max(u_lo, umin)
+    hi_val = min(u_hi, umax)
+    lo = nx + 1.0
+    hi = -2.0
+    for uu in (lo_val, hi_val):
         den = sad * a1 - uu * b1
         if abs(den) < 1e-12:
             return 0, nx - 1
@@ -483,3 +497,41 @@ def beamlet_node_values(out, beam_proj, beam_leaf, samp_start, samp_stop, node_f
                                   a, tab, e0, w, s_leaf, s_tab, lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h,
                                   s_jaw, offc, soft, phi)
                 out[b, n] += dt[s] * val
+
+
+@numba.njit(**NUMBA_PARALLEL_OPTIONS)
+def node_dose_group(out, node_flat, depth_t, rho_t, origin, spacing, shape, src, xg, yg, zg, dt, proj_of_sample,
+                    a_all, tab_all, u_lo, u_hi, v_reach, sad, amps, dz_tab, tail, sig, e0, w, s_leaf, s_tab,
+                    lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi):
+    """Add the dose of one angle group's samples at the voxels ``node_flat`` to ``out`` (n_nodes,).
+
+    Same window rule as :func:`full_dose_group` (``u_lo <= u <= u_hi``, ``|v| <= v_reach``);
+    parallel over nodes (disjoint writes).
+    """
+    nz, ny, nx = shape
+    for n in numba.prange(node_flat.shape[0]):
+        flat = node_flat[n]
+        i = flat % nx
+        j = (flat // nx) % ny
+        k = flat // (nx * ny)
+        acc = 0.0
+        for s in range(src.shape[0]):
+            ddx = origin[0] + i * spacing[0] - src[s, 0]
+            ddy = origin[1] + j * spacing[1] - src[s, 1]
+            ddz = origin[2] + k * spacing[2] - src[s, 2]
+            den = -(ddx * zg[s, 0] + ddy * zg[s, 1] + ddz * zg[s, 2])
+            if den <= 0.0:
+                continue
+            sc = sad / den
+            u = (ddx * xg[s, 0] + ddy * xg[s, 1] + ddz * xg[s, 2]) * sc
+            if u < u_lo[s] or u > u_hi[s]:
+                continue
+            v = (ddx * yg[s, 0] + ddy * yg[s, 1] + ddz * yg[s, 2]) * sc
+            if abs(v) > v_reach:
+                continue
+            r = math.sqrt(ddx * ddx + ddy * ddy + ddz * ddz)
+            p = proj_of_sample[s]
+            acc += dt[s] * voxel_value(u, v, r, den, depth_t[j, i, k], rho_t[j, i, k], -1, sad, amps, dz_tab, tail,
+                                       sig, a_all[p], tab_all[p], e0, w, s_leaf, s_tab, lev_off, lev_h, lev_n,
+                                       log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi)
+        out[n] += acc

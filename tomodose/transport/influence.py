@@ -307,6 +307,29 @@ def _axis_weights(n: int, nodes: np.ndarray):
     return lo, hi, wt
 
 
+def _trilinear(shape, step: int) -> sparse.csr_matrix:
+    """(n_voxels, n_nodes) trilinear interpolation from the nodes of :func:`_axis_nodes` (C order)."""
+    nz, ny, nx = shape
+    ks, js, is_ = (_axis_nodes(n, step) for n in (nz, ny, nx))
+    lo_k, hi_k, w_k = _axis_weights(nz, ks)
+    lo_j, hi_j, w_j = _axis_weights(ny, js)
+    lo_i, hi_i, w_i = _axis_weights(nx, is_)
+    n_vox = nz * ny * nx
+    rows, cols, vals = [], [], []
+    vox = np.arange(n_vox)
+    K, J, I = np.unravel_index(vox, (nz, ny, nx))
+    for ck, wk in ((lo_k[K], 1 - w_k[K]), (hi_k[K], w_k[K])):
+        for cj, wj in ((lo_j[J], 1 - w_j[J]), (hi_j[J], w_j[J])):
+            for ci, wi in ((lo_i[I], 1 - w_i[I]), (hi_i[I], w_i[I])):
+                wgt = wk * wj * wi
+                keep = wgt > 0
+                rows.append(vox[keep])
+                cols.append(((ck[keep] * js.size) + cj[keep]) * is_.size + ci[keep])
+                vals.append(wgt[keep])
+    return sparse.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                             shape=(n_vox, ks.size * js.size * is_.size))
+
+
 class FarField:
     """Low-resolution complement of a thresholded influence matrix.
 
@@ -383,23 +406,7 @@ def far_field_operator(patient, projections_or_plan, matrix, projection, leaf, *
                                 engine.spacing, shape, engine.src, engine.xg, engine.yg, engine.zg, engine.dt,
                                 *engine.params(), engine.unit_a, engine.btab, *engine.tail_params())
             values[:, sel] = (out.T - near[:, sel]).astype(np.float32)
-    # trilinear interpolation matrix (n_voxels x n_nodes)
-    lo_k, hi_k, w_k = _axis_weights(nz, ks)
-    lo_j, hi_j, w_j = _axis_weights(ny, js)
-    lo_i, hi_i, w_i = _axis_weights(nx, is_)
-    rows, cols, vals = [], [], []
-    vox = np.arange(n_vox)
-    K, J, I = np.unravel_index(vox, (nz, ny, nx))
-    for ck, wk in ((lo_k[K], 1 - w_k[K]), (hi_k[K], w_k[K])):
-        for cj, wj in ((lo_j[J], 1 - w_j[J]), (hi_j[J], w_j[J])):
-            for ci, wi in ((lo_i[I], 1 - w_i[I]), (hi_i[I], w_i[I])):
-                wgt = wk * wj * wi
-                keep = wgt > 0
-                rows.append(vox[keep])
-                cols.append(((ck[keep] * js.size) + cj[keep]) * is_.size + ci[keep])
-                vals.append(wgt[keep])
-    interp = sparse.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-                               shape=(n_vox, n_nodes))
+    interp = _trilinear(engine.grid.shape, int(step))
     log.info("far field: done in %.2f s", time.perf_counter() - t0)
     return FarField(step, node_flat, values, interp)
 

@@ -314,12 +314,36 @@ def _leaf_weights(engine: _Engine, leaf_model: str) -> np.ndarray:
     raise ValueError(f"leaf_model must be 'beam' or 'linear', got {leaf_model!r}")
 
 
-def _full_dose(engine: _Engine, a_proj: np.ndarray, progress) -> np.ndarray:
-    from tomodose._kernels.pencil_beam import full_dose_group
+def _full_dose(engine: _Engine, a_proj: np.ndarray, progress, far_field_step=None, threshold=0.0) -> np.ndarray:
+    """Dose of leaf weights ``a_proj`` (n_projections, n_leaves).
+
+    ``far_field_step=None``: every voxel x every sample (exact). Otherwise the fine grid only gets
+    the contributions inside the windows of :func:`tomodose.transport.influence.beamlet_reach_mm`
+    for ``threshold`` (around the open leaves and the jaws) and the rest - full minus windowed,
+    evaluated at every ``far_field_step``-th voxel - is interpolated trilinearly.
+    """
+    from tomodose._kernels.pencil_beam import full_dose_group, node_dose_group
 
     grid = engine.grid
     dose = np.zeros(grid.shape)
-    k_lo, k_hi = engine.slab(engine.v_reach_full)
+    fast = far_field_step is not None
+    if fast:
+        from tomodose.transport.influence import _axis_nodes, _trilinear, beamlet_reach_mm
+
+        r_u, r_v = beamlet_reach_mm(engine, threshold)
+        widen = engine.sad / engine.den_min
+        v_reach = engine.jaw_h + r_v * widen
+        nz, ny, nx = grid.shape
+        ks, js, is_ = (_axis_nodes(n, int(far_field_step)) for n in (nz, ny, nx))
+        kk, jj, ii = np.meshgrid(ks, js, is_, indexing="ij")
+        node_flat = ((kk * ny + jj) * nx + ii).ravel().astype(np.int64)
+        far_full = np.zeros(node_flat.size)
+        far_near = np.zeros(node_flat.size)
+    else:
+        v_reach = engine.v_reach_full
+    k_lo, k_hi = engine.slab(v_reach)
+    shape = np.asarray(grid.shape, dtype=np.int64)
+    centres = engine.projections.machine.leaf_centres_mm()
     groups = np.unique(engine.proj_group)
     it = groups
     if config.progress_enabled(progress):
@@ -332,23 +356,40 @@ def _full_dose(engine: _Engine, a_proj: np.ndarray, progress) -> np.ndarray:
             continue
         depth = engine.depth_map(int(g))
         samples = np.concatenate([np.arange(engine.samp_start[p], engine.samp_stop[p]) for p in active])
-        local = np.searchsorted(active, engine.proj[samples])
+        local = np.searchsorted(active, engine.proj[samples]).astype(np.int64)
         a_g = np.ascontiguousarray(a_proj[active])
         tab_g = np.ascontiguousarray(a_g @ engine.btab)
-        u_lo = np.full(samples.size, -1e30)
-        u_hi = np.full(samples.size, 1e30)
-        full_dose_group(
-            dose, depth, engine.rho_t, engine.origin, engine.spacing,
-            np.ascontiguousarray(engine.src[samples]), np.ascontiguousarray(engine.xg[samples]),
-            np.ascontiguousarray(engine.yg[samples]), np.ascontiguousarray(engine.zg[samples]),
-            np.ascontiguousarray(engine.dt[samples]), local.astype(np.int64), a_g, tab_g, u_lo, u_hi,
-            engine.v_reach_full, k_lo[samples], k_hi[samples], *engine.params(), *engine.tail_params())
+        geo = (np.ascontiguousarray(engine.src[samples]), np.ascontiguousarray(engine.xg[samples]),
+               np.ascontiguousarray(engine.yg[samples]), np.ascontiguousarray(engine.zg[samples]),
+               np.ascontiguousarray(engine.dt[samples]), local, a_g, tab_g)
+        free_lo = np.full(samples.size, -1e30)
+        free_hi = np.full(samples.size, 1e30)
+        if fast:
+            open_ = a_g > 0
+            first = np.argmax(open_, axis=1)
+            last = open_.shape[1] - 1 - np.argmax(open_[:, ::-1], axis=1)
+            reach = 0.5 * engine.w + r_u * widen
+            u_lo = np.ascontiguousarray((centres[first] - reach)[local])
+            u_hi = np.ascontiguousarray((centres[last] + reach)[local])
+        else:
+            u_lo, u_hi = free_lo, free_hi
+        full_dose_group(dose, depth, engine.rho_t, engine.origin, engine.spacing, *geo[:5], geo[5], geo[6], geo[7],
+                        u_lo, u_hi, v_reach, k_lo[samples], k_hi[samples], *engine.params(), *engine.tail_params())
+        if fast:
+            node_dose_group(far_full, node_flat, depth, engine.rho_t, engine.origin, engine.spacing, shape, *geo,
+                            free_lo, free_hi, 1e30, *engine.params(), *engine.tail_params())
+            node_dose_group(far_near, node_flat, depth, engine.rho_t, engine.origin, engine.spacing, shape, *geo,
+                            u_lo, u_hi, v_reach, *engine.params(), *engine.tail_params())
+    if fast:
+        interp = _trilinear(grid.shape, int(far_field_step))
+        dose += (interp @ (far_full - far_near)).reshape(grid.shape)
     return dose
 
 
 def pencil_beam_dose(patient_or_density, projections, beam_model: BeamModel | None = None, *,
                      leaf_model: str = "beam", n_subsamples: int = 1, kernel: PencilKernel | str | None = None,
                      rho_floor: float = 0.05, angle_groups: int | None = None,
+                     far_field_step: int | None = None, window_threshold: float = 1e-2,
                      progress: bool | None = None) -> np.ndarray:
     """Pencil-beam dose of a whole delivery, without building a matrix.
 
@@ -372,6 +413,13 @@ def pencil_beam_dose(patient_or_density, projections, beam_model: BeamModel | No
         Lower clamp of the density used for the lateral kernel scaling (g/cm3; default 0.05).
     angle_groups : int, optional
         Gantry-angle bins sharing one radiological-depth map (default: projections per rotation).
+    far_field_step : int, optional
+        ``None`` (default): exact, every voxel x every projection. An integer ``s`` turns on the
+        fast mode: the fine grid gets only the contributions inside the windows around the open
+        leaves and the jaws that the influence matrix uses for ``window_threshold``, and the far
+        scatter is evaluated at every ``s``-th voxel and interpolated (error in docs/pencil_beam.md).
+    window_threshold : float
+        Relative dose defining the fast mode's windows (default 1e-2).
     progress : bool, optional
 
     Returns
@@ -382,7 +430,11 @@ def pencil_beam_dose(patient_or_density, projections, beam_model: BeamModel | No
     t0 = time.perf_counter()
     engine = _resolve(patient_or_density, projections, beam_model, kernel, n_subsamples, rho_floor, angle_groups)
     a = _leaf_weights(engine, leaf_model)
-    dose = _full_dose(engine, a, progress)
+    if far_field_step is not None and (isinstance(far_field_step, bool) or not isinstance(far_field_step, (int, np.integer))
+                                       or far_field_step < 1):
+        raise ValueError(f"far_field_step must be None or a positive integer, got {far_field_step!r}")
+    window_threshold = check_in_range("window_threshold", window_threshold, 0.0, 0.5)
+    dose = _full_dose(engine, a, progress, far_field_step, window_threshold)
     log.info("pencil beam: %d projections x %d sub-samples on %s voxels in %.2f s",
              engine.projections.n_projections, engine.n_subsamples, engine.grid.shape, time.perf_counter() - t0)
     return dose.astype(np.float32)
