@@ -140,6 +140,21 @@ def test_linearity_in_leaf_open_time():
                                rtol=1e-5, atol=1e-7 * d1.max())
 
 
+def test_fast_mode_close_to_exact():
+    g, rho = _water(shape=(8, 12, 10), spacing=8.0)
+    rho[:, :, :3] = 0.3
+    dens = _density(g, rho)
+    plan = _small_plan(np.random.default_rng(4).uniform(0, 1, (30, 64)) * (np.abs(np.arange(64) - 31.5) < 6))
+    exact = pencil_beam_dose(dens, plan, progress=False)
+    fast = pencil_beam_dose(dens, plan, far_field_step=2, progress=False)
+    assert np.abs(fast - exact).max() < 0.02 * exact.max()
+    # with no window (threshold 0) the fast mode is exact
+    same = pencil_beam_dose(dens, plan, far_field_step=2, window_threshold=0.0, progress=False)
+    np.testing.assert_allclose(same, exact, rtol=1e-6, atol=1e-7 * exact.max())
+    with pytest.raises(ValueError, match="far_field_step"):
+        pencil_beam_dose(dens, plan, far_field_step=0, progress=False)
+
+
 def test_beamlet_dose_sums_to_projection_dose():
     g, rho = _water()
     f = np.zeros((1, 64))
