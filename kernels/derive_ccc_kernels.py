@@ -117,6 +117,9 @@ def main(argv=None) -> int:
                     help="ring edges in deg (multiples of the 3.75 deg fine cones), comma separated")
     ap.add_argument("--n-azimuth", type=int, default=8)
     ap.add_argument("--n-terms", type=int, default=4)
+    ap.add_argument("--group-edges-mev", default=None,
+                    help="inner energy-group edges (MeV, comma separated), e.g. 1.0,2.5: adds group "
+                         "kernels sharing the rates (table gets group_amplitudes)")
     ap.add_argument("--name", default=DEFAULT_KERNEL_NAME)
     ap.add_argument("--out-dir", type=Path, default=ROOT / "tomodose" / "data" / "kernels")
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -181,9 +184,34 @@ def main(argv=None) -> int:
     groups = [int(round(e / step)) for e in edges]
     if any(abs(g * step - e) > 1e-6 for g, e in zip(groups, edges)):
         raise SystemExit(f"--polar-edges-deg must be multiples of {step} deg, got {edges}")
+    group_fine = None
+    group_edges = None
+    if args.group_edges_mev:
+        inner = [float(v) for v in args.group_edges_mev.split(",")]
+        group_edges = [0.0] + inner + [max(float(np.max(s_e)), table.energies_mev[-1]) + 1.0]
+        if any(b <= a for a, b in zip(group_edges, group_edges[1:])):
+            raise SystemExit(f"--group-edges-mev must increase within the spectrum, got {inner}")
+        s_e_arr, s_w_arr = np.asarray(s_e, float), np.asarray(s_w, float)
+        group_fine = []
+        group_share = []
+        mu_s = np.exp(np.interp(np.log(s_e_arr), np.log(mu_e), np.log(mu_v)))
+        for lo, hi in zip(group_edges[:-1], group_edges[1:]):
+            sel = (s_e_arr >= lo) & (s_e_arr < hi)
+            if not np.any(sel & (s_w_arr > 0)):
+                raise SystemExit(f"energy group [{lo}, {hi}) MeV holds no spectral line")
+            wg = terma_weights(table.energies_mev, s_e_arr, np.where(sel, s_w_arr, 0.0), mu_e, mu_v)
+            group_fine.append(polyenergetic_kernel(table, wg))
+            group_share.append(float(np.sum((s_w_arr * s_e_arr * mu_s)[sel]) / np.sum(s_w_arr * s_e_arr * mu_s)))
+        provenance["energy_groups"] = {
+            "edges_mev": group_edges,
+            "rule": "a spectral line belongs to group g when edges[g] <= E < edges[g+1]; group kernel "
+                    "= TERMA-weighted kernel of its lines; TERMA must be split the same way",
+            "surface_terma_share": group_share,
+        }
     kernel = collapse_kernel(
         fine, table.theta_edges_deg, table.radius_edges_cm, polar_group_edges=groups,
         n_azimuth=args.n_azimuth, n_terms=args.n_terms, name=args.name, provenance=provenance,
+        group_fine_kernels=group_fine, group_edges_mev=group_edges,
     )
     rel = abs(kernel.total_fraction - expected_total) / expected_total
     fit_rel = abs(float(kernel.fitted_cumulative([kernel.radius_edges_cm[-1]]).sum()) - expected_total) / expected_total
@@ -237,8 +265,21 @@ of the total per ring and {100 * p['checks']['fit_max_summed_cumulative_error_of
 exponential tail beyond the table radius (never inside a patient grid) is
 {100 * p['checks']['fitted_tail_beyond_table_of_total']:.1f} % of the total.
 
-No Mackie (AGPL) or other copyleft data were used to derive this table.
+{_groups_md(kernel)}No Mackie (AGPL) or other copyleft data were used to derive this table.
 """
+
+
+def _groups_md(kernel) -> str:
+    if kernel.n_groups == 0:
+        return ""
+    lines = ["Energy groups (kernels sharing the rates; TERMA must be split the same way):", ""]
+    edges = kernel.group_edges_mev
+    for g in range(kernel.n_groups):
+        gk = kernel.group_kernel(g)
+        lines.append(f"* group {g}: {edges[g]:g} <= E < {edges[g + 1]:g} MeV, emitted fraction "
+                     f"{float(gk.amplitudes.sum()):.4f}, deposited within {kernel.radius_edges_cm[-1]:g} cm "
+                     f"{gk.total_fraction:.4f}")
+    return "\n".join(lines) + "\n\n"
 
 
 if __name__ == "__main__":

@@ -193,3 +193,41 @@ def test_kernel_bad_input(tmp_path, edk):
     with pytest.raises(FileNotFoundError, match="path"):
         read_edk_csv(tmp_path / "missing.csv")
     json.dumps(k.to_dict())  # serialisable
+
+
+# --- energy-group table ----------------------------------------------------------------------------
+def test_group_table_conserves_each_group_energy(edk, script, shared_data):
+    k = load_kernel("ccc_water_6mv_3groups")
+    assert k.n_groups == 3 and k.group_amplitudes.shape == (3, k.n_polar, k.n_terms)
+    spec = k.provenance["inputs"]["spectrum"]
+    e = np.asarray(spec["energies_mev"])
+    f = np.asarray(spec["fluence"])
+    mu_e, mu_v = script.read_mu_water(shared_data / script.MU_REL)
+    edges = k.group_edges_mev
+    r_max = k.radius_edges_cm[-1]
+    for g in range(3):
+        sel = (e >= edges[g]) & (e < edges[g + 1])
+        w = terma_weights(edk.energies_mev, e, np.where(sel, f, 0.0), mu_e, mu_v)
+        expected = float(w @ edk.deposited_fraction)
+        fitted = float(k.group_kernel(g).fitted_cumulative([r_max]).sum())
+        assert abs(fitted - expected) / expected < 1e-3, g
+    # harder groups deposit less within the table (more escapes) -- physics ordering
+    totals = [k.group_kernel(g).total_fraction for g in range(3)]
+    assert totals[0] > totals[1] > totals[2]
+    again = CollapsedConeKernel.from_dict(k.to_dict())
+    np.testing.assert_array_equal(again.group_amplitudes, k.group_amplitudes)
+
+
+def test_group_fields_validation():
+    k = load_kernel()
+    assert k.n_groups == 0
+    with pytest.raises(ValueError, match="group_kernel needs"):
+        k.group_kernel(0)
+    with pytest.raises(ValueError, match="together"):
+        CollapsedConeKernel(k.name, k.polar_edges_deg, k.polar_deg, 8, k.radius_edges_cm,
+                            k.cumulative, k.rates_per_cm, k.amplitudes, {},
+                            group_amplitudes=k.amplitudes[None])
+    with pytest.raises(ValueError, match="group_amplitudes must have shape"):
+        CollapsedConeKernel(k.name, k.polar_edges_deg, k.polar_deg, 8, k.radius_edges_cm,
+                            k.cumulative, k.rates_per_cm, k.amplitudes, {},
+                            group_amplitudes=k.amplitudes[None, :, :2], group_edges_mev=[0, 7])

@@ -47,7 +47,12 @@ def _lines(shape, m, sgn, da, db):
 
 
 def transport_direction(terma, rho, m, sgn, da, db, step_cm, rates, amplitudes_of):
-    """Dose of one direction. ``amplitudes_of(voxel) -> (K,)`` gives the source amplitudes."""
+    """Dose of one direction.
+
+    ``terma`` (nz, ny, nx) marks the emitting voxels (> 0); ``amplitudes_of(voxel) -> (K,)``
+    gives the source strength per unit radiological length of each term (TERMA x amplitude,
+    summed over energy groups) divided by ``terma[voxel]``.
+    """
     dose = np.zeros(terma.shape)
     visits = np.zeros(terma.shape, dtype=int)
     for vox in _lines(terma.shape, m, sgn, da, db):
@@ -81,10 +86,24 @@ def transport_direction(terma, rho, m, sgn, da, db, step_cm, rates, amplitudes_o
 
 def collapsed_cone_dose(terma, rho, spacing_mm, origin_mm, kernel, *, beam_direction=None,
                         source_position_mm=None):
-    """Full naive collapsed-cone dose (float64), same conventions as the public function."""
+    """Full naive collapsed-cone dose (float64), same conventions as the public function.
+
+    ``terma`` (nz, ny, nx), or (G, nz, ny, nx) with a grouped kernel: the dose is then the sum
+    over groups of the transport of each group's TERMA with that group's amplitudes.
+    """
+    terma = np.asarray(terma, dtype=np.float64)
+    if terma.ndim == 4:
+        return sum(
+            _single(terma[g], rho, spacing_mm, origin_mm, kernel.group_kernel(g),
+                    beam_direction, source_position_mm)
+            for g in range(terma.shape[0])
+        )
+    return _single(terma, rho, spacing_mm, origin_mm, kernel, beam_direction, source_position_mm)
+
+
+def _single(terma, rho, spacing_mm, origin_mm, kernel, beam_direction, source_position_mm):
     from tomodose.transport.collapsed_cone import direction_geometry
 
-    terma = np.asarray(terma, dtype=np.float64)
     rho = np.asarray(rho, dtype=np.float64)
     shape = terma.shape
     origin = np.asarray(origin_mm, float)

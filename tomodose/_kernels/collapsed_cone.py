@@ -105,27 +105,33 @@ def tilt_normalisation(terma, directions, solid_angle, density_total, ds, source
 def transport_direction(terma, rho, dose, m, sgn, da, db, step_cm, rates, amp_const,
                         tilt, u_xyz, solid_angle, density_table, ds, norm,
                         source_xyz, origin_xyz, spacing_xyz, fallback_axis):
+    # terma (G, nz, ny, nx): TERMA per energy group (G = 1 without groups); amp_const (G, K);
+    # density_table (G, M, K); norm (G, nz, ny, nx) (tilt only). The source strength of a voxel
+    # is sum_g T_g A_g: one transport for all groups (the rates are shared).
     """Add the dose carried along one cone direction to ``dose`` (in place).
 
     Parameters (plain arrays/scalars)
     ---------------------------------
-    terma, rho : (nz, ny, nx) float64
-        TERMA (energy/mass) and density relative to water.
+    terma : (G, nz, ny, nx) float64
+        TERMA (energy/mass) per energy group (G = 1 without groups).
+    rho : (nz, ny, nx) float64
+        Density relative to water.
     dose : (nz, ny, nx) float64, accumulated in place.
     m : int            stepping array axis (0 = z, 1 = y, 2 = x).
     sgn : int          +1 when the direction increases the index along ``m``, else -1.
     da, db : float     lateral index shift per step along the other two axes (ascending order).
     step_cm : float    geometric path length per step (cm).
     rates : (K,)       decay rates (1/cm).
-    amp_const : (K,)   cone amplitudes when ``tilt`` is False.
+    amp_const : (G, K) cone amplitudes per group when ``tilt`` is False.
     tilt : bool        per-voxel amplitudes from the source direction instead.
     u_xyz : (3,)       transport direction (LPS x, y, z), unit.
     solid_angle : float  cone solid angle (sr).
-    density_table : (M, K)  per-steradian amplitudes vs s = sqrt(1 - cos theta), step ``ds``.
-    norm : (nz, ny, nx)  per-voxel normalisation (tilt only).
+    density_table : (G, M, K)  per-steradian amplitudes vs s = sqrt(1 - cos theta), step ``ds``.
+    norm : (G, nz, ny, nx)  per-voxel normalisation per group (tilt only).
     source_xyz, origin_xyz, spacing_xyz, fallback_axis : (3,) LPS mm / unit vector.
     """
-    shape = terma.shape
+    shape = rho.shape
+    n_g = terma.shape[0]
     a_ax = 1 if m == 0 else 0
     b_ax = 1 if m == 2 else 2
     n_m = shape[m]
@@ -154,6 +160,7 @@ def transport_direction(terma, rho, dose, m, sgn, da, db, step_cm, rates, amp_co
         last_delta = np.full(nb, -1.0)
         has_flux = np.zeros(nb, dtype=np.bool_)
         amp = np.empty(n_k)
+        src = np.empty(n_k)
         inv_rates = 1.0 / rates
         started = False
         for n in range(n_m):
@@ -181,7 +188,9 @@ def transport_direction(terma, rho, dose, m, sgn, da, db, step_cm, rates, amp_co
                     kz = ja
                     jy = jb
                     ix = km
-                t = terma[kz, jy, ix]
+                t = 0.0
+                for g in range(n_g):
+                    t += terma[g, kz, jy, ix]
                 if t == 0.0 and not has_flux[li]:
                     continue
                 delta = rho[kz, jy, ix] * step_cm
@@ -195,7 +204,10 @@ def transport_direction(terma, rho, dose, m, sgn, da, db, step_cm, rates, amp_co
                         else:
                             ex[li, k] = 1.0 - x
                             gg[li, k] = 1.0 - 0.5 * x
+                for k in range(n_k):
+                    src[k] = 0.0
                 if t != 0.0:
+                    c = 0.0
                     if tilt:
                         px = origin_xyz[0] + ix * spacing_xyz[0] - source_xyz[0]
                         py = origin_xyz[1] + jy * spacing_xyz[1] - source_xyz[1]
@@ -206,16 +218,24 @@ def transport_direction(terma, rho, dose, m, sgn, da, db, step_cm, rates, amp_co
                         else:
                             c = (u_xyz[0] * fallback_axis[0] + u_xyz[1] * fallback_axis[1]
                                  + u_xyz[2] * fallback_axis[2])
-                        _interp_row(density_table, ds, c, amp, solid_angle * norm[kz, jy, ix])
-                    else:
-                        for k in range(n_k):
-                            amp[k] = amp_const[k]
+                    for g in range(n_g):
+                        tg = terma[g, kz, jy, ix]
+                        if tg == 0.0:
+                            continue
+                        if tilt:
+                            _interp_row(density_table[g], ds, c, amp,
+                                        solid_angle * norm[g, kz, jy, ix])
+                            for k in range(n_k):
+                                src[k] += tg * amp[k]
+                        else:
+                            for k in range(n_k):
+                                src[k] += tg * amp_const[g, k]
                 d = 0.0
                 for k in range(n_k):
                     a = rates[k]
-                    s = t * amp[k] if t != 0.0 else 0.0
+                    sk = src[k]
                     f = flux[li, k]
-                    d += f * a * gg[li, k] + s * (1.0 - gg[li, k])
-                    flux[li, k] = f * ex[li, k] + s * (1.0 - ex[li, k]) * inv_rates[k]
+                    d += f * a * gg[li, k] + sk * (1.0 - gg[li, k])
+                    flux[li, k] = f * ex[li, k] + sk * (1.0 - ex[li, k]) * inv_rates[k]
                 has_flux[li] = True
                 dose[kz, jy, ix] += d

@@ -95,8 +95,11 @@ def collapsed_cone_dose(
 
     Parameters
     ----------
-    terma : (nz, ny, nx) array_like, float
-        TERMA (energy released per unit mass, e.g. Gy or Gy per unit fluence) on ``grid``, >= 0.
+    terma : (nz, ny, nx) or (G, nz, ny, nx) array_like, float
+        TERMA (total energy released per unit mass, e.g. Gy or Gy per unit fluence) on ``grid``,
+        >= 0. With a leading axis: TERMA per energy group of ``kernel`` (``kernel.n_groups``
+        groups, ranges ``kernel.group_edges_mev``); each group is transported with its own
+        kernel amplitudes (beam hardening in the kernel) in a single transport.
     density_g_cm3 : (nz, ny, nx) array_like, float
         Density relative to water (g/cm3, >= 0) on ``grid``; scales every path to radiological
         distance. Air and vacuum are allowed.
@@ -122,7 +125,9 @@ def collapsed_cone_dose(
     """
     if not isinstance(grid, Grid):
         raise TypeError(f"grid must be a tomodose Grid, got {type(grid).__name__}")
-    t_arr = check_array("terma", terma, shape=grid.shape, low=0.0)
+    t_in = np.asarray(terma) if not isinstance(terma, np.ndarray) else terma
+    grouped = getattr(t_in, "ndim", 0) == 4
+    t_arr = check_array("terma", t_in, shape=((None,) + grid.shape) if grouped else grid.shape, low=0.0)
     rho = check_array("density_g_cm3", density_g_cm3, shape=grid.shape, low=0.0)
     if (source_position_mm is None) == (beam_direction is None):
         raise ValueError(
@@ -133,6 +138,16 @@ def collapsed_cone_dose(
         kernel = load_kernel()
     elif not isinstance(kernel, CollapsedConeKernel):
         raise TypeError(f"kernel must be a CollapsedConeKernel, got {type(kernel).__name__}")
+    if grouped:
+        if kernel.n_groups != t_arr.shape[0]:
+            raise ValueError(
+                f"terma has {t_arr.shape[0]} energy groups but the kernel {kernel.name!r} has "
+                f"{kernel.n_groups}; terma must have shape (nz, ny, nx) or (kernel.n_groups, nz, ny, nx)"
+            )
+        group_amps = np.asarray(kernel.group_amplitudes, dtype=np.float64)
+    else:
+        t_arr = t_arr[None]
+        group_amps = np.asarray(kernel.amplitudes, dtype=np.float64)[None]
 
     centre = np.asarray(grid.centre_mm)
     if source_position_mm is not None:
@@ -155,8 +170,10 @@ def collapsed_cone_dose(
 
     dirs, omega, ring = kernel.directions(axis)
     rates = np.ascontiguousarray(kernel.rates_per_cm, dtype=np.float64)
-    amps_ring = np.asarray(kernel.amplitudes, dtype=np.float64) / kernel.n_azimuth
-    table, ds = kernel.angular_density_table()
+    amps_ring = group_amps / kernel.n_azimuth  # (G, P, K)
+    tables = [kernel._density_table(a) for a in group_amps]
+    ds = tables[0][1]
+    table = np.ascontiguousarray(np.stack([t for t, _ in tables]))  # (G, M, K)
     origin = np.asarray(grid.origin_mm, dtype=np.float64)
     spacing = np.asarray(grid.spacing_mm, dtype=np.float64)
     dose = np.zeros(grid.shape, dtype=np.float64)
@@ -165,12 +182,15 @@ def collapsed_cone_dose(
 
     t0 = time.perf_counter()
     if tilt:
-        norm = _k.tilt_normalisation(
-            t_arr, dirs, omega, np.ascontiguousarray(table.sum(axis=1)), ds, src, origin,
-            spacing, float(kernel.amplitudes.sum()), axis,
-        )
+        norm = np.stack([
+            _k.tilt_normalisation(
+                np.ascontiguousarray(t_arr[g]), dirs, omega, np.ascontiguousarray(table[g].sum(axis=1)),
+                ds, src, origin, spacing, float(group_amps[g].sum()), axis,
+            )
+            for g in range(t_arr.shape[0])
+        ])
     else:
-        norm = np.zeros((1, 1, 1))
+        norm = np.zeros((1, 1, 1, 1))
     iterator = range(dirs.shape[0])
     if config.progress_enabled(progress):
         from tqdm.auto import tqdm
@@ -180,7 +200,7 @@ def collapsed_cone_dose(
         m, sgn, da, db, step_cm = direction_geometry(dirs[d], spacing)
         _k.transport_direction(
             t_arr, rho, dose, m, sgn, da, db, step_cm, rates,
-            np.ascontiguousarray(amps_ring[ring[d]]), tilt, np.ascontiguousarray(dirs[d]),
+            np.ascontiguousarray(amps_ring[:, ring[d]]), tilt, np.ascontiguousarray(dirs[d]),
             float(omega[d]), table, ds, norm, src, origin, spacing, axis,
         )
     logger.debug("collapsed cone: %d directions on %s in %.2f s", dirs.shape[0], grid.shape,

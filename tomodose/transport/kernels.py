@@ -295,6 +295,8 @@ def collapse_kernel(
     n_terms: int = 5,
     name: str = "custom",
     provenance: Mapping | None = None,
+    group_fine_kernels: Sequence | None = None,
+    group_edges_mev=None,
 ) -> "CollapsedConeKernel":
     """Collapse a (nC, nR) kernel onto ``P`` polar rings x ``n_azimuth`` cones.
 
@@ -319,6 +321,11 @@ def collapse_kernel(
         Kernel name stored in the table.
     provenance : mapping, optional
         Free-form provenance stored with the table.
+    group_fine_kernels : sequence of (nC, nR) arrays, optional
+        Energy-group kernels; they are collapsed the same way and fitted jointly with the main
+        kernel so all share the same rates.
+    group_edges_mev : (G + 1,) array, optional
+        Energy range of each group (required with ``group_fine_kernels``).
     """
     fk = check_array("fine_kernel", fine_kernel, ndim=2, low=0.0)
     te = check_array("theta_edges_deg", theta_edges_deg, shape=(fk.shape[0] + 1,))
@@ -350,7 +357,20 @@ def collapse_kernel(
         w = e_c[sl]
         mean_cos = float(np.sum(w * cos_c[sl]) / w.sum()) if w.sum() > 0 else float(cos_c[sl].mean())
         polar_deg[i] = math.degrees(math.acos(max(-1.0, min(1.0, mean_cos))))
-    rates, amps = fit_shared_exponentials(re, cumulative, n_terms)
+    group_amps = None
+    if group_fine_kernels is not None:
+        if group_edges_mev is None:
+            raise ValueError("group_edges_mev must be given with group_fine_kernels")
+        stacks = [cumulative]
+        for i, gk in enumerate(group_fine_kernels):
+            g = check_array(f"group_fine_kernels[{i}]", gk, shape=fk.shape, low=0.0)
+            rs = np.array([g[groups[j]:groups[j + 1]].sum(axis=0) for j in range(p)])
+            stacks.append(np.concatenate([np.zeros((p, 1)), np.cumsum(rs, axis=1)], axis=1))
+        rates, all_amps = fit_shared_exponentials(re, np.concatenate(stacks, axis=0), n_terms)
+        amps = all_amps[:p]
+        group_amps = all_amps[p:].reshape(len(group_fine_kernels), p, -1)
+    else:
+        rates, amps = fit_shared_exponentials(re, cumulative, n_terms)
     return CollapsedConeKernel(
         name=name,
         polar_edges_deg=polar_edges,
@@ -361,6 +381,8 @@ def collapse_kernel(
         rates_per_cm=rates,
         amplitudes=amps,
         provenance=dict(provenance or {}),
+        group_amplitudes=group_amps,
+        group_edges_mev=group_edges_mev if group_amps is not None else None,
     )
 
 
@@ -403,6 +425,12 @@ class CollapsedConeKernel:
         construction within the table's range, 60 cm for EDKnrc).
     provenance : dict
         Inputs, licence, method, date, script version.
+    group_amplitudes : (G, P, K) float64 or None
+        Optional energy-group kernels with the **same** rates: group ``g`` covers spectral lines
+        in ``[group_edges_mev[g], group_edges_mev[g + 1])``; each row set is that group's own
+        (TERMA-weighted, normalised) kernel. Transporting TERMA split by group with these
+        amplitudes accounts for beam hardening in the kernel at the cost of one transport.
+    group_edges_mev : (G + 1,) float64 or None
     """
 
     name: str
@@ -414,6 +442,8 @@ class CollapsedConeKernel:
     rates_per_cm: np.ndarray = field(repr=False)
     amplitudes: np.ndarray = field(repr=False)
     provenance: dict = field(default_factory=dict, repr=False)
+    group_amplitudes: np.ndarray | None = field(default=None, repr=False)
+    group_edges_mev: np.ndarray | None = field(default=None, repr=False)
 
     def __post_init__(self):
         pe = check_array("polar_edges_deg", self.polar_edges_deg, ndim=1, low=0.0, high=180.0)
@@ -439,6 +469,19 @@ class CollapsedConeKernel:
         object.__setattr__(self, "rates_per_cm", _readonly(rates))
         object.__setattr__(self, "amplitudes", _readonly(amps))
         object.__setattr__(self, "provenance", dict(self.provenance))
+        if (self.group_amplitudes is None) != (self.group_edges_mev is None):
+            raise ValueError("group_amplitudes and group_edges_mev must be given together")
+        if self.group_amplitudes is not None:
+            ga = check_array("group_amplitudes", self.group_amplitudes, ndim=3, low=0.0)
+            if ga.shape[1:] != (p, rates.size) or ga.shape[0] < 1:
+                raise ValueError(
+                    f"group_amplitudes must have shape (G, {p}, {rates.size}), got {ga.shape}"
+                )
+            ge = check_array("group_edges_mev", self.group_edges_mev, shape=(ga.shape[0] + 1,), low=0.0)
+            if np.any(np.diff(ge) <= 0):
+                raise ValueError(f"group_edges_mev must increase strictly, got {ge.tolist()}")
+            object.__setattr__(self, "group_amplitudes", _readonly(ga))
+            object.__setattr__(self, "group_edges_mev", _readonly(ge))
 
     # --- sizes and totals -------------------------------------------------------------------
     @property
@@ -499,6 +542,26 @@ class CollapsedConeKernel:
         return CollapsedConeKernel(
             self.name, self.polar_edges_deg, self.polar_deg, int(n_azimuth), self.radius_edges_cm,
             self.cumulative, self.rates_per_cm, self.amplitudes, self.provenance,
+            self.group_amplitudes, self.group_edges_mev,
+        )
+
+    @property
+    def n_groups(self) -> int:
+        """Number of energy groups (0 when the table has none)."""
+        return 0 if self.group_amplitudes is None else int(self.group_amplitudes.shape[0])
+
+    def group_kernel(self, g: int) -> "CollapsedConeKernel":
+        """Kernel of energy group ``g`` alone (same rings, rates and azimuths; no cumulative
+        table of its own: ``cumulative`` is the model evaluated at the shell edges)."""
+        if self.group_amplitudes is None:
+            raise ValueError("group_kernel needs a kernel with energy groups, this one has none")
+        if not 0 <= int(g) < self.n_groups:
+            raise ValueError(f"g must be in [0, {self.n_groups - 1}], got {g}")
+        amps = self.group_amplitudes[int(g)]
+        cum = amps @ _model_matrix(self.radius_edges_cm, self.rates_per_cm).T
+        return CollapsedConeKernel(
+            f"{self.name}[group {g}]", self.polar_edges_deg, self.polar_deg, self.n_azimuth,
+            self.radius_edges_cm, cum, self.rates_per_cm, amps, {},
         )
 
     def directions(self, axis=(0.0, 0.0, 1.0)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -530,9 +593,12 @@ class CollapsedConeKernel:
         without ``acos``; the angular step is about 0.04 deg near the forward direction.
         Returns ``(table, ds)``.
         """
+        return self._density_table(self.amplitudes, n_points)
+
+    def _density_table(self, amplitudes, n_points: int = 2881) -> tuple[np.ndarray, float]:
         s_grid = np.linspace(0.0, math.sqrt(2.0), int(n_points))
         theta = 2.0 * np.arcsin(np.clip(s_grid / math.sqrt(2.0), 0.0, 1.0))
-        dens = self.amplitudes / self.ring_solid_angle_sr[:, None]
+        dens = np.asarray(amplitudes) / self.ring_solid_angle_sr[:, None]
         nodes = np.radians(self.polar_deg)
         table = np.stack([np.interp(theta, nodes, dens[:, k]) for k in range(self.n_terms)], axis=1)
         return np.ascontiguousarray(table), float(s_grid[1] - s_grid[0])
@@ -553,6 +619,8 @@ class CollapsedConeKernel:
             "cumulative": self.cumulative.tolist(),
             "rates_per_cm": self.rates_per_cm.tolist(),
             "amplitudes": self.amplitudes.tolist(),
+            "group_edges_mev": None if self.group_edges_mev is None else self.group_edges_mev.tolist(),
+            "group_amplitudes": None if self.group_amplitudes is None else self.group_amplitudes.tolist(),
         }
 
     @classmethod
@@ -573,6 +641,8 @@ class CollapsedConeKernel:
             rates_per_cm=data["rates_per_cm"],
             amplitudes=data["amplitudes"],
             provenance=data.get("provenance", {}),
+            group_amplitudes=data.get("group_amplitudes"),
+            group_edges_mev=data.get("group_edges_mev"),
         )
 
     def save(self, path: str | os.PathLike) -> Path:
