@@ -231,3 +231,18 @@ def test_group_fields_validation():
         CollapsedConeKernel(k.name, k.polar_edges_deg, k.polar_deg, 8, k.radius_edges_cm,
                             k.cumulative, k.rates_per_cm, k.amplitudes, {},
                             group_amplitudes=k.amplitudes[None, :, :2], group_edges_mev=[0, 7])
+
+
+@pytest.mark.parametrize("name", [DEFAULT_KERNEL_NAME, "ccc_water_6mv_3groups"])
+def test_shipped_kernel_uses_the_current_default_spectrum(name):
+    """Guard against a stale table: regenerate with kernels/derive_ccc_kernels.py if this fails."""
+    from tomodose.terma.spectrum import default_spectrum
+
+    spec = default_spectrum()
+    stored = load_kernel(name).provenance["inputs"]["spectrum"]
+    fl = np.asarray(stored["fluence"], float)
+    same = (np.allclose(spec.energies_mev, stored["energies_mev"])
+            and np.allclose(np.asarray(spec.fluence) / np.sum(spec.fluence), fl / fl.sum()))
+    assert same, (f"{name}.json was derived for another spectrum; run "
+                  "`python kernels/derive_ccc_kernels.py` (and with --group-edges-mev 1.0,2.5 "
+                  "--name ccc_water_6mv_3groups)")
