@@ -57,7 +57,7 @@ class DemoConfig:
     spacing_mm: float = 3.0
     field_width_mm: float = 25.0
     pitch: float = 0.287
-    gantry_period_s: float = 20.0
+    gantry_period_s: float = 40.0
     engine: str = "collapsed_cone"
     optimise: bool = True
     protocol: str | None = None

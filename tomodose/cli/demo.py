@@ -19,7 +19,7 @@ def register(subparsers) -> None:
                    help="final dose engine")
     p.add_argument("--pitch", type=float, default=0.287, help="couch travel per rotation / field width")
     p.add_argument("--field-width-mm", type=float, default=25.0, help="nominal jaw width (10, 25, 50 mm)")
-    p.add_argument("--gantry-period-s", type=float, default=20.0, help="seconds per rotation")
+    p.add_argument("--gantry-period-s", type=float, default=40.0, help="seconds per rotation before optimisation (the optimiser shortens it when the longest leaf opening allows)")
     p.add_argument("--no-optimise", action="store_true", help="use a conformal sinogram, skip optimisation")
     p.add_argument("--protocol", default=None, help="protocol name or TOML file (default: the shipped liver protocol)")
     p.set_defaults(func=run)
