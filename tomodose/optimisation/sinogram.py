@@ -53,7 +53,10 @@ class OptimisationSettings:
     hotspot_level : float
         Hot-spot penalty above ``hotspot_level x prescription`` of the primary target.
     oar_margin : float
-        OAR terms start at ``oar_margin x goal`` (a safety margin below the protocol's goal).
+        Near-maximum OAR terms start at ``oar_margin x goal`` (a safety margin below the goal).
+    mean_margin : float
+        Mean-dose terms start at ``mean_margin x goal`` (larger margin: the pencil beam's low-dose
+        bath is less accurate than its high dose, and the final dose is renormalised).
     ring_inner_mm, ring_outer_mm : float
         Ring of normal tissue around the PTV (distance from the PTV surface, mm) ...
     ring_level : float
@@ -68,6 +71,9 @@ class OptimisationSettings:
         Add the far-field complement of the thresholded matrix on every ``step``-th voxel
         (restores the scatter tail the threshold drops, about 13 % of the target dose and more
         in low-dose regions); None: matrix only.
+    correction_rounds : int
+        Rounds of collapsed-cone correction: the plan's collapsed-cone dose minus the optimiser's
+        model dose is added as a fixed offset and the sinogram re-optimised (0: pencil beam only).
     """
 
     max_iterations: int = 200
@@ -79,6 +85,7 @@ class OptimisationSettings:
     target_level: float = 1.03
     hotspot_level: float = 1.12
     oar_margin: float = 0.9
+    mean_margin: float = 0.75
     ring_inner_mm: float = 6.0
     ring_outer_mm: float = 30.0
     ring_level: float = 0.6
@@ -86,14 +93,18 @@ class OptimisationSettings:
     modulation_factor_cap: float = 3.0
     influence_threshold: float | None = None
     far_field_step: int | None = 6
+    correction_rounds: int = 1
 
     def __post_init__(self):
         if isinstance(self.max_iterations, bool) or not isinstance(self.max_iterations, int) or self.max_iterations < 1:
             raise ValueError(f"max_iterations must be a positive integer, got {self.max_iterations!r}")
         for name in ("target_weight", "hotspot_weight", "oar_weight", "mean_weight", "ring_weight", "target_level",
-                     "hotspot_level", "oar_margin", "ring_outer_mm", "ring_level", "modulation_factor_cap"):
+                     "hotspot_level", "oar_margin", "mean_margin", "ring_outer_mm", "ring_level", "modulation_factor_cap"):
             check_positive(name, getattr(self, name))
         check_in_range("ring_inner_mm", self.ring_inner_mm, 0.0, self.ring_outer_mm)
+        if isinstance(self.correction_rounds, bool) or not isinstance(self.correction_rounds, int) \
+                or self.correction_rounds < 0:
+            raise ValueError(f"correction_rounds must be an integer >= 0, got {self.correction_rounds!r}")
         if self.modulation_factor_cap < 1:
             raise ValueError(f"modulation_factor_cap must be >= 1, got {self.modulation_factor_cap}")
 
@@ -141,7 +152,7 @@ def build_terms(protocol, structures, settings: OptimisationSettings, *, options
             continue
         occ = allst[name].occupancy.ravel()
         metric = c.metric.replace(" ", "")
-        level = settings.oar_margin * limit
+        level = (settings.mean_margin if metric.lower() == "dmean" else settings.oar_margin) * limit
         if metric.lower() == "dmean":
             specs.append((f"{name} mean < {level:.3g}", "mean", occ, level, settings.mean_weight))
         elif metric.upper().startswith("D") and ("cc" in metric or metric.lower() == "dmax"):
@@ -171,7 +182,7 @@ def build_terms(protocol, structures, settings: OptimisationSettings, *, options
     return voxels, terms
 
 
-def optimise_sinogram(matrix, terms, *, x0=None, max_iterations: int = 200, far_field=None,
+def optimise_sinogram(matrix, terms, *, x0=None, max_iterations: int = 200, far_field=None, offset_gy=None,
                       progress: bool | None = None):
     """Minimise the objective over leaf-open fractions in [0, 1] (L-BFGS-B).
 
@@ -185,6 +196,8 @@ def optimise_sinogram(matrix, terms, *, x0=None, max_iterations: int = 200, far_
         Low-resolution complement of a thresholded matrix: the dose is
         ``matrix @ x + interp @ (values @ x)`` with ``interp`` (n_voxels_used, n_nodes) sparse and
         ``values`` (n_nodes, n_beamlets) dense (see :func:`tomodose.transport.influence.far_field_operator`).
+    offset_gy : (n_voxels_used,) float, optional
+        Fixed dose added to the model dose (the correction toward the collapsed cone).
 
     Returns
     -------
@@ -216,8 +229,10 @@ def optimise_sinogram(matrix, terms, *, x0=None, max_iterations: int = 200, far_
         def grad_of(g):
             return at @ g
 
+    offset = 0.0 if offset_gy is None else np.asarray(offset_gy, dtype=np.float64)
+
     def fun(x):
-        f, g_dose, _ = evaluate_terms(terms, dose_of(x))
+        f, g_dose, _ = evaluate_terms(terms, dose_of(x) + offset)
         return f, grad_of(g_dose)
 
     history = [fun(x0)[0]]
@@ -338,25 +353,52 @@ def optimise_plan(patient, template: HelicalPlan, protocol, *, settings: Optimis
         info["timings_s"]["far_field"] = time.perf_counter() - t0
     info.update(n_beamlets=int(a.shape[1]), n_voxels=int(a.shape[0]), nnz=int(a.nnz))
     log.info("optimisation: %d beamlets x %d voxels (%d non-zeros)", a.shape[1], a.shape[0], a.nnz)
+
+    def dose_of(v):
+        return a @ v if far is None else a @ v + far[0] @ (far[1] @ v)
+
     t0 = time.perf_counter()
     x, history = optimise_sinogram(a, terms, max_iterations=settings.max_iterations, far_field=far,
                                    progress=progress)
     info["timings_s"]["optimisation"] = time.perf_counter() - t0
     info["objective_history"] = history
-    def dose_of(v):
-        return a @ v if far is None else a @ v + far[0] @ (far[1] @ v)
+    plan, x_equiv, deliver = _deliverable_plan(template, x, proj, leaf, settings)
+    info["correction_rounds"] = []
+    offset = None
+    for round_ in range(int(settings.correction_rounds)):
+        from tomodose.dose import compute_dose
 
-    _, _, parts_before = evaluate_terms(terms, dose_of(x))
+        t0 = time.perf_counter()
+        ccc = compute_dose(patient, plan, engine="collapsed_cone", progress=progress).total.array.ravel()[voxels]
+        model = dose_of(x_equiv)
+        offset = ccc.astype(np.float64) - model
+        x, hist = optimise_sinogram(a, terms, x0=x, max_iterations=settings.max_iterations, far_field=far,
+                                    offset_gy=offset, progress=progress)
+        plan, x_equiv, deliver = _deliverable_plan(template, x, proj, leaf, settings)
+        rel = offset / max(float(np.abs(ccc).max()), 1e-12)
+        info["correction_rounds"].append({
+            "round": round_ + 1, "objective_history": hist, "seconds": time.perf_counter() - t0,
+            "ccc_minus_model_percent_of_max": {"mean": 100 * float(rel.mean()), "p1": 100 * float(np.percentile(rel, 1)),
+                                               "p99": 100 * float(np.percentile(rel, 99))}})
+        log.info("correction round %d: CCC - model dose mean %.2f %% of max, objective %.4g -> %.4g",
+                 round_ + 1, 100 * rel.mean(), hist[0], hist[-1])
+    total_offset = 0.0 if offset is None else offset
+    _, _, parts_before = evaluate_terms(terms, dose_of(x) + total_offset)
+    f_after, _, parts_after = evaluate_terms(terms, dose_of(x_equiv) + total_offset)
+    final_history = info["correction_rounds"][-1]["objective_history"] if info["correction_rounds"] else history
+    info["deliverability"] = {**deliver, "objective_before": final_history[-1], "objective_after": f_after}
+    info["terms_before"] = parts_before
+    info["terms_after"] = parts_after
+    return plan, info
+
+
+def _deliverable_plan(template: HelicalPlan, x, proj, leaf, settings: OptimisationSettings):
+    """Plan with the deliverable sinogram of ``x``; also the equivalent fractions at the template period."""
     x_del, period, deliver = make_deliverable(
         x, projection_duration_s=template.projection_duration_s, gantry_period_s=template.gantry_period_s,
         machine=template.machine, modulation_factor_cap=settings.modulation_factor_cap)
     # same fluence: fraction x period is preserved except for the deliverability changes
     x_equiv = x_del * period / template.gantry_period_s
-    f_after, _, parts_after = evaluate_terms(terms, dose_of(x_equiv))
-    info["deliverability"] = {**deliver, "objective_before": history[-1], "objective_after": f_after}
-    info["terms_before"] = parts_before
-    info["terms_after"] = parts_after
     sino = np.zeros_like(np.asarray(template.sinogram, dtype=np.float64))
     sino[proj, leaf] = x_del
-    plan = dataclasses.replace(template, sinogram=sino, gantry_period_s=period)
-    return plan, info
+    return dataclasses.replace(template, sinogram=sino, gantry_period_s=period), x_equiv, deliver
