@@ -22,6 +22,7 @@ import logging
 import multiprocessing as mp
 import os
 import platform
+import queue as queue_mod
 import resource
 import subprocess
 import sys
@@ -87,10 +88,20 @@ def run_case(name: str, target: str, size, *, params: dict | None = None, thread
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(queue, target, size, params or {}, threads, repeats))
     proc.start()
-    try:
-        out = queue.get(timeout=timeout_s)
-    except Exception:
-        out = {"error": f"timed out after {timeout_s} s"}
+    out = None
+    deadline = time.monotonic() + timeout_s
+    while out is None:
+        try:
+            out = queue.get(timeout=1.0)
+        except queue_mod.Empty:
+            if not proc.is_alive():
+                # the child died without reporting (crash, killed, unimportable __main__)
+                try:
+                    out = queue.get(timeout=1.0)
+                except queue_mod.Empty:
+                    out = {"error": f"child process exited with code {proc.exitcode} without a result"}
+            elif time.monotonic() > deadline:
+                out = {"error": f"timed out after {timeout_s} s"}
     proc.join(timeout=10)
     if proc.is_alive():
         proc.kill()
