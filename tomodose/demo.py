@@ -54,7 +54,7 @@ class DemoConfig:
     """
 
     phantom: str = "liver_default"
-    spacing_mm: float = 3.0
+    spacing_mm: float = 5.0
     field_width_mm: float = 25.0
     pitch: float = 0.287
     gantry_period_s: float = 40.0

@@ -77,11 +77,11 @@ class OptimisationSettings:
     """
 
     max_iterations: int = 200
-    target_weight: float = 100.0
+    target_weight: float = 1000.0
     hotspot_weight: float = 5.0
     oar_weight: float = 10.0
     mean_weight: float = 10.0
-    ring_weight: float = 5.0
+    ring_weight: float = 2.0
     target_level: float = 1.03
     hotspot_level: float = 1.12
     oar_margin: float = 0.9
