@@ -66,6 +66,8 @@ def register(subparsers) -> None:
     p.add_argument("--rotations", type=_floats, metavar="N,N,...",
                    help="plan-length ladder in gantry rotations (default 1,2,4,8)")
     p.add_argument("--threads", type=_ints, metavar="N,N,...", help="thread counts (default 1 and all cores)")
+    p.add_argument("--ladder-threads", type=int, metavar="N",
+                   help="threads of the ladder, peer and goal runs (default the largest of --threads)")
     p.add_argument("--cases", type=_names, metavar="NAME,...", help="cases to run (default all)")
     p.add_argument("--repeats", type=int, metavar="N", help="warm repetitions per case (default 3)")
     p.add_argument("--peers", action="store_true", help="also run the installed peers on the same inputs")
@@ -87,6 +89,12 @@ def config_from_args(args):
         changes["rotations"] = args.rotations
     if args.threads:
         changes["threads"] = args.threads
+    if args.ladder_threads is not None:
+        if args.ladder_threads < 1:
+            raise ValueError(f"--ladder-threads must be >= 1, got {args.ladder_threads}")
+        changes["ladder_threads"] = args.ladder_threads
+    elif args.threads:
+        changes["ladder_threads"] = None
     if args.cases:
         changes["cases"] = args.cases
         changes["plan_cases"] = tuple(c for c in base.plan_cases if c in args.cases)
