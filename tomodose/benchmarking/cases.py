@@ -110,7 +110,9 @@ def _info(patient, plan, **extra) -> dict:
 
 
 def _synthetic_dose(patient, shift_mm: float = 0.0, scale: float = 1.0):
-    """Smooth dose (Gy, whole treatment): blurred PTV at 52 Gy plus a 2-8 Gy bath in the body."""
+    """Smooth dose (Gy, whole treatment): blurred PTV (6 mm) at 52 Gy plus a bath inside the body
+    (8 Gy everywhere + up to 20 Gy from a 30 mm blur of the PTV), so that the whole body is above a
+    10 % cut-off (the gamma case then evaluates ~all body voxels)."""
     from scipy import ndimage
 
     from tomodose.geometry.grid import ImageVolume
@@ -120,8 +122,8 @@ def _synthetic_dose(patient, shift_mm: float = 0.0, scale: float = 1.0):
     ptv = patient.structures["PTV"].occupancy.astype(np.float64)
     body = patient.structures["Body"].occupancy.astype(np.float64) if "Body" in patient.structures else 1.0
     core = ndimage.gaussian_filter(ptv, sigma)
-    bath = ndimage.gaussian_filter(ptv, [4 * s for s in sigma])
-    dose = 52.0 * core / max(core.max(), 1e-12) + 8.0 * bath / max(bath.max(), 1e-12) * body
+    bath = ndimage.gaussian_filter(ptv, [5 * s for s in sigma], mode="constant")
+    dose = 52.0 * core / max(core.max(), 1e-12) + (8.0 + 20.0 * bath / max(bath.max(), 1e-12)) * body
     if shift_mm:
         dose = ndimage.shift(dose, (0.0, 0.0, shift_mm / grid.spacing_mm[0]), order=1, mode="nearest")
     return ImageVolume(grid, (dose * scale).astype(np.float32), "Gy", "dose")
