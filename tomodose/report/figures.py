@@ -13,7 +13,7 @@ from tomodose.report.protocol_report import atomic_write_bytes
 
 __all__ = ["plot_dose_slices", "plot_sinogram"]
 
-_OUTLINE_COLOURS = ("red", "magenta", "orange", "cyan", "lime", "yellow", "blue", "white", "pink", "brown")
+_OUTLINE_COLOURS = ("red", "magenta", "orange", "cyan", "lime", "yellow", "blue", "chocolate", "pink", "white")
 
 
 def _figure():
