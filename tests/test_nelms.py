@@ -68,7 +68,7 @@ def _cases():
 
     path = SHARED_DATA / "dvh_validation" / "nelms2015" / "ANALYTICAL_RESULTS" / "extracted_analytical_points.csv"
     if not path.is_file():
-        return [pytest.param(None, marks=pytest.mark.skip(reason=f"{path} is absent"))]
+        return [pytest.param(None, None, marks=pytest.mark.skip(reason=f"{path} is absent"))]
     out = []
     with open(path, newline="") as fh:
         for row in csv.DictReader(fh):
