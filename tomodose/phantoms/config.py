@@ -67,7 +67,7 @@ NAMED_CONFIGS: dict[str, dict] = {
     },
     "liver_near_stomach_heart": {
         "phantom": {"name": "liver_near_stomach_heart", "builder": "liver"},
-        "parameters": {"target_diameter_mm": 30.0, "target_centre_mm": [0.0, -25.0, 45.0], **_LIVER_COMMON,
+        "parameters": {"target_diameter_mm": 30.0, "target_centre_mm": [0.0, -25.0, 43.0], **_LIVER_COMMON,
                        "protected_liver_distance_mm": 30.0},
     },
     "water_box": {
