@@ -132,6 +132,11 @@ def run_demo(out_dir, config: DemoConfig | None = None, *, progress: bool | None
     primary = protocol.targets[0]
     coverage = float(protocol.parameters.get("normalisation_coverage_percent", 96.5)) / 100.0
     scale = normalise_to_coverage(dose.total, patient.structures[primary.name], primary.prescription_gy, coverage)
+    # D(coverage) is read on the DVH's 0.01 Gy bins: aim one bin above the prescription so the voxels that
+    # make up the coverage land above it (a steep DVH riser can otherwise hold ~0.5 % of a small PGTV)
+    from tomodose.evaluation.dvh import DEFAULT_BIN_WIDTH_GY
+
+    scale *= 1.0 + DEFAULT_BIN_WIDTH_GY / primary.prescription_gy
     dose = dose.scaled(scale)
     summary["normalisation_factor"] = scale
     t0 = time.perf_counter()
