@@ -55,7 +55,8 @@ from tomodose.geometry.grid import Grid, ImageVolume
 from tomodose.terma.attenuation import DENSITY_ANCHORS, attenuation_table, material_weights
 from tomodose.terma.beam_model import EDGE_CUTOFF_SIGMAS, BeamModel
 
-__all__ = ["TermaResult", "compute_terma", "assign_angle_groups", "TERMA_UNIT"]
+__all__ = ["TermaResult", "compute_terma", "assign_angle_groups", "resolve_delivery", "density_input",
+           "projection_samples", "TERMA_UNIT"]
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,23 @@ def assign_angle_groups(gantry_angle_deg, n_groups: int, couch_mm=None):
     return proj_group.astype(np.int64), g_ang, g_couch
 
 
-def _density_input(patient_or_density):
+def resolve_delivery(projections, beam_model):
+    """Validate the delivery inputs shared by the engines.
+
+    Returns ``(ProjectionSequence, BeamModel)``: a plan is converted with ``.projections()``,
+    ``None`` gives :meth:`BeamModel.default`; anything else raises ``TypeError``.
+    """
+    if isinstance(projections, HelicalPlan):
+        projections = projections.projections()
+    if not isinstance(projections, ProjectionSequence):
+        raise TypeError(f"projections must be a ProjectionSequence or HelicalPlan, got {type(projections).__name__}")
+    beam = BeamModel.default() if beam_model is None else beam_model
+    if not isinstance(beam, BeamModel):
+        raise TypeError(f"beam_model must be a BeamModel, got {type(beam).__name__}")
+    return projections, beam
+
+
+def density_input(patient_or_density):
     """(grid, mass density float64 array, patient_position or None)."""
     if isinstance(patient_or_density, ImageVolume):
         unit = patient_or_density.unit.replace(" ", "")
@@ -165,7 +182,7 @@ def _density_input(patient_or_density):
     return grid, dens, position
 
 
-def _samples(projections: ProjectionSequence, n_sub: int):
+def projection_samples(projections: ProjectionSequence, n_sub: int):
     """Per-sample geometry arrays (sample order: projection-major)."""
     n = projections.n_projections
     frac = (np.arange(n_sub) + 0.5) / n_sub - 0.5
@@ -237,20 +254,14 @@ def compute_terma(patient_or_density, projections, beam_model: BeamModel | None 
     from tomodose._kernels.terma import terma_units
 
     t_start = time.perf_counter()
-    if isinstance(projections, HelicalPlan):
-        projections = projections.projections()
-    if not isinstance(projections, ProjectionSequence):
-        raise TypeError(f"projections must be a ProjectionSequence or HelicalPlan, got {type(projections).__name__}")
-    beam = BeamModel.default() if beam_model is None else beam_model
-    if not isinstance(beam, BeamModel):
-        raise TypeError(f"beam_model must be a BeamModel, got {type(beam).__name__}")
+    projections, beam = resolve_delivery(projections, beam_model)
     if isinstance(n_subsamples, bool) or not isinstance(n_subsamples, (int, np.integer)) or n_subsamples < 1:
         raise ValueError(f"n_subsamples must be a positive integer, got {n_subsamples!r}")
     if not isinstance(exact_subsamples, (bool, np.bool_)):
         raise TypeError(f"exact_subsamples must be a bool, got {exact_subsamples!r}")
     machine = projections.machine
     n_groups = machine.projections_per_rotation if angle_groups is None else angle_groups
-    grid, dens, position = _density_input(patient_or_density)
+    grid, dens, position = density_input(patient_or_density)
     if position is not None and position != projections.patient_position:
         raise ValueError(
             f"patient_position of the patient ({position!r}) differs from that of the projections "
@@ -271,7 +282,7 @@ def compute_terma(patient_or_density, projections, beam_model: BeamModel | None 
     air_index = [n for n, _ in DENSITY_ANCHORS].index("air")
 
     n_sub = int(n_subsamples)
-    src, ex, ey, ez, iso, weight, proj = _samples(projections, n_sub)
+    src, ex, ey, ez, iso, weight, proj = projection_samples(projections, n_sub)
     fw = projections.field_width_mm
     jaw_half = beam.jaw_half_width_mm(fw, machine)
     v_ext = beam.jaw_extent_mm(fw, machine)
@@ -286,7 +297,7 @@ def compute_terma(patient_or_density, projections, beam_model: BeamModel | None 
     else:
         # one trace unit per projection, at the projection centre
         unit_start = np.arange(0, n_samples + 1, n_sub, dtype=np.int64)
-        c_src, c_ex, _, c_ez, c_iso, _, _ = _samples(projections, 1)
+        c_src, c_ex, _, c_ez, c_iso, _, _ = projection_samples(projections, 1)
         t_src, t_ex, t_ez, t_iso = c_src, c_ex, c_ez, c_iso
         unit_proj = np.arange(projections.n_projections, dtype=np.int64)
         k_lo = k_lo_s.reshape(-1, n_sub).min(axis=1)

@@ -40,11 +40,13 @@ import numpy as np
 
 from tomodose import config
 from tomodose._validate import check_in_range
-from tomodose.delivery.plan import HelicalPlan, ProjectionSequence
+from tomodose.delivery.plan import ProjectionSequence
 from tomodose.geometry.frames import source_position_patient
 from tomodose.geometry.grid import Grid
 from tomodose.terma.beam_model import BeamModel
-from tomodose.terma.terma import TERMA_UNIT, _density_input, _samples, assign_angle_groups
+from tomodose.terma.terma import (
+    TERMA_UNIT, assign_angle_groups, density_input, projection_samples, resolve_delivery,
+)
 
 __all__ = [
     "PencilKernel",
@@ -198,7 +200,7 @@ class _Engine:
         p = self.projections
         m = p.machine
         self.sad = float(m.sad_mm)
-        (self.src, self.xg, self.yg, self.zg, self.iso, self.dt, self.proj) = _samples(p, self.n_subsamples)
+        (self.src, self.xg, self.yg, self.zg, self.iso, self.dt, self.proj) = projection_samples(p, self.n_subsamples)
         self.proj_group, self.group_angles, _ = assign_angle_groups(p.gantry_angle_deg, self.angle_groups)
         n_p = p.n_projections
         self.samp_start = np.searchsorted(self.proj, np.arange(n_p)).astype(np.int64)
@@ -279,13 +281,7 @@ class _Engine:
 
 
 def _resolve(patient_or_density, projections, beam_model, kernel, n_subsamples, rho_floor, angle_groups):
-    if isinstance(projections, HelicalPlan):
-        projections = projections.projections()
-    if not isinstance(projections, ProjectionSequence):
-        raise TypeError(f"projections must be a ProjectionSequence or HelicalPlan, got {type(projections).__name__}")
-    beam = BeamModel.default() if beam_model is None else beam_model
-    if not isinstance(beam, BeamModel):
-        raise TypeError(f"beam_model must be a BeamModel, got {type(beam).__name__}")
+    projections, beam = resolve_delivery(projections, beam_model)
     if kernel is None:
         kernel = load_pencil_kernel()
     elif isinstance(kernel, str):
@@ -297,7 +293,7 @@ def _resolve(patient_or_density, projections, beam_model, kernel, n_subsamples, 
     rho_floor = check_in_range("rho_floor", rho_floor, 1e-4, 1.0)
     machine = projections.machine
     n_groups = machine.projections_per_rotation if angle_groups is None else angle_groups
-    grid, dens, position = _density_input(patient_or_density)
+    grid, dens, position = density_input(patient_or_density)
     if position is not None and position != projections.patient_position:
         raise ValueError(
             f"patient_position of the patient ({position!r}) differs from that of the projections "
