@@ -5,7 +5,7 @@
 1. the default abdominal liver phantom (:func:`tomodose.phantoms.liver_phantom`);
 2. a helical plan: jaw 25 mm, pitch 0.287 (~0.86/3, away from the thread effect), gantry period
    within the machine's range; the sinogram is optimised against the protocol on the pencil-beam
-   influence matrix when :mod:`tomodose.optimisation` is available, otherwise a conformal
+   influence matrix (:mod:`tomodose.optimisation`), or, with ``optimise=False``, a conformal
    sinogram (every leaf that sees the PTV open);
 3. the dose with the collapsed-cone engine (absolute, Gy per fraction);
 4. normalisation so the prescription isodose covers the protocol's normalisation coverage of the
@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import logging
 import time
@@ -66,10 +65,6 @@ class DemoConfig:
         check_positive("spacing_mm", self.spacing_mm)
 
 
-def _available(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
-
-
 def run_demo(out_dir, config: DemoConfig | None = None, *, progress: bool | None = None) -> dict:
     """Run the demo study and write its outputs in ``out_dir``; return a summary dict."""
     from tomodose.delivery.beams_eye import conformal_sinogram
@@ -106,15 +101,12 @@ def run_demo(out_dir, config: DemoConfig | None = None, *, progress: bool | None
                                     gantry_period_s=cfg.gantry_period_s, isocentre_xy_mm=(cx, cy),
                                     n_fractions=n_fractions, prescriptions=prescriptions)
     t0 = time.perf_counter()
-    plan = None
-    if cfg.optimise and _available("tomodose.optimisation"):
+    if cfg.optimise:
         from tomodose.optimisation import optimise_plan
 
         plan, opt_info = optimise_plan(patient, template, protocol, progress=progress)
         summary["optimisation"] = opt_info
     else:
-        if cfg.optimise:
-            summary["missing"].append("sinogram optimisation (issue 7): a conformal sinogram is used")
         plan = dataclasses.replace(template, sinogram=conformal_sinogram(template, ptv))
     summary["timings_s"]["plan"] = time.perf_counter() - t0
     summary["plan"] = plan.summary()

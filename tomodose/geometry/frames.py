@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tomodose._validate import check_array, check_choice, check_finite_scalar, check_vector
+from tomodose._validate import check_choice, check_finite_scalar, check_vector
 
 __all__ = [
     "PATIENT_POSITIONS",
