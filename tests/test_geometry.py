@@ -48,6 +48,9 @@ def test_image_volume_checks_shape_and_finite():
     bad[0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="array must be finite, got 1 NaN/inf"):
         ImageVolume(g, bad, "HU")
+    marked = ImageVolume(g, bad, "1", "gamma", allow_nonfinite=True)
+    assert np.isnan(marked.array[0, 0, 0])
+    assert marked.with_array(bad).allow_nonfinite
 
 
 def test_structure_volume_and_sphere():

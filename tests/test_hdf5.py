@@ -225,3 +225,16 @@ def test_bad_arguments(tmp_path, patient):
     with pytest.raises(FileNotFoundError, match="output folder"):
         write_results(tmp_path / "missing" / "a.h5", patient=patient)
     assert not (tmp_path / "a.h5").exists()
+
+
+def test_nonfinite_map_round_trip(tmp_path):
+    """A gamma/DTA map with NaN ("not evaluated") and inf ("not found") survives the file."""
+    g = Grid((2, 2, 2), (1, 1, 1))
+    arr = np.zeros((2, 2, 2))
+    arr[0, 0, 0] = np.nan
+    arr[1, 1, 1] = np.inf
+    vol = ImageVolume(g, arr, "1", "gamma", allow_nonfinite=True)
+    path = hdf5.write_results(tmp_path / "g.h5", doses={"gamma": vol})
+    back = hdf5.read_results(path).doses["gamma"]
+    assert back.allow_nonfinite
+    assert np.isnan(back.array[0, 0, 0]) and np.isinf(back.array[1, 1, 1])

@@ -807,12 +807,7 @@ def distance_to_agreement_map(
 
 
 def _volume_allow_nan(like: ImageVolume, array: np.ndarray, unit: str, quantity: str) -> ImageVolume:
-    """ImageVolume on ``like.grid`` that may hold NaN/inf markers.
-
-    :class:`ImageVolume` refuses non-finite values; evaluation maps use NaN for "not evaluated"
-    and inf for "not found", so the array is attached after construction.
-    """
-    vol = ImageVolume(like.grid, np.zeros(like.grid.shape), unit, quantity)
-    object.__setattr__(vol, "array", np.ascontiguousarray(array, dtype=np.float64))
-    return vol
+    """ImageVolume on ``like.grid`` that may hold NaN ("not evaluated") and inf ("not found")."""
+    return ImageVolume(like.grid, np.ascontiguousarray(array, dtype=np.float64), unit, quantity,
+                       allow_nonfinite=True)
 

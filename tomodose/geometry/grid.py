@@ -201,12 +201,17 @@ class ImageVolume:
         Unit of the values, e.g. ``"HU"``, ``"g/cm3"``, ``"Gy"``, ``"1"`` (dimensionless).
     quantity : str
         What the values are, e.g. ``"ct_number"``, ``"mass_density"``, ``"dose"``.
+    allow_nonfinite : bool
+        Accept NaN/inf values (default False: they are refused). Evaluation maps use it, with
+        NaN for "not evaluated" and inf for "not found"; physical inputs (CT, density, dose)
+        never should.
     """
 
     grid: Grid
     array: np.ndarray = field(repr=False)
     unit: str
     quantity: str = ""
+    allow_nonfinite: bool = False
 
     def __post_init__(self):
         if not isinstance(self.grid, Grid):
@@ -214,11 +219,13 @@ class ImageVolume:
         dtype = self.array.dtype if isinstance(self.array, np.ndarray) and np.issubdtype(
             self.array.dtype, np.floating
         ) else np.float64
-        arr = check_array("array", self.array, shape=self.grid.shape, dtype=dtype)
+        arr = check_array("array", self.array, shape=self.grid.shape, dtype=dtype,
+                          finite=not self.allow_nonfinite)
         object.__setattr__(self, "array", arr)
         if not isinstance(self.unit, str) or not self.unit:
             raise ValueError(f"unit must be a non-empty string, got {self.unit!r}")
 
     def with_array(self, array: np.ndarray, unit: str | None = None, quantity: str | None = None) -> "ImageVolume":
         """Same grid, new values."""
-        return ImageVolume(self.grid, array, unit or self.unit, self.quantity if quantity is None else quantity)
+        return ImageVolume(self.grid, array, unit or self.unit, self.quantity if quantity is None else quantity,
+                           allow_nonfinite=self.allow_nonfinite)

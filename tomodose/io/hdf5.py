@@ -374,6 +374,8 @@ def _write_volume(group: h5py.Group, name: str, vol: ImageVolume, dtype=np.float
     ds = _dataset(group, _key(name), vol.array.astype(dtype, copy=False), vol.unit, quantity=vol.quantity,
                   name=name)
     write_grid_attrs(ds, vol.grid)
+    if vol.allow_nonfinite:
+        ds.attrs["allow_nonfinite"] = True
 
 
 def _write_mapping(g: h5py.Group, mapping: dict, what: str) -> None:
@@ -592,7 +594,8 @@ def _read_plan(g: h5py.Group):
 
 
 def _read_volume(d: h5py.Dataset) -> ImageVolume:
-    return ImageVolume(read_grid_attrs(d), d[()], _attr_str(d, "units"), _attr_str(d, "quantity"))
+    return ImageVolume(read_grid_attrs(d), d[()], _attr_str(d, "units"), _attr_str(d, "quantity"),
+                       allow_nonfinite=bool(d.attrs.get("allow_nonfinite", False)))
 
 
 def _attr_value(v):
