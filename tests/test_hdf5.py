@@ -238,3 +238,20 @@ def test_nonfinite_map_round_trip(tmp_path):
     back = hdf5.read_results(path).doses["gamma"]
     assert back.allow_nonfinite
     assert np.isnan(back.array[0, 0, 0]) and np.isinf(back.array[1, 1, 1])
+
+
+def test_atomic_path_interrupt_leaves_target(tmp_path):
+    """Any exception inside the block (KeyboardInterrupt too) keeps the old file and no temporary."""
+    from tomodose._atomic import atomic_path, atomic_write_text
+
+    target = tmp_path / "out.txt"
+    atomic_write_text(target, "old")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise KeyboardInterrupt
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+    assert oct(target.stat().st_mode & 0o777) != oct(0o600)
+    with pytest.raises(FileNotFoundError, match="output folder"):
+        atomic_write_text(tmp_path / "missing" / "x.txt", "x")

@@ -47,8 +47,6 @@ import functools
 import json
 import logging
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -57,6 +55,7 @@ import numpy as np
 from tomodose import config
 from tomodose._kernels import gamma as _kg
 from tomodose._validate import check_choice, check_in_range, check_positive
+from tomodose._atomic import atomic_path
 from tomodose.geometry.grid import ImageVolume
 
 __all__ = [
@@ -253,18 +252,10 @@ def _search_offsets_cached(max_radius_mm: float, step_mm: float, active_axes: tu
 # results
 # --------------------------------------------------------------------------------------------
 def _atomic_write_bytes(path: Path, writer) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        writer(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """Call ``writer(tmp)`` on a temporary beside ``path`` and move it into place (folder created)."""
+    with atomic_path(path, mkdir=True) as tmp:
+        writer(str(tmp))
+    return Path(path)
 
 
 @dataclass(frozen=True)

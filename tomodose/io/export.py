@@ -13,12 +13,12 @@ MHA and NRRD also keep the unit and quantity as metadata (``tomodose_unit``,
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+
+from tomodose._atomic import atomic_path
 
 from tomodose.geometry.grid import ImageVolume
 from tomodose.geometry.resample import from_sitk, to_sitk
@@ -46,21 +46,8 @@ def image_format(path) -> str:
 
 def _atomic_write(image: sitk.Image, path: Path, compress: bool) -> Path:
     suffix = image_format(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise FileNotFoundError(f"output folder {str(folder)!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=folder)
-    os.close(fd)
-    try:
-        sitk.WriteImage(image, tmp, compress)
-        mask = os.umask(0o022)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path, suffix=f".tmp{suffix}") as tmp:
+        sitk.WriteImage(image, str(tmp), compress)
     log.info("wrote %s (%s)", path, SUFFIXES[suffix])
     return path
 

@@ -36,9 +36,9 @@ import dataclasses
 import datetime as _dt
 import json
 import logging
-import os
 import subprocess
-import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,7 @@ import numpy as np
 from scipy import sparse
 
 from tomodose import __version__
+from tomodose._atomic import atomic_path
 from tomodose.delivery.machine import TomoMachine
 from tomodose.delivery.plan import HelicalPlan, ProjectionSequence
 from tomodose.geometry.density import DensityTable
@@ -222,57 +223,14 @@ def _git_sha() -> str | None:
     return _GIT_SHA  # type: ignore[return-value]
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-class atomic_h5:
+@contextmanager
+def atomic_h5(path) -> Iterator[h5py.File]:
     """Context manager: an ``h5py.File`` open for writing on a temporary file in the target's
     folder, moved onto ``path`` with :func:`os.replace` on success and deleted on any error
     (including ``KeyboardInterrupt``)."""
-
-    def __init__(self, path):
-        self.path = Path(path)
-        self._tmp: str | None = None
-        self._file: h5py.File | None = None
-
-    def __enter__(self) -> h5py.File:
-        folder = self.path.parent if str(self.path.parent) else Path(".")
-        if not folder.is_dir():
-            raise FileNotFoundError(f"output folder {str(folder)!r} does not exist")
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=folder)
-        os.close(fd)
-        self._tmp = tmp
-        try:
-            self._file = h5py.File(tmp, "w")
-        except BaseException:
-            os.unlink(tmp)
-            raise
-        return self._file
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        assert self._tmp is not None and self._file is not None
-        try:
-            self._file.close()
-        except BaseException:
-            if exc_type is None:
-                os.unlink(self._tmp)
-                raise
-        if exc_type is not None:
-            try:
-                os.unlink(self._tmp)
-            except OSError:  # pragma: no cover
-                pass
-            return False
-        try:
-            os.chmod(self._tmp, 0o666 & ~_umask())  # mkstemp creates 0600; use the usual mode
-            os.replace(self._tmp, self.path)
-        except BaseException:
-            os.unlink(self._tmp)
-            raise
-        return False
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as fh:
+            yield fh
 
 
 # --- writers ----------------------------------------------------------------------------------

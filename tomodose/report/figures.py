@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from tomodose.geometry.grid import ImageVolume
-from tomodose.report.protocol_report import atomic_write_bytes
+from tomodose._atomic import atomic_write_bytes
 
 __all__ = ["plot_dose_slices", "plot_sinogram"]
 

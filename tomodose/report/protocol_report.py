@@ -9,11 +9,10 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 from tomodose import __version__
+from tomodose._atomic import atomic_write_bytes, atomic_write_text
 from tomodose.evaluation.protocol import (
     GOAL_MISSED, HARD_FAILED, INFO, NOT_EVALUATED, PASS, ProtocolEvaluation,
 )
@@ -23,26 +22,6 @@ __all__ = ["to_dict", "to_json", "to_markdown", "to_html", "plot_dvh", "write_re
 
 _SYMBOL = {PASS: "PASS", GOAL_MISSED: "GOAL MISSED", HARD_FAILED: "FAIL", INFO: "info",
            NOT_EVALUATED: "not evaluated"}
-
-
-def atomic_write_bytes(path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def atomic_write_text(path, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _clean(v):

@@ -8,12 +8,12 @@ message names the file, the attribute (keyword and tag) and what was expected, e
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from tomodose._atomic import atomic_path
 
 __all__ = ["DicomError", "DicomReference", "read_dataset", "require", "optional", "tag_label",
            "as_floats", "write_dataset_atomic", "check_pydicom"]
@@ -190,19 +190,7 @@ def format_ds(value: float) -> str:
 
 def write_dataset_atomic(ds, path) -> Path:
     """Write ``ds`` (with file meta) to ``path`` atomically: temporary file + ``os.replace``."""
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise FileNotFoundError(f"output folder {str(folder)!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
             ds.save_as(fh, enforce_file_format=True)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
+    return Path(path)
