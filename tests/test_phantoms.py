@@ -188,7 +188,7 @@ def test_toml_files_match_builtin_configs():
         assert data["parameters"] == ref["parameters"], path.name
 
 
-@pytest.mark.parametrize("name", ["liver_small_far", "liver_large", "liver_near_stomach_heart"])
+@pytest.mark.parametrize("name", ["liver_small_far", "liver_large", "liver_near_stomach_heart", "liver_dome_lung"])
 def test_liver_variants(name):
     p = load_phantom(name)
     v = p.structure_volumes_ml()
@@ -204,6 +204,10 @@ def test_liver_variants(name):
             assert d[s[oar].mask].min() >= 25.0, oar
     elif name == "liver_large":
         assert v["GTV"] == pytest.approx(268.1, rel=0.05)
+    elif name == "liver_dome_lung":
+        assert v["GTV"] == pytest.approx(113.1, rel=0.05)  # 6 cm sphere
+        assert d[s["Lung_R"].mask].min() <= 10.0
+        assert d[s["Heart"].mask].min() <= 35.0 and d[s["Esophagus"].mask].min() <= 35.0
     else:
         assert d[s["Stomach"].mask].min() <= 15.0
         assert d[s["Heart"].mask].min() <= 30.0

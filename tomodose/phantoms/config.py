@@ -70,6 +70,11 @@ NAMED_CONFIGS: dict[str, dict] = {
         "parameters": {"target_diameter_mm": 30.0, "target_centre_mm": [0.0, -25.0, 43.0], **_LIVER_COMMON,
                        "protected_liver_distance_mm": 30.0},
     },
+    "liver_dome_lung": {
+        "phantom": {"name": "liver_dome_lung", "builder": "liver"},
+        "parameters": {"target_diameter_mm": 60.0, "target_centre_mm": [-50.0, -12.0, 40.0], **_LIVER_COMMON,
+                       "protected_liver_distance_mm": 30.0},
+    },
     "water_box": {
         "phantom": {"name": "water_box", "builder": "water"},
         "parameters": {"size_mm": [200.0, 200.0, 200.0], "spacing_mm": 2.5, "air_margin_mm": 10.0, "hu": 0.0,
