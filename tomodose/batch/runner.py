@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -150,26 +149,14 @@ def _identity_columns(study: Study, case) -> dict:
 
 
 def _write_summary(df, out: Path, formats) -> Path:
+    from tomodose._atomic import atomic_path
+
     path = out / "summary.csv"
-    fd, tmp = tempfile.mkstemp(prefix=".summary.csv.", suffix=".tmp", dir=out)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     if "parquet" in formats:
-        fd, tmp = tempfile.mkstemp(prefix=".summary.parquet.", suffix=".tmp", dir=out)
-        os.close(fd)
-        try:
+        with atomic_path(out / "summary.parquet") as tmp:
             df.to_parquet(tmp, index=False)
-            os.replace(tmp, out / "summary.parquet")
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
     return path
 
 
@@ -235,8 +222,6 @@ def run_study(study: Study, out_dir=None, *, client=None, address: str | None = 
     -------
     StudyResult
     """
-    from distributed import Client, as_completed
-
     t_start = time.perf_counter()
     if not isinstance(study, Study):
         raise TypeError(f"study must be a Study, got {type(study).__name__}")
@@ -258,6 +243,8 @@ def run_study(study: Study, out_dir=None, *, client=None, address: str | None = 
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     case_function = case_function or run_case
+    from distributed import Client, as_completed
+
     out = Path(out_dir if out_dir is not None else (study.output_dir or f"{study.name}-results"))
     (out / "cases").mkdir(parents=True, exist_ok=True)
     (out / "prepared").mkdir(parents=True, exist_ok=True)
@@ -333,7 +320,7 @@ def _execute(client, as_completed, study, out, groups, first_case, threads, retr
         task = CaseTask(names[h], h, g, first_case[h], study.settings, str(out), threads)
         fut = client.submit(case_function, task, shared[g], key=f"case-{h[:16]}-{token}-{resubmits.get(h, 0)}",
                             retries=retries, pure=False)
-        meta[fut.key] = ("case", h)
+        meta[fut.key] = ("case", h, fut)
         ac.add(fut)
 
     def scatter(g):
@@ -342,7 +329,7 @@ def _execute(client, as_completed, study, out, groups, first_case, threads, retr
     for g, hs in groups.items():
         task = GroupTask(g, first_case[hs[0]], study.settings, str(out), threads)
         fut = client.submit(prepare_group, task, key=f"prepare-{g[:16]}-{token}", retries=retries, pure=False)
-        meta[fut.key] = ("prepare", g)
+        meta[fut.key] = ("prepare", g, fut)
         ac.add(fut)
 
     def fail(h, message):
@@ -352,8 +339,22 @@ def _execute(client, as_completed, study, out, groups, first_case, threads, retr
         if bar is not None:
             bar.update(1)
 
+    try:
+        _collect(client, ac, meta, study, groups, first_case, prepared, shared, resubmits, names, rows, status,
+                 submit_case, scatter, fail, bar, on_result)
+    except BaseException:
+        # interrupted (or on_result raised): nothing more is started; running tasks finish or stop
+        # on their own and their files appear whole or not at all
+        client.cancel([entry[2] for entry in meta.values()], force=True)
+        raise
+    if bar is not None:
+        bar.refresh()
+
+
+def _collect(client, ac, meta, study, groups, first_case, prepared, shared, resubmits, names, rows, status,
+             submit_case, scatter, fail, bar, on_result):
     for fut in ac:
-        kind, ident = meta.pop(fut.key)
+        kind, ident, _ = meta.pop(fut.key)
         exc = None
         value = None
         if fut.status == "finished":
@@ -398,8 +399,6 @@ def _execute(client, as_completed, study, out, groups, first_case, threads, retr
             submit_case(h)
             continue
         fail(h, f"{type(exc).__name__}: {exc}")
-    if bar is not None:
-        bar.refresh()
 
 
 def run_cases_serially(study: Study, out_dir, *, case_function=None) -> dict:
