@@ -29,14 +29,56 @@ import numpy as np
 
 from tomodose.config import NUMBA_OPTIONS, NUMBA_PARALLEL_OPTIONS
 
-#: neighbouring lines handled together by one thread (memory locality only; results do not
-#: depend on it).
+#: neighbouring lines handled together by one thread in the reference kernel (memory locality
+#: only; results do not depend on it). The fast kernel hands a whole row of lines to a thread.
 BUNDLE = 16
+
+#: 2**-n for n = 0..1023, then 0 (scaling step of :func:`_exp_neg`).
+_POW2_NEG = np.array([2.0 ** -n for n in range(1024)] + [0.0])
+_LOG2E = 1.4426950408889634
+_LN2_HI = 0.6931471803691238  # ln 2 split in two parts (Cody-Waite range reduction)
+_LN2_LO = 1.9082149292705877e-10
 
 
 @numba.njit(**NUMBA_OPTIONS)
 def _offset(n, d):
     return int(math.floor(n * d + 0.5))
+
+
+@numba.njit(**NUMBA_OPTIONS)
+def _exp_neg(x):
+    """exp(-x) for x >= 0, relative error < 1e-14 (inlined polynomial, no libm call).
+
+    ``x = n ln 2 - r`` with ``n = round(x / ln 2)``, ``|r| <= ln 2 / 2``; ``exp(r)`` by its
+    Taylor polynomial of degree 12 (remainder < 3e-17), times ``2**-n`` from a table.
+    """
+    n = int(x * _LOG2E + 0.5)
+    r = (n * _LN2_HI - x) + n * _LN2_LO
+    p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (
+        1.0 / 720.0 + r * (1.0 / 5040.0 + r * (1.0 / 40320.0 + r * (1.0 / 362880.0 + r * (
+            1.0 / 3628800.0 + r * (1.0 / 39916800.0 + r * (1.0 / 479001600.0))))))))))))
+    if n > 1023:
+        n = 1024
+    return p * _POW2_NEG[n]
+
+
+@numba.njit(**NUMBA_OPTIONS)
+def _segment_factors(rates, inv_rates, delta, ex, gg, li):
+    """ex[li, k] = exp(-x), gg[li, k] = (1 - exp(-x)) / x for x = rates[k] * delta >= 0.
+
+    Below x = 0.05 ``gg`` is its Taylor series (truncation < 1e-13, no cancellation); above, one
+    division per voxel for all terms.
+    """
+    inv_d = 1.0 / delta if delta > 0.0 else 0.0
+    for k in range(rates.size):
+        x = rates[k] * delta
+        e = _exp_neg(x)
+        ex[li, k] = e
+        if x > 0.05:
+            gg[li, k] = (1.0 - e) * inv_d * inv_rates[k]
+        else:
+            gg[li, k] = 1.0 - x * (0.5 - x * (1.0 / 6.0 - x * (1.0 / 24.0 - x * (1.0 / 120.0 - x * (
+                1.0 / 720.0 - x * (1.0 / 5040.0 - x * (1.0 / 40320.0)))))))
 
 
 @numba.njit(**NUMBA_OPTIONS)
@@ -102,13 +144,16 @@ def tilt_normalisation(terma, directions, solid_angle, density_total, ds, source
 
 
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
-def transport_direction(terma, rho, dose, m, sgn, da, db, step_cm, rates, amp_const,
+def transport_direction_reference(terma, rho, dose, m, sgn, da, db, step_cm, rates, amp_const,
                         tilt, u_xyz, solid_angle, density_table, ds, norm,
                         source_xyz, origin_xyz, spacing_xyz, fallback_axis):
     # terma (G, nz, ny, nx): TERMA per energy group (G = 1 without groups); amp_const (G, K);
     # density_table (G, M, K); norm (G, nz, ny, nx) (tilt only). The source strength of a voxel
     # is sum_g T_g A_g: one transport for all groups (the rates are shared).
-    """Add the dose carried along one cone direction to ``dose`` (in place).
+    """Reference (pre-2026-11-28 speed-up) version of :func:`transport_direction`.
+
+    Kept to check the fast kernel against (``tests/test_collapsed_cone.py``); same arguments and
+    results to float64 rounding. Bundles of :data:`BUNDLE` lines, ``exp`` and ``expm1`` per voxel.
 
     Parameters (plain arrays/scalars)
     ---------------------------------
@@ -239,3 +284,151 @@ def transport_direction(terma, rho, dose, m, sgn, da, db, step_cm, rates, amp_co
                     flux[li, k] = f * ex[li, k] + sk * (1.0 - ex[li, k]) * inv_rates[k]
                 has_flux[li] = True
                 dose[kz, jy, ix] += d
+
+
+@numba.njit(**NUMBA_PARALLEL_OPTIONS)
+def transport_direction(terma, rho, dose, m, sgn, da, db, step_cm, rates, amp_const,
+                        tilt, u_xyz, solid_angle, density_table, ds, norm,
+                        source_xyz, origin_xyz, spacing_xyz, fallback_axis):
+    """Add the dose carried along one cone direction to ``dose`` (in place).
+
+    Parameters (plain arrays/scalars)
+    ---------------------------------
+    terma : (G, nz, ny, nx) float64, C-contiguous
+        Source per group (TERMA per energy group; G = 1 without groups). The source strength of
+        term ``k`` in a voxel is ``sum_g terma[g] * amp_const[g, k]`` (or the tilted amplitudes).
+    rho : (nz, ny, nx) float64, C-contiguous
+        Density relative to water.
+    dose : (nz, ny, nx) float64, C-contiguous, accumulated in place.
+    m : int            stepping array axis (0 = z, 1 = y, 2 = x).
+    sgn : int          +1 when the direction increases the index along ``m``, else -1.
+    da, db : float     lateral index shift per step along the other two axes (ascending order).
+    step_cm : float    geometric path length per step (cm).
+    rates : (K,)       decay rates (1/cm).
+    amp_const : (G, K) cone amplitudes per group when ``tilt`` is False.
+    tilt : bool        per-voxel amplitudes from the source direction instead.
+    u_xyz : (3,)       transport direction (LPS x, y, z), unit.
+    solid_angle : float  cone solid angle (sr).
+    density_table : (G, M, K)  per-steradian amplitudes vs s = sqrt(1 - cos theta), step ``ds``.
+    norm : (G, nz, ny, nx)  per-voxel normalisation per group (tilt only).
+    source_xyz, origin_xyz, spacing_xyz, fallback_axis : (3,) LPS mm / unit vector.
+
+    One ``prange`` task per row of lines (all lines sharing the index ``ia`` along axis ``a``):
+    the lines of a row visit neighbouring voxels along ``b`` at every step (contiguous memory
+    when ``b`` is x), and different rows never write the same voxel. Same recursion as
+    :func:`transport_direction_reference`; ``exp`` by :func:`_exp_neg`, one division per voxel.
+    """
+    shape = rho.shape
+    n_g = terma.shape[0]
+    a_ax = 1 if m == 0 else 0
+    b_ax = 1 if m == 2 else 2
+    n_m = shape[m]
+    n_a = shape[a_ax]
+    n_b = shape[b_ax]
+    s_m = 1
+    s_a = 1
+    s_b = 1
+    for ax in range(3):
+        st = 1
+        for j in range(ax + 1, 3):
+            st *= shape[j]
+        if ax == m:
+            s_m = st
+        elif ax == a_ax:
+            s_a = st
+        else:
+            s_b = st
+    off_a = np.empty(n_m, np.int64)
+    off_b = np.empty(n_m, np.int64)
+    for n in range(n_m):
+        off_a[n] = _offset(n, da)
+        off_b[n] = _offset(n, db)
+    min_a = min(0, off_a[n_m - 1])
+    max_a = max(0, off_a[n_m - 1])
+    max_b = max(0, off_b[n_m - 1])
+    min_b = min(0, off_b[n_m - 1])
+    lines_a = n_a + max_a - min_a
+    lines_b = n_b + max_b - min_b
+    n_k = rates.size
+    n_vox = shape[0] * shape[1] * shape[2]
+    tf = terma.reshape((n_g, n_vox))
+    rf = rho.reshape(n_vox)
+    df = dose.reshape(n_vox)
+    nf = norm.reshape((norm.shape[0], norm.size // norm.shape[0]))
+    inv_rates = 1.0 / rates
+    for task in numba.prange(lines_a):
+        ia = task - max_a
+        flux = np.zeros((lines_b, n_k))
+        ex = np.ones((lines_b, n_k))
+        gg = np.ones((lines_b, n_k))
+        last_delta = np.full(lines_b, -1.0)
+        has_flux = np.zeros(lines_b, dtype=np.bool_)
+        amp = np.empty(n_k)
+        src = np.empty(n_k)
+        started = False
+        for n in range(n_m):
+            ja = ia + off_a[n]
+            if ja < 0 or ja >= n_a:
+                if started:
+                    break
+                continue
+            started = True
+            km = n if sgn > 0 else n_m - 1 - n
+            base = km * s_m + ja * s_a
+            ob = off_b[n]
+            # line li (li = jb - ob + max_b) is at voxel jb of this slice row
+            jb_lo = max(0, ob - max_b)
+            jb_hi = min(n_b, lines_b - max_b + ob)
+            for jb in range(jb_lo, jb_hi):
+                li = jb - ob + max_b
+                idx = base + jb * s_b
+                t = 0.0
+                for g in range(n_g):
+                    t += tf[g, idx]
+                if t == 0.0 and not has_flux[li]:
+                    continue
+                delta = rf[idx] * step_cm
+                if delta != last_delta[li]:
+                    last_delta[li] = delta
+                    _segment_factors(rates, inv_rates, delta, ex, gg, li)
+                for k in range(n_k):
+                    src[k] = 0.0
+                if t != 0.0:
+                    c = 0.0
+                    if tilt:
+                        if m == 0:
+                            kz, jy, ix = km, ja, jb
+                        elif m == 1:
+                            kz, jy, ix = ja, km, jb
+                        else:
+                            kz, jy, ix = ja, jb, km
+                        px = origin_xyz[0] + ix * spacing_xyz[0] - source_xyz[0]
+                        py = origin_xyz[1] + jy * spacing_xyz[1] - source_xyz[1]
+                        pz = origin_xyz[2] + kz * spacing_xyz[2] - source_xyz[2]
+                        pn = math.sqrt(px * px + py * py + pz * pz)
+                        if pn > 0.0:
+                            c = (u_xyz[0] * px + u_xyz[1] * py + u_xyz[2] * pz) / pn
+                        else:
+                            c = (u_xyz[0] * fallback_axis[0] + u_xyz[1] * fallback_axis[1]
+                                 + u_xyz[2] * fallback_axis[2])
+                    for g in range(n_g):
+                        tg = tf[g, idx]
+                        if tg == 0.0:
+                            continue
+                        if tilt:
+                            _interp_row(density_table[g], ds, c, amp, solid_angle * nf[g, idx])
+                            for k in range(n_k):
+                                src[k] += tg * amp[k]
+                        else:
+                            for k in range(n_k):
+                                src[k] += tg * amp_const[g, k]
+                d = 0.0
+                for k in range(n_k):
+                    f = flux[li, k]
+                    gk = gg[li, k]
+                    ek = ex[li, k]
+                    sk = src[k]
+                    d += f * rates[k] * gk + sk * (1.0 - gk)
+                    flux[li, k] = f * ek + sk * (1.0 - ek) * inv_rates[k]
+                has_flux[li] = True
+                df[idx] += d

@@ -138,6 +138,8 @@ def collapsed_cone_dose(
         kernel = load_kernel()
     elif not isinstance(kernel, CollapsedConeKernel):
         raise TypeError(f"kernel must be a CollapsedConeKernel, got {type(kernel).__name__}")
+    t_arr = np.ascontiguousarray(t_arr, dtype=np.float64)
+    rho = np.ascontiguousarray(rho, dtype=np.float64)
     if grouped:
         if kernel.n_groups != t_arr.shape[0]:
             raise ValueError(
