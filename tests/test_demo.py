@@ -37,3 +37,22 @@ def test_demo_cli_end_to_end(tmp_path, capsys):
     dose = res.doses["collapsed_cone"]
     assert dose.unit == "Gy" and np.isfinite(dose.array).all() and dose.array.max() > 50
     assert res.plan.n_fractions == 10
+
+
+@pytest.mark.slow
+def test_demo_missing_lists_protocol_structures_absent_from_the_phantom(tmp_path):
+    """A phantom cut below the heart: the protocol's Heart rows are not evaluated and the summary says why."""
+    from tomodose.demo import DemoConfig, run_demo
+
+    cfg = tmp_path / "short.toml"
+    cfg.write_text('[phantom]\nname = "short"\nbuilder = "liver"\n[parameters]\nz_range_mm = [-110.0, 75.0]\n'
+                   'noise_hu = 0.0\n')
+    result = run_demo(tmp_path / "out", DemoConfig(phantom=str(cfg), spacing_mm=10.0, optimise=False,
+                                                   engine="pencil_beam"), progress=False)
+    summary = result["summary"]
+    assert "Heart" in summary["missing"]
+    assert set(summary["missing"]) == set(result["evaluation"].missing_structures)
+    rows = {r.id: r for r in result["evaluation"].results}
+    assert rows["Heart_mean"].verdict == "not evaluated"
+    saved = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert saved["missing"] == summary["missing"]

@@ -66,6 +66,75 @@ def test_settings_bad_input():
         OptimisationSettings(modulation_factor_cap=0.5)
     with pytest.raises(ValueError, match="max_iterations must be a positive integer, got 0"):
         OptimisationSettings(max_iterations=0)
+    with pytest.raises(ValueError, match="correction_iterations must be a positive integer, got 1.5"):
+        OptimisationSettings(correction_iterations=1.5)
+    with pytest.raises(ValueError, match="correction_rounds must be an integer >= 0, got -1"):
+        OptimisationSettings(correction_rounds=-1)
+    with pytest.raises(ValueError, match="reweight_factor must be >= 1, got 0.5"):
+        OptimisationSettings(reweight_factor=0.5)
+    with pytest.raises(ValueError, match="max_weight_factor must be >= 1, got 0"):
+        OptimisationSettings(max_weight_factor=0)
+    with pytest.raises(ValueError, match="reweight_margin"):
+        OptimisationSettings(reweight_margin=2.0)
+
+
+def test_relative_margin_and_plan_score():
+    from tomodose.evaluation.protocol import ConstraintResult
+    from tomodose.optimisation.sinogram import _plan_score, _relative_margin
+
+    def res(cid, value, op, hard, goal=None, unit="Gy", verdict="pass"):
+        m = (lambda lim: None if lim is None else (lim - value if op in ("<", "<=") else value - lim))
+        return ConstraintResult(cid, "S", "Dmean", unit, op, goal, hard, value, m(goal), m(hard), verdict, False, "")
+
+    # upper limit: margin / limit, the tighter of goal and hard
+    assert _relative_margin(res("a", 7.6, "<", 8.0)) == pytest.approx(0.05)
+    assert _relative_margin(res("b", 14.0, "<=", 18.0, goal=12.0, verdict="goal missed")) == pytest.approx(-2 / 12)
+    # coverage (lower limit on a volume percentage): share of the allowed under-covered volume left
+    assert _relative_margin(res("c", 99.0, ">=", 97.0, unit="%")) == pytest.approx(2 / 3)
+    assert _relative_margin(res("d", 5.0, None, None)) is None
+
+    class Ev:
+        def __init__(self, results):
+            self.results = results
+
+        def counts(self):
+            out = {}
+            for r in self.results:
+                out[r.verdict] = out.get(r.verdict, 0) + 1
+            return out
+
+    good = Ev([res("a", 7.0, "<", 8.0), res("x", 8.5, "<", 8.0, verdict="hard limit failed")])
+    bad = Ev([res("a", 8.2, "<", 8.0, verdict="hard limit failed")])
+    # only the steerable constraints enter the margins; hard failures are counted over all rows
+    assert _plan_score(good, 0.03, {"a"}) == (1, 0, 0, -0.125)
+    assert _plan_score(bad, 0.03, {"a"}) > _plan_score(Ev([res("a", 7.9, "<", 8.0)]), 0.03, {"a"})
+
+
+def test_build_terms_link_protocol_constraints_and_normalisation_scale():
+    from tomodose.evaluation.protocol import evaluate_protocol, load_protocol
+    from tomodose.geometry.grid import ImageVolume
+    from tomodose.optimisation import build_terms, normalisation_scale
+    from tomodose.phantoms import load_phantom
+
+    pat = load_phantom("liver_default", spacing_mm=10.0, noise_hu=0.0)
+    proto = load_protocol()
+    voxels, terms = build_terms(proto, pat.structures, OptimisationSettings())
+    by = {t.name.split()[0] + " " + t.kind: t for t in terms}
+    assert by["PGTV under"].constraints == ("PGTV_coverage", "PGTV_underdose")
+    assert by["PTV under"].constraints == ("PTV_coverage", "PTV_underdose")
+    assert by["NormalLiver mean"].constraints == ("NormalLiver_mean",)
+    assert by["ProtectedLiver mean"].constraints == ("ProtectedLiver_mean",)
+    assert all(t.rows.max() < voxels.size for t in terms)
+    # a smooth dose peaked on the target: after normalisation the coverage rule holds (96.5 % aimed)
+    x, y, z = pat.grid.meshgrid_mm()
+    c = pat.structures["PGTV"].centroid_mm()
+    r2 = (x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2
+    dose = ImageVolume(pat.grid, np.broadcast_to(40.0 * np.exp(-r2 / (2 * 40.0**2)), pat.grid.shape).astype(np.float32),
+                       "Gy", "dose")
+    s = normalisation_scale(proto, dose, pat.structures)
+    ev = evaluate_protocol(proto, dose.with_array(dose.array * s), pat.structures, radiobiology=False)
+    cov = next(r for r in ev.results if r.id == "PGTV_coverage")
+    assert 96.0 < cov.value <= 100.0
 
 
 @pytest.mark.slow

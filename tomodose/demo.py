@@ -7,9 +7,11 @@
    within the machine's range; the sinogram is optimised against the protocol on the pencil-beam
    influence matrix (:mod:`tomodose.optimisation`), or, with ``optimise=False``, a conformal
    sinogram (every leaf that sees the PTV open);
-3. the dose with the collapsed-cone engine (absolute, Gy per fraction);
+3. the dose with the collapsed-cone engine (absolute, Gy per fraction); with the optimiser it is
+   the collapsed-cone dose of the returned plan, computed in its last correction round;
 4. normalisation so the prescription isodose covers the protocol's normalisation coverage of the
-   primary target (PGTV, 50 Gy; 96.5 %, just above the > 96 % rule);
+   primary target (PGTV, 50 Gy; 96.5 %, just above the > 96 % rule;
+   :func:`tomodose.optimisation.normalisation_scale`);
 5. the protocol evaluation (Shen et al. 2021, 5 Gy x 10): JSON, Markdown and HTML report, DVH plot;
 6. the HDF5 results file, dose slices and sinogram figures.
 """
@@ -27,7 +29,7 @@ import numpy as np
 
 from tomodose._validate import check_positive
 
-__all__ = ["DemoConfig", "run_demo"]
+__all__ = ["DemoConfig", "plan_study", "run_demo"]
 
 log = logging.getLogger(__name__)
 
@@ -65,19 +67,33 @@ class DemoConfig:
         check_positive("spacing_mm", self.spacing_mm)
 
 
-def run_demo(out_dir, config: DemoConfig | None = None, *, progress: bool | None = None) -> dict:
-    """Run the demo study and write its outputs in ``out_dir``; return a summary dict."""
+def plan_study(config: DemoConfig | None = None, *, settings=None, progress: bool | None = None) -> dict:
+    """Steps 1-5 of the demo without writing files: phantom, plan, dose, normalisation, evaluation.
+
+    Parameters
+    ----------
+    config : DemoConfig, optional
+    settings : OptimisationSettings, optional
+        Optimiser settings (default :class:`tomodose.optimisation.OptimisationSettings`).
+
+    Returns
+    -------
+    dict
+        ``summary`` (JSON-friendly: configuration, structure volumes, optimisation record with the
+        pencil beam vs collapsed cone comparison, plan, normalisation, verdict, ``missing``: the
+        protocol's structures absent from the phantom, timings), ``evaluation``
+        (:class:`~tomodose.evaluation.protocol.ProtocolEvaluation`), ``dose`` (normalised
+        :class:`~tomodose.dose.result.DoseResult`), ``plan``, ``patient``, ``protocol``.
+    """
     from tomodose.delivery.beams_eye import conformal_sinogram
     from tomodose.delivery.plan import HelicalPlan
     from tomodose.dose import compute_dose
-    from tomodose.io.hdf5 import write_results
+    from tomodose.evaluation.protocol import evaluate_protocol, load_protocol
+    from tomodose.optimisation import normalisation_scale
     from tomodose.phantoms import load_phantom
-    from tomodose.report.figures import plot_dose_slices, plot_sinogram
 
     cfg = config or DemoConfig()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    summary: dict = {"config": dataclasses.asdict(cfg), "missing": [], "timings_s": {}}
+    summary: dict = {"config": dataclasses.asdict(cfg), "timings_s": {}}
     t_all = time.perf_counter()
 
     # 1. phantom
@@ -91,8 +107,6 @@ def run_demo(out_dir, config: DemoConfig | None = None, *, progress: bool | None
     ptv = patient.structures["PTV"]
     z_in = patient.grid.z_mm[np.any(ptv.mask, axis=(1, 2))]
     cx, cy, _ = ptv.centroid_mm()
-    from tomodose.evaluation.protocol import load_protocol
-
     protocol = load_protocol(cfg.protocol) if cfg.protocol else load_protocol()
     prescriptions = {t.name: t.prescription_gy for t in protocol.targets}
     n_fractions = int(getattr(protocol, "n_fractions", 10))
@@ -101,11 +115,16 @@ def run_demo(out_dir, config: DemoConfig | None = None, *, progress: bool | None
                                     gantry_period_s=cfg.gantry_period_s, isocentre_xy_mm=(cx, cy),
                                     n_fractions=n_fractions, prescriptions=prescriptions)
     t0 = time.perf_counter()
+    dose = None
     if cfg.optimise:
         from tomodose.optimisation import optimise_plan
 
-        plan, opt_info = optimise_plan(patient, template, protocol, progress=progress)
+        plan, opt_info, ccc = optimise_plan(patient, template, protocol, settings=settings, progress=progress,
+                                            return_dose=True)
         summary["optimisation"] = opt_info
+        summary["pb_vs_ccc"] = opt_info.get("pb_vs_ccc", {})
+        if cfg.engine == "collapsed_cone":
+            dose = ccc  # the optimiser's last collapsed-cone dose is that of the returned plan
     else:
         plan = dataclasses.replace(template, sinogram=conformal_sinogram(template, ptv))
     summary["timings_s"]["plan"] = time.perf_counter() - t0
@@ -113,45 +132,61 @@ def run_demo(out_dir, config: DemoConfig | None = None, *, progress: bool | None
 
     # 3. dose
     t0 = time.perf_counter()
-    dose = compute_dose(patient, plan, engine=cfg.engine, progress=progress)
+    if dose is None:
+        dose = compute_dose(patient, plan, engine=cfg.engine, progress=progress)
     summary["timings_s"]["dose"] = time.perf_counter() - t0
     summary["dose_metadata"] = dose.metadata
 
     # 4-5. normalisation and protocol
-    from tomodose.evaluation.protocol import evaluate_protocol, normalise_to_coverage
-    from tomodose.report.protocol_report import write_report
-
-    primary = protocol.targets[0]
-    coverage = float(protocol.parameters.get("normalisation_coverage_percent", 96.5)) / 100.0
-    scale = normalise_to_coverage(dose.total, patient.structures[primary.name], primary.prescription_gy, coverage)
-    # D(coverage) is read on the DVH's 0.01 Gy bins: aim one bin above the prescription so the voxels that
-    # make up the coverage land above it (a steep DVH riser can otherwise hold ~0.5 % of a small PGTV)
-    from tomodose.evaluation.dvh import DEFAULT_BIN_WIDTH_GY
-
-    scale *= 1.0 + DEFAULT_BIN_WIDTH_GY / primary.prescription_gy
+    scale = normalisation_scale(protocol, dose.total, patient.structures)
     dose = dose.scaled(scale)
     summary["normalisation_factor"] = scale
     t0 = time.perf_counter()
     evaluation = evaluate_protocol(protocol, dose.total, patient.structures, dose_name=cfg.engine)
     summary["timings_s"]["evaluation"] = time.perf_counter() - t0
+    summary["verdict"] = evaluation.overall
+    summary["verdict_counts"] = evaluation.counts()
+    summary["missing"] = list(evaluation.missing_structures)
+    summary["timings_s"]["study"] = time.perf_counter() - t_all
+    return {"summary": summary, "evaluation": evaluation, "dose": dose, "plan": plan, "patient": patient,
+            "protocol": protocol}
+
+
+def run_demo(out_dir, config: DemoConfig | None = None, *, settings=None, progress: bool | None = None) -> dict:
+    """Run the demo study and write its outputs in ``out_dir``; return a summary dict.
+
+    ``settings``: optimiser settings (see :func:`plan_study`).
+    """
+    from tomodose._atomic import atomic_write_text
+    from tomodose.io.hdf5 import write_results
+    from tomodose.report.figures import plot_dose_slices, plot_sinogram
+    from tomodose.report.protocol_report import write_report
+
+    cfg = config or DemoConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+    result = plan_study(cfg, settings=settings, progress=progress)
+    summary, evaluation, dose = result["summary"], result["evaluation"], result["dose"]
+    plan, patient, protocol = result["plan"], result["patient"], result["protocol"]
     report_files = write_report(evaluation, json_path=out / "report.json", markdown_path=out / "report.md",
                                 html_path=out / "report.html", plot_path=out / "dvh.png")
     summary["report_files"] = {kind: str(path) for kind, path in report_files.items()}
-    summary["verdict"] = evaluation.overall
-    summary["verdict_counts"] = evaluation.counts()
 
     # 6. results and figures
+    primary = protocol.targets[0]
     shown = {n: patient.structures[n] for n in ("PGTV", "PTV", "Liver", "ProtectedLiver", "SpinalCord",
                                                 "Stomach", "Kidney_R", "Bowel") if n in patient.structures}
     plot_dose_slices(dose.total, out / "dose_slices.png", ct=patient.ct, structures=shown,
                      centre_mm=patient.structures[primary.name].centroid_mm(),
                      prescription_gy=primary.prescription_gy,
-                     title=f"{cfg.engine} dose, {n_fractions} fractions (Gy)")
+                     title=f"{cfg.engine} dose, {plan.n_fractions} fractions (Gy)")
     plot_sinogram(plan.sinogram, out / "sinogram.png", gantry_period_s=plan.gantry_period_s)
     write_results(out / "results.h5", patient=patient, plan=plan,
                   doses={cfg.engine: dose.total},
                   dvhs=dict(evaluation.dvhs),
                   extra={"demo_summary": json.loads(json.dumps(summary, default=str))})
-    summary["timings_s"]["total"] = time.perf_counter() - t_all
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    return {"summary": summary, "evaluation": evaluation, "dose": dose, "plan": plan, "patient": patient}
+    summary["timings_s"]["total"] = summary["timings_s"]["study"] + time.perf_counter() - t_all
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
+    return result
+

@@ -42,8 +42,12 @@ def run(args) -> int:
           f"modulation factor {plan['modulation_factor']:.2f}")
     print(f"dose normalised by {s['normalisation_factor']:.4f}; timings (s): "
           + ", ".join(f"{k} {v:.1f}" for k, v in s["timings_s"].items()))
-    for item in s["missing"]:
-        print(f"not yet available: {item}")
+    for name in s["missing"]:
+        print(f"structure named by the protocol but absent from the phantom (not evaluated): {name}")
+    pbc = s.get("pb_vs_ccc") or {}
+    if pbc:
+        print("pencil-beam model (matrix + far field) vs collapsed cone, mean dose before normalisation: "
+              + ", ".join(f"{n} {v['model_minus_ccc_percent']:+.1f} %" for n, v in pbc.items()))
     print(f"outputs in {args.out}/: results.h5, report.md, report.html, report.json, dvh.png, "
           f"dose_slices.png, sinogram.png")
     return 0

@@ -41,6 +41,9 @@ class Term:
         Dose level (Gy, whole course).
     weight : float
         Importance.
+    constraints : tuple of str
+        Ids of the protocol constraints this term serves (used to re-weight the term when the
+        collapsed-cone dose of a plan misses them, see :func:`tomodose.optimisation.optimise_plan`).
     """
 
     name: str
@@ -49,6 +52,7 @@ class Term:
     weights: np.ndarray
     level_gy: float
     weight: float
+    constraints: tuple = ()
 
 
 def evaluate_terms(terms, dose_gy: np.ndarray) -> tuple[float, np.ndarray, dict]:

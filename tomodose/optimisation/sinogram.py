@@ -32,7 +32,8 @@ from tomodose.delivery.plan import HelicalPlan
 from tomodose.geometry.structures import Structure
 from tomodose.optimisation.objectives import Term, evaluate_terms
 
-__all__ = ["OptimisationSettings", "build_terms", "optimise_sinogram", "make_deliverable", "optimise_plan"]
+__all__ = ["OptimisationSettings", "build_terms", "optimise_sinogram", "make_deliverable", "optimise_plan",
+           "normalisation_scale"]
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,22 @@ class OptimisationSettings:
         (restores the scatter tail the threshold drops, about 13 % of the target dose and more
         in low-dose regions); None: matrix only.
     correction_rounds : int
-        Rounds of collapsed-cone correction: the plan's collapsed-cone dose minus the optimiser's
-        model dose is added as a fixed offset and the sinogram re-optimised (0: pencil beam only).
+        Most rounds of collapsed-cone correction: the plan's collapsed-cone dose minus the
+        optimiser's model dose is added as a fixed offset and the sinogram re-optimised (0: pencil
+        beam only). Every plan is evaluated against the protocol on its collapsed-cone dose
+        (normalised like the demo: :func:`normalisation_scale`); the terms of the constraints it
+        misses or meets with less than ``reweight_margin`` are re-weighted before the next round.
+    correction_iterations : int
+        L-BFGS-B iterations of each correction round (warm-started from the previous sinogram).
+    reweight_factor : float
+        Weight multiplier of the terms of a constraint met with a relative margin below
+        ``reweight_margin`` (squared when it is missed by more than 10 %).
+    reweight_margin : float
+        Relative margin (margin / limit) a constraint should keep on the collapsed-cone dose.
+    max_weight_factor : float
+        Cap on the accumulated re-weighting of any term.
+    stop_when_passing : bool
+        Stop the correction rounds as soon as a plan meets every constraint with ``reweight_margin``.
     """
 
     max_iterations: int = 200
@@ -93,11 +108,23 @@ class OptimisationSettings:
     modulation_factor_cap: float = 3.0
     influence_threshold: float | None = None
     far_field_step: int | None = 6
-    correction_rounds: int = 1
+    correction_rounds: int = 3
+    correction_iterations: int = 100
+    reweight_factor: float = 3.0
+    reweight_margin: float = 0.03
+    max_weight_factor: float = 100.0
+    stop_when_passing: bool = True
 
     def __post_init__(self):
-        if isinstance(self.max_iterations, bool) or not isinstance(self.max_iterations, int) or self.max_iterations < 1:
-            raise ValueError(f"max_iterations must be a positive integer, got {self.max_iterations!r}")
+        for name in ("max_iterations", "correction_iterations"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_in_range("reweight_margin", self.reweight_margin, 0.0, 1.0)
+        if self.reweight_factor < 1:
+            raise ValueError(f"reweight_factor must be >= 1, got {self.reweight_factor}")
+        if self.max_weight_factor < 1:
+            raise ValueError(f"max_weight_factor must be >= 1, got {self.max_weight_factor}")
         for name in ("target_weight", "hotspot_weight", "oar_weight", "mean_weight", "ring_weight", "target_level",
                      "hotspot_level", "oar_margin", "mean_margin", "ring_outer_mm", "ring_level", "modulation_factor_cap"):
             check_positive(name, getattr(self, name))
@@ -136,12 +163,13 @@ def build_terms(protocol, structures, settings: OptimisationSettings, *, options
         if t.name not in allst:
             continue
         occ = allst[t.name].occupancy.ravel()
+        served = tuple(c.id for c in protocol.constraints if c.prescription_of == t.name and c.operator in (">", ">="))
         specs.append((f"{t.name} under {settings.target_level:g}xRx", "under", occ,
-                      settings.target_level * t.prescription_gy, settings.target_weight))
+                      settings.target_level * t.prescription_gy, settings.target_weight, served))
     primary = targets[0]
     if primary.name in allst:
         specs.append((f"{primary.name} hot spots", "over", allst[primary.name].occupancy.ravel(),
-                      settings.hotspot_level * rx_max, settings.hotspot_weight))
+                      settings.hotspot_level * rx_max, settings.hotspot_weight, ()))
     # organs at risk and normal liver: the goal (or the hard limit when there is no goal) with a margin
     for c in protocol.constraints:
         limit = c.goal if c.goal is not None else c.hard
@@ -154,9 +182,9 @@ def build_terms(protocol, structures, settings: OptimisationSettings, *, options
         metric = c.metric.replace(" ", "")
         level = (settings.mean_margin if metric.lower() == "dmean" else settings.oar_margin) * limit
         if metric.lower() == "dmean":
-            specs.append((f"{name} mean < {level:.3g}", "mean", occ, level, settings.mean_weight))
+            specs.append((f"{name} mean < {level:.3g}", "mean", occ, level, settings.mean_weight, (c.id,)))
         elif metric.upper().startswith("D") and ("cc" in metric or metric.lower() == "dmax"):
-            specs.append((f"{name} max < {level:.3g}", "over", occ, level, settings.oar_weight))
+            specs.append((f"{name} max < {level:.3g}", "over", occ, level, settings.oar_weight, (c.id,)))
     # ring of normal tissue around the PTV
     if "PTV" in allst:
         from tomodose.geometry.structures import expand_margin
@@ -168,17 +196,18 @@ def build_terms(protocol, structures, settings: OptimisationSettings, *, options
         if "Body" in allst:
             ring &= allst["Body"].occupancy >= 0.5
         specs.append(("ring around PTV", "over", ring.ravel().astype(np.float32),
-                      settings.ring_level * rx_min, settings.ring_weight))
+                      settings.ring_level * rx_min, settings.ring_weight, ()))
     used = np.zeros(grid.n_voxels, dtype=bool)
-    for _, _, occ, _, _ in specs:
-        used |= occ > 0
+    for spec in specs:
+        used |= spec[2] > 0
     voxels = np.flatnonzero(used)
     position = np.full(grid.n_voxels, -1, dtype=np.int64)
     position[voxels] = np.arange(voxels.size)
     terms = []
-    for name, kind, occ, level, weight in specs:
+    for name, kind, occ, level, weight, served in specs:
         idx = np.flatnonzero(occ > 0)
-        terms.append(Term(name, kind, position[idx], occ[idx].astype(np.float64), float(level), float(weight)))
+        terms.append(Term(name, kind, position[idx], occ[idx].astype(np.float64), float(level), float(weight),
+                          served))
     return voxels, terms
 
 
@@ -312,17 +341,103 @@ def make_deliverable(x, *, projection_duration_s: float, gantry_period_s: float,
     return x_new, period, report
 
 
+def normalisation_scale(protocol, dose, structures) -> float:
+    """Scale factor that normalises ``dose`` by the protocol's coverage rule (as the demo does).
+
+    The prescription isodose of the primary target is made to cover the protocol's
+    ``normalisation_coverage_percent`` (default 96.5 %) of it; the factor aims one DVH bin above
+    the prescription so that the voxels that make up the coverage land above it (a steep DVH
+    riser can otherwise hold ~0.5 % of a small target).
+
+    Parameters
+    ----------
+    protocol : Protocol
+    dose : ImageVolume
+        Dose (Gy, whole course).
+    structures : mapping name -> Structure
+        On the dose grid; protocol aliases are resolved.
+
+    Returns
+    -------
+    float
+    """
+    from tomodose.evaluation.dvh import DEFAULT_BIN_WIDTH_GY
+    from tomodose.evaluation.protocol import normalise_to_coverage
+
+    primary = protocol.targets[0]
+    allst = _protocol_structures(protocol, structures)
+    coverage = float(protocol.parameters.get("normalisation_coverage_percent", 96.5)) / 100.0
+    scale = normalise_to_coverage(dose, allst[primary.name], primary.prescription_gy, coverage)
+    return scale * (1.0 + DEFAULT_BIN_WIDTH_GY / primary.prescription_gy)
+
+
+def _relative_margin(r) -> float | None:
+    """Smallest relative margin of a constraint result over its goal and hard limit (None: info row).
+
+    margin / |limit|, except for lower limits on a volume percentage (coverage: "V94%Rx >= 97 %"),
+    where it is margin / (100 - limit): the share of the allowed under-covered volume left unused.
+    """
+    out = []
+    for margin, limit in ((r.margin_goal, r.goal), (r.margin_hard, r.hard)):
+        if margin is None or not limit:
+            continue
+        if r.unit == "%" and r.operator in (">", ">=") and limit < 100.0:
+            out.append(margin / (100.0 - limit))
+        else:
+            out.append(margin / abs(limit))
+    return min(out) if out else None
+
+
+def _plan_score(evaluation, margin: float, steerable):
+    """Sort key of a plan on its collapsed-cone evaluation (smaller is better): hard failures, goal
+    misses, steerable constraints tighter than ``margin``, minus the worst steerable relative margin."""
+    from tomodose.evaluation.protocol import GOAL_MISSED, HARD_FAILED
+
+    counts = evaluation.counts()
+    rel = [m for m in (_relative_margin(r) for r in evaluation.results if r.id in steerable) if m is not None]
+    worst = min(rel) if rel else 0.0
+    return (counts.get(HARD_FAILED, 0), counts.get(GOAL_MISSED, 0), sum(m < margin for m in rel), -worst)
+
+
 def optimise_plan(patient, template: HelicalPlan, protocol, *, settings: OptimisationSettings | None = None,
-                  options=None, progress: bool | None = None):
+                  options=None, progress: bool | None = None, return_dose: bool = False):
     """Optimise the sinogram of ``template`` (geometry, period, fractions) for ``patient``.
+
+    Steps: pencil-beam influence matrix (+ far-field complement) -> L-BFGS-B -> deliverable
+    sinogram; then up to ``settings.correction_rounds`` rounds, each of which computes the plan's
+    collapsed-cone dose, normalises it by the protocol's coverage rule (:func:`normalisation_scale`),
+    evaluates the protocol, stops when every constraint holds with ``settings.reweight_margin``
+    (relative), and otherwise re-weights the terms of the constraints that are missed or tight,
+    adds the collapsed-cone minus model dose as a fixed offset and re-optimises (warm start). The
+    plans are compared on their collapsed-cone evaluation (fewest hard failures, then goal misses,
+    then tight constraints, then the largest worst relative margin) and the best one is returned.
+
+    Parameters
+    ----------
+    patient : PatientModel
+    template : HelicalPlan
+        Geometry, gantry period and fractions (its sinogram is ignored).
+    protocol : Protocol
+    settings : OptimisationSettings, optional
+    options : mapping, optional
+        Protocol option overrides.
+    progress : bool, optional
+    return_dose : bool
+        Also return the collapsed-cone :class:`~tomodose.dose.result.DoseResult` of the returned
+        plan (un-normalised; None when ``correction_rounds`` is 0), so callers need not recompute it.
 
     Returns
     -------
     plan : HelicalPlan
         With the optimised, deliverable sinogram (and possibly a shorter gantry period).
     info : dict
-        Objective history, per-term values before/after the deliverability step, beamlet and
-        voxel counts, timings.
+        ``objective_history`` (first optimisation; monotonic), ``correction_rounds`` (one record
+        per collapsed-cone evaluation: verdict counts, tightest constraints, re-weighted
+        constraints, objective history of the re-optimisation, pencil beam vs collapsed cone),
+        ``selected_round``, ``pb_vs_ccc`` of the returned plan, per-term values before/after the
+        deliverability step, beamlet and voxel counts, timings.
+    dose : DoseResult or None
+        Only with ``return_dose=True``.
     """
     from tomodose.dose.calibration import calibration_factor
     from tomodose.transport.influence import influence_matrix
@@ -351,11 +466,39 @@ def optimise_plan(patient, template: HelicalPlan, protocol, *, settings: Optimis
                                 progress=progress)
         far = (ff.interp.tocsr()[voxels, :] * float(gy), ff.values)
         info["timings_s"]["far_field"] = time.perf_counter() - t0
+    del a_full
     info.update(n_beamlets=int(a.shape[1]), n_voxels=int(a.shape[0]), nnz=int(a.nnz))
     log.info("optimisation: %d beamlets x %d voxels (%d non-zeros)", a.shape[1], a.shape[0], a.nnz)
 
     def dose_of(v):
         return a @ v if far is None else a @ v + far[0] @ (far[1] @ v)
+
+    # structures whose mean doses compare the optimiser's model with the collapsed cone
+    allst = _protocol_structures(protocol, patient.structures)
+    opts = protocol.resolve_options(options)
+    position = np.full(patient.grid.n_voxels, -1, dtype=np.int64)
+    position[voxels] = np.arange(voxels.size)
+    compare = {}
+    for cname in [t.name for t in protocol.targets] + [protocol.resolve_structure_name("{normal_liver}", opts),
+                                                      "ProtectedLiver"]:
+        if cname in allst and cname not in compare:
+            occ = allst[cname].occupancy.ravel()
+            idx = np.flatnonzero(occ > 0)
+            if idx.size and np.all(position[idx] >= 0):
+                compare[cname] = (position[idx], occ[idx].astype(np.float64))
+
+    def pb_vs_ccc(x_eq, ccc_vox):
+        model, matrix_only = dose_of(x_eq), a @ x_eq
+        out = {}
+        for cname, (rows, w) in compare.items():
+            m_ccc = float(np.dot(w, ccc_vox[rows]) / w.sum())
+            m_mod = float(np.dot(w, model[rows]) / w.sum())
+            m_mat = float(np.dot(w, matrix_only[rows]) / w.sum())
+            out[cname] = {"ccc_mean_gy": m_ccc, "model_mean_gy": m_mod, "matrix_only_mean_gy": m_mat,
+                          "model_minus_ccc_percent": 100.0 * (m_mod - m_ccc) / m_ccc if m_ccc > 0 else float("nan"),
+                          "matrix_only_minus_ccc_percent":
+                              100.0 * (m_mat - m_ccc) / m_ccc if m_ccc > 0 else float("nan")}
+        return out
 
     t0 = time.perf_counter()
     x, history = optimise_sinogram(a, terms, max_iterations=settings.max_iterations, far_field=far,
@@ -363,32 +506,78 @@ def optimise_plan(patient, template: HelicalPlan, protocol, *, settings: Optimis
     info["timings_s"]["optimisation"] = time.perf_counter() - t0
     info["objective_history"] = history
     plan, x_equiv, deliver = _deliverable_plan(template, x, proj, leaf, settings)
-    info["correction_rounds"] = []
     offset = None
-    for round_ in range(int(settings.correction_rounds)):
+    base_terms = terms
+    # constraints the optimiser can steer: those served by a term, except the primary target's
+    # coverage, which the normalisation sets (its margin is fixed by the coverage rule)
+    primary = protocol.targets[0]
+    steerable = {c for t in terms for c in t.constraints} - {
+        c.id for c in protocol.constraints if c.prescription_of == primary.name and c.metric.replace(" ", "") == "V100%Rx"}
+    rounds = []
+    best = None  # (score, round index, plan, x, x_equiv, deliver, offset, dose)
+    factors = {}  # constraint id -> accumulated weight factor
+    n_rounds = int(settings.correction_rounds)
+    for round_ in range(n_rounds + 1 if n_rounds else 0):
         from tomodose.dose import compute_dose
+        from tomodose.evaluation.protocol import evaluate_protocol
 
         t0 = time.perf_counter()
-        ccc = compute_dose(patient, plan, engine="collapsed_cone", progress=progress).total.array.ravel()[voxels]
-        model = dose_of(x_equiv)
-        offset = ccc.astype(np.float64) - model
-        x, hist = optimise_sinogram(a, terms, x0=x, max_iterations=settings.max_iterations, far_field=far,
+        ccc = compute_dose(patient, plan, engine="collapsed_cone", progress=progress)
+        ccc_vox = ccc.total.array.ravel()[voxels].astype(np.float64)
+        scale = normalisation_scale(protocol, ccc.total, patient.structures)
+        ev = evaluate_protocol(protocol, ccc.scaled(scale).total, patient.structures, options=options,
+                               radiobiology=False)
+        score = _plan_score(ev, settings.reweight_margin, steerable)
+        rel = {r.id: _relative_margin(r) for r in ev.results if r.id in steerable}
+        rel = {cid: m for cid, m in rel.items() if m is not None}
+        tight = sorted(rel, key=rel.get)[:3]
+        record = {"round": round_, "normalisation_factor": scale, "verdict": ev.overall, "counts": ev.counts(),
+                  "tightest": {cid: {"value": next(r.value for r in ev.results if r.id == cid),
+                                     "relative_margin": rel[cid]} for cid in tight},
+                  "pb_vs_ccc": pb_vs_ccc(x_equiv, ccc_vox), "ccc_seconds": time.perf_counter() - t0}
+        rounds.append(record)
+        log.info("round %d: collapsed-cone verdict %s %s, tightest %s", round_, ev.overall, ev.counts(),
+                 ", ".join(f"{cid} {100 * rel[cid]:+.1f} %" for cid in tight))
+        if best is None or score < best[0]:
+            best = (score, round_, plan, x, x_equiv, deliver, offset, ccc)
+        passing = score[:3] == (0, 0, 0)
+        if round_ == n_rounds or (passing and settings.stop_when_passing):
+            break
+        # re-weight the terms of the constraints that are missed or tight on the collapsed cone
+        changed = {}
+        for cid, m in rel.items():
+            if m < settings.reweight_margin:
+                f = settings.reweight_factor ** (2 if m < -0.1 else 1)
+                new = min(factors.get(cid, 1.0) * f, settings.max_weight_factor)
+                if new > factors.get(cid, 1.0):
+                    changed[cid] = new
+                    factors[cid] = new
+        terms = [dataclasses.replace(t, weight=t.weight * max(factors.get(c, 1.0) for c in t.constraints))
+                 if t.constraints else t for t in base_terms]
+        offset = ccc_vox - dose_of(x_equiv)
+        t1 = time.perf_counter()
+        x, hist = optimise_sinogram(a, terms, x0=x, max_iterations=settings.correction_iterations, far_field=far,
                                     offset_gy=offset, progress=progress)
         plan, x_equiv, deliver = _deliverable_plan(template, x, proj, leaf, settings)
-        rel = offset / max(float(np.abs(ccc).max()), 1e-12)
-        info["correction_rounds"].append({
-            "round": round_ + 1, "objective_history": hist, "seconds": time.perf_counter() - t0,
-            "ccc_minus_model_percent_of_max": {"mean": 100 * float(rel.mean()), "p1": 100 * float(np.percentile(rel, 1)),
-                                               "p99": 100 * float(np.percentile(rel, 99))}})
-        log.info("correction round %d: CCC - model dose mean %.2f %% of max, objective %.4g -> %.4g",
-                 round_ + 1, 100 * rel.mean(), hist[0], hist[-1])
+        record.update(reweighted=changed, objective_history=hist, optimisation_seconds=time.perf_counter() - t1)
+        log.info("correction round %d: re-weighted %s; objective %.4g -> %.4g", round_ + 1,
+                 {c: round(v, 2) for c, v in changed.items()} or "nothing", hist[0], hist[-1])
+    info["correction_rounds"] = rounds
+    dose = None
+    if best is not None:
+        _, sel, plan, x, x_equiv, deliver, offset, dose = best
+        info["selected_round"] = sel
+        info["pb_vs_ccc"] = rounds[sel]["pb_vs_ccc"]
+        info["weight_factors"] = factors
     total_offset = 0.0 if offset is None else offset
     _, _, parts_before = evaluate_terms(terms, dose_of(x) + total_offset)
     f_after, _, parts_after = evaluate_terms(terms, dose_of(x_equiv) + total_offset)
-    final_history = info["correction_rounds"][-1]["objective_history"] if info["correction_rounds"] else history
-    info["deliverability"] = {**deliver, "objective_before": final_history[-1], "objective_after": f_after}
+    info["deliverability"] = {**deliver, "objective_before": parts_before and sum(parts_before.values()),
+                              "objective_after": f_after}
     info["terms_before"] = parts_before
     info["terms_after"] = parts_after
+    if return_dose:
+        return plan, info, dose
     return plan, info
 
 
