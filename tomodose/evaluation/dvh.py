@@ -400,6 +400,9 @@ def dvh_from_contours(
     slice_spacing_mm: float | None = None,
     bin_width_gy: float = DEFAULT_BIN_WIDTH_GY,
     allow_outside: bool = False,
+    interpolation: str = "shape",
+    end_shape: str = "auto",
+    seed: int = 0,
 ) -> DVH:
     """Grid-free DVH of planar contours: point samples with trilinear dose interpolation.
 
@@ -442,7 +445,8 @@ def dvh_from_contours(
     for pts, w in contour_sample_points(
         contours, resolution_mm=resolution_mm, resolution_z_mm=resolution_z_mm,
         slice_spacing_mm=slice_spacing_mm, end_cap=end_cap,
-        default_spacing_mm=dose.grid.spacing_mm[2],
+        default_spacing_mm=dose.grid.spacing_mm[2], interpolation=interpolation,
+        end_shape=end_shape, seed=seed,
     ):
         kji = dose.grid.lps_to_index(pts)
         inside = np.all((kji >= -0.5 - 1e-9) & (kji <= shape - 0.5 + 1e-9), axis=1)

@@ -202,6 +202,8 @@ def rasterise_contours(
     slice_spacing_mm: float | None = None,
     end_cap: bool = True,
     gap_factor: float = 1.5,
+    interpolation: str = "slab",
+    end_shape: str = "auto",
 ) -> np.ndarray:
     """Fractional occupancy of each voxel of ``grid`` inside planar contours.
 
@@ -222,6 +224,14 @@ def rasterise_contours(
         Extend the structure by half a contour spacing beyond its first and last planes.
     gap_factor : float
         Planes further apart than ``gap_factor`` x spacing separate two pieces.
+    interpolation : {"slab", "shape"}
+        Between contour planes: ``"slab"`` (default) keeps each plane's cross-section over its
+        slab; ``"shape"`` interpolates the shape (see :func:`column_intervals`): every in-plane
+        sub-point column gets its exact inside z-intervals, integrated over each voxel's z
+        extent. More accurate for curved structures at coarse contour spacing (a sphere of
+        radius 12 mm with 3 mm contours: volume -1.6 % with slabs, -0.15 % with shapes).
+    end_shape : {"auto", "round", "straight"}
+        End segments of shape-based interpolation (see :func:`column_intervals`).
 
     Returns
     -------
@@ -234,6 +244,12 @@ def rasterise_contours(
     planes = group_contours_by_plane(contours)
     occ = np.zeros(grid.shape, dtype=np.float64)
     if not planes:
+        return occ.astype(np.float32)
+    if _check_choice("interpolation", interpolation, INTERPOLATIONS) == "shape":
+        _check_choice("end_shape", end_shape, END_SHAPES)
+        _rasterise_shape(grid, planes, occ, int(supersample), slice_spacing_mm=slice_spacing_mm,
+                         end_cap=end_cap, gap_factor=gap_factor, end_shape=end_shape)
+        np.clip(occ, 0.0, 1.0, out=occ)
         return occ.astype(np.float32)
     z_planes = [p[0] for p in planes]
     lower, upper, _ = slab_bounds_mm(
@@ -330,8 +346,19 @@ def contour_sample_points(
     jitter: bool = True,
     seed: int = 0,
     min_samples_per_plane: int = 10_000,
+    interpolation: str = "slab",
+    end_shape: str = "auto",
+    chunk: int = 1_000_000,
 ):
-    """Point samples filling the structure, for grid-free DVHs (slab model, even-odd rule).
+    """Point samples filling the structure, for grid-free DVHs (even-odd rule per plane).
+
+    ``interpolation="slab"`` (default here) samples the slab model described below;
+    ``interpolation="shape"`` samples the shape-based interpolation of
+    :func:`column_intervals` (``end_shape`` as there): one common jittered in-plane lattice of
+    columns (pitch ``resolution_mm``, finer when the structure's bounding box holds fewer than
+    ``min_samples_per_plane`` cells), each inside interval of a column divided into equal
+    layers of at most ``resolution_z_mm`` with one jittered point per layer, carrying the
+    layer's exact volume (``chunk`` points per yielded chunk).
 
     In-plane, points lie in the cells of a square lattice of pitch ``resolution_mm`` and are
     kept when inside an odd number of the plane's polygons; along z, each contour plane's slab
@@ -365,6 +392,13 @@ def contour_sample_points(
         gap_factor=gap_factor, default_spacing_mm=default_spacing_mm,
     )
     rng = np.random.default_rng(seed)
+    if _check_choice("interpolation", interpolation, INTERPOLATIONS) == "shape":
+        yield from _shape_sample_points(
+            planes, h, hz, rng, jitter=jitter, min_samples=min_samples_per_plane, chunk=chunk,
+            end_shape=end_shape, slice_spacing_mm=slice_spacing_mm, end_cap=end_cap,
+            gap_factor=gap_factor, default_spacing_mm=default_spacing_mm,
+        )
+        return
     for (z, polys), lo, hi in zip(planes, lower, upper):
         if hi <= lo:
             continue
@@ -401,3 +435,337 @@ def contour_sample_points(
         if jitter:
             out[:, 2] += rng.uniform(-0.5 * t, 0.5 * t, size=out.shape[0])
         yield out, np.full(out.shape[0], hp * hp * t / 1000.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Shape-based interpolation between contour planes
+# --------------------------------------------------------------------------------------------
+
+#: interpolation models between contour planes
+INTERPOLATIONS = ("slab", "shape")
+#: end-segment models for shape-based interpolation
+END_SHAPES = ("auto", "round", "straight")
+#: ``end_shape="auto"``: an end plane whose cross-section is below this fraction of its
+#: neighbour's closes the structure (pole / apex, rounded end segment)
+CLOSING_AREA_FRACTION = 0.1
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def _segment_distances(polys, px: np.ndarray, py: np.ndarray, chunk: int = 4_000_000) -> np.ndarray:
+    """Exact Euclidean distance of points ``(px, py)`` to the edges of ``polys`` (mm)."""
+    a = np.concatenate(polys)
+    b = np.concatenate([np.roll(p, -1, axis=0) for p in polys])
+    ab = b - a
+    l2 = np.maximum(np.einsum("ij,ij->i", ab, ab), 1e-300)
+    out = np.empty(px.size)
+    step = max(1, chunk // max(a.shape[0], 1))
+    for s in range(0, px.size, step):
+        qx = px[s:s + step, None] - a[None, :, 0]
+        qy = py[s:s + step, None] - a[None, :, 1]
+        t = np.clip((qx * ab[None, :, 0] + qy * ab[None, :, 1]) / l2[None, :], 0.0, 1.0)
+        ex = qx - t * ab[None, :, 0]
+        ey = qy - t * ab[None, :, 1]
+        out[s:s + step] = np.sqrt((ex * ex + ey * ey).min(axis=1))
+    return out
+
+
+def _edges(polys):
+    a = np.concatenate(polys)
+    b = np.concatenate([np.roll(p, -1, axis=0) for p in polys])
+    return (np.ascontiguousarray(a[:, 0]), np.ascontiguousarray(a[:, 1]),
+            np.ascontiguousarray(b[:, 0]), np.ascontiguousarray(b[:, 1]))
+
+
+def _nearest_points(polys, px: np.ndarray, py: np.ndarray):
+    """Nearest point ``(qx, qy)`` on the edges of ``polys`` to each point ``(px, py)``."""
+    from tomodose._kernels.contours import nearest_points
+
+    return nearest_points(*_edges(polys), np.ascontiguousarray(px, dtype=np.float64),
+                          np.ascontiguousarray(py, dtype=np.float64))
+
+
+def _ray_depth(polys, px, py, nx, ny, inside) -> np.ndarray:
+    """Signed depth of points along a direction: distance to the plane's contour boundary
+    along ``+n`` for points inside (positive), minus the distance along ``-n`` for points
+    outside; the Euclidean distance (signed) where the line misses the boundary that way."""
+    from tomodose._kernels.contours import ray_depth
+
+    f = [np.ascontiguousarray(v, dtype=np.float64) for v in (px, py, nx, ny)]
+    out = ray_depth(*_edges(polys), *f, np.ascontiguousarray(inside, dtype=np.bool_))
+    miss = ~np.isfinite(out)
+    if np.any(miss):
+        out[miss] = _segment_distances(polys, px[miss], py[miss])
+    return np.where(inside, out, -out)
+
+
+def _catmull_rom_zero(P: np.ndarray, n_iter: int = 40) -> np.ndarray:
+    """z where a chordal Catmull-Rom curve through 4 points crosses ``D = 0``.
+
+    ``P`` has shape (4, m, 2): points ``(D, z)`` (signed in-plane depth, plane z) of m
+    columns; the curve segment runs from ``P[1]`` to ``P[2]``, whose ``D`` have opposite signs
+    (Barry-Goldman pyramid, chordal parametrisation, bisection on the curve parameter).
+    """
+    eps = 1e-9
+    t0 = np.zeros(P.shape[1])
+    t1 = t0 + np.maximum(np.linalg.norm(P[1] - P[0], axis=-1), eps)
+    t2 = t1 + np.maximum(np.linalg.norm(P[2] - P[1], axis=-1), eps)
+    t3 = t2 + np.maximum(np.linalg.norm(P[3] - P[2], axis=-1), eps)
+
+    def point(f):
+        u = (t1 + (t2 - t1) * f)[:, None]
+        a1 = ((t1[:, None] - u) * P[0] + (u - t0[:, None]) * P[1]) / (t1 - t0)[:, None]
+        a2 = ((t2[:, None] - u) * P[1] + (u - t1[:, None]) * P[2]) / (t2 - t1)[:, None]
+        a3 = ((t3[:, None] - u) * P[2] + (u - t2[:, None]) * P[3]) / (t3 - t2)[:, None]
+        b1 = ((t2[:, None] - u) * a1 + (u - t0[:, None]) * a2) / (t2 - t0)[:, None]
+        b2 = ((t3[:, None] - u) * a2 + (u - t1[:, None]) * a3) / (t3 - t1)[:, None]
+        return ((t2[:, None] - u) * b1 + (u - t1[:, None]) * b2) / (t2 - t1)[:, None]
+
+    lo = np.zeros(P.shape[1])
+    hi = np.ones(P.shape[1])
+    s_lo = np.sign(P[1, :, 0])
+    for _ in range(n_iter):
+        mid = 0.5 * (lo + hi)
+        d = point(mid)[:, 0]
+        same = np.sign(d) == s_lo
+        lo = np.where(same, mid, lo)
+        hi = np.where(same, hi, mid)
+    z = point(0.5 * (lo + hi))[:, 1]
+    return np.clip(z, np.minimum(P[1, :, 1], P[2, :, 1]), np.maximum(P[1, :, 1], P[2, :, 1]))
+
+
+def _pieces(z: np.ndarray, spacing: float, gap_factor: float) -> list[tuple[int, int]]:
+    """Index ranges ``[a, b)`` of the planes of each piece (split at gaps)."""
+    starts = [0] + [k for k in range(1, z.size) if z[k] - z[k - 1] > gap_factor * spacing]
+    ends = starts[1:] + [z.size]
+    return list(zip(starts, ends))
+
+
+def column_intervals(
+    planes,
+    px: np.ndarray,
+    py_row: np.ndarray,
+    row: np.ndarray,
+    *,
+    interpolation: str = "shape",
+    end_shape: str = "auto",
+    slice_spacing_mm: float | None = None,
+    end_cap: bool = True,
+    gap_factor: float = 1.5,
+    default_spacing_mm: float = 1.0,
+):
+    """z-intervals inside the structure along vertical columns through in-plane points.
+
+    Parameters
+    ----------
+    planes : list of (z_mm, list of (n, 2) arrays)
+        From :func:`group_contours_by_plane`.
+    px : (m,) float array
+        x (mm) of each column.
+    py_row, row : float array, (m,) int array
+        y (mm) of each column is ``py_row[row]``; ``py_row`` regular and increasing (scanline).
+    interpolation : {"shape", "slab"}
+        ``"slab"``: each plane's cross-section fills its slab (see :func:`slab_bounds_mm`).
+        ``"shape"``: shape-based interpolation. Between two planes a column is inside over the
+        whole gap when it is inside both, outside when inside neither; when inside one only,
+        the boundary z is where a chordal Catmull-Rom curve through the column's ``(D, z)``
+        points of the 4 surrounding planes crosses ``D = 0`` (``D`` = exact signed in-plane
+        distance to the plane's contours, positive inside). Smooth shapes are followed
+        between planes (a sphere or a rotated cylinder sampled every 3 mm to about 0.2 %).
+    end_shape : {"auto", "round", "straight"}
+        Shape of the first and last gap of each piece (the phantom point of the spline beyond
+        the end plane): ``"round"`` reflects the neighbour plane's point about the end plane's
+        (the surface closes tangentially to the end plane: sphere poles), ``"straight"``
+        extrapolates linearly (apices of cones, flat ends); ``"auto"``: ``"round"`` when the end
+        plane's cross-section is below ``CLOSING_AREA_FRACTION`` (0.1) of its neighbour's (the
+        structure closes there), else ``"straight"``.
+    end_cap, slice_spacing_mm, gap_factor, default_spacing_mm
+        As in :func:`slab_bounds_mm`; caps extend the first/last plane's cross-section.
+
+    Returns
+    -------
+    col, z0, z1 : 1-D arrays
+        Column index and lower/upper z (mm) of each inside interval (disjoint per column).
+    """
+    _check_choice("interpolation", interpolation, INTERPOLATIONS)
+    _check_choice("end_shape", end_shape, END_SHAPES)
+    zp = np.array([p[0] for p in planes], dtype=np.float64)
+    lower, upper, spacing = slab_bounds_mm(
+        zp, slice_spacing_mm=slice_spacing_mm, end_cap=end_cap, gap_factor=gap_factor,
+        default_spacing_mm=default_spacing_mm,
+    )
+    m = px.size
+    ins = np.zeros((zp.size, m), dtype=bool)
+    for k, (_, polys) in enumerate(planes):
+        ins[k] = _inside_subrows(polys, py_row, row, px)
+    cols, z0s, z1s = [], [], []
+
+    def add(mask, a, b):
+        idx = np.nonzero(mask)[0]
+        if idx.size:
+            cols.append(idx)
+            z0s.append(np.broadcast_to(np.asarray(a, float), idx.shape) if np.ndim(a) == 0 else a)
+            z1s.append(np.broadcast_to(np.asarray(b, float), idx.shape) if np.ndim(b) == 0 else b)
+
+    if interpolation == "slab":
+        for k in range(zp.size):
+            if upper[k] > lower[k]:
+                add(ins[k], lower[k], upper[k])
+    else:
+        py = py_row[row]
+        area = ins.sum(axis=1)
+
+        for a, b in _pieces(zp, spacing, gap_factor):
+            # caps (and single-plane pieces): the end plane's cross-section
+            if b - a == 1:
+                if upper[a] > lower[a]:
+                    add(ins[a], lower[a], upper[a])
+                continue
+            if zp[a] > lower[a]:
+                add(ins[a], lower[a], zp[a])
+            if upper[b - 1] > zp[b - 1]:
+                add(ins[b - 1], zp[b - 1], upper[b - 1])
+            round_lo = end_shape == "round" or (
+                end_shape == "auto" and area[a] < CLOSING_AREA_FRACTION * area[a + 1])
+            round_hi = end_shape == "round" or (
+                end_shape == "auto" and area[b - 1] < CLOSING_AREA_FRACTION * area[b - 2])
+            for k in range(a, b - 1):
+                both = ins[k] & ins[k + 1]
+                add(both, zp[k], zp[k + 1])
+                idx = np.nonzero(ins[k] != ins[k + 1])[0]
+                if idx.size == 0:
+                    continue
+                # direction: from the nearest boundary point of the plane the column is
+                # outside of, through the column (outwards); depths are measured along it
+                cx, cy = px[idx], py[idx]
+                qx, qy = np.empty(idx.size), np.empty(idx.size)
+                for j in (k, k + 1):
+                    sel = ~ins[j, idx]
+                    if np.any(sel):
+                        qx[sel], qy[sel] = _nearest_points(planes[j][1], cx[sel], cy[sel])
+                nx, ny = cx - qx, cy - qy
+                norm = np.hypot(nx, ny)
+                tiny = norm < 1e-12
+                nx = np.where(tiny, 1.0, nx / np.where(tiny, 1.0, norm))
+                ny = np.where(tiny, 0.0, ny / np.where(tiny, 1.0, norm))
+
+                def depth(j):
+                    return _ray_depth(planes[j][1], cx, cy, nx, ny, ins[j, idx])
+
+                d1, d2 = depth(k), depth(k + 1)
+                p1 = np.stack([d1, np.full(idx.size, zp[k])], axis=-1)
+                p2 = np.stack([d2, np.full(idx.size, zp[k + 1])], axis=-1)
+                if k - 1 >= a:
+                    p0 = np.stack([depth(k - 1), np.full(idx.size, zp[k - 1])], axis=-1)
+                elif round_lo:
+                    p0 = np.stack([2 * d1 - d2, np.full(idx.size, zp[k + 1])], axis=-1)
+                else:
+                    p0 = 2 * p1 - p2
+                if k + 2 < b:
+                    p3 = np.stack([depth(k + 2), np.full(idx.size, zp[k + 2])], axis=-1)
+                elif round_hi:
+                    p3 = np.stack([2 * d2 - d1, np.full(idx.size, zp[k])], axis=-1)
+                else:
+                    p3 = 2 * p2 - p1
+                zc = _catmull_rom_zero(np.stack([p0, p1, p2, p3]))
+                lower_in = ins[k, idx]
+                cols.append(idx)
+                z0s.append(np.where(lower_in, zp[k], zc))
+                z1s.append(np.where(lower_in, zc, zp[k + 1]))
+    if not cols:
+        e = np.zeros(0)
+        return np.zeros(0, dtype=np.int64), e, e
+    return (np.concatenate(cols).astype(np.int64), np.concatenate(z0s).astype(float),
+            np.concatenate(z1s).astype(float))
+
+
+def _shape_sample_points(planes, h, hz, rng, *, jitter, min_samples, chunk, **options):
+    """Samples of the shape-interpolated structure (see :func:`contour_sample_points`)."""
+    xy = np.concatenate([np.concatenate(p[1]) for p in planes])
+    span = np.maximum(xy.max(axis=0) - xy.min(axis=0), 1e-6)
+    hp = h
+    if span[0] * span[1] / (h * h) < min_samples:
+        hp = max(float(np.sqrt(span[0] * span[1] / min_samples)), 1e-4)
+    x0, y0 = np.floor(xy.min(axis=0) / hp) * hp
+    x1, y1 = np.ceil(xy.max(axis=0) / hp) * hp
+    xs = x0 + hp * (np.arange(max(1, int(round((x1 - x0) / hp)))) + 0.5)
+    ys = y0 + hp * (np.arange(max(1, int(round((y1 - y0) / hp)))) + 0.5)
+    if jitter:
+        n_sub = 64
+        sub_y = y0 + (hp / n_sub) * (np.arange(ys.size * n_sub) + 0.5)
+        row = (np.arange(ys.size) * n_sub)[:, None] + rng.integers(0, n_sub, size=(ys.size, xs.size))
+        px = xs[None, :] + rng.uniform(-0.5 * hp, 0.5 * hp, size=(ys.size, xs.size))
+        row, px = row.ravel(), px.ravel()
+    else:
+        sub_y = ys
+        row = np.repeat(np.arange(ys.size), xs.size)
+        px = np.tile(xs, ys.size)
+    col, z0, z1 = column_intervals(planes, px, sub_y, row, **options)
+    keep = z1 > z0
+    col, z0, z1 = col[keep], z0[keep], z1[keep]
+    if col.size == 0:
+        return
+    n = np.maximum(1, np.ceil((z1 - z0) / hz - 1e-9).astype(np.int64))
+    t = (z1 - z0) / n
+    cum = np.concatenate([[0], np.cumsum(n)])
+    # split the intervals into groups of about `chunk` points
+    bounds = np.searchsorted(cum, np.arange(0, cum[-1], max(int(chunk), 1)), side="right") - 1
+    bounds = np.unique(np.concatenate([bounds, [col.size]]))
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        ni = n[s:e]
+        rep = np.repeat(np.arange(s, e), ni)
+        layer = np.arange(rep.size) - np.repeat(cum[s:e] - cum[s], ni)
+        u = rng.uniform(0.0, 1.0, size=rep.size) if jitter else np.full(rep.size, 0.5)
+        z = z0[rep] + t[rep] * (layer + u)
+        c = col[rep]
+        out = np.column_stack([px[c], sub_y[row[c]], z])
+        yield out, hp * hp * t[rep] / 1000.0
+
+
+def _rasterise_shape(grid: Grid, planes, occ: np.ndarray, s: int, **options) -> None:
+    """Add the shape-interpolated occupancy of ``planes`` to ``occ`` (in place)."""
+    xy = np.concatenate([np.concatenate(p[1]) for p in planes])
+    dx, dy, dz = grid.spacing_mm
+    x0, y0, z0g = grid.origin_mm
+    i0 = max(int(np.floor((xy[:, 0].min() - x0) / dx + 0.5)) - 1, 0)
+    i1 = min(int(np.floor((xy[:, 0].max() - x0) / dx + 0.5)) + 1, grid.nx - 1)
+    j0 = max(int(np.floor((xy[:, 1].min() - y0) / dy + 0.5)) - 1, 0)
+    j1 = min(int(np.floor((xy[:, 1].max() - y0) / dy + 0.5)) + 1, grid.ny - 1)
+    if i1 < i0 or j1 < j0:
+        return
+    sub = (np.arange(s) + 0.5) / s - 0.5
+    xs = (x0 + dx * np.arange(i0, i1 + 1)[:, None] + dx * sub[None, :]).ravel()
+    ys = (y0 + dy * np.arange(j0, j1 + 1)[:, None] + dy * sub[None, :]).ravel()
+    ni = i1 - i0 + 1
+    row = np.repeat(np.arange(ys.size), xs.size)
+    px = np.tile(xs, ys.size)
+    col, za, zb = column_intervals(planes, px, ys, row, default_spacing_mm=dz, **options)
+    keep = zb > za
+    col, za, zb = col[keep], za[keep], zb[keep]
+    if col.size == 0:
+        return
+    # voxel (j, i) of each column, flattened over the full grid plane
+    vj = j0 + (col // xs.size) // s
+    vi = i0 + (col % xs.size) // s
+    v2 = vj * grid.nx + vi
+    lo_edge = z0g - 0.5 * dz
+    k_first = np.floor((za - lo_edge) / dz).astype(np.int64)
+    k_last = np.floor((zb - lo_edge) / dz - 1e-12).astype(np.int64)
+    n2 = grid.ny * grid.nx
+    flat = occ.reshape(grid.nz, n2)
+    w = 1.0 / (s * s)
+    for o in range(int((k_last - k_first).max()) + 1):
+        k = k_first + o
+        ok = (k <= k_last) & (k >= 0) & (k < grid.nz)
+        if not np.any(ok):
+            continue
+        kk = k[ok]
+        zlo = lo_edge + kk * dz
+        ov = (np.minimum(zb[ok], zlo + dz) - np.maximum(za[ok], zlo)) / dz
+        pos = ov > 0
+        idx = kk[pos] * n2 + v2[ok][pos]
+        flat.ravel()[:] += np.bincount(idx, weights=ov[pos] * w, minlength=grid.nz * n2)
