@@ -270,3 +270,14 @@ def test_contour_kernels_match_naive_twins():
     np.testing.assert_array_equal(np.isfinite(got), np.isfinite(ref))
     np.testing.assert_allclose(got[np.isfinite(got)], ref[np.isfinite(ref)], atol=1e-9)
     assert np.all(np.isfinite(got[inside]))  # a line from inside always leaves the polygon
+
+
+def test_auto_interpolation_is_shape_for_small_and_slab_for_large_structures():
+    g = Grid((40, 40, 40), (1.0, 1.0, 1.0), (-19.5, -19.5, -19.5))
+    small = sphere_planes(12.0, 3.0)
+    np.testing.assert_array_equal(rasterise_contours(g, small, interpolation="auto"),
+                                  rasterise_contours(g, small, interpolation="shape"))
+    big = [circle(0.0, 0.0, 100.0, z, 90) for z in np.arange(-60.0, 61.0, 3.0)]  # ~3.8 L box
+    gb = Grid((10, 10, 10), (25.0, 25.0, 15.0), (-112.5, -112.5, -67.5))
+    np.testing.assert_array_equal(rasterise_contours(gb, big, interpolation="auto"),
+                                  rasterise_contours(gb, big, interpolation="slab"))

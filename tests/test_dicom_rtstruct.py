@@ -230,3 +230,22 @@ def test_fuzzed_structure_sets_give_clear_errors(tmp_path_factory, cut, flips):
         for roi in rois:
             for c in roi.contours:
                 assert c.ndim == 2 and c.shape[1] == 3 and np.all(np.isfinite(c))
+
+
+def test_rasterise_rois_interpolation_option(ct, tmp_path):
+    # sphere r 15 mm with 5 mm contour spacing, pole to pole (poles as tiny circles, so the
+    # end caps hold no volume): shape-based interpolation (the default for small ROIs) is
+    # closer to the true volume than the slab model
+    folder, uids = ct
+    r = 15.0
+    zs = np.arange(-15.0, 15.1, 5.0)
+    contours = [circle((0.0, 0.0), max(np.sqrt(max(r**2 - z**2, 0.0)), 0.1), z, 128) for z in zs]
+    save(make_rtstruct({"Sphere": contours}, frame_uid=uids["frame_uid"]), tmp_path / "RS.dcm")
+    grid = read_ct_series(folder).grid
+    rois = read_rtstruct(tmp_path / "RS.dcm")
+    true = 4 / 3 * np.pi * 1.5**3
+    vol = {m: rasterise_rois(rois, grid, interpolation=m)[0]["Sphere"].volume_ml for m in ("slab", "shape")}
+    assert rasterise_rois(rois, grid)[0]["Sphere"].volume_ml == pytest.approx(vol["shape"])
+    assert abs(vol["shape"] / true - 1) < abs(vol["slab"] / true - 1)
+    with pytest.raises(ValueError, match="interpolation"):
+        rasterise_rois(rois, grid, interpolation="spline")

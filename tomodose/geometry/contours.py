@@ -55,6 +55,7 @@ __all__ = [
     "group_contours_by_plane",
     "slab_bounds_mm",
     "contour_sample_points",
+    "column_intervals",
 ]
 
 log = logging.getLogger(__name__)
@@ -224,12 +225,14 @@ def rasterise_contours(
         Extend the structure by half a contour spacing beyond its first and last planes.
     gap_factor : float
         Planes further apart than ``gap_factor`` x spacing separate two pieces.
-    interpolation : {"slab", "shape"}
+    interpolation : {"slab", "shape", "auto"}
         Between contour planes: ``"slab"`` (default) keeps each plane's cross-section over its
         slab; ``"shape"`` interpolates the shape (see :func:`column_intervals`): every in-plane
         sub-point column gets its exact inside z-intervals, integrated over each voxel's z
         extent. More accurate for curved structures at coarse contour spacing (a sphere of
-        radius 12 mm with 3 mm contours: volume -1.6 % with slabs, -0.15 % with shapes).
+        radius 12 mm with 3 mm contours: volume -1.6 % with slabs, -0.2 % with shapes) but
+        10-50 times slower. ``"auto"``: ``"shape"`` when the contours' bounding box is at most
+        ``AUTO_SHAPE_MAX_BOX_ML`` (1000 mL), else ``"slab"``.
     end_shape : {"auto", "round", "straight"}
         End segments of shape-based interpolation (see :func:`column_intervals`).
 
@@ -245,7 +248,14 @@ def rasterise_contours(
     occ = np.zeros(grid.shape, dtype=np.float64)
     if not planes:
         return occ.astype(np.float32)
-    if _check_choice("interpolation", interpolation, INTERPOLATIONS) == "shape":
+    _check_choice("interpolation", interpolation, INTERPOLATIONS + ("auto",))
+    if interpolation == "auto":
+        lo, hi = contours_bounds_mm(contours)
+        lo[2] -= 0.5 * (slice_spacing_mm or grid.spacing_mm[2])
+        hi[2] += 0.5 * (slice_spacing_mm or grid.spacing_mm[2])
+        box_ml = float(np.prod(np.maximum(hi - lo, 0.0))) / 1000.0
+        interpolation = "shape" if box_ml <= AUTO_SHAPE_MAX_BOX_ML else "slab"
+    if interpolation == "shape":
         _check_choice("end_shape", end_shape, END_SHAPES)
         _rasterise_shape(grid, planes, occ, int(supersample), slice_spacing_mm=slice_spacing_mm,
                          end_cap=end_cap, gap_factor=gap_factor, end_shape=end_shape)
@@ -443,6 +453,11 @@ def contour_sample_points(
 
 #: interpolation models between contour planes
 INTERPOLATIONS = ("slab", "shape")
+#: ``interpolation="auto"`` of :func:`rasterise_contours`: shape-based interpolation for
+#: structures whose contours' bounding box holds at most this volume (mL), the slab model for
+#: larger ones (whose slab error is small relative to their volume and where shape-based
+#: interpolation costs most: a 20 L body outline on a 512 x 512 CT takes ~35 s instead of ~4 s)
+AUTO_SHAPE_MAX_BOX_ML = 1000.0
 #: end-segment models for shape-based interpolation
 END_SHAPES = ("auto", "round", "straight")
 #: ``end_shape="auto"``: an end plane whose cross-section is below this fraction of its

@@ -13,8 +13,9 @@ Rasterising
 -----------
 :func:`rasterise_rois` turns the polygons into occupancy fractions on a grid with
 :func:`tomodose.geometry.contours.rasterise_contours` (even-odd rule: holes and several
-contours per slice; parts outside the grid clipped) and returns a
-:class:`~tomodose.geometry.structures.StructureSet`.
+contours per slice; parts outside the grid clipped; by default shape-based interpolation
+between contour planes for ROIs up to 1000 mL of bounding box, the slab model for larger ones)
+and returns a :class:`~tomodose.geometry.structures.StructureSet`.
 
 Names and roles
 ---------------
@@ -387,6 +388,8 @@ def rasterise_rois(
     aliases: StructureAliases | None = None,
     keep_unmapped: bool = True,
     supersample: int | None = None,
+    interpolation: str = "auto",
+    end_shape: str = "auto",
 ) -> tuple[StructureSet, dict[str, str]]:
     """Rasterise ROIs to fractional masks on ``grid`` and name them canonically.
 
@@ -403,6 +406,12 @@ def rasterise_rois(
         Default True.
     supersample : int, optional
         In-plane supersampling of the rasteriser (default: its own).
+    interpolation : {"auto", "shape", "slab"}
+        Between contour planes (see :func:`tomodose.geometry.contours.rasterise_contours`):
+        default ``"auto"``, shape-based interpolation for ROIs whose bounding box is at most
+        1000 mL (targets, small organs), the slab model for larger ones (body, liver, lungs).
+    end_shape : {"auto", "round", "straight"}
+        End segments of shape-based interpolation.
 
     Returns
     -------
@@ -435,7 +444,8 @@ def rasterise_rois(
             log.warning("ROI %r has no closed planar contours; left out", roi.name)
             continue
         kwargs = {} if supersample is None else {"supersample": supersample}
-        occ = rasterise_contours(grid, list(roi.contours), **kwargs)
+        occ = rasterise_contours(grid, list(roi.contours), interpolation=interpolation,
+                                 end_shape=end_shape, **kwargs)
         if not np.any(occ > 0):
             log.warning("ROI %r lies wholly outside the grid (z %s mm); left out", roi.name, roi.z_range_mm)
             continue
@@ -455,6 +465,8 @@ def read_structures(
     aliases: StructureAliases | None = None,
     keep_unmapped: bool = True,
     supersample: int | None = None,
+    interpolation: str = "auto",
+    end_shape: str = "auto",
 ) -> tuple[StructureSet, dict[str, str]]:
     """Read an RTSTRUCT and rasterise it on ``grid`` (see :func:`read_rtstruct`, :func:`rasterise_rois`).
 
@@ -462,4 +474,5 @@ def read_structures(
     """
     uid = reference.frame_of_reference_uid if (reference is not None and check_frame_of_reference) else None
     rois = read_rtstruct(path, frame_of_reference_uid=uid)
-    return rasterise_rois(rois, grid, aliases=aliases, keep_unmapped=keep_unmapped, supersample=supersample)
+    return rasterise_rois(rois, grid, aliases=aliases, keep_unmapped=keep_unmapped, supersample=supersample,
+                          interpolation=interpolation, end_shape=end_shape)
