@@ -151,3 +151,51 @@ def _single(terma, rho, spacing_mm, origin_mm, kernel, beam_direction, source_po
                 return omega[d] * norm[v] * dens_at(float(dirs[d] @ photon_dir(v)))
         dose += transport_direction(terma, rho, m, sgn, da, db, step_cm, rates, amplitudes_of)
     return dose
+
+
+def contract_sources(terma, weights):
+    """out[j, k, v] = sum_g weights[j, g, k] terma[g, v] (twin of the numba kernel)."""
+    return np.einsum("jgk,gv->jkv", np.asarray(weights, float), np.asarray(terma, float))
+
+
+def shared_direction_dose(terma_groups, beam_directions, rho, spacing_mm, kernel, rings, n_directions):
+    """Twin of :func:`tomodose.transport.collapsed_cone.shared_direction_dose` (float64).
+
+    Every selected cone of every beam goes to the fixed direction with the largest dot product
+    (brute force over the Fibonacci set); each fixed direction is transported by the naive line
+    sum with the per-voxel source ``sum_g T_g w_jgk``.
+    """
+    from tomodose.transport.collapsed_cone import direction_geometry
+
+    terma_groups = np.asarray(terma_groups, float)
+    n_g = terma_groups.shape[0]
+    j = np.arange(n_directions, dtype=float)
+    z = 1.0 - (2.0 * j + 1.0) / n_directions
+    r = np.sqrt(np.clip(1.0 - z * z, 0.0, 1.0))
+    phi = j * math.pi * (3.0 - math.sqrt(5.0))
+    fixed = np.stack([r * np.cos(phi), r * np.sin(phi), z], axis=1)
+    sel = set(int(p) for p in rings)
+    amps = np.asarray(kernel.amplitudes) / kernel.n_azimuth
+    weights = np.zeros((n_directions, n_g, kernel.n_terms))
+    for g in range(n_g):
+        b = np.asarray(beam_directions[g], float)
+        dirs, _, ring = kernel.directions(b / np.linalg.norm(b))
+        for d in range(dirs.shape[0]):
+            if int(ring[d]) not in sel:
+                continue
+            best = max(range(n_directions), key=lambda i: float(dirs[d] @ fixed[i]))
+            weights[best, g] += amps[ring[d]]
+    rates = np.asarray(kernel.rates_per_cm)
+    dose = np.zeros(terma_groups.shape[1:])
+    for i in range(n_directions):
+        if not weights[i].any():
+            continue
+        src = np.einsum("gk,gzyx->zyxk", weights[i], terma_groups)
+        mark = src.sum(axis=-1)
+        m, sgn, da, db, step_cm = direction_geometry(fixed[i], spacing_mm)
+
+        def amplitudes_of(v, src=src, mark=mark):
+            return src[v] / mark[v]
+
+        dose += transport_direction(mark, np.asarray(rho, float), m, sgn, da, db, step_cm, rates, amplitudes_of)
+    return dose

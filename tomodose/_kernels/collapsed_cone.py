@@ -432,3 +432,44 @@ def transport_direction(terma, rho, dose, m, sgn, da, db, step_cm, rates, amp_co
                     flux[li, k] = f * ek + sk * (1.0 - ek) * inv_rates[k]
                 has_flux[li] = True
                 df[idx] += d
+
+
+#: voxels per task of :func:`contract_sources` (a block of every group's TERMA stays in cache).
+CONTRACT_BLOCK = 2048
+
+
+@numba.njit(**NUMBA_PARALLEL_OPTIONS)
+def contract_sources(terma, weights, out):
+    """out[j, k, v] = sum_g weights[j, g, k] * terma[g, v] (sources of shared directions).
+
+    terma : (G, n) float32 or float64, >= 0; weights : (J, G, K) float64, >= 0 (zero rows are
+    skipped); out : (J, K, n) float32 or float64, overwritten. One ``prange`` task per block of
+    :data:`CONTRACT_BLOCK` voxels, groups summed in index order: results do not depend on the
+    number of threads.
+    """
+    n_g, n = terma.shape
+    n_j = weights.shape[0]
+    n_k = weights.shape[2]
+    n_blocks = (n + CONTRACT_BLOCK - 1) // CONTRACT_BLOCK
+    for blk in numba.prange(n_blocks):
+        lo = blk * CONTRACT_BLOCK
+        hi = min(n, lo + CONTRACT_BLOCK)
+        acc = np.zeros((n_k, hi - lo))
+        for j in range(n_j):
+            acc[:, :] = 0.0
+            for g in range(n_g):
+                used = False
+                for k in range(n_k):
+                    if weights[j, g, k] != 0.0:
+                        used = True
+                if not used:
+                    continue
+                for k in range(n_k):
+                    w = weights[j, g, k]
+                    if w == 0.0:
+                        continue
+                    for v in range(lo, hi):
+                        acc[k, v - lo] += w * terma[g, v]
+            for k in range(n_k):
+                for v in range(lo, hi):
+                    out[j, k, v] = acc[k, v - lo]

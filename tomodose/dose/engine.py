@@ -44,17 +44,13 @@ ENGINES = ("collapsed_cone", "pencil_beam")
 
 def _ccc_engine(patient: PatientModel, seq: ProjectionSequence, *, beam_model=None, kernel=None,
                 progress=None, n_subsamples: int | None = None, angle_groups: int | None = None,
-                grouping: str = "angle", tilt: str = "auto", timings: dict | None = None) -> np.ndarray:
+                grouping: str = "angle", tilt: str = "auto", shared_from_deg: float | None = None,
+                shared_directions: int = 256, timings: dict | None = None) -> np.ndarray:
     from tomodose.terma.terma import compute_terma
-    from tomodose.transport.collapsed_cone import collapsed_cone_dose
 
     check_choice("grouping", grouping, ("angle", "projection"))
     check_choice("tilt", tilt, ("auto", "source", "parallel"))
     sub_kw = {} if n_subsamples is None else {"n_subsamples": n_subsamples}
-    density = patient.mass_density_g_cm3
-    grid = patient.grid
-    dose = np.zeros(grid.shape, dtype=np.float64)
-    show = config.progress_enabled(progress)
     t0 = time.perf_counter()
     if grouping == "projection":
         units = []
@@ -67,23 +63,69 @@ def _ccc_engine(patient: PatientModel, seq: ProjectionSequence, *, beam_model=No
     else:
         tr = compute_terma(patient, seq, beam_model, angle_groups=angle_groups, progress=progress, **sub_kw)
         t_terma = time.perf_counter() - t0
-        groups = []
-        for g in range(tr.n_groups):
-            members = np.flatnonzero(tr.projection_group == g)
-            groups.append((seq, tr.per_group[g], tr.group_angles_deg[g], seq.couch_mm[members],
-                           seq.couch_travel_mm[members]))
+        groups = _terma_groups(seq, tr)
+    if timings is not None:
+        timings["terma_s"] = t_terma
+    return _ccc_transport(patient, groups, kernel=kernel, progress=progress, single_sources=grouping == "projection",
+                          tilt=tilt, shared_from_deg=shared_from_deg, shared_directions=shared_directions,
+                          timings=timings)
+
+
+def _terma_groups(seq: ProjectionSequence, tr) -> list:
+    """(sequence, TERMA, angle, couch positions, couch travels) of every angle group of ``tr``."""
+    groups = []
+    for g in range(tr.n_groups):
+        members = np.flatnonzero(tr.projection_group == g)
+        groups.append((seq, tr.per_group[g], tr.group_angles_deg[g], seq.couch_mm[members],
+                       seq.couch_travel_mm[members]))
+    return groups
+
+
+def _ccc_transport(patient: PatientModel, groups: list, *, kernel=None, progress=None, single_sources: bool = False,
+                   tilt: str = "auto", shared_from_deg: float | None = None, shared_directions: int = 256,
+                   timings: dict | None = None) -> np.ndarray:
+    """Collapsed-cone dose of TERMA groups (see :func:`_ccc_engine`); float32, engine units.
+
+    ``shared_from_deg``: kernel rings at least this far from the beam (ring direction, deg) of the
+    groups with a parallel-beam tilt are transported along one shared direction set
+    (:func:`tomodose.transport.collapsed_cone.shared_direction_dose`, ``shared_directions``
+    directions) instead of per group; None transports every ring per group (the reference).
+    """
+    from tomodose.transport.collapsed_cone import collapsed_cone_dose, shared_direction_dose
+    from tomodose.transport.kernels import load_kernel
+
+    check_choice("tilt", tilt, ("auto", "source", "parallel"))
+    if kernel is None:
+        kernel = load_kernel()
+    shared_rings = None
+    if shared_from_deg is not None:
+        if isinstance(shared_from_deg, bool) or not isinstance(shared_from_deg, (int, float, np.number)) \
+                or not 0.0 <= float(shared_from_deg) <= 180.0:
+            raise ValueError(f"shared_from_deg must be an angle in [0, 180] deg or None, got {shared_from_deg!r}")
+        if isinstance(shared_directions, bool) or int(shared_directions) != shared_directions or shared_directions < 1:
+            raise ValueError(f"shared_directions must be an integer >= 1, got {shared_directions!r}")
+        shared_rings = np.flatnonzero(kernel.polar_deg >= float(shared_from_deg))
+        own_rings = np.flatnonzero(kernel.polar_deg < float(shared_from_deg))
+    density = patient.mass_density_g_cm3
+    grid = patient.grid
+    dose = np.zeros(grid.shape, dtype=np.float64)
+    show = config.progress_enabled(progress)
     iterator = groups
     if show:
         from tqdm.auto import tqdm
 
         iterator = tqdm(groups, desc="collapsed cone", unit="angle group")
     t1 = time.perf_counter()
+    per_group_s = []
+    parallel_terma, parallel_dirs = [], []
+    n_transports = 0
     for s, terma_g, angle, couches, travel in iterator:
         if not np.any(terma_g > 0):
             continue
+        tg = time.perf_counter()
         # one source position: a fixed beam, or one projection transported on its own (its couch
         # travel, < 1 mm, is neglected for the tilt only)
-        single_source = np.ptp(couches) == 0 and (grouping == "projection" or not np.any(travel > 0))
+        single_source = np.ptp(couches) == 0 and (single_sources or not np.any(travel > 0))
         use_source = tilt == "source" or (tilt == "auto" and single_source)
         if use_source:
             src = source_position_patient(angle, float(np.mean(couches)), s.isocentre_lps_mm, s.machine.sad_mm,
@@ -91,10 +133,26 @@ def _ccc_engine(patient: PatientModel, seq: ProjectionSequence, *, beam_model=No
             d = collapsed_cone_dose(terma_g, density, grid, source_position_mm=src, kernel=kernel, progress=False)
         else:
             _, _, zg = beam_axes_patient(angle, s.patient_position)
-            d = collapsed_cone_dose(terma_g, density, grid, beam_direction=-zg, kernel=kernel, progress=False)
+            rings = None
+            if shared_rings is not None:
+                rings = own_rings
+                parallel_terma.append(terma_g)
+                parallel_dirs.append(-zg)
+            d = collapsed_cone_dose(terma_g, density, grid, beam_direction=-zg, kernel=kernel, rings=rings,
+                                    progress=False)
         dose += d
+        n_transports += 1
+        per_group_s.append(time.perf_counter() - tg)
+    t_shared = 0.0
+    if parallel_terma and shared_rings is not None and shared_rings.size:
+        ts = time.perf_counter()
+        dose += shared_direction_dose(np.stack(parallel_terma), np.asarray(parallel_dirs), density, grid,
+                                      kernel=kernel, rings=shared_rings, n_directions=int(shared_directions),
+                                      progress=show)
+        t_shared = time.perf_counter() - ts
     if timings is not None:
-        timings.update(terma_s=t_terma, transport_s=time.perf_counter() - t1, n_transports=len(groups))
+        timings.update(transport_s=time.perf_counter() - t1, n_transports=n_transports,
+                       per_group_s=[round(v, 4) for v in per_group_s], shared_s=t_shared)
     return dose.astype(np.float32)
 
 
@@ -146,7 +204,10 @@ def compute_dose(patient: PatientModel, plan, engine: str = "collapsed_cone", *,
         Progress bars (default: ``tomodose.config.settings.progress``).
     **engine_options
         Collapsed cone: ``n_subsamples`` (TERMA default), ``angle_groups`` (51), ``grouping``
-        (``"angle"``/``"projection"``), ``tilt`` (``"auto"``/``"source"``/``"parallel"``).
+        (``"angle"``/``"projection"``), ``tilt`` (``"auto"``/``"source"``/``"parallel"``),
+        ``shared_from_deg`` (None: every ring per angle group, the reference; an angle: rings at
+        least that far from the beam share one direction set over all parallel-tilt groups, see
+        ``docs/dose.md``) and ``shared_directions`` (256).
 
     Returns
     -------

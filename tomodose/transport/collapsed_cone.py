@@ -31,6 +31,7 @@ write disjoint voxels, and directions are accumulated in a fixed order.
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import numpy as np
@@ -40,7 +41,7 @@ from tomodose._validate import check_array, check_vector
 from tomodose.geometry.grid import Grid
 from tomodose.transport.kernels import CollapsedConeKernel, load_kernel
 
-__all__ = ["collapsed_cone_dose", "direction_geometry"]
+__all__ = ["collapsed_cone_dose", "shared_direction_dose", "fibonacci_directions", "direction_geometry"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ def collapsed_cone_dose(
     source_position_mm=None,
     beam_direction=None,
     kernel: CollapsedConeKernel | None = None,
+    rings=None,
     progress: bool | None = None,
 ) -> np.ndarray:
     """Dose (energy per mass) from TERMA by collapsed-cone convolution/superposition.
@@ -114,6 +116,11 @@ def collapsed_cone_dose(
         approximation).
     kernel : CollapsedConeKernel, optional
         Collapsed kernel; default the shipped :data:`~tomodose.transport.kernels.DEFAULT_KERNEL_NAME`.
+    rings : sequence of int, optional
+        Transport only the cones of these kernel rings (indices into ``kernel.polar_deg``);
+        default all. The dose of all rings is the sum of the doses of any partition of the rings
+        (used by :func:`shared_direction_dose`: forward rings per beam, the others shared).
+        With tilting, the per-voxel normalisation is still that of the whole kernel.
     progress : bool, optional
         Progress bar over cone directions (default: ``tomodose.config.settings.progress``).
 
@@ -171,6 +178,7 @@ def collapsed_cone_dose(
     from tomodose._kernels import collapsed_cone as _k
 
     dirs, omega, ring = kernel.directions(axis)
+    selected = _ring_selection(rings, kernel)
     rates = np.ascontiguousarray(kernel.rates_per_cm, dtype=np.float64)
     amps_ring = group_amps / kernel.n_azimuth  # (G, P, K)
     tables = [kernel._density_table(a) for a in group_amps]
@@ -193,7 +201,7 @@ def collapsed_cone_dose(
         ])
     else:
         norm = np.zeros((1, 1, 1, 1))
-    iterator = range(dirs.shape[0])
+    iterator = [d for d in range(dirs.shape[0]) if selected[ring[d]]]
     if config.progress_enabled(progress):
         from tqdm.auto import tqdm
 
@@ -205,6 +213,147 @@ def collapsed_cone_dose(
             np.ascontiguousarray(amps_ring[:, ring[d]]), tilt, np.ascontiguousarray(dirs[d]),
             float(omega[d]), table, ds, norm, src, origin, spacing, axis,
         )
-    logger.debug("collapsed cone: %d directions on %s in %.2f s", dirs.shape[0], grid.shape,
+    logger.debug("collapsed cone: %d directions on %s in %.2f s", len(iterator), grid.shape,
                   time.perf_counter() - t0)
     return dose.astype(np.float32)
+
+
+def _ring_selection(rings, kernel: CollapsedConeKernel) -> np.ndarray:
+    """(P,) bool mask of the kernel rings named by ``rings`` (None: all)."""
+    sel = np.zeros(kernel.n_polar, dtype=bool)
+    if rings is None:
+        sel[:] = True
+        return sel
+    idx = np.atleast_1d(np.asarray(rings))
+    if idx.ndim != 1 or (idx.size and (not np.issubdtype(idx.dtype, np.integer) or idx.min() < 0
+                                        or idx.max() >= kernel.n_polar)):
+        raise ValueError(f"rings must be ring indices in [0, {kernel.n_polar - 1}], got {np.asarray(rings).tolist()}")
+    sel[idx] = True
+    return sel
+
+
+def fibonacci_directions(n: int) -> np.ndarray:
+    """(n, 3) unit vectors spread almost uniformly over the sphere (Fibonacci lattice).
+
+    Point ``j`` has ``z = 1 - (2 j + 1) / n`` and azimuth ``j`` times the golden angle; every point
+    stands for a solid angle of about ``4 pi / n`` (spacing about ``sqrt(4 pi / n)`` rad).
+    """
+    j = np.arange(int(n), dtype=np.float64)
+    z = 1.0 - (2.0 * j + 1.0) / n
+    r = np.sqrt(np.clip(1.0 - z * z, 0.0, 1.0))
+    phi = j * math.pi * (3.0 - math.sqrt(5.0))
+    return np.stack([r * np.cos(phi), r * np.sin(phi), z], axis=1)
+
+
+def shared_direction_dose(
+    terma_groups,
+    beam_directions,
+    density_g_cm3,
+    grid: Grid,
+    *,
+    kernel: CollapsedConeKernel | None = None,
+    rings=None,
+    n_directions: int = 256,
+    batch: int = 8,
+    progress: bool | None = None,
+) -> np.ndarray:
+    """Dose of selected kernel rings of many beams, transported along one shared direction set.
+
+    For rotational delivery the broad (lateral and backward) rings of the kernel of all beam
+    directions are transported together: every cone of ring ``p`` of beam ``g`` (direction
+    ``u``, amplitudes ``amplitudes[p] / n_azimuth``) is moved to the nearest of ``n_directions``
+    fixed directions ``v_j`` (:func:`fibonacci_directions`), and each ``v_j`` is transported once
+    with the source ``S_jk = sum_g T_g w_jgk`` (``w_jgk``: the amplitudes of the cones moved to
+    ``v_j``). The energy released by every beam is exactly that of the per-beam transport of the
+    same rings; only directions change (by at most about half the spacing of the set,
+    ``sqrt(4 pi / n_directions) / 2`` rad, 6.4 deg for 256). The cost is ``n_directions``
+    transports instead of ``n_beams x n_cones(rings)``.
+
+    Parameters
+    ----------
+    terma_groups : (G, nz, ny, nx) array_like, float
+        TERMA of each beam (angle group) on ``grid``, >= 0.
+    beam_directions : (G, 3) array_like
+        Photon direction of each beam (LPS, any length > 0); parallel-beam tilt per beam.
+    density_g_cm3 : (nz, ny, nx) array_like
+        Density relative to water (>= 0).
+    grid : Grid
+    kernel : CollapsedConeKernel, optional
+        Default: the shipped default kernel (single group only).
+    rings : sequence of int, optional
+        Kernel rings to transport this way (default all).
+    n_directions : int
+        Size of the shared direction set (>= 1).
+    batch : int
+        Shared directions whose sources are built together (memory: ``batch x K`` float32
+        volumes).
+    progress : bool, optional
+        Progress bar over shared directions.
+
+    Returns
+    -------
+    dose : (nz, ny, nx) float64
+        Dose of the selected rings of all beams (units of ``terma_groups``).
+    """
+    from tomodose._kernels import collapsed_cone as _k
+
+    if not isinstance(grid, Grid):
+        raise TypeError(f"grid must be a tomodose Grid, got {type(grid).__name__}")
+    t_all = check_array("terma_groups", terma_groups, shape=(None,) + grid.shape, low=0.0, dtype=np.float32)
+    n_g = t_all.shape[0]
+    beams = check_array("beam_directions", beam_directions, shape=(n_g, 3), dtype=np.float64)
+    norms = np.linalg.norm(beams, axis=1)
+    if np.any(norms == 0):
+        raise ValueError(f"beam_directions must be non-zero vectors, got {beams[norms == 0].tolist()}")
+    rho = np.ascontiguousarray(check_array("density_g_cm3", density_g_cm3, shape=grid.shape, low=0.0),
+                               dtype=np.float64)
+    if isinstance(n_directions, bool) or int(n_directions) != n_directions or n_directions < 1:
+        raise ValueError(f"n_directions must be an integer >= 1, got {n_directions!r}")
+    if isinstance(batch, bool) or int(batch) != batch or batch < 1:
+        raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
+    if kernel is None:
+        kernel = load_kernel()
+    elif not isinstance(kernel, CollapsedConeKernel):
+        raise TypeError(f"kernel must be a CollapsedConeKernel, got {type(kernel).__name__}")
+    selected = _ring_selection(rings, kernel)
+    fixed = fibonacci_directions(int(n_directions))
+    n_k = kernel.n_terms
+    amps_ring = np.asarray(kernel.amplitudes, dtype=np.float64) / kernel.n_azimuth
+    weights = np.zeros((fixed.shape[0], n_g, n_k))
+    for g in range(n_g):
+        dirs, _, ring = kernel.directions(beams[g] / norms[g])
+        keep = selected[ring]
+        nearest = np.argmax(dirs[keep] @ fixed.T, axis=1)
+        np.add.at(weights[:, g, :], nearest, amps_ring[ring[keep]])
+    active = np.flatnonzero(weights.sum(axis=(1, 2)) > 0)
+    dose = np.zeros(grid.shape, dtype=np.float64)
+    if active.size == 0 or not np.any(t_all > 0):
+        return dose
+    flat = np.ascontiguousarray(t_all.reshape(n_g, -1))
+    rates = np.ascontiguousarray(kernel.rates_per_cm, dtype=np.float64)
+    eye = np.eye(n_k)
+    spacing = np.asarray(grid.spacing_mm, dtype=np.float64)
+    origin = np.asarray(grid.origin_mm, dtype=np.float64)
+    table = np.zeros((1, 2, n_k))
+    norm = np.zeros((1, 1, 1, 1))
+    zero3 = np.zeros(3)
+    batches = [active[i:i + int(batch)] for i in range(0, active.size, int(batch))]
+    iterator = batches
+    if config.progress_enabled(progress):
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(batches, desc="shared cones", unit="batch", leave=False)
+    t0 = time.perf_counter()
+    src = np.empty((int(batch), n_k, flat.shape[1]), dtype=np.float32)
+    for js in iterator:
+        w = np.ascontiguousarray(weights[js])
+        out = src[:js.size]
+        _k.contract_sources(flat, w, out)
+        for i, j in enumerate(js):
+            m, sgn, da, db, step_cm = direction_geometry(fixed[j], spacing)
+            _k.transport_direction(out[i].reshape((n_k,) + grid.shape), rho, dose, m, sgn, da, db, step_cm,
+                                   rates, eye, False, np.ascontiguousarray(fixed[j]), 0.0, table, 1.0, norm,
+                                   zero3, origin, spacing, zero3)
+    logger.debug("shared directions: %d of %d on %s for %d beams in %.2f s", active.size, fixed.shape[0],
+                 grid.shape, n_g, time.perf_counter() - t0)
+    return dose
