@@ -199,6 +199,15 @@ def bin_spectrum(t0_mev, layers, edges, per_bin_points: int = 9):
     return np.array([np.trapezoid(y[i], ks[i]) for i in range(len(ks))])
 
 
+def spectrum_bin_edges(t0_mev: float) -> np.ndarray:
+    """Bin edges (MeV): 0.05, then 0.25 MeV steps up to ``t0_mev`` (a last, narrower bin ends at
+    ``t0_mev`` when it is not a multiple of 0.25 MeV)."""
+    edges = np.concatenate([[0.05], np.arange(0.25, t0_mev + 1e-9, 0.25)])
+    if edges[-1] < t0_mev - 1e-6:
+        edges = np.append(edges, t0_mev)
+    return edges
+
+
 def _atomic_write(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     with os.fdopen(fd, "w") as fh:
@@ -213,9 +222,10 @@ def main(argv=None) -> int:
     p.add_argument("--w-mm", type=float, default=1.0, help="tungsten layer thickness (mm)")
     p.add_argument("--cu-mm", type=float, default=1.5, help="copper backing thickness (mm)")
     p.add_argument("--out", type=Path, default=root / "tomodose" / "data" / "physics")
+    p.add_argument("--note", default="", help="free text added to the provenance (e.g. how T0 was fitted)")
     args = p.parse_args(argv)
     layers = [("W", args.w_mm / 10.0), ("Cu", args.cu_mm / 10.0)]
-    edges = np.concatenate([[0.05], np.arange(0.25, args.t0 + 1e-9, 0.25)])
+    edges = spectrum_bin_edges(args.t0)
     counts = bin_spectrum(args.t0, layers, edges)
     counts = counts / counts.sum()
     centres = 0.5 * (edges[1:] + edges[:-1])
@@ -239,6 +249,7 @@ def main(argv=None) -> int:
         "electron_angular_model": "Gaussian, Highland width accumulated along the CSDA path", "n_bins": len(counts), "bin_edges_mev": [round(e, 4) for e in edges],
         "mean_energy_mev": round(mean_e, 4), "energy_fluence_weighted_mean_mev": round(mean_ef, 4),
         "tungsten_stopping_powers": sp, "format": "EGSnrc spectrum, mode 0 (counts per bin)",
+        "note": args.note,
     }
     prov = f"""# Provenance of `tomo_6mv_fff.spectrum`
 
@@ -252,6 +263,7 @@ angular cross section (Koch & Motz 2BS) averaged over a Gaussian electron angula
 whose width grows along the path (Highland); no flattening filter.
 
 * Mean photon energy: **{mean_e:.3f} MeV** (energy-fluence-weighted mean {mean_ef:.3f} MeV).
+{('* ' + args.note) if args.note else ''}
 * Literature context: Jeraj et al., Med Phys 31 (2004) 396 — the helical tomotherapy treatment
   beam uses ~6 MeV electrons, has a spectrum "similar to that of more conventional radiation
   treatment units" and less than 5 % off-axis mean-energy variation (no flattening filter).

@@ -37,9 +37,13 @@ unit energy fluence rate at the isocentre in air (see :mod:`tomodose.terma.terma
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
+from importlib import resources
+from pathlib import Path
 
 import numpy as np
 from scipy.special import erf
@@ -48,7 +52,65 @@ from tomodose._validate import check_array, check_finite_scalar, check_in_range,
 from tomodose.delivery.machine import TomoMachine
 from tomodose.terma.spectrum import Spectrum, default_spectrum
 
-__all__ = ["BeamModel", "jaw_half_width_mm"]
+__all__ = ["BeamModel", "jaw_half_width_mm", "load_machine_parameters", "DEFAULT_MACHINE_FILE"]
+
+log = logging.getLogger(__name__)
+
+#: Commissioned default machine (``tomodose/data/machines``), read by :meth:`BeamModel.default`.
+DEFAULT_MACHINE_FILE = "tomo_default.json"
+MACHINE_FORMAT = "tomodose-machine"
+#: BeamModel fields a machine file may set (everything but the spectrum and the name).
+_MACHINE_FIELDS = ("jaw_penumbra_sigma_mm", "leaf_edge_sigma_mm", "leaf_transmission", "adjacent_leaf_output_gain",
+                   "offaxis_fluence_coeffs", "offaxis_softening_per_rad", "jaw_fwhm_mm")
+_MACHINE_CACHE: dict[str, dict] = {}
+
+
+def load_machine_parameters(path=None) -> dict:
+    """Beam-model parameters of a machine file (JSON, format ``tomodose-machine``).
+
+    Parameters
+    ----------
+    path : str or Path, optional
+        A machine JSON file; default the shipped commissioned machine
+        ``tomodose/data/machines/tomo_default.json`` (see ``docs/commissioning.md``).
+
+    Returns
+    -------
+    dict
+        ``{"name": str, "beam_model": {field: value}}`` plus the file's other top-level entries
+        (provenance, agreement). ``beam_model`` holds only :class:`BeamModel` fields; tuples and
+        dict keys are converted (``offaxis_fluence_coeffs`` tuple, ``jaw_fwhm_mm`` float keys).
+    """
+    key = "<default>" if path is None else str(path)
+    if key not in _MACHINE_CACHE:
+        if path is None:
+            ref = resources.files("tomodose").joinpath("data", "machines", DEFAULT_MACHINE_FILE)
+            text = ref.read_text(encoding="utf-8")
+        else:
+            p = Path(path)
+            if not p.is_file():
+                raise FileNotFoundError(f"path must be an existing machine JSON file, got {str(path)!r}")
+            text = p.read_text(encoding="utf-8")
+        data = json.loads(text)
+        if data.get("format") != MACHINE_FORMAT:
+            raise ValueError(f"machine file {key!r}: format must be {MACHINE_FORMAT!r}, got {data.get('format')!r}")
+        raw = data.get("beam_model")
+        if not isinstance(raw, dict):
+            raise ValueError(f"machine file {key!r}: 'beam_model' must be an object, got {type(raw).__name__}")
+        unknown = sorted(set(raw) - set(_MACHINE_FIELDS))
+        if unknown:
+            raise ValueError(f"machine file {key!r}: unknown beam_model entries {unknown}; allowed {list(_MACHINE_FIELDS)}")
+        params = dict(raw)
+        if "offaxis_fluence_coeffs" in params:
+            params["offaxis_fluence_coeffs"] = tuple(float(c) for c in params["offaxis_fluence_coeffs"])
+        if params.get("jaw_fwhm_mm") is not None:
+            params["jaw_fwhm_mm"] = {float(k): float(v) for k, v in params["jaw_fwhm_mm"].items()}
+        data = dict(data)
+        data["beam_model"] = params
+        _MACHINE_CACHE[key] = data
+    out = dict(_MACHINE_CACHE[key])
+    out["beam_model"] = dict(out["beam_model"])
+    return out
 
 #: Profiles are truncated (set to exactly 0) beyond this many sigmas from an edge.
 EDGE_CUTOFF_SIGMAS = 6.0
@@ -159,8 +221,23 @@ class BeamModel:
     # --- presets ------------------------------------------------------------------------
     @classmethod
     def default(cls, spectrum: Spectrum | None = None) -> "BeamModel":
-        """Nominal TomoTherapy-like model with the shipped 6 MV FFF spectrum (see docs/terma.md)."""
-        return cls(spectrum=spectrum or default_spectrum())
+        """The commissioned default machine: the shipped 6 MV FFF spectrum and the beam-model
+        parameters of ``tomodose/data/machines/tomo_default.json`` (fitted to the CheckTomo LA4
+        tables by ``kernels/commission_la4.py``; see ``docs/commissioning.md``)."""
+        return cls.from_machine_file(None, spectrum)
+
+    @classmethod
+    def nominal(cls, spectrum: Spectrum | None = None) -> "BeamModel":
+        """The uncommissioned nominal parameters (the dataclass defaults; see docs/terma.md)."""
+        return cls(spectrum=spectrum or default_spectrum(), name="nominal")
+
+    @classmethod
+    def from_machine_file(cls, path=None, spectrum: Spectrum | None = None) -> "BeamModel":
+        """Beam model with the parameters of a machine JSON file (see :func:`load_machine_parameters`);
+        fields the file does not set keep the nominal defaults."""
+        data = load_machine_parameters(path)
+        return cls(spectrum=spectrum or default_spectrum(), name=str(data.get("name", "default")),
+                   **data["beam_model"])
 
     @classmethod
     def ideal(cls, spectrum: Spectrum | None = None) -> "BeamModel":
