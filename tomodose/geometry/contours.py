@@ -14,7 +14,7 @@ In-plane (x, y)
     an island inside a hole counts again, several disjoint polygons on one plane are all kept.
     The in-plane fraction of a voxel is the fraction of its sub-points inside.
 
-Along z (slab model)
+Along z, ``interpolation="slab"`` (default of :func:`rasterise_contours`)
     The polygons of one plane stand for the slab of the structure between the mid-planes to the
     neighbouring contour planes: the structure's cross-section is taken constant over that slab
     (no shape interpolation between planes). For a voxel spanning ``[z - dz/2, z + dz/2]`` the
@@ -22,11 +22,31 @@ Along z (slab model)
     so contour spacing and grid spacing need not match (a 3 mm contour spacing on a 1 mm grid
     and a 1 mm contour spacing on a 3 mm grid both work, without supersampling along z).
 
+Along z, ``interpolation="shape"`` (default of the grid-free DVH; ``"auto"`` picks it for
+small structures)
+    Shape-based interpolation (:func:`column_intervals`): each in-plane sample point is the
+    foot of a vertical column. Between two consecutive planes the column is inside over the
+    whole gap when it is inside both contours, outside when inside neither; when inside one
+    only, the boundary z is where a smooth curve through the column's signed in-plane depths
+    ``(D, z)`` on the four surrounding planes crosses ``D = 0`` (chordal Catmull-Rom: it
+    follows both steep and flat parts of the surface, e.g. a sphere's equator and its poles).
+    Depths are measured along one direction per column (outwards from the nearest boundary
+    point of the plane the column is outside of), so that a boundary part that does not move
+    between planes does not distort the crossing. The first and last gap of a structure end
+    either rounded (the surface closes tangentially to the end plane: sphere poles, used when
+    the end contour is below 10 % of its neighbour's area) or straight (cone apices, flat ends).
+    Sphere of radius 12 mm with contours 3 mm apart: volume -1.6 % (slab), -0.2 % (shape).
+
 End caps
-    With ``end_cap=True`` (default; what the Nelms analytical values assume and what most
-    systems do) the first and last contour planes of the structure are extended by half the
-    nominal contour spacing outwards; with ``end_cap=False`` the structure stops exactly at its
-    first and last contour planes (a single-plane structure then has zero volume).
+    With ``end_cap=True`` (default; what the Nelms analytical values assume: their objects are
+    the true shapes between the first and last contour plus the end contours extruded by half
+    a spacing) the first and last contour planes of the structure are extended by half the
+    nominal contour spacing outwards, with the end plane's cross-section; with
+    ``end_cap=False`` the structure stops exactly at its first and last contour planes (as in
+    Eclipse, according to the Nelms data set's notes; a single-plane structure then has zero
+    volume). A rounded structure whose end contour is not at its pole is overestimated by the
+    flat cap (sphere of radius 15 mm contoured every 6 mm from -12 to 12 mm: +5 % of volume
+    in the caps, the true caps hold half of what the flat ones do).
 
 Gaps
     Consecutive contour planes farther apart than ``gap_factor`` times the nominal spacing are
