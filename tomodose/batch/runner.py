@@ -125,7 +125,7 @@ def local_cluster(n_workers: int | None = None, threads_per_worker: int = 1, **k
         raise ValueError(f"n_workers must be >= 1, got {n_workers!r}")
     if n * t > _cpu_count():
         log.warning("%d workers x %d threads oversubscribe the %d CPU cores", n, t, _cpu_count())
-    options = {"processes": True, "dashboard_address": None, "silence_logs": logging.ERROR}
+    options = {"processes": True, "dashboard_address": ":0", "silence_logs": logging.ERROR}
     options.update(kwargs)
     return LocalCluster(n_workers=n, threads_per_worker=1, env=worker_environment(t), **options)
 
