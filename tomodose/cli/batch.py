@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
-
-
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "batch", help="run a study (phantoms x plans x delivery perturbations) on Dask",
         description="Reads a study TOML (format: docs/batch.md): a base case, grids and lists of cases "
-                    "(phantom or volume, plan, TG-148 delivery perturbations: couch speed %%, leaf latency ms, "
-                    "jaw width mm, set-up shift mm LPS, gantry period %%). Every case's dose (Gy), DVHs and "
+                    "(phantom or volume, plan, TG-148 delivery perturbations: couch speed %, leaf latency ms, "
+                    "jaw width mm, set-up shift mm LPS, gantry period %). Every case's dose (Gy), DVHs and "
                     "protocol verdicts go to <out>/cases/<content hash>.h5, the metrics to <out>/summary.csv. "
                     "Cases already finished (same content hash) are skipped; failures are retried, then "
                     "reported in the summary. Needs the 'batch' extra (dask[distributed], pandas).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    )
     p.add_argument("study", help="study TOML file")
     p.add_argument("--out", default=None, help="output folder (default: the study's output, else <study>-results "
                                                "beside the TOML)")
@@ -31,6 +28,8 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    import importlib.util
+    import sys
     from pathlib import Path
 
     from tomodose.batch import load_study, run_study
@@ -38,6 +37,11 @@ def run(args) -> int:
 
     study = load_study(args.study)
     out = Path(args.out) if args.out else Path(study.output_dir)
+    missing = [m for m in ("distributed", "pandas") if importlib.util.find_spec(m) is None]
+    if missing and not args.list:
+        sys.stderr.write(f"tomodose batch: error: needs {', '.join(missing)}: "
+                         "pip install 'tomodose[batch]' (dask[distributed], pandas)\n")
+        return 2
     if args.list:
         for case in study.cases:
             h = study.case_hash(case)
