@@ -281,3 +281,26 @@ def test_auto_interpolation_is_shape_for_small_and_slab_for_large_structures():
     gb = Grid((10, 10, 10), (25.0, 25.0, 15.0), (-112.5, -112.5, -67.5))
     np.testing.assert_array_equal(rasterise_contours(gb, big, interpolation="auto"),
                                   rasterise_contours(gb, big, interpolation="slab"))
+
+
+def test_conic_end_model_hand_computed():
+    from tomodose.geometry.contours import _conic_end_zero
+
+    # depth D(t) = -1 + 2 sqrt(t) (a sphere-like pole: (D + 1)^2 = 4 t): crossing at t = 0.25
+    d = lambda t: -1.0 + 2.0 * np.sqrt(t)  # noqa: E731
+    args = (np.array([d(0.0)]), np.array([d(1.0)]), np.array([d(2.0)]))
+    assert _conic_end_zero(*args, 10.0, 1.0)[0] == pytest.approx(10.25)
+    assert _conic_end_zero(*args, 10.0, -1.0)[0] == pytest.approx(9.75)
+    # straight wall D(t) = -1 + 2 t: crossing at t = 0.5
+    lin = (np.array([-1.0]), np.array([1.0]), np.array([3.0]))
+    assert _conic_end_zero(*lin, 0.0, 1.0)[0] == pytest.approx(0.5)
+
+
+def test_conic_end_shape_sphere_volume():
+    planes = sphere_planes(12.0, 3.0)
+    true = 4.0 / 3.0 * math.pi * 12.0 ** 3
+    vols = {e: sum(w.sum() for _, w in contour_sample_points(planes, resolution_mm=0.2, interpolation="shape",
+                                                             end_shape=e)) * 1000 / true - 1
+            for e in ("conic", "straight")}
+    assert abs(vols["conic"]) < 0.002
+    assert vols["straight"] < -0.01  # the poles are lost

@@ -253,7 +253,7 @@ def rasterise_contours(
         radius 12 mm with 3 mm contours: volume -1.6 % with slabs, -0.2 % with shapes) but
         10-50 times slower. ``"auto"``: ``"shape"`` when the contours' bounding box is at most
         ``AUTO_SHAPE_MAX_BOX_ML`` (1000 mL), else ``"slab"``.
-    end_shape : {"auto", "round", "straight"}
+    end_shape : {"auto", "round", "straight", "conic"}
         End segments of shape-based interpolation (see :func:`column_intervals`).
 
     Returns
@@ -479,7 +479,7 @@ INTERPOLATIONS = ("slab", "shape")
 #: interpolation costs most: a 20 L body outline on a 512 x 512 CT takes ~35 s instead of ~4 s)
 AUTO_SHAPE_MAX_BOX_ML = 1000.0
 #: end-segment models for shape-based interpolation
-END_SHAPES = ("auto", "round", "straight")
+END_SHAPES = ("auto", "round", "straight", "conic")
 #: ``end_shape="auto"``: an end plane whose cross-section is below this fraction of its
 #: neighbour's closes the structure (pole / apex, rounded end segment)
 CLOSING_AREA_FRACTION = 0.1
@@ -573,6 +573,35 @@ def _catmull_rom_zero(P: np.ndarray, n_iter: int = 40) -> np.ndarray:
     return np.clip(z, np.minimum(P[1, :, 1], P[2, :, 1]), np.maximum(P[1, :, 1], P[2, :, 1]))
 
 
+def _conic_end_zero(d_end, d_1, d_2, z_end: float, step: float) -> np.ndarray:
+    """Boundary z in the end gap of a structure, from a conic profile through the end plane.
+
+    Along each column, with ``t`` the distance from the end plane, the depth in the end gap is
+    modelled as ``(D(t) - d_end)**2 = a t + b t**2``: a conic section through the end plane's
+    point, fitted to the next two planes (``d_1`` at ``t = step``, ``d_2`` at ``2 step``). It
+    holds exactly for a sphere or ellipsoid pole on the end plane (``D - d_end`` ~ square root
+    of ``t``), a cone apex and a straight wall (``a = 0``: linear), and follows the cap of any
+    smooth convex end (locally a quadric). Where the fit gives no crossing in the gap the
+    crossing is linear between the end plane and its neighbour.
+    """
+    h = abs(step)
+    q1 = (d_1 - d_end) ** 2
+    q2 = (d_2 - d_end) ** 2
+    b = (q2 - 2.0 * q1) / (2.0 * h * h)
+    a = (4.0 * q1 - q2) / (2.0 * h)
+    c = d_end * d_end
+    # b t^2 + a t - c = 0, root in (0, h]
+    disc = a * a + 4.0 * b * c
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sq = np.sqrt(np.maximum(disc, 0.0))
+        # numerically stable root of the increasing branch: t = 2c / (a + sqrt(disc))
+        t = np.where(a + sq > 0, 2.0 * c / (a + sq), np.nan)
+    lin = h * np.clip(-d_end / np.where(np.abs(d_1 - d_end) > 1e-300, d_1 - d_end, 1e-300), 0.0, 1.0)
+    ok = (disc >= 0) & np.isfinite(t) & (t >= 0) & (t <= h) & ((d_2 - d_end) * (d_1 - d_end) > 0)
+    t = np.where(ok, t, lin)
+    return z_end + np.sign(step) * t
+
+
 def _pieces(z: np.ndarray, spacing: float, gap_factor: float) -> list[tuple[int, int]]:
     """Index ranges ``[a, b)`` of the planes of each piece (split at gaps)."""
     starts = [0] + [k for k in range(1, z.size) if z[k] - z[k - 1] > gap_factor * spacing]
@@ -608,16 +637,21 @@ def column_intervals(
         ``"shape"``: shape-based interpolation. Between two planes a column is inside over the
         whole gap when it is inside both, outside when inside neither; when inside one only,
         the boundary z is where a chordal Catmull-Rom curve through the column's ``(D, z)``
-        points of the 4 surrounding planes crosses ``D = 0`` (``D`` = exact signed in-plane
-        distance to the plane's contours, positive inside). Smooth shapes are followed
-        between planes (a sphere or a rotated cylinder sampled every 3 mm to about 0.2 %).
-    end_shape : {"auto", "round", "straight"}
-        Shape of the first and last gap of each piece (the phantom point of the spline beyond
-        the end plane): ``"round"`` reflects the neighbour plane's point about the end plane's
-        (the surface closes tangentially to the end plane: sphere poles), ``"straight"``
-        extrapolates linearly (apices of cones, flat ends); ``"auto"``: ``"round"`` when the end
-        plane's cross-section is below ``CLOSING_AREA_FRACTION`` (0.1) of its neighbour's (the
-        structure closes there), else ``"straight"``.
+        points of the 4 surrounding planes crosses ``D = 0`` (``D`` = signed in-plane distance
+        to the plane's contours, positive inside, measured along one direction per column:
+        outwards from the nearest boundary point of the plane the column is outside of).
+        Smooth shapes are followed between planes (a sphere or a rotated cylinder sampled
+        every 3 mm to about 0.2 %).
+    end_shape : {"auto", "round", "straight", "conic"}
+        Shape of the first and last gap of each piece. ``"round"`` puts the spline's phantom
+        point at the reflection of the neighbour plane's point about the end plane's (the
+        surface closes tangentially to the end plane: sphere poles); ``"straight"``
+        extrapolates linearly (cone apices, flat ends); ``"auto"`` (default): ``"round"`` when
+        the end plane's cross-section is below ``CLOSING_AREA_FRACTION`` (0.1) of its
+        neighbour's (the structure closes there), else ``"straight"``. ``"conic"``: per column,
+        a conic ``(D - D_end)**2 = a t + b t**2`` through the end plane's depth, fitted to the
+        next two planes (exact for sphere / ellipsoid poles on the end plane, cone apices and
+        straight walls; see :func:`_conic_end_zero`); pieces of two planes as ``"auto"``.
     end_cap, slice_spacing_mm, gap_factor, default_spacing_mm
         As in :func:`slab_bounds_mm`; caps extend the first/last plane's cross-section.
 
@@ -665,9 +699,9 @@ def column_intervals(
             if upper[b - 1] > zp[b - 1]:
                 add(ins[b - 1], zp[b - 1], upper[b - 1])
             round_lo = end_shape == "round" or (
-                end_shape == "auto" and area[a] < CLOSING_AREA_FRACTION * area[a + 1])
+                end_shape in ("auto", "conic") and area[a] < CLOSING_AREA_FRACTION * area[a + 1])
             round_hi = end_shape == "round" or (
-                end_shape == "auto" and area[b - 1] < CLOSING_AREA_FRACTION * area[b - 2])
+                end_shape in ("auto", "conic") and area[b - 1] < CLOSING_AREA_FRACTION * area[b - 2])
             for k in range(a, b - 1):
                 both = ins[k] & ins[k + 1]
                 add(both, zp[k], zp[k + 1])
@@ -707,6 +741,12 @@ def column_intervals(
                 else:
                     p3 = 2 * p2 - p1
                 zc = _catmull_rom_zero(np.stack([p0, p1, p2, p3]))
+                if end_shape == "conic" and b - a >= 3 and (k == a or k + 2 == b):
+                    # end segment: power law through the end plane and its two neighbours
+                    if k == a:
+                        zc = _conic_end_zero(d1, d2, depth(k + 2), zp[k], zp[k + 1] - zp[k])
+                    else:
+                        zc = _conic_end_zero(d2, d1, depth(k - 1), zp[k + 1], zp[k] - zp[k + 1])
                 lower_in = ins[k, idx]
                 cols.append(idx)
                 z0s.append(np.where(lower_in, zp[k], zc))
