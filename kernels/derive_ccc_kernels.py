@@ -1,118 +1,79 @@
 #!/usr/bin/env python
-"""Derive tomodose's polyenergetic collapsed-cone kernel tables from EDKnrc mono kernels.
+"""Derive tomodose's polyenergetic collapsed-cone kernel tables from mono-energetic point kernels.
 
-Inputs (read where they are, never copied into the repository):
+Inputs (the shared files are read where they are, never copied into the repository):
 
-* EGSnrc/EDKnrc mono-energetic water kernels, 12 energies 0.5-6 MeV, 48 cones x 24 shells
-  (``shared/data/dose_physics/kernels/edknrc_mono_water_conehead.csv``; from samuelpeet/conehead,
-  **MIT** licence);
-* water attenuation coefficients mu/rho (NIST XCOM/XAAMDI via ehsteve/roentgen, **Apache-2.0**;
-  ``shared/data/dose_physics/attenuation/nist_xaamdi_water.csv``);
-* a photon spectrum: the shipped default of :mod:`tomodose.terma` when it is available
-  (``--spectrum auto``), a two-column CSV ``energy_MeV, fluence`` (``--spectrum FILE``), or the
-  clearly labelled interim placeholder (``--spectrum interim``).
+* mono-energetic water point kernels on 48 cones x 24 shells:
+  - below 0.5 MeV: the project's **own** ompMC kernels
+    (``tomodose/data/kernels/water_mono_ompmc.csv``, made by ``kernels/derive_mc_kernels.py``);
+  - 0.5-6 MeV: EGSnrc/EDKnrc kernels, 12 energies
+    (``shared/data/dose_physics/kernels/edknrc_mono_water_conehead.csv``; samuelpeet/conehead,
+    **MIT** licence);
+  (``--mono-kernels edknrc`` uses EDKnrc alone, as before version 1.2: lines below 0.5 MeV then
+  get the 0.5 MeV kernel);
+* water mu/rho: the shipped NIST table ``tomodose/data/physics/attenuation.csv`` (the one TERMA
+  uses), or ``--mu nist`` for the shared NIST XAAMDI file;
+* the photon spectrum: :func:`tomodose.terma.spectrum.default_spectrum` **at run time**
+  (``--spectrum auto``), or a two-column CSV ``energy_MeV, fluence`` (``--spectrum FILE``).
 
 Method (see :mod:`tomodose.transport.kernels` and ``docs/collapsed_cone.md``): weight each mono
-kernel by its TERMA share ``phi(E) E mu(E)``, sum, collapse the 48 cones onto the rings ``--polar-edges-deg``
-x ``--n-azimuth`` cones, fit ``--n-terms`` shared exponentials and write
-``tomodose/data/kernels/<name>.json`` (atomic write) with a provenance block, plus a
-``<name>.provenance.md`` next to it.
+kernel by its TERMA share ``phi(E) E mu(E)`` (a line between two kernel energies shared linearly),
+sum, collapse the 48 cones onto the rings ``--polar-edges-deg`` x ``--n-azimuth`` cones, fit
+``--n-terms`` shared exponentials and write ``tomodose/data/kernels/<name>.json`` (atomic write)
+with a provenance block, plus a ``<name>.provenance.md`` next to it.
 
-Usage::
+Regenerate all shipped collapsed-cone tables (after a spectrum change)::
 
-    python kernels/derive_ccc_kernels.py [--shared-data ../shared/data] [--spectrum auto]
+    python kernels/derive_ccc_kernels.py
+    python kernels/derive_ccc_kernels.py --group-edges-mev 1.0,2.5 --name ccc_water_6mv_3groups
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import hashlib
 import json
 import logging
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common  # noqa: E402
+from _common import EDK_REL, MU_REL, read_mono_table, read_mu_water  # noqa: E402,F401 (re-exported)
 
 from tomodose.transport.kernels import (  # noqa: E402
     DEFAULT_KERNEL_NAME,
     collapse_kernel,
     polyenergetic_kernel,
-    read_edk_csv,
     terma_weights,
 )
 
-SCRIPT_VERSION = "1.1"
+SCRIPT_VERSION = "1.2"
 #: default ring edges (deg): fine forward rings where the primary-electron energy is, coarse
 #: backward; chosen by kernels/study_ccc_cones.py (see docs/collapsed_cone.md)
 DEFAULT_POLAR_EDGES_DEG = (0, 3.75, 7.5, 15, 22.5, 30, 45, 60, 90, 120, 150, 180)
 logger = logging.getLogger("derive_ccc_kernels")
 
-EDK_REL = "dose_physics/kernels/edknrc_mono_water_conehead.csv"
-MU_REL = "dose_physics/attenuation/nist_xaamdi_water.csv"
-
-
-def read_mu_water(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(energies MeV, mu/rho cm2/g) of water, absorption-edge duplicates removed."""
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            s = line.strip()
-            if not s or s.startswith("#") or s[0].isalpha():
-                continue
-            rows.append([float(v) for v in s.split(",")[:2]])
-    a = np.asarray(rows)
-    _, idx = np.unique(a[:, 0], return_index=True)
-    a = a[np.sort(idx)]
-    return a[:, 0], a[:, 1]
-
-
-def interim_spectrum(mu_e, mu_v) -> tuple[np.ndarray, np.ndarray, str]:
-    """INTERIM PLACEHOLDER spectrum (used only until tomodose.terma ships its default).
-
-    Thin-target (Kramers-like) number fluence ``(E0/E - 1)`` for E0 = 6 MeV, hardened by 10 cm of
-    water equivalent: ``phi(E) = (E0/E - 1) exp(-mu(E) * 10 cm)``; 0.25 MeV bins.
-    """
-    e = np.arange(0.125, 6.0, 0.25)
-    mu = np.exp(np.interp(np.log(e), np.log(mu_e), np.log(mu_v)))
-    phi = (6.0 / e - 1.0) * np.exp(-mu * 10.0)
-    return e, phi, "INTERIM placeholder: Kramers (E0/E - 1) x exp(-mu_water 10 cm), E0 = 6 MeV"
-
 
 def shipped_spectrum():
-    """The default spectrum of tomodose.terma, or None when it is not available yet."""
-    try:
-        from tomodose.terma import spectrum as sp  # type: ignore
-    except Exception as exc:  # pragma: no cover - depends on the other helper's progress
-        logger.info("tomodose.terma.spectrum not available (%s)", exc)
-        return None
-    for attr in ("default_spectrum", "load_default_spectrum", "load_spectrum"):
-        fn = getattr(sp, attr, None)
-        if callable(fn):
-            try:
-                s = fn()
-            except TypeError:
-                continue
-            e = getattr(s, "energies_mev", None)
-            w = getattr(s, "fluence", None)
-            if w is None:
-                w = getattr(s, "weights", None)
-            if e is not None and w is not None:
-                name = getattr(s, "name", attr)
-                return np.asarray(e, float), np.asarray(w, float), f"tomodose.terma.spectrum.{attr}(): {name}"
-    return None
+    """(energies, photon fluence, description) of the current default spectrum of tomodose.terma."""
+    return _common.default_spectrum_arrays()
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     ap.add_argument("--shared-data", type=Path, default=ROOT.parent / "shared" / "data")
-    ap.add_argument("--spectrum", default="auto", help="auto | interim | path to CSV energy_MeV,fluence")
+    ap.add_argument("--spectrum", default="auto",
+                    help="auto (tomodose.terma default_spectrum() at run time) | path to CSV energy_MeV,fluence")
+    ap.add_argument("--mono-kernels", choices=("merged", "edknrc"), default="merged",
+                    help="merged: own ompMC kernels below 0.5 MeV + EDKnrc (default); edknrc: EDKnrc only")
+    ap.add_argument("--mu", choices=("shipped", "nist"), default="shipped",
+                    help="water mu/rho: shipped tomodose table (default) or the shared NIST file")
     ap.add_argument("--polar-edges-deg", default=",".join(f"{v:g}" for v in DEFAULT_POLAR_EDGES_DEG),
                     help="ring edges in deg (multiples of the 3.75 deg fine cones), comma separated")
     ap.add_argument("--n-azimuth", type=int, default=8)
@@ -127,14 +88,18 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
 
     edk_path = args.shared_data / EDK_REL
-    mu_path = args.shared_data / MU_REL
-    table = read_edk_csv(edk_path)
-    mu_e, mu_v = read_mu_water(mu_path)
+    table, sources = read_mono_table(args.shared_data, use_mc=args.mono_kernels == "merged")
+    if args.mu == "nist":
+        mu_path = args.shared_data / MU_REL
+        mu_e, mu_v = read_mu_water(mu_path)
+        mu_file = f"shared/data/{MU_REL}"
+    else:
+        mu_path = _common.SHIPPED_MU
+        mu_e, mu_v = read_mu_water(None)
+        mu_file = "tomodose/data/physics/attenuation.csv"
 
-    if args.spectrum == "interim":
-        spec = interim_spectrum(mu_e, mu_v)
-    elif args.spectrum == "auto":
-        spec = shipped_spectrum() or interim_spectrum(mu_e, mu_v)
+    if args.spectrum == "auto":
+        spec = shipped_spectrum()
     else:
         raw = np.loadtxt(args.spectrum, delimiter=",", comments="#", ndmin=2)
         spec = (raw[:, 0], raw[:, 1], f"CSV {args.spectrum}")
@@ -143,39 +108,55 @@ def main(argv=None) -> int:
     fine = polyenergetic_kernel(table, weights)
     mono_dep = table.deposited_fraction
     expected_total = float(weights @ mono_dep)
+    is_edk = np.array([src == "EDKnrc" for src in sources])
 
+    inputs = {
+        "mono_kernels": {
+            "file": f"shared/data/{EDK_REL}",
+            "sha256": _common.sha256_of(edk_path),
+            "origin": "EGSnrc EDKnrc kernels from samuelpeet/conehead (kernels/<E>MeV/*.egslst)",
+            "licence": "MIT",
+            "energies_mev": table.energies_mev[is_edk].tolist(),
+            "deposited_fraction": [round(float(v), 6) for v in mono_dep[is_edk]],
+        },
+        "water_attenuation": {
+            "file": mu_file,
+            "sha256": _common.sha256_of(mu_path),
+            "origin": "NIST XAAMDI / SRD 126 (Hubbell & Seltzer)",
+            "licence": "US-Government work",
+        },
+        "spectrum": {
+            "description": s_name,
+            "energies_mev": [float(v) for v in s_e],
+            "fluence": [float(v) for v in s_w],
+            "mean_energy_mev": float(np.sum(s_e * s_w) / np.sum(s_w)),
+        },
+    }
+    if not np.all(is_edk):
+        mc_prov = json.loads(_common.MC_KERNELS.with_name("water_mono_ompmc.provenance.json").read_text())
+        inputs["mono_kernels_low_energy"] = {
+            "file": "tomodose/data/kernels/water_mono_ompmc.csv",
+            "sha256": _common.sha256_of(_common.MC_KERNELS),
+            "origin": (f"the project's own ompMC {mc_prov['monte_carlo']['version']} pencil-beam kernels "
+                       f"(kernels/derive_mc_kernels.py, {mc_prov['date_utc']})"),
+            "licence": "project's own (Apache-2.0)",
+            "energies_mev": table.energies_mev[~is_edk].tolist(),
+            "deposited_fraction": [round(float(v), 6) for v in mono_dep[~is_edk]],
+        }
     provenance = {
         "script": "kernels/derive_ccc_kernels.py",
         "script_version": SCRIPT_VERSION,
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "inputs": {
-            "mono_kernels": {
-                "file": f"shared/data/{EDK_REL}",
-                "sha256": hashlib.sha256(edk_path.read_bytes()).hexdigest(),
-                "origin": "EGSnrc EDKnrc kernels from samuelpeet/conehead (kernels/<E>MeV/*.egslst)",
-                "licence": "MIT",
-                "energies_mev": table.energies_mev.tolist(),
-                "deposited_fraction": [round(float(v), 6) for v in mono_dep],
-            },
-            "water_attenuation": {
-                "file": f"shared/data/{MU_REL}",
-                "sha256": hashlib.sha256(mu_path.read_bytes()).hexdigest(),
-                "origin": "NIST XAAMDI (Hubbell & Seltzer) via ehsteve/roentgen",
-                "licence": "Apache-2.0 (data: US-Government work)",
-            },
-            "spectrum": {
-                "description": s_name,
-                "energies_mev": [float(v) for v in s_e],
-                "fluence": [float(v) for v in s_w],
-                "mean_energy_mev": float(np.sum(s_e * s_w) / np.sum(s_w)),
-            },
-        },
+        "command": "python kernels/derive_ccc_kernels.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "inputs": inputs,
         "method": (
             "poly kernel = sum_E w_E K_E with w_E ~ phi(E) E mu(E) (linear share between bracketing "
-            "kernel energies, normalised); 48 cones summed into rings; cumulative per ring at shell "
-            "edges; shared-rate exponential fit C_p(r) = sum_k A_pk (1 - exp(-a_k r)) by NNLS + "
-            "Powell/Nelder-Mead on log rates, rows rescaled to the tabulated ring totals"
+            "kernel energies, clamped at the ends, normalised); 48 cones summed into rings; cumulative "
+            "per ring at shell edges; shared-rate exponential fit C_p(r) = sum_k A_pk (1 - exp(-a_k r)) "
+            "by NNLS + Powell/Nelder-Mead on log rates, rows rescaled to the tabulated ring totals"
         ),
+        "kernel_energies_mev": table.energies_mev.tolist(),
+        "kernel_sources": sources,
         "terma_weights": [round(float(v), 8) for v in weights],
         "expected_total_fraction": expected_total,
     }
@@ -226,11 +207,7 @@ def main(argv=None) -> int:
     }
     out = kernel.save(args.out_dir / f"{args.name}.json")
     md = _provenance_md(kernel, s_name)
-    md_path = args.out_dir / f"{args.name}.provenance.md"
-    fd, tmp = tempfile.mkstemp(dir=args.out_dir, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(md)
-    os.replace(tmp, md_path)
+    _common.atomic_write_text(args.out_dir / f"{args.name}.provenance.md", md)
     print(json.dumps({"written": str(out), "total_fraction": kernel.total_fraction,
                       "expected": expected_total, "fit_error": kernel.fit_error(),
                       "rates_per_cm": kernel.rates_per_cm.tolist(),
@@ -243,11 +220,13 @@ def _provenance_md(kernel, spectrum_name: str) -> str:
     inp = p["inputs"]
     return f"""# Provenance of `{kernel.name}.json`
 
-Generated by `{p['script']}` version {p['script_version']} on {p['date_utc']}.
+Generated by `{p['script']}` version {p['script_version']} on {p['date_utc']}:
+
+    {p.get('command', '')}
 
 | input | file | origin | licence |
 |---|---|---|---|
-| mono kernels | `{inp['mono_kernels']['file']}` (sha256 `{inp['mono_kernels']['sha256'][:16]}...`) | {inp['mono_kernels']['origin']} | {inp['mono_kernels']['licence']} |
+{_low_md(inp)}| mono kernels {', '.join(f'{v:g}' for v in inp['mono_kernels']['energies_mev'])} MeV | `{inp['mono_kernels']['file']}` (sha256 `{inp['mono_kernels']['sha256'][:16]}...`) | {inp['mono_kernels']['origin']} | {inp['mono_kernels']['licence']} |
 | water mu/rho | `{inp['water_attenuation']['file']}` (sha256 `{inp['water_attenuation']['sha256'][:16]}...`) | {inp['water_attenuation']['origin']} | {inp['water_attenuation']['licence']} |
 | spectrum | - | {spectrum_name} (mean {inp['spectrum']['mean_energy_mev']:.3f} MeV) | project's own |
 
@@ -267,6 +246,15 @@ exponential tail beyond the table radius (never inside a patient grid) is
 
 {_groups_md(kernel)}No Mackie (AGPL) or other copyleft data were used to derive this table.
 """
+
+
+def _low_md(inp) -> str:
+    low = inp.get("mono_kernels_low_energy")
+    if not low:
+        return ""
+    e = ", ".join(f"{v:g}" for v in low["energies_mev"])
+    return (f"| mono kernels {e} MeV | `{low['file']}` (sha256 `{low['sha256'][:16]}...`) | "
+            f"{low['origin']} | {low['licence']} |\n")
 
 
 def _groups_md(kernel) -> str:

@@ -1,14 +1,17 @@
 #!/usr/bin/env python
-"""Derive tomodose's depth-dependent pencil-beam kernel from EDKnrc mono point kernels.
+"""Derive tomodose's depth-dependent pencil-beam kernel from mono-energetic point kernels.
 
-Inputs (read where they are, never copied into the repository):
+Inputs (shared files are read where they are, never copied into the repository):
 
-* EGSnrc/EDKnrc mono-energetic water point kernels, 12 energies 0.5-6 MeV, 48 cones x 24 shells
+* mono-energetic water point kernels on 48 cones x 24 shells, the same set the collapsed-cone
+  kernels are derived from (``kernels/derive_ccc_kernels.py``): the project's own ompMC kernels
+  below 0.5 MeV (``tomodose/data/kernels/water_mono_ompmc.csv``, ``kernels/derive_mc_kernels.py``)
+  and EGSnrc/EDKnrc kernels 0.5-6 MeV
   (``shared/data/dose_physics/kernels/edknrc_mono_water_conehead.csv``; samuelpeet/conehead, **MIT**);
-  the same table the collapsed-cone kernels are derived from (``kernels/derive_ccc_kernels.py``);
+  ``--mono-kernels edknrc`` for EDKnrc alone (the version 1.0 behaviour);
 * water mu/rho from the shipped attenuation table of :mod:`tomodose.terma`
-  (``tomodose/data/physics/attenuation.csv``, NIST SRD 126) -- or the shared NIST file;
-* the shipped default spectrum (``tomodose/data/physics/tomo_6mv_fff.spectrum``).
+  (``tomodose/data/physics/attenuation.csv``, NIST SRD 126);
+* the default spectrum, :func:`tomodose.terma.spectrum.default_spectrum` at run time.
 
 Method
 ------
@@ -45,25 +48,24 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import hashlib
 import io
 import json
 import logging
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-SCRIPT_VERSION = "1.0"
+import _common  # noqa: E402
+from _common import EDK_REL  # noqa: E402
+
+SCRIPT_VERSION = "1.1"
 logger = logging.getLogger("derive_pencil_kernels")
 
-EDK_REL = "dose_physics/kernels/edknrc_mono_water_conehead.csv"
-MU_REL = "dose_physics/attenuation/nist_xaamdi_water.csv"
 DEFAULT_NAME = "pencil_water_6mv_default"
 
 #: fixed Gaussian widths (mm of water) of the separable representation.
@@ -77,47 +79,13 @@ MAX_DEPTH_MM = 400.0   # depth range of the output table
 Z_EXTENT_MM = 600.0    # interaction depths considered (beyond: < exp(-0.03*60) of TERMA... kept)
 
 
-def read_edk(path: Path):
-    """(energies, theta_edges_deg, r_edges_cm, total[nE, nC, nR]) from the shared EDKnrc CSV."""
-    try:
-        from tomodose.transport.kernels import read_edk_csv
-        t = read_edk_csv(path)
-        return t.energies_mev, t.theta_edges_deg, t.radius_edges_cm, t.total
-    except ImportError:  # pragma: no cover - CCC module is present in the repository
-        raise
-
-
-def read_mu_water(shared: Path):
-    """(energies MeV, mu/rho cm2/g) of water: the shipped table if present, else the shared file."""
-    shipped = ROOT / "tomodose" / "data" / "physics" / "attenuation.csv"
-    if shipped.is_file():
-        rows = []
-        for line in shipped.read_text(encoding="utf-8").splitlines():
-            if line.startswith("water,"):
-                _, e, mu, _ = line.split(",")
-                rows.append((float(e), float(mu)))
-        a = np.asarray(rows)
-        return a[:, 0], a[:, 1], "tomodose/data/physics/attenuation.csv", hashlib.sha256(shipped.read_bytes()).hexdigest()
-    path = shared / MU_REL
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        s = line.strip()
-        if not s or s.startswith("#") or s[0].isalpha():
-            continue
-        rows.append([float(v) for v in s.split(",")[:2]])
-    a = np.asarray(rows)
-    _, idx = np.unique(a[:, 0], return_index=True)
-    a = a[np.sort(idx)]
-    return a[:, 0], a[:, 1], f"shared/data/{MU_REL}", hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def read_spectrum():
-    """(energies MeV, energy-fluence weights, name, file) of the shipped default spectrum."""
-    from tomodose.terma.spectrum import default_spectrum
+    """(energies MeV, energy-fluence weights, name, file) of the current default spectrum."""
+    from tomodose.terma.spectrum import DEFAULT_SPECTRUM_FILE, default_spectrum
 
     s = default_spectrum()
     return (np.asarray(s.energies_mev, float), np.asarray(s.energy_fluence, float), s.name,
-            "tomodose/data/physics/tomo_6mv_fff.spectrum")
+            f"tomodose/data/physics/{DEFAULT_SPECTRUM_FILE}")
 
 
 def cylindrical_kernel(kernel_cn, theta_edges_deg, r_edges_cm, *, n_sub=20, seed=1):
@@ -219,22 +187,11 @@ def fit_gaussians(energy_dep_rz, sigmas_mm):
     return amps_cm2_g, errs, cum
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     ap.add_argument("--shared-data", type=Path, default=ROOT.parent / "shared" / "data")
+    ap.add_argument("--mono-kernels", choices=("merged", "edknrc"), default="merged",
+                    help="merged: own ompMC kernels below 0.5 MeV + EDKnrc (default); edknrc: EDKnrc only")
     ap.add_argument("--name", default=DEFAULT_NAME)
     ap.add_argument("--out-dir", type=Path, default=ROOT / "tomodose" / "data" / "kernels")
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -242,8 +199,11 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
 
     edk_path = args.shared_data / EDK_REL
-    energies, theta_edges, r_edges_cm, total = read_edk(edk_path)
-    mu_e, mu_v, mu_file, mu_sha = read_mu_water(args.shared_data)
+    table, sources = _common.read_mono_table(args.shared_data, use_mc=args.mono_kernels == "merged")
+    energies, theta_edges, r_edges_cm, total = (table.energies_mev, table.theta_edges_deg,
+                                                table.radius_edges_cm, table.total)
+    mu_e, mu_v = _common.read_mu_water(None)
+    mu_file, mu_sha = "tomodose/data/physics/attenuation.csv", _common.sha256_of(_common.SHIPPED_MU)
     spec_e, spec_w, spec_name, spec_file = read_spectrum()
     spec_w = spec_w / spec_w.sum()
 
@@ -258,9 +218,18 @@ def main(argv=None) -> int:
         "script": "kernels/derive_pencil_kernels.py",
         "script_version": SCRIPT_VERSION,
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": "python kernels/derive_pencil_kernels.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "mono_kernels": {"file": f"shared/data/{EDK_REL}",
-                         "sha256": hashlib.sha256(edk_path.read_bytes()).hexdigest(),
-                         "origin": "EGSnrc EDKnrc kernels, samuelpeet/conehead", "licence": "MIT"},
+                         "sha256": _common.sha256_of(edk_path),
+                         "origin": "EGSnrc EDKnrc kernels, samuelpeet/conehead", "licence": "MIT",
+                         "energies_mev": [float(e) for e, src in zip(energies, sources) if src == "EDKnrc"]},
+        **({"mono_kernels_low_energy": {
+            "file": "tomodose/data/kernels/water_mono_ompmc.csv",
+            "sha256": _common.sha256_of(_common.MC_KERNELS),
+            "origin": "the project's own ompMC pencil-beam kernels (kernels/derive_mc_kernels.py)",
+            "licence": "project's own (Apache-2.0)",
+            "energies_mev": [float(e) for e, src in zip(energies, sources) if src == "ompMC"]}}
+           if "ompMC" in sources else {}),
         "water_attenuation": {"file": mu_file, "sha256": mu_sha,
                               "origin": "NIST SRD 126 (Hubbell & Seltzer)", "licence": "US-Government work"},
         "spectrum": {"file": spec_file, "name": spec_name,
@@ -285,23 +254,28 @@ def main(argv=None) -> int:
         provenance=np.array(json.dumps(provenance)),
     )
     out = args.out_dir / f"{args.name}.npz"
-    _atomic_bytes(out, buf.getvalue())
+    _common.atomic_write_bytes(out, buf.getvalue())
 
     i10 = int(np.searchsorted(depth_mm, 100.0))
     frac_beyond = {r: float(1.0 - np.interp(r, R_EDGES_MM, cum[:, i10]) / cum[-1, i10]) for r in (10, 20, 50, 100)}
+    low = provenance.get("mono_kernels_low_energy")
+    low_row = (f"| mono point kernels {', '.join(f'{v:g}' for v in low['energies_mev'])} MeV | `{low['file']}` "
+               f"(sha256 `{low['sha256'][:16]}...`) | {low['origin']} | {low['licence']} |\n") if low else ""
     md = f"""# Provenance of `{args.name}.npz`
 
-Generated by `kernels/derive_pencil_kernels.py` version {SCRIPT_VERSION} on {provenance['date_utc']}.
+Generated by `kernels/derive_pencil_kernels.py` version {SCRIPT_VERSION} on {provenance['date_utc']}:
+
+    {provenance['command']}
 
 | input | file | origin | licence |
 |---|---|---|---|
-| mono point kernels | `shared/data/{EDK_REL}` (sha256 `{provenance['mono_kernels']['sha256'][:16]}...`) | EGSnrc EDKnrc, samuelpeet/conehead | MIT |
+{low_row}| mono point kernels {', '.join(f'{v:g}' for v in provenance['mono_kernels']['energies_mev'])} MeV | `shared/data/{EDK_REL}` (sha256 `{provenance['mono_kernels']['sha256'][:16]}...`) | EGSnrc EDKnrc, samuelpeet/conehead | MIT |
 | water mu/rho | `{mu_file}` (sha256 `{mu_sha[:16]}...`) | NIST SRD 126 | US-Government work |
 | spectrum | `{spec_file}` | {spec_name} | project's own |
 
 Method: a pencil of unit energy enters semi-infinite water; for each spectral line the TERMA
 `psi_s mu_s exp(-mu_s z)` is convolved along the axis with the point kernel of that energy
-(linear share between the two bracketing EDKnrc energies), re-binned from (cone, shell) into
+(linear share between the two bracketing kernel energies), re-binned from (cone, shell) into
 cylindrical (R, dz) bins by stratified sub-sampling (uniform in volume). Depth bins 1 mm, 0-{MAX_DEPTH_MM:g} mm;
 interactions to {Z_EXTENT_MM:g} mm. Then `p(R, z) = sum_i D_i(z) g_i(R)` with normalised 2-D Gaussians of
 widths {', '.join(f'{s:g}' for s in SIGMAS_MM)} mm (NNLS on the cumulative radial energy,
@@ -318,7 +292,7 @@ broad-beam dose / TERMA at 100 mm = {broad[i10] / terma_cm2_g[i10]:.4f}.
 
 No Mackie (AGPL) or other copyleft data were used to derive this table.
 """
-    _atomic_bytes(args.out_dir / f"{args.name}.provenance.md", md.encode("utf-8"))
+    _common.atomic_write_bytes(args.out_dir / f"{args.name}.provenance.md", md.encode("utf-8"))
     print(json.dumps({"written": str(out), "max_fit_error": float(errs.max()),
                       "d_max_mm": provenance["d_max_mm"], "frac_beyond_100mm_depth": frac_beyond,
                       "broad_over_terma_100mm": float(broad[i10] / terma_cm2_g[i10])}, indent=1))

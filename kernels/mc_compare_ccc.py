@@ -1,17 +1,24 @@
 #!/usr/bin/env python
-"""Prototype comparison of the collapsed-cone transport with ompMC (optional, not a test).
+"""Compare the collapsed-cone transport with ompMC in a 10 x 10 cm field (optional, not a test).
 
 A 10 x 10 cm field (defined at the surface), point source at SSD 85 cm, water phantom
 20 x 20 x 20 cm; Monte Carlo tally 0.5 cm along x and depth in a central 2 cm slab across y
-(the CCC dose on a 0.5 x 0.5 x 0.25 cm grid is averaged to the same bins). Monte Carlo: ``ompmc.calc_cube`` with the
-project's default spectrum (tomodose.terma). CCC: polyenergetic TERMA built from the kernel's
-TERMA weights ``sum_E w_E exp(-mu_E d) (SSD / (SSD + d))^2`` inside the divergent field, then
-:func:`tomodose.transport.collapsed_cone_dose` tilted toward the source. Both are normalised at
-10 cm depth on the central axis. ompMC is GPL-3.0: it is an optional tool here, never vendored.
+(the CCC dose on a 0.5 x 0.5 x 0.25 cm grid is averaged to the same bins). Monte Carlo:
+``ompmc.calc_cube`` with the project's default spectrum (``default_spectrum()`` at run time,
+histogram bins sampled uniformly by ompMC) or a mono-energetic beam. CCC: TERMA
+``sum_s phi_s E_s mu_s exp(-mu_s d) (SSD / (SSD + d))^2`` inside the divergent field, the
+spectrum's bins split into 8 sub-lines each (as ompMC samples them), then
+:func:`tomodose.transport.collapsed_cone_dose` tilted toward the source, with one or several
+kernels (``--kernel``, repeatable: shipped names or JSON paths) against the **same** Monte Carlo
+run (cached with ``--mc-cache``). Group tables (``n_groups > 0``) get TERMA split by their
+energy groups. Everything is normalised at 10 cm depth on the central axis.
+
+ompMC is GPL-3.0: it is an optional tool here, never vendored.
 
 Usage::
 
-    python kernels/mc_compare_ccc.py [--histories 300000] [--out result.json]
+    python kernels/mc_compare_ccc.py [--histories 400000] [--kernel ccc_water_6mv_default]
+        [--kernel old.json] [--mc-cache mc.npz] [--out result.json]
 """
 
 from __future__ import annotations
@@ -24,133 +31,196 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+ROOT = _common.ROOT
 
 from tomodose.geometry.grid import Grid  # noqa: E402
 from tomodose.transport import collapsed_cone_dose, load_kernel  # noqa: E402
+from tomodose.transport.kernels import collapse_kernel  # noqa: E402
+
+SSD_CM = 85.0
+HALF_FIELD_CM = 5.0
+XB = np.linspace(-10, 10, 41)
+YB = np.concatenate([np.arange(-10, -1, 0.5), [-1.0, 1.0], np.arange(1.5, 10.01, 0.5)])
+ZB = np.linspace(0, 20, 41)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--histories", type=int, default=300_000)
-    ap.add_argument("--shared-data", type=Path, default=ROOT.parent / "shared" / "data")
-    ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--mono", type=float, default=None,
-                    help="mono-energetic beam (MeV, one of the EDKnrc energies) instead of the spectrum")
-    ap.add_argument("--min-energy", type=float, default=None,
-                    help="drop spectral bins whose representative energy is below this (MeV), in both "
-                         "the Monte Carlo and the kernel (re-derived for the cut spectrum)")
-    args = ap.parse_args(argv)
+def run_mc(histories: int, mono: float | None, min_energy: float | None):
     import ompmc
 
     from tomodose.terma.spectrum import default_spectrum
 
-    sys.path.insert(0, str(ROOT / "kernels"))
-    import derive_ccc_kernels as script
-
-    ssd = 85.0
-    half_field = 5.0
-    # Monte Carlo tally: 0.5 cm along x and depth, one 2 cm bin across y at the centre
-    xb = np.linspace(-10, 10, 41)
-    yb = np.concatenate([np.arange(-10, -1, 0.5), [-1.0, 1.0], np.arange(1.5, 10.01, 0.5)])
-    zb = np.linspace(0, 20, 41)
-    nx, ny, nz = xb.size - 1, yb.size - 1, zb.size - 1
-    jc = int(np.argmin(np.abs(0.5 * (yb[1:] + yb[:-1]))))
-
-    if args.mono is None:
+    nx, ny, nz = XB.size - 1, YB.size - 1, ZB.size - 1
+    if mono is None:
         spec = default_spectrum()
         edges = np.asarray(spec.bin_edges_mev, float)
         fluence = np.asarray(spec.fluence, float).copy()
-        if args.min_energy is not None:
-            fluence[np.asarray(spec.energies_mev) < args.min_energy] = 0.0
+        if min_energy is not None:
+            fluence[np.asarray(spec.energies_mev) < min_energy] = 0.0
         mc_spec = ompmc.Spectrum.from_histogram(edges[1:], fluence, e_min=float(edges[0]))
     else:
-        mc_spec = ompmc.Spectrum.monoenergetic(args.mono)
-    geo = ompmc.Geometry(xb, yb, zb, ["H2O700ICRU"],
+        mc_spec = ompmc.Spectrum.monoenergetic(mono)
+    geo = ompmc.Geometry(XB, YB, ZB, ["H2O700ICRU"],
                          density=np.asfortranarray(np.ones((nx, ny, nz))),
                          material=np.asfortranarray(np.ones((nx, ny, nz), dtype=np.int32)))
-    src = ompmc.CollimatedSource(ssd, -half_field, half_field, -half_field, half_field)
+    src = ompmc.CollimatedSource(SSD_CM, -HALF_FIELD_CM, HALF_FIELD_CM, -HALF_FIELD_CM, HALF_FIELD_CM)
     t0 = time.perf_counter()
-    mc, unc = ompmc.calc_cube(geo, src, mc_spec, n_histories=args.histories, n_batches=10)
-    t_mc = time.perf_counter() - t0
-    mc_prof = np.asarray(mc)[:, jc, :].T  # (z, x) in the central 2 cm y slab
-    unc_prof = np.asarray(unc)[:, jc, :].T
+    mc, unc = ompmc.calc_cube(geo, src, mc_spec, n_histories=histories, n_batches=10)
+    return np.asarray(mc), np.asarray(unc), time.perf_counter() - t0
 
-    # CCC on a 0.5 x 0.5 x 0.25 cm grid with the kernel's TERMA weights, averaged to the tally
-    kernel = load_kernel()
-    w = np.asarray(kernel.provenance["terma_weights"])
-    mu_e, mu_v = script.read_mu_water(args.shared_data / script.MU_REL)
-    e_k = np.asarray(kernel.provenance["inputs"]["mono_kernels"]["energies_mev"])
-    if args.mono is None and args.min_energy is not None:
-        from tomodose.transport.kernels import (collapse_kernel, polyenergetic_kernel, read_edk_csv,
-                                                terma_weights)
 
-        edk = read_edk_csv(args.shared_data / script.EDK_REL)
-        w = terma_weights(edk.energies_mev, spec.energies_mev, fluence, mu_e, mu_v)
-        groups = [int(round(e / 3.75)) for e in kernel.polar_edges_deg]
-        kernel = collapse_kernel(polyenergetic_kernel(edk, w), edk.theta_edges_deg,
-                                 edk.radius_edges_cm, polar_group_edges=groups,
-                                 n_azimuth=kernel.n_azimuth, n_terms=kernel.n_terms)
-    if args.mono is not None:
-        from tomodose.transport.kernels import collapse_kernel, read_edk_csv
+def sub_lines(mono: float | None, min_energy: float | None, n_sub: int = 8):
+    """(energies, photon weights) of the beam: the default spectrum's bins split into sub-lines."""
+    if mono is not None:
+        return np.array([mono]), np.array([1.0])
+    from tomodose.terma.spectrum import default_spectrum
 
-        edk = read_edk_csv(args.shared_data / script.EDK_REL)
-        ie = int(np.argmin(np.abs(edk.energies_mev - args.mono)))
-        groups = [int(round(e / 3.75)) for e in kernel.polar_edges_deg]
-        kernel = collapse_kernel(edk.total[ie], edk.theta_edges_deg, edk.radius_edges_cm,
-                                 polar_group_edges=groups, n_azimuth=kernel.n_azimuth,
-                                 n_terms=kernel.n_terms)
-        w = np.zeros(edk.energies_mev.size)
-        w[ie] = 1.0
-    mu = np.exp(np.interp(np.log(e_k), np.log(mu_e), np.log(mu_v)))
-    gz = 80
-    grid = Grid((gz, 40, 40), (5.0, 5.0, 2.5), (-97.5, -97.5, 1.25))
+    spec = default_spectrum()
+    edges = np.asarray(spec.bin_edges_mev, float)
+    fl = np.asarray(spec.fluence, float).copy()
+    if min_energy is not None:
+        fl[np.asarray(spec.energies_mev) < min_energy] = 0.0
+    q = (np.arange(n_sub) + 0.5) / n_sub
+    e = (edges[:-1, None] + np.diff(edges)[:, None] * q[None, :]).ravel()
+    w = np.repeat(fl / n_sub, n_sub)
+    return e, w
+
+
+def ccc_profile(kernel, energies, weights):
+    """CCC dose averaged onto the tally bins: (nz, nx) in the central y slab."""
+    nx, nz = XB.size - 1, ZB.size - 1
+    mu = _common.mu_water_at(energies)
+    grid = Grid((80, 40, 40), (5.0, 5.0, 2.5), (-97.5, -97.5, 1.25))
     x, y, z = grid.meshgrid_mm()
-    d_cm = z / 10.0
-    mag = (ssd + d_cm) / ssd
-    inside = (np.abs(x / 10) <= half_field * mag) & (np.abs(y / 10) <= half_field * mag)
-    terma = inside * np.einsum("e,zyxe->zyx", w, np.exp(-d_cm[..., None] * mu)) / mag**2
+    d_cm = z[:, 0, 0] / 10.0
+    mag = (SSD_CM + d_cm) / SSD_CM
+    inside = ((np.abs(x / 10) <= HALF_FIELD_CM * mag[:, None, None])
+              & (np.abs(y / 10) <= HALF_FIELD_CM * mag[:, None, None]))
+    released = weights * energies * mu                     # (nS,)
+    per_line = np.exp(-np.outer(d_cm, mu)) / mag[:, None] ** 2  # (nz, nS)
+    if kernel.n_groups:
+        ge = kernel.group_edges_mev
+        terma = np.stack([
+            inside * (per_line @ np.where((energies >= ge[g]) & (energies < ge[g + 1]), released, 0.0))[:, None, None]
+            for g in range(kernel.n_groups)])
+        terma = terma / terma.sum(axis=0).max()
+    else:
+        terma = inside * (per_line @ released)[:, None, None]
+        terma = terma / terma.max()
     t0 = time.perf_counter()
-    ccc = collapsed_cone_dose(terma * np.ones(grid.shape), np.ones(grid.shape), grid,
-                              source_position_mm=(0.0, 0.0, -ssd * 10), kernel=kernel,
-                              progress=False).astype(float)
-    t_ccc = time.perf_counter() - t0
-    ccc_prof = ccc[:, 18:22, :].mean(axis=1).reshape(nz, 2, nx).mean(axis=1)  # (z, x)
+    dose = collapsed_cone_dose(terma, np.ones(grid.shape), grid, source_position_mm=(0.0, 0.0, -SSD_CM * 10),
+                               kernel=kernel, progress=False).astype(float)
+    dt = time.perf_counter() - t0
+    return dose[:, 18:22, :].mean(axis=1).reshape(nz, 2, nx).mean(axis=1), dt
 
-    zc = 0.5 * (zb[1:] + zb[:-1])
+
+def summarise(prof, zc, i10):
+    nx = prof.shape[1]
+    cax = prof[:, nx // 2 - 2:nx // 2 + 2].mean(axis=1)
+    cax = cax / cax[i10]
+    p10 = prof[i10] / prof[i10, nx // 2 - 4:nx // 2 + 4].mean()
+    return cax, p10
+
+
+def mono_kernel(energy: float, template, shared: Path):
+    table, _ = _common.read_mono_table(shared)
+    ie = int(np.argmin(np.abs(table.energies_mev - energy)))
+    if abs(table.energies_mev[ie] - energy) > 1e-9:
+        raise SystemExit(f"--mono must be one of the kernel energies {table.energies_mev.tolist()}")
+    groups = [int(round(e / 3.75)) for e in template.polar_edges_deg]
+    return collapse_kernel(table.total[ie], table.theta_edges_deg, table.radius_edges_cm,
+                           polar_group_edges=groups, n_azimuth=template.n_azimuth, n_terms=template.n_terms,
+                           name=f"mono {energy} MeV")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--histories", type=int, default=400_000)
+    ap.add_argument("--shared-data", type=Path, default=_common.DEFAULT_SHARED)
+    ap.add_argument("--kernel", action="append", default=None,
+                    help="kernel name or JSON path (repeatable; default: the shipped default table)")
+    ap.add_argument("--mc-cache", type=Path, default=None,
+                    help="npz with a previous Monte Carlo run of the same beam (written when missing)")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--mono", type=float, default=None,
+                    help="mono-energetic beam (MeV, one of the mono kernel energies) instead of the "
+                         "spectrum; the CCC uses the collapsed mono kernel of that energy")
+    ap.add_argument("--min-energy", type=float, default=None,
+                    help="drop spectral bins whose representative energy is below this (MeV) in the "
+                         "Monte Carlo and in the TERMA (the kernels are used as given)")
+    args = ap.parse_args(argv)
+
+    if args.mc_cache is not None and args.mc_cache.is_file():
+        c = np.load(args.mc_cache)
+        mc, unc, t_mc = c["dose"], c["unc"], float(c["seconds"])
+    else:
+        mc, unc, t_mc = run_mc(args.histories, args.mono, args.min_energy)
+        if args.mc_cache is not None:
+            np.savez_compressed(args.mc_cache, dose=mc, unc=unc, seconds=t_mc, histories=args.histories)
+    nx = XB.size - 1
+    jc = int(np.argmin(np.abs(0.5 * (YB[1:] + YB[:-1]))))
+    mc_prof = mc[:, jc, :].T
+    unc_prof = unc[:, jc, :].T
+    zc = 0.5 * (ZB[1:] + ZB[:-1])
+    xc = 0.5 * (XB[1:] + XB[:-1])
     i10 = int(np.argmin(np.abs(zc - 10.0)))
-    c_mc = mc_prof[:, nx // 2 - 2:nx // 2 + 2].mean(axis=1)
-    c_ccc = ccc_prof[:, nx // 2 - 2:nx // 2 + 2].mean(axis=1)
-    c_mc = c_mc / c_mc[i10]
-    c_ccc = c_ccc / c_ccc[i10]
-    beyond = zc >= 2.0
-    prof_mc = mc_prof[i10] / mc_prof[i10, nx // 2 - 4:nx // 2 + 4].mean()
-    prof_ccc = ccc_prof[i10] / ccc_prof[i10, nx // 2 - 4:nx // 2 + 4].mean()
-    unc = unc_prof
-    i_c = nx // 2
+    cax_mc, p_mc = summarise(mc_prof, zc, i10)
+    edge_10 = HALF_FIELD_CM * (SSD_CM + 10.0) / SSD_CM
+    outside = np.abs(xc) - edge_10
+    # out-of-field bins, both sides averaged (the setup is symmetric)
+    dist = sorted({round(float(v), 2) for v in outside[outside > 0]})
+
+    def sym(p):
+        return {f"{d:.2f}": round(float(np.mean(p[np.isclose(outside, d)])), 4) for d in dist}
+
+    energies, weights = sub_lines(args.mono, args.min_energy)
+    names = args.kernel or ["ccc_water_6mv_default"]
     result = {
         "histories": args.histories,
         "beam": ("default spectrum" + ("" if args.min_energy is None else f" >= {args.min_energy} MeV")
                  if args.mono is None else f"{args.mono} MeV"),
         "time_mc_s": round(t_mc, 1),
-        "time_ccc_s": round(t_ccc, 2),
-        "mc_voxel_unc_pct_at_10cm_cax": round(float(unc[i10, i_c] * 100), 2),
-        "dmax_mc_cm": float(zc[np.argmax(c_mc)]),
-        "dmax_ccc_cm": float(zc[np.argmax(c_ccc)]),
-        "cax_ratio_beyond_2cm_min": round(float((c_ccc / c_mc)[beyond].min()), 4),
-        "cax_ratio_beyond_2cm_max": round(float((c_ccc / c_mc)[beyond].max()), 4),
+        "mc_voxel_unc_pct_at_10cm_cax": round(float(unc_prof[i10, nx // 2] * 100), 2),
+        "mc_voxel_unc_pct_at_10cm_outside_mean": round(float(unc_prof[i10, outside > 0].mean() * 100), 2),
+        "edge_at_10cm_cm": round(edge_10, 3),
+        "profile_x_cm": xc.round(2).tolist(),
+        "profile_mc_10cm": p_mc.round(4).tolist(),
+        "outside_distance_cm": dist,
+        "outside_mc_10cm": sym(p_mc),
         "cax_depth_cm": zc.round(3).tolist(),
-        "cax_mc": c_mc.round(4).tolist(),
-        "cax_ccc": c_ccc.round(4).tolist(),
-        "profile_x_cm": (0.5 * (xb[1:] + xb[:-1])).round(2).tolist(),
-        "profile_mc_10cm": prof_mc.round(4).tolist(),
-        "profile_ccc_10cm": prof_ccc.round(4).tolist(),
+        "cax_mc": cax_mc.round(4).tolist(),
+        "kernels": {},
     }
+    for name in names:
+        kernel = load_kernel(name)
+        if args.mono is not None:
+            kernel = mono_kernel(args.mono, kernel, args.shared_data)
+        prof, t_ccc = ccc_profile(kernel, energies, weights)
+        cax, p10 = summarise(prof, zc, i10)
+        beyond = zc >= 2.0
+        excess = {k: round(sym(p10)[k] - result["outside_mc_10cm"][k], 4) for k in result["outside_mc_10cm"]}
+        result["kernels"][str(name)] = {
+            "time_ccc_s": round(t_ccc, 2),
+            "dmax_cm": float(zc[np.argmax(cax)]),
+            "cax_ratio_beyond_2cm_min": round(float((cax / cax_mc)[beyond].min()), 4),
+            "cax_ratio_beyond_2cm_max": round(float((cax / cax_mc)[beyond].max()), 4),
+            "cax_mean_abs_dev_beyond_2cm_pct": round(float(np.mean(np.abs(cax / cax_mc - 1)[beyond]) * 100), 2),
+            "outside_ccc_10cm": sym(p10),
+            "outside_excess_10cm_of_central": excess,
+            "outside_excess_mean_of_central": round(float(np.mean(list(excess.values()))), 4),
+            "cax": cax.round(4).tolist(),
+            "profile_10cm": p10.round(4).tolist(),
+        }
+    result["dmax_mc_cm"] = float(zc[np.argmax(cax_mc)])
     text = json.dumps(result, indent=1)
-    print(text)
+    short = {k: v for k, v in result.items() if k not in ("profile_x_cm", "profile_mc_10cm", "cax_depth_cm", "cax_mc")}
+    short["kernels"] = {k: {kk: vv for kk, vv in v.items() if kk not in ("cax", "profile_10cm")}
+                        for k, v in result["kernels"].items()}
+    print(json.dumps(short, indent=1))
     if args.out:
-        args.out.write_text(text)
+        _common.atomic_write_text(args.out, text + "\n")
     return 0
 
 

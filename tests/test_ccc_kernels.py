@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,9 +12,11 @@ import pytest
 from tomodose.transport.kernels import (
     DEFAULT_KERNEL_NAME,
     CollapsedConeKernel,
+    MonoKernelTable,
     collapse_kernel,
     cone_directions,
     load_kernel,
+    merge_mono_tables,
     polyenergetic_kernel,
     read_edk_csv,
     terma_weights,
@@ -21,11 +24,30 @@ from tomodose.transport.kernels import (
 
 EDK = "dose_physics/kernels/edknrc_mono_water_conehead.csv"
 MACKIE = "dose_physics/kernels/mackie_edk_mono_water.npz"
+ROOT = Path(__file__).resolve().parents[1]
+MC_CSV = ROOT / "tomodose" / "data" / "kernels" / "water_mono_ompmc.csv"
+MC_PROV = ROOT / "tomodose" / "data" / "kernels" / "water_mono_ompmc.provenance.json"
 
 
 @pytest.fixture(scope="module")
 def edk(shared_data):
     return read_edk_csv(shared_data / EDK)
+
+
+@pytest.fixture(scope="module")
+def mc():
+    return read_edk_csv(MC_CSV)
+
+
+@pytest.fixture(scope="module")
+def mc_prov():
+    return json.loads(MC_PROV.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def merged(script, shared_data):
+    """The mono kernels the shipped tables are derived from (own ompMC < 0.5 MeV + EDKnrc)."""
+    return script.read_mono_table(shared_data)[0]
 
 
 # --- shipped table ------------------------------------------------------------------------------
@@ -35,6 +57,10 @@ def test_shipped_kernel_loads_with_provenance():
     assert k.n_directions == k.n_polar * k.n_azimuth
     prov = k.provenance
     assert prov["inputs"]["mono_kernels"]["licence"] == "MIT"
+    low = prov["inputs"]["mono_kernels_low_energy"]
+    assert low["file"] == "tomodose/data/kernels/water_mono_ompmc.csv" and "ompMC" in low["origin"]
+    assert max(low["energies_mev"]) < 0.5 and len(low["energies_mev"]) >= 4
+    assert len(prov["terma_weights"]) == len(prov["kernel_energies_mev"])
     assert "spectrum" in prov["inputs"] and prov["script_version"]
     assert 0.93 < k.total_fraction < 0.99
     # the exponential model reproduces each ring's tabulated total at the table's last radius
@@ -46,11 +72,16 @@ def test_shipped_kernel_loads_with_provenance():
     assert k.fit_error() < 0.01 and k.fit_error(summed=True) < 0.02
 
 
-def test_shipped_kernel_energy_matches_spectrum_weighted_mono_totals(edk):
+def test_shipped_kernel_energy_matches_spectrum_weighted_mono_totals(merged):
     k = load_kernel()
+    np.testing.assert_allclose(k.provenance["kernel_energies_mev"], merged.energies_mev)
     w = np.asarray(k.provenance["terma_weights"])
-    expected = float(w @ edk.deposited_fraction)
+    expected = float(w @ merged.deposited_fraction)
     assert abs(k.total_fraction - expected) / expected < 1e-3
+    # poly total lies between the extreme mono totals that carry weight, and in the known range
+    dep = merged.deposited_fraction[w > 0]
+    assert dep.min() <= k.total_fraction <= dep.max()
+    assert 0.93 < k.total_fraction < 0.99
 
 
 @pytest.fixture(scope="module")
@@ -65,15 +96,15 @@ def script():
     return mod
 
 
-def test_reproducible_from_inputs(edk, script, shared_data):
+def test_reproducible_from_inputs(merged, script):
     k = load_kernel()
     spec = k.provenance["inputs"]["spectrum"]
-    mu_e, mu_v = script.read_mu_water(shared_data / script.MU_REL)
-    w = terma_weights(edk.energies_mev, spec["energies_mev"], spec["fluence"], mu_e, mu_v)
+    mu_e, mu_v = script.read_mu_water(None)
+    w = terma_weights(merged.energies_mev, spec["energies_mev"], spec["fluence"], mu_e, mu_v)
     np.testing.assert_allclose(w, k.provenance["terma_weights"], atol=1e-7)
-    fine = polyenergetic_kernel(edk, w)
+    fine = polyenergetic_kernel(merged, w)
     groups = [int(round(e / 3.75)) for e in k.polar_edges_deg]
-    again = collapse_kernel(fine, edk.theta_edges_deg, edk.radius_edges_cm,
+    again = collapse_kernel(fine, merged.theta_edges_deg, merged.radius_edges_cm,
                             polar_group_edges=groups, n_azimuth=k.n_azimuth, n_terms=k.n_terms)
     np.testing.assert_allclose(again.cumulative, k.cumulative, rtol=1e-9, atol=1e-12)
 
@@ -196,19 +227,19 @@ def test_kernel_bad_input(tmp_path, edk):
 
 
 # --- energy-group table ----------------------------------------------------------------------------
-def test_group_table_conserves_each_group_energy(edk, script, shared_data):
+def test_group_table_conserves_each_group_energy(merged, script):
     k = load_kernel("ccc_water_6mv_3groups")
     assert k.n_groups == 3 and k.group_amplitudes.shape == (3, k.n_polar, k.n_terms)
     spec = k.provenance["inputs"]["spectrum"]
     e = np.asarray(spec["energies_mev"])
     f = np.asarray(spec["fluence"])
-    mu_e, mu_v = script.read_mu_water(shared_data / script.MU_REL)
+    mu_e, mu_v = script.read_mu_water(None)
     edges = k.group_edges_mev
     r_max = k.radius_edges_cm[-1]
     for g in range(3):
         sel = (e >= edges[g]) & (e < edges[g + 1])
-        w = terma_weights(edk.energies_mev, e, np.where(sel, f, 0.0), mu_e, mu_v)
-        expected = float(w @ edk.deposited_fraction)
+        w = terma_weights(merged.energies_mev, e, np.where(sel, f, 0.0), mu_e, mu_v)
+        expected = float(w @ merged.deposited_fraction)
         fitted = float(k.group_kernel(g).fitted_cumulative([r_max]).sum())
         assert abs(fitted - expected) / expected < 1e-3, g
     # harder groups deposit less within the table (more escapes) -- physics ordering
@@ -246,3 +277,123 @@ def test_shipped_kernel_uses_the_current_default_spectrum(name):
     assert same, (f"{name}.json was derived for another spectrum; run "
                   "`python kernels/derive_ccc_kernels.py` (and with --group-edges-mev 1.0,2.5 "
                   "--name ccc_water_6mv_3groups)")
+
+
+# --- the project's own ompMC mono kernels (kernels/derive_mc_kernels.py) -----------------------------
+def test_mc_table_loads_on_the_edknrc_layout(mc, mc_prov, edk):
+    assert mc.total.shape == (mc.energies_mev.size, 48, 24)
+    np.testing.assert_allclose(mc.theta_edges_deg, edk.theta_edges_deg)
+    np.testing.assert_allclose(mc.radius_edges_cm, edk.radius_edges_cm)
+    assert np.all(mc.total >= 0)
+    low = mc.energies_mev[mc.energies_mev < 0.5]
+    assert low.size >= 4 and low.min() <= 0.15
+    carlo = mc_prov["monte_carlo"]
+    for key in ("version", "pegs_file", "ecut_mev_total", "pcut_mev", "seeds"):
+        assert carlo[key] not in (None, "")
+    assert mc_prov["command"].startswith("python kernels/derive_mc_kernels.py") and mc_prov["date_utc"]
+    rec = {round(r["energy_mev"], 4): r for r in mc_prov["energies"]}
+    for e, dep in zip(mc.energies_mev, mc.deposited_fraction):
+        r = rec[round(float(e), 4)]
+        assert r["histories_per_run"] * r["runs"] >= 100_000
+        # the CSV holds the mean of the runs (negative noise bins moved within their cone)
+        assert dep == pytest.approx(r["deposited_fraction_60cm"], abs=1e-4)
+
+
+def test_mc_kernel_energy_conservation(mc, mc_prov):
+    """Deposited fraction within 60 cm: high (0.97-1) at these energies, falling with energy
+    (more escaped scatter), within 3 standard errors; the pencil's whole-phantom fraction is
+    higher (its phantom extends beyond 60 cm)."""
+    rec = sorted(mc_prov["energies"], key=lambda r: r["energy_mev"])
+    dep = np.array([r["deposited_fraction_60cm"] for r in rec])
+    sem = np.array([r["deposited_fraction_sem"] for r in rec])
+    assert np.all((dep > 0.97) & (dep < 1.0))
+    assert np.all(np.diff(dep) < 3 * np.hypot(sem[1:], sem[:-1]))
+    for r in rec:
+        assert r["deposited_fraction_whole_phantom"] >= r["deposited_fraction_60cm"] - 3 * r["deposited_fraction_sem"]
+        # the attenuation coefficient used in h = p + (1/mu) dp/dz is the one the transport obeys
+        assert r["mu_per_cm_fitted_axis"] == pytest.approx(r["mu_per_cm_nist"], rel=0.02)
+
+
+@pytest.mark.parametrize("n_polar", [8, 12])
+def test_collapse_conserves_mc_kernels(mc, n_polar):
+    for ie in range(mc.energies_mev.size):
+        fine = mc.total[ie]
+        k = collapse_kernel(fine, mc.theta_edges_deg, mc.radius_edges_cm, n_polar=n_polar,
+                            n_azimuth=8, n_terms=4)
+        total = fine.sum()
+        assert abs(k.total_fraction - total) / total < 1e-3
+        fitted = k.fitted_cumulative([mc.radius_edges_cm[-1]]).sum()
+        assert abs(fitted - total) / total < 1e-3
+
+
+def test_merge_mono_tables(mc, edk):
+    m = merge_mono_tables(mc, edk)
+    assert m.energies_mev[0] == mc.energies_mev[0]
+    np.testing.assert_array_equal(m.energies_mev[m.energies_mev >= 0.5], edk.energies_mev)
+    assert np.all(np.diff(m.energies_mev) > 0)
+    np.testing.assert_array_equal(m.total[-1], edk.total[-1])
+    bad = MonoKernelTable(mc.energies_mev, mc.theta_edges_deg, mc.radius_edges_cm * 2, mc.total)
+    with pytest.raises(ValueError, match="share theta_edges_deg and radius_edges_cm"):
+        merge_mono_tables(bad, edk)
+
+
+def _edk_sem(shared_data, energy):
+    """(48, 24) absolute standard uncertainty of an EDKnrc kernel (its total_unc_pct column)."""
+    rows = np.loadtxt(shared_data / EDK, delimiter=",", comments="#", skiprows=4, usecols=(0, 1, 3, 4, 5))
+    rows = rows[np.isclose(rows[:, 0], energy)]
+    order = np.lexsort((rows[:, 2], rows[:, 1]))
+    return (rows[order, 3] * rows[order, 4] / 100.0).reshape(48, 24)
+
+
+def test_overlap_energy_agrees_with_edknrc(mc, mc_prov, edk, shared_data):
+    """The method check: the ompMC kernel at 0.5 MeV against the independent EDKnrc one.
+
+    Compared: the cumulative energy of all cones at every shell edge from 0.2 to 50 cm (what a
+    broad field sees), judged by the combined standard error sigma (ompMC: spread of the
+    independent runs, stored in the provenance; EDKnrc: its own uncertainty column); 4 sigma
+    because the largest of 18 correlated radii is taken. Measured (2026-11-28): largest
+    |difference| 0.10 % of the total, 3.1 sigma; within 50 cm 0.9678 vs 0.9685 (2.3 sigma).
+    Not compared: r < 0.2 cm (ECUT 0.7 MeV here vs 0.521 MeV in EDKnrc and the first-shell
+    direction model, see docs/collapsed_cone.md 1a) and the 50-60 cm shell (EDKnrc scores in a
+    60 cm sphere surrounded by vacuum: no backscatter from beyond; the ompMC phantom reaches 80-100
+    cm, so that shell is higher here -- checked below as an ordering).
+    """
+    e = 0.5
+    a = mc.total[list(mc.energies_mev).index(e)]
+    b = edk.total[list(edk.energies_mev).index(e)]
+    rec = next(r for r in mc_prov["energies"] if r["energy_mev"] == e)
+    sem_mc = np.asarray(rec["sem_summed_cumulative"])
+    sem_edk = np.concatenate([[0.0], np.sqrt(np.cumsum((_edk_sem(shared_data, e) ** 2).sum(axis=0)))])
+    sigma = np.hypot(sem_mc, sem_edk)
+    ca = np.concatenate([[0.0], np.cumsum(a.sum(axis=0))])
+    cb = np.concatenate([[0.0], np.cumsum(b.sum(axis=0))])
+    r = mc.radius_edges_cm
+    sel = (r >= 0.2) & (r <= 50.0)
+    z = np.abs(ca - cb)[sel] / sigma[sel]
+    assert np.all(z < 4.0), dict(zip(r[sel].tolist(), z.round(1).tolist()))
+    # backscatter from beyond 60 cm exists in the ompMC phantom only
+    shell_sigma = math.hypot(rec["sem_summed_cumulative"][-1], rec["sem_summed_cumulative"][-2])
+    assert a[:, -1].sum() - b[:, -1].sum() > 3 * shell_sigma
+
+
+def test_low_energy_mc_kernels_agree_with_mackie(mc, mc_prov, shared_data):
+    """Validation only (Mackie/EGS4 kernels are AGPL: read at test time, never used for tables).
+
+    EGS4 (1985) and ompMC (EGSnrc physics, XCOM) differ systematically by more than the ompMC
+    noise (up to 25 sigma at 0.1 MeV), so the check is a cross-code bound, not a statistical one:
+    measured largest |difference| of the cumulative of all cones (0.2-50 cm) 0.30 % of the total
+    (0.1 MeV), of the energy within 50 cm 0.06 %; asserted: 0.5 % and 0.2 %.
+    """
+    m = np.load(shared_data / MACKIE)
+    r = mc.radius_edges_cm
+    sel = (r >= 0.2) & (r <= 50.0)
+    i50 = int(np.flatnonzero(np.isclose(r, 50.0))[0])
+    for ie, e in enumerate(mc.energies_mev):
+        if e >= 0.5:
+            continue
+        a = mc.total[ie]
+        b = m["total"][int(np.argmin(np.abs(m["energies_MeV"] - e)))]
+        ca = np.concatenate([[0.0], np.cumsum(a.sum(axis=0))])
+        cb = np.concatenate([[0.0], np.cumsum(b.sum(axis=0))])
+        assert np.max(np.abs(ca - cb)[sel]) / cb[-1] < 0.005, e
+        assert abs(ca[i50] - cb[i50]) / cb[-1] < 0.002, e

@@ -3,8 +3,10 @@
 A point energy-deposition kernel (EDK) gives the fraction of the energy released by photons
 interacting at a point (TERMA) that is deposited at a given polar angle ``theta`` from the
 photon direction and radiological distance ``r`` (cm of water). tomodose derives its kernels from
-mono-energetic EGSnrc/EDKnrc water kernels (48 cones of 3.75 deg x 24 spherical shells) with the
-script ``kernels/derive_ccc_kernels.py``:
+mono-energetic water kernels on 48 cones of 3.75 deg x 24 spherical shells -- its own ompMC kernels
+below 0.5 MeV (``tomodose/data/kernels/water_mono_ompmc.csv``, ``kernels/derive_mc_kernels.py``)
+and EGSnrc/EDKnrc kernels 0.5-6 MeV, combined by :func:`merge_mono_tables` -- with the script
+``kernels/derive_ccc_kernels.py``:
 
 1. **Polyenergetic kernel** (:func:`polyenergetic_kernel`): each mono kernel is weighted by its
    TERMA share ``phi(E) * E * mu(E)`` (normalised to sum 1), spectral bins between two kernel
@@ -44,6 +46,7 @@ __all__ = [
     "CollapsedConeKernel",
     "MonoKernelTable",
     "read_edk_csv",
+    "merge_mono_tables",
     "terma_weights",
     "polyenergetic_kernel",
     "collapse_kernel",
@@ -134,6 +137,31 @@ def read_edk_csv(path: str | os.PathLike) -> MonoKernelTable:
     theta_edges = np.concatenate([theta_lo[:1], theta_hi])
     radius_edges = np.concatenate([[0.0], r_hi])
     return MonoKernelTable(energies, theta_edges, radius_edges, total)
+
+
+def merge_mono_tables(low: MonoKernelTable, high: MonoKernelTable) -> MonoKernelTable:
+    """Combine two mono kernel tables on the same cone x shell grid.
+
+    The energies of ``low`` strictly below the first energy of ``high`` are put in front of all
+    energies of ``high`` (tomodose: its own ompMC kernels below 0.5 MeV + EDKnrc 0.5-6 MeV).
+
+    Parameters
+    ----------
+    low, high : MonoKernelTable
+        Tables with identical ``theta_edges_deg`` and ``radius_edges_cm``.
+    """
+    if (low.theta_edges_deg.shape != high.theta_edges_deg.shape
+            or not np.allclose(low.theta_edges_deg, high.theta_edges_deg)
+            or low.radius_edges_cm.shape != high.radius_edges_cm.shape
+            or not np.allclose(low.radius_edges_cm, high.radius_edges_cm)):
+        raise ValueError("low and high must share theta_edges_deg and radius_edges_cm")
+    keep = low.energies_mev < high.energies_mev[0]
+    return MonoKernelTable(
+        np.concatenate([low.energies_mev[keep], high.energies_mev]),
+        high.theta_edges_deg.copy(),
+        high.radius_edges_cm.copy(),
+        np.concatenate([low.total[keep], high.total], axis=0),
+    )
 
 
 # --------------------------------------------------------------------------------------------
