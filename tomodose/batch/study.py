@@ -314,10 +314,12 @@ class Study:
 
     def _identity(self, case: Case) -> tuple[dict, dict]:
         cache = self.__dict__.setdefault("_hash_cache", {})
+        if "settings" not in cache:
+            cache["settings"] = self.settings.identity()
         key = id(case)
         if key not in cache:
             group = {"format": BATCH_FORMAT_VERSION, "tomodose": __version__, "phantom": case.phantom.identity(),
-                     "plan": case.plan.identity(), "settings": self.settings.identity()}
+                     "plan": case.plan.identity(), "settings": cache["settings"]}
             cache[key] = (case, group)
         return cache[key][1], case.perturbation.to_dict()
 
