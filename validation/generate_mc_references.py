@@ -156,7 +156,7 @@ def build_cases() -> list[Case]:
     water = {"builder": "water_box", "kwargs": {"size_mm": [440.0, 200.0, 160.0], "spacing_mm": 2.5}}
     x = static_x_edges()
     seed = 1001
-    for jaw, nh in ((50.0, 1_500_000), (25.0, 1_200_000), (10.0, 1_200_000)):
+    for jaw, nh in ((50.0, 1_500_000), (25.0, 700_000), (10.0, 700_000)):
         cases.append(Case(
             name=f"water_j{int(jaw)}",
             description=f"static fan, gantry 0, 8 central leaves open (50 mm), jaw {jaw:g} mm, water 440 x 200 x "
@@ -175,7 +175,7 @@ def build_cases() -> list[Case]:
                     "mm, same water phantom; added to water_j50 at the reference point for the absolute calibration",
         phantom=water, sequence=outer,
         edges_mm=(_uniq([-220, -10, 10, 220]), static_y_edges(), _uniq([-80, -10, 10, 80])),
-        histories=400_000, seed=seed, analysis={"type": "calibration"}))
+        histories=250_000, seed=seed, analysis={"type": "calibration"}))
     seed += 1
     slab_common = {"lateral_size_mm": [300.0, 160.0], "spacing_mm": 2.5, "air_margin_mm": 0.0}
     for name, layers, label in (
@@ -190,7 +190,7 @@ def build_cases() -> list[Case]:
             sequence=static_sequence(50.0),
             edges_mm=(_uniq([-150] + [v for v in static_x_edges() if abs(v) < 150] + [150]),
                       static_y_edges(layers=bounds), static_z_edges(50.0)),
-            histories=1_000_000, seed=seed,
+            histories=600_000, seed=seed,
             analysis={"type": "slab", "surface_mm": -100.0, "layers": layers,
                       "profile_depths_mm": [15.0, 65.0, 100.0, 150.0]}))
         seed += 1
@@ -209,7 +209,7 @@ def build_cases() -> list[Case]:
         description=f"water cylinder d 160 mm, length 80 mm, lung/adipose/bone/air rods (d 25 mm at r 45 mm); "
                     f"helical plan jaw 25 mm, pitch 0.43, {plan.n_projections} projections "
                     f"({plan.n_rotations:.1f} rotations), leaves over |u| <= 30 mm, modulated; 5 mm grid",
-        phantom=cyl, sequence=plan.projections(), edges_mm=edges, histories=1_500_000, seed=seed,
+        phantom=cyl, sequence=plan.projections(), edges_mm=edges, histories=1_100_000, seed=seed,
         analysis={"type": "helical", "plan": {"pitch": 0.43, "gantry_period_s": 20.0, "field_width_mm": 25.0}},
         n_sub=N_SUB_HELICAL))
     return cases

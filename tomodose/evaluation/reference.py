@@ -524,19 +524,26 @@ def compare_profile(ref: McReference, evaluated, axis: str, depth_mm: float, *, 
 
 
 def compare_gamma(ref: McReference, evaluated, *, dose_percent: float = 2.0, distance_mm: float = 2.0,
-                  cutoff_percent: float = 10.0, mask=None):
+                  cutoff_percent: float = 10.0, mask=None, min_density_g_cm3: float = 0.05):
     """3-D gamma of the engine dose against the Monte Carlo (reference), global.
 
-    Needs uniform bins (the reference's :meth:`McReference.grid`). Returns the
-    :class:`~tomodose.evaluation.gamma.GammaResult`.
+    Needs uniform bins (the reference's :meth:`McReference.grid`). Reference voxels whose
+    density is below ``min_density_g_cm3`` (air around the phantom and air cavities, where the
+    Monte Carlo dose to air is dominated by noise) are not evaluated; ``mask`` restricts further.
+    Returns the :class:`~tomodose.evaluation.gamma.GammaResult`.
     """
     from tomodose.evaluation.gamma import gamma_index
 
+    sel = ref.density_g_cm3 >= min_density_g_cm3
+    if mask is not None:
+        sel &= np.asarray(mask, dtype=bool)
+    mask = sel
     grid = ref.grid()
     mc = ImageVolume(grid, ref.dose_gy.astype(np.float64), "Gy", "dose")
     ev = ImageVolume(grid, np.asarray(evaluated, dtype=np.float64), "Gy", "dose")
+    norm = float(ref.dose_gy[mask].max())  # global normalisation: the MC maximum in the evaluated region
     return gamma_index(mc, ev, dose_percent=dose_percent, distance_mm=distance_mm, cutoff_percent=cutoff_percent,
-                       mask=mask, progress=False)
+                       normalisation_gy=norm, mask=mask, progress=False)
 
 
 def compare_case(ref: McReference, evaluated) -> dict:
@@ -556,7 +563,7 @@ def compare_case(ref: McReference, evaluated) -> dict:
     if kind == "helical":
         g = compare_gamma(ref, evaluated)
         out["gamma_2_2_pass_pct"] = g.pass_rate_percent
-        body = ref.density_g_cm3 > 0.05
-        hi = ref.dose_gy >= 0.5 * ref.dose_gy.max()
+        body = ref.density_g_cm3 >= 0.05
+        hi = ref.dose_gy >= 0.5 * ref.dose_gy[body].max()
         out["mean_diff_high_dose_pct"] = float(100 * np.mean((np.asarray(evaluated)[hi & body] / ref.dose_gy[hi & body]) - 1))
     return out
