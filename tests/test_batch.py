@@ -322,11 +322,19 @@ def test_cluster_run_equals_serial_then_resumes_by_content(cluster_client, tmp_p
     assert nominal["PGTV_coverage"] == pytest.approx(96.5, abs=1.5)  # base normalisation on the nominal delivery
     assert len(workers) >= 1
 
-    # re-run: everything cached, nothing computed
+    # re-run: everything cached, nothing computed (and a Parquet copy of the summary when pyarrow is there)
+    import importlib.util
+
+    formats = ("csv", "parquet") if importlib.util.find_spec("pyarrow") else ("csv",)
     computed = []
-    res2 = run_study(st, out, client=cluster_client, progress=False, on_result=lambda n, r, c: computed.append(n))
+    res2 = run_study(st, out, client=cluster_client, progress=False, summary_formats=formats,
+                     on_result=lambda n, r, c: computed.append(n))
     assert res2.counts["cached"] == 3 and computed == []
     assert res2.summary.drop(columns=["status"]).equals(res.summary.drop(columns=["status"]))
+    if "parquet" in formats:
+        import pandas as pd
+
+        assert list(pd.read_parquet(out / "summary.parquet")["case"]) == list(res2.summary["case"])
     # a renamed case is still cached; a changed case runs again; the others are skipped
     st3 = tiny_study(grid=[{"couch_speed_error_percent": [0.0, 4.0]}, {"leaf_latency_error_ms": [-30.0]}])
     st3 = replace(st3, cases=(replace(st3.cases[0], name="renamed nominal"),) + st3.cases[1:])
@@ -382,9 +390,11 @@ def test_failing_case_is_retried_then_reported(cluster_client, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_killing_a_worker_mid_study_loses_no_case(tmp_path):
-    """Kill a worker process (SIGKILL) after the first case finishes: the nanny restarts it, Dask
-    reschedules its task, every case ends done or reported, no half-written file remains."""
+@pytest.mark.parametrize("victims", ["one", "all"])
+def test_killing_workers_mid_study_loses_no_case(tmp_path, victims):
+    """SIGKILL one busy worker process (or all of them, losing every broadcast copy of the shared
+    inputs) after the first case finishes: the nannies restart them, Dask reschedules the running
+    tasks, the inputs are scattered again, every case ends done or reported, no half-written file."""
     from tomodose.batch import local_cluster, run_study
 
     distributed = _need_batch_extra()
@@ -396,9 +406,10 @@ def test_killing_a_worker_mid_study_loses_no_case(tmp_path):
             return
         pids = client.run(os.getpid)
         busy = [w for w, tasks in client.processing().items() if tasks]
-        target = busy[0] if busy else sorted(pids)[0]
-        os.kill(pids[target], signal.SIGKILL)
-        killed.append(target)
+        targets = sorted(pids) if victims == "all" else [busy[0] if busy else sorted(pids)[0]]
+        for target in targets:
+            os.kill(pids[target], signal.SIGKILL)
+        killed.extend(targets)
 
     cluster = local_cluster(n_workers=2, threads_per_worker=1)
     with distributed.Client(cluster) as client:

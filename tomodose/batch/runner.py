@@ -320,7 +320,7 @@ def _execute(client, as_completed, study, out, groups, first_case, threads, retr
         task = CaseTask(names[h], h, g, first_case[h], study.settings, str(out), threads)
         fut = client.submit(case_function, task, shared[g], key=f"case-{h[:16]}-{token}-{resubmits.get(h, 0)}",
                             retries=retries, pure=False)
-        meta[fut.key] = ("case", h, fut)
+        meta[fut.key] = ("case", (h, shared[g].key), fut)
         ac.add(fut)
 
     def scatter(g):
@@ -357,7 +357,8 @@ def _collect(client, ac, meta, study, groups, first_case, prepared, shared, resu
         kind, ident, _ = meta.pop(fut.key)
         exc = None
         value = None
-        if fut.status == "finished":
+        fut_status = fut.status
+        if fut_status == "finished":
             try:
                 value = fut.result()
             except Exception as e:  # noqa: BLE001 - reported, never lost
@@ -381,7 +382,7 @@ def _collect(client, ac, meta, study, groups, first_case, prepared, shared, resu
             for h in groups[g]:
                 submit_case(h)
             continue
-        h = ident
+        h, shared_key = ident
         if exc is None:
             rows[h], status[h] = value, DONE
             if bar is not None:
@@ -390,10 +391,14 @@ def _collect(client, ac, meta, study, groups, first_case, prepared, shared, resu
                 on_result(names[h], value, client)
             continue
         g = study.group_hash(first_case[h])
-        lost = _is_lost(exc) or shared[g].status != "finished"
+        # cancelled by the scheduler (its broadcast input was lost with the workers holding it), or
+        # submitted against a broadcast copy that has since been replaced
+        lost = (fut_status == "cancelled" or _is_lost(exc) or shared_key != shared[g].key
+                or shared[g].status != "finished")
         if lost and resubmits.get(h, 0) < _MAX_RESUBMITS:
             resubmits[h] = resubmits.get(h, 0) + 1
-            log.warning("case %r lost its inputs (%s): resubmitting", names[h], type(exc).__name__)
+            log.warning("case %r lost its inputs (task %s, %s): resubmitting", names[h], fut_status,
+                        type(exc).__name__)
             if shared[g].status != "finished":
                 scatter(g)
             submit_case(h)
