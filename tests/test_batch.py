@@ -202,6 +202,9 @@ def test_case_hash_is_content_not_name(tmp_path):
     (lambda d: d["base"]["phantom_overrides"].update(spacing_cm=1.0), "spacing_cm"),
     (lambda d: d["base"].update(phantom="no_such_phantom"), "no_such_phantom"),
     (lambda d: d.update(studdy={}), "studdy"),
+    (lambda d: d["study"].update(engine_options={"far_field_stepp": 2}), "far_field_stepp"),
+    (lambda d: d["study"].update(protocol_options={"normal_liver": "whole"}), "normal_liver"),
+    (lambda d: d["study"].update(protocol="no_protocol"), "no_protocol"),
 ])
 def test_bad_study_input_names_the_parameter(mutate, match):
     d = tiny_dict()

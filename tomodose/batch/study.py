@@ -192,6 +192,19 @@ class Case:
     perturbation: Perturbation = field(default_factory=Perturbation)
 
 
+def _engine_option_names(engine: str) -> tuple:
+    """Keyword options :func:`tomodose.dose.compute_dose` passes to ``engine``."""
+    import inspect
+
+    if engine == "collapsed_cone":
+        from tomodose.dose.engine import _ccc_engine as fn
+    else:
+        from tomodose.transport.pencil_beam import pencil_beam_dose as fn
+    skip = {"patient", "seq", "patient_or_density", "projections", "beam_model", "kernel", "progress", "timings"}
+    return tuple(n for n, p in inspect.signature(fn).parameters.items()
+                 if n not in skip and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
+
+
 @dataclass(frozen=True)
 class StudySettings:
     """Settings shared by every case.
@@ -226,6 +239,12 @@ class StudySettings:
         for name in ("engine_options", "protocol_options"):
             if not isinstance(getattr(self, name), dict):
                 raise ValueError(f"{name} must be a table, got {getattr(self, name)!r}")
+        allowed = _engine_option_names(self.engine)
+        unknown = sorted(set(self.engine_options) - set(allowed))
+        if unknown:
+            raise ValueError(f"engine_options {unknown} are not options of the {self.engine} engine; "
+                             f"allowed: {sorted(allowed)}")
+        self.load_protocol().resolve_options(self.protocol_options)  # unknown option / value -> error
 
     def load_protocol(self):
         from tomodose.evaluation.protocol import load_protocol
