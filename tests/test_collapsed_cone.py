@@ -412,9 +412,10 @@ def test_fast_kernel_matches_reference_kernel(group_kernel, tilt):
     for d in range(dirs.shape[0]):
         m, sgn, da, db, step = direction_geometry(dirs[d], spacing)
         out = [np.zeros(shape), np.zeros(shape)]
-        for fn, dose in zip((_k.transport_direction, _k.transport_direction_reference), out):
-            fn(terma, rho, dose, m, sgn, da, db, step, rates, np.ascontiguousarray(amps[:, ring[d]]), tilt,
-               np.ascontiguousarray(dirs[d]), float(omega[d]), table, ds, norm, src, o, s, axis)
+        args = (terma, rho, None, m, sgn, da, db, step, rates, np.ascontiguousarray(amps[:, ring[d]]), tilt,
+                np.ascontiguousarray(dirs[d]), float(omega[d]), table, ds, norm, src, o, s, axis)
+        _k.transport_direction(*args[:2], out[0], *args[3:], False)
+        _k.transport_direction_reference(*args[:2], out[1], *args[3:])
         np.testing.assert_allclose(out[0], out[1], rtol=1e-10, atol=1e-14 * out[1].max())
 
 

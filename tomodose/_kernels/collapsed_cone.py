@@ -289,7 +289,7 @@ def transport_direction_reference(terma, rho, dose, m, sgn, da, db, step_cm, rat
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
 def transport_direction(terma, rho, dose, m, sgn, da, db, step_cm, rates, amp_const,
                         tilt, u_xyz, solid_angle, density_table, ds, norm,
-                        source_xyz, origin_xyz, spacing_xyz, fallback_axis):
+                        source_xyz, origin_xyz, spacing_xyz, fallback_axis, direct_sources):
     """Add the dose carried along one cone direction to ``dose`` (in place).
 
     Parameters (plain arrays/scalars)
@@ -312,6 +312,9 @@ def transport_direction(terma, rho, dose, m, sgn, da, db, step_cm, rates, amp_co
     density_table : (G, M, K)  per-steradian amplitudes vs s = sqrt(1 - cos theta), step ``ds``.
     norm : (G, nz, ny, nx)  per-voxel normalisation per group (tilt only).
     source_xyz, origin_xyz, spacing_xyz, fallback_axis : (3,) LPS mm / unit vector.
+    direct_sources : bool
+        ``terma`` (K, nz, ny, nx) already holds the source of each term (``amp_const`` and
+        ``tilt`` unused): the shared-direction transport of rotational delivery.
 
     One ``prange`` task per row of lines (all lines sharing the index ``ia`` along axis ``a``):
     the lines of a row visit neighbouring voxels along ``b`` at every step (contiguous memory
@@ -393,7 +396,10 @@ def transport_direction(terma, rho, dose, m, sgn, da, db, step_cm, rates, amp_co
                     _segment_factors(rates, inv_rates, delta, ex, gg, li)
                 for k in range(n_k):
                     src[k] = 0.0
-                if t != 0.0:
+                if direct_sources:
+                    for k in range(n_k):
+                        src[k] = tf[k, idx]
+                elif t != 0.0:
                     c = 0.0
                     if tilt:
                         if m == 0:

@@ -41,11 +41,20 @@ log = logging.getLogger(__name__)
 #: Engine names accepted by :func:`compute_dose`.
 ENGINES = ("collapsed_cone", "pencil_beam")
 
+#: marks an engine option left at its documented default
+DEFAULT = object()
+#: default ``shared_from_deg`` of the collapsed-cone engine: kernel rings at least this far from
+#: the beam are transported along one shared direction set for all parallel-tilt (helical) angle
+#: groups; None = every ring per angle group (the reference). Accuracy: ``docs/dose.md``.
+SHARED_FROM_DEG: float | None = None
+#: default ``shared_directions`` (size of the shared direction set).
+SHARED_DIRECTIONS = 512
+
 
 def _ccc_engine(patient: PatientModel, seq: ProjectionSequence, *, beam_model=None, kernel=None,
                 progress=None, n_subsamples: int | None = None, angle_groups: int | None = None,
-                grouping: str = "angle", tilt: str = "auto", shared_from_deg: float | None = None,
-                shared_directions: int = 256, timings: dict | None = None) -> np.ndarray:
+                grouping: str = "angle", tilt: str = "auto", shared_from_deg=DEFAULT,
+                shared_directions=DEFAULT, timings: dict | None = None) -> np.ndarray:
     from tomodose.terma.terma import compute_terma
 
     check_choice("grouping", grouping, ("angle", "projection"))
@@ -81,78 +90,99 @@ def _terma_groups(seq: ProjectionSequence, tr) -> list:
     return groups
 
 
+def _check_shared_options(shared_from_deg, shared_directions) -> None:
+    shared_from_deg = SHARED_FROM_DEG if shared_from_deg is DEFAULT else shared_from_deg
+    shared_directions = SHARED_DIRECTIONS if shared_directions is DEFAULT else shared_directions
+    if shared_from_deg is not None and (
+            isinstance(shared_from_deg, bool) or not isinstance(shared_from_deg, (int, float, np.number))
+            or not 0.0 <= float(shared_from_deg) <= 180.0):
+        raise ValueError(f"shared_from_deg must be an angle in [0, 180] deg or None, got {shared_from_deg!r}")
+    if isinstance(shared_directions, bool) or not isinstance(shared_directions, (int, np.integer)) \
+            or shared_directions < 1:
+        raise ValueError(f"shared_directions must be an integer >= 1, got {shared_directions!r}")
+
+
 def _ccc_transport(patient: PatientModel, groups: list, *, kernel=None, progress=None, single_sources: bool = False,
-                   tilt: str = "auto", shared_from_deg: float | None = None, shared_directions: int = 256,
+                   tilt: str = "auto", shared_from_deg=DEFAULT, shared_directions=DEFAULT,
                    timings: dict | None = None) -> np.ndarray:
     """Collapsed-cone dose of TERMA groups (see :func:`_ccc_engine`); float32, engine units.
 
     ``shared_from_deg``: kernel rings at least this far from the beam (ring direction, deg) of the
     groups with a parallel-beam tilt are transported along one shared direction set
     (:func:`tomodose.transport.collapsed_cone.shared_direction_dose`, ``shared_directions``
-    directions) instead of per group; None transports every ring per group (the reference).
+    directions) instead of per group, when that means fewer transports (more moved cones than
+    shared directions); None transports every ring per group (the reference).
     """
     from tomodose.transport.collapsed_cone import collapsed_cone_dose, shared_direction_dose
     from tomodose.transport.kernels import load_kernel
 
     check_choice("tilt", tilt, ("auto", "source", "parallel"))
+    if shared_from_deg is DEFAULT:
+        shared_from_deg = SHARED_FROM_DEG
+    if shared_directions is DEFAULT:
+        shared_directions = SHARED_DIRECTIONS
     if kernel is None:
         kernel = load_kernel()
-    shared_rings = None
+    _check_shared_options(shared_from_deg, shared_directions)
+    shared_rings = own_rings = None
     if shared_from_deg is not None:
-        if isinstance(shared_from_deg, bool) or not isinstance(shared_from_deg, (int, float, np.number)) \
-                or not 0.0 <= float(shared_from_deg) <= 180.0:
-            raise ValueError(f"shared_from_deg must be an angle in [0, 180] deg or None, got {shared_from_deg!r}")
-        if isinstance(shared_directions, bool) or int(shared_directions) != shared_directions or shared_directions < 1:
-            raise ValueError(f"shared_directions must be an integer >= 1, got {shared_directions!r}")
         shared_rings = np.flatnonzero(kernel.polar_deg >= float(shared_from_deg))
         own_rings = np.flatnonzero(kernel.polar_deg < float(shared_from_deg))
     density = patient.mass_density_g_cm3
     grid = patient.grid
     dose = np.zeros(grid.shape, dtype=np.float64)
-    show = config.progress_enabled(progress)
-    iterator = groups
-    if show:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(groups, desc="collapsed cone", unit="angle group")
-    t1 = time.perf_counter()
-    per_group_s = []
-    parallel_terma, parallel_dirs = [], []
-    n_transports = 0
-    for s, terma_g, angle, couches, travel in iterator:
+    # kernel tilt of every non-empty group: toward one point source, or the group's beam direction
+    plan_units = []
+    for s, terma_g, angle, couches, travel in groups:
         if not np.any(terma_g > 0):
             continue
-        tg = time.perf_counter()
         # one source position: a fixed beam, or one projection transported on its own (its couch
         # travel, < 1 mm, is neglected for the tilt only)
         single_source = np.ptp(couches) == 0 and (single_sources or not np.any(travel > 0))
         use_source = tilt == "source" or (tilt == "auto" and single_source)
+        plan_units.append((s, terma_g, angle, couches, use_source))
+    n_parallel = sum(1 for u in plan_units if not u[4])
+    use_shared = (shared_rings is not None and shared_rings.size > 0
+                  and n_parallel * shared_rings.size * kernel.n_azimuth > int(shared_directions))
+    show = config.progress_enabled(progress)
+    iterator = plan_units
+    if show:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(plan_units, desc="collapsed cone", unit="angle group")
+    t1 = time.perf_counter()
+    per_group_s = []
+    parallel_index, parallel_dirs = [], []
+    for i, (s, terma_g, angle, couches, use_source) in enumerate(iterator):
+        tg = time.perf_counter()
         if use_source:
             src = source_position_patient(angle, float(np.mean(couches)), s.isocentre_lps_mm, s.machine.sad_mm,
                                           s.patient_position)
-            d = collapsed_cone_dose(terma_g, density, grid, source_position_mm=src, kernel=kernel, progress=False)
+            dose += collapsed_cone_dose(terma_g, density, grid, source_position_mm=src, kernel=kernel, progress=False)
         else:
             _, _, zg = beam_axes_patient(angle, s.patient_position)
             rings = None
-            if shared_rings is not None:
+            if use_shared:
                 rings = own_rings
-                parallel_terma.append(terma_g)
+                parallel_index.append(i)
                 parallel_dirs.append(-zg)
-            d = collapsed_cone_dose(terma_g, density, grid, beam_direction=-zg, kernel=kernel, rings=rings,
-                                    progress=False)
-        dose += d
-        n_transports += 1
+            if rings is None or rings.size:
+                dose += collapsed_cone_dose(terma_g, density, grid, beam_direction=-zg, kernel=kernel, rings=rings,
+                                            progress=False)
         per_group_s.append(time.perf_counter() - tg)
     t_shared = 0.0
-    if parallel_terma and shared_rings is not None and shared_rings.size:
+    if parallel_index:
         ts = time.perf_counter()
-        dose += shared_direction_dose(np.stack(parallel_terma), np.asarray(parallel_dirs), density, grid,
-                                      kernel=kernel, rings=shared_rings, n_directions=int(shared_directions),
-                                      progress=show)
+        stack = np.empty((len(parallel_index),) + grid.shape, dtype=np.float32)
+        for j, i in enumerate(parallel_index):
+            stack[j] = plan_units[i][1]
+        dose += shared_direction_dose(stack, np.asarray(parallel_dirs), density, grid, kernel=kernel,
+                                      rings=shared_rings, n_directions=int(shared_directions), progress=show)
         t_shared = time.perf_counter() - ts
     if timings is not None:
-        timings.update(transport_s=time.perf_counter() - t1, n_transports=n_transports,
-                       per_group_s=[round(v, 4) for v in per_group_s], shared_s=t_shared)
+        timings.update(transport_s=time.perf_counter() - t1, n_transports=len(plan_units),
+                       per_group_s=[round(v, 4) for v in per_group_s], shared_s=t_shared,
+                       shared_groups=len(parallel_index))
     return dose.astype(np.float32)
 
 
@@ -229,6 +259,9 @@ def compute_dose(patient: PatientModel, plan, engine: str = "collapsed_cone", *,
     if seq.patient_position != patient.patient_position:
         raise ValueError(f"plan patient_position {seq.patient_position!r} differs from the patient's "
                          f"{patient.patient_position!r}")
+    if engine == "collapsed_cone":
+        _check_shared_options(engine_options.get("shared_from_deg", DEFAULT),
+                              engine_options.get("shared_directions", DEFAULT))
     beam_model = beam_model or BeamModel.default()
     calib_options = {k: v for k, v in engine_options.items() if k in ("n_subsamples",)}
     t0 = time.perf_counter()

@@ -211,7 +211,7 @@ def collapsed_cone_dose(
         _k.transport_direction(
             t_arr, rho, dose, m, sgn, da, db, step_cm, rates,
             np.ascontiguousarray(amps_ring[:, ring[d]]), tilt, np.ascontiguousarray(dirs[d]),
-            float(omega[d]), table, ds, norm, src, origin, spacing, axis,
+            float(omega[d]), table, ds, norm, src, origin, spacing, axis, False,
         )
     logger.debug("collapsed cone: %d directions on %s in %.2f s", len(iterator), grid.shape,
                   time.perf_counter() - t0)
@@ -345,15 +345,18 @@ def shared_direction_dose(
         iterator = tqdm(batches, desc="shared cones", unit="batch", leave=False)
     t0 = time.perf_counter()
     src = np.empty((int(batch), n_k, flat.shape[1]), dtype=np.float32)
+    t_contract = 0.0
     for js in iterator:
         w = np.ascontiguousarray(weights[js])
         out = src[:js.size]
+        tc = time.perf_counter()
         _k.contract_sources(flat, w, out)
+        t_contract += time.perf_counter() - tc
         for i, j in enumerate(js):
             m, sgn, da, db, step_cm = direction_geometry(fixed[j], spacing)
             _k.transport_direction(out[i].reshape((n_k,) + grid.shape), rho, dose, m, sgn, da, db, step_cm,
                                    rates, eye, False, np.ascontiguousarray(fixed[j]), 0.0, table, 1.0, norm,
-                                   zero3, origin, spacing, zero3)
-    logger.debug("shared directions: %d of %d on %s for %d beams in %.2f s", active.size, fixed.shape[0],
-                 grid.shape, n_g, time.perf_counter() - t0)
+                                   zero3, origin, spacing, zero3, True)
+    logger.debug("shared directions: %d of %d on %s for %d beams in %.2f s (sources %.2f s)", active.size,
+                 fixed.shape[0], grid.shape, n_g, time.perf_counter() - t0, t_contract)
     return dose
