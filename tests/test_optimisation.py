@@ -174,3 +174,38 @@ def test_far_field_gradient_consistent():
     # the recorded objective is that of the full (near + far) dose
     f_full = evaluate_terms(terms, a @ x + interp @ (values @ x))[0]
     assert history[-1] == pytest.approx(f_full, rel=1e-9)
+
+
+# --- the protocol on the phantom configurations (the acceptance check, coarse grid) -------------
+#: Coarse grid of the configuration test; docs/optimisation.md holds the 5 mm table of
+#: examples/protocol_configurations.py.
+CONFIG_SPACING_MM = 8.0
+#: Configurations that cannot pass and the constraints they miss (docs/optimisation.md says why).
+CANNOT_PASS: dict = {}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [
+    "liver_default", "liver_small_far", "liver_near_stomach_heart", "liver_dome_lung",
+    pytest.param("liver_large", marks=pytest.mark.xfail(
+        "liver_large" in CANNOT_PASS, strict=True, raises=AssertionError,
+        reason="8 cm target: see docs/optimisation.md (normal-liver budget)")),
+])
+def test_protocol_passes_on_configuration(name):
+    from tomodose.demo import DemoConfig, plan_study
+    from tomodose.evaluation.protocol import GOAL_MISSED, HARD_FAILED
+
+    r = plan_study(DemoConfig(phantom=name, spacing_mm=CONFIG_SPACING_MM), progress=False)
+    ev = r["evaluation"]
+    assert r["summary"]["missing"] == []
+    missed = sorted(x.id for x in ev.results if x.verdict in (HARD_FAILED, GOAL_MISSED))
+    expected = sorted(CANNOT_PASS.get(name, ()))
+    unexpected = sorted(set(missed) - set(expected))
+    if unexpected:  # not an AssertionError: a configuration's undocumented failure is a real failure
+        pytest.fail(f"{name}: constraints missed: {unexpected} "
+                    f"({[(x.id, x.value, x.hard) for x in ev.results if x.id in unexpected]})")
+    assert missed == [], f"{name}: documented failures {missed}"
+    # the optimiser's record: monotonic first optimisation, every round evaluated on the collapsed cone
+    h = r["summary"]["optimisation"]["objective_history"]
+    assert all(b <= a + 1e-12 for a, b in zip(h, h[1:]))
+    assert r["summary"]["optimisation"]["correction_rounds"][0]["pb_vs_ccc"]["PGTV"]["ccc_mean_gy"] > 0
