@@ -28,6 +28,6 @@ def ray_depth(ax, ay, bx, by, px, py, nx, ny, inside):
     den = np.where(ok, den, 1.0)
     dist = (wx * ey[None, :] - wy * ex[None, :]) / den
     t = (wx * ny[:, None] - wy * nx[:, None]) / den
-    ok &= (t >= 0.0) & (t <= 1.0)
+    ok &= (t >= -1e-9) & (t <= 1.0 + 1e-9)
     side = np.where(inside[:, None], dist >= 0, dist <= 0)
     return np.where(ok & side, np.abs(dist), np.inf).min(axis=1)

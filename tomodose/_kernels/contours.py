@@ -68,7 +68,7 @@ def ray_depth(ax, ay, bx, by, px, py, nx, ny, inside):
             wy = ay[e] - py[i]
             dist = (wx * ey - wy * ex) / den
             t = (wx * ny[i] - wy * nx[i]) / den
-            if t < 0.0 or t > 1.0:
+            if t < -1e-9 or t > 1.0 + 1e-9:
                 continue
             if inside[i]:
                 if dist >= 0.0 and dist < best:
