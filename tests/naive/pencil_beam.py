@@ -3,7 +3,9 @@
 * :func:`inplane_depth` - exact in-slice radiological path (all grid-line crossings, sorted,
   midpoint lookup) from every voxel centre to the source.
 * :func:`dose` - loop over samples and voxels with exact error functions (``scipy.special.ndtr``)
-  and the explicit leaf sum ``sum_l a_l [Phi((u - e_l)/s) - Phi((u - e_{l+1})/s)]`` (no tables).
+  and the explicit leaf sum ``sum_l a_l [Phi((u - e_l)/s) - Phi((u - e_{l+1})/s)]`` (no tables);
+  the twin of both the per-sample and the angle-clustered kernels (same model).
+* :func:`trilinear` - trilinear interpolation from a node lattice, voxel by voxel.
 """
 
 from __future__ import annotations
@@ -92,4 +94,29 @@ def dose(density, origin, spacing, src, xg, yg, zg, dt, depth_maps, a, *, sad, s
                         sl = math.hypot(su, s_leaf)
                         total += amp * jv * _leaf(u, sl, a[s], e0, w)
                     out[k, j, i] += dt[s] * total * h * off * (sad / r) ** 2
+    return out
+
+
+def trilinear(values, ks, js, is_, shape):
+    """(nz, ny, nx) trilinear interpolation of ``values`` given at voxel indices ``ks x js x is_``."""
+    out = np.zeros(shape)
+
+    def bracket(nodes, x):
+        if nodes.size == 1:
+            return 0, 0, 0.0
+        a = min(max(int(np.searchsorted(nodes, x, side="right")) - 1, 0), nodes.size - 2)
+        return a, a + 1, (x - nodes[a]) / (nodes[a + 1] - nodes[a])
+
+    for k in range(shape[0]):
+        a0, a1, fk = bracket(ks, k)
+        for j in range(shape[1]):
+            b0, b1, fj = bracket(js, j)
+            for i in range(shape[2]):
+                c0, c1, fi = bracket(is_, i)
+                total = 0.0
+                for aa, wa in ((a0, 1 - fk), (a1, fk)):
+                    for bb, wb in ((b0, 1 - fj), (b1, fj)):
+                        for cc, wc in ((c0, 1 - fi), (c1, fi)):
+                            total += wa * wb * wc * values[aa, bb, cc]
+                out[k, j, i] = total
     return out

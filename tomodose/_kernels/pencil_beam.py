@@ -535,3 +535,297 @@ def node_dose_group(out, node_flat, depth_t, rho_t, origin, spacing, shape, src,
                                        sig, a_all[p], tab_all[p], e0, w, s_leaf, s_tab, lev_off, lev_h, lev_n,
                                        log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi)
         out[n] += acc
+
+
+# ---------------------------------------------------------------------------------------------
+# angle-clustered evaluation: one pass per voxel for all projections sharing a beam orientation
+# ---------------------------------------------------------------------------------------------
+#: most leaves an error-function ("direct") Gaussian can touch at one voxel (7.5 s_tab / w + 3).
+MAX_DIRECT_LEAVES = 16
+
+
+@numba.njit(**NUMBA_OPTIONS)
+def _cluster_row(out, is_, m0, m1, j, k, origin, spacing, depth_t, rho_t, s0, xg, yg, zg, t_p, dt_p, a_c, tab_c, u_lo_p,
+                 u_hi_p, r_u, v_half, r_v, g_lo, g_hi, sad, amps, dz_tab, tail, sig, e0, w, s_leaf, s_tab, lev_off,
+                 lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi, amp_v, isv_v, kind_v, lam_v, l0_v,
+                 nl_v, tb_v):
+    """Dose of all samples of one cluster (same beam axes; sources ``s0 + t_p yg``) at the voxels
+    ``(k, j, is_[m])`` for ``m0 <= m <= m1``, added to ``out[m]``.
+
+    Same arithmetic as :func:`voxel_value` per sample (Gaussians ``g_lo <= i < g_hi`` only), but
+    everything that does not depend on the couch offset ``t_p`` (``u``, distance, off-axis terms,
+    amplitudes, widths and the leaf profiles of each Gaussian at ``u``) is computed once per voxel;
+    the loop over the cluster's samples only evaluates the jaw profile, the inverse square and the
+    leaf-weighted sum. Window: sample ``p`` contributes when ``u_lo_p[p] - r_u c <= u <= u_hi_p[p] + r_u c``
+    and ``|v_p| <= v_half + r_v c`` with ``c = SAD / den`` (reaches given at the voxel's distance,
+    as the influence matrix's windows). ``amp_v ... tb_v`` are per-thread scratch arrays.
+    """
+    py = origin[1] + j * spacing[1]
+    pz = origin[2] + k * spacing[2]
+    for m in range(m0, m1 + 1):
+        ii = is_[m]
+        px = origin[0] + ii * spacing[0]
+        depth = depth_t[j, ii, k]
+        rho = rho_t[j, ii, k]
+        dx0 = px - s0[0]
+        dy0 = py - s0[1]
+        dz0 = pz - s0[2]
+        den = -(dx0 * zg[0] + dy0 * zg[1] + dz0 * zg[2])
+        if den <= 0.0:
+            continue
+        xx = dx0 * xg[0] + dy0 * xg[1] + dz0 * xg[2]
+        yy = dx0 * yg[0] + dy0 * yg[1] + dz0 * yg[2]
+        sc = sad / den
+        u = xx * sc
+        n_s = t_p.shape[0]
+        ru = r_u * sc
+        v_reach = v_half + r_v * sc
+        # any sample whose window holds u?
+        anyu = False
+        for p in range(n_s):
+            if u_lo_p[p] - ru <= u <= u_hi_p[p] + ru:
+                anyu = True
+                break
+        if not anyu:
+            continue
+        theta = math.atan(u / sad)
+        at = abs(theta)
+        hsoft = 1.0 + soft * at
+        off = 1.0
+        pw = 1.0
+        for c in range(offc.shape[0]):
+            pw *= at
+            off += offc[c] * pw
+        dd = hsoft * depth
+        nzt = amps.shape[0]
+        t = dd / dz_tab - 0.5
+        ext = 0.0
+        if t <= 0.0:
+            k0 = 0
+            f = 0.0
+        elif t >= nzt - 1:
+            k0 = nzt - 2
+            f = 1.0
+            ext = t - (nzt - 1)
+        else:
+            k0 = int(t)
+            f = t - k0
+        lat = sad / (rho * den)
+        log2_lat = math.log2(lat)
+        sj2 = s_jaw * s_jaw
+        sl2 = s_leaf * s_leaf
+        st2 = s_tab * s_tab
+        n_lev = lev_off.shape[0]
+        for i in range(g_lo, g_hi):
+            amp = amps[k0, i] + f * (amps[k0 + 1, i] - amps[k0, i])
+            if ext > 0.0:
+                amp *= tail[i] ** ext
+            kind_v[i] = 0
+            if amp <= 0.0:
+                continue
+            amp_v[i] = amp
+            su = sig[0, i] * lat
+            su2 = su * su
+            sv = math.sqrt(su2 + sj2)
+            if sv < 1e-9:
+                sv = 1e-9
+            isv_v[i] = 1.0 / sv
+            s2 = su2 + sl2
+            if s2 < st2:
+                # leaf profiles Lambda_l(u) of the leaves this Gaussian reaches (cf. _leaf_direct)
+                sl = math.sqrt(s2)
+                if sl < 1e-9:
+                    sl = 1e-9
+                isl = 1.0 / sl
+                n = a_c.shape[1]
+                reach = 7.5 * sl
+                m_lo = int(math.ceil((u - reach - e0) / w))
+                m_hi = int(math.floor((u + reach - e0) / w))
+                if m_lo < 0:
+                    m_lo = 0
+                if m_hi > n:
+                    m_hi = n
+                l_first = m_lo - 1
+                if l_first < 0:
+                    l_first = 0
+                l_last = m_hi
+                if l_last > n - 1:
+                    l_last = n - 1
+                nl = l_last - l_first + 1
+                if nl <= 0:
+                    continue
+                kind_v[i] = 1
+                l0_v[i] = l_first
+                nl_v[i] = nl
+                for q in range(nl):
+                    lf = l_first + q
+                    # Phi at the leaf's two edges, saturated outside [m_lo, m_hi]
+                    if lf < m_lo:
+                        c_lo = 1.0
+                    elif lf > m_hi:
+                        c_lo = 0.0
+                    else:
+                        c_lo = _phi((u - (e0 + lf * w)) * isl, phi)
+                    if lf + 1 < m_lo:
+                        c_hi = 1.0
+                    elif lf + 1 > m_hi:
+                        c_hi = 0.0
+                    else:
+                        c_hi = _phi((u - (e0 + (lf + 1) * w)) * isl, phi)
+                    lam_v[i, q] = c_lo - c_hi
+            else:
+                kind_v[i] = 2
+                x = sl2 / su2
+                lg = sig[1, i] + log2_lat + 0.5 * _INV_LN2 * (x - 0.5 * x * x)
+                qq = (lg - log2_s0) * lpo
+                if qq <= 0.0:
+                    q0 = 0
+                    fq = 0.0
+                elif qq >= n_lev - 1:
+                    q0 = n_lev - 2
+                    fq = 1.0
+                else:
+                    q0 = int(qq)
+                    fq = qq - q0
+                for dq in range(2):
+                    lq = q0 + dq
+                    xq = (u + u_max) * lev_h[lq]
+                    nq = lev_n[lq]
+                    if xq <= 0.0:
+                        base = lev_off[lq]
+                        fu = 0.0
+                    elif xq >= nq - 1:
+                        base = lev_off[lq] + nq - 2
+                        fu = 1.0
+                    else:
+                        jj = int(xq)
+                        fu = xq - jj
+                        base = lev_off[lq] + jj
+                    tb_v[i, 2 * dq] = base
+                    lam_v[i, 2 * dq] = fu
+                    lam_v[i, 2 * dq + 1] = (1.0 - fq) if dq == 0 else fq
+                l0_v[i] = 0
+        r2_perp = den * den + xx * xx
+        total = 0.0
+        for p in range(n_s):
+            if u < u_lo_p[p] - ru or u > u_hi_p[p] + ru:
+                continue
+            yp = yy - t_p[p]
+            v = yp * sc
+            if abs(v) > v_reach:
+                continue
+            acc = 0.0
+            for i in range(g_lo, g_hi):
+                kd = kind_v[i]
+                if kd == 0:
+                    continue
+                isv = isv_v[i]
+                jv = _phi((v + jaw_h) * isv, phi) - _phi((v - jaw_h) * isv, phi)
+                if jv <= 0.0:
+                    continue
+                if kd == 1:
+                    lu = 0.0
+                    l_first = l0_v[i]
+                    for q in range(nl_v[i]):
+                        lu += a_c[p, l_first + q] * lam_v[i, q]
+                else:
+                    lu = 0.0
+                    for dq in range(2):
+                        wq = lam_v[i, 2 * dq + 1]
+                        if wq == 0.0:
+                            continue
+                        b = tb_v[i, 2 * dq]
+                        fu = lam_v[i, 2 * dq]
+                        t0 = tab_c[p, b]
+                        lu += wq * (t0 + fu * (tab_c[p, b + 1] - t0))
+                acc += amp_v[i] * jv * lu
+            if acc != 0.0:
+                total += dt_p[p] * acc * sad * sad / (r2_perp + yp * yp)
+        out[m] += total * hsoft * off
+
+
+@numba.njit(**NUMBA_PARALLEL_OPTIONS)
+def cluster_dose_lattice(out, ks, js, is_, k_lo, k_hi, depth_t, rho_t, origin, spacing, s0, xg, yg, zg, t_p, dt_p, a_c,
+                         tab_c, u_lo_p, u_hi_p, r_u, v_half, r_v, widen, g_lo, g_hi, sad, amps, dz_tab, tail, sig, e0,
+                         w, s_leaf, s_tab, lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi):
+    """Add the dose of one cluster (see :func:`_cluster_row`) at the voxels ``ks x js x is_``
+    (increasing index arrays) to ``out`` (ks.size, js.size, is_.size) float64; slices outside
+    ``k_lo <= k < k_hi`` are skipped. ``widen``: largest SAD / den of the grid (row ranges).
+    Parallel over slices (disjoint writes, fixed order)."""
+    nx = depth_t.shape[1]
+    n_g = sig.shape[1]
+    # union of the sample windows, for the row ranges
+    u_lo = 1e30
+    u_hi = -1e30
+    for p in range(t_p.shape[0]):
+        u_lo = min(u_lo, u_lo_p[p] - r_u * widen)
+        u_hi = max(u_hi, u_hi_p[p] + r_u * widen)
+    for a in numba.prange(ks.shape[0]):
+        k = ks[a]
+        if k < k_lo or k >= k_hi:
+            continue
+        amp_v = np.zeros(n_g)
+        isv_v = np.zeros(n_g)
+        kind_v = np.zeros(n_g, dtype=np.int64)
+        lam_v = np.zeros((n_g, MAX_DIRECT_LEAVES))
+        l0_v = np.zeros(n_g, dtype=np.int64)
+        nl_v = np.zeros(n_g, dtype=np.int64)
+        tb_v = np.zeros((n_g, 4), dtype=np.int64)
+        z = origin[2] + k * spacing[2]
+        for b in range(js.shape[0]):
+            j = js[b]
+            y = origin[1] + j * spacing[1]
+            d0x = origin[0] - s0[0]
+            d0y = y - s0[1]
+            d0z = z - s0[2]
+            A = d0x * xg[0] + d0y * xg[1] + d0z * xg[2]
+            a1 = spacing[0] * xg[0]
+            B = -(d0x * zg[0] + d0y * zg[1] + d0z * zg[2])
+            b1 = -spacing[0] * zg[0]
+            i0, i1 = _row_range(u_lo, u_hi, (A, a1), (B, b1), sad, nx)
+            if i1 < i0:
+                continue
+            m0 = np.searchsorted(is_, i0)
+            m1 = np.searchsorted(is_, i1, side="right") - 1
+            if m1 < m0:
+                continue
+            _cluster_row(out[a, b], is_, m0, m1, j, k, origin, spacing, depth_t, rho_t, s0, xg, yg, zg, t_p, dt_p,
+                         a_c, tab_c, u_lo_p, u_hi_p, r_u, v_half, r_v, g_lo, g_hi, sad, amps, dz_tab, tail, sig, e0,
+                         w, s_leaf, s_tab, lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi,
+                         amp_v, isv_v, kind_v, lam_v, l0_v, nl_v, tb_v)
+
+
+@numba.njit(**NUMBA_PARALLEL_OPTIONS)
+def trilinear_add(dose, values, ks, js, is_):
+    """``dose[k, j, i] += `` trilinear interpolation of ``values`` (nk, nj, ni), given at the voxel
+    indices ``ks x js x is_`` (increasing, first 0 and last n-1 of each axis). Parallel over slices."""
+    nz, ny, nx = dose.shape
+    for k in numba.prange(nz):
+        a = np.searchsorted(ks, k, side="right") - 1
+        if a >= ks.shape[0] - 1:
+            a = ks.shape[0] - 2
+        if a < 0:
+            a = 0
+        fk = (k - ks[a]) / (ks[a + 1] - ks[a]) if ks.shape[0] > 1 else 0.0
+        a1 = a + 1 if ks.shape[0] > 1 else a
+        for j in range(ny):
+            b = np.searchsorted(js, j, side="right") - 1
+            if b >= js.shape[0] - 1:
+                b = js.shape[0] - 2
+            if b < 0:
+                b = 0
+            fj = (j - js[b]) / (js[b + 1] - js[b]) if js.shape[0] > 1 else 0.0
+            b1 = b + 1 if js.shape[0] > 1 else b
+            for i in range(nx):
+                c = np.searchsorted(is_, i, side="right") - 1
+                if c >= is_.shape[0] - 1:
+                    c = is_.shape[0] - 2
+                if c < 0:
+                    c = 0
+                fi = (i - is_[c]) / (is_[c + 1] - is_[c]) if is_.shape[0] > 1 else 0.0
+                c1 = c + 1 if is_.shape[0] > 1 else c
+                v0 = ((1 - fi) * values[a, b, c] + fi * values[a, b, c1])
+                v1 = ((1 - fi) * values[a, b1, c] + fi * values[a, b1, c1])
+                v2 = ((1 - fi) * values[a1, b, c] + fi * values[a1, b, c1])
+                v3 = ((1 - fi) * values[a1, b1, c] + fi * values[a1, b1, c1])
+                dose[k, j, i] += (1 - fk) * ((1 - fj) * v0 + fj * v1) + fk * ((1 - fj) * v2 + fj * v3)

@@ -109,22 +109,24 @@ def beamlet_weights(sinogram, projection, leaf) -> np.ndarray:
     return x
 
 
-def beamlet_reach_mm(engine: _Engine, threshold: float) -> tuple[float, float]:
+def beamlet_reach_mm(engine: _Engine, threshold: float, n_gaussians: int | None = None) -> tuple[float, float]:
     """(R_u, R_v): distances (mm, at the isocentre distance; scaled by SAD / den at other distances)
     beyond a beamlet's leaf / jaw edges past which its dose in water is below ``threshold`` x its
-    maximum at every depth (inf for threshold 0)."""
+    maximum at every depth (inf for threshold 0). ``n_gaussians``: only the first (narrowest)
+    Gaussians of the kernel (default all)."""
     if threshold <= 0.0:
         return _NO_REACH, _NO_REACH
     from scipy.special import ndtr
 
     k = engine.kernel
+    n_g = k.sigma_mm.size if n_gaussians is None else int(n_gaussians)
     depths = np.array([2.0, 5.0, 10.0, 15.0, 30.0, 60.0, 100.0, 150.0, 200.0, 300.0])
-    amps = np.array([[np.interp(d, k.depth_mm, k.amplitude_cm2_g[:, i]) for i in range(k.sigma_mm.size)]
+    amps = np.array([[np.interp(d, k.depth_mm, k.amplitude_cm2_g[:, i]) for i in range(n_g)]
                      for d in depths])  # (nd, nG)
     w = engine.w
     h = engine.jaw_h
     x = np.arange(0.0, 600.0, 0.5)
-    s = k.sigma_mm[None, :]
+    s = k.sigma_mm[None, :n_g]
     su = np.sqrt(s**2 + engine.s_leaf**2)
     sv = np.sqrt(s**2 + engine.s_jaw**2)
     # profiles along u (v = 0) and along v (u = leaf centre), per depth

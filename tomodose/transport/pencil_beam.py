@@ -69,6 +69,9 @@ S_TAB_MM = 4.0
 LEVELS_PER_OCTAVE = 6
 #: finest u spacing of the aperture table (mm); level q uses max(this, s_q / 8).
 TABLE_STEP_MM = 0.5
+#: ``method="clustered"`` with a far-field step: resolution levels (voxel step, Gaussians narrower
+#: than this many mm of water); the far-field step adds the last level (all Gaussians).
+DEFAULT_LEVELS = ((1, 20.0),)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,11 +385,132 @@ def _full_dose(engine: _Engine, a_proj: np.ndarray, progress, far_field_step=Non
     return dose
 
 
+def _clusters(engine: _Engine, samples: np.ndarray):
+    """Split ``samples`` into clusters sharing the beam axes and the source's (x, z) beam coordinates
+    (for a helical plan: all samples of one angle group with the same gantry angle; they differ by
+    the couch offset along the jaw axis only). Returns a list of index arrays into ``samples``."""
+    src, xg, zg = engine.src[samples], engine.xg[samples], engine.zg[samples]
+    key = np.concatenate([np.round(xg, 9), np.round(zg, 9), np.round((src * xg).sum(1), 6)[:, None],
+                          np.round((src * zg).sum(1), 6)[:, None]], axis=1)
+    _, inverse = np.unique(key, axis=0, return_inverse=True)
+    inverse = np.asarray(inverse).ravel()
+    return [np.flatnonzero(inverse == c) for c in range(int(inverse.max()) + 1)] if samples.size else []
+
+
+def _clustered_dose(engine: _Engine, a_proj: np.ndarray, progress, far_field_step=None, threshold=0.0,
+                    levels=None) -> np.ndarray:
+    """Dose of leaf weights ``a_proj`` by angle clusters (see :func:`pencil_beam_dose`, ``method="clustered"``).
+
+    ``far_field_step=None``: every Gaussian at every voxel (the exact model, evaluated once per
+    voxel and cluster). Otherwise a telescoping sum over resolution levels ``levels`` =
+    ``((1, sigma_1), (step_2, sigma_2), ...)`` plus ``(far_field_step, inf)``: level ``m`` holds
+    the Gaussians narrower than ``sigma_m`` inside the windows of ``threshold`` computed for them
+    (the last level: all Gaussians, no window); level 0 is evaluated at every voxel, level ``m > 0``
+    as (level m minus level m - 1) at every ``step_m``-th voxel, interpolated trilinearly.
+    """
+    from tomodose._kernels.pencil_beam import cluster_dose_lattice, trilinear_add
+    from tomodose.transport.influence import _axis_nodes
+
+    grid = engine.grid
+    dose = np.zeros(grid.shape)
+    n_g = int(engine.kernel.sigma_mm.size)
+    no_u = 1e30
+    widen = engine.sad / engine.den_min
+    nz, ny, nx = grid.shape
+    shape = np.asarray(grid.shape, dtype=np.int64)
+    if far_field_step is None:
+        spec = [(1, n_g, None)]
+    else:
+        from tomodose.transport.influence import beamlet_reach_mm
+
+        spec = []
+        for step, sigma in tuple(levels) + ((int(far_field_step), math.inf),):
+            n_m = int(np.count_nonzero(engine.kernel.sigma_mm < sigma))
+            reach = beamlet_reach_mm(engine, threshold, n_gaussians=max(n_m, 1)) if math.isfinite(sigma) else None
+            spec.append((int(step), n_m, reach))
+    # lattices: level 0 every voxel, level m every step-th voxel (plus the last of each axis)
+    lattices = [tuple(_axis_nodes(n, step).astype(np.int64) for n in (nz, ny, nx)) for step, _, _ in spec]
+    values = [np.zeros((lt[0].size, lt[1].size, lt[2].size)) for lt in lattices[1:]]
+    r0 = spec[0][2]
+    k_lo_all, k_hi_all = engine.slab(1e30 if r0 is None or r0[1] >= 1e8 else engine.jaw_h + r0[1] * widen)
+    centres = engine.projections.machine.leaf_centres_mm()
+    groups = np.unique(engine.proj_group)
+    it = groups
+    if config.progress_enabled(progress):
+        from tqdm.auto import tqdm
+        it = tqdm(groups, desc="pencil beam", unit="angle")
+    for g in it:
+        projs = np.flatnonzero(engine.proj_group == g)
+        active = projs[np.any(a_proj[projs] > 0, axis=1)]
+        if active.size == 0:
+            continue
+        depth = engine.depth_map(int(g))
+        samples = np.concatenate([np.arange(engine.samp_start[p], engine.samp_stop[p]) for p in active])
+        for members in _clusters(engine, samples):
+            s = samples[members]
+            s0 = np.ascontiguousarray(engine.src[s[0]])
+            xg = np.ascontiguousarray(engine.xg[s[0]])
+            yg = np.ascontiguousarray(engine.yg[s[0]])
+            zg = np.ascontiguousarray(engine.zg[s[0]])
+            t_p = np.ascontiguousarray((engine.src[s] - s0) @ yg)
+            dt_p = np.ascontiguousarray(engine.dt[s], dtype=np.float64)
+            a_c = np.ascontiguousarray(a_proj[engine.proj[s]], dtype=np.float64)
+            tab_c = np.ascontiguousarray(a_c @ engine.btab)
+            open_ = a_c > 0
+            first = np.argmax(open_, axis=1)
+            last = open_.shape[1] - 1 - np.argmax(open_[:, ::-1], axis=1)
+            u_open = (np.ascontiguousarray(centres[first] - 0.5 * engine.w),
+                      np.ascontiguousarray(centres[last] + 0.5 * engine.w))
+            free = (np.full(s.size, -no_u), np.full(s.size, no_u), 0.0, no_u, 0.0)
+
+            def window(reach):
+                if reach is None or reach[0] >= 1e8:
+                    return free
+                return (*u_open, reach[0], engine.jaw_h, reach[1])
+
+            geo = (s0, xg, yg, zg, t_p, dt_p, a_c, tab_c)
+            par = (*engine.params(), *engine.tail_params())
+            k_lo, k_hi = int(k_lo_all[s].min()), int(k_hi_all[s].max())
+            if spec[0][1] > 0 and k_hi > k_lo:
+                cluster_dose_lattice(dose, *lattices[0], k_lo, k_hi, depth, engine.rho_t, engine.origin,
+                                     engine.spacing, *geo, *window(spec[0][2]), widen, 0, spec[0][1], *par)
+            for m in range(1, len(spec)):
+                cluster_dose_lattice(values[m - 1], *lattices[m], 0, nz, depth, engine.rho_t, engine.origin,
+                                     engine.spacing, *geo, *window(spec[m][2]), widen, 0, spec[m][1], *par)
+                if spec[m - 1][1] > 0:
+                    tmp = np.zeros_like(values[m - 1])
+                    cluster_dose_lattice(tmp, *lattices[m], 0, nz, depth, engine.rho_t, engine.origin,
+                                         engine.spacing, *geo, *window(spec[m - 1][2]), widen, 0, spec[m - 1][1], *par)
+                    values[m - 1] -= tmp
+    for (ks, js, is_), vals in zip(lattices[1:], values):
+        trilinear_add(dose, vals, ks, js, is_)
+    return dose
+
+
+def _check_levels(levels, far_field_step):
+    try:
+        lv = tuple((int(st), float(sg)) for st, sg in levels)
+        ok = all(float(st) == float(o[0]) for st, o in zip((x[0] for x in lv), levels))
+    except (TypeError, ValueError):
+        ok = False
+    if ok and lv:
+        steps = [st for st, _ in lv] + ([int(far_field_step)] if far_field_step is not None else [])
+        sig = [sg for _, sg in lv]
+        ok = (steps[0] == 1 and all(b > a for a, b in zip(steps, steps[1:]))
+              and all(x > 0 for x in sig) and all(b > a for a, b in zip(sig, sig[1:])))
+    if not ok:
+        raise ValueError(
+            "levels must be ((1, sigma_1_mm), (step_2, sigma_2_mm), ...) with increasing integer steps below "
+            f"far_field_step ({far_field_step}) and increasing positive widths, got {levels!r}")
+    return lv
+
+
 def pencil_beam_dose(patient_or_density, projections, beam_model: BeamModel | None = None, *,
                      leaf_model: str = "beam", n_subsamples: int = 1, kernel: PencilKernel | str | None = None,
                      rho_floor: float = 0.05, angle_groups: int | None = None,
                      far_field_step: int | None = None, window_threshold: float = 1e-2,
-                     progress: bool | None = None) -> np.ndarray:
+                     progress: bool | None = None, method: str | None = None,
+                     levels=DEFAULT_LEVELS) -> np.ndarray:
     """Pencil-beam dose of a whole delivery, without building a matrix.
 
     Parameters
@@ -415,8 +539,25 @@ def pencil_beam_dose(patient_or_density, projections, beam_model: BeamModel | No
         leaves and the jaws that the influence matrix uses for ``window_threshold``, and the far
         scatter is evaluated at every ``s``-th voxel and interpolated (error in docs/pencil_beam.md).
     window_threshold : float
-        Relative dose defining the fast mode's windows (default 1e-2).
+        Relative dose defining the fast modes' windows (default 1e-2).
     progress : bool, optional
+    method : {"exact", "windowed", "clustered"}, optional
+        ``"exact"``: every voxel x every projection sample, one sample at a time (the reference).
+        ``"windowed"``: the fast mode described under ``far_field_step`` (per sample).
+        ``"clustered"``: the samples sharing a beam orientation (for a helical plan: one gantry
+        angle, all couch positions) are evaluated together, once per voxel: the couch offset only
+        moves ``v`` and the inverse square, so the depth, amplitudes, widths, off-axis terms and
+        leaf profiles are computed once and the projections' leaf weights accumulated in the inner
+        loop. With ``far_field_step=None`` this is the exact model (agrees with ``"exact"`` to
+        rounding). With a step it is the fast path: a telescoping sum over resolution levels
+        (``levels``, then ``far_field_step`` with all Gaussians and no window); errors in
+        docs/pencil_beam.md. Default: ``"exact"`` without ``far_field_step``, ``"windowed"`` with it.
+    levels : tuple of (int, float)
+        ``"clustered"`` with a step: ``((1, sigma_1), (step_2, sigma_2), ...)``: level ``m`` holds the
+        kernel's Gaussians narrower than ``sigma_m`` (mm of water) inside the windows of
+        ``window_threshold`` computed for them, evaluated at every ``step_m``-th voxel (level 0 at
+        every voxel; level ``m`` as the difference to level ``m - 1``, interpolated trilinearly).
+        Default :data:`DEFAULT_LEVELS`.
 
     Returns
     -------
@@ -430,8 +571,19 @@ def pencil_beam_dose(patient_or_density, projections, beam_model: BeamModel | No
                                        or far_field_step < 1):
         raise ValueError(f"far_field_step must be None or a positive integer, got {far_field_step!r}")
     window_threshold = check_in_range("window_threshold", window_threshold, 0.0, 0.5)
-    dose = _full_dose(engine, a, progress, far_field_step, window_threshold)
-    log.info("pencil beam: %d projections x %d sub-samples on %s voxels in %.2f s",
+    if method is None:
+        method = "exact" if far_field_step is None else "windowed"
+    if method not in ("exact", "windowed", "clustered"):
+        raise ValueError(f"method must be 'exact', 'windowed' or 'clustered', got {method!r}")
+    if method == "exact" and far_field_step is not None:
+        raise ValueError(f"method 'exact' takes no far_field_step, got {far_field_step!r}")
+    if method == "clustered":
+        levels = _check_levels(levels, far_field_step)
+        dose = _clustered_dose(engine, a, progress, far_field_step, window_threshold, levels)
+    else:
+        step = 6 if (method == "windowed" and far_field_step is None) else far_field_step
+        dose = _full_dose(engine, a, progress, step, window_threshold)
+    log.info("pencil beam (%s): %d projections x %d sub-samples on %s voxels in %.2f s", method,
              engine.projections.n_projections, engine.n_subsamples, engine.grid.shape, time.perf_counter() - t0)
     return dose.astype(np.float32)
 
