@@ -74,13 +74,13 @@ def reference_phantom_grid(ref: ReferenceCondition, machine: TomoMachine) -> tup
 
     HFS, gantry 0: the source is anterior (-y). The phantom's entrance surface is the plane
     ``y = 0`` and it extends to ``y = phantom_depth_mm``; the isocentre is placed at
-    ``y = ssd - sad`` so the surface lies at SSD.
+    ``y = sad - ssd`` (the source at ``y = -ssd``) so the surface lies at SSD.
     """
     dx, dy, dz = ref.spacing_mm
     half_w, half_l = ref.phantom_width_mm / 2, ref.phantom_length_mm / 2
     grid = Grid.from_extent((-half_w, dy / 2, -half_l), (half_w, ref.phantom_depth_mm - dy / 2, half_l),
                             (dx, dy, dz))
-    iso = (0.0, ref.ssd_mm - machine.sad_mm, 0.0)
+    iso = (0.0, machine.sad_mm - ref.ssd_mm, 0.0)
     return grid, iso
 
 

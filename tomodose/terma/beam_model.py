@@ -61,7 +61,7 @@ DEFAULT_MACHINE_FILE = "tomo_default.json"
 MACHINE_FORMAT = "tomodose-machine"
 #: BeamModel fields a machine file may set (everything but the spectrum and the name).
 _MACHINE_FIELDS = ("jaw_penumbra_sigma_mm", "leaf_edge_sigma_mm", "leaf_transmission", "adjacent_leaf_output_gain",
-                   "offaxis_fluence_coeffs", "offaxis_softening_per_rad", "jaw_fwhm_mm")
+                   "offaxis_fluence_coeffs", "offaxis_softening_per_rad", "jaw_fwhm_mm", "jaw_output_factors")
 _MACHINE_CACHE: dict[str, dict] = {}
 
 
@@ -103,8 +103,9 @@ def load_machine_parameters(path=None) -> dict:
         params = dict(raw)
         if "offaxis_fluence_coeffs" in params:
             params["offaxis_fluence_coeffs"] = tuple(float(c) for c in params["offaxis_fluence_coeffs"])
-        if params.get("jaw_fwhm_mm") is not None:
-            params["jaw_fwhm_mm"] = {float(k): float(v) for k, v in params["jaw_fwhm_mm"].items()}
+        for name in ("jaw_fwhm_mm", "jaw_output_factors"):
+            if params.get(name) is not None:
+                params[name] = {float(k): float(v) for k, v in params[name].items()}
         data = dict(data)
         data["beam_model"] = params
         _MACHINE_CACHE[key] = data
@@ -176,6 +177,12 @@ class BeamModel:
         Relative increase of all mu/rho per radian of fan angle (>= 0).
     jaw_fwhm_mm : dict or None
         Real FWHM (mm) per nominal jaw width (mm); ``None`` uses the machine's.
+    jaw_output_factors : dict or None
+        Head-scatter output factor per nominal jaw width (mm -> factor, 1 for the 50 mm
+        calibration jaw): the part of the measured jaw dependence of the output that the engine's
+        phantom scatter and jaw profile do not produce (fitted to the LA4 output factors, see
+        ``docs/commissioning.md``). ``None`` = 1 for every jaw. Read it with
+        :meth:`jaw_output_factor`; it multiplies the whole fluence of a plan.
     name : str
     """
 
@@ -187,6 +194,7 @@ class BeamModel:
     offaxis_fluence_coeffs: tuple = (0.0, -7.0)
     offaxis_softening_per_rad: float = 0.13
     jaw_fwhm_mm: dict | None = None
+    jaw_output_factors: dict | None = None
     name: str = "default"
 
     def __post_init__(self):
@@ -208,6 +216,12 @@ class BeamModel:
                 raise ValueError(f"jaw_fwhm_mm must be None or a dict nominal_mm -> fwhm_mm, got {self.jaw_fwhm_mm!r}")
             set_("jaw_fwhm_mm", {float(k): float(check_in_range(f"jaw_fwhm_mm[{k}]", v, 1e-6, 1e4))
                                  for k, v in self.jaw_fwhm_mm.items()})
+        if self.jaw_output_factors is not None:
+            if not isinstance(self.jaw_output_factors, dict) or not self.jaw_output_factors:
+                raise ValueError("jaw_output_factors must be None or a dict nominal_mm -> factor, got "
+                                 f"{self.jaw_output_factors!r}")
+            set_("jaw_output_factors", {float(k): float(check_in_range(f"jaw_output_factors[{k}]", v, 0.1, 10.0))
+                                        for k, v in self.jaw_output_factors.items()})
         # O(theta) must stay > 0 over the fan (|theta| <= 0.25 rad)
         th = np.linspace(0.0, 0.25, 51)
         if np.any(self._offaxis(th) <= 0):
@@ -216,7 +230,9 @@ class BeamModel:
     def __hash__(self):
         return hash((id(self.spectrum), self.jaw_penumbra_sigma_mm, self.leaf_edge_sigma_mm, self.leaf_transmission,
                      self.adjacent_leaf_output_gain, self.offaxis_fluence_coeffs, self.offaxis_softening_per_rad,
-                     None if self.jaw_fwhm_mm is None else tuple(sorted(self.jaw_fwhm_mm.items())), self.name))
+                     None if self.jaw_fwhm_mm is None else tuple(sorted(self.jaw_fwhm_mm.items())),
+                     None if self.jaw_output_factors is None else tuple(sorted(self.jaw_output_factors.items())),
+                     self.name))
 
     # --- presets ------------------------------------------------------------------------
     @classmethod
@@ -258,6 +274,17 @@ class BeamModel:
             if abs(k - nominal) < 1e-6:
                 return float(v)
         raise ValueError(f"jaw_fwhm_mm has no entry for the nominal jaw width {nominal} mm; keys {sorted(table)}")
+
+    def jaw_output_factor(self, field_width_mm: float, machine: TomoMachine) -> float:
+        """Head-scatter output factor of the jaw setting (1 when ``jaw_output_factors`` is None)."""
+        nominal = machine.check_field_width(field_width_mm)
+        if self.jaw_output_factors is None:
+            return 1.0
+        for k, v in self.jaw_output_factors.items():
+            if abs(k - nominal) < 1e-6:
+                return float(v)
+        raise ValueError(f"jaw_output_factors has no entry for the nominal jaw width {nominal} mm; "
+                         f"keys {sorted(self.jaw_output_factors)}")
 
     def jaw_half_width_mm(self, field_width_mm: float, machine: TomoMachine) -> float:
         """Half-width of the rect of the jaw profile (mm, isocentre plane)."""
