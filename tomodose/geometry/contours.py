@@ -815,7 +815,6 @@ def _rasterise_shape(grid: Grid, planes, occ: np.ndarray, s: int, **options) -> 
     sub = (np.arange(s) + 0.5) / s - 0.5
     xs = (x0 + dx * np.arange(i0, i1 + 1)[:, None] + dx * sub[None, :]).ravel()
     ys = (y0 + dy * np.arange(j0, j1 + 1)[:, None] + dy * sub[None, :]).ravel()
-    ni = i1 - i0 + 1
     row = np.repeat(np.arange(ys.size), xs.size)
     px = np.tile(xs, ys.size)
     col, za, zb = column_intervals(planes, px, ys, row, default_spacing_mm=dz, **options)
