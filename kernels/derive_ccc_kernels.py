@@ -147,7 +147,7 @@ def main(argv=None) -> int:
         "script": "kernels/derive_ccc_kernels.py",
         "script_version": SCRIPT_VERSION,
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "command": "python kernels/derive_ccc_kernels.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": ("python kernels/derive_ccc_kernels.py " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
         "inputs": inputs,
         "method": (
             "poly kernel = sum_E w_E K_E with w_E ~ phi(E) E mu(E) (linear share between bracketing "

@@ -218,7 +218,7 @@ def main(argv=None) -> int:
         "script": "kernels/derive_pencil_kernels.py",
         "script_version": SCRIPT_VERSION,
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "command": "python kernels/derive_pencil_kernels.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": ("python kernels/derive_pencil_kernels.py " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
         "mono_kernels": {"file": f"shared/data/{EDK_REL}",
                          "sha256": _common.sha256_of(edk_path),
                          "origin": "EGSnrc EDKnrc kernels, samuelpeet/conehead", "licence": "MIT",
