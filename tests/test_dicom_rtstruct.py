@@ -92,6 +92,11 @@ def test_sphere_volume_and_centre(ct, tmp_path):
     s = model.structures["Sphere"]
     assert s.volume_ml == pytest.approx(4 / 3 * np.pi * 1.5**3, rel=0.03)
     np.testing.assert_allclose(s.centroid_mm(), centre, atol=0.05)
+    # the between-plane model reaches the rasteriser through read_patient
+    slab, _, _ = read_patient(folder, tmp_path / "RS.dcm", interpolation="slab")
+    assert slab.structures["Sphere"].volume_ml != s.volume_ml
+    with pytest.raises(ValueError, match="interpolation"):
+        read_patient(folder, tmp_path / "RS.dcm", interpolation="spline")
 
 
 def test_aliases_and_roles(ct, tmp_path):

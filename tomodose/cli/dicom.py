@@ -55,6 +55,10 @@ def register(subparsers) -> None:
     imp.add_argument("--no-frame-check", action="store_true",
                      help="accept an RTSTRUCT/plan whose frame of reference differs from the CT's")
     imp.add_argument("--supersample", type=int, metavar="N", help="in-plane supersampling of the rasteriser")
+    imp.add_argument("--interpolation", choices=("auto", "shape", "slab"), default="auto",
+                     help="between contour planes: shape-based, slab, or auto (shape for ROIs up to 1000 mL)")
+    imp.add_argument("--end-shape", choices=("auto", "round", "straight"), default="auto",
+                     help="end segments of shape-based interpolation")
     imp.add_argument("--patient-position", choices=("HFS", "HFP", "FFS", "FFP"),
                      help="override (or supply) the CT's PatientPosition")
     imp.add_argument("--gantry-period", type=float, metavar="S", help="gantry period (s) if the plan lacks it")
@@ -89,7 +93,8 @@ def run_import(args) -> int:
         args.ct_dir, args.rtstruct, series_uid=args.series, resample=args.resample,
         tolerance_mm=args.slice_tolerance, aliases=aliases,
         keep_unmapped=not args.drop_unmapped, check_frame_of_reference=not args.no_frame_check,
-        supersample=args.supersample, patient_position=args.patient_position,
+        supersample=args.supersample, interpolation=args.interpolation, end_shape=args.end_shape,
+        patient_position=args.patient_position,
     )
     plan = None
     plan_info = None

@@ -65,6 +65,8 @@ def read_patient(
     keep_unmapped: bool = True,
     check_frame_of_reference: bool = True,
     supersample: int | None = None,
+    interpolation: str = "auto",
+    end_shape: str = "auto",
     patient_position: str | None = None,
     name: str | None = None,
 ):
@@ -77,7 +79,8 @@ def read_patient(
     rtstruct : str or Path, optional
         RT Structure Set drawn on that CT.
     series_uid, resample, tolerance_mm : see :func:`read_ct_series`.
-    aliases, keep_unmapped, supersample : see :func:`rasterise_rois`.
+    aliases, keep_unmapped, supersample, interpolation, end_shape : see :func:`rasterise_rois`
+        (between contour planes: shape-based interpolation for ROIs up to 1000 mL by default).
     check_frame_of_reference : bool
         Refuse an RTSTRUCT whose frame of reference differs from the CT's (default True).
     patient_position : str, optional
@@ -103,7 +106,8 @@ def read_patient(
         structures, names = read_structures(
             rtstruct, series.grid, reference=series.reference,
             check_frame_of_reference=check_frame_of_reference, aliases=aliases,
-            keep_unmapped=keep_unmapped, supersample=supersample,
+            keep_unmapped=keep_unmapped, supersample=supersample, interpolation=interpolation,
+            end_shape=end_shape,
         )
     position = patient_position or series.patient_position
     if not position:
