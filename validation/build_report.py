@@ -157,7 +157,22 @@ def helical_figures(ref, doses: dict, gammas: dict) -> list[str]:
     return [name]
 
 
-def mc_section(engines) -> tuple[str, dict]:
+def _engine_dose_cached(ref, engine, cache: Path | None):
+    """Engine dose on the reference bins; cached as .npy in ``cache`` (keyed by case, engine and
+    the Monte Carlo run's time stamp) when a cache folder is given."""
+    if cache is None:
+        return R.engine_dose(ref, engine, progress=False)
+    cache.mkdir(parents=True, exist_ok=True)
+    stamp = "".join(c for c in ref.settings.get("created_utc", "") if c.isalnum())
+    path = cache / f"{ref.name}_{engine}_{stamp}.npy"
+    if path.exists():
+        return np.load(path)
+    d = R.engine_dose(ref, engine, progress=False)
+    np.save(path, d)
+    return d
+
+
+def mc_section(engines, cache: Path | None = None) -> tuple[str, dict]:
     files = {p.stem: p for p in sorted(R.REFERENCE_DIR.glob("*.h5"))}
     results: dict = {"cases": {}}
     lines = []
@@ -192,7 +207,7 @@ def mc_section(engines) -> tuple[str, dict]:
     lines.append("")
     for ref in refs:
         t0 = time.perf_counter()
-        doses = {e: R.engine_dose(ref, e, progress=False) for e in engines}
+        doses = {e: _engine_dose_cached(ref, e, cache) for e in engines}
         log.info("%s: engine doses in %.0f s", ref.name, time.perf_counter() - t0)
         res = {e: R.compare_case(ref, d) for e, d in doses.items()}
         results["cases"][ref.name] = res
@@ -308,6 +323,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-mc", action="store_true")
     ap.add_argument("--skip-nelms", action="store_true")
     ap.add_argument("--engines", default="collapsed_cone,pencil_beam")
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="folder caching the engine doses (reuse only while the engines are unchanged)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     engines = tuple(args.engines.split(","))
@@ -317,7 +334,7 @@ def main(argv=None) -> int:
             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC. The Monte Carlo comparisons are "
             "also tests (`tests/test_mc_references.py`, tolerances of issues 4 and 8; failing cases are "
             "`xfail(strict=True)` with the measured number, never a loosened tolerance).", ""]
-    mc_text, mc_res = ("", old.get("mc", {})) if args.skip_mc else mc_section(engines)
+    mc_text, mc_res = ("", old.get("mc", {})) if args.skip_mc else mc_section(engines, args.cache)
     ne_text, ne_res = ("", old.get("nelms", {})) if args.skip_nelms else nelms_section()
     if args.skip_mc and DOC.exists():
         text = DOC.read_text()
