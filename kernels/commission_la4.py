@@ -257,14 +257,23 @@ _MONO = {}
 
 def kernel_for_spectrum(spectrum: Spectrum, shared_data, name="commissioning"):
     """Collapsed-cone kernel for ``spectrum`` by the recipe of ``kernels/derive_ccc_kernels.py``
-    (same rings, azimuths and number of exponential terms as the shipped default kernel)."""
-    from tomodose.transport.kernels import (collapse_kernel, load_kernel, polyenergetic_kernel, read_edk_csv,
-                                            terma_weights)
+    (its mono-kernel set via ``kernels/_common.py`` when present — own ompMC kernels below
+    0.5 MeV + EDKnrc — else EDKnrc alone; same rings, azimuths and number of exponential terms
+    as the shipped default kernel)."""
+    from tomodose.transport.kernels import collapse_kernel, load_kernel, polyenergetic_kernel, terma_weights
 
     key = str(shared_data)
     if key not in _MONO:
-        table = read_edk_csv(Path(shared_data) / EDK_REL)
-        mu_e, mu_v = _read_mu(Path(shared_data) / MU_REL)
+        try:
+            common = _load_script("_common")
+            table, _ = common.read_mono_table(shared_data)
+            mu_e, mu_v = common.read_mu_water(None)
+        except (FileNotFoundError, AttributeError, ImportError) as exc:
+            log.info("kernels/_common.py unavailable (%s): EDKnrc mono kernels only", exc)
+            from tomodose.transport.kernels import read_edk_csv
+
+            table = read_edk_csv(Path(shared_data) / EDK_REL)
+            mu_e, mu_v = _read_mu(Path(shared_data) / MU_REL)
         _MONO[key] = (table, mu_e, mu_v)
     table, mu_e, mu_v = _MONO[key]
     ref = load_kernel()
@@ -476,16 +485,498 @@ def jaw_comparison(beam, kernel, la4, jaws=JAWS_MM):
     return out
 
 
+def fit_jaws(beam, kernel, la4, sigmas_mm=(1.5, 3.0), jaws=JAWS_MM, machine=None):
+    """Jaw penumbra sigma (one for all jaws: the TERMA kernel takes a scalar) and fluence FWHM per
+    jaw from the LA4 ``[OARYdata]`` profiles (10 cm MLC width, all five depths).
+
+    The engine's dose profiles are computed for two sigmas at the current FWHMs; the 80-20 %
+    penumbra is interpolated linearly in sigma and the sigma minimising the squared penumbra
+    error over jaws and depths is taken; then each jaw's fluence FWHM is shifted by the mean
+    difference of the half-maximum positions (engine minus LA4, interpolated to that sigma,
+    converted to the isocentre plane). Returns (sigma, {jaw: fwhm}, details)."""
+    machine = machine or TomoMachine()
+    runs = {sg: jaw_comparison(beam.replace(jaw_penumbra_sigma_mm=sg), kernel, la4, jaws) for sg in sigmas_mm}
+    s0, s1 = sigmas_mm
+    grid = np.linspace(min(sigmas_mm) * 0.5, max(sigmas_mm) * 1.5, 401)
+    cost = np.zeros_like(grid)
+    for jaw in jaws:
+        p0, p1 = np.array(runs[s0][jaw]["pen_engine"]), np.array(runs[s1][jaw]["pen_engine"])
+        target = np.array(runs[s0][jaw]["pen_la4"])
+        for n, sg in enumerate(grid):
+            cost[n] += np.sum((p0 + (p1 - p0) * (sg - s0) / (s1 - s0) - target) ** 2)
+    sigma = float(grid[int(np.argmin(cost))])
+    fwhm = {}
+    for jaw in jaws:
+        h0, h1 = np.array(runs[s0][jaw]["hm_engine"]), np.array(runs[s1][jaw]["hm_engine"])
+        h = h0 + (h1 - h0) * (sigma - s0) / (s1 - s0)
+        diff_mrad = float(np.mean(h - np.array(runs[s0][jaw]["hm_la4"])))
+        fwhm[float(jaw)] = round(beam.real_fwhm_mm(float(jaw), machine) - 2.0 * diff_mrad * 1e-3 * machine.sad_mm, 3)
+    return round(sigma, 3), fwhm, runs
+
+
+def la4_leaf_profiles(la4, jaw_mm, n_index):
+    t = la4[jaw_mm]["oarx_leaves"]
+    return t["angle_rad"], t["depths_cm"], t["tables"][n_index].T, t["n_open"][n_index]
+
+
+def leaf_comparison(beam, kernel, la4, jaw_mm=25, max_rad=0.04):
+    """{n_open: dict(...)} MLC-edge profiles (1, 2, 4 open leaves) of one jaw vs LA4."""
+    out = {}
+    for i in range(3):
+        ang, depths, ref, n = la4_leaf_profiles(la4, jaw_mm, i)
+        sel = ang <= max_rad + 1e-9
+        eng = beam_profile(beam, kernel, jaw_mm, n, list(depths), ang[sel], axis="x", fine_mm=1.0)
+        out[n] = {"angles_rad": ang[sel], "depths_cm": depths, "la4": ref[:, sel], "engine": eng,
+                  "hm_la4": [half_max_mrad(ang[sel], r) for r in ref[:, sel]],
+                  "hm_engine": [half_max_mrad(ang[sel], e) for e in eng],
+                  "rms": float(np.sqrt(np.mean((eng - ref[:, sel]) ** 2)))}
+    return out
+
+
+def fit_leaf_sigma(beam, kernel, la4, sigmas_mm=(0.5, 1.5), jaw_mm=25):
+    """Leaf-edge sigma minimising the rms profile difference (interpolated linearly in sigma
+    between two engine runs) of the 1/2/4-leaf LA4 profiles. Returns (sigma, details)."""
+    runs = {sg: leaf_comparison(beam.replace(leaf_edge_sigma_mm=sg), kernel, la4, jaw_mm) for sg in sigmas_mm}
+    s0, s1 = sigmas_mm
+    grid = np.linspace(0.0, max(sigmas_mm) * 1.5, 301)
+    cost = np.zeros_like(grid)
+    for n in runs[s0]:
+        e0, e1, ref = runs[s0][n]["engine"], runs[s1][n]["engine"], runs[s0][n]["la4"]
+        for k, sg in enumerate(grid):
+            cost[k] += np.sum((e0 + (e1 - e0) * (sg - s0) / (s1 - s0) - ref) ** 2)
+    return round(float(grid[int(np.argmin(cost))]), 3), runs
+
+
+OF_FIT_LEAVES = (1, 2, 4, 8, 16, 64)
+
+
+def fit_output(beam, kernel, la4, *, g_values=(0.0, 0.1), n_open=OF_FIT_LEAVES, jaws=JAWS_MM, cache=None,
+               parts_only=False, **kw):
+    """Adjacent-leaf output gain ``g`` and one output factor per jaw from the LA4 ``[SPdata]``.
+
+    The dose is linear in the leaf weights ``a_i`` and, for ``n`` contiguous open leaves, only
+    the two edge leaves depend on ``g`` (``a = (1 + g)/(1 + 2g)``; a single leaf ``1/(1 + 2g)``),
+    so two engine runs per field (``g_values``) give the dose as an exact function of ``g``.
+    ``g`` minimises the squared log-ratio of the per-jaw-normalised output factors (shape vs the
+    open width); the jaw factor is then the geometric-mean LA4/engine ratio of each jaw over the
+    open widths of 8 leaves (5 cm) and more, relative to that of the 50 mm jaw (the calibration
+    field).
+    ``cache`` ({jaw: parts}) reuses the engine runs of an earlier call with ``parts_only=True``
+    (which returns them instead: the runs of each jaw can go to a separate process).
+    Returns (g, {jaw: factor}, details {jaw: (n, engine(g), la4)})."""
+    from scipy.optimize import minimize_scalar
+
+    g0, g1 = g_values
+    d_mm = 10.0 * OF_DEPTH_CM
+
+    def parts(jaw, n):
+        dd = [point_dose(beam.replace(adjacent_leaf_output_gain=g), kernel, jaw, n, 850.0 - d_mm, d_mm, **kw)
+              for g in g_values]
+        e0 = (1.0 / (1 + 2 * g0)) if n == 1 else (1 + g0) / (1 + 2 * g0)
+        e1 = (1.0 / (1 + 2 * g1)) if n == 1 else (1 + g1) / (1 + 2 * g1)
+        # D(g) = I + e(g) E  -> solve for I (interior) and E (edge leaves)
+        edge = (dd[0] - dd[1]) / (e0 - e1)
+        return dd[0] - e0 * edge, edge, n == 1
+
+    table = {}
+    for jaw in jaws:
+        n_all, la = la4_output_factors(la4, jaw)
+        cached = (cache or {}).get(str(jaw))
+        rows = []
+        for k, n in enumerate(n_open):
+            i = int(np.flatnonzero(n_all == n)[0])
+            rows.append((n, tuple(cached[k]) if cached else parts(jaw, n), la[i]))
+        table[jaw] = rows
+    if parts_only:
+        return {str(jaw): [list(p) for _, p, _ in rows] for jaw, rows in table.items()}
+
+    def dose(part, g):
+        interior, edge, single = part
+        return interior + (1.0 / (1 + 2 * g) if single else (1 + g) / (1 + 2 * g)) * edge
+
+    def shape_cost(g):
+        c = 0.0
+        for jaw, rows in table.items():
+            eng = np.array([dose(p, g) for _, p, _ in rows])
+            ref = np.array([r for _, _, r in rows])
+            lr = np.log(eng / eng[-1]) - np.log(ref / ref[-1])
+            c += float(np.sum(lr ** 2))
+        return c
+
+    g = float(minimize_scalar(shape_cost, bounds=(0.0, 0.3), method="bounded").x)
+    ref50 = dose(table[50][-1][1], g)
+    factors, details = {}, {}
+    for jaw, rows in table.items():
+        eng = np.array([dose(p, g) for _, p, _ in rows]) / ref50
+        la = np.array([r for _, _, r in rows])
+        wide = np.array([n >= 8 for n, _, _ in rows])
+        factors[float(jaw)] = float(np.exp(np.mean(np.log(la[wide] / eng[wide]))))
+        details[jaw] = (np.array([n for n, _, _ in rows]), eng, la)
+    norm = factors[50.0]
+    factors = {k: round(v / norm, 4) for k, v in factors.items()}
+    return round(g, 4), factors, details
+
+
+# --------------------------------------------------------------------------------------------
+# evaluation, machine file, report
+# --------------------------------------------------------------------------------------------
+EVAL_TPR_DEPTHS_CM = (3.0, 5.0, 7.0, 15.0, 20.0, 25.0)
+EVAL_OF_LEAVES = (1, 2, 4, 8, 16, 64)
+
+
+EVAL_PARTS = ("tpr", "output_factors", "oarx_open", "oary", "oarx_leaves")
+
+
+def evaluate(beam, kernel, la4, *, jaw_output_factors=None, parts=EVAL_PARTS, cache_dir=None, tag="after") -> dict:
+    """All agreement numbers of one machine (JSON-serialisable).
+
+    ``jaw_output_factors`` ({jaw: factor}) multiplies the engine output factors of each jaw (the
+    fitted head-scatter term; see :meth:`BeamModel.jaw_output_factor`). ``parts`` selects the
+    comparisons; with ``cache_dir`` each part is stored as ``<tag>_<part>.json`` and reused, so
+    the parts can run in parallel processes and be assembled by a last call."""
+    out = {}
+    for part in parts:
+        f = None if cache_dir is None else Path(cache_dir) / f"{tag}_{part}.json"
+        if f is not None and f.is_file():
+            out[part] = json.loads(f.read_text())
+            continue
+        t0 = time.process_time()
+        out[part] = _EVAL[part](beam, kernel, la4, jaw_output_factors)
+        log.warning("evaluate %s: %s done (%.0f s CPU)", tag, part, time.process_time() - t0)
+        if f is not None:
+            _atomic_write(f, json.dumps(out[part], indent=1))
+    if all(p in out for p in EVAL_PARTS):
+        out["summary"] = summarise(out)
+    return out
+
+
+def _eval_tpr(beam, kernel, la4, jaw_output_factors):
+    out = {}
+    for (jaw, n), (e, r, sq) in tpr_comparison(beam, kernel, la4, depths_cm=EVAL_TPR_DEPTHS_CM).items():
+        out[f"{jaw}x{n}"] = {"equivalent_square_cm": round(sq, 3), "depths_cm": list(EVAL_TPR_DEPTHS_CM),
+                             "engine": np.round(e, 5).tolist(), "la4": np.round(r, 5).tolist(),
+                             "deviation_pct": np.round(100 * (e / r - 1), 2).tolist()}
+    return out
+
+
+def _eval_of(beam, kernel, la4, jaw_output_factors):
+    out = {}
+    d_mm = 10.0 * OF_DEPTH_CM
+    ref = point_dose(beam, kernel, 50, 64, 850.0 - d_mm, d_mm)
+    for jaw in JAWS_MM:
+        n_all, la = la4_output_factors(la4, jaw)
+        f = 1.0 if not jaw_output_factors else float(jaw_output_factors.get(float(jaw), 1.0))
+        rows = []
+        for n in EVAL_OF_LEAVES:
+            i = int(np.flatnonzero(n_all == n)[0])
+            e = 1.0 if (jaw == 50 and n == 64) else f * point_dose(beam, kernel, jaw, n, 850.0 - d_mm, d_mm) / ref
+            rows.append((n, e, float(la[i])))
+        out[str(jaw)] = {"n_open": [r[0] for r in rows], "engine": [round(r[1], 4) for r in rows],
+                         "la4": [r[2] for r in rows], "deviation_pct": [round(100 * (r[1] / r[2] - 1), 2) for r in rows]}
+    return out
+
+
+def _eval_oarx(beam, kernel, la4, jaw_output_factors):
+    t = la4[50]["oarx_open"]
+    sel = t["angle_rad"] <= OARX_MAX_RAD + 1e-9
+    eng = open_fan_profiles(beam, kernel, list(t["depths_cm"]), t["angle_rad"][sel])
+    eng = eng / eng[:, :1]
+    diff = eng - t["table"][sel].T
+    return {"depths_cm": t["depths_cm"].tolist(), "max_angle_rad": OARX_MAX_RAD,
+                        "rms_per_depth": np.round(np.sqrt(np.mean(diff ** 2, axis=1)), 4).tolist(),
+                        "max_abs_per_depth": np.round(np.abs(diff).max(axis=1), 4).tolist(),
+                        "at_0.1_rad": {"engine": np.round(eng[:, 20], 4).tolist(),
+                                       "la4": np.round(t["table"][20], 4).tolist()},
+                        "at_0.2_rad": {"engine": np.round(eng[:, 40], 4).tolist(),
+                                       "la4": np.round(t["table"][40], 4).tolist()}}
+
+
+def _eval_oary(beam, kernel, la4, jaw_output_factors):
+    out = {}
+    for jaw, r in jaw_comparison(beam, kernel, la4).items():
+        out[str(jaw)] = {"depths_cm": r["depths_cm"].tolist(),
+                                 "fwhm_mm_iso_la4": np.round(2 * 0.85 * np.array(r["hm_la4"]), 2).tolist(),
+                                 "fwhm_mm_iso_engine": np.round(2 * 0.85 * np.array(r["hm_engine"]), 2).tolist(),
+                                 "penumbra_80_20_mrad_la4": np.round(r["pen_la4"], 2).tolist(),
+                                 "penumbra_80_20_mrad_engine": np.round(r["pen_engine"], 2).tolist(),
+                                 "rms": round(float(np.sqrt(np.mean((r["engine"] - r["la4"]) ** 2))), 4)}
+    return out
+
+
+def _eval_leaves(beam, kernel, la4, jaw_output_factors):
+    out = {}
+    for n, r in leaf_comparison(beam, kernel, la4).items():
+        out[str(n)] = {"jaw_mm": 25, "depths_cm": r["depths_cm"].tolist(),
+                                      "fwhm_mm_iso_la4": np.round(2 * 0.85 * np.array(r["hm_la4"]), 2).tolist(),
+                                      "fwhm_mm_iso_engine": np.round(2 * 0.85 * np.array(r["hm_engine"]), 2).tolist(),
+                                      "rms": round(r["rms"], 4)}
+    return out
+
+
+_EVAL = {"tpr": _eval_tpr, "output_factors": _eval_of, "oarx_open": _eval_oarx, "oary": _eval_oary,
+         "oarx_leaves": _eval_leaves}
+
+
+def summarise(ev) -> dict:
+    tpr = np.concatenate([np.array(v["deviation_pct"])[np.array(v["depths_cm"]) <= 20.0] for v in ev["tpr"].values()])
+    of = np.concatenate([np.array(v["deviation_pct"]) for v in ev["output_factors"].values()])
+    of_wide = np.concatenate([np.array(v["deviation_pct"])[np.array(v["n_open"]) >= 4]
+                              for v in ev["output_factors"].values()])
+    return {"tpr_3_20cm_rms_pct": round(float(np.sqrt(np.mean(tpr ** 2))), 2),
+            "tpr_3_20cm_max_abs_pct": round(float(np.abs(tpr).max()), 2),
+            "of_rms_pct": round(float(np.sqrt(np.mean(of ** 2))), 2),
+            "of_max_abs_pct": round(float(np.abs(of).max()), 2),
+            "of_4_leaves_and_more_max_abs_pct": round(float(np.abs(of_wide).max()), 2),
+            "oarx_open_rms": round(float(np.mean(ev["oarx_open"]["rms_per_depth"])), 4),
+            "oary_rms": round(float(np.mean([v["rms"] for v in ev["oary"].values()])), 4),
+            "oarx_leaves_rms": round(float(np.mean([v["rms"] for v in ev["oarx_leaves"].values()])), 4)}
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def nominal_machine(shared_data, t0_mev=6.0):
+    """The machine before commissioning: nominal beam model, spectrum of the nominal T0."""
+    sp = model_spectrum(t0_mev)
+    return BeamModel.nominal(sp), kernel_for_spectrum(sp, shared_data, name="nominal")
+
+
+def run_fit(shared_data, la4, work: Path) -> dict:
+    """Stages 3-5 and 2 on the shipped (commissioned) spectrum, cached in ``work/params.json``."""
+    from tomodose.terma.spectrum import default_spectrum
+
+    path = work / "params.json"
+    params = json.loads(path.read_text()) if path.is_file() else {}
+    sp = default_spectrum()
+    kernel = kernel_for_spectrum(sp, shared_data)
+    beam = BeamModel.nominal(sp)
+
+    def current():
+        kw = {k: v for k, v in params.items() if k in ("jaw_penumbra_sigma_mm", "leaf_edge_sigma_mm",
+                                                        "adjacent_leaf_output_gain", "offaxis_softening_per_rad")}
+        if "offaxis_fluence_coeffs" in params:
+            kw["offaxis_fluence_coeffs"] = tuple(params["offaxis_fluence_coeffs"])
+        if "jaw_fwhm_mm" in params:
+            kw["jaw_fwhm_mm"] = {float(k): v for k, v in params["jaw_fwhm_mm"].items()}
+        return beam.replace(**kw)
+
+    def save():
+        _atomic_write(path, json.dumps(params, indent=1))
+
+    if "offaxis_fluence_coeffs" not in params:
+        c, before, after, _ = fit_offaxis(current(), kernel, la4)
+        params.update(offaxis_fluence_coeffs=[round(v, 4) for v in c], offaxis_rms_before=before, offaxis_rms_after=after)
+        save()
+        log.warning("off-axis: %s (rms %.4f -> %.4f)", c, before, after)
+    if "jaw_penumbra_sigma_mm" not in params:
+        sigma, fwhm, _ = fit_jaws(current(), kernel, la4)
+        params.update(jaw_penumbra_sigma_mm=sigma, jaw_fwhm_mm={str(k): v for k, v in fwhm.items()})
+        save()
+        log.warning("jaws: sigma %.3f mm, FWHM %s", sigma, fwhm)
+    if "leaf_edge_sigma_mm" not in params:
+        sg, _ = fit_leaf_sigma(current(), kernel, la4)
+        params.update(leaf_edge_sigma_mm=sg)
+        save()
+        log.warning("leaf-edge sigma %.3f mm", sg)
+    if "adjacent_leaf_output_gain" not in params:
+        cache = {}
+        for jaw in JAWS_MM:
+            f = work / f"of_parts_{jaw}.json"
+            if f.is_file():
+                data = json.loads(f.read_text())
+                if data["beam"] == _beam_key(current()):
+                    cache.update(data["parts"])
+        g, factors, _ = fit_output(current(), kernel, la4, cache=cache)
+        params.update(adjacent_leaf_output_gain=g, jaw_output_factors={str(k): v for k, v in factors.items()})
+        save()
+        log.warning("output: g %.4f, jaw factors %s", g, factors)
+    return params
+
+
+def _beam_key(beam) -> str:
+    return repr((beam.jaw_penumbra_sigma_mm, beam.leaf_edge_sigma_mm, beam.offaxis_fluence_coeffs,
+                 sorted((beam.jaw_fwhm_mm or {}).items())))
+
+
+def run_of_parts(shared_data, la4, work: Path, jaw: int) -> None:
+    """The output-factor engine runs of one jaw (stage 2), for a parallel process; needs the
+    stages 3-5 results in ``work/params.json``."""
+    from tomodose.terma.spectrum import default_spectrum
+
+    params = json.loads((work / "params.json").read_text())
+    sp = default_spectrum()
+    beam = BeamModel.nominal(sp).replace(
+        offaxis_fluence_coeffs=tuple(params["offaxis_fluence_coeffs"]),
+        jaw_penumbra_sigma_mm=params["jaw_penumbra_sigma_mm"],
+        jaw_fwhm_mm={float(k): v for k, v in params["jaw_fwhm_mm"].items()},
+        leaf_edge_sigma_mm=params["leaf_edge_sigma_mm"])
+    parts = fit_output(beam, kernel_for_spectrum(sp, shared_data), la4, jaws=(jaw,), parts_only=True)
+    _atomic_write(work / f"of_parts_{jaw}.json", json.dumps({"beam": _beam_key(beam), "parts": parts}))
+
+
+def machine_from_params(params, spectrum=None) -> BeamModel:
+    from tomodose.terma.spectrum import default_spectrum
+
+    """The commissioned beam model from the fit results (missing stages keep nominal values, so
+    comparisons that do not depend on them can start early)."""
+    nominal = BeamModel.nominal(spectrum or default_spectrum())
+    kw = {"name": "default", "offaxis_fluence_coeffs": tuple(params["offaxis_fluence_coeffs"]),
+          "jaw_penumbra_sigma_mm": params["jaw_penumbra_sigma_mm"],
+          "jaw_fwhm_mm": {float(k): v for k, v in params["jaw_fwhm_mm"].items()}}
+    for key in ("leaf_edge_sigma_mm", "adjacent_leaf_output_gain"):
+        if key in params:
+            kw[key] = params[key]
+    if "jaw_output_factors" in params:
+        kw["jaw_output_factors"] = {float(k): v for k, v in params["jaw_output_factors"].items()}
+    return nominal.replace(**kw)
+
+
+def write_machine(beam: BeamModel, params: dict, before: dict, after: dict, out: Path, command: str) -> None:
+    bm = {"jaw_penumbra_sigma_mm": beam.jaw_penumbra_sigma_mm, "leaf_edge_sigma_mm": beam.leaf_edge_sigma_mm,
+          "leaf_transmission": beam.leaf_transmission, "adjacent_leaf_output_gain": beam.adjacent_leaf_output_gain,
+          "offaxis_fluence_coeffs": list(beam.offaxis_fluence_coeffs),
+          "offaxis_softening_per_rad": beam.offaxis_softening_per_rad,
+          "jaw_fwhm_mm": {f"{k:g}": v for k, v in beam.jaw_fwhm_mm.items()},
+          "jaw_output_factors": {f"{k:g}": v for k, v in beam.jaw_output_factors.items()}}
+    data = {
+        "format": "tomodose-machine", "version": 1, "name": "default",
+        "description": "TomoTherapy-like helical machine commissioned against the CheckTomo LA4 tables "
+                       "(one clinical Hi-Art class unit); the project's own fitted parameters",
+        "beam_model": bm,
+        "spectrum": {"file": "tomodose/data/physics/tomo_6mv_fff.spectrum",
+                     "electron_kinetic_energy_mev": 7.5,
+                     "generator": "python kernels/derive_spectrum.py --t0 7.5"},
+        "provenance": {
+            "script": "kernels/commission_la4.py", "command": command,
+            "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "reference_data": "CheckTomo LA4 tables (mwgeurts/thomas_tomocalc, GPL-3.0), read at run time "
+                              "from shared/data/tomotherapy/checktomo_LA4, never copied",
+            "engine": "tomodose TERMA + collapsed cone in water; fits with a kernel derived in memory for the "
+                      "spectrum (recipe of kernels/derive_ccc_kernels.py, shipped ring/azimuth layout); the "
+                      "agreement below with the shipped default kernel",
+            "unchanged_nominal": ["leaf_transmission", "offaxis_softening_per_rad"],
+            "fit_log": {k: v for k, v in params.items() if k.endswith(("_before", "_after"))},
+        },
+        "agreement": {"before": before["summary"], "after": after["summary"]},
+    }
+    _atomic_write(out, json.dumps(data, indent=2) + "\n")
+
+
+def markdown_tables(before: dict, after: dict) -> str:
+    """Before/after agreement tables (Markdown) from two :func:`evaluate` results."""
+    out = ["#### Summary", "", "| quantity | before (nominal) | after (commissioned) |", "|---|---|---|"]
+    labels = {"tpr_3_20cm_rms_pct": "TPR 3-20 cm, rms deviation %", "tpr_3_20cm_max_abs_pct": "TPR 3-20 cm, max |deviation| %",
+              "of_rms_pct": "output factors, rms deviation %", "of_max_abs_pct": "output factors, max |deviation| %",
+              "of_4_leaves_and_more_max_abs_pct": "output factors >= 4 leaves, max |deviation| %",
+              "oarx_open_rms": "open-fan OAR (<= 0.215 rad), rms", "oary_rms": "jaw profiles, rms",
+              "oarx_leaves_rms": "1/2/4-leaf profiles, rms"}
+    for k, lab in labels.items():
+        out.append(f"| {lab} | {before['summary'][k]} | {after['summary'][k]} |")
+    out += ["", "#### TPR (engine / LA4 - 1, %)", "",
+            "| field (jaw mm x leaves) | eq. square cm | " + " | ".join(f"{d:g} cm" for d in EVAL_TPR_DEPTHS_CM) + " |",
+            "|---|---|" + "---|" * len(EVAL_TPR_DEPTHS_CM)]
+    for name, tag in (("before", before), ("after", after)):
+        for key, v in tag["tpr"].items():
+            out.append(f"| {key} ({name}) | {v['equivalent_square_cm']:.2f} | "
+                       + " | ".join(f"{x:+.2f}" for x in v["deviation_pct"]) + " |")
+    out += ["", "#### Output factors at 10 cm depth (isocentre), engine / LA4", "",
+            "| jaw | " + " | ".join(f"{n} leaves" for n in EVAL_OF_LEAVES) + " |", "|---|" + "---|" * len(EVAL_OF_LEAVES)]
+    for name, tag in (("before", before), ("after", after)):
+        for jaw, v in tag["output_factors"].items():
+            out.append(f"| {jaw} mm ({name}) | " + " | ".join(
+                f"{e:.3f} / {r:.3f} ({d:+.1f} %)" for e, r, d in zip(v["engine"], v["la4"], v["deviation_pct"])) + " |")
+    out += ["", "#### Jaw profiles (10 cm MLC width): FWHM at the isocentre plane (mm) and 80-20 % penumbra (mrad), "
+            "depths 1.5/5/10/15/20 cm", "", "| jaw | FWHM LA4 | FWHM before | FWHM after | penumbra LA4 | before | after |",
+            "|---|---|---|---|---|---|---|"]
+    for jaw in after["oary"]:
+        b, a = before["oary"][jaw], after["oary"][jaw]
+        f = lambda xs: " / ".join(f"{x:.2f}" for x in xs)  # noqa: E731
+        out.append(f"| {jaw} mm | {f(a['fwhm_mm_iso_la4'])} | {f(b['fwhm_mm_iso_engine'])} | {f(a['fwhm_mm_iso_engine'])} | "
+                   f"{f(a['penumbra_80_20_mrad_la4'])} | {f(b['penumbra_80_20_mrad_engine'])} | {f(a['penumbra_80_20_mrad_engine'])} |")
+    out += ["", "#### MLC-defined fields (jaw 25 mm): FWHM at the isocentre plane (mm), depths 1.5/5/10/20 cm", "",
+            "| open leaves | LA4 | before | after | rms before | rms after |", "|---|---|---|---|---|---|"]
+    for n in after["oarx_leaves"]:
+        b, a = before["oarx_leaves"][n], after["oarx_leaves"][n]
+        f = lambda xs: " / ".join(f"{x:.2f}" for x in xs)  # noqa: E731
+        out.append(f"| {n} | {f(a['fwhm_mm_iso_la4'])} | {f(b['fwhm_mm_iso_engine'])} | {f(a['fwhm_mm_iso_engine'])} | "
+                   f"{b['rms']:.3f} | {a['rms']:.3f} |")
+    b, a = before["oarx_open"], after["oarx_open"]
+    out += ["", "#### Open-fan transverse off-axis ratio (jaw 50 mm), depths 1.5/5/10/20 cm", "",
+            "| | LA4 | before | after |", "|---|---|---|---|",
+            "| at 0.1 rad | " + " / ".join(f"{x:.3f}" for x in a["at_0.1_rad"]["la4"]) + " | "
+            + " / ".join(f"{x:.3f}" for x in b["at_0.1_rad"]["engine"]) + " | "
+            + " / ".join(f"{x:.3f}" for x in a["at_0.1_rad"]["engine"]) + " |",
+            "| at 0.2 rad | " + " / ".join(f"{x:.3f}" for x in a["at_0.2_rad"]["la4"]) + " | "
+            + " / ".join(f"{x:.3f}" for x in b["at_0.2_rad"]["engine"]) + " | "
+            + " / ".join(f"{x:.3f}" for x in a["at_0.2_rad"]["engine"]) + " |",
+            "| rms (<= 0.215 rad) | | " + " / ".join(f"{x:.4f}" for x in b["rms_per_depth"]) + " | "
+            + " / ".join(f"{x:.4f}" for x in a["rms_per_depth"]) + " |"]
+    return "\n".join(out) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Commission the default machine against CheckTomo LA4")
     ap.add_argument("--shared-data", type=Path, default=ROOT.parent / "shared" / "data")
     ap.add_argument("--stage", default="spectrum")
     ap.add_argument("--t0", default="6.0,6.5,7.0,7.5")
     ap.add_argument("--offaxis", default=None, help="c1,c2,... off-axis fluence coefficients")
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "tomodose_commissioning")
+    ap.add_argument("--parts", default=None, help="comma-separated subset of " + ",".join(EVAL_PARTS))
+    ap.add_argument("--write-machine", action="store_true",
+                    help="write tomodose/data/machines/tomo_default.json (stage report)")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     la4 = read_la4(args.shared_data)
+    if args.stage.startswith("of-parts-"):
+        run_of_parts(args.shared_data, la4, args.work, int(args.stage.rsplit("-", 1)[1]))
+        return 0
+    if args.stage == "fit":
+        print(json.dumps(run_fit(args.shared_data, la4, args.work), indent=1))
+        return 0
+    parts = tuple(args.parts.split(",")) if args.parts else EVAL_PARTS
+    if args.stage == "before":
+        beam, k = nominal_machine(args.shared_data)
+        ev = evaluate(beam, k, la4, parts=parts, cache_dir=args.work, tag="before")
+        if "summary" in ev:
+            _atomic_write(args.work / "before.json", json.dumps(ev, indent=1))
+            print(json.dumps(ev["summary"], indent=1))
+        return 0
+    if args.stage == "after":
+        from tomodose.terma.spectrum import default_spectrum
+
+        params = json.loads((args.work / "params.json").read_text())
+        beam = machine_from_params(params)
+        from tomodose.transport.kernels import load_kernel
+
+        # the engine as shipped: the default kernel (derived by KERNELS from the default spectrum)
+        ev = evaluate(beam, load_kernel(), la4, jaw_output_factors=beam.jaw_output_factors, parts=parts,
+                      cache_dir=args.work, tag="after")
+        if "summary" not in ev:
+            return 0
+        _atomic_write(args.work / "after.json", json.dumps(ev, indent=1))
+        print(json.dumps(ev["summary"], indent=1))
+        if args.write_machine:
+            bf = args.work / "before.json"
+            before = json.loads(bf.read_text()) if bf.is_file() else {"summary": None}
+            cmd = ("python kernels/commission_la4.py --stage fit --work W; "
+                   "python kernels/commission_la4.py --stage before --work W; "
+                   "python kernels/commission_la4.py --stage after --work W --write-machine "
+                   "(spectrum: python kernels/commission_la4.py --stage spectrum --t0 7.0,7.5,8.0 --offaxis=<stage-3 "
+                   "coefficients>, then python kernels/derive_spectrum.py --t0 7.5)")
+            write_machine(beam, params, before, ev, ROOT / "tomodose" / "data" / "machines" / "tomo_default.json", cmd)
+        return 0
+    if args.stage == "tables":
+        before = json.loads((args.work / "before.json").read_text())
+        after = json.loads((args.work / "after.json").read_text())
+        print(markdown_tables(before, after))
+        return 0
     if args.stage == "spectrum":
         for item in args.t0.split(","):
             t0, cu = (float(v) for v in (item.split(":") + ["1.5"])[:2])
@@ -519,10 +1010,23 @@ def main(argv=None) -> int:
             for jaw, r in res.items():
                 print(sig, jaw, "hm", np.round(r["hm_la4"], 2), np.round(r["hm_engine"], 2), "pen",
                       np.round(r["pen_la4"], 2), np.round(r["pen_engine"], 2), flush=True)
+    if args.stage == "leaves":
+        sp = model_spectrum(float(args.t0.split(",")[0]))
+        k = kernel_for_spectrum(sp, args.shared_data)
+        beam = BeamModel.default(sp)
+        if args.offaxis:
+            beam = beam.replace(offaxis_fluence_coeffs=tuple(float(v) for v in args.offaxis.split(",")))
+        sg, runs = fit_leaf_sigma(beam, k, la4)
+        print("leaf sigma", sg)
+        for s_, r in runs.items():
+            for n, d in r.items():
+                print(s_, n, "hm", np.round(d["hm_la4"], 2), np.round(d["hm_engine"], 2), "rms", round(d["rms"], 4), flush=True)
     if args.stage == "of":
         sp = model_spectrum(float(args.t0.split(",")[0]))
         k = kernel_for_spectrum(sp, args.shared_data)
         beam = BeamModel.default(sp)
+        if args.offaxis:
+            beam = beam.replace(offaxis_fluence_coeffs=tuple(float(v) for v in args.offaxis.split(",")))
         for jaw, (n, e, r) in engine_output_factors(beam, k, la4).items():
             print(jaw, " ".join(f"{a}:{b:.3f}/{c:.3f}" for a, b, c in zip(n, e, r)), flush=True)
     return 0

