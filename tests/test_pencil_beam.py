@@ -203,7 +203,7 @@ def test_clustered_static_beams_and_naive_twin():
 
 
 #: measured error of the clustered fast path (step 2, default levels) on the 8 mm test phantom
-#: below, in % of the maximum (measured 1.6 %); the liver numbers are in docs/pencil_beam.md.
+#: below, as a fraction of the maximum (measured 1.37 %); the liver numbers are in docs/pencil_beam.md.
 CLUSTERED_FAST_TOL = 0.025
 
 

@@ -20,6 +20,13 @@ A beamlet is one projection x one leaf. Its dose at a voxel is (see ``docs/penci
 * ``dt`` the leaf-open time (leaf weight x sample duration); continuous gantry and couch motion by
   ``n_subsamples`` equal time slices per projection (like TERMA).
 
+Full-plan modes (``pencil_beam_dose(method=...)``): ``"exact"`` evaluates every voxel for every
+projection sample; ``"clustered"`` evaluates the samples that share a beam orientation (for a helical
+plan: one gantry angle, every couch position) together, once per voxel - the same model, with
+everything that does not depend on the couch offset computed once - and, with a far-field step,
+is the fast path (narrow Gaussians on the fine grid inside windows, the rest on coarser lattices,
+interpolated); ``"windowed"`` is the older per-sample fast mode. See ``docs/pencil_beam.md``.
+
 Units are those of TERMA convolved with the collapsed-cone kernel (``cm2/g*s``: energy per mass per
 unit primary energy-fluence rate at the isocentre in air, times beam-on time), so the absolute-dose
 calibration of the dose module applies in the same way (one factor per engine).
@@ -455,7 +462,8 @@ def _clustered_dose(engine: _Engine, a_proj: np.ndarray, progress, far_field_ste
             t_p = np.ascontiguousarray((engine.src[s] - s0) @ yg)
             dt_p = np.ascontiguousarray(engine.dt[s], dtype=np.float64)
             a_c = np.ascontiguousarray(a_proj[engine.proj[s]], dtype=np.float64)
-            tab_c = np.ascontiguousarray(a_c @ engine.btab)
+            used = np.flatnonzero(a_c.any(axis=0))  # the aperture tables of the leaves that open
+            tab_c = np.ascontiguousarray(a_c[:, used] @ engine.btab[used])
             open_ = a_c > 0
             first = np.argmax(open_, axis=1)
             last = open_.shape[1] - 1 - np.argmax(open_[:, ::-1], axis=1)
