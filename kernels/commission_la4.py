@@ -870,9 +870,9 @@ def write_machine(beam: BeamModel, params: dict, before: dict, after: dict, out:
 def markdown_tables(before: dict, after: dict) -> str:
     """Before/after agreement tables (Markdown) from two :func:`evaluate` results."""
     out = ["#### Summary", "", "| quantity | before (nominal) | after (commissioned) |", "|---|---|---|"]
-    labels = {"tpr_3_20cm_rms_pct": "TPR 3-20 cm, rms deviation %", "tpr_3_20cm_max_abs_pct": "TPR 3-20 cm, max |deviation| %",
-              "of_rms_pct": "output factors, rms deviation %", "of_max_abs_pct": "output factors, max |deviation| %",
-              "of_4_leaves_and_more_max_abs_pct": "output factors >= 4 leaves, max |deviation| %",
+    labels = {"tpr_3_20cm_rms_pct": "TPR 3-20 cm, rms deviation %", "tpr_3_20cm_max_abs_pct": "TPR 3-20 cm, max abs deviation %",
+              "of_rms_pct": "output factors, rms deviation %", "of_max_abs_pct": "output factors, max abs deviation %",
+              "of_4_leaves_and_more_max_abs_pct": "output factors >= 4 leaves, max abs deviation %",
               "oarx_open_rms": "open-fan OAR (<= 0.215 rad), rms", "oary_rms": "jaw profiles, rms",
               "oarx_leaves_rms": "1/2/4-leaf profiles, rms"}
     for k, lab in labels.items():
