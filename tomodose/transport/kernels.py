@@ -296,6 +296,7 @@ def fit_shared_exponentials(
     # rates are kept within [RATE_MIN, RATE_MAX] 1/cm: a vanishing rate would turn a term into a
     # huge-amplitude linear ramp (numerically useless), an enormous one into a delta function
     def to_rates(logr):
+        logr = np.clip(logr, math.log(RATE_MIN_PER_CM) - 1.0, math.log(RATE_MAX_PER_CM) + 1.0)  # no overflow
         return np.sort(np.clip(np.exp(logr), RATE_MIN_PER_CM, RATE_MAX_PER_CM))
 
     def objective(logr):
