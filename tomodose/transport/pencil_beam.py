@@ -424,7 +424,11 @@ def _clustered_dose(engine: _Engine, a_proj: np.ndarray, progress, far_field_ste
     no_u = 1e30
     widen = engine.sad / engine.den_min
     nz, ny, nx = grid.shape
-    shape = np.asarray(grid.shape, dtype=np.int64)
+    from tomodose._kernels.pencil_beam import MAX_DIRECT_LEAVES
+
+    # leaves an error-function Gaussian (total width < S_TAB_MM, reach 7.5 widths) can touch
+    if 15.0 * S_TAB_MM / engine.w + 3 > MAX_DIRECT_LEAVES:
+        raise RuntimeError(f"leaf width {engine.w} mm too small for the clustered kernel's leaf buffer")
     if far_field_step is None:
         spec = [(1, n_g, None)]
     else:
