@@ -30,10 +30,13 @@ Fits, in order (each stage keeps the parameters of the previous ones):
 3. **transverse off-axis fluence** (FFF cone coefficients) and off-axis softening;
 4. **jaw penumbra / FWHM** per jaw; 5. **leaf-edge sigma**.
 
-Usage::
+Usage (the exact sequence is in ``docs/commissioning.md``)::
 
-    python kernels/commission_la4.py [--shared-data ../shared/data] [--stages spectrum,...]
-        [--write-spectrum] [--write-machine] [--report docs/commissioning.md]
+    python kernels/commission_la4.py --stage spectrum --t0 7.0,7.5,8.0 [--offaxis c1,c2,c3,c4]
+    python kernels/commission_la4.py --stage fit --work W        # stages 3, 4, 5, 2 (cached)
+    python kernels/commission_la4.py --stage before --work W     # nominal machine
+    python kernels/commission_la4.py --stage after --work W --write-machine
+    python kernels/commission_la4.py --stage tables --work W     # Markdown tables
 """
 
 from __future__ import annotations
@@ -922,7 +925,9 @@ def markdown_tables(before: dict, after: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Commission the default machine against CheckTomo LA4")
     ap.add_argument("--shared-data", type=Path, default=ROOT.parent / "shared" / "data")
-    ap.add_argument("--stage", default="spectrum")
+    ap.add_argument("--stage", default="spectrum",
+                    help="spectrum | oarx | oary | leaves | of (single-stage studies); fit | of-parts-<jaw> | "
+                         "before | after | tables (the commissioning run, cached in --work)")
     ap.add_argument("--t0", default="6.0,6.5,7.0,7.5")
     ap.add_argument("--offaxis", default=None, help="c1,c2,... off-axis fluence coefficients")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "tomodose_commissioning")
