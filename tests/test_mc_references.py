@@ -1,0 +1,232 @@
+"""The engines against the stored ompMC references (validation/references/*.h5).
+
+Tolerances (issues 4 and 8, never loosened): water depth dose within 1 % beyond d_max (absolute
+Gy, and normalised at 90-110 mm depth); profiles 2 % / 1 mm (dose difference as % of the central
+dose, OR distance to agreement) at every depth and axis; slab depth doses within 3 % beyond
+d_max (absolute, and normalised in the first water layer at 15-25 mm); helical gamma 2 %/2 mm
+global, 10 % cut-off >= 98 %. Where an engine fails, the case is marked
+``xfail(strict=True)`` with the measured number (KNOWN_FAILURES), so the failure stays visible
+and the test turns red (XPASS) when the engine improves. How the references were made and what
+they contain: docs/validation.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import numpy as np
+import pytest
+
+from tomodose.evaluation.reference import (
+    HELICAL_MERGE,
+    REFERENCE_DIR,
+    bin_average,
+    bins_within,
+    compare_depth_dose,
+    compare_gamma,
+    compare_profile,
+    engine_dose,
+    load_reference,
+    overlap_matrix,
+)
+from tomodose.geometry.grid import Grid, ImageVolume
+
+WATER = ("water_j10", "water_j25", "water_j50")
+SLABS = ("slab_lung", "slab_bone")
+ENGINES = ("collapsed_cone", "pencil_beam")
+
+#: (case, engine, check) -> measured result that misses the tolerance
+#: measured 2026-11-28 with the T0 = 7.5 MeV default spectrum and the kernel tables of 21:00 UTC
+#: (validation/build_report.py prints this table from validation/results.json)
+KNOWN_FAILURES: dict[tuple[str, str, str], str] = {
+    ('helical_cylinder', 'collapsed_cone', 'gamma'): 'gamma 2 %/2 mm pass rate 93.5 % (< 98 %)',
+    ('helical_cylinder', 'pencil_beam', 'gamma'): 'gamma 2 %/2 mm pass rate 94.4 % (< 98 %)',
+    ('slab_bone', 'collapsed_cone', 'depth_abs'): 'max |diff| beyond d_max 7.6 % (mean -3.4 %), tolerance 3 %',
+    ('slab_bone', 'collapsed_cone', 'depth_rel'): 'max |diff| beyond d_max 6.9 % (mean -2.7 %), tolerance 3 %',
+    ('slab_bone', 'pencil_beam', 'depth_abs'): 'max |diff| beyond d_max 6.9 % (mean -0.7 %), tolerance 3 %',
+    ('slab_bone', 'pencil_beam', 'depth_rel'): 'max |diff| beyond d_max 7.2 % (mean -0.4 %), tolerance 3 %',
+    ('slab_lung', 'collapsed_cone', 'depth_abs'): 'max |diff| beyond d_max 4.4 % (mean -2.6 %), tolerance 3 %',
+    ('slab_lung', 'collapsed_cone', 'depth_rel'): 'max |diff| beyond d_max 3.5 % (mean -1.6 %), tolerance 3 %',
+    ('slab_lung', 'pencil_beam', 'depth_abs'): 'max |diff| beyond d_max 8.5 % (mean +0.1 %), tolerance 3 %',
+    ('slab_lung', 'pencil_beam', 'depth_rel'): 'max |diff| beyond d_max 8.7 % (mean -0.1 %), tolerance 3 %',
+    ('water_j10', 'collapsed_cone', 'depth_abs'): 'max |diff| beyond d_max 11.2 % (mean -6.6 %), tolerance 1 %',
+    ('water_j10', 'collapsed_cone', 'depth_rel'): 'max |diff| beyond d_max 6.1 % (mean +1.0 %), tolerance 1 %',
+    ('water_j10', 'collapsed_cone', 'profiles'): '2 %/1 mm failures: x@15 1 pts, x@50 2 pts, x@150 1 pts, z@15 2 pts, z@50 2 pts, z@100 2 pts, z@150 4 pts',  # noqa: E501
+    ('water_j10', 'pencil_beam', 'depth_abs'): 'max |diff| beyond d_max 1.6 % (mean -0.4 %), tolerance 1 %',
+    ('water_j10', 'pencil_beam', 'depth_rel'): 'max |diff| beyond d_max 1.3 % (mean -0.2 %), tolerance 1 %',
+    ('water_j10', 'pencil_beam', 'profiles'): '2 %/1 mm failures: x@150 1 pts',
+    ('water_j25', 'collapsed_cone', 'depth_abs'): 'max |diff| beyond d_max 7.7 % (mean -4.2 %), tolerance 1 %',
+    ('water_j25', 'collapsed_cone', 'depth_rel'): 'max |diff| beyond d_max 3.8 % (mean -0.1 %), tolerance 1 %',
+    ('water_j25', 'collapsed_cone', 'profiles'): '2 %/1 mm failures: x@50 2 pts, x@100 1 pts, x@150 1 pts, z@50 2 pts, z@100 4 pts, z@150 1 pts',  # noqa: E501
+    ('water_j25', 'pencil_beam', 'depth_abs'): 'max |diff| beyond d_max 1.8 % (mean -0.4 %), tolerance 1 %',
+    ('water_j25', 'pencil_beam', 'depth_rel'): 'max |diff| beyond d_max 2.1 % (mean -0.1 %), tolerance 1 %',
+    ('water_j25', 'pencil_beam', 'profiles'): '2 %/1 mm failures: x@50 1 pts, x@100 1 pts, x@150 1 pts',
+    ('water_j50', 'collapsed_cone', 'depth_abs'): 'max |diff| beyond d_max 7.1 % (mean -3.8 %), tolerance 1 %',
+    ('water_j50', 'collapsed_cone', 'depth_rel'): 'max |diff| beyond d_max 3.5 % (mean -0.1 %), tolerance 1 %',
+    ('water_j50', 'collapsed_cone', 'profiles'): '2 %/1 mm failures: x@50 2 pts, x@150 7 pts, z@15 1 pts, z@50 3 pts, z@150 11 pts',  # noqa: E501
+    ('water_j50', 'pencil_beam', 'depth_abs'): 'max |diff| beyond d_max 1.6 % (mean -0.7 %), tolerance 1 %',
+    ('water_j50', 'pencil_beam', 'depth_rel'): 'max |diff| beyond d_max 1.2 % (mean -0.0 %), tolerance 1 %',
+}
+
+
+def _mark(case, engine, check):
+    reason = KNOWN_FAILURES.get((case, engine, check))
+    marks = [pytest.mark.slow] if engine == "collapsed_cone" or case.startswith("helical") else []
+    if reason:
+        marks.append(pytest.mark.xfail(strict=True, reason=f"measured {reason}"))
+    return marks
+
+
+def _params(cases, checks):
+    return [pytest.param(c, e, k, marks=_mark(c, e, k), id=f"{c}-{e}-{k}")
+            for c in cases for e in ENGINES for k in checks]
+
+
+@functools.lru_cache(maxsize=None)
+def _ref(name):
+    return load_reference(REFERENCE_DIR / f"{name}.h5")
+
+
+@functools.lru_cache(maxsize=None)
+def _engine(name, engine):
+    return engine_dose(_ref(name), engine, progress=False)
+
+
+# --------------------------------------------------------------------------------------------
+# the stored files
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", WATER + SLABS + ("helical_cylinder", "reference_outer"))
+def test_reference_file_holds_its_generation_settings(name):
+    ref = _ref(name)
+    s = ref.settings
+    for key in ("ompmc_version", "histories", "seeds", "pegs_file", "ecut_mev", "pcut_mev", "n_batches",
+                "spectrum_name", "tomodose_commit"):
+        assert key in s, key
+    assert s["scale"] == 1.0, "pilot run stored as a reference"
+    assert ref.calibration["gy_per_weight_unit"] > 0
+    assert ref.calibration["rel_uncertainty"] < 0.01
+    assert np.all(np.isfinite(ref.dose_gy)) and ref.dose_gy.max() > 0
+    assert ref.dose_gy.shape == ref.rel_uncertainty.shape == ref.density_g_cm3.shape
+    assert ref.sequence.n_projections >= 1
+    assert ref.spectrum.n_bins > 1
+
+
+def test_references_are_small():
+    total = sum(p.stat().st_size for p in REFERENCE_DIR.glob("*.h5"))
+    assert total < 20e6, f"references take {total / 1e6:.1f} MB"
+
+
+@pytest.mark.parametrize("name", WATER)
+def test_monte_carlo_noise_is_small_where_compared(name):
+    ref = _ref(name)
+    dd = compare_depth_dose(ref, ref.dose_gy)
+    # largest 1-sigma of a depth bin beyond d_max: measured 0.6-0.9 % (0.3-0.5 % typical); the
+    # 1 % depth-dose tolerance is only meaningful while this stays well below it
+    assert dd["mc_sigma_beyond_pct"] < 1.0, dd["mc_sigma_beyond_pct"]
+    assert dd["max_abs_beyond_pct"] == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# the comparison tools
+# --------------------------------------------------------------------------------------------
+def test_overlap_matrix_rows_and_alignment():
+    a = overlap_matrix([0.0, 2.5, 10.0], np.array([1.25, 3.75, 6.25, 8.75]), 2.5)
+    np.testing.assert_allclose(a, [[1, 0, 0, 0], [0, 1 / 3, 1 / 3, 1 / 3]])
+    np.testing.assert_allclose(overlap_matrix([-5.0, 5.0], np.array([0.0]), 5.0), [[0.5]])
+
+
+def test_bin_average_is_exact_for_aligned_bins_and_conserves_the_mean():
+    grid = Grid((4, 5, 6), (2.0, 2.0, 2.0), (1.0, 1.0, 1.0))
+    arr = np.random.default_rng(3).random(grid.shape)
+    vol = ImageVolume(grid, arr, "Gy", "dose")
+    edges = (np.arange(7) * 2.0, np.arange(6) * 2.0, np.arange(5) * 2.0)
+    np.testing.assert_allclose(bin_average(vol, edges), arr)
+    coarse = bin_average(vol, ([0.0, 12.0], [0.0, 10.0], [0.0, 8.0]))
+    assert coarse.shape == (1, 1, 1)
+    assert coarse[0, 0, 0] == pytest.approx(arr.mean())
+
+
+def test_bin_average_validates_its_inputs():
+    grid = Grid((2, 2, 2), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    vol = ImageVolume(grid, np.ones(grid.shape), "Gy", "dose")
+    with pytest.raises(TypeError, match="volume must be an ImageVolume"):
+        bin_average(np.ones((2, 2, 2)), ([0, 1], [0, 1], [0, 1]))
+    with pytest.raises(ValueError, match="x edges must be a strictly increasing"):
+        bin_average(vol, ([1.0, 0.0], [0, 1], [0, 1]))
+    with pytest.raises(ValueError, match="three edge arrays"):
+        bin_average(vol, ([0, 1], [0, 1]))
+
+
+def test_bins_within():
+    np.testing.assert_array_equal(bins_within([0.0, 1.0, 2.0, 3.0], 0.5, 3.0), [1, 2])
+
+
+def test_profile_distance_to_agreement_finds_a_known_shift():
+    ref = _ref("water_j50")
+    # the MC dose shifted by one 2.5 mm bin along x in the fine region: DTA ~2.5 mm at the edges
+    shifted = np.roll(ref.dose_gy, 1, axis=2)
+    p = compare_profile(ref, shifted, "x", 100.0, distance_mm=1.0)
+    assert p["n_fail"] > 0
+    p = compare_profile(ref, ref.dose_gy, "x", 100.0)
+    assert p["pass_rate_pct"] == 100.0 and np.all(np.abs(p["dd_pct"]) < 1e-9)
+    with pytest.raises(ValueError, match="axis"):
+        compare_profile(ref, ref.dose_gy, "y", 100.0)
+    with pytest.raises(ValueError, match="dose_percent"):
+        compare_profile(ref, ref.dose_gy, "x", 100.0, dose_percent=0.0)
+
+
+def test_load_reference_refuses_a_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_reference(tmp_path / "nope.h5")
+
+
+def test_engine_dose_validates_its_inputs():
+    with pytest.raises(TypeError, match="ref must be an McReference"):
+        engine_dose("water_j50")
+    with pytest.raises(ValueError, match="engine"):
+        engine_dose(_ref("water_j50"), "magic")
+
+
+# --------------------------------------------------------------------------------------------
+# engines against Monte Carlo
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case, engine, check", _params(WATER, ("depth_abs", "depth_rel")))
+def test_water_depth_dose_within_1_percent_beyond_dmax(case, engine, check):
+    dd = compare_depth_dose(_ref(case), _engine(case, engine))
+    worst = dd["max_abs_beyond_pct"] if check == "depth_abs" else dd["max_rel_beyond_pct"]
+    assert worst <= 1.0, f"{case} {engine} {check}: max |diff| beyond d_max {worst:.2f} %"
+
+
+@pytest.mark.parametrize("case, engine, check", _params(WATER, ("profiles",)))
+def test_water_profiles_2_percent_1_mm(case, engine, check):
+    ref = _ref(case)
+    ev = _engine(case, engine)
+    failures = []
+    for axis in ("x", "z"):
+        for depth in ref.analysis["profile_depths_mm"]:
+            p = compare_profile(ref, ev, axis, depth, dose_percent=2.0, distance_mm=1.0)
+            if p["n_fail"]:
+                failures.append(f"{axis}@{depth:g} mm: {p['n_fail']} points (worst at {p['worst']['pos_mm']:.1f} mm)")
+    assert not failures, f"{case} {engine}: " + "; ".join(failures)
+
+
+@pytest.mark.parametrize("case, engine, check", _params(SLABS, ("depth_abs", "depth_rel")))
+def test_slab_depth_dose_within_3_percent(case, engine, check):
+    dd = compare_depth_dose(_ref(case), _engine(case, engine), normalise_mm=(15.0, 25.0))
+    worst = dd["max_abs_beyond_pct"] if check == "depth_abs" else dd["max_rel_beyond_pct"]
+    assert worst <= 3.0, f"{case} {engine} {check}: max |diff| beyond d_max {worst:.2f} %"
+
+
+@pytest.mark.parametrize("case, engine, check", _params(("helical_cylinder",), ("gamma",)))
+def test_helical_gamma_2_percent_2_mm(case, engine, check):
+    # 2 x 2 x 2 voxels merged (10 mm, mass-weighted): the Monte Carlo noise per 5 mm voxel (~2 %)
+    # would dominate a 2 % criterion; merged it is ~0.8 % (docs/validation.md)
+    g = compare_gamma(_ref(case), _engine(case, engine), dose_percent=2.0, distance_mm=2.0, cutoff_percent=10.0,
+                      merge=HELICAL_MERGE)
+    assert g.pass_rate_percent >= 98.0, f"{case} {engine}: gamma 2%/2mm pass rate {g.pass_rate_percent:.1f} %"
+
+
+def test_calibration_is_recorded_in_every_file():
+    ks = {json.dumps(_ref(n).calibration, sort_keys=True) for n in WATER + SLABS + ("helical_cylinder",)}
+    assert len(ks) == 1
