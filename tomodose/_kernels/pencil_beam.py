@@ -657,22 +657,23 @@ def _cluster_row(out, is_, m0, m1, j, k, origin, spacing, depth_t, rho_t, s0, xg
                 kind_v[i] = 1
                 l0_v[i] = l_first
                 nl_v[i] = nl
+                # Phi at the leaf edges, saturated outside [m_lo, m_hi]; each edge evaluated once
+                if l_first < m_lo:
+                    c_lo = 1.0
+                elif l_first > m_hi:
+                    c_lo = 0.0
+                else:
+                    c_lo = _phi((u - (e0 + l_first * w)) * isl, phi)
                 for q in range(nl):
-                    lf = l_first + q
-                    # Phi at the leaf's two edges, saturated outside [m_lo, m_hi]
-                    if lf < m_lo:
-                        c_lo = 1.0
-                    elif lf > m_hi:
-                        c_lo = 0.0
-                    else:
-                        c_lo = _phi((u - (e0 + lf * w)) * isl, phi)
-                    if lf + 1 < m_lo:
+                    me = l_first + q + 1
+                    if me < m_lo:
                         c_hi = 1.0
-                    elif lf + 1 > m_hi:
+                    elif me > m_hi:
                         c_hi = 0.0
                     else:
-                        c_hi = _phi((u - (e0 + (lf + 1) * w)) * isl, phi)
+                        c_hi = _phi((u - (e0 + me * w)) * isl, phi)
                     lam_v[i, q] = c_lo - c_hi
+                    c_lo = c_hi
             else:
                 kind_v[i] = 2
                 x = sl2 / su2
@@ -715,14 +716,12 @@ def _cluster_row(out, is_, m0, m1, j, k, origin, spacing, depth_t, rho_t, s0, xg
             if abs(v) > v_reach:
                 continue
             acc = 0.0
+            av = abs(v)
             for i in range(g_lo, g_hi):
                 kd = kind_v[i]
                 if kd == 0:
                     continue
-                isv = isv_v[i]
-                jv = _phi((v + jaw_h) * isv, phi) - _phi((v - jaw_h) * isv, phi)
-                if jv <= 0.0:
-                    continue
+                # leaf-weighted profile first: closed leaves at u skip the jaw profile
                 if kd == 1:
                     lu = 0.0
                     l_first = l0_v[i]
@@ -738,6 +737,15 @@ def _cluster_row(out, is_, m0, m1, j, k, origin, spacing, depth_t, rho_t, s0, xg
                         fu = lam_v[i, 2 * dq]
                         t0 = tab_c[p, b]
                         lu += wq * (t0 + fu * (tab_c[p, b + 1] - t0))
+                if lu == 0.0:
+                    continue
+                isv = isv_v[i]
+                if (jaw_h - av) * isv >= PHI_X:
+                    jv = 1.0  # both jaw edges beyond the lookup table (what _phi returns there)
+                else:
+                    jv = _phi((v + jaw_h) * isv, phi) - _phi((v - jaw_h) * isv, phi)
+                    if jv <= 0.0:
+                        continue
                 acc += amp_v[i] * jv * lu
             if acc != 0.0:
                 total += dt_p[p] * acc * sad * sad / (r2_perp + yp * yp)
