@@ -203,7 +203,8 @@ def mc_section(engines, cache: Path | None = None) -> tuple[str, dict]:
             sig = "-"
         imax = np.unravel_index(np.argmax(ref.dose_gy), ref.dose_gy.shape)
         sig += f" / {100 * ref.rel_uncertainty[imax]:.2f} %"
-        lines.append(f"| {ref.name} | {ref.description} | {s['histories']:,} | {s['cpu_s']:.0f} | {sig} |")
+        desc = ref.description.replace("|", "\\|")
+        lines.append(f"| {ref.name} | {desc} | {s['histories']:,} | {s['cpu_s']:.0f} | {sig} |")
     lines.append("")
     for ref in refs:
         t0 = time.perf_counter()

@@ -209,7 +209,7 @@ def build_cases() -> list[Case]:
         description=f"water cylinder d 160 mm, length 80 mm, lung/adipose/bone/air rods (d 25 mm at r 45 mm); "
                     f"helical plan jaw 25 mm, pitch 0.43, {plan.n_projections} projections "
                     f"({plan.n_rotations:.1f} rotations), leaves over |u| <= 30 mm, modulated; 5 mm grid",
-        phantom=cyl, sequence=plan.projections(), edges_mm=edges, histories=1_100_000, seed=seed,
+        phantom=cyl, sequence=plan.projections(), edges_mm=edges, histories=3_300_000, seed=seed,
         analysis={"type": "helical", "plan": {"pitch": 0.43, "gantry_period_s": 20.0, "field_width_mm": 25.0}},
         n_sub=N_SUB_HELICAL))
     return cases
