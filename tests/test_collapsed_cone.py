@@ -475,8 +475,10 @@ def test_shared_directions_deterministic_and_thread_independent(rotation_case, k
     np.testing.assert_array_equal(out[0], out[2])
 
 
-def test_shared_directions_conserve_energy(kernel):
-    """Point source, two beams: deposited = released - what leaves the grid along the shared lines."""
+@pytest.mark.parametrize("neighbours", [1, 3])
+def test_shared_directions_conserve_energy(kernel, neighbours):
+    """Point source, two beams: deposited = released - what leaves the grid along the shared lines
+    (each cone shared among its ``neighbours`` nearest directions, weights 1 / angle, sum 1)."""
     from tomodose.transport.collapsed_cone import fibonacci_directions, shared_direction_dose
 
     g = Grid((25, 25, 25), (6.0, 6.0, 6.0))
@@ -486,30 +488,36 @@ def test_shared_directions_conserve_energy(kernel):
     terma[1][src] = 0.5
     beams = np.array([[0.0, 1.0, 0.0], [0.6, 0.0, -0.8]])
     n_dir = 96
-    d = shared_direction_dose(terma, beams, np.ones(g.shape), g, kernel=kernel, n_directions=n_dir, progress=False)
+    d = shared_direction_dose(terma, beams, np.ones(g.shape), g, kernel=kernel, n_directions=n_dir,
+                              neighbours=neighbours, progress=False)
     fixed = fibonacci_directions(n_dir)
     amps = kernel.amplitudes / kernel.n_azimuth
     rates = kernel.rates_per_cm
+    def kept(v, p):  # energy of ring p's cone released along v that stays in the grid
+        m, sgn, da, db, step = direction_geometry(v, g.spacing_mm)
+        a_ax, b_ax = [ax for ax in range(3) if ax != m]
+        n_m = g.shape[m]
+        n_src = src[m] if sgn > 0 else n_m - 1 - src[m]
+        ia = src[a_ax] - math.floor(n_src * da + 0.5)
+        ib = src[b_ax] - math.floor(n_src * db + 0.5)
+        n_after = 0
+        for n in range(n_src + 1, n_m):
+            ja, jb = ia + math.floor(n * da + 0.5), ib + math.floor(n * db + 0.5)
+            if not (0 <= ja < g.shape[a_ax] and 0 <= jb < g.shape[b_ax]):
+                break
+            n_after += 1
+        x = rates * step
+        leak = np.sum(amps[p] / rates * -np.expm1(-x) * np.exp(-x * n_after)) / step
+        return amps[p].sum() - leak
+
     expected = 0.0
     for b, t in zip(beams, (1.0, 0.5)):
         dirs, _, ring = kernel.directions(b)
         for u, p in zip(dirs, ring):
-            v = fixed[np.argmax(fixed @ u)]
-            m, sgn, da, db, step = direction_geometry(v, g.spacing_mm)
-            a_ax, b_ax = [ax for ax in range(3) if ax != m]
-            n_m = g.shape[m]
-            n_src = src[m] if sgn > 0 else n_m - 1 - src[m]
-            ia = src[a_ax] - math.floor(n_src * da + 0.5)
-            ib = src[b_ax] - math.floor(n_src * db + 0.5)
-            n_after = 0
-            for n in range(n_src + 1, n_m):
-                ja, jb = ia + math.floor(n * da + 0.5), ib + math.floor(n * db + 0.5)
-                if not (0 <= ja < g.shape[a_ax] and 0 <= jb < g.shape[b_ax]):
-                    break
-                n_after += 1
-            x = rates * step
-            leak = np.sum(amps[p] / rates * -np.expm1(-x) * np.exp(-x * n_after)) / step
-            expected += t * (amps[p].sum() - leak)
+            dots = fixed @ u
+            near = np.argsort(-dots, kind="stable")[:neighbours]
+            inv = 1.0 / (np.arccos(np.clip(dots[near], -1, 1)) + 1e-6)
+            expected += t * sum(share * kept(v, p) for v, share in zip(fixed[near], inv / inv.sum()))
     assert float(d.sum()) == pytest.approx(expected, rel=1e-5)
 
 
@@ -536,6 +544,8 @@ def test_shared_directions_bad_input(rotation_case, kernel):
         shared_direction_dose(terma, np.zeros((3, 3)), rho, grid)
     with pytest.raises(ValueError, match="n_directions must be an integer >= 1"):
         shared_direction_dose(terma, beams, rho, grid, n_directions=0)
+    with pytest.raises(ValueError, match="neighbours must be an integer in \\[1, n_directions\\]"):
+        shared_direction_dose(terma, beams, rho, grid, n_directions=4, neighbours=5)
     with pytest.raises(ValueError, match="batch must be an integer >= 1"):
         shared_direction_dose(terma, beams, rho, grid, batch=1.5)
     with pytest.raises(ValueError, match="terma_groups must be >= 0"):

@@ -254,6 +254,7 @@ def shared_direction_dose(
     kernel: CollapsedConeKernel | None = None,
     rings=None,
     n_directions: int = 256,
+    neighbours: int = 1,
     batch: int = 8,
     progress: bool | None = None,
 ) -> np.ndarray:
@@ -284,6 +285,9 @@ def shared_direction_dose(
         Kernel rings to transport this way (default all).
     n_directions : int
         Size of the shared direction set (>= 1).
+    neighbours : int
+        Each cone is shared among this many nearest fixed directions, with weights proportional
+        to the inverse angle (normalised to 1, so energy is unchanged); 1 = nearest only.
     batch : int
         Shared directions whose sources are built together (memory: ``batch x K`` float32
         volumes).
@@ -309,6 +313,8 @@ def shared_direction_dose(
                                dtype=np.float64)
     if isinstance(n_directions, bool) or int(n_directions) != n_directions or n_directions < 1:
         raise ValueError(f"n_directions must be an integer >= 1, got {n_directions!r}")
+    if isinstance(neighbours, bool) or int(neighbours) != neighbours or not 1 <= neighbours <= n_directions:
+        raise ValueError(f"neighbours must be an integer in [1, n_directions], got {neighbours!r}")
     if isinstance(batch, bool) or int(batch) != batch or batch < 1:
         raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
     if kernel is None:
@@ -323,8 +329,16 @@ def shared_direction_dose(
     for g in range(n_g):
         dirs, _, ring = kernel.directions(beams[g] / norms[g])
         keep = selected[ring]
-        nearest = np.argmax(dirs[keep] @ fixed.T, axis=1)
-        np.add.at(weights[:, g, :], nearest, amps_ring[ring[keep]])
+        dots = dirs[keep] @ fixed.T
+        if int(neighbours) == 1:
+            np.add.at(weights[:, g, :], np.argmax(dots, axis=1), amps_ring[ring[keep]])
+            continue
+        near = np.argsort(-dots, axis=1, kind="stable")[:, :int(neighbours)]
+        ang = np.arccos(np.clip(np.take_along_axis(dots, near, axis=1), -1.0, 1.0))
+        inv = 1.0 / (ang + 1e-6)
+        share = inv / inv.sum(axis=1, keepdims=True)
+        for c in range(near.shape[1]):
+            np.add.at(weights[:, g, :], near[:, c], share[:, c:c + 1] * amps_ring[ring[keep]])
     active = np.flatnonzero(weights.sum(axis=(1, 2)) > 0)
     dose = np.zeros(grid.shape, dtype=np.float64)
     if active.size == 0 or not np.any(t_all > 0):
