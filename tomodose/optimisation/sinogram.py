@@ -517,10 +517,10 @@ def optimise_plan(patient, template: HelicalPlan, protocol, *, settings: Optimis
     best = None  # (score, round index, plan, x, x_equiv, deliver, offset, dose)
     factors = {}  # constraint id -> accumulated weight factor
     n_rounds = int(settings.correction_rounds)
-    for round_ in range(n_rounds + 1 if n_rounds else 0):
-        from tomodose.dose import compute_dose
-        from tomodose.evaluation.protocol import evaluate_protocol
+    from tomodose.dose import compute_dose
+    from tomodose.evaluation.protocol import evaluate_protocol
 
+    for round_ in range(n_rounds + 1 if n_rounds else 0):
         t0 = time.perf_counter()
         ccc = compute_dose(patient, plan, engine="collapsed_cone", progress=progress)
         ccc_vox = ccc.total.array.ravel()[voxels].astype(np.float64)
@@ -572,7 +572,7 @@ def optimise_plan(patient, template: HelicalPlan, protocol, *, settings: Optimis
     total_offset = 0.0 if offset is None else offset
     _, _, parts_before = evaluate_terms(terms, dose_of(x) + total_offset)
     f_after, _, parts_after = evaluate_terms(terms, dose_of(x_equiv) + total_offset)
-    info["deliverability"] = {**deliver, "objective_before": parts_before and sum(parts_before.values()),
+    info["deliverability"] = {**deliver, "objective_before": float(sum(parts_before.values())),
                               "objective_after": f_after}
     info["terms_before"] = parts_before
     info["terms_after"] = parts_after
