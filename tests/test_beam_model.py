@@ -98,8 +98,10 @@ def test_fluence_combines_profiles():
     u = np.linspace(-190, 190, 7)
     v = np.linspace(-15, 15, 7)
     psi = b.fluence(u, v, f, 25.0, M)
-    expected = b.jaw_profile(v, 25.0, M) * b.leaf_fluence(u, b.leaf_weights(f), M) * b.offaxis_fluence(u, M.sad_mm)
+    expected = (b.jaw_output_factor(25.0, M) * b.jaw_profile(v, 25.0, M) * b.leaf_fluence(u, b.leaf_weights(f), M)
+                * b.offaxis_fluence(u, M.sad_mm))
     np.testing.assert_allclose(psi, expected)
+    assert b.jaw_output_factor(25.0, M) != 1.0  # the commissioned head-scatter factor is in play
 
 
 def test_frozen_and_validation():

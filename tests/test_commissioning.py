@@ -200,8 +200,7 @@ def of_reference(com, engine):
 
 
 def _terma_applies_jaw_factor() -> bool:
-    """Whether compute_terma already multiplies the fluence by ``BeamModel.jaw_output_factor``
-    (a one-line change in tomodose/terma/terma.py proposed in docs/commissioning.md)."""
+    """Whether compute_terma multiplies the fluence by ``BeamModel.jaw_output_factor``."""
     from tomodose.delivery.plan import ProjectionSequence
     from tomodose.geometry.grid import Grid, ImageVolume
     from tomodose.terma import compute_terma
@@ -217,20 +216,29 @@ def _terma_applies_jaw_factor() -> bool:
     return bool(np.allclose(t2, 0.5 * t1, rtol=1e-6))
 
 
-def test_jaw_factor_probe_runs():
-    assert _terma_applies_jaw_factor() in (True, False)
+def test_engines_apply_the_jaw_factor():
+    """TERMA and the pencil beam scale the whole fluence by the jaw's head-scatter factor."""
+    from tomodose.delivery.plan import ProjectionSequence
+    from tomodose.geometry.grid import Grid, ImageVolume
+    from tomodose.transport.pencil_beam import pencil_beam_dose
+
+    assert _terma_applies_jaw_factor()
+    grid = Grid.from_extent((-10, 0, -10), (10, 20, 10), (5, 5, 5))
+    vol = ImageVolume(grid, np.ones(grid.shape, np.float32), "g/cm3")
+    seq = ProjectionSequence.static_beams([0.0], np.ones((1, 64)), 1.0, 10.0, isocentre_lps_mm=(0.0, 10.0, 0.0))
+    b = BeamModel.nominal()
+    d1 = pencil_beam_dose(vol, seq, b, progress=False)
+    d2 = pencil_beam_dose(vol, seq, b.replace(jaw_output_factors={10.0: 0.5, 25.0: 1.0, 50.0: 1.0}), progress=False)
+    assert d1.max() > 0
+    np.testing.assert_allclose(d2, 0.5 * d1, rtol=1e-6)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("jaw, n_open", [_param(OF_XFAIL, (jaw, n), jaw, n) for jaw, n in OF_CASES])
 def test_output_factor_within_one_percent(com, la4, engine, of_reference, jaw, n_open):
-    from tomodose.delivery.machine import TomoMachine
 
     beam, kernel = engine
-    # the jaw head-scatter factor of the commissioned model multiplies the engine dose here, as
-    # long as compute_terma does not apply it itself
-    f = 1.0 if _terma_applies_jaw_factor() else beam.jaw_output_factor(float(jaw), TomoMachine())
-    e = f * com.point_dose(beam, kernel, jaw, n_open, 750.0, 100.0) / of_reference
+    e = com.point_dose(beam, kernel, jaw, n_open, 750.0, 100.0) / of_reference
     n_all, la = com.la4_output_factors(la4, jaw)
     r = float(la[int(np.flatnonzero(n_all == n_open)[0])])
     assert e == pytest.approx(r, rel=0.01), f"OF(jaw {jaw}, {n_open} leaves) engine {e:.4f} LA4 {r:.4f}"

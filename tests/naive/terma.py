@@ -48,7 +48,6 @@ def terma_naive(grid, density, projections, beam, n_subsamples=1, exact_subsampl
     x, y, z = grid.x_mm, grid.y_mm, grid.z_mm
     fw = projections.field_width_mm
     for p in range(projections.n_projections):
-        a = beam.leaf_weights(projections.leaf_open_fraction[p])
         fracs = (np.arange(n_subsamples) + 0.5) / n_subsamples - 0.5
         geos = [_geometry(projections, p, f) for f in fracs]
         dt = projections.duration_s[p] / n_subsamples
@@ -64,8 +63,7 @@ def terma_naive(grid, density, projections, beam, n_subsamples=1, exact_subsampl
                         fl = 0.0
                         for geo in samples:
                             u, v = _uv(pnt, geo, sad)
-                            psi = (beam.jaw_profile(v, fw, m) * beam.leaf_fluence(u, a, m)
-                                   * beam.offaxis_fluence(u, sad))
+                            psi = beam.fluence(u, v, projections.leaf_open_fraction[p], fw, m)
                             fl += dt * psi * sad**2 / np.sum((geo[0] - pnt) ** 2)
                         if fl <= 0:
                             continue

@@ -9,7 +9,10 @@ divergence automatically.
 Energy fluence per unit beam-on time, in air, on the sphere of radius SAD around the source
 (i.e. before the inverse-square factor of :mod:`tomodose.terma.terma`)::
 
-    Psi(u, v) = J(v) * O(theta) * sum_i a_i * L_i(u),       theta = atan(u / SAD)
+    Psi(u, v) = H(W) * J(v) * O(theta) * sum_i a_i * L_i(u),       theta = atan(u / SAD)
+
+* ``H(W)`` head-scatter output factor of the jaw setting ``W`` (``jaw_output_factors``; commissioned
+  against the LA4 output factors, 1 in the nominal and ideal models).
 
 * ``J(v)`` longitudinal jaw profile: a rect of half-width ``h`` convolved with a Gaussian of
   ``jaw_penumbra_sigma_mm``: ``J = [erf((v+h)/(sqrt2 s)) - erf((v-h)/(sqrt2 s))]/2``; ``h`` is
@@ -339,4 +342,4 @@ class BeamModel:
         a = self.leaf_weights(np.asarray(leaf_open_fraction, dtype=float))
         u, v = np.broadcast_arrays(np.asarray(u_mm, float), np.asarray(v_mm, float))
         return (self.jaw_profile(v, field_width_mm, machine) * self.leaf_fluence(u, a, machine)
-                * self.offaxis_fluence(u, machine.sad_mm))
+                * self.offaxis_fluence(u, machine.sad_mm) * self.jaw_output_factor(field_width_mm, machine))

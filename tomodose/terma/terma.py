@@ -303,7 +303,9 @@ def compute_terma(patient_or_density, projections, beam_model: BeamModel | None 
         k_lo = k_lo_s.reshape(-1, n_sub).min(axis=1)
         k_hi = k_hi_s.reshape(-1, n_sub).max(axis=1)
     unit_group = proj_group[unit_proj]
-    leaf_a = np.ascontiguousarray(beam.leaf_weights(projections.leaf_open_fraction))
+    # head-scatter output factor of the jaw setting (commissioned; 1 for the ideal/nominal models)
+    leaf_a = np.ascontiguousarray(beam.leaf_weights(projections.leaf_open_fraction)
+                                  * beam.jaw_output_factor(projections.field_width_mm, machine))
     edges = machine.leaf_edges_mm()
 
     total = np.zeros(grid.shape, dtype=np.float64)

@@ -211,6 +211,8 @@ class _Engine:
         m = p.machine
         self.sad = float(m.sad_mm)
         (self.src, self.xg, self.yg, self.zg, self.iso, self.dt, self.proj) = projection_samples(p, self.n_subsamples)
+        # head-scatter output factor of the jaw setting scales every leaf-open time (1 when not commissioned)
+        self.dt = self.dt * self.beam.jaw_output_factor(p.field_width_mm, m)
         self.proj_group, self.group_angles, _ = assign_angle_groups(p.gantry_angle_deg, self.angle_groups)
         n_p = p.n_projections
         self.samp_start = np.searchsorted(self.proj, np.arange(n_p)).astype(np.int64)
