@@ -41,7 +41,7 @@ ENGINES = ("collapsed_cone", "pencil_beam")
 #: (validation/build_report.py prints this table from validation/results.json)
 KNOWN_FAILURES: dict[tuple[str, str, str], str] = {
     ('helical_cylinder', 'collapsed_cone', 'gamma'): 'gamma 2 %/2 mm pass rate 93.5 % (< 98 %)',
-    ('helical_cylinder', 'pencil_beam', 'gamma'): 'gamma 2 %/2 mm pass rate 94.4 % (< 98 %)',
+    ('helical_cylinder', 'pencil_beam', 'gamma'): 'gamma 2 %/2 mm pass rate 94.9 % (< 98 %)',
     ('slab_bone', 'collapsed_cone', 'depth_abs'): 'max |diff| beyond d_max 7.6 % (mean -3.4 %), tolerance 3 %',
     ('slab_bone', 'collapsed_cone', 'depth_rel'): 'max |diff| beyond d_max 6.9 % (mean -2.7 %), tolerance 3 %',
     ('slab_bone', 'pencil_beam', 'depth_abs'): 'max |diff| beyond d_max 6.9 % (mean -0.7 %), tolerance 3 %',
