@@ -29,9 +29,11 @@ sys.path.insert(0, str(ROOT))
 from tomodose.evaluation.gamma import gamma_index  # noqa: E402
 from tomodose.geometry.grid import Grid, ImageVolume  # noqa: E402
 from tomodose.transport import collapsed_cone_dose, load_kernel  # noqa: E402
-from tomodose.transport.kernels import collapse_kernel, polyenergetic_kernel, read_edk_csv  # noqa: E402
+from tomodose.transport.kernels import collapse_kernel, polyenergetic_kernel  # noqa: E402
 
-EDK_REL = "dose_physics/kernels/edknrc_mono_water_conehead.csv"
+sys.path.insert(0, str(ROOT / "kernels"))
+from _common import read_mono_table  # noqa: E402
+
 SAD_MM = 850.0
 
 
@@ -65,7 +67,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = ap.parse_args(argv)
     base = load_kernel()
-    edk = read_edk_csv(args.shared_data / EDK_REL)
+    edk, _ = read_mono_table(args.shared_data)  # the merged table the shipped kernel came from
     fine = polyenergetic_kernel(edk, np.asarray(base.provenance["terma_weights"]))
     # (rings, azimuths, terms, ring edges in fine-cone indices or None for even rings)
     fwd = (0, 1, 2, 4, 6, 8, 12, 16, 24, 32, 40, 48)  # 3.75, 7.5, 15, 22.5, 30, 45, 60, 90, ... deg

@@ -12,7 +12,7 @@ from tests.naive import collapsed_cone as naive
 from tomodose.geometry.grid import Grid
 from tomodose.transport import collapsed_cone_dose, load_kernel
 from tomodose.transport.collapsed_cone import direction_geometry
-from tomodose.transport.kernels import polyenergetic_kernel, read_edk_csv
+from tomodose.transport.kernels import polyenergetic_kernel
 
 
 @pytest.fixture(scope="module")
@@ -287,7 +287,7 @@ def test_broad_beam_depth_dose_matches_brute_force_convolution(kernel, shared_da
     spec = importlib.util.spec_from_file_location("derive_ccc_kernels", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    edk = read_edk_csv(shared_data / script.EDK_REL)
+    edk, _ = script.read_mono_table(shared_data)  # the merged table the shipped kernel came from
     mu_e, mu_v = script.read_mu_water(shared_data / script.MU_REL)
     w = np.asarray(kernel.provenance["terma_weights"])
     fine = polyenergetic_kernel(edk, w)
