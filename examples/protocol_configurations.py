@@ -69,7 +69,7 @@ def run_configuration(name: str, spacing_mm: float, out_dir: str) -> dict:
     """Plan, evaluate and record one configuration; writes ``<name>.json`` and returns its record."""
     from tomodose.demo import DemoConfig, plan_study
 
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(name)s: %(message)s", force=True)
     t_wall, t_cpu = time.perf_counter(), time.process_time()
     commit, started = _commit(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     result = plan_study(DemoConfig(phantom=name, spacing_mm=spacing_mm), progress=False)
