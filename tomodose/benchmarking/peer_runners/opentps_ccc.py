@@ -16,7 +16,6 @@ def main(path):
     import logging
 
     import numpy as np
-    import opentps.core as otps
     from opentps.core.data.images._ctImage import CTImage
     from opentps.core.data.plan._photonPlan import PhotonPlan
     from opentps.core.data.plan._planPhotonBeam import PlanPhotonBeam
@@ -60,7 +59,9 @@ def main(path):
     dose = ccc.computeDose(ct, plan)
     compute_s, compute_cpu_s = clock.lap()
     n_beamlets = int(sum(len(s.beamletMUs) for b in plan.beams for s in b.beamSegments))
-    emit({"peer": "OpenTPS", "version": getattr(otps, "__version__", "opentps-core"),
+    from importlib.metadata import version
+
+    emit({"peer": "OpenTPS", "version": version("opentps-core"),
           "engine": "photon collapsed cone (C++ engine, per beamlet)",
           "import_s": import_s, "setup_s": setup_s, "compute_s": compute_s, "compute_cpu_s": compute_cpu_s,
           "peak_rss_mib": peak_rss_mib(), "n_voxels": int(np.prod(case["hu"].shape)),
