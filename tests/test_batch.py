@@ -107,12 +107,14 @@ def test_jaw_width_error_changes_the_real_fwhm_of_the_plan_jaw_only():
     plan = _plan()
     nominal = BeamModel.default()
     seq, bm = apply_perturbation(plan, Perturbation(jaw_width_error_mm=1.5), nominal)
-    assert bm.real_fwhm_mm(25.0, plan.machine) == pytest.approx(plan.machine.real_fwhm_mm(25.0) + 1.5)
-    assert bm.real_fwhm_mm(50.0, plan.machine) == plan.machine.real_fwhm_mm(50.0)
+    # relative to the beam model's own (commissioned) FWHM of the plan's jaw
+    fwhm0 = nominal.real_fwhm_mm(25.0, plan.machine)
+    assert bm.real_fwhm_mm(25.0, plan.machine) == pytest.approx(fwhm0 + 1.5)
+    assert bm.real_fwhm_mm(50.0, plan.machine) == nominal.real_fwhm_mm(50.0, plan.machine)
     v = np.linspace(-30, 30, 601)
     prof = bm.jaw_profile(v, 25.0, plan.machine)
     above = v[prof >= 0.5]
-    assert above[-1] - above[0] == pytest.approx(25.1 + 1.5, abs=0.15)  # measured FWHM of the new profile
+    assert above[-1] - above[0] == pytest.approx(fwhm0 + 1.5, abs=0.15)  # measured FWHM of the new profile
     with pytest.raises(ValueError, match="jaw_width_error_mm"):
         apply_perturbation(plan, Perturbation(jaw_width_error_mm=-30.0), nominal)
 
