@@ -123,25 +123,21 @@ _INV_LN2 = 1.0 / math.log(2.0)
 
 
 @numba.njit(**NUMBA_OPTIONS)
-def voxel_value(u, v, r, den, d_rad, rho, leaf, sad, amps, dz_tab, tail, sig, a, tab, e0, w, s_leaf,
-                s_tab, lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi):
-    """Dose per unit time of one sample at one voxel (cm2/g per unit energy-fluence rate).
+def _offaxis_and_depth(u, sad, soft, offc, d_rad, dz_tab, nzt):
+    """Per-voxel terms that do not depend on the Gaussian.
 
-    ``sig`` is (2, nG): Gaussian widths (mm of water) and their log2. ``leaf >= 0``: a single leaf
-    with unit weight (``a`` must then be its unit vector; same value as the general sum);
-    ``leaf < 0``: the leaf weights ``a``.
+    Returns the off-axis fluence factor ``O(theta)``, the softening factor ``1 + soft |theta|``
+    and the position in the depth table of the softened radiological depth: row ``k0``, fraction
+    ``f`` and the extrapolation ``ext`` (rows beyond the table, 0 inside it).
     """
-    theta = math.atan(u / sad)
-    at = abs(theta)
+    at = abs(math.atan(u / sad))
     hsoft = 1.0 + soft * at
     off = 1.0
     p = 1.0
     for c in range(offc.shape[0]):
         p *= at
         off += offc[c] * p
-    dd = hsoft * d_rad
-    nzt = amps.shape[0]
-    t = dd / dz_tab - 0.5
+    t = hsoft * d_rad / dz_tab - 0.5
     ext = 0.0
     if t <= 0.0:
         k0 = 0
@@ -153,6 +149,28 @@ def voxel_value(u, v, r, den, d_rad, rho, leaf, sad, amps, dz_tab, tail, sig, a,
     else:
         k0 = int(t)
         f = t - k0
+    return off, hsoft, k0, f, ext
+
+
+@numba.njit(**NUMBA_OPTIONS)
+def _amplitude(amps, tail, i, k0, f, ext):
+    """Amplitude of Gaussian ``i`` at depth-table position (k0, f), with the exponential tail beyond it."""
+    amp = amps[k0, i] + f * (amps[k0 + 1, i] - amps[k0, i])
+    if ext > 0.0:
+        amp *= tail[i] ** ext
+    return amp
+
+
+@numba.njit(**NUMBA_OPTIONS)
+def voxel_value(u, v, r, den, d_rad, rho, leaf, sad, amps, dz_tab, tail, sig, a, tab, e0, w, s_leaf,
+                s_tab, lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi):
+    """Dose per unit time of one sample at one voxel (cm2/g per unit energy-fluence rate).
+
+    ``sig`` is (2, nG): Gaussian widths (mm of water) and their log2. ``leaf >= 0``: a single leaf
+    with unit weight (``a`` must then be its unit vector; same value as the general sum);
+    ``leaf < 0``: the leaf weights ``a``.
+    """
+    off, hsoft, k0, f, ext = _offaxis_and_depth(u, sad, soft, offc, d_rad, dz_tab, amps.shape[0])
     lat = sad / (rho * den)  # isocentre-plane mm per mm of water
     log2_lat = math.log2(lat)
     sj2 = s_jaw * s_jaw
@@ -160,9 +178,7 @@ def voxel_value(u, v, r, den, d_rad, rho, leaf, sad, amps, dz_tab, tail, sig, a,
     st2 = s_tab * s_tab
     total = 0.0
     for i in range(sig.shape[1]):
-        amp = amps[k0, i] + f * (amps[k0 + 1, i] - amps[k0, i])
-        if ext > 0.0:
-            amp *= tail[i] ** ext
+        amp = _amplitude(amps, tail, i, k0, f, ext)
         if amp <= 0.0:
             continue
         su = sig[0, i] * lat
@@ -588,28 +604,7 @@ def _cluster_row(out, is_, m0, m1, j, k, origin, spacing, depth_t, rho_t, s0, xg
                 break
         if not anyu:
             continue
-        theta = math.atan(u / sad)
-        at = abs(theta)
-        hsoft = 1.0 + soft * at
-        off = 1.0
-        pw = 1.0
-        for c in range(offc.shape[0]):
-            pw *= at
-            off += offc[c] * pw
-        dd = hsoft * depth
-        nzt = amps.shape[0]
-        t = dd / dz_tab - 0.5
-        ext = 0.0
-        if t <= 0.0:
-            k0 = 0
-            f = 0.0
-        elif t >= nzt - 1:
-            k0 = nzt - 2
-            f = 1.0
-            ext = t - (nzt - 1)
-        else:
-            k0 = int(t)
-            f = t - k0
+        off, hsoft, k0, f, ext = _offaxis_and_depth(u, sad, soft, offc, depth, dz_tab, amps.shape[0])
         lat = sad / (rho * den)
         log2_lat = math.log2(lat)
         sj2 = s_jaw * s_jaw
@@ -617,9 +612,7 @@ def _cluster_row(out, is_, m0, m1, j, k, origin, spacing, depth_t, rho_t, s0, xg
         st2 = s_tab * s_tab
         n_lev = lev_off.shape[0]
         for i in range(g_lo, g_hi):
-            amp = amps[k0, i] + f * (amps[k0 + 1, i] - amps[k0, i])
-            if ext > 0.0:
-                amp *= tail[i] ** ext
+            amp = _amplitude(amps, tail, i, k0, f, ext)
             kind_v[i] = 0
             if amp <= 0.0:
                 continue
