@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from tomodose import _atomic  # noqa: E402
+from tomodose.transport.kernels import numeric_csv_rows  # noqa: E402
 
 #: EDKnrc mono kernels (MIT) relative to the shared data folder.
 EDK_REL = "dose_physics/kernels/edknrc_mono_water_conehead.csv"
@@ -57,14 +59,7 @@ def read_mu_water(path: str | os.PathLike | None = None) -> tuple[np.ndarray, np
                 rows.append((float(e), float(mu)))
         a = np.asarray(rows)
         return a[:, 0], a[:, 1]
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            s = line.strip()
-            if not s or s.startswith("#") or s[0].isalpha():
-                continue
-            rows.append([float(v) for v in s.split(",")[:2]])
-    a = np.asarray(rows)
+    a = numeric_csv_rows(path, 2)
     _, idx = np.unique(a[:, 0], return_index=True)
     a = a[np.sort(idx)]
     return a[:, 0], a[:, 1]
@@ -104,19 +99,9 @@ def default_spectrum_arrays():
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """The package's atomic write (:mod:`tomodose._atomic`), creating the folder like the scripts expect."""
+    return _atomic.atomic_write_bytes(path, data, mkdir=True)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
+    return _atomic.atomic_write_text(path, text, mkdir=True)

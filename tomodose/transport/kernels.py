@@ -100,6 +100,19 @@ class MonoKernelTable:
         return self.total.sum(axis=(1, 2))
 
 
+def numeric_csv_rows(path, n_columns: int) -> np.ndarray:
+    """(n_rows, n_columns) float64: the first ``n_columns`` comma-separated numbers of every row,
+    skipping blank lines, ``#`` comments and header lines (first character a letter)."""
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            s = line.strip()
+            if not s or s.startswith("#") or s[0].isalpha():
+                continue
+            rows.append([float(v) for v in s.split(",")[:n_columns]])
+    return np.asarray(rows, dtype=np.float64)
+
+
 def read_edk_csv(path: str | os.PathLike) -> MonoKernelTable:
     """Read an EDK table in the CSV layout of the shared EDKnrc conversion.
 
@@ -114,14 +127,7 @@ def read_edk_csv(path: str | os.PathLike) -> MonoKernelTable:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"path must be an existing EDK CSV file, got {str(path)!r}")
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            s = line.strip()
-            if not s or s.startswith("#") or s[0].isalpha():
-                continue
-            rows.append([float(v) for v in s.split(",")[:5]])
-    data = np.asarray(rows, dtype=np.float64)
+    data = numeric_csv_rows(path, 5)
     energies = np.unique(data[:, 0])
     theta_lo = np.unique(data[:, 1])
     theta_hi = np.unique(data[:, 2])
