@@ -322,6 +322,23 @@ def _leaf_weights(engine: _Engine, leaf_model: str) -> np.ndarray:
     raise ValueError(f"leaf_model must be 'beam' or 'linear', got {leaf_model!r}")
 
 
+def _active_groups(engine: _Engine, a_proj: np.ndarray, progress):
+    """Yield ``(group, active projections, depth map, their samples)`` for every angle group with
+    an open leaf (progress bar over the groups)."""
+    groups = np.unique(engine.proj_group)
+    it = groups
+    if config.progress_enabled(progress):
+        from tqdm.auto import tqdm
+        it = tqdm(groups, desc="pencil beam", unit="angle")
+    for g in it:
+        projs = np.flatnonzero(engine.proj_group == g)
+        active = projs[np.any(a_proj[projs] > 0, axis=1)]
+        if active.size == 0:
+            continue
+        samples = np.concatenate([np.arange(engine.samp_start[p], engine.samp_stop[p]) for p in active])
+        yield g, active, engine.depth_map(int(g)), samples
+
+
 def _full_dose(engine: _Engine, a_proj: np.ndarray, progress, far_field_step=None, threshold=0.0) -> np.ndarray:
     """Dose of leaf weights ``a_proj`` (n_projections, n_leaves).
 
@@ -352,18 +369,7 @@ def _full_dose(engine: _Engine, a_proj: np.ndarray, progress, far_field_step=Non
     k_lo, k_hi = engine.slab(v_reach)
     shape = np.asarray(grid.shape, dtype=np.int64)
     centres = engine.projections.machine.leaf_centres_mm()
-    groups = np.unique(engine.proj_group)
-    it = groups
-    if config.progress_enabled(progress):
-        from tqdm.auto import tqdm
-        it = tqdm(groups, desc="pencil beam", unit="angle")
-    for g in it:
-        projs = np.flatnonzero(engine.proj_group == g)
-        active = projs[np.any(a_proj[projs] > 0, axis=1)]
-        if active.size == 0:
-            continue
-        depth = engine.depth_map(int(g))
-        samples = np.concatenate([np.arange(engine.samp_start[p], engine.samp_stop[p]) for p in active])
+    for g, active, depth, samples in _active_groups(engine, a_proj, progress):
         local = np.searchsorted(active, engine.proj[samples]).astype(np.int64)
         a_g = np.ascontiguousarray(a_proj[active])
         tab_g = np.ascontiguousarray(a_g @ engine.btab)
@@ -447,18 +453,7 @@ def _clustered_dose(engine: _Engine, a_proj: np.ndarray, progress, far_field_ste
     r0 = spec[0][2]
     k_lo_all, k_hi_all = engine.slab(1e30 if r0 is None or r0[1] >= 1e8 else engine.jaw_h + r0[1] * widen)
     centres = engine.projections.machine.leaf_centres_mm()
-    groups = np.unique(engine.proj_group)
-    it = groups
-    if config.progress_enabled(progress):
-        from tqdm.auto import tqdm
-        it = tqdm(groups, desc="pencil beam", unit="angle")
-    for g in it:
-        projs = np.flatnonzero(engine.proj_group == g)
-        active = projs[np.any(a_proj[projs] > 0, axis=1)]
-        if active.size == 0:
-            continue
-        depth = engine.depth_map(int(g))
-        samples = np.concatenate([np.arange(engine.samp_start[p], engine.samp_stop[p]) for p in active])
+    for g, active, depth, samples in _active_groups(engine, a_proj, progress):
         for members in _clusters(engine, samples):
             s = samples[members]
             s0 = np.ascontiguousarray(engine.src[s[0]])
