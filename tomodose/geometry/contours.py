@@ -432,15 +432,7 @@ def contour_sample_points(
     for (z, polys), lo, hi in zip(planes, lower, upper):
         if hi <= lo:
             continue
-        xy = np.concatenate(polys)
-        span = np.maximum(xy.max(axis=0) - xy.min(axis=0), 1e-6)
-        hp = h
-        if span[0] * span[1] / (h * h) < min_samples_per_plane:
-            hp = max(float(np.sqrt(span[0] * span[1] / min_samples_per_plane)), 1e-4)
-        x0, y0 = np.floor(xy.min(axis=0) / hp) * hp
-        x1, y1 = np.ceil(xy.max(axis=0) / hp) * hp
-        xs = x0 + hp * (np.arange(max(1, int(round((x1 - x0) / hp)))) + 0.5)
-        ys = y0 + hp * (np.arange(max(1, int(round((y1 - y0) / hp)))) + 0.5)
+        hp, xs, ys, y0 = _sample_lattice(np.concatenate(polys), h, min_samples_per_plane)
         if jitter:
             # y is jittered on n_sub sub-rows per lattice row (so the inside test stays a scanline)
             n_sub = 64
@@ -758,9 +750,12 @@ def column_intervals(
             np.concatenate(z1s).astype(float))
 
 
-def _shape_sample_points(planes, h, hz, rng, *, jitter, min_samples, chunk, **options):
-    """Samples of the shape-interpolated structure (see :func:`contour_sample_points`)."""
-    xy = np.concatenate([np.concatenate(p[1]) for p in planes])
+def _sample_lattice(xy, h, min_samples):
+    """In-plane sample lattice over the bounding box of the points ``xy`` (mm).
+
+    Spacing ``h``, refined so that at least ``min_samples`` points cover a small box; returns the
+    spacing, the cell-centre coordinates along x and y and the lattice's lower y edge.
+    """
     span = np.maximum(xy.max(axis=0) - xy.min(axis=0), 1e-6)
     hp = h
     if span[0] * span[1] / (h * h) < min_samples:
@@ -769,6 +764,12 @@ def _shape_sample_points(planes, h, hz, rng, *, jitter, min_samples, chunk, **op
     x1, y1 = np.ceil(xy.max(axis=0) / hp) * hp
     xs = x0 + hp * (np.arange(max(1, int(round((x1 - x0) / hp)))) + 0.5)
     ys = y0 + hp * (np.arange(max(1, int(round((y1 - y0) / hp)))) + 0.5)
+    return hp, xs, ys, y0
+
+
+def _shape_sample_points(planes, h, hz, rng, *, jitter, min_samples, chunk, **options):
+    """Samples of the shape-interpolated structure (see :func:`contour_sample_points`)."""
+    hp, xs, ys, y0 = _sample_lattice(np.concatenate([np.concatenate(p[1]) for p in planes]), h, min_samples)
     if jitter:
         n_sub = 64
         sub_y = y0 + (hp / n_sub) * (np.arange(ys.size * n_sub) + 0.5)
