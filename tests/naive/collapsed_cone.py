@@ -161,6 +161,9 @@ def contract_sources(terma, weights):
 def shared_direction_dose(terma_groups, beam_directions, rho, spacing_mm, kernel, rings, n_directions):
     """Twin of :func:`tomodose.transport.collapsed_cone.shared_direction_dose` (float64).
 
+    ``terma_groups`` (G, nz, ny, nx), or (G, E, nz, ny, nx) with the group amplitudes of an
+    energy-grouped kernel.
+
     Every selected cone of every beam goes to the fixed direction with the largest dot product
     (brute force over the Fibonacci set); each fixed direction is transported by the naive line
     sum with the per-voxel source ``sum_g T_g w_jgk``.
@@ -168,6 +171,14 @@ def shared_direction_dose(terma_groups, beam_directions, rho, spacing_mm, kernel
     from tomodose.transport.collapsed_cone import direction_geometry
 
     terma_groups = np.asarray(terma_groups, float)
+    if terma_groups.ndim == 5:  # (beams, energy groups, ...): one source row per (beam, group)
+        n_b, n_e = terma_groups.shape[:2]
+        amps_e = np.asarray(kernel.group_amplitudes) / kernel.n_azimuth
+        rows = [(b, e) for b in range(n_b) for e in range(n_e)]
+        terma_groups = terma_groups.reshape((n_b * n_e,) + terma_groups.shape[2:])
+    else:
+        amps_e = (np.asarray(kernel.amplitudes) / kernel.n_azimuth)[None]
+        rows = [(b, 0) for b in range(terma_groups.shape[0])]
     n_g = terma_groups.shape[0]
     j = np.arange(n_directions, dtype=float)
     z = 1.0 - (2.0 * j + 1.0) / n_directions
@@ -175,16 +186,15 @@ def shared_direction_dose(terma_groups, beam_directions, rho, spacing_mm, kernel
     phi = j * math.pi * (3.0 - math.sqrt(5.0))
     fixed = np.stack([r * np.cos(phi), r * np.sin(phi), z], axis=1)
     sel = set(int(p) for p in rings)
-    amps = np.asarray(kernel.amplitudes) / kernel.n_azimuth
     weights = np.zeros((n_directions, n_g, kernel.n_terms))
-    for g in range(n_g):
-        b = np.asarray(beam_directions[g], float)
+    for g, (beam, e) in enumerate(rows):
+        b = np.asarray(beam_directions[beam], float)
         dirs, _, ring = kernel.directions(b / np.linalg.norm(b))
         for d in range(dirs.shape[0]):
             if int(ring[d]) not in sel:
                 continue
             best = max(range(n_directions), key=lambda i: float(dirs[d] @ fixed[i]))
-            weights[best, g] += amps[ring[d]]
+            weights[best, g] += amps_e[e][ring[d]]
     rates = np.asarray(kernel.rates_per_cm)
     dose = np.zeros(terma_groups.shape[1:])
     for i in range(n_directions):

@@ -270,17 +270,25 @@ def shared_direction_dose(
     ``sqrt(4 pi / n_directions) / 2`` rad, 6.4 deg for 256). The cost is ``n_directions``
     transports instead of ``n_beams x n_cones(rings)``.
 
+    With an energy-grouped kernel (``kernel.n_groups = E``) the TERMA of each beam may be split
+    by energy group, ``terma_groups`` of shape ``(G, E, nz, ny, nx)``: cone ``p`` of beam ``g``
+    then carries ``sum_e T_ge group_amplitudes[e, p] / n_azimuth`` (kernel hardening, as in
+    :func:`collapsed_cone_dose`), i.e. the contraction runs over beams x energy groups at the same
+    number of transports.
+
     Parameters
     ----------
-    terma_groups : (G, nz, ny, nx) array_like, float
-        TERMA of each beam (angle group) on ``grid``, >= 0.
+    terma_groups : (G, nz, ny, nx) or (G, E, nz, ny, nx) array_like, float
+        TERMA of each beam (angle group) on ``grid``, >= 0; with a second axis, TERMA per energy
+        group of ``kernel`` (``E = kernel.n_groups``, lines split by ``kernel.group_edges_mev``).
     beam_directions : (G, 3) array_like
         Photon direction of each beam (LPS, any length > 0); parallel-beam tilt per beam.
     density_g_cm3 : (nz, ny, nx) array_like
         Density relative to water (>= 0).
     grid : Grid
     kernel : CollapsedConeKernel, optional
-        Default: the shipped default kernel (single group only).
+        Default: the shipped default kernel. Energy-grouped TERMA needs a kernel with
+        ``n_groups`` equal to its second axis.
     rings : sequence of int, optional
         Kernel rings to transport this way (default all).
     n_directions : int
@@ -303,7 +311,10 @@ def shared_direction_dose(
 
     if not isinstance(grid, Grid):
         raise TypeError(f"grid must be a tomodose Grid, got {type(grid).__name__}")
-    t_all = check_array("terma_groups", terma_groups, shape=(None,) + grid.shape, low=0.0, dtype=np.float32)
+    t_in = terma_groups if isinstance(terma_groups, np.ndarray) else np.asarray(terma_groups)
+    energy_grouped = getattr(t_in, "ndim", 0) == 5
+    t_all = check_array("terma_groups", t_in, shape=((None, None) if energy_grouped else (None,)) + grid.shape,
+                        low=0.0, dtype=np.float32)
     n_g = t_all.shape[0]
     beams = check_array("beam_directions", beam_directions, shape=(n_g, 3), dtype=np.float64)
     norms = np.linalg.norm(beams, axis=1)
@@ -321,29 +332,42 @@ def shared_direction_dose(
         kernel = load_kernel()
     elif not isinstance(kernel, CollapsedConeKernel):
         raise TypeError(f"kernel must be a CollapsedConeKernel, got {type(kernel).__name__}")
+    if energy_grouped:
+        if kernel.n_groups != t_all.shape[1]:
+            raise ValueError(
+                f"terma_groups has {t_all.shape[1]} energy groups but the kernel {kernel.name!r} has "
+                f"{kernel.n_groups}; terma_groups must have shape (G, nz, ny, nx) or "
+                f"(G, kernel.n_groups, nz, ny, nx)"
+            )
+        amps_e = np.asarray(kernel.group_amplitudes, dtype=np.float64) / kernel.n_azimuth  # (E, P, K)
+    else:
+        amps_e = (np.asarray(kernel.amplitudes, dtype=np.float64) / kernel.n_azimuth)[None]
+    n_e = amps_e.shape[0]
     selected = _ring_selection(rings, kernel)
     fixed = fibonacci_directions(int(n_directions))
     n_k = kernel.n_terms
-    amps_ring = np.asarray(kernel.amplitudes, dtype=np.float64) / kernel.n_azimuth
-    weights = np.zeros((fixed.shape[0], n_g, n_k))
+    # source rows: beam-major, energy group fastest (row g * n_e + e of the flattened TERMA)
+    weights = np.zeros((fixed.shape[0], n_g * n_e, n_k))
     for g in range(n_g):
         dirs, _, ring = kernel.directions(beams[g] / norms[g])
         keep = selected[ring]
         dots = dirs[keep] @ fixed.T
         if int(neighbours) == 1:
-            np.add.at(weights[:, g, :], np.argmax(dots, axis=1), amps_ring[ring[keep]])
-            continue
-        near = np.argsort(-dots, axis=1, kind="stable")[:, :int(neighbours)]
-        ang = np.arccos(np.clip(np.take_along_axis(dots, near, axis=1), -1.0, 1.0))
-        inv = 1.0 / (ang + 1e-6)
-        share = inv / inv.sum(axis=1, keepdims=True)
-        for c in range(near.shape[1]):
-            np.add.at(weights[:, g, :], near[:, c], share[:, c:c + 1] * amps_ring[ring[keep]])
+            near = np.argmax(dots, axis=1)[:, None]
+            share = np.ones(near.shape)
+        else:
+            near = np.argsort(-dots, axis=1, kind="stable")[:, :int(neighbours)]
+            ang = np.arccos(np.clip(np.take_along_axis(dots, near, axis=1), -1.0, 1.0))
+            inv = 1.0 / (ang + 1e-6)
+            share = inv / inv.sum(axis=1, keepdims=True)
+        for e in range(n_e):
+            for c in range(near.shape[1]):
+                np.add.at(weights[:, g * n_e + e, :], near[:, c], share[:, c:c + 1] * amps_e[e][ring[keep]])
     active = np.flatnonzero(weights.sum(axis=(1, 2)) > 0)
     dose = np.zeros(grid.shape, dtype=np.float64)
     if active.size == 0 or not np.any(t_all > 0):
         return dose
-    flat = np.ascontiguousarray(t_all.reshape(n_g, -1))
+    flat = np.ascontiguousarray(t_all.reshape(n_g * n_e, -1))
     rates = np.ascontiguousarray(kernel.rates_per_cm, dtype=np.float64)
     eye = np.eye(n_k)
     spacing = np.asarray(grid.spacing_mm, dtype=np.float64)
@@ -371,6 +395,6 @@ def shared_direction_dose(
             _k.transport_direction(out[i].reshape((n_k,) + grid.shape), rho, dose, m, sgn, da, db, step_cm,
                                    rates, eye, False, np.ascontiguousarray(fixed[j]), 0.0, table, 1.0, norm,
                                    zero3, origin, spacing, zero3, True)
-    logger.debug("shared directions: %d of %d on %s for %d beams in %.2f s (sources %.2f s)", active.size,
-                 fixed.shape[0], grid.shape, n_g, time.perf_counter() - t0, t_contract)
+    logger.debug("shared directions: %d of %d on %s for %d beams x %d energy groups in %.2f s (sources %.2f s)",
+                 active.size, fixed.shape[0], grid.shape, n_g, n_e, time.perf_counter() - t0, t_contract)
     return dose
