@@ -453,6 +453,13 @@ def _clustered_dose(engine: _Engine, a_proj: np.ndarray, progress, far_field_ste
     r0 = spec[0][2]
     k_lo_all, k_hi_all = engine.slab(1e30 if r0 is None or r0[1] >= 1e8 else engine.jaw_h + r0[1] * widen)
     centres = engine.projections.machine.leaf_centres_mm()
+
+    def window(reach):
+        """(r_u, v_half, r_v) of a level's window (``NO_LIMIT``: none)."""
+        if reach is None or reach[0] >= 1e8:
+            return (no_u, no_u, 0.0)
+        return (reach[0], engine.jaw_h, reach[1])
+
     for g, active, depth, samples in _active_groups(engine, a_proj, progress):
         for members in _clusters(engine, samples):
             s = samples[members]
@@ -470,27 +477,18 @@ def _clustered_dose(engine: _Engine, a_proj: np.ndarray, progress, far_field_ste
             last = open_.shape[1] - 1 - np.argmax(open_[:, ::-1], axis=1)
             u_open = (np.ascontiguousarray(centres[first] - 0.5 * engine.w),
                       np.ascontiguousarray(centres[last] + 0.5 * engine.w))
-            free = (np.full(s.size, -no_u), np.full(s.size, no_u), 0.0, no_u, 0.0)
-
-            def window(reach):
-                if reach is None or reach[0] >= 1e8:
-                    return free
-                return (*u_open, reach[0], engine.jaw_h, reach[1])
-
-            geo = (s0, xg, yg, zg, t_p, dt_p, a_c, tab_c)
+            geo = (s0, xg, yg, zg, t_p, dt_p, a_c, tab_c, *u_open)
             par = (*engine.params(), *engine.tail_params())
             k_lo, k_hi = int(k_lo_all[s].min()), int(k_hi_all[s].max())
             if spec[0][1] > 0 and k_hi > k_lo:
+                w0 = window(spec[0][2])
                 cluster_dose_lattice(dose, *lattices[0], k_lo, k_hi, depth, engine.rho_t, engine.origin,
-                                     engine.spacing, *geo, *window(spec[0][2]), widen, 0, spec[0][1], *par)
+                                     engine.spacing, *geo, *w0, *w0, widen, 0, spec[0][1], *par)
             for m in range(1, len(spec)):
+                # level m minus level m - 1 in one pass (see _cluster_row)
                 cluster_dose_lattice(values[m - 1], *lattices[m], 0, nz, depth, engine.rho_t, engine.origin,
-                                     engine.spacing, *geo, *window(spec[m][2]), widen, 0, spec[m][1], *par)
-                if spec[m - 1][1] > 0:
-                    tmp = np.zeros_like(values[m - 1])
-                    cluster_dose_lattice(tmp, *lattices[m], 0, nz, depth, engine.rho_t, engine.origin,
-                                         engine.spacing, *geo, *window(spec[m - 1][2]), widen, 0, spec[m - 1][1], *par)
-                    values[m - 1] -= tmp
+                                     engine.spacing, *geo, *window(spec[m][2]), *window(spec[m - 1][2]), widen,
+                                     spec[m - 1][1], spec[m][1], *par)
     for (ks, js, is_), vals in zip(lattices[1:], values):
         trilinear_add(dose, vals, ks, js, is_)
     return dose
