@@ -162,7 +162,43 @@ def helical_figures(ref, doses: dict, gammas: dict) -> list[str]:
     name = f"{ref.name}_slice.png"
     _savefig(fig, FIG / name)
     plt.close(fig)
-    return [name]
+    out = [name]
+    target = ref.analysis.get("target")
+    if target:
+        out.append(structure_dvh_figure(ref, doses, (target, "Liver", "ProtectedLiver", "Kidney_R", "SpinalCord")))
+    return out
+
+
+def structure_dvh_figure(ref, doses: dict, names) -> str:
+    """Cumulative DVHs (occupancy-weighted voxels of the rebuilt phantom) of MC and engines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    p = ref.patient()
+    names = [n for n in names if n in p.structures]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    top = 1.1 * max(float(ref.dose_gy.max()), *(float(np.max(d)) for d in doses.values()))
+    bins = np.linspace(0.0, top, 400)
+    styles = {"mc": "-"} | {e: s for e, s in zip(doses, ("--", ":"))}
+    for i, n in enumerate(names):
+        w = np.asarray(p.structures[n].occupancy, dtype=np.float64).ravel()
+        for key, d in (("mc", ref.dose_gy), *doses.items()):
+            h, _ = np.histogram(np.asarray(d).ravel(), bins=bins, weights=w)
+            cum = 100.0 * (1.0 - np.concatenate([[0.0], np.cumsum(h)]) / w.sum())
+            label = f"{n} ({'ompMC' if key == 'mc' else ENGINE_LABEL[key]})"
+            ax.plot(bins, cum, styles[key], color=f"C{i}", lw=1.2, label=label)
+    ax.set_xlabel("dose per fraction (Gy)")
+    ax.set_ylabel("volume (%)")
+    ax.set_ylim(0, 102)
+    ax.legend(fontsize=6, ncol=2)
+    ax.set_title(f"{ref.name}: DVHs on the {ref.grid().spacing_mm[0]:g} mm voxels (ompMC solid)", fontsize=10)
+    fig.tight_layout()
+    name = f"{ref.name}_dvh.png"
+    _savefig(fig, FIG / name)
+    plt.close(fig)
+    return name
 
 
 def _engine_dose_cached(ref, engine, cache: Path | None):
