@@ -7,8 +7,11 @@ analytic beam model (``tomodose/data/machines/*.json``) and an agreement report.
 
 Every engine number below is computed with tomodose itself: polyenergetic TERMA
 (:func:`tomodose.terma.compute_terma`) of a static beam (gantry 0) on a water phantom, then the
-collapsed-cone transport with a kernel derived for the candidate spectrum from the EDKnrc
-mono-energetic kernels (the same recipe as ``kernels/derive_ccc_kernels.py``, done in memory).
+collapsed-cone transport with the kernel ``kernels/derive_ccc_kernels.py`` derives for the
+candidate spectrum (:func:`kernel_for_spectrum` runs that script on it). Since 2026-11-29 that is
+an energy-grouped kernel with the group edges of the engine's default kernel (1.0 and 2.5 MeV,
+``ccc_water_6mv_3groups``), and the engine splits the TERMA by the same groups — the engine as
+shipped; ``--group-edges-mev none`` gives the single polyenergetic kernel of the first fit.
 
 Quantities compared (LA4 section -> our geometry):
 
@@ -30,13 +33,15 @@ Fits, in order (each stage keeps the parameters of the previous ones):
 3. **transverse off-axis fluence** (FFF cone coefficients) and off-axis softening;
 4. **jaw penumbra / FWHM** per jaw; 5. **leaf-edge sigma**.
 
-Usage (the exact sequence is in ``docs/commissioning.md``)::
+Usage (the exact sequence is in ``docs/commissioning.md``; every stage caches in ``--work``)::
 
-    python kernels/commission_la4.py --stage spectrum --t0 7.0,7.5,8.0 [--offaxis c1,c2,c3,c4]
-    python kernels/commission_la4.py --stage fit --work W        # stages 3, 4, 5, 2 (cached)
+    python kernels/commission_la4.py --stage spectrum --t0 5.5,6.0,6.5 --work W   # stage 1 (T0[:Cu])
+    python kernels/commission_la4.py --stage fit --spectrum-t0 T0 --work W [--seed shipped]
+                                                                    # stages 3, 4, 5, 2
     python kernels/commission_la4.py --stage before --work W     # nominal machine
-    python kernels/commission_la4.py --stage after --work W --write-machine
-    python kernels/commission_la4.py --stage tables --work W     # Markdown tables
+    python kernels/commission_la4.py --stage shipped --work W    # the machine as shipped, current engine
+    python kernels/commission_la4.py --stage after --spectrum-t0 T0 --work W --machine-out FILE
+    python kernels/commission_la4.py --stage tables --work W [--before-tag shipped]  # Markdown tables
 """
 
 from __future__ import annotations
@@ -68,8 +73,6 @@ from tomodose.terma.spectrum import Spectrum  # noqa: E402
 log = logging.getLogger("commission_la4")
 
 LA4_REL = "tomotherapy/checktomo_LA4"
-EDK_REL = "dose_physics/kernels/edknrc_mono_water_conehead.csv"
-MU_REL = "dose_physics/attenuation/nist_xaamdi_water.csv"
 JAWS_MM = (10, 25, 50)
 LEAF_MM = 6.25
 
@@ -255,51 +258,82 @@ def model_spectrum(t0_mev: float, w_mm: float = 1.0, cu_mm: float = 1.5) -> Spec
                     f"Schiff thick target T0={t0_mev:g} MeV W {w_mm:g} mm Cu {cu_mm:g} mm")
 
 
-_MONO = {}
+def engine_group_edges_mev() -> tuple[float, ...]:
+    """Inner energy-group edges (MeV) of the engine's default collapsed-cone kernel
+    (:func:`tomodose.dose.engine.engine_kernel`; ``(1.0, 2.5)`` for ``ccc_water_6mv_3groups``),
+    ``()`` when that kernel has no groups."""
+    from tomodose.dose.engine import engine_kernel
+
+    k = engine_kernel()
+    return tuple(float(v) for v in k.group_edges_mev[1:-1]) if getattr(k, "n_groups", 0) else ()
 
 
-def kernel_for_spectrum(spectrum: Spectrum, shared_data, name="commissioning"):
-    """Collapsed-cone kernel for ``spectrum`` by the recipe of ``kernels/derive_ccc_kernels.py``
-    (its mono-kernel set via ``kernels/_common.py`` when present — own ompMC kernels below
-    0.5 MeV + EDKnrc — else EDKnrc alone; same rings, azimuths and number of exponential terms
-    as the shipped default kernel)."""
-    from tomodose.transport.kernels import collapse_kernel, load_kernel, polyenergetic_kernel, terma_weights
+def kernel_for_spectrum(spectrum: Spectrum, shared_data, name="commissioning", *, group_edges_mev="engine",
+                        cache_dir=None):
+    """Collapsed-cone kernel for ``spectrum``, derived by ``kernels/derive_ccc_kernels.py`` itself.
 
-    key = str(shared_data)
-    if key not in _MONO:
-        try:
-            common = _load_script("_common")
-            table, _ = common.read_mono_table(shared_data)
-            mu_e, mu_v = common.read_mu_water(None)
-        except (FileNotFoundError, AttributeError, ImportError) as exc:
-            log.info("kernels/_common.py unavailable (%s): EDKnrc mono kernels only", exc)
-            from tomodose.transport.kernels import read_edk_csv
+    The script's :func:`main` runs on the candidate spectrum (written as a two-column CSV) with
+    its mono-kernel set (own ompMC below 0.5 MeV + EDKnrc) and the layout of the engine's own
+    kernel (:func:`tomodose.dose.engine.engine_kernel`: ring edges, azimuths, azimuth stagger,
+    exponential terms) and ``--group-edges-mev``: by default that kernel's inner group edges
+    (:func:`engine_group_edges_mev`), so the result is the candidate-spectrum twin of the shipped
+    ``ccc_water_6mv_3groups`` and the engine splits the TERMA by the same groups
+    (``tomodose.dose.engine._ccc_engine`` does so for any kernel with ``n_groups``).
+    ``group_edges_mev=()`` or None gives the single polyenergetic kernel (the recipe of the
+    2026-11-28 commissioning). ``cache_dir``: the derived JSON tables are kept there, keyed by a
+    hash of the spectrum and the options, and reused.
+    """
+    import contextlib
+    import hashlib
+    import io
 
-            table = read_edk_csv(Path(shared_data) / EDK_REL)
-            mu_e, mu_v = _read_mu(Path(shared_data) / MU_REL)
-        _MONO[key] = (table, mu_e, mu_v)
-    table, mu_e, mu_v = _MONO[key]
-    ref = load_kernel()
-    step = float(table.theta_edges_deg[1] - table.theta_edges_deg[0])
-    groups = [int(round(e / step)) for e in ref.polar_edges_deg]
-    w = terma_weights(table.energies_mev, spectrum.energies_mev, spectrum.fluence, mu_e, mu_v)
-    fine = polyenergetic_kernel(table, w)
-    return collapse_kernel(fine, table.theta_edges_deg, table.radius_edges_cm, polar_group_edges=groups,
-                           n_azimuth=ref.n_azimuth, n_terms=ref.n_terms, name=name,
-                           provenance={"spectrum": spectrum.name})
+    from tomodose.dose.engine import engine_kernel
+    from tomodose.transport.kernels import CollapsedConeKernel
+
+    if isinstance(group_edges_mev, str) and group_edges_mev == "engine":
+        group_edges_mev = engine_group_edges_mev()
+    inner = tuple(float(v) for v in (group_edges_mev or ()))
+    e = np.asarray(spectrum.energies_mev, dtype=float)
+    w = np.asarray(spectrum.fluence, dtype=float)
+    ref = engine_kernel()
+    derive = _derive_script()
+    layout = ["--polar-edges-deg", ",".join(f"{v:g}" for v in ref.polar_edges_deg), "--n-azimuth",
+              str(ref.n_azimuth), "--n-terms", str(ref.n_terms)]
+    if "--azimuth-stagger" in Path(derive.__file__).read_text(encoding="utf-8"):
+        layout.append("--azimuth-stagger" if getattr(ref, "azimuth_stagger", False) else "--no-azimuth-stagger")
+    key = hashlib.sha256(e.tobytes() + w.tobytes() + repr((inner, str(shared_data), layout)).encode()).hexdigest()[:16]
+    folder = Path(cache_dir) if cache_dir is not None else Path(tempfile.mkdtemp(prefix="commission_kernel_"))
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / f"kernel_{key}.json"
+    if not out.is_file():
+        csv = folder / f"spectrum_{key}.csv"
+        _atomic_write(csv, f"# {spectrum.name}\n" + "".join(f"{float(a)!r},{float(b)!r}\n" for a, b in zip(e, w)))
+        argv = ["--shared-data", str(shared_data), "--spectrum", str(csv), "--name", f"kernel_{key}",
+                "--out-dir", str(folder)] + layout
+        if inner:
+            argv += ["--group-edges-mev", ",".join(f"{v:g}" for v in inner)]
+        t = time.process_time()
+        with contextlib.redirect_stdout(io.StringIO()):
+            derive.main(argv)
+        log.info("kernel for %s (groups %s): %.0f s CPU", spectrum.name, inner, time.process_time() - t)
+    k = CollapsedConeKernel.load(out)
+    return k if k.name == name else _renamed(k, name)
 
 
-def _read_mu(path):
-    rows = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        s = line.strip()
-        if not s or s.startswith("#") or s[0].isalpha():
-            continue
-        rows.append([float(v) for v in s.split(",")[:2]])
-    a = np.asarray(rows)
-    _, idx = np.unique(a[:, 0], return_index=True)
-    a = a[np.sort(idx)]
-    return a[:, 0], a[:, 1]
+_DERIVE = []
+
+
+def _derive_script():
+    """``kernels/derive_ccc_kernels.py``, loaded once per process (one consistent version)."""
+    if not _DERIVE:
+        _DERIVE.append(_load_script("derive_ccc_kernels"))
+    return _DERIVE[0]
+
+
+def _renamed(kernel, name):
+    import dataclasses
+
+    return dataclasses.replace(kernel, name=name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,8 +353,16 @@ def tpr_comparison(beam, kernel, la4, fields=TPR_FIELDS, depths_cm=TPR_FIT_DEPTH
     return out
 
 
-def tpr_rms(cmp) -> float:
-    d = np.concatenate([e / r - 1.0 for e, r, _ in cmp.values()])
+def tpr_deviations(cmp, depths_cm=TPR_FIT_DEPTHS_CM, max_depth_cm=20.0) -> np.ndarray:
+    """Engine / LA4 - 1 of every field at the depths <= ``max_depth_cm`` (the fit range 3-20 cm;
+    25 cm is reported only, see ``docs/commissioning.md``)."""
+    keep = np.asarray(depths_cm, dtype=float) <= max_depth_cm
+    return np.concatenate([(e / r - 1.0)[keep] for e, r, _ in cmp.values()])
+
+
+def tpr_rms(cmp, depths_cm=TPR_FIT_DEPTHS_CM, max_depth_cm=20.0) -> float:
+    """rms of :func:`tpr_deviations` (fraction)."""
+    d = tpr_deviations(cmp, depths_cm, max_depth_cm)
     return float(np.sqrt(np.mean(d * d)))
 
 
@@ -743,20 +785,52 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def nominal_machine(shared_data, t0_mev=6.0):
+def nominal_machine(shared_data, t0_mev=6.0, *, groups="engine", cache_dir=None):
     """The machine before commissioning: nominal beam model, spectrum of the nominal T0."""
     sp = model_spectrum(t0_mev)
-    return BeamModel.nominal(sp), kernel_for_spectrum(sp, shared_data, name="nominal")
+    return BeamModel.nominal(sp), kernel_for_spectrum(sp, shared_data, name="nominal", group_edges_mev=groups,
+                                                      cache_dir=cache_dir)
 
 
-def run_fit(shared_data, la4, work: Path) -> dict:
-    """Stages 3-5 and 2 on the shipped (commissioned) spectrum, cached in ``work/params.json``."""
+#: stage 3-5 results that ``--seed shipped`` takes from the shipped machine file
+GEOMETRY_PARAMS = ("offaxis_fluence_coeffs", "jaw_penumbra_sigma_mm", "jaw_fwhm_mm", "leaf_edge_sigma_mm")
+
+
+def seed_params(work: Path, source=None) -> dict:
+    """Start ``work/params.json`` with the stage 3-5 results of a machine file (default the shipped
+    one), so that a refit after a spectrum change can redo stage 2 alone; no-op when it exists."""
+    from tomodose.terma.beam_model import load_machine_parameters
+
+    path = work / "params.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    bm = load_machine_parameters(source)["beam_model"]
+    params = {k: bm[k] for k in GEOMETRY_PARAMS}
+    params["seeded_from"] = str(source or "tomodose/data/machines/tomo_default.json")
+    _atomic_write(path, json.dumps(params, indent=1))
+    return params
+
+
+def fit_spectrum(t0_item=None) -> Spectrum:
+    """The spectrum of the fit and report stages: ``"T0[:Cu mm]"`` of the Schiff model
+    (:func:`model_spectrum`), or the shipped default spectrum when None."""
+    from tomodose.terma.spectrum import default_spectrum
+
+    if t0_item is None:
+        return default_spectrum()
+    t0, cu = (float(v) for v in (str(t0_item).split(":") + ["1.5"])[:2])
+    return model_spectrum(t0, cu_mm=cu)
+
+
+def run_fit(shared_data, la4, work: Path, spectrum=None, groups="engine") -> dict:
+    """Stages 3-5 and 2 for ``spectrum`` (default: the shipped one) with the candidate kernel of
+    :func:`kernel_for_spectrum` (energy groups ``groups``), cached in ``work/params.json``."""
     from tomodose.terma.spectrum import default_spectrum
 
     path = work / "params.json"
     params = json.loads(path.read_text()) if path.is_file() else {}
-    sp = default_spectrum()
-    kernel = kernel_for_spectrum(sp, shared_data)
+    sp = spectrum or default_spectrum()
+    kernel = kernel_for_spectrum(sp, shared_data, group_edges_mev=groups, cache_dir=work / "kernels")
     beam = BeamModel.nominal(sp)
 
     def current():
@@ -806,19 +880,20 @@ def _beam_key(beam) -> str:
                  sorted((beam.jaw_fwhm_mm or {}).items())))
 
 
-def run_of_parts(shared_data, la4, work: Path, jaw: int) -> None:
+def run_of_parts(shared_data, la4, work: Path, jaw: int, spectrum=None, groups="engine") -> None:
     """The output-factor engine runs of one jaw (stage 2), for a parallel process; needs the
     stages 3-5 results in ``work/params.json``."""
     from tomodose.terma.spectrum import default_spectrum
 
     params = json.loads((work / "params.json").read_text())
-    sp = default_spectrum()
+    sp = spectrum or default_spectrum()
     beam = BeamModel.nominal(sp).replace(
         offaxis_fluence_coeffs=tuple(params["offaxis_fluence_coeffs"]),
         jaw_penumbra_sigma_mm=params["jaw_penumbra_sigma_mm"],
         jaw_fwhm_mm={float(k): v for k, v in params["jaw_fwhm_mm"].items()},
         leaf_edge_sigma_mm=params["leaf_edge_sigma_mm"])
-    parts = fit_output(beam, kernel_for_spectrum(sp, shared_data), la4, jaws=(jaw,), parts_only=True)
+    kernel = kernel_for_spectrum(sp, shared_data, group_edges_mev=groups, cache_dir=work / "kernels")
+    parts = fit_output(beam, kernel, la4, jaws=(jaw,), parts_only=True)
     _atomic_write(work / f"of_parts_{jaw}.json", json.dumps({"beam": _beam_key(beam), "parts": parts}))
 
 
@@ -839,7 +914,8 @@ def machine_from_params(params, spectrum=None) -> BeamModel:
     return nominal.replace(**kw)
 
 
-def write_machine(beam: BeamModel, params: dict, before: dict, after: dict, out: Path, command: str) -> None:
+def write_machine(beam: BeamModel, params: dict, before: dict, after: dict, out: Path, command: str, *,
+                  t0_mev: float = 7.5, cu_mm: float = 1.5, groups=(), extra_agreement=None) -> None:
     bm = {"jaw_penumbra_sigma_mm": beam.jaw_penumbra_sigma_mm, "leaf_edge_sigma_mm": beam.leaf_edge_sigma_mm,
           "leaf_transmission": beam.leaf_transmission, "adjacent_leaf_output_gain": beam.adjacent_leaf_output_gain,
           "offaxis_fluence_coeffs": list(beam.offaxis_fluence_coeffs),
@@ -852,27 +928,31 @@ def write_machine(beam: BeamModel, params: dict, before: dict, after: dict, out:
                        "(one clinical Hi-Art class unit); the project's own fitted parameters",
         "beam_model": bm,
         "spectrum": {"file": "tomodose/data/physics/tomo_6mv_fff.spectrum",
-                     "electron_kinetic_energy_mev": 7.5,
-                     "generator": "python kernels/derive_spectrum.py --t0 7.5"},
+                     "electron_kinetic_energy_mev": t0_mev,
+                     "generator": f"python kernels/derive_spectrum.py --t0 {t0_mev:g}"
+                                  + ("" if cu_mm == 1.5 else f" --cu-mm {cu_mm:g}")},
         "provenance": {
             "script": "kernels/commission_la4.py", "command": command,
             "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "reference_data": "CheckTomo LA4 tables (mwgeurts/thomas_tomocalc, GPL-3.0), read at run time "
                               "from shared/data/tomotherapy/checktomo_LA4, never copied",
-            "engine": "tomodose TERMA + collapsed cone in water; fits with a kernel derived in memory for the "
-                      "spectrum (recipe of kernels/derive_ccc_kernels.py, shipped ring/azimuth layout); the "
-                      "agreement below with the shipped default kernel",
+            "engine": ("tomodose TERMA + collapsed cone in water; every fit and the agreement below with the "
+                       "kernel kernels/derive_ccc_kernels.py derives for the candidate spectrum (shipped ring/azimuth "
+                       "layout" + (f", energy groups split at {', '.join(f'{g:g}' for g in groups)} MeV with the "
+                                   "TERMA split the same way (engine default since 2026-11-29)" if groups else
+                                   ", one polyenergetic kernel") + ")"),
             "unchanged_nominal": ["leaf_transmission", "offaxis_softening_per_rad"],
-            "fit_log": {k: v for k, v in params.items() if k.endswith(("_before", "_after"))},
+            "fit_log": {k: v for k, v in params.items() if k.endswith(("_before", "_after")) or k == "seeded_from"},
         },
-        "agreement": {"before": before["summary"], "after": after["summary"]},
+        "agreement": {"before": before["summary"], "after": after["summary"], **(extra_agreement or {})},
     }
     _atomic_write(out, json.dumps(data, indent=2) + "\n")
 
 
-def markdown_tables(before: dict, after: dict) -> str:
+def markdown_tables(before: dict, after: dict, before_label: str = "before") -> str:
     """Before/after agreement tables (Markdown) from two :func:`evaluate` results."""
-    out = ["#### Summary", "", "| quantity | before (nominal) | after (commissioned) |", "|---|---|---|"]
+    head = {"before": "before (nominal)", "shipped": "before (shipped 2026-11-28 fit)"}.get(before_label, before_label)
+    out = ["#### Summary", "", f"| quantity | {head} | after (commissioned) |", "|---|---|---|"]
     labels = {"tpr_3_20cm_rms_pct": "TPR 3-20 cm, rms deviation %", "tpr_3_20cm_max_abs_pct": "TPR 3-20 cm, max abs deviation %",
               "of_rms_pct": "output factors, rms deviation %", "of_max_abs_pct": "output factors, max abs deviation %",
               "of_4_leaves_and_more_max_abs_pct": "output factors >= 4 leaves, max abs deviation %",
@@ -927,11 +1007,25 @@ def main(argv=None) -> int:
     ap.add_argument("--shared-data", type=Path, default=ROOT.parent / "shared" / "data")
     ap.add_argument("--stage", default="spectrum",
                     help="spectrum | oarx | oary | leaves | of (single-stage studies); fit | of-parts-<jaw> | "
-                         "before | after | tables (the commissioning run, cached in --work)")
+                         "before | shipped | after | tables (the commissioning run, cached in --work)")
     ap.add_argument("--t0", default="6.0,6.5,7.0,7.5")
     ap.add_argument("--offaxis", default=None, help="c1,c2,... off-axis fluence coefficients")
+    ap.add_argument("--softening", type=float, default=None, help="off-axis softening (1/rad), stage spectrum")
+    ap.add_argument("--group-edges-mev", default="engine",
+                    help="inner energy-group edges of the candidate kernels (MeV, comma separated): 'engine' "
+                         "(default: those of tomodose.dose.engine.engine_kernel(), 1.0,2.5) or 'none' (one "
+                         "polyenergetic kernel, the recipe before 2026-11-29)")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "tomodose_commissioning")
     ap.add_argument("--parts", default=None, help="comma-separated subset of " + ",".join(EVAL_PARTS))
+    ap.add_argument("--spectrum-t0", default=None,
+                    help="T0[:Cu mm] of the Schiff-model spectrum for the fit/of-parts/after stages (default: the "
+                         "shipped spectrum)")
+    ap.add_argument("--seed", choices=("none", "shipped"), default="none",
+                    help="stage fit: start from the shipped stage 3-5 results (off-axis, jaws, leaf edge) and refit "
+                         "what is missing (stage 2 output factors)")
+    ap.add_argument("--machine-out", type=Path, default=None,
+                    help="stage after: write the machine JSON here (implies --write-machine)")
+    ap.add_argument("--before-tag", default="before", help="stage tables: before | shipped")
     ap.add_argument("--write-machine", action="store_true",
                     help="write tomodose/data/machines/tomo_default.json (stage report)")
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -939,63 +1033,110 @@ def main(argv=None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     la4 = read_la4(args.shared_data)
+    if args.group_edges_mev == "engine":
+        groups = engine_group_edges_mev()
+    elif args.group_edges_mev.lower() == "none":
+        groups = ()
+    else:
+        groups = tuple(float(v) for v in args.group_edges_mev.split(","))
+    spectrum = fit_spectrum(args.spectrum_t0)
     if args.stage.startswith("of-parts-"):
-        run_of_parts(args.shared_data, la4, args.work, int(args.stage.rsplit("-", 1)[1]))
+        run_of_parts(args.shared_data, la4, args.work, int(args.stage.rsplit("-", 1)[1]), spectrum, groups)
         return 0
     if args.stage == "fit":
-        print(json.dumps(run_fit(args.shared_data, la4, args.work), indent=1))
+        if args.seed == "shipped":
+            seed_params(args.work)
+        print(json.dumps(run_fit(args.shared_data, la4, args.work, spectrum, groups), indent=1))
         return 0
     parts = tuple(args.parts.split(",")) if args.parts else EVAL_PARTS
     if args.stage == "before":
-        beam, k = nominal_machine(args.shared_data)
+        beam, k = nominal_machine(args.shared_data, groups=groups, cache_dir=args.work / "kernels")
         ev = evaluate(beam, k, la4, parts=parts, cache_dir=args.work, tag="before")
         if "summary" in ev:
             _atomic_write(args.work / "before.json", json.dumps(ev, indent=1))
             print(json.dumps(ev["summary"], indent=1))
         return 0
+    if args.stage == "shipped":
+        # the machine as shipped (BeamModel.default() and the engine's own kernel), in the current engine
+        from tomodose.dose.engine import engine_kernel
+
+        ev = evaluate(BeamModel.default(), engine_kernel(), la4, parts=parts, cache_dir=args.work, tag="shipped")
+        if "summary" in ev:
+            _atomic_write(args.work / "shipped.json", json.dumps(ev, indent=1))
+            print(json.dumps(ev["summary"], indent=1))
+        return 0
     if args.stage == "after":
-        from tomodose.terma.spectrum import default_spectrum
-
         params = json.loads((args.work / "params.json").read_text())
-        beam = machine_from_params(params)
-        from tomodose.transport.kernels import load_kernel
-
-        # the engine as shipped: the default kernel (derived by KERNELS from the default spectrum)
-        ev = evaluate(beam, load_kernel(), la4, jaw_output_factors=beam.jaw_output_factors, parts=parts,
-                      cache_dir=args.work, tag="after")
+        beam = machine_from_params(params, spectrum)
+        # the kernel derive_ccc_kernels.py makes for this spectrum (the shipped default kernel when the
+        # spectrum is the shipped one); the engines apply the jaw factors themselves (compute_terma)
+        kernel = kernel_for_spectrum(spectrum, args.shared_data, group_edges_mev=groups, cache_dir=args.work / "kernels")
+        ev = evaluate(beam, kernel, la4, parts=parts, cache_dir=args.work, tag="after")
         if "summary" not in ev:
             return 0
         _atomic_write(args.work / "after.json", json.dumps(ev, indent=1))
         print(json.dumps(ev["summary"], indent=1))
-        if args.write_machine:
+        if args.write_machine or args.machine_out:
             bf = args.work / "before.json"
             before = json.loads(bf.read_text()) if bf.is_file() else {"summary": None}
-            cmd = ("python kernels/commission_la4.py --stage fit --work W; "
-                   "python kernels/commission_la4.py --stage before --work W; "
-                   "python kernels/commission_la4.py --stage after --work W --write-machine "
-                   "(spectrum: python kernels/commission_la4.py --stage spectrum --t0 7.0,7.5,8.0 --offaxis=<stage-3 "
-                   "coefficients>, then python kernels/derive_spectrum.py --t0 7.5)")
-            write_machine(beam, params, before, ev, ROOT / "tomodose" / "data" / "machines" / "tomo_default.json", cmd)
+            sf = args.work / "shipped.json"
+            extra = {"shipped_2026_11_28": json.loads(sf.read_text())["summary"]} if sf.is_file() else None
+            t0, cu = (float(v) for v in ((args.spectrum_t0 or "7.5").split(":") + ["1.5"])[:2])
+            g = ",".join(f"{v:g}" for v in groups) if groups else "none"
+            st = f" --spectrum-t0 {args.spectrum_t0}" if args.spectrum_t0 else ""
+            cmd = (f"python kernels/commission_la4.py --stage spectrum --t0 <scan> --group-edges-mev {g} --work W; "
+                   f"python kernels/commission_la4.py --stage fit{st} --group-edges-mev {g} --work W"
+                   + (" --seed shipped" if args.seed == "shipped" else "") + "; "
+                   f"python kernels/commission_la4.py --stage before --group-edges-mev {g} --work W; "
+                   f"python kernels/commission_la4.py --stage after{st} --group-edges-mev {g} --work W --write-machine "
+                   f"(then python kernels/derive_spectrum.py --t0 {t0:g}" + ("" if cu == 1.5 else f" --cu-mm {cu:g}")
+                   + " ships the spectrum)")
+            out = args.machine_out or ROOT / "tomodose" / "data" / "machines" / "tomo_default.json"
+            write_machine(beam, params, before, ev, out, cmd, t0_mev=t0, cu_mm=cu, groups=groups, extra_agreement=extra)
+            print(f"wrote {out}")
         return 0
     if args.stage == "tables":
-        before = json.loads((args.work / "before.json").read_text())
+        before = json.loads((args.work / f"{args.before_tag}.json").read_text())
         after = json.loads((args.work / "after.json").read_text())
-        print(markdown_tables(before, after))
+        print(markdown_tables(before, after, before_label=args.before_tag))
         return 0
     if args.stage == "spectrum":
+        # one cached result per candidate (resumable; items "T0[:Cu mm]")
+        folder = args.work / "spectrum"
+        tag = "single" if not groups else "g" + "-".join(f"{v:g}" for v in groups)
         for item in args.t0.split(","):
             t0, cu = (float(v) for v in (item.split(":") + ["1.5"])[:2])
-            t = time.process_time()
-            sp = model_spectrum(t0, cu_mm=cu)
-            k = kernel_for_spectrum(sp, args.shared_data)
-            beam = BeamModel.default(sp)
-            if args.offaxis:
-                beam = beam.replace(offaxis_fluence_coeffs=tuple(float(v) for v in args.offaxis.split(",")))
-            cmp = tpr_comparison(beam, k, la4)
-            print(f"T0 {t0} Cu {cu}: mean {sp.mean_energy_mev:.3f} MeV rms {100 * tpr_rms(cmp):.2f} % "
-                  f"({time.process_time() - t:.0f} s CPU)")
-            for key, (e, r, s) in cmp.items():
-                print("  ", key, f"s={s:.2f}", " ".join(f"{100 * (a / b - 1):+.2f}" for a, b in zip(e, r)))
+            extra = ("" if args.offaxis is None else f"_oa{args.offaxis}") + \
+                    ("" if args.softening is None else f"_soft{args.softening:g}")
+            f = folder / f"T0_{t0:g}_cu_{cu:g}_{tag}{extra}.json"
+            if f.is_file():
+                res = json.loads(f.read_text())
+            else:
+                t = time.process_time()
+                sp = model_spectrum(t0, cu_mm=cu)
+                k = kernel_for_spectrum(sp, args.shared_data, group_edges_mev=groups, cache_dir=args.work / "kernels")
+                beam = BeamModel.default(sp)
+                if args.offaxis:
+                    beam = beam.replace(offaxis_fluence_coeffs=tuple(float(v) for v in args.offaxis.split(",")))
+                if args.softening is not None:
+                    beam = beam.replace(offaxis_softening_per_rad=args.softening)
+                cmp = tpr_comparison(beam, k, la4)
+                dev = tpr_deviations(cmp)
+                res = {"t0_mev": t0, "cu_mm": cu, "groups_mev": list(groups), "offaxis": args.offaxis,
+                       "softening_per_rad": beam.offaxis_softening_per_rad,
+                       "mean_energy_mev": sp.mean_energy_mev, "depths_cm": list(TPR_FIT_DEPTHS_CM),
+                       "rms_3_20cm_pct": 100 * tpr_rms(cmp), "max_abs_3_20cm_pct": 100 * float(np.abs(dev).max()),
+                       "fields": {f"{j}x{n}": {"equivalent_square_cm": s_, "engine": e.tolist(), "la4": r.tolist(),
+                                              "deviation_pct": (100 * (e / r - 1)).tolist()}
+                                  for (j, n), (e, r, s_) in cmp.items()},
+                       "cpu_s": time.process_time() - t}
+                _atomic_write(f, json.dumps(res, indent=1))
+            print(f"T0 {t0} Cu {cu} ({tag}{extra}): mean {res['mean_energy_mev']:.3f} MeV rms(3-20 cm) "
+                  f"{res['rms_3_20cm_pct']:.2f} % max {res['max_abs_3_20cm_pct']:.2f} % ({res['cpu_s']:.0f} s CPU)",
+                  flush=True)
+            for key, v in res["fields"].items():
+                print("  ", key, f"s={v['equivalent_square_cm']:.2f}", " ".join(f"{x:+.2f}" for x in v["deviation_pct"]),
+                      flush=True)
     if args.stage == "oarx":
         sp = model_spectrum(float(args.t0.split(",")[0]))
         k = kernel_for_spectrum(sp, args.shared_data)
