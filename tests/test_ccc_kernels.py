@@ -183,6 +183,49 @@ def test_directions_cover_the_sphere(axis):
     assert np.all(theta >= k.polar_edges_deg[ring]) and np.all(theta <= k.polar_edges_deg[ring + 1])
 
 
+@pytest.mark.parametrize("name", [DEFAULT_KERNEL_NAME, "ccc_water_6mv_3groups"])
+def test_shipped_kernels_stagger_the_odd_rings(name):
+    """Odd rings are turned by half an azimuth step; each ring's cone set stays mirror symmetric
+    (beam along a grid axis) and the cones still sit on their ring's polar angle."""
+    k = load_kernel(name)
+    assert k.azimuth_stagger
+    if k.n_groups:
+        assert k.group_kernel(0).azimuth_stagger
+    az = k.ring_azimuth_deg
+    assert az.shape == (k.n_polar, k.n_azimuth)
+    np.testing.assert_allclose(az[0::2], np.broadcast_to(k.azimuth_deg, az[0::2].shape))
+    np.testing.assert_allclose(az[1::2] - az[0::2][: az[1::2].shape[0]], 180.0 / k.n_azimuth)
+    axis = np.array([0.0, 1.0, 0.0])
+    dirs, omega, ring = k.directions(axis)
+    assert omega.sum() == pytest.approx(4 * math.pi)
+    np.testing.assert_allclose(np.degrees(np.arccos(np.clip(dirs @ axis, -1, 1))), k.polar_deg[ring], atol=1e-9)
+    for p in range(k.n_polar):
+        d = dirs[ring == p]
+        for mirror in (np.array([-1.0, 1.0, 1.0]), np.array([1.0, 1.0, -1.0])):
+            gap = np.abs((d * mirror)[:, None, :] - d[None, :, :]).max(axis=2).min(axis=1)
+            assert gap.max() < 1e-12, (p, mirror)
+    plain = load_kernel(name, azimuth_stagger=False)
+    assert not plain.azimuth_stagger and plain.n_azimuth == k.n_azimuth
+    np.testing.assert_allclose(plain.ring_azimuth_deg, np.broadcast_to(k.azimuth_deg, az.shape))
+    np.testing.assert_array_equal(plain.directions(axis)[0][ring % 2 == 0], dirs[ring % 2 == 0])
+
+
+def test_stagger_roundtrip_and_bad_input(tmp_path):
+    k = load_kernel()
+    for flag in (True, False):
+        path = k.with_azimuths(6, flag).save(tmp_path / f"k{flag}.json")
+        again = CollapsedConeKernel.load(path)
+        assert again.azimuth_stagger is flag and again.n_azimuth == 6
+    d = k.to_dict()
+    del d["azimuth_stagger"]  # tables written before the key existed
+    assert CollapsedConeKernel.from_dict(d).azimuth_stagger is False
+    assert k.with_azimuths(4).azimuth_stagger is k.azimuth_stagger
+    with pytest.raises(TypeError, match="azimuth_stagger must be a bool"):
+        k.with_azimuths(4, "yes")
+    with pytest.raises(TypeError, match="azimuth_stagger must be a bool or None"):
+        load_kernel(azimuth_stagger=1)
+
+
 def test_cone_directions_bad_axis():
     with pytest.raises(ValueError, match="axis"):
         cone_directions([10.0], 4, (0, 0, 0))

@@ -68,6 +68,36 @@ def test_lines_visit_every_voxel_once():
 
 
 # --- invariants -----------------------------------------------------------------------------------
+def test_direction_steppings_split_ties():
+    """A direction with a unique dominant axis has one line set (direction_geometry); a tie on a
+    grid diagonal is split evenly over the tied axes (weights sum to 1)."""
+    from tomodose.transport.collapsed_cone import direction_steppings
+
+    u = np.array([0.3, -0.8, 0.5])
+    u /= np.linalg.norm(u)
+    assert direction_steppings(u, (1.0, 1.0, 1.0)) == [(1.0,) + direction_geometry(u, (1.0, 1.0, 1.0))]
+    diag = np.array([0.6, 0.6, 0.2]) / np.linalg.norm([0.6, 0.6, 0.2])
+    steps = direction_steppings(diag, (2.0, 2.0, 3.0))
+    assert [s[1] for s in steps] == [1, 2] and sum(s[0] for s in steps) == pytest.approx(1.0)
+    for w, m, sgn, da, db, step in steps:
+        assert sgn == 1 and step == pytest.approx(2.0 / diag[0] / 10.0)
+        assert max(abs(da), abs(db)) == pytest.approx(1.0)
+    # unequal spacing breaks the tie
+    assert len(direction_steppings(diag, (2.0, 2.5, 3.0))) == 1
+    body = np.ones(3) / math.sqrt(3.0)
+    assert len(direction_steppings(body, (1.0, 1.0, 1.0))) == 3
+
+
+def test_direction_geometry_ignores_rounding_of_the_direction():
+    """Lateral shifts are snapped: a ratio of exactly 3/8 and its 1-ulp neighbour give the same
+    lines (floor(4 x 0.375 + 0.5) = 2, but 1 for 0.37499999999999994)."""
+    u = np.array([0.375, 1.0, 0.2])
+    v = u.copy()
+    v[0] = np.nextafter(0.375, 0.0)
+    assert direction_geometry(u, (1.0, 1.0, 1.0)) == direction_geometry(v, (1.0, 1.0, 1.0))
+    assert direction_geometry(u, (1.0, 1.0, 1.0))[3] == 0.375 or direction_geometry(u, (1.0, 1.0, 1.0))[4] == 0.375
+
+
 def test_zero_terma_gives_zero(kernel):
     g = Grid((4, 5, 6), (3.0, 3.0, 3.0))
     d = _ccc(np.zeros(g.shape), np.ones(g.shape), g, beam_direction=(0, 0, 1))

@@ -102,7 +102,7 @@ def collapsed_cone_dose(terma, rho, spacing_mm, origin_mm, kernel, *, beam_direc
 
 
 def _single(terma, rho, spacing_mm, origin_mm, kernel, beam_direction, source_position_mm):
-    from tomodose.transport.collapsed_cone import direction_geometry
+    from tomodose.transport.collapsed_cone import direction_steppings
 
     rho = np.asarray(rho, dtype=np.float64)
     shape = terma.shape
@@ -142,14 +142,15 @@ def _single(terma, rho, spacing_mm, origin_mm, kernel, beam_direction, source_po
 
     dose = np.zeros(shape)
     for d in range(dirs.shape[0]):
-        m, sgn, da, db, step_cm = direction_geometry(dirs[d], spacing)
         if src is None:
             def amplitudes_of(v, d=d):
                 return amps_ring[ring[d]]
         else:
             def amplitudes_of(v, d=d):
                 return omega[d] * norm[v] * dens_at(float(dirs[d] @ photon_dir(v)))
-        dose += transport_direction(terma, rho, m, sgn, da, db, step_cm, rates, amplitudes_of)
+        # a direction whose stepping axis ties (grid diagonal) is split over the tied axes
+        for w, m, sgn, da, db, step_cm in direction_steppings(dirs[d], spacing):
+            dose += w * transport_direction(terma, rho, m, sgn, da, db, step_cm, rates, amplitudes_of)
     return dose
 
 
@@ -168,7 +169,7 @@ def shared_direction_dose(terma_groups, beam_directions, rho, spacing_mm, kernel
     (brute force over the Fibonacci set); each fixed direction is transported by the naive line
     sum with the per-voxel source ``sum_g T_g w_jgk``.
     """
-    from tomodose.transport.collapsed_cone import direction_geometry
+    from tomodose.transport.collapsed_cone import direction_steppings
 
     terma_groups = np.asarray(terma_groups, float)
     if terma_groups.ndim == 5:  # (beams, energy groups, ...): one source row per (beam, group)
@@ -202,10 +203,10 @@ def shared_direction_dose(terma_groups, beam_directions, rho, spacing_mm, kernel
             continue
         src = np.einsum("gk,gzyx->zyxk", weights[i], terma_groups)
         mark = src.sum(axis=-1)
-        m, sgn, da, db, step_cm = direction_geometry(fixed[i], spacing_mm)
-
         def amplitudes_of(v, src=src, mark=mark):
             return src[v] / mark[v]
 
-        dose += transport_direction(mark, np.asarray(rho, float), m, sgn, da, db, step_cm, rates, amplitudes_of)
+        for w, m, sgn, da, db, step_cm in direction_steppings(fixed[i], spacing_mm):
+            dose += w * transport_direction(mark, np.asarray(rho, float), m, sgn, da, db, step_cm, rates,
+                                            amplitudes_of)
     return dose

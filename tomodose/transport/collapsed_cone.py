@@ -41,7 +41,8 @@ from tomodose._validate import check_array, check_vector
 from tomodose.geometry.grid import Grid
 from tomodose.transport.kernels import CollapsedConeKernel, load_kernel
 
-__all__ = ["collapsed_cone_dose", "shared_direction_dose", "fibonacci_directions", "direction_geometry"]
+__all__ = ["collapsed_cone_dose", "shared_direction_dose", "fibonacci_directions", "direction_geometry",
+           "direction_steppings"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,10 @@ def direction_geometry(u_xyz, spacing_mm) -> tuple[int, int, float, float, float
     sgn : int
         +1 or -1, direction of travel along ``m``.
     da, db : float
-        Lateral index shift per step along the other two array axes (ascending axis order).
+        Lateral index shift per step along the other two array axes (ascending axis order),
+        rounded to a multiple of 2**-36 (:func:`_snap`) so that directions equal to rounding
+        give the same lines (a ratio like 0.375 must not become 0.37499999999999994, which would
+        move the line's offset at n = 4 by one voxel).
     step_cm : float
         Geometric path length of one step (cm).
     """
@@ -76,10 +80,44 @@ def direction_geometry(u_xyz, spacing_mm) -> tuple[int, int, float, float, float
     m = int(np.nonzero(av >= av.max() * (1.0 - 1e-12))[0][0])
     others = [ax for ax in range(3) if ax != m]
     sgn = 1 if v[m] > 0 else -1
-    da = float(v[others[0]] / abs(v[m]))
-    db = float(v[others[1]] / abs(v[m]))
+    da = _snap(v[others[0]] / abs(v[m]))
+    db = _snap(v[others[1]] / abs(v[m]))
     step_cm = float(s_arr[m] / abs(u_arr[m]) / 10.0)
     return m, sgn, da, db, step_cm
+
+
+def _snap(x) -> float:
+    """``x`` rounded to a multiple of 2**-36 (|x| <= 1: exact in float64; changes x by < 8e-12)."""
+    return float(np.round(float(x) * 2.0**36) / 2.0**36)
+
+
+def direction_steppings(u_xyz, spacing_mm) -> list[tuple[float, int, int, float, float, float]]:
+    """Line sets transporting a direction: ``[(weight, m, sgn, da, db, step_cm), ...]``.
+
+    One set (weight 1, :func:`direction_geometry`) unless two or three array axes tie for the
+    largest ``|u| / spacing`` (within 1e-9 relative; e.g. a cone on a grid diagonal): then the
+    direction is transported once stepping along each tied axis with weight ``1 / n_tied``. The
+    rounding of a line's lateral offsets is phased on the stepping axis, so a single choice
+    would break the symmetry that exchanges the tied axes (a staggered cone ring around a beam
+    along a grid axis has such cones); energy is unchanged (weights sum to 1).
+    """
+    u = np.asarray(u_xyz, dtype=np.float64)
+    sp = np.asarray(spacing_mm, dtype=np.float64)
+    u_arr = np.array([u[2], u[1], u[0]])
+    s_arr = np.array([sp[2], sp[1], sp[0]])
+    av = np.abs(u_arr / s_arr)
+    tied = np.flatnonzero(av >= av.max() * (1.0 - 1e-9))
+    if tied.size == 1:
+        return [(1.0,) + direction_geometry(u, sp)]
+    out = []
+    for m in tied:
+        m = int(m)
+        others = [ax for ax in range(3) if ax != m]
+        sgn = 1 if u_arr[m] > 0 else -1
+        da = _snap(u_arr[others[0]] / s_arr[others[0]] / av[m])
+        db = _snap(u_arr[others[1]] / s_arr[others[1]] / av[m])
+        out.append((1.0 / tied.size, m, sgn, da, db, float(s_arr[m] / abs(u_arr[m]) / 10.0)))
+    return out
 
 
 def collapsed_cone_dose(
@@ -207,12 +245,12 @@ def collapsed_cone_dose(
 
         iterator = tqdm(iterator, desc="collapsed cone", unit="dir", leave=False)
     for d in iterator:
-        m, sgn, da, db, step_cm = direction_geometry(dirs[d], spacing)
-        _k.transport_direction(
-            t_arr, rho, dose, m, sgn, da, db, step_cm, rates,
-            np.ascontiguousarray(amps_ring[:, ring[d]]), tilt, np.ascontiguousarray(dirs[d]),
-            float(omega[d]), table, ds, norm, src, origin, spacing, axis, False,
-        )
+        for w, m, sgn, da, db, step_cm in direction_steppings(dirs[d], spacing):
+            _k.transport_direction(
+                t_arr, rho, dose, m, sgn, da, db, step_cm, rates,
+                np.ascontiguousarray(w * amps_ring[:, ring[d]]), tilt, np.ascontiguousarray(dirs[d]),
+                float(w * omega[d]), table, ds, norm, src, origin, spacing, axis, False,
+            )
     logger.debug("collapsed cone: %d directions on %s in %.2f s", len(iterator), grid.shape,
                   time.perf_counter() - t0)
     return dose.astype(np.float32)
@@ -391,10 +429,13 @@ def shared_direction_dose(
         _k.contract_sources(flat, w, out)
         t_contract += time.perf_counter() - tc
         for i, j in enumerate(js):
-            m, sgn, da, db, step_cm = direction_geometry(fixed[j], spacing)
-            _k.transport_direction(out[i].reshape((n_k,) + grid.shape), rho, dose, m, sgn, da, db, step_cm,
-                                   rates, eye, False, np.ascontiguousarray(fixed[j]), 0.0, table, 1.0, norm,
-                                   zero3, origin, spacing, zero3, True)
+            steps = direction_steppings(fixed[j], spacing)
+            if len(steps) > 1:  # a tie (never for the Fibonacci set on common grids): split the source
+                out[i] *= np.float32(1.0 / len(steps))
+            for _, m, sgn, da, db, step_cm in steps:
+                _k.transport_direction(out[i].reshape((n_k,) + grid.shape), rho, dose, m, sgn, da, db, step_cm,
+                                       rates, eye, False, np.ascontiguousarray(fixed[j]), 0.0, table, 1.0, norm,
+                                       zero3, origin, spacing, zero3, True)
     logger.debug("shared directions: %d of %d on %s for %d beams x %d energy groups in %.2f s (sources %.2f s)",
                  active.size, fixed.shape[0], grid.shape, n_g, n_e, time.perf_counter() - t0, t_contract)
     return dose

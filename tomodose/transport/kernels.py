@@ -52,6 +52,7 @@ __all__ = [
     "collapse_kernel",
     "fit_shared_exponentials",
     "cone_directions",
+    "ring_azimuths_deg",
     "load_kernel",
     "DEFAULT_KERNEL_NAME",
     "KERNEL_FORMAT",
@@ -332,6 +333,7 @@ def collapse_kernel(
     provenance: Mapping | None = None,
     group_fine_kernels: Sequence | None = None,
     group_edges_mev=None,
+    azimuth_stagger: bool = False,
 ) -> "CollapsedConeKernel":
     """Collapse a (nC, nR) kernel onto ``P`` polar rings x ``n_azimuth`` cones.
 
@@ -361,6 +363,8 @@ def collapse_kernel(
         kernel so all share the same rates.
     group_edges_mev : (G + 1,) array, optional
         Energy range of each group (required with ``group_fine_kernels``).
+    azimuth_stagger : bool
+        Turn the cones of odd rings by half an azimuth step (see :class:`CollapsedConeKernel`).
     """
     fk = check_array("fine_kernel", fine_kernel, ndim=2, low=0.0)
     te = check_array("theta_edges_deg", theta_edges_deg, shape=(fk.shape[0] + 1,))
@@ -418,6 +422,7 @@ def collapse_kernel(
         provenance=dict(provenance or {}),
         group_amplitudes=group_amps,
         group_edges_mev=group_edges_mev if group_amps is not None else None,
+        azimuth_stagger=bool(azimuth_stagger),
     )
 
 
@@ -466,6 +471,13 @@ class CollapsedConeKernel:
         (TERMA-weighted, normalised) kernel. Transporting TERMA split by group with these
         amplitudes accounts for beam hardening in the kernel at the cost of one transport.
     group_edges_mev : (G + 1,) float64 or None
+    azimuth_stagger : bool
+        If True, the cones of every odd ring are turned by half an azimuth step
+        (``360 (q + 1) / n_azimuth`` deg instead of ``360 (q + 1/2) / n_azimuth``): neighbouring
+        rings then fill each other's azimuthal gaps, which halves the ray effect of the lateral
+        spread at no cost (see ``docs/collapsed_cone.md``, narrow fields). Both sets are
+        symmetric under the lateral reflections (and 90 deg rotation for ``n_azimuth`` a
+        multiple of 4). Default False (tables written before 2026-11-29 have no such key).
     """
 
     name: str
@@ -479,6 +491,7 @@ class CollapsedConeKernel:
     provenance: dict = field(default_factory=dict, repr=False)
     group_amplitudes: np.ndarray | None = field(default=None, repr=False)
     group_edges_mev: np.ndarray | None = field(default=None, repr=False)
+    azimuth_stagger: bool = False
 
     def __post_init__(self):
         pe = check_array("polar_edges_deg", self.polar_edges_deg, ndim=1, low=0.0, high=180.0)
@@ -504,6 +517,9 @@ class CollapsedConeKernel:
         object.__setattr__(self, "rates_per_cm", _readonly(rates))
         object.__setattr__(self, "amplitudes", _readonly(amps))
         object.__setattr__(self, "provenance", dict(self.provenance))
+        if not isinstance(self.azimuth_stagger, (bool, np.bool_)):
+            raise TypeError(f"azimuth_stagger must be a bool, got {self.azimuth_stagger!r}")
+        object.__setattr__(self, "azimuth_stagger", bool(self.azimuth_stagger))
         if (self.group_amplitudes is None) != (self.group_edges_mev is None):
             raise ValueError("group_amplitudes and group_edges_mev must be given together")
         if self.group_amplitudes is not None:
@@ -542,8 +558,14 @@ class CollapsedConeKernel:
 
     @property
     def azimuth_deg(self) -> np.ndarray:
-        """(n_azimuth,) azimuths of the cones of every ring, ``360 (q + 1/2) / n_azimuth`` deg."""
+        """(n_azimuth,) azimuths of the cones of ring 0 (and of every ring without
+        ``azimuth_stagger``), ``360 (q + 1/2) / n_azimuth`` deg."""
         return 360.0 * (np.arange(self.n_azimuth) + 0.5) / self.n_azimuth
+
+    @property
+    def ring_azimuth_deg(self) -> np.ndarray:
+        """(P, n_azimuth) azimuths of the cones of each ring (deg; see ``azimuth_stagger``)."""
+        return ring_azimuths_deg(self.n_polar, self.n_azimuth, self.azimuth_stagger)
 
     @property
     def ring_solid_angle_sr(self) -> np.ndarray:
@@ -572,12 +594,14 @@ class CollapsedConeKernel:
             d = d.sum(axis=0)
         return float(np.abs(d).max() / self.total_fraction)
 
-    def with_azimuths(self, n_azimuth: int) -> "CollapsedConeKernel":
-        """The same kernel with another number of cones per ring."""
+    def with_azimuths(self, n_azimuth: int, azimuth_stagger: bool | None = None) -> "CollapsedConeKernel":
+        """The same kernel with another number of cones per ring (and optionally another
+        ``azimuth_stagger``; default: unchanged)."""
         return CollapsedConeKernel(
             self.name, self.polar_edges_deg, self.polar_deg, int(n_azimuth), self.radius_edges_cm,
             self.cumulative, self.rates_per_cm, self.amplitudes, self.provenance,
             self.group_amplitudes, self.group_edges_mev,
+            self.azimuth_stagger if azimuth_stagger is None else azimuth_stagger,
         )
 
     @property
@@ -596,7 +620,7 @@ class CollapsedConeKernel:
         cum = amps @ _model_matrix(self.radius_edges_cm, self.rates_per_cm).T
         return CollapsedConeKernel(
             f"{self.name}[group {g}]", self.polar_edges_deg, self.polar_deg, self.n_azimuth,
-            self.radius_edges_cm, cum, self.rates_per_cm, amps, {},
+            self.radius_edges_cm, cum, self.rates_per_cm, amps, {}, azimuth_stagger=self.azimuth_stagger,
         )
 
     def directions(self, axis=(0.0, 0.0, 1.0)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -616,7 +640,8 @@ class CollapsedConeKernel:
         ring : (P * n_azimuth,) int64
             Ring index of each cone.
         """
-        return cone_directions(self.polar_deg, self.n_azimuth, axis, self.ring_solid_angle_sr)
+        return cone_directions(self.polar_deg, self.n_azimuth, axis, self.ring_solid_angle_sr,
+                               stagger=self.azimuth_stagger)
 
     def angular_density_table(self, n_points: int = 2881) -> tuple[np.ndarray, float]:
         """(n_points, K) energy per steradian of each term vs polar angle, for kernel tilting.
@@ -648,6 +673,7 @@ class CollapsedConeKernel:
                       "cumulative": "fraction of interacting photon energy", "rates": "1/cm"},
             "provenance": self.provenance,
             "n_azimuth": self.n_azimuth,
+            "azimuth_stagger": self.azimuth_stagger,
             "polar_edges_deg": self.polar_edges_deg.tolist(),
             "polar_deg": self.polar_deg.tolist(),
             "radius_edges_cm": self.radius_edges_cm.tolist(),
@@ -678,6 +704,7 @@ class CollapsedConeKernel:
             provenance=data.get("provenance", {}),
             group_amplitudes=data.get("group_amplitudes"),
             group_edges_mev=data.get("group_edges_mev"),
+            azimuth_stagger=bool(data.get("azimuth_stagger", False)),
         )
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -702,14 +729,26 @@ class CollapsedConeKernel:
             return cls.from_dict(json.load(fh))
 
 
-def cone_directions(polar_deg, n_azimuth: int, axis=(0.0, 0.0, 1.0), ring_solid_angle_sr=None):
+def ring_azimuths_deg(n_polar: int, n_azimuth: int, stagger: bool = False) -> np.ndarray:
+    """(n_polar, n_azimuth) cone azimuths (deg): ``360 (q + 1/2) / n_azimuth`` for every ring, or
+    with ``stagger`` ``360 (q + 1) / n_azimuth`` for the odd rings (half a step turned)."""
+    q = np.arange(int(n_azimuth), dtype=np.float64)
+    shift = 0.5 + (0.5 * (np.arange(int(n_polar)) % 2) if stagger else np.zeros(int(n_polar)))
+    return 360.0 * (q[None, :] + shift[:, None]) / n_azimuth
+
+
+def cone_directions(polar_deg, n_azimuth: int, axis=(0.0, 0.0, 1.0), ring_solid_angle_sr=None, *,
+                    stagger: bool = False):
     """Unit vectors of rings of cones about ``axis`` (see :meth:`CollapsedConeKernel.directions`).
 
     Azimuths are ``2 pi (q + 0.5) / n_azimuth`` from a fixed vector perpendicular to ``axis`` (the
-    lab axis least aligned with it). For an axis along a grid axis and ``n_azimuth`` a multiple of
-    4 the set is symmetric under both lateral reflections and 90 deg rotation and contains no
-    direction exactly on a grid diagonal, so a beam along a grid axis gives exactly symmetric
-    transport lines.
+    lab axis least aligned with it); with ``stagger`` the odd rings use ``2 pi (q + 1) / n_azimuth``
+    (:func:`ring_azimuths_deg`). For an axis along a grid axis and ``n_azimuth`` a multiple of 4
+    both sets are symmetric under both lateral reflections and 90 deg rotation, so a beam along a
+    grid axis gives exactly symmetric transport lines (the unstaggered set has no direction on a
+    grid diagonal; the staggered odd rings do, and :func:`direction_geometry
+    <tomodose.transport.collapsed_cone.direction_geometry>` breaks such ties the same way for
+    mirrored directions).
     """
     ax = np.asarray(axis, dtype=np.float64)
     norm = float(np.linalg.norm(ax))
@@ -725,9 +764,10 @@ def cone_directions(polar_deg, n_azimuth: int, axis=(0.0, 0.0, 1.0), ring_solid_
     p = th.size
     dirs = np.empty((p * n_azimuth, 3))
     ring = np.repeat(np.arange(p), n_azimuth)
+    shift = 0.5 + (0.5 * (np.arange(p) % 2) if stagger else np.zeros(p))
     for i in range(p):
         for q in range(n_azimuth):
-            phi = 2.0 * np.pi * (q + 0.5) / n_azimuth
+            phi = 2.0 * np.pi * (q + shift[i]) / n_azimuth
             dirs[i * n_azimuth + q] = (
                 math.cos(th[i]) * ax + math.sin(th[i]) * (math.cos(phi) * e1 + math.sin(phi) * e2)
             )
@@ -739,10 +779,11 @@ def cone_directions(polar_deg, n_azimuth: int, axis=(0.0, 0.0, 1.0), ring_solid_
     return dirs, omega, ring
 
 
-_CACHE: dict[tuple[str, int | None], CollapsedConeKernel] = {}
+_CACHE: dict[tuple[str, int | None, bool | None], CollapsedConeKernel] = {}
 
 
-def load_kernel(name: str = DEFAULT_KERNEL_NAME, *, n_azimuth: int | None = None) -> CollapsedConeKernel:
+def load_kernel(name: str = DEFAULT_KERNEL_NAME, *, n_azimuth: int | None = None,
+                azimuth_stagger: bool | None = None) -> CollapsedConeKernel:
     """Load a shipped kernel table from ``tomodose/data/kernels/<name>.json`` (or a path).
 
     Parameters
@@ -751,8 +792,12 @@ def load_kernel(name: str = DEFAULT_KERNEL_NAME, *, n_azimuth: int | None = None
         Name of a shipped table, or a path to a JSON kernel file.
     n_azimuth : int, optional
         Override the number of cones per ring.
+    azimuth_stagger : bool, optional
+        Override the table's ``azimuth_stagger`` (odd rings turned by half an azimuth step).
     """
-    key = (str(name), n_azimuth)
+    if azimuth_stagger is not None and not isinstance(azimuth_stagger, (bool, np.bool_)):
+        raise TypeError(f"azimuth_stagger must be a bool or None, got {azimuth_stagger!r}")
+    key = (str(name), n_azimuth, None if azimuth_stagger is None else bool(azimuth_stagger))
     if key in _CACHE:
         return _CACHE[key]
     candidate = Path(str(name))
@@ -769,6 +814,8 @@ def load_kernel(name: str = DEFAULT_KERNEL_NAME, *, n_azimuth: int | None = None
         kernel = CollapsedConeKernel.from_dict(json.loads(ref.read_text(encoding="utf-8")))
     if n_azimuth is not None:
         check_positive("n_azimuth", n_azimuth)
-        kernel = kernel.with_azimuths(int(n_azimuth))
+    if n_azimuth is not None or azimuth_stagger is not None:
+        kernel = kernel.with_azimuths(kernel.n_azimuth if n_azimuth is None else int(n_azimuth),
+                                      None if azimuth_stagger is None else bool(azimuth_stagger))
     _CACHE[key] = kernel
     return kernel
