@@ -85,6 +85,39 @@ def test_kernel_matches_naive_twin(position, exact):
     np.testing.assert_allclose(res.per_group.sum(axis=0), ref, rtol=2e-6, atol=1e-12)
 
 
+def test_energy_groups_match_naive_twin_and_sum_to_total():
+    rng = np.random.default_rng(5)
+    grid = Grid((4, 6, 5), (7.0, 6.0, 5.0), (-14.0, -15.0, -8.0))
+    dens = rng.choice([0.0005, 0.3, 1.0, 1.5, 2.3], size=grid.shape)
+    ps = ProjectionSequence(gantry_angle_deg=np.array([10.0, 200.0]), couch_mm=np.array([-3.0, 2.0]),
+                            leaf_open_fraction=np.ones((2, 64)), duration_s=np.array([0.3, 0.4]), field_width_mm=25.0,
+                            arc_deg=np.full(2, 7.06), couch_travel_mm=np.full(2, 0.5),
+                            isocentre_lps_mm=(1.0, 2.0, -1.0), patient_position="HFS")
+    beam = BeamModel.default()
+    edges = [0.0, 1.0, 2.5, 100.0]
+    vol = ImageVolume(grid, dens, "g/cm3", "mass_density")
+    res = compute_terma(vol, ps, beam, n_subsamples=2, angle_groups=2, energy_group_edges_mev=edges, progress=False)
+    plain = compute_terma(vol, ps, beam, n_subsamples=2, angle_groups=2, progress=False)
+    assert res.per_group.shape == (2, 3) + grid.shape and res.n_energy_groups == 3
+    assert plain.per_group.shape == (2,) + grid.shape and plain.n_energy_groups == 0
+    np.testing.assert_array_equal(res.total, plain.total)
+    np.testing.assert_allclose(res.per_group.sum(axis=1), plain.per_group, rtol=2e-6, atol=1e-12)
+    ref = terma_naive(grid, dens, ps, beam, n_subsamples=2, energy_group_edges_mev=edges)
+    assert ref.shape == (3,) + grid.shape and np.all(ref.reshape(3, -1).max(axis=1) > 0)
+    np.testing.assert_allclose(res.per_group.sum(axis=0), ref, rtol=2e-6, atol=1e-12)
+    assert res.metadata["energy_group_edges_mev"] == edges
+
+
+@pytest.mark.parametrize("edges, match", [([1.0], "strictly increasing"), ([0.0, 2.0, 1.0], "strictly increasing"),
+                                          ([0.5, 100.0], "every spectral line"), ([0.0, 3.0], "every spectral line"),
+                                          ([0.0, np.nan], "energy_group_edges_mev")])
+def test_bad_energy_group_edges_are_named(edges, match):
+    grid, vol = _small_case()
+    ps = ProjectionSequence.static_beams([0.0], np.ones(64), 1.0, 25.0)
+    with pytest.raises(ValueError, match=match):
+        compute_terma(vol, ps, IDEAL, energy_group_edges_mev=edges, progress=False)
+
+
 def _small_case():
     grid = Grid((5, 15, 15), (5.0, 5.0, 4.0), (-35.0, -35.0, -8.0))
     rng = np.random.default_rng(11)

@@ -31,20 +31,28 @@ def _uv(pnt, geo, sad):
     return (r @ ex) * sad / dist, (r @ ey) * sad / dist
 
 
-def terma_naive(grid, density, projections, beam, n_subsamples=1, exact_subsamples=False):
+def terma_naive(grid, density, projections, beam, n_subsamples=1, exact_subsamples=False,
+                energy_group_edges_mev=None):
     """(nz, ny, nx) float64 total TERMA (same normalisation as compute_terma).
 
     ``exact_subsamples=False``: fluence and inverse square per sub-sample, attenuation and
     softening once per projection at its centre geometry (as compute_terma's default).
+    With ``energy_group_edges_mev`` (GE + 1 edges): (GE, nz, ny, nx), the sum over the spectral
+    lines with ``edges[g] <= E < edges[g + 1]`` for each group ``g``.
     """
     m = projections.machine
     sad = m.sad_mm
     spec = beam.spectrum.trimmed()
     mu = attenuation_table().anchor_mu_rho(spec.energies_mev)  # (M, E)
     ef = spec.energy_fluence
+    if energy_group_edges_mev is None:
+        masks = [np.ones(ef.size, dtype=bool)]
+    else:
+        e = np.asarray(energy_group_edges_mev, dtype=float)
+        masks = [(spec.energies_mev >= lo) & (spec.energies_mev < hi) for lo, hi in zip(e[:-1], e[1:])]
     w = material_weights(density)  # (nz, ny, nx, M)
     mat = w * density[..., None]
-    out = np.zeros(grid.shape)
+    out = np.zeros((len(masks),) + grid.shape)
     x, y, z = grid.x_mm, grid.y_mm, grid.z_mm
     fw = projections.field_width_mm
     for p in range(projections.n_projections):
@@ -73,5 +81,7 @@ def terma_naive(grid, density, projections, beam, n_subsamples=1, exact_subsampl
                         expo = 0.1 * h * (path @ mu)  # (E,)
                         rho = density[k, j, i]
                         mu_loc = (w[k, j, i] @ mu) if rho > 0 else mu[0]
-                        out[k, j, i] += fl * np.sum(ef * h * mu_loc * np.exp(-expo))
-    return out
+                        lines = ef * h * mu_loc * np.exp(-expo)
+                        for g, sel in enumerate(masks):
+                            out[g, k, j, i] += fl * np.sum(lines[sel])
+    return out[0] if energy_group_edges_mev is None else out

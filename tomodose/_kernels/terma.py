@@ -16,6 +16,10 @@ Per voxel centre P and sample s (source S, gantry axes ex, ey, ez, isocentre C, 
     t_m = sum over voxels on P -> S of length * rho * w_m          (g/cm2, per anchor material m)
     T = weight * Psi * (SAD / |P - S|)^2 * sum_E ef_E * h * mu_m(P, E) * exp(-h * sum_m t_m mu_m(E))
 
+The same sum restricted to the spectral lines of each energy group gives the TERMA per energy
+group (for a collapsed-cone kernel with one kernel per energy group: beam hardening in the
+kernel).
+
 with ``h = 1 + softening * |theta|`` and ``mu_m(P, E) = sum_m w_m(P) mu_m(E)`` (cm2/g).
 """
 
@@ -72,7 +76,8 @@ def leaf_fluence(u, a, e0, w, sigma, cutoff):
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
 def terma_units(mat_lo, mat_pair, rho, shape, origin, spacing, t_src, t_ex, t_ez, t_iso, unit_start, unit_proj,
                 unit_group, k_lo, k_hi, src, ex, ey, ez, iso, weight, leaf_a, leaf_e0, leaf_w, leaf_sigma,
-                jaw_half, jaw_sigma, cutoff, offaxis_c, softening, sad, mu_anchor, ef, air_index, total, per_group):
+                jaw_half, jaw_sigma, cutoff, offaxis_c, softening, sad, mu_anchor, ef, e_group, air_index, total,
+                per_group):
     """Accumulate the TERMA of a batch of *trace units* into ``total`` and ``per_group`` (in place).
 
     A trace unit is one attenuation evaluation (ray trace voxel -> ``t_src[u]``, off-axis softening
@@ -122,15 +127,19 @@ def terma_units(mat_lo, mat_pair, rho, shape, origin, spacing, t_src, t_ex, t_ez
         mu/rho of the anchor materials (cm2/g).
     ef : (E,) float64
         Energy-fluence weights of the spectrum (sum 1).
+    e_group : (E,) int64
+        Energy group (second axis of ``per_group``) of each spectral line, in [0, GE).
     air_index : int
         Anchor used for voxels with rho == 0 (must not be the last anchor).
-    total : (nz, ny, nx) float64, per_group : (G, nz, ny, nx) float32
-        Outputs, accumulated in place.
+    total : (nz, ny, nx) float64, per_group : (G, GE, nz, ny, nx) float32
+        Outputs, accumulated in place: the total, and the TERMA per angle group ``G`` and energy
+        group ``GE`` (``GE = 1`` without energy groups).
     """
     nz, ny, nx = shape[0], shape[1], shape[2]
     m = mu_anchor.shape[0]
     n_e = ef.shape[0]
     n_c = offaxis_c.shape[0]
+    n_ge = per_group.shape[1]
     cap = nx + ny + nz + 3
     ox, oy, oz = origin[0], origin[1], origin[2]
     dx, dy, dz = spacing[0], spacing[1], spacing[2]
@@ -152,6 +161,7 @@ def terma_units(mat_lo, mat_pair, rho, shape, origin, spacing, t_src, t_ex, t_ez
             used = np.empty(m, dtype=np.int64)
             idx = np.empty(cap, dtype=np.int64)
             seg = np.empty(cap)
+            gsum = np.empty(n_ge)
             py = oy + j * dy
             pz = oz + k * dz
             for i in range(nx):
@@ -217,6 +227,8 @@ def terma_units(mat_lo, mat_pair, rho, shape, origin, spacing, t_src, t_ex, t_ez
                 else:
                     lo_here = air_index
                 tsum = 0.0
+                for q in range(n_ge):
+                    gsum[q] = 0.0
                 for e in range(n_e):
                     expo = 0.0
                     for q in range(n_used):
@@ -224,7 +236,9 @@ def terma_units(mat_lo, mat_pair, rho, shape, origin, spacing, t_src, t_ex, t_ez
                         expo += acc[c] * mu_anchor[c, e]
                     mu_here = w_lo * mu_anchor[lo_here, e] + w_hi * mu_anchor[lo_here + 1, e]
                     # acc is in mm * g/cm3 -> 0.1 g/cm2
-                    tsum += ef[e] * h * mu_here * math.exp(-0.1 * h * expo)
-                val = fl * tsum
-                total[k, j, i] += val
-                per_group[g, k, j, i] += val
+                    te = ef[e] * h * mu_here * math.exp(-0.1 * h * expo)
+                    tsum += te
+                    gsum[e_group[e]] += te
+                total[k, j, i] += fl * tsum
+                for q in range(n_ge):
+                    per_group[g, q, k, j, i] += fl * gsum[q]

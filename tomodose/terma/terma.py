@@ -75,8 +75,9 @@ class TermaResult:
         The density grid (DICOM LPS).
     total : (nz, ny, nx) float32
         TERMA summed over all projections (``TERMA_UNIT``).
-    per_group : (n_groups, nz, ny, nx) float32
-        TERMA of each gantry-angle group; sums to ``total`` (to float32 rounding).
+    per_group : (n_groups, nz, ny, nx) or (n_groups, n_energy_groups, nz, ny, nx) float32
+        TERMA of each gantry-angle group; sums to ``total`` (to float32 rounding). With energy
+        groups (``energy_group_edges_mev`` set) the second axis splits it by energy group.
     group_angles_deg : (n_groups,) float64
         Representative IEC 61217 gantry angle of each group (deg, [0, 360)).
     group_couch_mm : (n_groups,) float64
@@ -85,6 +86,9 @@ class TermaResult:
         Group index of each projection.
     metadata : dict
         Unit, normalisation, spectrum, beam model, sub-sampling, timings.
+    energy_group_edges_mev : (n_energy_groups + 1,) float64 or None
+        Energy-group edges (MeV) of ``per_group``'s second axis: a spectral line of energy ``E``
+        belongs to group ``g`` when ``edges[g] <= E < edges[g + 1]``; None without energy groups.
     """
 
     grid: Grid
@@ -94,10 +98,16 @@ class TermaResult:
     group_couch_mm: np.ndarray
     projection_group: np.ndarray = field(repr=False)
     metadata: dict = field(default_factory=dict)
+    energy_group_edges_mev: np.ndarray | None = None
 
     @property
     def n_groups(self) -> int:
         return int(self.group_angles_deg.shape[0])
+
+    @property
+    def n_energy_groups(self) -> int:
+        """Number of energy groups of ``per_group`` (0: ``per_group`` has no energy axis)."""
+        return 0 if self.energy_group_edges_mev is None else int(self.energy_group_edges_mev.size - 1)
 
     def total_volume(self) -> ImageVolume:
         """The total TERMA as an :class:`ImageVolume`."""
@@ -220,7 +230,7 @@ def _slabs(grid: Grid, iso, ey, v_ext_mm: float, sad_mm: float):
 
 def compute_terma(patient_or_density, projections, beam_model: BeamModel | None = None, *,
                   n_subsamples: int = 8, exact_subsamples: bool = False, angle_groups: int | None = None,
-                  progress: bool | None = None) -> TermaResult:
+                  energy_group_edges_mev=None, progress: bool | None = None) -> TermaResult:
     """TERMA of every projection, accumulated in total and per gantry-angle group.
 
     Parameters
@@ -243,13 +253,20 @@ def compute_terma(patient_or_density, projections, beam_model: BeamModel | None 
         (see docs/terma.md for the size of this approximation).
     angle_groups : int, optional
         Number of equal gantry-angle bins (default: the machine's projections per rotation, 51).
+    energy_group_edges_mev : (GE + 1,) array_like, optional
+        Split ``per_group`` by photon energy as well: a spectral line of energy ``E`` (MeV) goes to
+        group ``g`` when ``edges[g] <= E < edges[g + 1]`` (strictly increasing edges, every line
+        of the spectrum inside ``[edges[0], edges[-1])``). Use the edges of an energy-grouped
+        collapsed-cone kernel (``kernel.group_edges_mev``). The ray trace is shared, so the cost
+        is about that of one group; the memory of ``per_group`` grows ``GE`` times.
     progress : bool, optional
         Progress bar (default: ``tomodose.config.settings.progress``).
 
     Returns
     -------
     TermaResult
-        ``total`` (nz, ny, nx) and ``per_group`` (G, nz, ny, nx) float32 in ``TERMA_UNIT``.
+        ``total`` (nz, ny, nx) and ``per_group`` (G, nz, ny, nx), or (G, GE, nz, ny, nx) with
+        energy groups, float32 in ``TERMA_UNIT``.
     """
     from tomodose._kernels.terma import terma_units
 
@@ -272,6 +289,8 @@ def compute_terma(patient_or_density, projections, beam_model: BeamModel | None 
     table = attenuation_table()
     mu_anchor = np.ascontiguousarray(table.anchor_mu_rho(spectrum.energies_mev))
     ef = np.ascontiguousarray(spectrum.energy_fluence)
+    e_edges, e_group = _energy_groups(energy_group_edges_mev, spectrum.energies_mev)
+    n_ge = 1 if e_edges is None else e_edges.size - 1
     weights = material_weights(dens).reshape(-1, len(DENSITY_ANCHORS))
     rho_flat = np.ascontiguousarray(dens.ravel())
     mat_lo = np.clip(np.argmax(weights > 0, axis=1), 0, len(DENSITY_ANCHORS) - 2).astype(np.int64)
@@ -309,7 +328,7 @@ def compute_terma(patient_or_density, projections, beam_model: BeamModel | None 
     edges = machine.leaf_edges_mm()
 
     total = np.zeros(grid.shape, dtype=np.float64)
-    per_group = np.zeros((g_ang.size,) + grid.shape, dtype=np.float32)
+    per_group = np.zeros((g_ang.size, n_ge) + grid.shape, dtype=np.float32)
     origin = np.asarray(grid.origin_mm, dtype=np.float64)
     spacing = np.asarray(grid.spacing_mm, dtype=np.float64)
     offc = np.asarray(beam.offaxis_fluence_coeffs, dtype=np.float64)
@@ -332,7 +351,7 @@ def compute_terma(patient_or_density, projections, beam_model: BeamModel | None 
                     k_lo[b0:b1], k_hi[b0:b1], src[s0:s1], ex[s0:s1], ey[s0:s1], ez[s0:s1], iso[s0:s1],
                     weight[s0:s1], leaf_a, float(edges[0]), float(machine.leaf_width_mm),
                     beam.leaf_edge_sigma_mm, jaw_half, beam.jaw_penumbra_sigma_mm, EDGE_CUTOFF_SIGMAS, offc,
-                    beam.offaxis_softening_per_rad, float(machine.sad_mm), mu_anchor, ef, air_index,
+                    beam.offaxis_softening_per_rad, float(machine.sad_mm), mu_anchor, ef, e_group, air_index,
                     total, per_group)
     t_end = time.perf_counter()
     log.info("TERMA: %d projections x %d sub-samples on %s voxels in %.2f s",
@@ -352,9 +371,31 @@ def compute_terma(patient_or_density, projections, beam_model: BeamModel | None 
         "field_width_mm": fw,
         "wall_time_s": t_end - t_start,
         "kernel_time_s": t_end - t_kernel,
+        "energy_group_edges_mev": None if e_edges is None else e_edges.tolist(),
     }
+    if e_edges is None:
+        per_group = per_group[:, 0]
+    else:
+        e_edges.setflags(write=False)
     for arr in (proj_group, g_ang, g_couch):
         arr.setflags(write=False)
     return TermaResult(grid=grid, total=total.astype(np.float32), per_group=per_group,
                        group_angles_deg=g_ang, group_couch_mm=g_couch, projection_group=proj_group,
-                       metadata=meta)
+                       metadata=meta, energy_group_edges_mev=e_edges)
+
+
+def _energy_groups(edges_mev, energies_mev):
+    """Checked edges (or None) and the (E,) int64 energy group of each spectral line."""
+    energies = np.asarray(energies_mev, dtype=np.float64)
+    if edges_mev is None:
+        return None, np.zeros(energies.size, dtype=np.int64)
+    edges = check_array("energy_group_edges_mev", edges_mev, ndim=1, low=0.0, dtype=np.float64).copy()
+    if edges.size < 2 or np.any(np.diff(edges) <= 0):
+        raise ValueError(f"energy_group_edges_mev must hold >= 2 strictly increasing energies (MeV), "
+                         f"got {edges.tolist()}")
+    outside = (energies < edges[0]) | (energies >= edges[-1])
+    if np.any(outside):
+        raise ValueError(f"energy_group_edges_mev {edges.tolist()} must contain every spectral line in "
+                         f"[edges[0], edges[-1]); lines outside: {energies[outside].tolist()} MeV")
+    group = (np.searchsorted(edges, energies, side="right") - 1).astype(np.int64)
+    return edges, group
