@@ -73,6 +73,50 @@ def leaf_fluence(u, a, e0, w, sigma, cutoff):
     return total
 
 
+@numba.njit(**NUMBA_OPTIONS)
+def edge_weights(leaf_a):
+    """(P, L + 1) steps ``d_k = a_k - a_{k-1}`` of the leaf outputs at each leaf edge (``a_{-1} = a_L = 0``).
+
+    ``sum_i a_i [Phi(u - e_i) - Phi(u - e_{i+1})] = sum_k d_k Phi(u - e_k)``: every edge is evaluated
+    once, and edges between two leaves of equal output (``d_k = 0``) not at all.
+    """
+    n_p, n_l = leaf_a.shape
+    d = np.empty((n_p, n_l + 1))
+    for p in range(n_p):
+        prev = 0.0
+        for k in range(n_l):
+            d[p, k] = leaf_a[p, k] - prev
+            prev = leaf_a[p, k]
+        d[p, n_l] = -prev
+    return d
+
+
+@numba.njit(**NUMBA_OPTIONS)
+def leaf_fluence_edges(u, a, d, e0, w, sigma, cutoff):
+    """``leaf_fluence`` as a sum over edges: ``a_{k0 - 1} + sum_{k0 <= k <= k1} d_k Phi((u - e_k)/s)``.
+
+    ``a`` (L,) leaf outputs, ``d`` (L + 1,) their steps (:func:`edge_weights`). Edges ``k < k0`` lie
+    more than ``cutoff`` sigmas below ``u`` (``Phi = 1``, their steps telescope to ``a_{k0 - 1}``),
+    edges ``k > k1`` more than ``cutoff`` sigmas above (``Phi = 0``); one edge of margin each side.
+    """
+    n = a.shape[0]
+    reach = cutoff * sigma
+    k0 = int(math.floor((u - reach - e0) / w)) - 1
+    k1 = int(math.ceil((u + reach - e0) / w)) + 1
+    if k0 < 0:
+        k0 = 0
+    if k1 > n:
+        k1 = n
+    total = 0.0
+    if 1 <= k0 <= n:
+        total = a[k0 - 1]
+    for k in range(k0, k1 + 1):
+        if d[k] == 0.0:
+            continue
+        total += d[k] * edge(u - (e0 + k * w), sigma, cutoff)
+    return total
+
+
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
 def terma_units(mat_lo, mat_pair, rho, shape, origin, spacing, t_src, t_ex, t_ez, t_iso, unit_start, unit_proj,
                 unit_group, k_lo, k_hi, src, ex, ey, ez, iso, weight, leaf_a, leaf_e0, leaf_w, leaf_sigma,
@@ -144,6 +188,7 @@ def terma_units(mat_lo, mat_pair, rho, shape, origin, spacing, t_src, t_ex, t_ez
     ox, oy, oz = origin[0], origin[1], origin[2]
     dx, dy, dz = spacing[0], spacing[1], spacing[2]
     v_ext = jaw_half + cutoff * jaw_sigma
+    leaf_d = edge_weights(leaf_a)
     for t in range(t_src.shape[0]):
         k0 = k_lo[t]
         nrows = (k_hi[t] - k0) * ny
@@ -152,6 +197,7 @@ def terma_units(mat_lo, mat_pair, rho, shape, origin, spacing, t_src, t_ex, t_ez
         s0 = unit_start[t]
         s1 = unit_start[t + 1]
         a = leaf_a[unit_proj[t]]
+        a_d = leaf_d[unit_proj[t]]
         g = unit_group[t]
         tsx, tsy, tsz = t_src[t, 0], t_src[t, 1], t_src[t, 2]
         for r in numba.prange(nrows):
@@ -181,7 +227,7 @@ def terma_units(mat_lo, mat_pair, rho, shape, origin, spacing, t_src, t_ex, t_ez
                     if jaw <= 0.0:
                         continue
                     u = (rx * ex[s, 0] + ry * ex[s, 1] + rz * ex[s, 2]) * scale
-                    lf = leaf_fluence(u, a, leaf_e0, leaf_w, leaf_sigma, cutoff)
+                    lf = leaf_fluence_edges(u, a, a_d, leaf_e0, leaf_w, leaf_sigma, cutoff)
                     if lf <= 0.0:
                         continue
                     theta = abs(math.atan(u / sad))
