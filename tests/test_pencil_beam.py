@@ -202,6 +202,90 @@ def test_clustered_static_beams_and_naive_twin():
                                rtol=1e-5, atol=1e-6 * ref.max())
 
 
+def test_cluster_level_difference_matches_naive_twin():
+    """One level of the fast path's telescoping sum in one pass (Gaussians < g_hi in window W minus
+    Gaussians < g_mid in window W0) = the NumPy twin's two windowed sums subtracted, and = two
+    single-window kernel calls subtracted (to rounding)."""
+    from tomodose._kernels.pencil_beam import cluster_dose_lattice
+    from tomodose.transport.pencil_beam import _cluster_geometry, _clusters
+
+    rng = np.random.default_rng(11)
+    g = Grid(shape=(5, 7, 6), spacing_mm=(8.0, 8.0, 6.0), origin_mm=(-20.0, -24.0, -12.0))
+    rho = rng.uniform(0.2, 1.8, g.shape)
+    f = np.zeros((8, 64))
+    f[:, 28:36] = rng.uniform(0.0, 1.0, (8, 8)) * (rng.uniform(size=(8, 8)) > 0.3)
+    plan = HelicalPlan(sinogram=f, field_width_mm=25.0, pitch=0.5, gantry_period_s=15.0, couch_start_mm=-15.0)
+    seq = plan.projections()
+    dens = _density(g, rho)
+    eng = _resolve(dens, seq, BeamModel.default(), None, 1, 0.05, 4)
+    a = np.ascontiguousarray(f, dtype=np.float64)
+    grp = int(eng.proj_group[0])
+    samples = np.flatnonzero(eng.proj_group[eng.proj] == grp)
+    members = _clusters(eng, samples)[0]
+    s = samples[members]
+    geo = _cluster_geometry(eng, a, s, seq.machine.leaf_centres_mm())
+    depth = eng.depth_map(grp)
+    lat = tuple(np.arange(n, dtype=np.int64) for n in g.shape)
+    par = (*eng.params(), *eng.tail_params())
+    widen = eng.sad / eng.den_min
+    w_big, w_small = (9.0, eng.jaw_h, 4.0), (3.0, eng.jaw_h, 12.0)  # neither holds the other
+
+    def run(win, win0, g_mid, g_hi):
+        out = np.zeros(g.shape)
+        cluster_dose_lattice(out, *lat, 0, g.nz, depth, eng.rho_t, eng.origin, eng.spacing, *geo, *win, *win0, widen,
+                             g_mid, g_hi, *par)
+        return out
+
+    got = run(w_big, w_small, 5, 8)
+    two = run(w_big, w_big, 0, 8) - run(w_small, w_small, 0, 5)
+    assert np.abs(two).max() > 0
+    np.testing.assert_allclose(got, two, rtol=0, atol=1e-12 * np.abs(two).max())
+    k = eng.kernel
+    maps = [depth.transpose(2, 0, 1)] * s.size
+    kw = dict(sad=850.0, sigma_mm=k.sigma_mm, depth_mm=k.depth_mm, amplitude_cm2_g=k.amplitude_cm2_g, e0=eng.e0,
+              w=eng.w, s_leaf=eng.s_leaf, jaw_h=eng.jaw_h, s_jaw=eng.s_jaw, offc=eng.offc, soft=eng.soft,
+              rho_floor=0.05)
+    args = (rho, g.origin_mm, g.spacing_mm, eng.src[s], eng.xg[s], eng.yg[s], eng.zg[s], eng.dt[s], maps, a[eng.proj[s]])
+    u_lo, u_hi = geo[8], geo[9]
+    ref = (naive.dose(*args, **kw, n_gaussians=8, window=(u_lo, u_hi, *w_big))
+           - naive.dose(*args, **kw, n_gaussians=5, window=(u_lo, u_hi, *w_small)))
+    np.testing.assert_allclose(got, ref, rtol=0, atol=3e-3 * np.abs(ref).max())
+
+
+def test_depth_cache_reuses_maps_and_keeps_results(monkeypatch):
+    """Repeated calls on one density reuse the radiological-depth maps (bit-identical dose); the
+    cache respects its budget and keys on the density values."""
+    import tomodose._kernels.pencil_beam as kern
+    import tomodose.transport.pencil_beam as pb
+
+    dens, plan = _random_case(seed=12)
+    kw = dict(method="clustered", far_field_step=2, progress=False)
+    pb.clear_depth_cache()
+    calls = []
+    trace = kern.inplane_depth
+    monkeypatch.setattr(kern, "inplane_depth", lambda *a: calls.append(1) or trace(*a))
+    d1 = pencil_beam_dose(dens, plan, **kw)
+    n_first = len(calls)
+    assert n_first > 0 and len(pb._depth_cache) == n_first
+    d2 = pencil_beam_dose(dens, plan, **kw)
+    assert len(calls) == n_first  # all maps from the cache
+    assert np.array_equal(d1, d2)
+    # another density: new maps, same answer as without the cache
+    other = _density(dens.grid, dens.array * 1.1)
+    d3 = pencil_beam_dose(other, plan, **kw)
+    assert len(calls) == 2 * n_first
+    monkeypatch.setattr(pb, "DEPTH_CACHE_MIB", 0.0)
+    assert np.array_equal(d3, pencil_beam_dose(other, plan, **kw))
+    assert len(calls) == 3 * n_first
+    # a budget for two maps: filled once, never thrashed by the same density's maps
+    pb.clear_depth_cache()
+    one_map_mib = dens.array.size * 4 / 2**20
+    monkeypatch.setattr(pb, "DEPTH_CACHE_MIB", 2.5 * one_map_mib)
+    pencil_beam_dose(dens, plan, **kw)
+    assert len(pb._depth_cache) == 2
+    pb.clear_depth_cache()
+
+
 #: measured error of the clustered fast path (step 2, default levels) on the 8 mm test phantom
 #: below, as a fraction of the maximum (measured 1.37 %); the liver numbers are in docs/pencil_beam.md.
 CLUSTERED_FAST_TOL = 0.025

@@ -4,7 +4,9 @@
   midpoint lookup) from every voxel centre to the source.
 * :func:`dose` - loop over samples and voxels with exact error functions (``scipy.special.ndtr``)
   and the explicit leaf sum ``sum_l a_l [Phi((u - e_l)/s) - Phi((u - e_{l+1})/s)]`` (no tables);
-  the twin of both the per-sample and the angle-clustered kernels (same model).
+  the twin of both the per-sample and the angle-clustered kernels (same model); with
+  ``n_gaussians`` and ``window`` it is also the twin of one windowed level of the clustered fast
+  path (``cluster_dose_lattice``: level m minus level m - 1 = two windowed calls subtracted).
 * :func:`trilinear` - trilinear interpolation from a node lattice, voxel by voxel.
 """
 
@@ -61,9 +63,13 @@ def _leaf(u, s, a, e0, w):
 
 
 def dose(density, origin, spacing, src, xg, yg, zg, dt, depth_maps, a, *, sad, sigma_mm, depth_mm,
-         amplitude_cm2_g, e0, w, s_leaf, jaw_h, s_jaw, offc, soft, rho_floor):
+         amplitude_cm2_g, e0, w, s_leaf, jaw_h, s_jaw, offc, soft, rho_floor, n_gaussians=None, window=None):
     """Dose (cm2/g*s) of samples ``s`` with geometry ``src[s], xg[s], ...``, weights ``dt[s]``,
-    radiological depth maps ``depth_maps[s]`` (nz, ny, nx) and leaf weights ``a[s]`` (n_leaves,)."""
+    radiological depth maps ``depth_maps[s]`` (nz, ny, nx) and leaf weights ``a[s]`` (n_leaves,).
+
+    ``n_gaussians``: only the first (narrowest) Gaussians. ``window = (u_lo (n_s,), u_hi (n_s,), r_u,
+    v_half, r_v)``: sample ``s`` only where ``u_lo[s] - r_u c <= u <= u_hi[s] + r_u c`` and
+    ``|v| <= v_half + r_v c``, ``c = sad / den``."""
     nz, ny, nx = density.shape
     out = np.zeros(density.shape)
     dz_tab = depth_mm[1] - depth_mm[0]
@@ -77,13 +83,18 @@ def dose(density, origin, spacing, src, xg, yg, zg, dt, depth_maps, a, *, sad, s
                     u = sad * float(d @ xg[s]) / den
                     v = sad * float(d @ yg[s]) / den
                     r = float(np.linalg.norm(d))
+                    if window is not None:
+                        c = sad / den
+                        if not (window[0][s] - window[2] * c <= u <= window[1][s] + window[2] * c
+                                and abs(v) <= window[3] + window[4] * c):
+                            continue
                     theta = abs(math.atan(u / sad))
                     h = 1.0 + soft * theta
                     off = 1.0 + sum(c * theta ** (n + 1) for n, c in enumerate(offc))
                     dd = h * depth_maps[s][k, j, i]
                     rho = max(density[k, j, i], rho_floor)
                     total = 0.0
-                    for g, sig in enumerate(sigma_mm):
+                    for g, sig in enumerate(sigma_mm[:n_gaussians]):
                         amp = np.interp(dd, depth_mm, amplitude_cm2_g[:, g])
                         if dd > depth_mm[-1]:
                             ratio = amplitude_cm2_g[-1, g] / amplitude_cm2_g[-2, g] if amplitude_cm2_g[-2, g] > 0 else 0.0

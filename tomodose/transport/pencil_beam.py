@@ -35,10 +35,13 @@ calibration of the dose module applies in the same way (one factor per engine).
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import math
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -62,6 +65,8 @@ __all__ = [
     "beamlet_dose",
     "DEFAULT_PENCIL_KERNEL",
     "DOSE_UNIT",
+    "DEPTH_CACHE_MIB",
+    "clear_depth_cache",
 ]
 
 log = logging.getLogger(__name__)
@@ -79,6 +84,43 @@ TABLE_STEP_MM = 0.5
 #: ``method="clustered"`` with a far-field step: resolution levels (voxel step, Gaussians narrower
 #: than this many mm of water); the far-field step adds the last level (all Gaussians).
 DEFAULT_LEVELS = ((1, 20.0),)
+#: memory budget (MiB) of the radiological-depth cache shared by all calls (0 disables it). The maps
+#: depend only on the density, the grid and the source position of each angle group, so repeated
+#: calls on one patient and one plan geometry (an optimiser's dose evaluations with new sinograms)
+#: reuse them. A liver plan on a 3 mm grid (51 angle groups x 818 444 voxels) needs 160 MiB.
+DEPTH_CACHE_MIB = 512.0
+
+_depth_cache: OrderedDict = OrderedDict()
+_depth_cache_lock = threading.Lock()
+
+
+def clear_depth_cache() -> None:
+    """Empty the radiological-depth cache (see :data:`DEPTH_CACHE_MIB`)."""
+    with _depth_cache_lock:
+        _depth_cache.clear()
+
+
+def _depth_cache_get(key):
+    with _depth_cache_lock:
+        out = _depth_cache.get(key)
+        if out is not None:
+            _depth_cache.move_to_end(key)
+        return out
+
+
+def _depth_cache_put(key, value: np.ndarray) -> None:
+    """Store ``value`` if it fits in the budget, evicting (oldest first) only maps of *other*
+    densities: while one patient's maps are filled in they never evict each other, so a budget
+    smaller than one plan's maps caches the first groups instead of thrashing."""
+    budget = float(DEPTH_CACHE_MIB) * 2**20
+    with _depth_cache_lock:
+        used = sum(v.nbytes for v in _depth_cache.values())
+        for k in [k for k in _depth_cache if k[0] != key[0]]:
+            if used + value.nbytes <= budget:
+                break
+            used -= _depth_cache.pop(k).nbytes
+        if used + value.nbytes <= budget:
+            _depth_cache[key] = value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,16 +322,33 @@ class _Engine:
         return np.clip(k_lo, 0, nz), np.clip(k_hi, 0, nz)
 
     def depth_map(self, group: int) -> np.ndarray:
-        """(ny, nx, nz) float32 radiological depth (mm water) for one angle group."""
+        """(ny, nx, nz) float32 radiological depth (mm water) for one angle group (read-only; from
+        the cache of :data:`DEPTH_CACHE_MIB` when the same density and source were traced before)."""
         from tomodose._kernels.pencil_beam import inplane_depth
 
         p = self.projections
         s = source_position_patient(self.group_angles[group], 0.0, p.isocentre_lps_mm, self.sad,
                                     p.patient_position)
+        sx, sy = float(s[0]), float(s[1])
+        key = None
+        if DEPTH_CACHE_MIB > 0:
+            key = (self.density_key, sx, sy)
+            hit = _depth_cache_get(key)
+            if hit is not None:
+                return hit
         out = np.empty(self._dens_t.shape)
-        inplane_depth(self._dens_t, self.origin[0], self.origin[1], self.spacing[0], self.spacing[1],
-                      float(s[0]), float(s[1]), out)
-        return out.astype(np.float32)
+        inplane_depth(self._dens_t, self.origin[0], self.origin[1], self.spacing[0], self.spacing[1], sx, sy, out)
+        out = out.astype(np.float32)
+        out.setflags(write=False)
+        if key is not None:
+            _depth_cache_put(key, out)
+        return out
+
+    @functools.cached_property
+    def density_key(self) -> tuple:
+        """Fingerprint of the density and its grid (the depth cache's key; SHA-1 of the values)."""
+        digest = hashlib.sha1(memoryview(self._dens_t).cast("B")).hexdigest()
+        return (digest, self._dens_t.shape, tuple(self.origin), tuple(self.spacing))
 
 
 def _resolve(patient_or_density, projections, beam_model, kernel, n_subsamples, rho_floor, angle_groups):
@@ -412,6 +471,26 @@ def _clusters(engine: _Engine, samples: np.ndarray):
     return [np.flatnonzero(inverse == c) for c in range(int(inverse.max()) + 1)] if samples.size else []
 
 
+def _cluster_geometry(engine: _Engine, a_proj: np.ndarray, s: np.ndarray, centres: np.ndarray) -> tuple:
+    """Arguments ``s0 ... u_hi_p`` of :func:`tomodose._kernels.pencil_beam.cluster_dose_lattice` for
+    the samples ``s`` of one cluster (see :func:`_clusters`) and leaf weights ``a_proj``."""
+    s0 = np.ascontiguousarray(engine.src[s[0]])
+    xg = np.ascontiguousarray(engine.xg[s[0]])
+    yg = np.ascontiguousarray(engine.yg[s[0]])
+    zg = np.ascontiguousarray(engine.zg[s[0]])
+    t_p = np.ascontiguousarray((engine.src[s] - s0) @ yg)
+    dt_p = np.ascontiguousarray(engine.dt[s], dtype=np.float64)
+    a_c = np.ascontiguousarray(a_proj[engine.proj[s]], dtype=np.float64)
+    used = np.flatnonzero(a_c.any(axis=0))  # the aperture tables of the leaves that open
+    tab_c = np.ascontiguousarray(a_c[:, used] @ engine.btab[used])
+    open_ = a_c > 0
+    first = np.argmax(open_, axis=1)
+    last = open_.shape[1] - 1 - np.argmax(open_[:, ::-1], axis=1)
+    u_lo = np.ascontiguousarray(centres[first] - 0.5 * engine.w)
+    u_hi = np.ascontiguousarray(centres[last] + 0.5 * engine.w)
+    return (s0, xg, yg, zg, t_p, dt_p, a_c, tab_c, u_lo, u_hi)
+
+
 def _clustered_dose(engine: _Engine, a_proj: np.ndarray, progress, far_field_step=None, threshold=0.0,
                     levels=None) -> np.ndarray:
     """Dose of leaf weights ``a_proj`` by angle clusters (see :func:`pencil_beam_dose`, ``method="clustered"``).
@@ -463,21 +542,7 @@ def _clustered_dose(engine: _Engine, a_proj: np.ndarray, progress, far_field_ste
     for g, active, depth, samples in _active_groups(engine, a_proj, progress):
         for members in _clusters(engine, samples):
             s = samples[members]
-            s0 = np.ascontiguousarray(engine.src[s[0]])
-            xg = np.ascontiguousarray(engine.xg[s[0]])
-            yg = np.ascontiguousarray(engine.yg[s[0]])
-            zg = np.ascontiguousarray(engine.zg[s[0]])
-            t_p = np.ascontiguousarray((engine.src[s] - s0) @ yg)
-            dt_p = np.ascontiguousarray(engine.dt[s], dtype=np.float64)
-            a_c = np.ascontiguousarray(a_proj[engine.proj[s]], dtype=np.float64)
-            used = np.flatnonzero(a_c.any(axis=0))  # the aperture tables of the leaves that open
-            tab_c = np.ascontiguousarray(a_c[:, used] @ engine.btab[used])
-            open_ = a_c > 0
-            first = np.argmax(open_, axis=1)
-            last = open_.shape[1] - 1 - np.argmax(open_[:, ::-1], axis=1)
-            u_open = (np.ascontiguousarray(centres[first] - 0.5 * engine.w),
-                      np.ascontiguousarray(centres[last] + 0.5 * engine.w))
-            geo = (s0, xg, yg, zg, t_p, dt_p, a_c, tab_c, *u_open)
+            geo = _cluster_geometry(engine, a_proj, s, centres)
             par = (*engine.params(), *engine.tail_params())
             k_lo, k_hi = int(k_lo_all[s].min()), int(k_hi_all[s].max())
             if spec[0][1] > 0 and k_hi > k_lo:
