@@ -30,6 +30,7 @@ import math
 import numba
 import numpy as np
 
+from tomodose._kernels.collapsed_cone import _exp_neg
 from tomodose._kernels.raytrace import trace_segments
 from tomodose.config import NUMBA_OPTIONS, NUMBA_PARALLEL_OPTIONS
 
@@ -189,6 +190,10 @@ def terma_units(mat_lo, mat_pair, rho, shape, origin, spacing, t_src, t_ex, t_ez
     dx, dy, dz = spacing[0], spacing[1], spacing[2]
     v_ext = jaw_half + cutoff * jaw_sigma
     leaf_d = edge_weights(leaf_a)
+    ef_mu = np.empty((m, n_e))  # ef_E * mu_m(E)
+    for c in range(m):
+        for e in range(n_e):
+            ef_mu[c, e] = ef[e] * mu_anchor[c, e]
     for t in range(t_src.shape[0]):
         k0 = k_lo[t]
         nrows = (k_hi[t] - k0) * ny
@@ -208,6 +213,8 @@ def terma_units(mat_lo, mat_pair, rho, shape, origin, spacing, t_src, t_ex, t_ez
             idx = np.empty(cap, dtype=np.int64)
             seg = np.empty(cap)
             gsum = np.empty(n_ge)
+            expo = np.empty(n_e)
+            lines = np.empty(n_e)
             py = oy + j * dy
             pz = oz + k * dz
             for i in range(nx):
@@ -272,19 +279,28 @@ def terma_units(mat_lo, mat_pair, rho, shape, origin, spacing, t_src, t_ex, t_ez
                     w_hi = mat_pair[flat, 1] / rv
                 else:
                     lo_here = air_index
-                tsum = 0.0
-                for q in range(n_ge):
-                    gsum[q] = 0.0
+                # exponent per spectral line (acc is in mm * g/cm3 -> 0.1 g/cm2), vectorised over lines
                 for e in range(n_e):
-                    expo = 0.0
-                    for q in range(n_used):
-                        c = used[q]
-                        expo += acc[c] * mu_anchor[c, e]
-                    mu_here = w_lo * mu_anchor[lo_here, e] + w_hi * mu_anchor[lo_here + 1, e]
-                    # acc is in mm * g/cm3 -> 0.1 g/cm2
-                    te = ef[e] * h * mu_here * math.exp(-0.1 * h * expo)
-                    tsum += te
-                    gsum[e_group[e]] += te
+                    expo[e] = 0.0
+                for q in range(n_used):
+                    c = used[q]
+                    f = 0.1 * h * acc[c]
+                    for e in range(n_e):
+                        expo[e] += f * mu_anchor[c, e]
+                ef_lo = ef_mu[lo_here]
+                ef_hi = ef_mu[lo_here + 1]
+                for e in range(n_e):
+                    lines[e] = h * (w_lo * ef_lo[e] + w_hi * ef_hi[e]) * _exp_neg(expo[e])
+                tsum = 0.0
+                for e in range(n_e):
+                    tsum += lines[e]
+                if n_ge > 1:
+                    for q in range(n_ge):
+                        gsum[q] = 0.0
+                    for e in range(n_e):
+                        gsum[e_group[e]] += lines[e]
+                else:
+                    gsum[0] = tsum
                 total[k, j, i] += fl * tsum
                 for q in range(n_ge):
                     per_group[g, q, k, j, i] += fl * gsum[q]
