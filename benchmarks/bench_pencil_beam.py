@@ -10,7 +10,8 @@ voxel / projection / beamlet / entry counts:
 * the influence matrix (threshold, entries, memory) and its far-field complement;
 * the full-plan pencil-beam dose in each mode: ``exact`` (per sample), ``windowed`` (per sample,
   windows + far field), ``clustered`` exact (samples of one beam orientation together) and the
-  ``clustered`` fast path (levels + far-field step);
+  ``clustered`` fast path (levels + far-field step), the latter twice: first call, and a repeated
+  call on the same patient and geometry (an optimiser's next evaluation: radiological depths cached);
 * the accuracy of every approximate dose against the exact full-plan dose (``leaf_model="linear"``,
   so that the matrix is comparable): largest difference in % of the maximum (everywhere and inside
   the body), target mean difference, gamma pass rates (1 %/1 mm and 2 %/2 mm, global, 10 % cut-off,
@@ -111,6 +112,11 @@ def _modes_run(out, prefix, patient, plan, modes, fast_step, body, target):
             continue
         with _Timer(out, f"{prefix}full_plan_{m}"):
             doses[m] = pencil_beam_dose(patient, plan, **kw, **calls[m])
+        if m == "fast":
+            # an optimiser's next evaluation: same patient and geometry (radiological depths cached)
+            with _Timer(out, f"{prefix}full_plan_{m}_repeat"):
+                again = pencil_beam_dose(patient, plan, **kw, **calls[m])
+            out[f"{prefix}full_plan_{m}_repeat_identical"] = bool((again == doses[m]).all())
     ref_name = "exact" if "exact" in doses else ("clustered" if "clustered" in doses else None)
     if ref_name is not None:
         ref = doses[ref_name].astype("float64")
@@ -135,6 +141,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fast-step", type=int, default=4, help="far-field step of the clustered fast path")
     ap.add_argument("--far-step", type=int, default=6, help="far-field complement of the matrix (0: skip)")
     ap.add_argument("--skip-matrix", action="store_true", help="skip the influence matrix")
+    ap.add_argument("--matrix-method", default="clustered", choices=("clustered", "beamlet"),
+                    help="influence_matrix(method=...)")
     ap.add_argument("--skip-cylinder", action="store_true", help="skip the water-cylinder accuracy check")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -156,7 +164,7 @@ def main(argv=None) -> int:
     config.update(progress=False)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
-    out = {"threads": numba.get_num_threads(), "threshold": threshold, "field_width_mm": args.field_width,
+    out = {"threads": numba.get_num_threads(), "threshold": threshold, "matrix_method": args.matrix_method, "field_width_mm": args.field_width,
            "pitch": args.pitch, "spacing_mm": args.spacing, "fast_step": args.fast_step}
 
     # JIT warm-up on a tiny case (compilation, or loading numba's cache)
@@ -169,7 +177,8 @@ def main(argv=None) -> int:
                    dict(method="clustered", far_field_step=args.fast_step)):
             pencil_beam_dose(small, tiny, progress=False, **kw)
         if not args.skip_matrix:
-            influence_matrix(small, tiny, target=tgt_small, threshold=threshold, progress=False)
+            influence_matrix(small, tiny, target=tgt_small, threshold=threshold, progress=False,
+                             method=args.matrix_method)
 
     patient = liver_phantom(spacing_mm=args.spacing)
     target = patient.structures[args.target]
@@ -187,7 +196,7 @@ def main(argv=None) -> int:
     if not args.skip_matrix:
         with _Timer(out, "influence"):
             matrix, (p, l) = influence_matrix(patient, plan, target=target, threshold=threshold, progress=False,
-                                              return_beamlets=True)
+                                              return_beamlets=True, method=args.matrix_method)
         out["n_beamlets"] = int(matrix.shape[1])
         out["nnz"] = int(matrix.nnz)
         out["matrix_mib"] = round((matrix.data.nbytes + matrix.indices.nbytes + matrix.indptr.nbytes) / 2**20, 1)

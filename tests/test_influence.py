@@ -140,6 +140,61 @@ def test_far_field_restores_the_dropped_scatter(case, exact):
         far_field_operator(dens, plan, m[:, :3], p, l, progress=False)
 
 
+@pytest.mark.parametrize("n_sub", [1, 2])
+def test_clustered_columns_equal_per_beamlet_columns(case, n_sub):
+    """The default (angle-clustered) evaluation and the per-beamlet one: same model, same windows,
+    same threshold: the same sparsity pattern and the same values to rounding."""
+    dens, target, plan, _ = case
+    kw = dict(target=target, threshold=DEFAULT_THRESHOLD, n_subsamples=n_sub, progress=False)
+    a = influence_matrix(dens, plan, method="clustered", **kw)
+    b = influence_matrix(dens, plan, method="beamlet", **kw)
+    assert np.array_equal(a.indptr, b.indptr)
+    assert np.array_equal(a.indices, b.indices)
+    np.testing.assert_allclose(a.data, b.data, rtol=1e-6, atol=1e-7 * b.data.max())
+
+
+def test_clustered_columns_match_naive_twin():
+    """cluster_column_entries + threshold_columns vs the NumPy twin (exact error functions,
+    beamlet by beamlet) on a tiny grid: 2 sub-samples, so columns merge entries of two clusters."""
+    from tests.naive import pencil_beam as naive
+    from tomodose.transport.influence import beamlet_reach_mm
+    from tomodose.transport.pencil_beam import _resolve
+
+    rng = np.random.default_rng(5)
+    g = Grid(shape=(4, 6, 5), spacing_mm=(9.0, 9.0, 7.0), origin_mm=(-18.0, -22.5, -10.5))
+    rho = rng.uniform(0.2, 1.8, g.shape)
+    dens = ImageVolume(g, rho, "g/cm3", "mass density")
+    target = Structure("T", g, ellipsoid_mask(g, (0.0, 0.0, 0.0), (8.0, 8.0, 6.0)), role="target")
+    from tomodose.delivery.plan import ProjectionSequence
+
+    # two beam orientations, three and two couch positions each (clusters of several projections)
+    seq = ProjectionSequence(gantry_angle_deg=[10.0, 10.0, 10.0, 200.0, 200.0], couch_mm=[-4.0, 0.0, 4.0, -3.0, 3.0],
+                             leaf_open_fraction=np.ones((5, 64)), duration_s=[0.3, 0.4, 0.5, 0.3, 0.2],
+                             field_width_mm=25.0, arc_deg=[7.0] * 5, couch_travel_mm=[1.0] * 5)
+    beam = BeamModel.default()
+    thr = 1e-2
+    m, (p, l) = influence_matrix(dens, seq, target=target, threshold=thr, n_subsamples=2, beam_model=beam,
+                                 progress=False, return_beamlets=True)
+    assert 0 < p.size < 60
+    eng = _resolve(dens, seq, beam, None, 2, 0.05, None)
+    r_u, r_v = beamlet_reach_mm(eng, thr)
+    k = eng.kernel
+    maps = [eng.depth_map(int(eng.proj_group[q])).transpose(2, 0, 1) for q in eng.proj]
+    ref = naive.influence_columns(rho, g.origin_mm, g.spacing_mm, eng.src, eng.xg, eng.yg, eng.zg, eng.dt, maps,
+                                  eng.proj, list(zip(p, l)), seq.machine.leaf_centres_mm(), r_u=r_u,
+                                  half_v=eng.jaw_h, r_v=r_v, threshold=thr, sad=850.0, sigma_mm=k.sigma_mm,
+                                  depth_mm=k.depth_mm, amplitude_cm2_g=k.amplitude_cm2_g, e0=eng.e0, w=eng.w,
+                                  s_leaf=eng.s_leaf, jaw_h=eng.jaw_h, s_jaw=eng.s_jaw, offc=eng.offc, soft=eng.soft,
+                                  rho_floor=0.05)
+    got = m.toarray()
+    cmax = ref.max(axis=0)
+    assert np.all(cmax > 0)
+    # values: lookup tables vs exact error functions; entries near the cut may fall on either side
+    np.testing.assert_allclose(got, ref, rtol=0, atol=3e-3 * cmax.max())
+    near_cut = np.abs(np.where(got > 0, got, ref) - thr * cmax) < 3e-3 * cmax
+    assert np.array_equal((got > 0) | near_cut, (ref > 0) | near_cut)
+
+
 def test_chunking_and_threads_do_not_change_the_matrix(case):
     import numba
 
@@ -193,6 +248,8 @@ def test_bad_inputs(case):
         influence_matrix(dens, plan, target=target, threshold=-0.1, progress=False)
     with pytest.raises(ValueError, match="chunk_beamlets"):
         influence_matrix(dens, plan, target=target, chunk_beamlets=0, progress=False)
+    with pytest.raises(ValueError, match="method must be 'clustered' or 'beamlet'"):
+        influence_matrix(dens, plan, target=target, method="fast", progress=False)
     with pytest.raises(TypeError, match="needs a PatientModel"):
         influence_matrix(dens, plan, target="PTV", progress=False)
     with pytest.raises(TypeError, match="target must be"):

@@ -131,3 +131,25 @@ def trilinear(values, ks, js, is_, shape):
                             total += wa * wb * wc * values[aa, bb, cc]
                 out[k, j, i] = total
     return out
+
+
+def influence_columns(density, origin, spacing, src, xg, yg, zg, dt, depth_maps, proj_of_sample, beamlets,
+                      leaf_centres, *, r_u, half_v, r_v, threshold, **model):
+    """Dense (n_voxels, n_beamlets) influence matrix, column by column: the dose of each beamlet
+    (projection, leaf) with unit leaf weight summed over the projection's samples (:func:`dose`)
+    inside its window (``|u - leaf centre| <= w / 2 + r_u c``, ``|v| <= half_v + r_v c``), then the
+    entries below ``threshold`` x the column maximum (or <= 0) set to 0. ``model``: the keyword
+    arguments of :func:`dose` (``w`` among them)."""
+    n_leaves = leaf_centres.size
+    out = np.zeros((density.size, len(beamlets)))
+    for b, (p, l) in enumerate(beamlets):
+        s = np.flatnonzero(proj_of_sample == p)
+        a = np.zeros((s.size, n_leaves))
+        a[:, l] = 1.0
+        lo = np.full(s.size, leaf_centres[l] - 0.5 * model["w"])
+        hi = np.full(s.size, leaf_centres[l] + 0.5 * model["w"])
+        col = dose(density, origin, spacing, src[s], xg[s], yg[s], zg[s], dt[s], [depth_maps[i] for i in s], a,
+                   window=(lo, hi, r_u, half_v, r_v), **model).ravel()
+        col[(col <= 0) | (col < threshold * col.max())] = 0.0
+        out[:, b] = col
+    return out

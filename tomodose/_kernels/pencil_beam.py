@@ -872,3 +872,250 @@ def trilinear_add(dose, values, ks, js, is_):
                 v2 = ((1 - fi) * values[a1, b, c] + fi * values[a1, b, c1])
                 v3 = ((1 - fi) * values[a1, b1, c] + fi * values[a1, b1, c1])
                 dose[k, j, i] += (1 - fk) * ((1 - fj) * v0 + fj * v1) + fk * ((1 - fj) * v2 + fj * v3)
+
+
+# ---------------------------------------------------------------------------------------------
+# influence matrix by angle clusters: one per-voxel setup for all beamlets of a beam orientation
+# ---------------------------------------------------------------------------------------------
+@numba.njit(**NUMBA_PARALLEL_OPTIONS)
+def cluster_column_entries(count_only, counts, offsets, out_col, out_flat, out_val, k_lo, k_hi, depth_t, rho_t,
+                           origin, spacing, s0, xg, yg, zg, t_p, dt_p, samp_b_off, b_leaf, b_col, leaf_uc, half_u,
+                           r_u, half_v, r_v, widen, sad, amps, dz_tab, tail, sig, btab, e0, w, s_leaf, s_tab,
+                           lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi):
+    """Influence-matrix entries (before the threshold) of the beamlets of one cluster.
+
+    A cluster's samples share the beam axes (sources ``s0 + t_p[p] yg``, see :func:`_cluster_row`);
+    sample ``p`` has the beamlets ``samp_b_off[p] <= b < samp_b_off[p + 1]`` (leaf ``b_leaf[b]``,
+    increasing; column ``b_col[b]``). Beamlet (p, l) gets an entry at a voxel inside its window
+    ``|u - leaf_uc[l]| <= half_u + r_u c`` and ``|v_p| <= half_v + r_v c`` (``c = SAD / den``; the
+    windows of :func:`_beamlet_window`), with value ``dt_p`` x the unit-leaf dose of
+    :func:`voxel_value`. Per voxel, everything that does not depend on the couch offset or the leaf
+    (depth terms, amplitudes, widths) is computed once, the leaf profiles once per leaf and the jaw
+    profiles once per sample.
+
+    Two passes, parallel over slices ``k_lo <= k < k_hi`` (each slice owns its output range, so
+    the entries are in a fixed order whatever the thread count): ``count_only`` writes the number of
+    entries of slice ``k`` to ``counts[k]``; otherwise slice ``k`` writes its entries (column, flat
+    C-order voxel index, value) in (j, i, sample, leaf) order from ``offsets[k]``.
+    """
+    ny, nx = rho_t.shape[0], rho_t.shape[1]  # depth_t is not read when count_only
+    n_g = sig.shape[1]
+    n_leaves = btab.shape[0]
+    n_s = t_p.shape[0]
+    n_lev = lev_off.shape[0]
+    # union of the leaf windows (row ranges)
+    u_lo = 1e30
+    u_hi = -1e30
+    for b in range(b_leaf.shape[0]):
+        u_lo = min(u_lo, leaf_uc[b_leaf[b]] - half_u - r_u * widen)
+        u_hi = max(u_hi, leaf_uc[b_leaf[b]] + half_u + r_u * widen)
+    sj2 = s_jaw * s_jaw
+    sl2 = s_leaf * s_leaf
+    st2 = s_tab * s_tab
+    for k in numba.prange(k_lo, k_hi):
+        amp_v = np.zeros(n_g)
+        isv_v = np.zeros(n_g)
+        jw_v = np.zeros(n_g)
+        lam = np.zeros((n_g, n_leaves))
+        edge = np.zeros(n_leaves + 1)
+        n = 0 if count_only else offsets[k]
+        pz = origin[2] + k * spacing[2]
+        for j in range(ny):
+            py = origin[1] + j * spacing[1]
+            d0x = origin[0] - s0[0]
+            d0y = py - s0[1]
+            d0z = pz - s0[2]
+            A = d0x * xg[0] + d0y * xg[1] + d0z * xg[2]
+            a1 = spacing[0] * xg[0]
+            B = -(d0x * zg[0] + d0y * zg[1] + d0z * zg[2])
+            b1 = -spacing[0] * zg[0]
+            i0, i1 = _row_range(u_lo, u_hi, (A, a1), (B, b1), sad, nx)
+            for i in range(i0, i1 + 1):
+                dx0 = d0x + i * spacing[0]
+                den = -(dx0 * zg[0] + d0y * zg[1] + d0z * zg[2])
+                if den <= 0.0:
+                    continue
+                xx = dx0 * xg[0] + d0y * xg[1] + d0z * xg[2]
+                yy = dx0 * yg[0] + d0y * yg[1] + d0z * yg[2]
+                sc = sad / den
+                u = xx * sc
+                ru = half_u + r_u * sc
+                vr = half_v + r_v * sc
+                # leaves whose window holds u (one leaf of margin; each is tested exactly below)
+                la = int(math.floor((u - ru - e0) / w - 0.5)) - 1
+                lb = int(math.ceil((u + ru - e0) / w - 0.5)) + 1
+                if la < 0:
+                    la = 0
+                if lb > n_leaves - 1:
+                    lb = n_leaves - 1
+                if lb < la:
+                    continue
+                # count the entries (and skip voxels with none)
+                n_vox = 0
+                for p in range(n_s):
+                    if abs((yy - t_p[p]) * sc) > vr:
+                        continue
+                    for b in range(samp_b_off[p], samp_b_off[p + 1]):
+                        l = b_leaf[b]
+                        if l >= la and l <= lb and abs(u - leaf_uc[l]) <= ru:
+                            n_vox += 1
+                if n_vox == 0:
+                    continue
+                if count_only:
+                    n += n_vox
+                    continue
+                flat = (k * ny + j) * nx + i
+                off, hsoft, k0, f, ext = _offaxis_and_depth(u, sad, soft, offc, depth_t[j, i, k], dz_tab,
+                                                            amps.shape[0])
+                lat = sad / (rho_t[j, i, k] * den)
+                log2_lat = math.log2(lat)
+                for g in range(n_g):
+                    amp = _amplitude(amps, tail, g, k0, f, ext)
+                    amp_v[g] = amp
+                    if amp <= 0.0:
+                        continue
+                    su = sig[0, g] * lat
+                    su2 = su * su
+                    sv = math.sqrt(su2 + sj2)
+                    if sv < 1e-9:
+                        sv = 1e-9
+                    isv_v[g] = 1.0 / sv
+                    s2 = su2 + sl2
+                    if s2 < st2:
+                        sl = math.sqrt(s2)
+                        if sl < 1e-9:
+                            sl = 1e-9
+                        isl = 1.0 / sl
+                        for m in range(la, lb + 2):
+                            edge[m] = _phi((u - (e0 + m * w)) * isl, phi)
+                        for l in range(la, lb + 1):
+                            lam[g, l] = edge[l] - edge[l + 1]
+                    else:
+                        x = sl2 / su2
+                        lg = sig[1, g] + log2_lat + 0.5 * _INV_LN2 * (x - 0.5 * x * x)
+                        qq = (lg - log2_s0) * lpo
+                        if qq <= 0.0:
+                            q0 = 0
+                            fq = 0.0
+                        elif qq >= n_lev - 1:
+                            q0 = n_lev - 2
+                            fq = 1.0
+                        else:
+                            q0 = int(qq)
+                            fq = qq - q0
+                        for l in range(la, lb + 1):
+                            lam[g, l] = 0.0
+                        for dq in range(2):
+                            wq = (1.0 - fq) if dq == 0 else fq
+                            if wq == 0.0:
+                                continue
+                            lq = q0 + dq
+                            xq = (u + u_max) * lev_h[lq]
+                            nq = lev_n[lq]
+                            if xq <= 0.0:
+                                base = lev_off[lq]
+                                fu = 0.0
+                            elif xq >= nq - 1:
+                                base = lev_off[lq] + nq - 2
+                                fu = 1.0
+                            else:
+                                jj = int(xq)
+                                fu = xq - jj
+                                base = lev_off[lq] + jj
+                            for l in range(la, lb + 1):
+                                t0 = btab[l, base]
+                                lam[g, l] += wq * (t0 + fu * (btab[l, base + 1] - t0))
+                r2_perp = den * den + xx * xx
+                for p in range(n_s):
+                    yp = yy - t_p[p]
+                    v = yp * sc
+                    if abs(v) > vr:
+                        continue
+                    b_lo = samp_b_off[p]
+                    b_hi = samp_b_off[p + 1]
+                    anyb = False
+                    for b in range(b_lo, b_hi):
+                        l = b_leaf[b]
+                        if l >= la and l <= lb and abs(u - leaf_uc[l]) <= ru:
+                            anyb = True
+                            break
+                    if not anyb:
+                        continue
+                    for g in range(n_g):
+                        jw_v[g] = 0.0
+                        if amp_v[g] <= 0.0:
+                            continue
+                        isv = isv_v[g]
+                        jv = _phi((v + jaw_h) * isv, phi) - _phi((v - jaw_h) * isv, phi)
+                        if jv > 0.0:
+                            jw_v[g] = amp_v[g] * jv
+                    scale = dt_p[p] * hsoft * off * sad * sad / (r2_perp + yp * yp)
+                    for b in range(b_lo, b_hi):
+                        l = b_leaf[b]
+                        if l < la or l > lb or abs(u - leaf_uc[l]) > ru:
+                            continue
+                        total = 0.0
+                        for g in range(n_g):
+                            total += jw_v[g] * lam[g, l]
+                        out_col[n] = b_col[b]
+                        out_flat[n] = flat
+                        out_val[n] = total * scale
+                        n += 1
+        if count_only:
+            counts[k] = n
+
+
+@numba.njit(**NUMBA_PARALLEL_OPTIONS)
+def threshold_columns(col, flat, val, n_cols, threshold, merge, start, kept, s_flat, s_val):
+    """Sort the entries (col, flat, val) of one angle group into columns and apply the threshold.
+
+    ``start`` (n_cols + 1) receives the column segments of ``s_flat, s_val`` (stable counting sort:
+    entries keep their order inside a column). ``merge``: entries of one column may come from
+    several clusters (sub-samples): each column is then sorted by voxel (stable) and duplicate voxels
+    summed in that order. Then entries ``> 0`` and ``>= threshold`` x the column maximum are moved to
+    the front of their segment, ``kept[c]`` of them (increasing voxel index). Columns in parallel
+    (disjoint segments); the result does not depend on the thread count.
+    """
+    n = col.shape[0]
+    cnt = np.zeros(n_cols + 1, dtype=np.int64)
+    for e in range(n):
+        cnt[col[e] + 1] += 1
+    for c in range(n_cols):
+        cnt[c + 1] += cnt[c]
+    for c in range(n_cols + 1):
+        start[c] = cnt[c]
+    pos = cnt[:n_cols].copy()
+    for e in range(n):
+        c = col[e]
+        s_flat[pos[c]] = flat[e]
+        s_val[pos[c]] = val[e]
+        pos[c] += 1
+    for c in numba.prange(n_cols):
+        a = start[c]
+        z = start[c + 1]
+        m = z - a
+        if merge and m > 1:
+            order = np.argsort(s_flat[a:z], kind="mergesort")
+            fl = s_flat[a:z][order]
+            vl = s_val[a:z][order]
+            q = 0
+            for t in range(m):
+                if q > 0 and fl[t] == s_flat[a + q - 1]:
+                    s_val[a + q - 1] += vl[t]
+                else:
+                    s_flat[a + q] = fl[t]
+                    s_val[a + q] = vl[t]
+                    q += 1
+            m = q
+        vmax = 0.0
+        for t in range(a, a + m):
+            if s_val[t] > vmax:
+                vmax = s_val[t]
+        cut = threshold * vmax
+        q = 0
+        for t in range(a, a + m):
+            if s_val[t] > 0.0 and s_val[t] >= cut:
+                s_flat[a + q] = s_flat[t]
+                s_val[a + q] = s_val[t]
+                q += 1
+        kept[c] = q
