@@ -195,3 +195,96 @@ def radiological_paths(values, origin, spacing, starts, ends):
         for c in range(m):
             out[r, c] = acc[c]
     return out
+
+
+@numba.njit(**NUMBA_OPTIONS)
+def trace_pairs_from_voxel(nz, ny, nx, ox, oy, oz, dx, dy, dz, i, j, k, x1, y1, z1, mat_lo, mat_pair, acc):
+    """Radiological path per anchor material from the centre of voxel ``(k, j, i)`` to ``p1`` (mm).
+
+    The traversal of :func:`trace_segments` started inside the grid (``alpha = 0`` in voxel
+    ``(k, j, i)``), fused with the accumulation: each voxel ``vox`` crossed (flat C-order index)
+    adds ``length * mat_pair[vox, 0]`` to ``acc[mat_lo[vox]]`` and ``length * mat_pair[vox, 1]`` to
+    ``acc[mat_lo[vox] + 1]`` (no index/length lists). ``acc`` is added to, not reset.
+    """
+    lx, ly, lz = ox - 0.5 * dx, oy - 0.5 * dy, oz - 0.5 * dz
+    x0 = ox + i * dx
+    y0 = oy + j * dy
+    z0 = oz + k * dz
+    ddx, ddy, ddz = x1 - x0, y1 - y0, z1 - z0
+    length = math.sqrt(ddx * ddx + ddy * ddy + ddz * ddz)
+    if length == 0.0:
+        return
+    _, ax1 = _axis_alpha(x0, ddx, lx, dx, nx)
+    _, ay1 = _axis_alpha(y0, ddy, ly, dy, ny)
+    _, az1 = _axis_alpha(z0, ddz, lz, dz, nz)
+    a_max = min(1.0, ax1, ay1, az1)
+    if ddx > 0.0:
+        nax = (lx + (i + 1) * dx - x0) / ddx
+        dax = dx / ddx
+        si = 1
+    elif ddx < 0.0:
+        nax = (lx + i * dx - x0) / ddx
+        dax = -dx / ddx
+        si = -1
+    else:
+        nax = _BIG
+        dax = _BIG
+        si = 0
+    if ddy > 0.0:
+        nay = (ly + (j + 1) * dy - y0) / ddy
+        day = dy / ddy
+        sj = nx
+    elif ddy < 0.0:
+        nay = (ly + j * dy - y0) / ddy
+        day = -dy / ddy
+        sj = -nx
+    else:
+        nay = _BIG
+        day = _BIG
+        sj = 0
+    if ddz > 0.0:
+        naz = (lz + (k + 1) * dz - z0) / ddz
+        daz = dz / ddz
+        sk = nx * ny
+    elif ddz < 0.0:
+        naz = (lz + k * dz - z0) / ddz
+        daz = -dz / ddz
+        sk = -nx * ny
+    else:
+        naz = _BIG
+        daz = _BIG
+        sk = 0
+    # remaining voxels along each axis before the ray leaves the grid
+    ni = nx - 1 - i if si > 0 else (i if si < 0 else nx)
+    nj = ny - 1 - j if sj > 0 else (j if sj < 0 else ny)
+    nk = nz - 1 - k if sk > 0 else (k if sk < 0 else nz)
+    vox = (k * ny + j) * nx + i
+    a_cur = 0.0
+    while a_cur < a_max:
+        a_next = min(nax, nay, naz, a_max)
+        seg = (a_next - a_cur) * length
+        if seg > 0.0:
+            lo = mat_lo[vox]
+            acc[lo] += seg * mat_pair[vox, 0]
+            acc[lo + 1] += seg * mat_pair[vox, 1]
+        a_cur = a_next
+        if a_cur >= a_max:
+            break
+        if nax <= nay and nax <= naz:
+            if ni == 0:
+                break
+            ni -= 1
+            vox += si
+            nax += dax
+        elif nay <= naz:
+            if nj == 0:
+                break
+            nj -= 1
+            vox += sj
+            nay += day
+        else:
+            if nk == 0:
+                break
+            nk -= 1
+            vox += sk
+            naz += daz

@@ -31,7 +31,7 @@ import numba
 import numpy as np
 
 from tomodose._kernels.collapsed_cone import _exp_neg
-from tomodose._kernels.raytrace import trace_segments
+from tomodose._kernels.raytrace import trace_pairs_from_voxel
 from tomodose.config import NUMBA_OPTIONS, NUMBA_PARALLEL_OPTIONS
 
 _SQRT2 = math.sqrt(2.0)
@@ -185,7 +185,6 @@ def terma_units(mat_lo, mat_pair, rho, shape, origin, spacing, t_src, t_ex, t_ez
     n_e = ef.shape[0]
     n_c = offaxis_c.shape[0]
     n_ge = per_group.shape[1]
-    cap = nx + ny + nz + 3
     ox, oy, oz = origin[0], origin[1], origin[2]
     dx, dy, dz = spacing[0], spacing[1], spacing[2]
     v_ext = jaw_half + cutoff * jaw_sigma
@@ -210,8 +209,6 @@ def terma_units(mat_lo, mat_pair, rho, shape, origin, spacing, t_src, t_ex, t_ez
             j = r % ny
             acc = np.empty(m)
             used = np.empty(m, dtype=np.int64)
-            idx = np.empty(cap, dtype=np.int64)
-            seg = np.empty(cap)
             gsum = np.empty(n_ge)
             expo = np.empty(n_e)
             lines = np.empty(n_e)
@@ -256,14 +253,10 @@ def terma_units(mat_lo, mat_pair, rho, shape, origin, spacing, t_src, t_ex, t_ez
                 u_t = (rx * t_ex[t, 0] + ry * t_ex[t, 1] + rz * t_ex[t, 2]) * sad / dist_axis
                 h = 1.0 + softening * abs(math.atan(u_t / sad))
                 # radiological path per anchor material, voxel centre -> source
-                n_seg = trace_segments(nz, ny, nx, ox, oy, oz, dx, dy, dz, px, py, pz, tsx, tsy, tsz, idx, seg)
                 for c in range(m):
                     acc[c] = 0.0
-                for q in range(n_seg):
-                    vox = idx[q]
-                    lo = mat_lo[vox]
-                    acc[lo] += seg[q] * mat_pair[vox, 0]
-                    acc[lo + 1] += seg[q] * mat_pair[vox, 1]
+                trace_pairs_from_voxel(nz, ny, nx, ox, oy, oz, dx, dy, dz, i, j, k, tsx, tsy, tsz, mat_lo, mat_pair,
+                                       acc)
                 n_used = 0
                 for c in range(m):
                     if acc[c] != 0.0:
