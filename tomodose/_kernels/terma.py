@@ -54,6 +54,32 @@ def edge(x, sigma, cutoff):
 
 
 @numba.njit(**NUMBA_OPTIONS)
+def jaw_profile(v, half, sigma, lim, inv):
+    """``Phi((v + half)/sigma) - Phi((v - half)/sigma)`` (``lim = cutoff * sigma``, ``inv = 1/(sqrt2 sigma)``).
+
+    ``edge`` with the constants hoisted; one erf at most when the two edges are farther apart
+    than ``lim`` (an edge beyond ``lim`` is an exact 0 or 1).
+    """
+    if sigma == 0.0:
+        return edge(v + half, 0.0, 0.0) - edge(v - half, 0.0, 0.0)
+    x1 = v + half
+    x2 = v - half
+    if x1 > lim:
+        p1 = 1.0
+    elif x1 < -lim:
+        p1 = 0.0
+    else:
+        p1 = 0.5 * (1.0 + math.erf(x1 * inv))
+    if x2 > lim:
+        p2 = 1.0
+    elif x2 < -lim:
+        p2 = 0.0
+    else:
+        p2 = 0.5 * (1.0 + math.erf(x2 * inv))
+    return p1 - p2
+
+
+@numba.njit(**NUMBA_OPTIONS)
 def leaf_fluence(u, a, e0, w, sigma, cutoff):
     """sum_i a_i [Phi((u - e_i)/s) - Phi((u - e_{i+1})/s)], leaf edges e_i = e0 + i w."""
     n = a.shape[0]
@@ -189,6 +215,10 @@ def terma_units(mat_lo, mat_pair, rho, shape, origin, spacing, t_src, t_ex, t_ez
     dx, dy, dz = spacing[0], spacing[1], spacing[2]
     v_ext = jaw_half + cutoff * jaw_sigma
     leaf_d = edge_weights(leaf_a)
+    sad2 = sad * sad
+    inv_sad = 1.0 / sad
+    jaw_lim = cutoff * jaw_sigma
+    jaw_inv = 1.0 / (_SQRT2 * jaw_sigma) if jaw_sigma > 0.0 else 0.0
     ef_mu = np.empty((m, n_e))  # ef_E * mu_m(E)
     for c in range(m):
         for e in range(n_e):
@@ -211,30 +241,51 @@ def terma_units(mat_lo, mat_pair, rho, shape, origin, spacing, t_src, t_ex, t_ez
             used = np.empty(m, dtype=np.int64)
             gsum = np.empty(n_ge)
             expo = np.empty(n_e)
+            n_s = s1 - s0
+            g_d0 = np.empty(n_s)
+            g_d1 = np.empty(n_s)
+            g_v0 = np.empty(n_s)
+            g_v1 = np.empty(n_s)
+            g_u0 = np.empty(n_s)
+            g_u1 = np.empty(n_s)
+            g_qyz = np.empty(n_s)
+            g_w = np.empty(n_s)
             lines = np.empty(n_e)
             py = oy + j * dy
             pz = oz + k * dz
+            # per sample: the row's geometry as linear functions of i (distance to the source along
+            # the axis, v and u numerators, source offset)
+            for s in range(s0, s1):
+                q = s - s0
+                rx, ry, rz = ox - iso[s, 0], py - iso[s, 1], pz - iso[s, 2]
+                g_d0[q] = sad - (rx * ez[s, 0] + ry * ez[s, 1] + rz * ez[s, 2])
+                g_d1[q] = -dx * ez[s, 0]
+                g_v0[q] = rx * ey[s, 0] + ry * ey[s, 1] + rz * ey[s, 2]
+                g_v1[q] = dx * ey[s, 0]
+                g_u0[q] = rx * ex[s, 0] + ry * ex[s, 1] + rz * ex[s, 2]
+                g_u1[q] = dx * ex[s, 0]
+                g_qyz[q] = (src[s, 1] - py) ** 2 + (src[s, 2] - pz) ** 2
+                g_w[q] = weight[s] * sad2
             for i in range(nx):
                 px = ox + i * dx
                 # fluence x inverse square x beam-on time, summed over the unit's samples
                 fl = 0.0
-                for s in range(s0, s1):
-                    rx, ry, rz = px - iso[s, 0], py - iso[s, 1], pz - iso[s, 2]
-                    dist_axis = sad - (rx * ez[s, 0] + ry * ez[s, 1] + rz * ez[s, 2])
+                for q in range(n_s):
+                    dist_axis = g_d0[q] + i * g_d1[q]
                     if dist_axis <= 0.0:
                         continue
                     scale = sad / dist_axis
-                    v = (rx * ey[s, 0] + ry * ey[s, 1] + rz * ey[s, 2]) * scale
+                    v = (g_v0[q] + i * g_v1[q]) * scale
                     if v > v_ext or v < -v_ext:
                         continue
-                    jaw = edge(v + jaw_half, jaw_sigma, cutoff) - edge(v - jaw_half, jaw_sigma, cutoff)
+                    jaw = jaw_profile(v, jaw_half, jaw_sigma, jaw_lim, jaw_inv)
                     if jaw <= 0.0:
                         continue
-                    u = (rx * ex[s, 0] + ry * ex[s, 1] + rz * ex[s, 2]) * scale
+                    u = (g_u0[q] + i * g_u1[q]) * scale
                     lf = leaf_fluence_edges(u, a, a_d, leaf_e0, leaf_w, leaf_sigma, cutoff)
                     if lf <= 0.0:
                         continue
-                    theta = abs(math.atan(u / sad))
+                    theta = abs(math.atan(u * inv_sad))
                     off = 1.0
                     tp = 1.0
                     for c in range(n_c):
@@ -243,8 +294,8 @@ def terma_units(mat_lo, mat_pair, rho, shape, origin, spacing, t_src, t_ex, t_ez
                     psi = jaw * lf * off
                     if psi <= 0.0:
                         continue
-                    qx, qy, qz = src[s, 0] - px, src[s, 1] - py, src[s, 2] - pz
-                    fl += weight[s] * psi * sad * sad / (qx * qx + qy * qy + qz * qz)
+                    qx = src[s0 + q, 0] - px
+                    fl += g_w[q] * psi / (qx * qx + g_qyz[q])
                 if fl <= 0.0:
                     continue
                 # off-axis softening from the unit geometry
