@@ -915,7 +915,7 @@ def machine_from_params(params, spectrum=None) -> BeamModel:
 
 
 def write_machine(beam: BeamModel, params: dict, before: dict, after: dict, out: Path, command: str, *,
-                  t0_mev: float = 7.5, cu_mm: float = 1.5, groups=(), extra_agreement=None) -> None:
+                  t0_mev: float = 7.5, cu_mm: float = 1.5, groups=(), extra_agreement=None, spectrum_scan=None) -> None:
     bm = {"jaw_penumbra_sigma_mm": beam.jaw_penumbra_sigma_mm, "leaf_edge_sigma_mm": beam.leaf_edge_sigma_mm,
           "leaf_transmission": beam.leaf_transmission, "adjacent_leaf_output_gain": beam.adjacent_leaf_output_gain,
           "offaxis_fluence_coeffs": list(beam.offaxis_fluence_coeffs),
@@ -943,10 +943,23 @@ def write_machine(beam: BeamModel, params: dict, before: dict, after: dict, out:
                                    ", one polyenergetic kernel") + ")"),
             "unchanged_nominal": ["leaf_transmission", "offaxis_softening_per_rad"],
             "fit_log": {k: v for k, v in params.items() if k.endswith(("_before", "_after")) or k == "seeded_from"},
+            **({"spectrum_scan": spectrum_scan} if spectrum_scan else {}),
         },
         "agreement": {"before": before["summary"], "after": after["summary"], **(extra_agreement or {})},
     }
     _atomic_write(out, json.dumps(data, indent=2) + "\n")
+
+
+def _scan_summary(folder: Path) -> list:
+    """TPR rms / max (3-20 cm) of every cached stage-1 candidate in ``folder`` (sorted by T0, Cu)."""
+    rows = []
+    for f in sorted(Path(folder).glob("T0_*.json")):
+        r = json.loads(f.read_text())
+        rows.append({"t0_mev": r["t0_mev"], "cu_mm": r["cu_mm"], "kernel": r.get("kernel", f.stem.split("_", 4)[-1]),
+                     "mean_energy_mev": round(r["mean_energy_mev"], 4),
+                     "tpr_3_20cm_rms_pct": round(r["rms_3_20cm_pct"], 2),
+                     "tpr_3_20cm_max_abs_pct": round(r["max_abs_3_20cm_pct"], 2)})
+    return sorted(rows, key=lambda r: (r["kernel"], r["t0_mev"], r["cu_mm"]))
 
 
 def markdown_tables(before: dict, after: dict, before_label: str = "before") -> str:
@@ -1026,6 +1039,9 @@ def main(argv=None) -> int:
     ap.add_argument("--machine-out", type=Path, default=None,
                     help="stage after: write the machine JSON here (implies --write-machine)")
     ap.add_argument("--before-tag", default="before", help="stage tables: before | shipped")
+    ap.add_argument("--scan-dir", type=Path, default=None,
+                    help="stage after: folder of the stage-1 results summarised in the machine file "
+                         "(default WORK/spectrum)")
     ap.add_argument("--write-machine", action="store_true",
                     help="write tomodose/data/machines/tomo_default.json (stage report)")
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -1092,7 +1108,8 @@ def main(argv=None) -> int:
                    f"(then python kernels/derive_spectrum.py --t0 {t0:g}" + ("" if cu == 1.5 else f" --cu-mm {cu:g}")
                    + " ships the spectrum)")
             out = args.machine_out or ROOT / "tomodose" / "data" / "machines" / "tomo_default.json"
-            write_machine(beam, params, before, ev, out, cmd, t0_mev=t0, cu_mm=cu, groups=groups, extra_agreement=extra)
+            write_machine(beam, params, before, ev, out, cmd, t0_mev=t0, cu_mm=cu, groups=groups, extra_agreement=extra,
+                          spectrum_scan=_scan_summary(args.scan_dir or args.work / "spectrum"))
             print(f"wrote {out}")
         return 0
     if args.stage == "tables":
@@ -1103,7 +1120,11 @@ def main(argv=None) -> int:
     if args.stage == "spectrum":
         # one cached result per candidate (resumable; items "T0[:Cu mm]")
         folder = args.work / "spectrum"
-        tag = "single" if not groups else "g" + "-".join(f"{v:g}" for v in groups)
+        from tomodose.dose.engine import engine_kernel
+
+        # the result names carry the kernel layout the engine had (energy groups, azimuth stagger)
+        tag = ("single" if not groups else "g" + "-".join(f"{v:g}" for v in groups)) + \
+            ("_stagger" if getattr(engine_kernel(), "azimuth_stagger", False) else "")
         for item in args.t0.split(","):
             t0, cu = (float(v) for v in (item.split(":") + ["1.5"])[:2])
             extra = ("" if args.offaxis is None else f"_oa{args.offaxis}") + \
@@ -1123,6 +1144,7 @@ def main(argv=None) -> int:
                 cmp = tpr_comparison(beam, k, la4)
                 dev = tpr_deviations(cmp)
                 res = {"t0_mev": t0, "cu_mm": cu, "groups_mev": list(groups), "offaxis": args.offaxis,
+                       "kernel": tag, "engine_kernel": engine_kernel().name,
                        "softening_per_rad": beam.offaxis_softening_per_rad,
                        "mean_energy_mev": sp.mean_energy_mev, "depths_cm": list(TPR_FIT_DEPTHS_CM),
                        "rms_3_20cm_pct": 100 * tpr_rms(cmp), "max_abs_3_20cm_pct": 100 * float(np.abs(dev).max()),
