@@ -244,8 +244,28 @@ def collapsed_cone_dose(
         from tqdm.auto import tqdm
 
         iterator = tqdm(iterator, desc="collapsed cone", unit="dir", leave=False)
+    # energy groups without tilting: the source of every cone of a ring is the same contraction
+    # sum_g T_g A_g[ring] (K volumes), made once per ring and transported as direct sources: per
+    # voxel and cone K loads instead of G loads and G x K products
+    contract = t_arr.shape[0] > 1 and not tilt
+    n_k = rates.size
+    eye = np.eye(n_k)
+    ring_src = np.empty((1, n_k, dose.size), dtype=np.float32) if contract else None
+    src_ring = -1
     for d in iterator:
+        if contract and ring[d] != src_ring:
+            _k.contract_sources(t_arr.reshape(t_arr.shape[0], -1),
+                                np.ascontiguousarray(amps_ring[:, ring[d]][None]), ring_src)
+            src_ring = ring[d]
         for w, m, sgn, da, db, step_cm in direction_steppings(dirs[d], spacing):
+            if contract:
+                # direct sources; a split (tied) cone scales them through identity amplitudes instead
+                _k.transport_direction(
+                    ring_src[0].reshape((n_k,) + grid.shape), rho, dose, m, sgn, da, db, step_cm, rates,
+                    w * eye, False, np.ascontiguousarray(dirs[d]), 0.0, table, ds, norm, src, origin, spacing,
+                    axis, w == 1.0,
+                )
+                continue
             _k.transport_direction(
                 t_arr, rho, dose, m, sgn, da, db, step_cm, rates,
                 np.ascontiguousarray(w * amps_ring[:, ring[d]]), tilt, np.ascontiguousarray(dirs[d]),
