@@ -915,7 +915,8 @@ def machine_from_params(params, spectrum=None) -> BeamModel:
 
 
 def write_machine(beam: BeamModel, params: dict, before: dict, after: dict, out: Path, command: str, *,
-                  t0_mev: float = 7.5, cu_mm: float = 1.5, groups=(), extra_agreement=None, spectrum_scan=None) -> None:
+                  t0_mev: float = 7.5, cu_mm: float = 1.5, groups=(), extra_agreement=None, spectrum_scan=None,
+                  stagger: bool = False) -> None:
     bm = {"jaw_penumbra_sigma_mm": beam.jaw_penumbra_sigma_mm, "leaf_edge_sigma_mm": beam.leaf_edge_sigma_mm,
           "leaf_transmission": beam.leaf_transmission, "adjacent_leaf_output_gain": beam.adjacent_leaf_output_gain,
           "offaxis_fluence_coeffs": list(beam.offaxis_fluence_coeffs),
@@ -937,15 +938,16 @@ def write_machine(beam: BeamModel, params: dict, before: dict, after: dict, out:
             "reference_data": "CheckTomo LA4 tables (mwgeurts/thomas_tomocalc, GPL-3.0), read at run time "
                               "from shared/data/tomotherapy/checktomo_LA4, never copied",
             "engine": ("tomodose TERMA + collapsed cone in water; every fit and the agreement below with the "
-                       "kernel kernels/derive_ccc_kernels.py derives for the candidate spectrum (shipped ring/azimuth "
-                       "layout" + (f", energy groups split at {', '.join(f'{g:g}' for g in groups)} MeV with the "
+                       "kernel kernels/derive_ccc_kernels.py derives for the candidate spectrum (ring/azimuth layout "
+                       "of the engine's kernel" + (", staggered azimuths" if stagger else "") + (f", energy groups split at {', '.join(f'{g:g}' for g in groups)} MeV with the "
                                    "TERMA split the same way (engine default since 2026-11-29)" if groups else
                                    ", one polyenergetic kernel") + ")"),
             "unchanged_nominal": ["leaf_transmission", "offaxis_softening_per_rad"],
             "fit_log": {k: v for k, v in params.items() if k.endswith(("_before", "_after")) or k == "seeded_from"},
             **({"spectrum_scan": spectrum_scan} if spectrum_scan else {}),
         },
-        "agreement": {"before": before["summary"], "after": after["summary"], **(extra_agreement or {})},
+        "agreement": {**({"before": before["summary"]} if before.get("summary") else {}), "after": after["summary"],
+                      **(extra_agreement or {})},
     }
     _atomic_write(out, json.dumps(data, indent=2) + "\n")
 
@@ -1103,13 +1105,15 @@ def main(argv=None) -> int:
             cmd = (f"python kernels/commission_la4.py --stage spectrum --t0 <scan> --group-edges-mev {g} --work W; "
                    f"python kernels/commission_la4.py --stage fit{st} --group-edges-mev {g} --work W"
                    + (" --seed shipped" if args.seed == "shipped" else "") + "; "
-                   f"python kernels/commission_la4.py --stage before --group-edges-mev {g} --work W; "
-                   f"python kernels/commission_la4.py --stage after{st} --group-edges-mev {g} --work W --write-machine "
+                   + (f"python kernels/commission_la4.py --stage before --group-edges-mev {g} --work W; " if bf.is_file() else "")
+                   + ("python kernels/commission_la4.py --stage shipped --work W; " if sf.is_file() else "")
+                   + f"python kernels/commission_la4.py --stage after{st} --group-edges-mev {g} --work W --write-machine "
                    f"(then python kernels/derive_spectrum.py --t0 {t0:g}" + ("" if cu == 1.5 else f" --cu-mm {cu:g}")
                    + " ships the spectrum)")
             out = args.machine_out or ROOT / "tomodose" / "data" / "machines" / "tomo_default.json"
             write_machine(beam, params, before, ev, out, cmd, t0_mev=t0, cu_mm=cu, groups=groups, extra_agreement=extra,
-                          spectrum_scan=_scan_summary(args.scan_dir or args.work / "spectrum"))
+                          spectrum_scan=_scan_summary(args.scan_dir or args.work / "spectrum"),
+                          stagger=bool(getattr(kernel, "azimuth_stagger", False)))
             print(f"wrote {out}")
         return 0
     if args.stage == "tables":
