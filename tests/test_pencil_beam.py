@@ -245,7 +245,8 @@ def test_cluster_level_difference_matches_naive_twin():
     kw = dict(sad=850.0, sigma_mm=k.sigma_mm, depth_mm=k.depth_mm, amplitude_cm2_g=k.amplitude_cm2_g, e0=eng.e0,
               w=eng.w, s_leaf=eng.s_leaf, jaw_h=eng.jaw_h, s_jaw=eng.s_jaw, offc=eng.offc, soft=eng.soft,
               rho_floor=0.05)
-    args = (rho, g.origin_mm, g.spacing_mm, eng.src[s], eng.xg[s], eng.yg[s], eng.zg[s], eng.dt[s], maps, a[eng.proj[s]])
+    args = (rho, g.origin_mm, g.spacing_mm, eng.src[s], eng.xg[s], eng.yg[s], eng.zg[s], eng.dt[s], maps,
+            a[eng.proj[s]])
     u_lo, u_hi = geo[8], geo[9]
     ref = (naive.dose(*args, **kw, n_gaussians=8, window=(u_lo, u_hi, *w_big))
            - naive.dose(*args, **kw, n_gaussians=5, window=(u_lo, u_hi, *w_small)))

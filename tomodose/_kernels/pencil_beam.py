@@ -572,7 +572,8 @@ MAX_DIRECT_LEAVES = 16
 
 @numba.njit(**NUMBA_OPTIONS)
 def _cluster_row(out, is_, m0, m1, j, k, origin, spacing, depth_t, rho_t, s0, xg, yg, zg, t_p, dt_p, a_c, tab_c, u_lo_p,
-                 u_hi_p, r_u, v_half, r_v, r_u0, v_half0, r_v0, g_mid, g_hi, sad, amps, dz_tab, tail, sig, e0, w, s_leaf, s_tab, lev_off,
+                 u_hi_p, r_u, v_half, r_v, r_u0, v_half0, r_v0, g_mid, g_hi, sad, amps, dz_tab, tail, sig, e0, w,
+                 s_leaf, s_tab, lev_off,
                  lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi, amp_v, isv_v, kind_v, lam_v, l0_v,
                  nl_v, tb_v):
     """Dose of all samples of one cluster (same beam axes; sources ``s0 + t_p yg``) at the voxels
@@ -833,7 +834,8 @@ def cluster_dose_lattice(out, ks, js, is_, k_lo, k_hi, depth_t, rho_t, origin, s
             if m1 < m0:
                 continue
             _cluster_row(out[a, b], is_, m0, m1, j, k, origin, spacing, depth_t, rho_t, s0, xg, yg, zg, t_p, dt_p,
-                         a_c, tab_c, u_lo_p, u_hi_p, r_u, v_half, r_v, r_u0, v_half0, r_v0, g_mid, g_hi, sad, amps, dz_tab, tail, sig, e0,
+                         a_c, tab_c, u_lo_p, u_hi_p, r_u, v_half, r_v, r_u0, v_half0, r_v0, g_mid, g_hi, sad, amps,
+                         dz_tab, tail, sig, e0,
                          w, s_leaf, s_tab, lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi,
                          amp_v, isv_v, kind_v, lam_v, l0_v, nl_v, tb_v)
 
