@@ -1068,30 +1068,38 @@ def cluster_column_entries(count_only, counts, offsets, out_col, out_flat, out_v
 
 
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
-def threshold_columns(col, flat, val, n_cols, threshold, merge, start, kept, s_flat, s_val):
+def threshold_columns(col, flat, val, seg_start, n_cols, threshold, merge, start, kept, s_flat, s_val):
     """Sort the entries (col, flat, val) of one angle group into columns and apply the threshold.
 
-    ``start`` (n_cols + 1) receives the column segments of ``s_flat, s_val`` (stable counting sort:
-    entries keep their order inside a column). ``merge``: entries of one column may come from
-    several clusters (sub-samples): each column is then sorted by voxel (stable) and duplicate voxels
-    summed in that order. Then entries ``> 0`` and ``>= threshold`` x the column maximum are moved to
-    the front of their segment, ``kept[c]`` of them (increasing voxel index). Columns in parallel
-    (disjoint segments); the result does not depend on the thread count.
+    ``start`` (n_cols + 1) receives the column segments of ``s_flat, s_val``: a stable counting sort
+    (entries keep their order inside a column), parallel over the input segments
+    ``seg_start[q] <= e < seg_start[q + 1]`` (the slices of :func:`cluster_column_entries`: each
+    segment's entries of a column go to their own range, in segment order). ``merge``: entries of
+    one column may come from several clusters (sub-samples): each column is then sorted by voxel
+    (stable) and duplicate voxels summed in that order. Then entries ``> 0`` and ``>= threshold`` x
+    the column maximum are moved to the front of their segment, ``kept[c]`` of them (increasing
+    voxel index). The result does not depend on the thread count.
     """
-    n = col.shape[0]
-    cnt = np.zeros(n_cols + 1, dtype=np.int64)
-    for e in range(n):
-        cnt[col[e] + 1] += 1
+    n_seg = seg_start.shape[0] - 1
+    cnt = np.zeros((n_seg, n_cols), dtype=np.int64)
+    for q in numba.prange(n_seg):
+        for e in range(seg_start[q], seg_start[q + 1]):
+            cnt[q, col[e]] += 1
+    running = 0
     for c in range(n_cols):
-        cnt[c + 1] += cnt[c]
-    for c in range(n_cols + 1):
-        start[c] = cnt[c]
-    pos = cnt[:n_cols].copy()
-    for e in range(n):
-        c = col[e]
-        s_flat[pos[c]] = flat[e]
-        s_val[pos[c]] = val[e]
-        pos[c] += 1
+        start[c] = running
+        for q in range(n_seg):
+            m = cnt[q, c]
+            cnt[q, c] = running
+            running += m
+    start[n_cols] = running
+    for q in numba.prange(n_seg):
+        for e in range(seg_start[q], seg_start[q + 1]):
+            c = col[e]
+            t = cnt[q, c]
+            s_flat[t] = flat[e]
+            s_val[t] = val[e]
+            cnt[q, c] = t + 1
     for c in numba.prange(n_cols):
         a = start[c]
         z = start[c + 1]

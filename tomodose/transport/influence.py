@@ -399,8 +399,9 @@ def _clustered_columns(engine, plan, threshold, kept, chunks, bar):
             kept_g = np.zeros(members.size, dtype=np.int64)
             s_flat = np.empty_like(flat)
             s_val = np.empty_like(val)
-            threshold_columns(col, flat, val, members.size, threshold, engine.n_subsamples > 1, start, kept_g,
-                              s_flat, s_val)
+            seg_start = np.concatenate([[0], np.cumsum(np.concatenate([c for _, c in clusters]))]).astype(np.int64)
+            threshold_columns(col, flat, val, seg_start, members.size, threshold, engine.n_subsamples > 1, start,
+                              kept_g, s_flat, s_val)
             del col, flat, val
             keep = np.zeros(s_flat.size, dtype=bool)
             for a, n in zip(start[:-1], kept_g):
