@@ -99,6 +99,86 @@ def _interp_row(table, ds, cos_t, out, scale):
         out[k] = scale * ((1.0 - f) * table[i0, k] + f * table[i0 + 1, k])
 
 
+@numba.njit(**NUMBA_OPTIONS)
+def _interp_position(n, ds, cos_t):
+    """(i0, f) of the table row interpolation of :func:`_interp_row` (``i0 = n - 1``, ``f = -1``
+    when clamped to the last row); shared by all energy groups of a voxel."""
+    u = 1.0 - cos_t
+    if u < 0.0:
+        u = 0.0
+    t = math.sqrt(u) / ds
+    i0 = int(t)
+    if i0 >= n - 1:
+        return n - 1, -1.0
+    return i0, t - i0
+
+
+@numba.njit(**NUMBA_OPTIONS)
+def _interp_at(table, i0, f, out, scale):
+    """out[k] = scale * table row at (i0, f) from :func:`_interp_position` (the arithmetic of
+    :func:`_interp_row`)."""
+    if f < 0.0:
+        for k in range(table.shape[1]):
+            out[k] = scale * table[i0, k]
+        return
+    for k in range(table.shape[1]):
+        out[k] = scale * ((1.0 - f) * table[i0, k] + f * table[i0 + 1, k])
+
+
+@numba.njit(**NUMBA_PARALLEL_OPTIONS)
+def tilt_normalisation_groups(terma, directions, solid_angle, density_totals, ds, source_xyz,
+                              origin_xyz, spacing_xyz, total_fractions, fallback_axis):
+    """(G, nz, ny, nx) :func:`tilt_normalisation` of every energy group in one pass (the angle
+    and table position of each voxel-direction pair are computed once for all groups).
+
+    terma (G, nz, ny, nx); density_totals (G, M); total_fractions (G,). Equal (to rounding,
+    1e-15) to calling :func:`tilt_normalisation` per group.
+    """
+    n_g, nz, ny, nx = terma.shape
+    nd = directions.shape[0]
+    m_rows = density_totals.shape[1]
+    out = np.zeros((n_g, nz, ny, nx))
+    for kz in numba.prange(nz):
+        s = np.empty(n_g)
+        z = origin_xyz[2] + kz * spacing_xyz[2]
+        for jy in range(ny):
+            y = origin_xyz[1] + jy * spacing_xyz[1]
+            for ix in range(nx):
+                any_t = False
+                for g in range(n_g):
+                    s[g] = 0.0
+                    if terma[g, kz, jy, ix] != 0.0:
+                        any_t = True
+                if not any_t:
+                    continue
+                x = origin_xyz[0] + ix * spacing_xyz[0]
+                bx = x - source_xyz[0]
+                by = y - source_xyz[1]
+                bz = z - source_xyz[2]
+                bn = math.sqrt(bx * bx + by * by + bz * bz)
+                if bn > 0.0:
+                    bx /= bn
+                    by /= bn
+                    bz /= bn
+                else:
+                    bx = fallback_axis[0]
+                    by = fallback_axis[1]
+                    bz = fallback_axis[2]
+                for d in range(nd):
+                    c = directions[d, 0] * bx + directions[d, 1] * by + directions[d, 2] * bz
+                    i0, f = _interp_position(m_rows, ds, c)
+                    for g in range(n_g):
+                        if f < 0.0:
+                            s[g] += solid_angle[d] * density_totals[g, i0]
+                        else:
+                            s[g] += solid_angle[d] * ((1.0 - f) * density_totals[g, i0]
+                                                      + f * density_totals[g, i0 + 1])
+                for g in range(n_g):
+                    if terma[g, kz, jy, ix] != 0.0 and s[g] > 0.0:
+                        out[g, kz, jy, ix] = total_fractions[g] / s[g]
+    return out
+
+
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
 def tilt_normalisation(terma, directions, solid_angle, density_total, ds, source_xyz,
                        origin_xyz, spacing_xyz, total_fraction, fallback_axis):
@@ -401,6 +481,8 @@ def transport_direction(terma, rho, dose, m, sgn, da, db, step_cm, rates, amp_co
                         src[k] = tf[k, idx]
                 elif t != 0.0:
                     c = 0.0
+                    i0 = 0
+                    fi = 0.0
                     if tilt:
                         if m == 0:
                             kz, jy, ix = km, ja, jb
@@ -417,12 +499,14 @@ def transport_direction(terma, rho, dose, m, sgn, da, db, step_cm, rates, amp_co
                         else:
                             c = (u_xyz[0] * fallback_axis[0] + u_xyz[1] * fallback_axis[1]
                                  + u_xyz[2] * fallback_axis[2])
+                        # table position once for all energy groups
+                        i0, fi = _interp_position(density_table.shape[1], ds, c)
                     for g in range(n_g):
                         tg = tf[g, idx]
                         if tg == 0.0:
                             continue
                         if tilt:
-                            _interp_row(density_table[g], ds, c, amp, solid_angle * nf[g, idx])
+                            _interp_at(density_table[g], i0, fi, amp, solid_angle * nf[g, idx])
                             for k in range(n_k):
                                 src[k] += tg * amp[k]
                         else:

@@ -230,13 +230,11 @@ def collapsed_cone_dose(
 
     t0 = time.perf_counter()
     if tilt:
-        norm = np.stack([
-            _k.tilt_normalisation(
-                np.ascontiguousarray(t_arr[g]), dirs, omega, np.ascontiguousarray(table[g].sum(axis=1)),
-                ds, src, origin, spacing, float(group_amps[g].sum()), axis,
-            )
-            for g in range(t_arr.shape[0])
-        ])
+        # per-voxel normalisation of every energy group in one pass (angles computed once per voxel)
+        norm = _k.tilt_normalisation_groups(
+            t_arr, dirs, omega, np.ascontiguousarray(np.stack([t.sum(axis=1) for t in table])), ds, src, origin,
+            spacing, np.array([float(a.sum()) for a in group_amps]), axis,
+        )
     else:
         norm = np.zeros((1, 1, 1, 1))
     iterator = [d for d in range(dirs.shape[0]) if selected[ring[d]]]
