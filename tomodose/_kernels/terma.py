@@ -21,6 +21,13 @@ group (for a collapsed-cone kernel with one kernel per energy group: beam harden
 kernel).
 
 with ``h = 1 + softening * |theta|`` and ``mu_m(P, E) = sum_m w_m(P) mu_m(E)`` (cm2/g).
+
+Cost (see docs/terma.md, Performance): the leaf profile is summed over leaf *edges* with the
+steps ``a_k - a_{k-1}`` of the leaf outputs (each edge's erf once; none between leaves of equal
+output, e.g. closed runs); the sample geometry of a voxel row is linear in the column index; the
+ray trace starts in the voxel and accumulates the anchor path lengths as it steps (no lists); the
+per-line exponentials run in vectorisable loops with an inlined exp. Rounding differs from the
+direct formulas only at the 1e-12 relative level.
 """
 
 from __future__ import annotations
