@@ -87,27 +87,6 @@ def jaw_profile(v, half, sigma, lim, inv):
 
 
 @numba.njit(**NUMBA_OPTIONS)
-def leaf_fluence(u, a, e0, w, sigma, cutoff):
-    """sum_i a_i [Phi((u - e_i)/s) - Phi((u - e_{i+1})/s)], leaf edges e_i = e0 + i w."""
-    n = a.shape[0]
-    c = (u - e0) / w
-    reach = (cutoff * sigma) / w + 1.0
-    i0 = int(math.floor(c - reach))
-    i1 = int(math.floor(c + reach))
-    if i0 < 0:
-        i0 = 0
-    if i1 > n - 1:
-        i1 = n - 1
-    total = 0.0
-    for i in range(i0, i1 + 1):
-        if a[i] == 0.0:
-            continue
-        lo = e0 + i * w
-        total += a[i] * (edge(u - lo, sigma, cutoff) - edge(u - lo - w, sigma, cutoff))
-    return total
-
-
-@numba.njit(**NUMBA_OPTIONS)
 def edge_weights(leaf_a):
     """(P, L + 1) steps ``d_k = a_k - a_{k-1}`` of the leaf outputs at each leaf edge (``a_{-1} = a_L = 0``).
 
@@ -127,7 +106,7 @@ def edge_weights(leaf_a):
 
 @numba.njit(**NUMBA_OPTIONS)
 def leaf_fluence_edges(u, a, d, e0, w, sigma, cutoff):
-    """``leaf_fluence`` as a sum over edges: ``a_{k0 - 1} + sum_{k0 <= k <= k1} d_k Phi((u - e_k)/s)``.
+    """``sum_i a_i [Phi((u - e_i)/s) - Phi((u - e_{i+1})/s)]`` (leaf edges ``e_k = e0 + k w``) as a sum over edges: ``a_{k0 - 1} + sum_{k0 <= k <= k1} d_k Phi((u - e_k)/s)``.
 
     ``a`` (L,) leaf outputs, ``d`` (L + 1,) their steps (:func:`edge_weights`). Edges ``k < k0`` lie
     more than ``cutoff`` sigmas below ``u`` (``Phi = 1``, their steps telescope to ``a_{k0 - 1}``),
