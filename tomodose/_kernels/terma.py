@@ -106,7 +106,9 @@ def edge_weights(leaf_a):
 
 @numba.njit(**NUMBA_OPTIONS)
 def leaf_fluence_edges(u, a, d, e0, w, sigma, cutoff):
-    """``sum_i a_i [Phi((u - e_i)/s) - Phi((u - e_{i+1})/s)]`` (leaf edges ``e_k = e0 + k w``) as a sum over edges: ``a_{k0 - 1} + sum_{k0 <= k <= k1} d_k Phi((u - e_k)/s)``.
+    """Leaf profile ``sum_i a_i [Phi((u - e_i)/s) - Phi((u - e_{i+1})/s)]`` (edges ``e_k = e0 + k w``).
+
+    Summed over edges: ``a_{k0 - 1} + sum_{k0 <= k <= k1} d_k Phi((u - e_k)/s)``.
 
     ``a`` (L,) leaf outputs, ``d`` (L + 1,) their steps (:func:`edge_weights`). Edges ``k < k0`` lie
     more than ``cutoff`` sigmas below ``u`` (``Phi = 1``, their steps telescope to ``a_{k0 - 1}``),
