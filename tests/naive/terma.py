@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from tests.naive.profiles import edge_mean
 from tests.naive.raytrace import radiological_path
+from tomodose.terma.beam_model import EDGE_CUTOFF_SIGMAS
 from tomodose.geometry.frames import beam_axes_patient, couch_shift_patient, source_position_patient
 from tomodose.terma.attenuation import attenuation_table, material_weights
 
@@ -31,14 +33,32 @@ def _uv(pnt, geo, sad):
     return (r @ ex) * sad / dist, (r @ ey) * sad / dist
 
 
+def _fluence_mean(beam, u, v, hu, hv, lof, fw, machine):
+    """Beam-model fluence with the jaw profile averaged over [v - hv, v + hv] and the leaf
+    fluence over [u - hu, u + hu] (each edge's mean by quadrature, tests/naive/profiles.py)."""
+    cut = EDGE_CUTOFF_SIGMAS
+    h = beam.jaw_half_width_mm(fw, machine)
+    sj = beam.jaw_penumbra_sigma_mm
+    jaw = edge_mean(v + h, sj, cut, hv) - edge_mean(v - h, sj, cut, hv)
+    e = machine.leaf_edges_mm()
+    sl = beam.leaf_edge_sigma_mm
+    a = beam.leaf_weights(np.asarray(lof, dtype=float))
+    steps = np.array([edge_mean(u - ek, sl, cut, hu) for ek in e])
+    leaf = float(np.sum(a * (steps[:-1] - steps[1:])))
+    return (jaw * leaf * float(beam.offaxis_fluence(u, machine.sad_mm))
+            * beam.jaw_output_factor(fw, machine))
+
+
 def terma_naive(grid, density, projections, beam, n_subsamples=1, exact_subsamples=False,
-                energy_group_edges_mev=None):
+                energy_group_edges_mev=None, voxel_average=True):
     """(nz, ny, nx) float64 total TERMA (same normalisation as compute_terma).
 
     ``exact_subsamples=False``: fluence and inverse square per sub-sample, attenuation and
     softening once per projection at its centre geometry (as compute_terma's default).
     With ``energy_group_edges_mev`` (GE + 1 edges): (GE, nz, ny, nx), the sum over the spectral
     lines with ``edges[g] <= E < edges[g + 1]`` for each group ``g``.
+    ``voxel_average``: jaw profile and leaf fluence averaged over the voxel's extent along ``ey``
+    and ``ex`` projected to the isocentre plane (half-width ``0.5 * SAD / D * |e * spacing|``).
     """
     m = projections.machine
     sad = m.sad_mm
@@ -71,7 +91,14 @@ def terma_naive(grid, density, projections, beam, n_subsamples=1, exact_subsampl
                         fl = 0.0
                         for geo in samples:
                             u, v = _uv(pnt, geo, sad)
-                            psi = beam.fluence(u, v, projections.leaf_open_fraction[p], fw, m)
+                            if voxel_average:
+                                sp = np.asarray(grid.spacing_mm, dtype=float)
+                                scale = sad / (sad - (pnt - geo[4]) @ geo[3])
+                                hu = 0.5 * scale * np.linalg.norm(geo[1] * sp)
+                                hv = 0.5 * scale * np.linalg.norm(geo[2] * sp)
+                                psi = _fluence_mean(beam, u, v, hu, hv, projections.leaf_open_fraction[p], fw, m)
+                            else:
+                                psi = beam.fluence(u, v, projections.leaf_open_fraction[p], fw, m)
                             fl += dt * psi * sad**2 / np.sum((geo[0] - pnt) ** 2)
                         if fl <= 0:
                             continue

@@ -38,6 +38,7 @@ import numba
 import numpy as np
 
 from tomodose._kernels.collapsed_cone import _exp_neg
+from tomodose._kernels.profiles import edge_mean, window_mean
 from tomodose._kernels.raytrace import trace_pairs_from_voxel
 from tomodose.config import NUMBA_OPTIONS, NUMBA_PARALLEL_OPTIONS
 
@@ -132,11 +133,36 @@ def leaf_fluence_edges(u, a, d, e0, w, sigma, cutoff):
     return total
 
 
+@numba.njit(**NUMBA_OPTIONS)
+def leaf_fluence_edges_mean(u, a, d, e0, w, sigma, cutoff, half):
+    """:func:`leaf_fluence_edges` averaged over ``[u - half, u + half]`` (``half`` > 0, mm).
+
+    Each edge's step is replaced by its mean over the interval
+    (:func:`tomodose._kernels.profiles.edge_mean`); the edges taken exactly reach ``half`` farther.
+    """
+    n = a.shape[0]
+    reach = cutoff * sigma + half
+    k0 = int(math.floor((u - reach - e0) / w)) - 1
+    k1 = int(math.ceil((u + reach - e0) / w)) + 1
+    if k0 < 0:
+        k0 = 0
+    if k1 > n:
+        k1 = n
+    total = 0.0
+    if 1 <= k0 <= n:
+        total = a[k0 - 1]
+    for k in range(k0, k1 + 1):
+        if d[k] == 0.0:
+            continue
+        total += d[k] * edge_mean(u - (e0 + k * w), sigma, cutoff, half)
+    return total
+
+
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
 def terma_units(mat_lo, mat_pair, rho, shape, origin, spacing, t_src, t_ex, t_ez, t_iso, unit_start, unit_proj,
                 unit_group, k_lo, k_hi, src, ex, ey, ez, iso, weight, leaf_a, leaf_e0, leaf_w, leaf_sigma,
                 jaw_half, jaw_sigma, cutoff, offaxis_c, softening, sad, mu_anchor, ef, e_group, air_index, total,
-                per_group):
+                per_group, voxel_mean=False):
     """Accumulate the TERMA of a batch of *trace units* into ``total`` and ``per_group`` (in place).
 
     A trace unit is one attenuation evaluation (ray trace voxel -> ``t_src[u]``, off-axis softening
@@ -193,6 +219,11 @@ def terma_units(mat_lo, mat_pair, rho, shape, origin, spacing, t_src, t_ex, t_ez
     total : (nz, ny, nx) float64, per_group : (G, GE, nz, ny, nx) float32
         Outputs, accumulated in place: the total, and the TERMA per angle group ``G`` and energy
         group ``GE`` (``GE = 1`` without energy groups).
+    voxel_mean : bool
+        Average the jaw profile over the voxel's extent along ``ey`` and the leaf fluence over its
+        extent along ``ex`` (projected to the isocentre plane: half-widths ``0.5 * scale *
+        sqrt(sum_c (e_c d_c)^2)``, the box of equal variance; exact for axis-aligned axes) instead of
+        sampling them at the voxel centre.
     """
     nz, ny, nx = shape[0], shape[1], shape[2]
     m = mu_anchor.shape[0]
@@ -238,6 +269,8 @@ def terma_units(mat_lo, mat_pair, rho, shape, origin, spacing, t_src, t_ex, t_ez
             g_u1 = np.empty(n_s)
             g_qyz = np.empty(n_s)
             g_w = np.empty(n_s)
+            g_hu = np.zeros(n_s)
+            g_hv = np.zeros(n_s)
             lines = np.empty(n_e)
             py = oy + j * dy
             pz = oz + k * dz
@@ -254,6 +287,9 @@ def terma_units(mat_lo, mat_pair, rho, shape, origin, spacing, t_src, t_ex, t_ez
                 g_u1[q] = dx * ex[s, 0]
                 g_qyz[q] = (src[s, 1] - py) ** 2 + (src[s, 2] - pz) ** 2
                 g_w[q] = weight[s] * sad2
+                if voxel_mean:
+                    g_hu[q] = 0.5 * math.sqrt((ex[s, 0] * dx) ** 2 + (ex[s, 1] * dy) ** 2 + (ex[s, 2] * dz) ** 2)
+                    g_hv[q] = 0.5 * math.sqrt((ey[s, 0] * dx) ** 2 + (ey[s, 1] * dy) ** 2 + (ey[s, 2] * dz) ** 2)
             for i in range(nx):
                 px = ox + i * dx
                 # fluence x inverse square x beam-on time, summed over the unit's samples
@@ -264,13 +300,21 @@ def terma_units(mat_lo, mat_pair, rho, shape, origin, spacing, t_src, t_ex, t_ez
                         continue
                     scale = sad / dist_axis
                     v = (g_v0[q] + i * g_v1[q]) * scale
-                    if v > v_ext or v < -v_ext:
+                    hv = g_hv[q] * scale
+                    if v > v_ext + hv or v < -v_ext - hv:
                         continue
-                    jaw = jaw_profile(v, jaw_half, jaw_sigma, jaw_lim, jaw_inv)
+                    if hv > 0.0:
+                        jaw = window_mean(v, jaw_half, jaw_sigma, cutoff, hv)
+                    else:
+                        jaw = jaw_profile(v, jaw_half, jaw_sigma, jaw_lim, jaw_inv)
                     if jaw <= 0.0:
                         continue
                     u = (g_u0[q] + i * g_u1[q]) * scale
-                    lf = leaf_fluence_edges(u, a, a_d, leaf_e0, leaf_w, leaf_sigma, cutoff)
+                    hu = g_hu[q] * scale
+                    if hu > 0.0:
+                        lf = leaf_fluence_edges_mean(u, a, a_d, leaf_e0, leaf_w, leaf_sigma, cutoff, hu)
+                    else:
+                        lf = leaf_fluence_edges(u, a, a_d, leaf_e0, leaf_w, leaf_sigma, cutoff)
                     if lf <= 0.0:
                         continue
                     theta = abs(math.atan(u * inv_sad))

@@ -230,7 +230,8 @@ def _slabs(grid: Grid, iso, ey, v_ext_mm: float, sad_mm: float):
 
 def compute_terma(patient_or_density, projections, beam_model: BeamModel | None = None, *,
                   n_subsamples: int = 8, exact_subsamples: bool = False, angle_groups: int | None = None,
-                  energy_group_edges_mev=None, progress: bool | None = None) -> TermaResult:
+                  energy_group_edges_mev=None, voxel_average: bool = True,
+                  progress: bool | None = None) -> TermaResult:
     """TERMA of every projection, accumulated in total and per gantry-angle group.
 
     Parameters
@@ -259,6 +260,12 @@ def compute_terma(patient_or_density, projections, beam_model: BeamModel | None 
         of the spectrum inside ``[edges[0], edges[-1])``). Use the edges of an energy-grouped
         collapsed-cone kernel (``kernel.group_edges_mev``). The ray trace is shared, so the cost
         is about that of one group; the memory of ``per_group`` grows ``GE`` times.
+    voxel_average : bool
+        If True (default), the jaw profile is averaged over each voxel's extent along the couch
+        axis and the leaf fluence over its extent across the fan (projected to the isocentre
+        plane), so a voxel gets the mean fluence over its volume as a finite-volume dose engine
+        needs; False samples both at the voxel centre (a sharp field edge then moves in whole
+        voxel steps with depth: docs/terma.md).
     progress : bool, optional
         Progress bar (default: ``tomodose.config.settings.progress``).
 
@@ -276,6 +283,8 @@ def compute_terma(patient_or_density, projections, beam_model: BeamModel | None 
         raise ValueError(f"n_subsamples must be a positive integer, got {n_subsamples!r}")
     if not isinstance(exact_subsamples, (bool, np.bool_)):
         raise TypeError(f"exact_subsamples must be a bool, got {exact_subsamples!r}")
+    if not isinstance(voxel_average, (bool, np.bool_)):
+        raise TypeError(f"voxel_average must be a bool, got {voxel_average!r}")
     machine = projections.machine
     n_groups = machine.projections_per_rotation if angle_groups is None else angle_groups
     grid, dens, position = density_input(patient_or_density)
@@ -352,7 +361,7 @@ def compute_terma(patient_or_density, projections, beam_model: BeamModel | None 
                     weight[s0:s1], leaf_a, float(edges[0]), float(machine.leaf_width_mm),
                     beam.leaf_edge_sigma_mm, jaw_half, beam.jaw_penumbra_sigma_mm, EDGE_CUTOFF_SIGMAS, offc,
                     beam.offaxis_softening_per_rad, float(machine.sad_mm), mu_anchor, ef, e_group, air_index,
-                    total, per_group)
+                    total, per_group, bool(voxel_average))
     t_end = time.perf_counter()
     log.info("TERMA: %d projections x %d sub-samples on %s voxels in %.2f s",
              projections.n_projections, n_subsamples, grid.shape, t_end - t_start)
@@ -372,6 +381,7 @@ def compute_terma(patient_or_density, projections, beam_model: BeamModel | None 
         "wall_time_s": t_end - t_start,
         "kernel_time_s": t_end - t_kernel,
         "energy_group_edges_mev": None if e_edges is None else e_edges.tolist(),
+        "voxel_average": bool(voxel_average),
     }
     if e_edges is None:
         per_group = per_group[:, 0]

@@ -1,0 +1,80 @@
+"""Voxel-averaged beam-profile edges (numba; private, no validation).
+
+The TERMA of a voxel stands for the energy released in the whole voxel, so the fluence profile
+should be averaged over the voxel, not sampled at its centre: a sharp or steep jaw or leaf edge
+sampled at voxel centres moves in whole-voxel steps with depth (divergence), which on a 2.5 mm
+grid changed the z-integral of a 10 mm-jaw field's TERMA by up to 10 % (docs/terma.md).
+
+``edge(x)`` is the truncated smooth step used by the beam model: ``Phi(x / sigma)`` for
+``|x| <= L sigma`` (``L = cutoff``), exactly 0 below and 1 above; a unit step (0.5 at 0) for
+``sigma = 0``. Its antiderivative from minus infinity is, with ``g(x) = x Phi(x/s) + s phi(x/s)``::
+
+    G(x) = 0                                    x < -L s
+    G(x) = g(x) - g(-L s)                       |x| <= L s
+    G(x) = g(L s) - g(-L s) + (x - L s)         x > L s          (sigma = 0: G = max(x, 0))
+
+and the mean of ``edge`` over ``[x - a, x + a]`` is ``(G(x + a) - G(x - a)) / (2 a)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+
+from tomodose.config import NUMBA_OPTIONS
+
+_SQRT2 = math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+#: below this half-width (mm) the mean is the centre value (no cancellation in G differences)
+MIN_HALF_WIDTH_MM = 1e-6
+
+
+@numba.njit(**NUMBA_OPTIONS)
+def _g(x, sigma):
+    t = x / sigma
+    return x * 0.5 * (1.0 + math.erf(t / _SQRT2)) + sigma * _INV_SQRT_2PI * math.exp(-0.5 * t * t)
+
+
+@numba.njit(**NUMBA_OPTIONS)
+def edge_integral(x, sigma, cutoff):
+    """``G(x)``: integral of the truncated step ``edge`` from minus infinity to ``x`` (mm)."""
+    if sigma == 0.0:
+        return x if x > 0.0 else 0.0
+    lim = cutoff * sigma
+    if x < -lim:
+        return 0.0
+    g0 = _g(-lim, sigma)
+    if x <= lim:
+        return _g(x, sigma) - g0
+    return _g(lim, sigma) - g0 + (x - lim)
+
+
+@numba.njit(**NUMBA_OPTIONS)
+def edge_mean(x, sigma, cutoff, a):
+    """Mean of the truncated step ``edge`` over ``[x - a, x + a]`` (``a`` >= 0, mm)."""
+    if a < MIN_HALF_WIDTH_MM:
+        if sigma == 0.0:
+            if x > 0.0:
+                return 1.0
+            if x < 0.0:
+                return 0.0
+            return 0.5
+        lim = cutoff * sigma
+        if x > lim:
+            return 1.0
+        if x < -lim:
+            return 0.0
+        return 0.5 * (1.0 + math.erf(x / (_SQRT2 * sigma)))
+    reach = cutoff * sigma
+    if x - a > reach:
+        return 1.0
+    if x + a < -reach:
+        return 0.0
+    return (edge_integral(x + a, sigma, cutoff) - edge_integral(x - a, sigma, cutoff)) / (2.0 * a)
+
+
+@numba.njit(**NUMBA_OPTIONS)
+def window_mean(v, half, sigma, cutoff, a):
+    """Mean over ``[v - a, v + a]`` of ``edge(v + half) - edge(v - half)`` (a jaw-like window)."""
+    return edge_mean(v + half, sigma, cutoff, a) - edge_mean(v - half, sigma, cutoff, a)
