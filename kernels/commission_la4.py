@@ -796,17 +796,19 @@ def nominal_machine(shared_data, t0_mev=6.0, *, groups="engine", cache_dir=None)
 GEOMETRY_PARAMS = ("offaxis_fluence_coeffs", "jaw_penumbra_sigma_mm", "jaw_fwhm_mm", "leaf_edge_sigma_mm")
 
 
-def seed_params(work: Path, source=None) -> dict:
-    """Start ``work/params.json`` with the stage 3-5 results of a machine file (default the shipped
-    one), so that a refit after a spectrum change can redo stage 2 alone; no-op when it exists."""
+def seed_params(work: Path, source=None, keys=GEOMETRY_PARAMS) -> dict:
+    """Start ``work/params.json`` with the stage 3-5 results ``keys`` of a machine file (default the
+    shipped one), so that a refit after a spectrum change can redo the other stages alone (all of
+    them: stage 2 only; the off-axis fluence alone: stages 4, 5 and 2); no-op when it exists."""
     from tomodose.terma.beam_model import load_machine_parameters
 
     path = work / "params.json"
     if path.is_file():
         return json.loads(path.read_text())
     bm = load_machine_parameters(source)["beam_model"]
-    params = {k: bm[k] for k in GEOMETRY_PARAMS}
-    params["seeded_from"] = str(source or "tomodose/data/machines/tomo_default.json")
+    params = {k: bm[k] for k in keys}
+    params["seeded_from"] = str(source or "tomodose/data/machines/tomo_default.json") + (
+        "" if tuple(keys) == GEOMETRY_PARAMS else f" ({', '.join(keys)} only; the other stages refitted)")
     _atomic_write(path, json.dumps(params, indent=1))
     return params
 
@@ -1035,9 +1037,9 @@ def main(argv=None) -> int:
     ap.add_argument("--spectrum-t0", default=None,
                     help="T0[:Cu mm] of the Schiff-model spectrum for the fit/of-parts/after stages (default: the "
                          "shipped spectrum)")
-    ap.add_argument("--seed", choices=("none", "shipped"), default="none",
-                    help="stage fit: start from the shipped stage 3-5 results (off-axis, jaws, leaf edge) and refit "
-                         "what is missing (stage 2 output factors)")
+    ap.add_argument("--seed", choices=("none", "shipped", "shipped-offaxis"), default="none",
+                    help="stage fit: start from the shipped stage 3-5 results (off-axis, jaws, leaf edge; "
+                         "shipped-offaxis: the off-axis fluence alone) and refit what is missing")
     ap.add_argument("--machine-out", type=Path, default=None,
                     help="stage after: write the machine JSON here (implies --write-machine)")
     ap.add_argument("--before-tag", default="before", help="stage tables: before | shipped")
@@ -1064,6 +1066,8 @@ def main(argv=None) -> int:
     if args.stage == "fit":
         if args.seed == "shipped":
             seed_params(args.work)
+        elif args.seed == "shipped-offaxis":
+            seed_params(args.work, keys=("offaxis_fluence_coeffs",))
         print(json.dumps(run_fit(args.shared_data, la4, args.work, spectrum, groups), indent=1))
         return 0
     parts = tuple(args.parts.split(",")) if args.parts else EVAL_PARTS
@@ -1104,7 +1108,7 @@ def main(argv=None) -> int:
             st = f" --spectrum-t0 {args.spectrum_t0}" if args.spectrum_t0 else ""
             cmd = (f"python kernels/commission_la4.py --stage spectrum --t0 <scan> --group-edges-mev {g} --work W; "
                    f"python kernels/commission_la4.py --stage fit{st} --group-edges-mev {g} --work W"
-                   + (" --seed shipped" if args.seed == "shipped" else "") + "; "
+                   + ("" if args.seed == "none" else f" --seed {args.seed}") + "; "
                    + (f"python kernels/commission_la4.py --stage before --group-edges-mev {g} --work W; " if bf.is_file() else "")
                    + ("python kernels/commission_la4.py --stage shipped --work W; " if sf.is_file() else "")
                    + f"python kernels/commission_la4.py --stage after{st} --group-edges-mev {g} --work W --write-machine "
