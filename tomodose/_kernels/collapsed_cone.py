@@ -82,6 +82,18 @@ def _segment_factors(rates, inv_rates, delta, ex, gg, li):
 
 
 @numba.njit(**NUMBA_OPTIONS)
+def _photon_direction(x, y, z, source_xyz, fallback_axis):
+    """Unit vector source -> (x, y, z) (LPS mm); ``fallback_axis`` at the source itself."""
+    bx = x - source_xyz[0]
+    by = y - source_xyz[1]
+    bz = z - source_xyz[2]
+    bn = math.sqrt(bx * bx + by * by + bz * bz)
+    if bn > 0.0:
+        return bx / bn, by / bn, bz / bn
+    return fallback_axis[0], fallback_axis[1], fallback_axis[2]
+
+
+@numba.njit(**NUMBA_OPTIONS)
 def _interp_row(table, ds, cos_t, out, scale):
     """out[k] = scale * table(s)[k], linear in s = sqrt(1 - cos_t) (table step ``ds``)."""
     u = 1.0 - cos_t
@@ -152,18 +164,7 @@ def tilt_normalisation_groups(terma, directions, solid_angle, density_totals, ds
                 if not any_t:
                     continue
                 x = origin_xyz[0] + ix * spacing_xyz[0]
-                bx = x - source_xyz[0]
-                by = y - source_xyz[1]
-                bz = z - source_xyz[2]
-                bn = math.sqrt(bx * bx + by * by + bz * bz)
-                if bn > 0.0:
-                    bx /= bn
-                    by /= bn
-                    bz /= bn
-                else:
-                    bx = fallback_axis[0]
-                    by = fallback_axis[1]
-                    bz = fallback_axis[2]
+                bx, by, bz = _photon_direction(x, y, z, source_xyz, fallback_axis)
                 for d in range(nd):
                     c = directions[d, 0] * bx + directions[d, 1] * by + directions[d, 2] * bz
                     i0, f = _interp_position(m_rows, ds, c)
@@ -202,18 +203,7 @@ def tilt_normalisation(terma, directions, solid_angle, density_total, ds, source
                 if terma[kz, jy, ix] == 0.0:
                     continue
                 x = origin_xyz[0] + ix * spacing_xyz[0]
-                bx = x - source_xyz[0]
-                by = y - source_xyz[1]
-                bz = z - source_xyz[2]
-                bn = math.sqrt(bx * bx + by * by + bz * bz)
-                if bn > 0.0:
-                    bx /= bn
-                    by /= bn
-                    bz /= bn
-                else:
-                    bx = fallback_axis[0]
-                    by = fallback_axis[1]
-                    bz = fallback_axis[2]
+                bx, by, bz = _photon_direction(x, y, z, source_xyz, fallback_axis)
                 s = 0.0
                 for d in range(nd):
                     c = directions[d, 0] * bx + directions[d, 1] * by + directions[d, 2] * bz

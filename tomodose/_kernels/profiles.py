@@ -31,6 +31,22 @@ MIN_HALF_WIDTH_MM = 1e-6
 
 
 @numba.njit(**NUMBA_OPTIONS)
+def edge(x, sigma, cutoff):
+    """Phi(x / sigma) with exact step for sigma == 0 and 0/1 beyond ``cutoff`` sigmas."""
+    if sigma == 0.0:
+        if x > 0.0:
+            return 1.0
+        if x < 0.0:
+            return 0.0
+        return 0.5
+    if x > cutoff * sigma:
+        return 1.0
+    if x < -cutoff * sigma:
+        return 0.0
+    return 0.5 * (1.0 + math.erf(x / (_SQRT2 * sigma)))
+
+
+@numba.njit(**NUMBA_OPTIONS)
 def _g(x, sigma):
     t = x / sigma
     return x * 0.5 * (1.0 + math.erf(t / _SQRT2)) + sigma * _INV_SQRT_2PI * math.exp(-0.5 * t * t)
@@ -54,18 +70,7 @@ def edge_integral(x, sigma, cutoff):
 def edge_mean(x, sigma, cutoff, a):
     """Mean of the truncated step ``edge`` over ``[x - a, x + a]`` (``a`` >= 0, mm)."""
     if a < MIN_HALF_WIDTH_MM:
-        if sigma == 0.0:
-            if x > 0.0:
-                return 1.0
-            if x < 0.0:
-                return 0.0
-            return 0.5
-        lim = cutoff * sigma
-        if x > lim:
-            return 1.0
-        if x < -lim:
-            return 0.0
-        return 0.5 * (1.0 + math.erf(x / (_SQRT2 * sigma)))
+        return edge(x, sigma, cutoff)
     reach = cutoff * sigma
     if x - a > reach:
         return 1.0

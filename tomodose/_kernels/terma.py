@@ -38,27 +38,11 @@ import numba
 import numpy as np
 
 from tomodose._kernels.collapsed_cone import _exp_neg
-from tomodose._kernels.profiles import edge_mean, window_mean
+from tomodose._kernels.profiles import edge, edge_mean, window_mean
 from tomodose._kernels.raytrace import trace_pairs_from_voxel
 from tomodose.config import NUMBA_OPTIONS, NUMBA_PARALLEL_OPTIONS
 
 _SQRT2 = math.sqrt(2.0)
-
-
-@numba.njit(**NUMBA_OPTIONS)
-def edge(x, sigma, cutoff):
-    """Phi(x / sigma) with exact step for sigma == 0 and 0/1 beyond ``cutoff`` sigmas."""
-    if sigma == 0.0:
-        if x > 0.0:
-            return 1.0
-        if x < 0.0:
-            return 0.0
-        return 0.5
-    if x > cutoff * sigma:
-        return 1.0
-    if x < -cutoff * sigma:
-        return 0.0
-    return 0.5 * (1.0 + math.erf(x / (_SQRT2 * sigma)))
 
 
 @numba.njit(**NUMBA_OPTIONS)
@@ -106,39 +90,17 @@ def edge_weights(leaf_a):
 
 
 @numba.njit(**NUMBA_OPTIONS)
-def leaf_fluence_edges(u, a, d, e0, w, sigma, cutoff):
-    """Leaf profile ``sum_i a_i [Phi((u - e_i)/s) - Phi((u - e_{i+1})/s)]`` (edges ``e_k = e0 + k w``).
+def leaf_fluence_edges(u, a, d, e0, w, sigma, cutoff, half):
+    """Leaf profile ``sum_i a_i [Phi((u - e_i)/s) - Phi((u - e_{i+1})/s)]`` (edges ``e_k = e0 + k w``),
+    averaged over ``[u - half, u + half]`` (``half`` = 0: at ``u``).
 
-    Summed over edges: ``a_{k0 - 1} + sum_{k0 <= k <= k1} d_k Phi((u - e_k)/s)``.
+    Summed over edges: ``a_{k0 - 1} + sum_{k0 <= k <= k1} d_k Phi_half(u - e_k)`` with ``Phi_half``
+    the step's mean over the interval (:func:`tomodose._kernels.profiles.edge_mean`; the step
+    itself for ``half = 0``).
 
     ``a`` (L,) leaf outputs, ``d`` (L + 1,) their steps (:func:`edge_weights`). Edges ``k < k0`` lie
-    more than ``cutoff`` sigmas below ``u`` (``Phi = 1``, their steps telescope to ``a_{k0 - 1}``),
-    edges ``k > k1`` more than ``cutoff`` sigmas above (``Phi = 0``); one edge of margin each side.
-    """
-    n = a.shape[0]
-    reach = cutoff * sigma
-    k0 = int(math.floor((u - reach - e0) / w)) - 1
-    k1 = int(math.ceil((u + reach - e0) / w)) + 1
-    if k0 < 0:
-        k0 = 0
-    if k1 > n:
-        k1 = n
-    total = 0.0
-    if 1 <= k0 <= n:
-        total = a[k0 - 1]
-    for k in range(k0, k1 + 1):
-        if d[k] == 0.0:
-            continue
-        total += d[k] * edge(u - (e0 + k * w), sigma, cutoff)
-    return total
-
-
-@numba.njit(**NUMBA_OPTIONS)
-def leaf_fluence_edges_mean(u, a, d, e0, w, sigma, cutoff, half):
-    """:func:`leaf_fluence_edges` averaged over ``[u - half, u + half]`` (``half`` > 0, mm).
-
-    Each edge's step is replaced by its mean over the interval
-    (:func:`tomodose._kernels.profiles.edge_mean`); the edges taken exactly reach ``half`` farther.
+    more than ``cutoff`` sigmas + ``half`` below ``u`` (``Phi = 1``, their steps telescope to
+    ``a_{k0 - 1}``), edges ``k > k1`` as far above (``Phi = 0``); one edge of margin each side.
     """
     n = a.shape[0]
     reach = cutoff * sigma + half
@@ -310,11 +272,7 @@ def terma_units(mat_lo, mat_pair, rho, shape, origin, spacing, t_src, t_ex, t_ez
                     if jaw <= 0.0:
                         continue
                     u = (g_u0[q] + i * g_u1[q]) * scale
-                    hu = g_hu[q] * scale
-                    if hu > 0.0:
-                        lf = leaf_fluence_edges_mean(u, a, a_d, leaf_e0, leaf_w, leaf_sigma, cutoff, hu)
-                    else:
-                        lf = leaf_fluence_edges(u, a, a_d, leaf_e0, leaf_w, leaf_sigma, cutoff)
+                    lf = leaf_fluence_edges(u, a, a_d, leaf_e0, leaf_w, leaf_sigma, cutoff, g_hu[q] * scale)
                     if lf <= 0.0:
                         continue
                     theta = abs(math.atan(u * inv_sad))
