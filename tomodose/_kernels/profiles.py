@@ -53,30 +53,35 @@ def _g(x, sigma):
 
 
 @numba.njit(**NUMBA_OPTIONS)
-def edge_integral(x, sigma, cutoff):
-    """``G(x)``: integral of the truncated step ``edge`` from minus infinity to ``x`` (mm)."""
-    if sigma == 0.0:
-        return x if x > 0.0 else 0.0
-    lim = cutoff * sigma
-    if x < -lim:
-        return 0.0
-    g0 = _g(-lim, sigma)
-    if x <= lim:
-        return _g(x, sigma) - g0
-    return _g(lim, sigma) - g0 + (x - lim)
-
-
-@numba.njit(**NUMBA_OPTIONS)
 def edge_mean(x, sigma, cutoff, a):
-    """Mean of the truncated step ``edge`` over ``[x - a, x + a]`` (``a`` >= 0, mm)."""
+    """Mean of the truncated step ``edge`` over ``[x - a, x + a]`` (``a`` >= 0, mm).
+
+    ``G(x + a) - G(x - a)`` written with ``H = G + g(-L s)`` (``H = g(-L s)`` below the cutoff,
+    ``g(x)`` inside, ``x + g(-L s)`` above, because ``g(L s) - g(-L s) = L s``), so the constant
+    ``g(-L s)`` is evaluated only when the interval crosses one cutoff: two ``g`` at most.
+    """
     if a < MIN_HALF_WIDTH_MM:
         return edge(x, sigma, cutoff)
-    reach = cutoff * sigma
-    if x - a > reach:
+    hi = x + a
+    lo = x - a
+    if sigma == 0.0:
+        return ((hi if hi > 0.0 else 0.0) - (lo if lo > 0.0 else 0.0)) / (2.0 * a)
+    lim = cutoff * sigma
+    if lo > lim:
         return 1.0
-    if x + a < -reach:
+    if hi < -lim:
         return 0.0
-    return (edge_integral(x + a, sigma, cutoff) - edge_integral(x - a, sigma, cutoff)) / (2.0 * a)
+    if hi > lim:
+        if lo < -lim:
+            r = hi / (2.0 * a)
+        else:
+            r = (hi + _g(-lim, sigma) - _g(lo, sigma)) / (2.0 * a)
+    elif lo < -lim:
+        r = (_g(hi, sigma) - _g(-lim, sigma)) / (2.0 * a)
+    else:
+        r = (_g(hi, sigma) - _g(lo, sigma)) / (2.0 * a)
+    # a mean of a step lies in [0, 1]; the differences above may round a few ulp outside
+    return min(max(r, 0.0), 1.0)
 
 
 @numba.njit(**NUMBA_OPTIONS)
