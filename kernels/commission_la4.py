@@ -1019,6 +1019,16 @@ def markdown_tables(before: dict, after: dict, before_label: str = "before") -> 
     return "\n".join(out) + "\n"
 
 
+def _study_beam(args, *, offaxis: bool = True):
+    """Default beam model and kernel of the first ``--t0`` candidate spectrum for the study stages
+    (with the ``--offaxis`` coefficients when given and ``offaxis``)."""
+    sp = model_spectrum(float(args.t0.split(",")[0]))
+    beam = BeamModel.default(sp)
+    if offaxis and args.offaxis:
+        beam = beam.replace(offaxis_fluence_coeffs=tuple(float(v) for v in args.offaxis.split(",")))
+    return beam, kernel_for_spectrum(sp, args.shared_data)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Commission the default machine against CheckTomo LA4")
     ap.add_argument("--shared-data", type=Path, default=ROOT.parent / "shared" / "data")
@@ -1168,41 +1178,27 @@ def main(argv=None) -> int:
                 print("  ", key, f"s={v['equivalent_square_cm']:.2f}", " ".join(f"{x:+.2f}" for x in v["deviation_pct"]),
                       flush=True)
     if args.stage == "oarx":
-        sp = model_spectrum(float(args.t0.split(",")[0]))
-        k = kernel_for_spectrum(sp, args.shared_data)
-        beam = BeamModel.default(sp)
+        beam, k = _study_beam(args, offaxis=False)
         c, b, a, det = fit_offaxis(beam, k, la4)
         np.set_printoptions(precision=3, suppress=True, linewidth=200)
         print("coeffs", c, "rms before", b, "after", a)
         print(det["la4"][:, ::5]); print(det["before"][:, ::5]); print(det["after"][:, ::5])
     if args.stage == "oary":
-        sp = model_spectrum(float(args.t0.split(",")[0]))
-        k = kernel_for_spectrum(sp, args.shared_data)
-        beam = BeamModel.default(sp)
-        if args.offaxis:
-            beam = beam.replace(offaxis_fluence_coeffs=tuple(float(v) for v in args.offaxis.split(",")))
+        beam, k = _study_beam(args)
         for sig in (1.5, 3.0):
             res = jaw_comparison(beam.replace(jaw_penumbra_sigma_mm=sig), k, la4)
             for jaw, r in res.items():
                 print(sig, jaw, "hm", np.round(r["hm_la4"], 2), np.round(r["hm_engine"], 2), "pen",
                       np.round(r["pen_la4"], 2), np.round(r["pen_engine"], 2), flush=True)
     if args.stage == "leaves":
-        sp = model_spectrum(float(args.t0.split(",")[0]))
-        k = kernel_for_spectrum(sp, args.shared_data)
-        beam = BeamModel.default(sp)
-        if args.offaxis:
-            beam = beam.replace(offaxis_fluence_coeffs=tuple(float(v) for v in args.offaxis.split(",")))
+        beam, k = _study_beam(args)
         sg, runs = fit_leaf_sigma(beam, k, la4)
         print("leaf sigma", sg)
         for s_, r in runs.items():
             for n, d in r.items():
                 print(s_, n, "hm", np.round(d["hm_la4"], 2), np.round(d["hm_engine"], 2), "rms", round(d["rms"], 4), flush=True)
     if args.stage == "of":
-        sp = model_spectrum(float(args.t0.split(",")[0]))
-        k = kernel_for_spectrum(sp, args.shared_data)
-        beam = BeamModel.default(sp)
-        if args.offaxis:
-            beam = beam.replace(offaxis_fluence_coeffs=tuple(float(v) for v in args.offaxis.split(",")))
+        beam, k = _study_beam(args)
         for jaw, (n, e, r) in engine_output_factors(beam, k, la4).items():
             print(jaw, " ".join(f"{a}:{b:.3f}/{c:.3f}" for a, b, c in zip(n, e, r)), flush=True)
     return 0

@@ -178,30 +178,32 @@ def test_independent_of_thread_count(small_kernel):
 
 
 # --- energy conservation -----------------------------------------------------------------------------
+def _kept_energy(v, amps_p, rates, shape, spacing_mm, src_kji):
+    """Energy a unit source at voxel ``src_kji`` releases along direction ``v`` with ring amplitudes
+    ``amps_p`` (T = rho = V = 1) minus what leaves the grid, from the line geometry."""
+    m, sgn, da, db, step = direction_geometry(v, spacing_mm)
+    a_ax, b_ax = [ax for ax in range(3) if ax != m]
+    n_m = shape[m]
+    n_src = src_kji[m] if sgn > 0 else n_m - 1 - src_kji[m]
+    ia = src_kji[a_ax] - math.floor(n_src * da + 0.5)
+    ib = src_kji[b_ax] - math.floor(n_src * db + 0.5)
+    n_after = 0
+    for n in range(n_src + 1, n_m):
+        ja, jb = ia + math.floor(n * da + 0.5), ib + math.floor(n * db + 0.5)
+        if not (0 <= ja < shape[a_ax] and 0 <= jb < shape[b_ax]):
+            break
+        n_after += 1
+    x = rates * step
+    leak = np.sum(amps_p / rates * -np.expm1(-x) * np.exp(-x * n_after))
+    return amps_p.sum() - leak / step
+
+
 def _expected_point_energy(kernel, grid, src_kji, axis):
     """Released energy (T = rho = V = 1) minus what leaves the grid, from the line geometry."""
     dirs, _, ring = kernel.directions(axis)
     amps = kernel.amplitudes / kernel.n_azimuth
-    rates = kernel.rates_per_cm
-    shape = grid.shape
-    total = 0.0
-    for d in range(dirs.shape[0]):
-        m, sgn, da, db, step = direction_geometry(dirs[d], grid.spacing_mm)
-        a_ax, b_ax = [ax for ax in range(3) if ax != m]
-        n_m = shape[m]
-        n_src = src_kji[m] if sgn > 0 else n_m - 1 - src_kji[m]
-        ia = src_kji[a_ax] - math.floor(n_src * da + 0.5)
-        ib = src_kji[b_ax] - math.floor(n_src * db + 0.5)
-        n_after = 0
-        for n in range(n_src + 1, n_m):
-            ja, jb = ia + math.floor(n * da + 0.5), ib + math.floor(n * db + 0.5)
-            if not (0 <= ja < shape[a_ax] and 0 <= jb < shape[b_ax]):
-                break
-            n_after += 1
-        x = rates * step
-        leak = np.sum(amps[ring[d]] / rates * -np.expm1(-x) * np.exp(-x * n_after))
-        total += amps[ring[d]].sum() - leak / step
-    return total
+    return sum(_kept_energy(dirs[d], amps[ring[d]], kernel.rates_per_cm, grid.shape, grid.spacing_mm, src_kji)
+               for d in range(dirs.shape[0]))
 
 
 @pytest.mark.parametrize("src", [(15, 15, 15), (3, 20, 27)])
@@ -570,21 +572,7 @@ def test_shared_directions_conserve_energy(kernel, neighbours):
     amps = kernel.amplitudes / kernel.n_azimuth
     rates = kernel.rates_per_cm
     def kept(v, p):  # energy of ring p's cone released along v that stays in the grid
-        m, sgn, da, db, step = direction_geometry(v, g.spacing_mm)
-        a_ax, b_ax = [ax for ax in range(3) if ax != m]
-        n_m = g.shape[m]
-        n_src = src[m] if sgn > 0 else n_m - 1 - src[m]
-        ia = src[a_ax] - math.floor(n_src * da + 0.5)
-        ib = src[b_ax] - math.floor(n_src * db + 0.5)
-        n_after = 0
-        for n in range(n_src + 1, n_m):
-            ja, jb = ia + math.floor(n * da + 0.5), ib + math.floor(n * db + 0.5)
-            if not (0 <= ja < g.shape[a_ax] and 0 <= jb < g.shape[b_ax]):
-                break
-            n_after += 1
-        x = rates * step
-        leak = np.sum(amps[p] / rates * -np.expm1(-x) * np.exp(-x * n_after)) / step
-        return amps[p].sum() - leak
+        return _kept_energy(v, amps[p], rates, g.shape, g.spacing_mm, src)
 
     expected = 0.0
     for b, t in zip(beams, (1.0, 0.5)):

@@ -437,13 +437,12 @@ def _ccc_dose(dens_vol, seq, beam):
     from tomodose.terma import compute_terma
     from tomodose.transport import collapsed_cone_dose
 
-    from tomodose.dose.engine import engine_kernel
+    from tomodose.dose.engine import engine_kernel, terma_energy_edges_mev
 
     # the collapsed cone as the engine runs it: energy-group TERMA with the grouped kernel
     kernel = engine_kernel()
-    edges = np.array(kernel.group_edges_mev)
-    edges[0], edges[-1] = 0.0, 1e3
-    t = compute_terma(dens_vol, seq, beam, n_subsamples=1, energy_group_edges_mev=edges, progress=False)
+    t = compute_terma(dens_vol, seq, beam, n_subsamples=1, energy_group_edges_mev=terma_energy_edges_mev(kernel),
+                      progress=False)
     src = source_position_patient(seq.gantry_angle_deg[0], seq.couch_mm[0], seq.isocentre_lps_mm)
     return collapsed_cone_dose(t.per_group[0], dens_vol.array, dens_vol.grid, source_position_mm=src, kernel=kernel,
                                progress=False)

@@ -95,19 +95,35 @@ def _leaf_direct(u, s, a, e0, w, phi):
 
 
 @numba.njit(**NUMBA_OPTIONS)
+def _level_coordinate(q, n_lev):
+    """Lower table level ``q0`` and weight ``f`` of the upper one for level coordinate ``q`` (clamped)."""
+    if q <= 0.0:
+        return 0, 0.0
+    if q >= n_lev - 1:
+        return n_lev - 2, 1.0
+    q0 = int(q)
+    return q0, q - q0
+
+
+@numba.njit(**NUMBA_OPTIONS)
+def _level_position(u, u_max, lev_off, lev_h, lev_n, lq):
+    """Table column ``base`` and weight ``fu`` of ``base + 1`` for position ``u`` (mm) in level ``lq``
+    (clamped to the level's ends)."""
+    xq = (u + u_max) * lev_h[lq]
+    nq = lev_n[lq]
+    if xq <= 0.0:
+        return lev_off[lq], 0.0
+    if xq >= nq - 1:
+        return lev_off[lq] + nq - 2, 1.0
+    jj = int(xq)
+    return lev_off[lq] + jj, xq - jj
+
+
+@numba.njit(**NUMBA_OPTIONS)
 def _leaf_table(u, q, tab, lev_off, lev_h, lev_n, u_max):
     """Linear interpolation of the aperture table in u and in the level coordinate ``q``
     (``lev_h``: inverse u step of each level, 1/mm)."""
-    n_lev = lev_off.shape[0]
-    if q <= 0.0:
-        q0 = 0
-        f = 0.0
-    elif q >= n_lev - 1:
-        q0 = n_lev - 2
-        f = 1.0
-    else:
-        q0 = int(q)
-        f = q - q0
+    q0, f = _level_coordinate(q, lev_off.shape[0])
     out = 0.0
     for dq in range(2):
         wq = (1.0 - f) if dq == 0 else f
@@ -702,30 +718,9 @@ def _cluster_row(out, is_, m0, m1, j, k, origin, spacing, depth_t, rho_t, s0, xg
                 kind_v[i] = 2
                 x = sl2 / su2
                 lg = sig[1, i] + log2_lat + 0.5 * _INV_LN2 * (x - 0.5 * x * x)
-                qq = (lg - log2_s0) * lpo
-                if qq <= 0.0:
-                    q0 = 0
-                    fq = 0.0
-                elif qq >= n_lev - 1:
-                    q0 = n_lev - 2
-                    fq = 1.0
-                else:
-                    q0 = int(qq)
-                    fq = qq - q0
+                q0, fq = _level_coordinate((lg - log2_s0) * lpo, n_lev)
                 for dq in range(2):
-                    lq = q0 + dq
-                    xq = (u + u_max) * lev_h[lq]
-                    nq = lev_n[lq]
-                    if xq <= 0.0:
-                        base = lev_off[lq]
-                        fu = 0.0
-                    elif xq >= nq - 1:
-                        base = lev_off[lq] + nq - 2
-                        fu = 1.0
-                    else:
-                        jj = int(xq)
-                        fu = xq - jj
-                        base = lev_off[lq] + jj
+                    base, fu = _level_position(u, u_max, lev_off, lev_h, lev_n, q0 + dq)
                     tb_v[i, 2 * dq] = base
                     lam_v[i, 2 * dq] = fu
                     lam_v[i, 2 * dq + 1] = (1.0 - fq) if dq == 0 else fq
@@ -995,35 +990,14 @@ def cluster_column_entries(count_only, counts, offsets, out_col, out_flat, out_v
                     else:
                         x = sl2 / su2
                         lg = sig[1, g] + log2_lat + 0.5 * _INV_LN2 * (x - 0.5 * x * x)
-                        qq = (lg - log2_s0) * lpo
-                        if qq <= 0.0:
-                            q0 = 0
-                            fq = 0.0
-                        elif qq >= n_lev - 1:
-                            q0 = n_lev - 2
-                            fq = 1.0
-                        else:
-                            q0 = int(qq)
-                            fq = qq - q0
+                        q0, fq = _level_coordinate((lg - log2_s0) * lpo, n_lev)
                         for l in range(la, lb + 1):
                             lam[g, l] = 0.0
                         for dq in range(2):
                             wq = (1.0 - fq) if dq == 0 else fq
                             if wq == 0.0:
                                 continue
-                            lq = q0 + dq
-                            xq = (u + u_max) * lev_h[lq]
-                            nq = lev_n[lq]
-                            if xq <= 0.0:
-                                base = lev_off[lq]
-                                fu = 0.0
-                            elif xq >= nq - 1:
-                                base = lev_off[lq] + nq - 2
-                                fu = 1.0
-                            else:
-                                jj = int(xq)
-                                fu = xq - jj
-                                base = lev_off[lq] + jj
+                            base, fu = _level_position(u, u_max, lev_off, lev_h, lev_n, q0 + dq)
                             for l in range(la, lb + 1):
                                 t0 = btab[l, base]
                                 lam[g, l] += wq * (t0 + fu * (btab[l, base + 1] - t0))

@@ -51,6 +51,17 @@ def _axis_alpha(p0, d, lo, step, n):
 
 
 @numba.njit(**NUMBA_OPTIONS)
+def _axis_step(p0, d, lo, step, idx):
+    """First plane crossing ``alpha`` after voxel ``idx``, ``alpha`` per voxel, and direction (-1, 0, 1)
+    of a line ``p0 + alpha d`` along one axis (planes at ``lo + n * step``)."""
+    if d > 0.0:
+        return (lo + (idx + 1) * step - p0) / d, step / d, 1
+    if d < 0.0:
+        return (lo + idx * step - p0) / d, -step / d, -1
+    return _BIG, _BIG, 0
+
+
+@numba.njit(**NUMBA_OPTIONS)
 def trace_segments(nz, ny, nx, ox, oy, oz, dx, dy, dz, x0, y0, z0, x1, y1, z1, out_index, out_length):
     """List the voxels crossed by the segment ``p0 -> p1`` and the path length in each.
 
@@ -92,42 +103,9 @@ def trace_segments(nz, ny, nx, ox, oy, oz, dx, dy, dz, x0, y0, z0, x1, y1, z1, o
     j = _first_index(y0 + a_min * ddy, ddy, ly, dy, ny)
     k = _first_index(z0 + a_min * ddz, ddz, lz, dz, nz)
     # next crossings and increments
-    if ddx > 0.0:
-        nax = (lx + (i + 1) * dx - x0) / ddx
-        dax = dx / ddx
-        si = 1
-    elif ddx < 0.0:
-        nax = (lx + i * dx - x0) / ddx
-        dax = -dx / ddx
-        si = -1
-    else:
-        nax = _BIG
-        dax = _BIG
-        si = 0
-    if ddy > 0.0:
-        nay = (ly + (j + 1) * dy - y0) / ddy
-        day = dy / ddy
-        sj = 1
-    elif ddy < 0.0:
-        nay = (ly + j * dy - y0) / ddy
-        day = -dy / ddy
-        sj = -1
-    else:
-        nay = _BIG
-        day = _BIG
-        sj = 0
-    if ddz > 0.0:
-        naz = (lz + (k + 1) * dz - z0) / ddz
-        daz = dz / ddz
-        sk = 1
-    elif ddz < 0.0:
-        naz = (lz + k * dz - z0) / ddz
-        daz = -dz / ddz
-        sk = -1
-    else:
-        naz = _BIG
-        daz = _BIG
-        sk = 0
+    nax, dax, si = _axis_step(x0, ddx, lx, dx, i)
+    nay, day, sj = _axis_step(y0, ddy, ly, dy, j)
+    naz, daz, sk = _axis_step(z0, ddz, lz, dz, k)
     a_cur = a_min
     count = 0
     while a_cur < a_max:
@@ -218,42 +196,12 @@ def trace_pairs_from_voxel(nz, ny, nx, ox, oy, oz, dx, dy, dz, i, j, k, x1, y1, 
     _, ay1 = _axis_alpha(y0, ddy, ly, dy, ny)
     _, az1 = _axis_alpha(z0, ddz, lz, dz, nz)
     a_max = min(1.0, ax1, ay1, az1)
-    if ddx > 0.0:
-        nax = (lx + (i + 1) * dx - x0) / ddx
-        dax = dx / ddx
-        si = 1
-    elif ddx < 0.0:
-        nax = (lx + i * dx - x0) / ddx
-        dax = -dx / ddx
-        si = -1
-    else:
-        nax = _BIG
-        dax = _BIG
-        si = 0
-    if ddy > 0.0:
-        nay = (ly + (j + 1) * dy - y0) / ddy
-        day = dy / ddy
-        sj = nx
-    elif ddy < 0.0:
-        nay = (ly + j * dy - y0) / ddy
-        day = -dy / ddy
-        sj = -nx
-    else:
-        nay = _BIG
-        day = _BIG
-        sj = 0
-    if ddz > 0.0:
-        naz = (lz + (k + 1) * dz - z0) / ddz
-        daz = dz / ddz
-        sk = nx * ny
-    elif ddz < 0.0:
-        naz = (lz + k * dz - z0) / ddz
-        daz = -dz / ddz
-        sk = -nx * ny
-    else:
-        naz = _BIG
-        daz = _BIG
-        sk = 0
+    # flat-index strides: +-1 along x, +-nx along y, +-nx*ny along z
+    nax, dax, si = _axis_step(x0, ddx, lx, dx, i)
+    nay, day, sj = _axis_step(y0, ddy, ly, dy, j)
+    naz, daz, sk = _axis_step(z0, ddz, lz, dz, k)
+    sj *= nx
+    sk *= nx * ny
     # remaining voxels along each axis before the ray leaves the grid
     ni = nx - 1 - i if si > 0 else (i if si < 0 else nx)
     nj = ny - 1 - j if sj > 0 else (j if sj < 0 else ny)

@@ -46,6 +46,16 @@ _SQRT2 = math.sqrt(2.0)
 
 
 @numba.njit(**NUMBA_OPTIONS)
+def _step_hoisted(x, lim, inv):
+    """``edge(x, sigma, cutoff)`` for sigma > 0 with ``lim = cutoff * sigma`` and ``inv = 1/(sqrt2 sigma)``."""
+    if x > lim:
+        return 1.0
+    if x < -lim:
+        return 0.0
+    return 0.5 * (1.0 + math.erf(x * inv))
+
+
+@numba.njit(**NUMBA_OPTIONS)
 def jaw_profile(v, half, sigma, lim, inv):
     """``Phi((v + half)/sigma) - Phi((v - half)/sigma)`` (``lim = cutoff * sigma``, ``inv = 1/(sqrt2 sigma)``).
 
@@ -54,21 +64,7 @@ def jaw_profile(v, half, sigma, lim, inv):
     """
     if sigma == 0.0:
         return edge(v + half, 0.0, 0.0) - edge(v - half, 0.0, 0.0)
-    x1 = v + half
-    x2 = v - half
-    if x1 > lim:
-        p1 = 1.0
-    elif x1 < -lim:
-        p1 = 0.0
-    else:
-        p1 = 0.5 * (1.0 + math.erf(x1 * inv))
-    if x2 > lim:
-        p2 = 1.0
-    elif x2 < -lim:
-        p2 = 0.0
-    else:
-        p2 = 0.5 * (1.0 + math.erf(x2 * inv))
-    return p1 - p2
+    return _step_hoisted(v + half, lim, inv) - _step_hoisted(v - half, lim, inv)
 
 
 @numba.njit(**NUMBA_OPTIONS)

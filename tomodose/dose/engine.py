@@ -69,6 +69,17 @@ def engine_kernel(kernel=None):
     return load_kernel(CCC_KERNEL_NAME) if kernel is None else kernel
 
 
+def terma_energy_edges_mev(kernel) -> np.ndarray:
+    """Energy-group edges (MeV) to split TERMA by for an energy-grouped kernel.
+
+    The kernel's edges with the outer groups opened (0 and 1000 MeV), so the lowest and highest
+    groups take every spectral line below and above the inner edges, whatever the spectrum.
+    """
+    edges = np.array(kernel.group_edges_mev, dtype=np.float64)
+    edges[0], edges[-1] = 0.0, max(float(edges[-1]), 1.0e3)
+    return edges
+
+
 def _ccc_engine(patient: PatientModel, seq: ProjectionSequence, *, beam_model=None, kernel=None,
                 progress=None, n_subsamples: int | None = None, angle_groups: int | None = None,
                 grouping: str = "angle", tilt: str = "auto", shared_from_deg=DEFAULT,
@@ -80,10 +91,7 @@ def _ccc_engine(patient: PatientModel, seq: ProjectionSequence, *, beam_model=No
     kernel = engine_kernel(kernel)
     sub_kw = {} if n_subsamples is None else {"n_subsamples": n_subsamples}
     if getattr(kernel, "n_groups", 0):
-        # the outer groups take every line below / above the inner edges (any spectrum)
-        edges = np.array(kernel.group_edges_mev, dtype=np.float64)
-        edges[0], edges[-1] = 0.0, max(float(edges[-1]), 1.0e3)
-        sub_kw["energy_group_edges_mev"] = edges
+        sub_kw["energy_group_edges_mev"] = terma_energy_edges_mev(kernel)
     t0 = time.perf_counter()
     if grouping == "projection":
         units = []
