@@ -185,13 +185,15 @@ def test_clustered_columns_match_naive_twin():
                                   half_v=eng.jaw_h, r_v=r_v, threshold=thr, sad=850.0, sigma_mm=k.sigma_mm,
                                   depth_mm=k.depth_mm, amplitude_cm2_g=k.amplitude_cm2_g, e0=eng.e0, w=eng.w,
                                   s_leaf=eng.s_leaf, jaw_h=eng.jaw_h, s_jaw=eng.s_jaw, offc=eng.offc, soft=eng.soft,
-                                  rho_floor=0.05)
+                                  rho_floor=0.05, voxel_average=True)
     got = m.toarray()
     cmax = ref.max(axis=0)
     assert np.all(cmax > 0)
     # values: lookup tables vs exact error functions; entries near the cut may fall on either side
-    np.testing.assert_allclose(got, ref, rtol=0, atol=3e-3 * cmax.max())
+    # (kept by one, dropped by the other): compared where both keep them, and away from the cut
     near_cut = np.abs(np.where(got > 0, got, ref) - thr * cmax) < 3e-3 * cmax
+    both = (got > 0) & (ref > 0)
+    np.testing.assert_allclose(got[both | ~near_cut], ref[both | ~near_cut], rtol=0, atol=3e-3 * cmax.max())
     assert np.array_equal((got > 0) | near_cut, (ref > 0) | near_cut)
 
 

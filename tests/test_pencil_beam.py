@@ -77,8 +77,8 @@ def test_inplane_depth_matches_naive():
         np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-4)
 
 
-@pytest.mark.parametrize("model", ["ideal", "default"])
-def test_dose_matches_naive_twin(model):
+@pytest.mark.parametrize("model, voxel_average", [("ideal", True), ("default", True), ("default", False)])
+def test_dose_matches_naive_twin(model, voxel_average):
     rng = np.random.default_rng(7)
     g = Grid(shape=(4, 6, 5), spacing_mm=(9.0, 9.0, 7.0), origin_mm=(-18.0, -22.5, -10.5))
     rho = rng.uniform(0.2, 1.8, g.shape)
@@ -89,7 +89,7 @@ def test_dose_matches_naive_twin(model):
                              duration_s=[0.3, 0.4, 0.5], field_width_mm=25.0, arc_deg=[7.0, 7.0, 7.0],
                              couch_travel_mm=[1.0, 1.0, 1.0])
     dens = _density(g, rho)
-    got = pencil_beam_dose(dens, seq, beam, n_subsamples=2, progress=False)
+    got = pencil_beam_dose(dens, seq, beam, n_subsamples=2, progress=False, voxel_average=voxel_average)
     eng = _resolve(dens, seq, beam, None, 2, 0.05, None)
     maps = [eng.depth_map(int(eng.proj_group[p])).transpose(2, 0, 1) for p in eng.proj]
     a = beam.leaf_weights(f)[eng.proj]
@@ -97,9 +97,66 @@ def test_dose_matches_naive_twin(model):
     ref = naive.dose(rho, g.origin_mm, g.spacing_mm, eng.src, eng.xg, eng.yg, eng.zg, eng.dt, maps, a,
                      sad=850.0, sigma_mm=k.sigma_mm, depth_mm=k.depth_mm, amplitude_cm2_g=k.amplitude_cm2_g,
                      e0=eng.e0, w=eng.w, s_leaf=eng.s_leaf, jaw_h=eng.jaw_h, s_jaw=eng.s_jaw, offc=eng.offc,
-                     soft=eng.soft, rho_floor=0.05)
+                     soft=eng.soft, rho_floor=0.05, voxel_average=voxel_average)
     assert ref.max() > 0
-    # tables (erf lookup, aperture ladder) vs exact error functions
+    # tables (erf lookup, aperture ladder; voxel average of the wide Gaussians in the equal-variance
+    # form) vs exact error functions and exact box means
+    np.testing.assert_allclose(got, ref, rtol=0, atol=3e-3 * ref.max())
+
+
+def test_phi_mean_is_the_exact_box_mean():
+    """The closed-form box mean of the tabulated Phi (integral table) vs the exact mean of Phi."""
+    from tomodose._kernels.pencil_beam import _phi_mean, phi_integral_table, phi_table
+
+    phi = phi_table()
+    cphi = phi_integral_table(phi)
+    rng = np.random.default_rng(2)
+    for x, h in zip(rng.uniform(-12, 12, 400), np.concatenate([rng.uniform(0, 6, 390), [0, 1e-5, 1e-4, 2e-4,
+                                                                                          20, 9, 8, 7.9, 30, 50]])):
+        ref = naive._step_mean(x, 1.0, h)
+        assert _phi_mean(x, h, phi, cphi) == pytest.approx(float(ref), abs=3e-7)
+    # saturation beyond the table: exact 0 and 1
+    assert _phi_mean(-30.0, 2.0, phi, cphi) == 0.0
+    assert _phi_mean(30.0, 2.0, phi, cphi) == 1.0
+
+
+@pytest.mark.parametrize("axis", ["jaw", "leaf"])
+def test_voxel_average_is_the_mean_over_sub_voxels(axis):
+    """In water (depth and lateral scaling equal across the sub-voxels), the voxel-averaged dose of
+    a thick voxel equals the mean of the centre-sampled doses of thin sub-voxels along the averaged
+    axis (jaw axis = z, 10 mm jaw; across the fan = x at gantry 0, alternating leaves)."""
+    n_sub = 9
+    f = np.zeros((1, 64))
+    if axis == "jaw":  # 10 mm jaw, the fan open wide around x = 0 (flat across the fan)
+        f[0, 24:40] = 1.0
+        width, couch = 10.0, 3.0
+    else:  # alternating leaves, 50 mm jaw (flat along z near z = 0)
+        f[0, 26:38:2] = 1.0
+        width, couch = 50.0, 0.0
+    seq = ProjectionSequence(gantry_angle_deg=[0.0], couch_mm=[couch], leaf_open_fraction=f, duration_s=[1.0],
+                             field_width_mm=width, arc_deg=[0.0], couch_travel_mm=[0.0])
+    if axis == "jaw":
+        coarse = Grid(shape=(8, 6, 3), spacing_mm=(4.0, 20.0, 5.0), origin_mm=(-4.0, -50.0, -17.5))
+        fine = Grid(shape=(8 * n_sub, 6, 3), spacing_mm=(4.0, 20.0, 5.0 / n_sub),
+                    origin_mm=(-4.0, -50.0, -20.0 + 2.5 / n_sub))
+        ax = 0
+    else:
+        coarse = Grid(shape=(2, 6, 12), spacing_mm=(5.0, 20.0, 2.0), origin_mm=(-27.5, -50.0, -1.0))
+        fine = Grid(shape=(2, 6, 12 * n_sub), spacing_mm=(5.0 / n_sub, 20.0, 2.0),
+                    origin_mm=(-30.0 + 2.5 / n_sub, -50.0, -1.0))
+        ax = 2
+    beam = BeamModel.default()
+    got = pencil_beam_dose(_density(coarse, np.ones(coarse.shape)), seq, beam, leaf_model="linear",
+                           progress=False)
+    sub = pencil_beam_dose(_density(fine, np.ones(fine.shape)), seq, beam, leaf_model="linear", progress=False,
+                           voxel_average=False)
+    shape = list(coarse.shape)
+    shape.insert(ax + 1, n_sub)
+    ref = sub.reshape(shape).mean(axis=ax + 1)
+    centre = pencil_beam_dose(_density(coarse, np.ones(coarse.shape)), seq, beam, leaf_model="linear",
+                              progress=False, voxel_average=False)
+    # the centre sample misses the sub-voxel mean by several % of the max; the average does not
+    assert np.abs(centre - ref).max() > 0.02 * ref.max()
     np.testing.assert_allclose(got, ref, rtol=0, atol=3e-3 * ref.max())
 
 
@@ -169,10 +226,11 @@ def _random_case(seed=5, n=30):
 def test_clustered_equals_exact(n_sub):
     """Without a far-field step the clustered evaluation is the exact model, samples regrouped."""
     dens, plan = _random_case()
-    for leaf_model in ("beam", "linear"):
-        exact = pencil_beam_dose(dens, plan, leaf_model=leaf_model, n_subsamples=n_sub, progress=False)
+    for leaf_model, vavg in (("beam", True), ("linear", True), ("beam", False)):
+        exact = pencil_beam_dose(dens, plan, leaf_model=leaf_model, n_subsamples=n_sub, progress=False,
+                                 voxel_average=vavg)
         cl = pencil_beam_dose(dens, plan, leaf_model=leaf_model, n_subsamples=n_sub, method="clustered",
-                              progress=False)
+                              progress=False, voxel_average=vavg)
         assert exact.max() > 0
         np.testing.assert_allclose(cl, exact, rtol=1e-5, atol=1e-6 * exact.max())
 
@@ -196,7 +254,7 @@ def test_clustered_static_beams_and_naive_twin():
     ref = naive.dose(rho, g.origin_mm, g.spacing_mm, eng.src, eng.xg, eng.yg, eng.zg, eng.dt, maps,
                      beam.leaf_weights(f)[eng.proj], sad=850.0, sigma_mm=k.sigma_mm, depth_mm=k.depth_mm,
                      amplitude_cm2_g=k.amplitude_cm2_g, e0=eng.e0, w=eng.w, s_leaf=eng.s_leaf, jaw_h=eng.jaw_h,
-                     s_jaw=eng.s_jaw, offc=eng.offc, soft=eng.soft, rho_floor=0.05)
+                     s_jaw=eng.s_jaw, offc=eng.offc, soft=eng.soft, rho_floor=0.05, voxel_average=True)
     np.testing.assert_allclose(got, ref, rtol=0, atol=3e-3 * ref.max())
     np.testing.assert_allclose(got, pencil_beam_dose(dens, seq, beam, n_subsamples=2, progress=False),
                                rtol=1e-5, atol=1e-6 * ref.max())
@@ -244,7 +302,7 @@ def test_cluster_level_difference_matches_naive_twin():
     maps = [depth.transpose(2, 0, 1)] * s.size
     kw = dict(sad=850.0, sigma_mm=k.sigma_mm, depth_mm=k.depth_mm, amplitude_cm2_g=k.amplitude_cm2_g, e0=eng.e0,
               w=eng.w, s_leaf=eng.s_leaf, jaw_h=eng.jaw_h, s_jaw=eng.s_jaw, offc=eng.offc, soft=eng.soft,
-              rho_floor=0.05)
+              rho_floor=0.05, voxel_average=True)
     args = (rho, g.origin_mm, g.spacing_mm, eng.src[s], eng.xg[s], eng.yg[s], eng.zg[s], eng.dt[s], maps,
             a[eng.proj[s]])
     u_lo, u_hi = geo[8], geo[9]
@@ -530,4 +588,11 @@ def test_bad_inputs():
         beamlet_dose(dens, plan, 0, 64)
     with pytest.raises(ValueError, match="projection must be an integer"):
         beamlet_dose(dens, plan, -1, 3)
+    with pytest.raises(TypeError, match="voxel_average must be True or False"):
+        pencil_beam_dose(dens, plan, voxel_average="yes", progress=False)
+    big = Grid(shape=(2, 3, 3), spacing_mm=(60.0, 60.0, 60.0), origin_mm=(-60.0, -60.0, -30.0))
+    with pytest.raises(ValueError, match="too large for voxel_average=True"):
+        pencil_beam_dose(_density(big, np.ones(big.shape)), plan, method="clustered", progress=False)
+    assert pencil_beam_dose(_density(big, np.ones(big.shape)), plan, method="clustered", progress=False,
+                            voxel_average=False).max() > 0
     assert DOSE_UNIT == "cm2/g*s"

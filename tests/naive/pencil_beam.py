@@ -4,7 +4,8 @@
   midpoint lookup) from every voxel centre to the source.
 * :func:`dose` - loop over samples and voxels with exact error functions (``scipy.special.ndtr``)
   and the explicit leaf sum ``sum_l a_l [Phi((u - e_l)/s) - Phi((u - e_{l+1})/s)]`` (no tables);
-  the twin of both the per-sample and the angle-clustered kernels (same model); with
+  the twin of both the per-sample and the angle-clustered kernels (same model); ``voxel_average``
+  averages the jaw profile and the leaf edges exactly over the voxel's projected extent; with
   ``n_gaussians`` and ``window`` it is also the twin of one windowed level of the clustered fast
   path (``cluster_dose_lattice``: level m minus level m - 1 = two windowed calls subtracted).
 * :func:`trilinear` - trilinear interpolation from a node lattice, voxel by voxel.
@@ -53,19 +54,41 @@ def inplane_depth(density, origin, spacing, source_xy):
     return out
 
 
-def _leaf(u, s, a, e0, w):
+def _step_mean(x, s, half):
+    """Mean of Phi(t / s) over t in [x - half, x + half] (exact: antiderivative t Phi(t/s) + s phi(t/s))."""
+    x = np.asarray(x, dtype=float)
+    if half <= 0:
+        return ndtr(x / s)
+
+    def g(t):
+        return t * ndtr(t / s) + s * np.exp(-0.5 * (t / s) ** 2) / math.sqrt(2 * math.pi)
+
+    return (g(x + half) - g(x - half)) / (2 * half)
+
+
+def _leaf(u, s, a, e0, w, half=0.0):
     edges = e0 + w * np.arange(a.size + 1)
     if s <= 0:
         cdf = (u - edges > 0).astype(float)
     else:
-        cdf = ndtr((u - edges) / s)
+        cdf = _step_mean(u - edges, s, half)
     return float(np.sum(a * (cdf[:-1] - cdf[1:])))
 
 
+def _half(ax, spacing):
+    """Half-width of the box of equal variance of a voxel projected on the unit axis ``ax``."""
+    return 0.5 * math.sqrt(sum((float(ax[c]) * float(spacing[c])) ** 2 for c in range(3)))
+
+
 def dose(density, origin, spacing, src, xg, yg, zg, dt, depth_maps, a, *, sad, sigma_mm, depth_mm,
-         amplitude_cm2_g, e0, w, s_leaf, jaw_h, s_jaw, offc, soft, rho_floor, n_gaussians=None, window=None):
+         amplitude_cm2_g, e0, w, s_leaf, jaw_h, s_jaw, offc, soft, rho_floor, n_gaussians=None, window=None,
+         voxel_average=False):
     """Dose (cm2/g*s) of samples ``s`` with geometry ``src[s], xg[s], ...``, weights ``dt[s]``,
     radiological depth maps ``depth_maps[s]`` (nz, ny, nx) and leaf weights ``a[s]`` (n_leaves,).
+
+    ``voxel_average``: the jaw profile and every leaf edge of every Gaussian are averaged exactly
+    (antiderivative of the blurred step) over ``[u - au, u + au]``, ``[v - av, v + av]``, with
+    ``au, av`` the voxel's equal-variance half-widths along ``xg``, ``yg`` times ``sad / den``.
 
     ``n_gaussians``: only the first (narrowest) Gaussians. ``window = (u_lo (n_s,), u_hi (n_s,), r_u,
     v_half, r_v)``: sample ``s`` only where ``u_lo[s] - r_u c <= u <= u_hi[s] + r_u c`` and
@@ -74,6 +97,8 @@ def dose(density, origin, spacing, src, xg, yg, zg, dt, depth_maps, a, *, sad, s
     out = np.zeros(density.shape)
     dz_tab = depth_mm[1] - depth_mm[0]
     for s in range(src.shape[0]):
+        hu = _half(xg[s], spacing) if voxel_average else 0.0
+        hv = _half(yg[s], spacing) if voxel_average else 0.0
         for k in range(nz):
             for j in range(ny):
                 for i in range(nx):
@@ -101,9 +126,10 @@ def dose(density, origin, spacing, src, xg, yg, zg, dt, depth_maps, a, *, sad, s
                             amp = amplitude_cm2_g[-1, g] * min(ratio, 1.0) ** ((dd - depth_mm[-1]) / dz_tab)
                         su = sig * sad / (rho * den)
                         sv = math.hypot(su, s_jaw)
-                        jv = ndtr((v + jaw_h) / sv) - ndtr((v - jaw_h) / sv)
+                        av = hv * sad / den
+                        jv = _step_mean(v + jaw_h, sv, av) - _step_mean(v - jaw_h, sv, av)
                         sl = math.hypot(su, s_leaf)
-                        total += amp * jv * _leaf(u, sl, a[s], e0, w)
+                        total += amp * jv * _leaf(u, sl, a[s], e0, w, hu * sad / den)
                     out[k, j, i] += dt[s] * total * h * off * (sad / r) ** 2
     return out
 

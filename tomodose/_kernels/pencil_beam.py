@@ -54,6 +54,14 @@ def phi_table() -> np.ndarray:
     return out
 
 
+def phi_integral_table(phi: np.ndarray) -> np.ndarray:
+    """Running integral of the piecewise-linear :func:`phi_table` from ``-PHI_X`` to each table point
+    (trapezoids: exact for the linear interpolant), same length as ``phi``."""
+    out = np.zeros(phi.shape[0])
+    out[1:] = np.cumsum(0.5 * (phi[1:] + phi[:-1])) / PHI_PER_UNIT
+    return out
+
+
 @numba.njit(**NUMBA_OPTIONS)
 def _phi(x, phi):
     """Phi(x) by linear interpolation in :func:`phi_table` (error 1.2e-7); 0 / 1 beyond +-PHI_X.
@@ -69,11 +77,63 @@ def _phi(x, phi):
     return phi[j] + f * (phi[j + 1] - phi[j])
 
 
+#: below this half-width (in units of the Gaussian width) :func:`_phi_mean` returns the centre value
+#: (they differ by less than 1e-9 there; the difference of two integrals would lose digits instead).
+MIN_MEAN_HALF = 1e-4
+
+
 @numba.njit(**NUMBA_OPTIONS)
-def _leaf_direct(u, s, a, e0, w, phi):
-    """sum_l a_l [Phi((u - e_l)/s) - Phi((u - e_{l+1})/s)] with edges e_m = e0 + m w."""
+def _phi_int(x, phi, cphi):
+    """Integral from minus infinity to ``x`` of the interpolated Phi of :func:`_phi`: exact for the
+    piecewise-linear table (quadratic inside a table interval), 0 below the table and ``x`` - const
+    above it (Phi = 1 there). Branch-free like :func:`_phi`."""
+    t = (x + PHI_X) * PHI_PER_UNIT
+    t = min(max(t, 0.0), 2.0 * PHI_X * PHI_PER_UNIT)
+    j = int(t)
+    f = t - j
+    p0 = phi[j]
+    return cphi[j] + f * (p0 + 0.5 * f * (phi[j + 1] - p0)) * (1.0 / PHI_PER_UNIT) + max(x - PHI_X, 0.0)
+
+
+@numba.njit(**NUMBA_OPTIONS)
+def _phi_mean(x, half, phi, cphi):
+    """Mean of the interpolated Phi over ``[x - half, x + half]`` (``half`` >= 0, in Gaussian widths):
+    the box (voxel) average of a Gaussian-blurred edge, closed form (difference of
+    :func:`_phi_int`); the centre value :func:`_phi` for ``half < MIN_MEAN_HALF``."""
+    if half < MIN_MEAN_HALF:
+        return _phi(x, phi)
+    return (_phi_int(x + half, phi, cphi) - _phi_int(x - half, phi, cphi)) / (2.0 * half)
+
+
+@numba.njit(**NUMBA_OPTIONS)
+def _half_width(ax, spacing, vavg):
+    """Half-width (mm, at the voxel; times ``SAD / den`` for the isocentre plane) of the box of equal
+    variance of a voxel projected on the unit axis ``ax``: ``0.5 sqrt(sum_c (ax_c d_c)^2)`` (the
+    voxel's own half-size for an axis-aligned ``ax``, as the voxel-averaged TERMA), times ``vavg``
+    (0: centre sampling)."""
+    if vavg == 0.0:
+        return 0.0
+    return vavg * 0.5 * math.sqrt((ax[0] * spacing[0]) ** 2 + (ax[1] * spacing[1]) ** 2 + (ax[2] * spacing[2]) ** 2)
+
+
+@numba.njit(**NUMBA_OPTIONS)
+def _log2_total_width(su2, sl2, au, log2_su, x_small):
+    """log2 of the table width ``sqrt(su2 + sl2 + au^2 / 3)``: the Gaussian ``su``, the leaf edge ``sl``
+    and the box of half-width ``au`` (variance ``au^2 / 3``; the table's apertures are averaged over
+    the voxel in this equal-variance form, see docs/pencil_beam.md). ``au = 0``: the two-term series
+    in ``x_small = sl2 / su2`` of the centre-sampled model (unchanged arithmetic)."""
+    if au > 0.0:
+        return 0.5 * math.log2(su2 + sl2 + au * au * (1.0 / 3.0))
+    return log2_su + 0.5 * _INV_LN2 * (x_small - 0.5 * x_small * x_small)
+
+
+@numba.njit(**NUMBA_OPTIONS)
+def _leaf_direct(u, s, a, e0, w, phi, cphi, au):
+    """sum_l a_l [Phi((u - e_l)/s) - Phi((u - e_{l+1})/s)] with edges e_m = e0 + m w, each edge
+    averaged over ``[u - au, u + au]`` (:func:`_phi_mean`; ``au = 0``: at ``u``)."""
     n = a.shape[0]
-    reach = 7.5 * s
+    reach = 7.5 * s + au
+    hs = au / s
     m_lo = int(math.ceil((u - reach - e0) / w))
     m_hi = int(math.floor((u + reach - e0) / w))
     if m_lo < 0:
@@ -90,7 +150,7 @@ def _leaf_direct(u, s, a, e0, w, phi):
         left = a[m - 1] if m >= 1 else 0.0
         jump = right - left
         if jump != 0.0:
-            total += jump * _phi((u - (e0 + m * w)) / s, phi)
+            total += jump * _phi_mean((u - (e0 + m * w)) / s, hs, phi, cphi)
     return total
 
 
@@ -189,12 +249,15 @@ def _amplitude(amps, tail, i, k0, f, ext):
 
 @numba.njit(**NUMBA_OPTIONS)
 def voxel_value(u, v, r, den, d_rad, rho, leaf, sad, amps, dz_tab, tail, sig, a, tab, e0, w, s_leaf,
-                s_tab, lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi):
+                s_tab, lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi, cphi, au, av):
     """Dose per unit time of one sample at one voxel (cm2/g per unit energy-fluence rate).
 
     ``sig`` is (2, nG): Gaussian widths (mm of water) and their log2. ``leaf >= 0``: a single leaf
     with unit weight (``a`` must then be its unit vector; same value as the general sum);
-    ``leaf < 0``: the leaf weights ``a``.
+    ``leaf < 0``: the leaf weights ``a``. ``au, av``: half-widths (isocentre-plane mm) of the
+    voxel along the leaf and jaw axes: the jaw profile and the leaf profiles are averaged over
+    ``[u - au, u + au] x [v - av, v + av]`` (closed form, :func:`_phi_mean`; the aperture-table
+    Gaussians in the equal-variance form, :func:`_log2_total_width`); 0: sampled at ``(u, v)``.
     """
     off, hsoft, k0, f, ext = _offaxis_and_depth(u, sad, soft, offc, d_rad, dz_tab, amps.shape[0])
     lat = sad / (rho * den)  # isocentre-plane mm per mm of water
@@ -213,7 +276,8 @@ def voxel_value(u, v, r, den, d_rad, rho, leaf, sad, amps, dz_tab, tail, sig, a,
         if sv < 1e-9:
             sv = 1e-9
         isv = 1.0 / sv
-        jv = _phi((v + jaw_h) * isv, phi) - _phi((v - jaw_h) * isv, phi)
+        hj = av * isv
+        jv = _phi_mean((v + jaw_h) * isv, hj, phi, cphi) - _phi_mean((v - jaw_h) * isv, hj, phi, cphi)
         if jv <= 0.0:
             continue
         s2 = su2 + sl2
@@ -223,14 +287,14 @@ def voxel_value(u, v, r, den, d_rad, rho, leaf, sad, amps, dz_tab, tail, sig, a,
                 sl = 1e-9
             if leaf >= 0:
                 isl = 1.0 / sl
+                hl = au * isl
                 el = e0 + leaf * w
-                lu = _phi((u - el) * isl, phi) - _phi((u - el - w) * isl, phi)
+                lu = _phi_mean((u - el) * isl, hl, phi, cphi) - _phi_mean((u - el - w) * isl, hl, phi, cphi)
             else:
-                lu = _leaf_direct(u, sl, a, e0, w, phi)
+                lu = _leaf_direct(u, sl, a, e0, w, phi, cphi, au)
         else:
             # log2(sqrt(su2 + sl2)) = log2(su) + 0.5 log2(1 + x), x = sl2 / su2 <= (s_leaf / s_tab)^2
-            x = sl2 / su2
-            lg = sig[1, i] + log2_lat + 0.5 * _INV_LN2 * (x - 0.5 * x * x)
+            lg = _log2_total_width(su2, sl2, au, sig[1, i] + log2_lat, sl2 / su2)
             lu = _leaf_table(u, (lg - log2_s0) * lpo, tab, lev_off, lev_h, lev_n, u_max)
         total += amp * jv * lu
     return total * hsoft * off * (sad / r) ** 2
@@ -305,7 +369,7 @@ def inplane_depth(dens_t, ox, oy, dx, dy, sx, sy, out_t):
 def full_dose_group(dose, depth_t, rho_t, origin, spacing, src, xg, yg, zg, dt, proj_of_sample,
                     a_all, tab_all, u_lo, u_hi, v_reach, k_lo, k_hi, sad, amps, dz_tab, tail, sig,
                     e0, w, s_leaf, s_tab, lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw,
-                    offc, soft, phi):
+                    offc, soft, phi, cphi, vavg):
     """Add the dose of the samples of one angle group to ``dose`` (nz, ny, nx), float64.
 
     Parallel over slices (each thread owns whole slices: race-free, order fixed).
@@ -325,6 +389,8 @@ def full_dose_group(dose, depth_t, rho_t, origin, spacing, src, xg, yg, zg, dt, 
             a = a_all[p]
             tab = tab_all[p]
             sxx, syy, szz = src[s, 0], src[s, 1], src[s, 2]
+            hu = _half_width(xg[s], spacing, vavg)
+            hv = _half_width(yg[s], spacing, vavg)
             for j in range(ny):
                 y = oy + j * dy
                 # row: P(i) = (ox + i dx, y, z); d = P - src
@@ -348,9 +414,10 @@ def full_dose_group(dose, depth_t, rho_t, origin, spacing, src, xg, yg, zg, dt, 
                     if abs(v) > v_reach:
                         continue
                     r = math.sqrt(ddx * ddx + d0y * d0y + d0z * d0z)
+                    sc = sad / den
                     val = voxel_value(u, v, r, den, depth_t[j, i, k], rho_t[j, i, k], -1, sad, amps, dz_tab,
                                       tail, sig, a, tab, e0, w, s_leaf, s_tab, lev_off, lev_h, lev_n,
-                                      log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi)
+                                      log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi, cphi, hu * sc, hv * sc)
                     dose[k, j, i] += dt[s] * val
 
 
@@ -421,7 +488,7 @@ def beamlet_columns(out_idx, out_val, offsets, kept, beam_proj, beam_leaf, samp_
                     depth_all, rho_t, origin, spacing, shape, src, xg, yg, zg, dt, leaf_uc, half_u, r_u, half_v,
                     r_v, den_min, k_lo, k_hi, threshold, n_workers, scratch, mark, wbuf, sad, amps, dz_tab, tail,
                     sig, unit_a, btab, e0, w, s_leaf, s_tab, lev_off, lev_h, lev_n, log2_s0, lpo, u_max,
-                    jaw_h, s_jaw, offc, soft, phi):
+                    jaw_h, s_jaw, offc, soft, phi, cphi, vavg):
     """Columns of the influence matrix for a chunk of beamlets.
 
     Worker ``q`` (0..n_workers-1) handles beamlets q, q + n_workers, ... with its own dense
@@ -450,6 +517,8 @@ def beamlet_columns(out_idx, out_val, offsets, kept, beam_proj, beam_leaf, samp_
                 n_w = _beamlet_window(buf[n_t:], False, origin, spacing, shape, src[s], xg[s], yg[s], zg[s],
                                       leaf_uc[l], half_u, r_u, half_v, r_v, k_lo[s], k_hi[s], sad, den_min)
                 sxx, syy, szz = src[s, 0], src[s, 1], src[s, 2]
+                hu = _half_width(xg[s], spacing, vavg)
+                hv = _half_width(yg[s], spacing, vavg)
                 for t in range(n_t, n_t + n_w):
                     flat = buf[t]
                     i = flat % nx
@@ -465,7 +534,7 @@ def beamlet_columns(out_idx, out_val, offsets, kept, beam_proj, beam_leaf, samp_
                     r = math.sqrt(ddx * ddx + ddy * ddy + ddz * ddz)
                     val = voxel_value(u, v, r, den, depth_all[g, j, i, k], rho_t[j, i, k], l, sad, amps, dz_tab,
                                       tail, sig, a, tab, e0, w, s_leaf, s_tab, lev_off, lev_h, lev_n,
-                                      log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi)
+                                      log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi, cphi, hu * sc, hv * sc)
                     acc[flat] += dt[s] * val
                 if n_samp > 1:
                     # keep each voxel once in buf
@@ -505,7 +574,8 @@ def beamlet_columns(out_idx, out_val, offsets, kept, beam_proj, beam_leaf, samp_
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
 def beamlet_node_values(out, beam_proj, beam_leaf, samp_start, samp_stop, node_flat, depth_t, rho_t, origin,
                         spacing, shape, src, xg, yg, zg, dt, sad, amps, dz_tab, tail, sig, unit_a, btab, e0, w,
-                        s_leaf, s_tab, lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi):
+                        s_leaf, s_tab, lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi,
+                        cphi, vavg):
     """Full (unwindowed, unthresholded) dose of each beamlet at the voxels ``node_flat``.
 
     ``out`` (n_beamlets, n_nodes) float64 is overwritten; parallel over beamlets (disjoint rows).
@@ -520,6 +590,8 @@ def beamlet_node_values(out, beam_proj, beam_leaf, samp_start, samp_stop, node_f
         for n in range(node_flat.shape[0]):
             out[b, n] = 0.0
         for s in range(samp_start[p], samp_stop[p]):
+            hu = _half_width(xg[s], spacing, vavg)
+            hv = _half_width(yg[s], spacing, vavg)
             for n in range(node_flat.shape[0]):
                 flat = node_flat[n]
                 i = flat % nx
@@ -537,14 +609,14 @@ def beamlet_node_values(out, beam_proj, beam_leaf, samp_start, samp_stop, node_f
                 r = math.sqrt(ddx * ddx + ddy * ddy + ddz * ddz)
                 val = voxel_value(u, v, r, den, depth_t[j, i, k], rho_t[j, i, k], l, sad, amps, dz_tab, tail, sig,
                                   a, tab, e0, w, s_leaf, s_tab, lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h,
-                                  s_jaw, offc, soft, phi)
+                                  s_jaw, offc, soft, phi, cphi, hu * sc, hv * sc)
                 out[b, n] += dt[s] * val
 
 
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
 def node_dose_group(out, node_flat, depth_t, rho_t, origin, spacing, shape, src, xg, yg, zg, dt, proj_of_sample,
                     a_all, tab_all, u_lo, u_hi, v_reach, sad, amps, dz_tab, tail, sig, e0, w, s_leaf, s_tab,
-                    lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi):
+                    lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi, cphi, vavg):
     """Add the dose of one angle group's samples at the voxels ``node_flat`` to ``out`` (n_nodes,).
 
     Same window rule as :func:`full_dose_group` (``u_lo <= u <= u_hi``, ``|v| <= v_reach``);
@@ -573,25 +645,28 @@ def node_dose_group(out, node_flat, depth_t, rho_t, origin, spacing, shape, src,
                 continue
             r = math.sqrt(ddx * ddx + ddy * ddy + ddz * ddz)
             p = proj_of_sample[s]
+            hu = _half_width(xg[s], spacing, vavg)
+            hv = _half_width(yg[s], spacing, vavg)
             acc += dt[s] * voxel_value(u, v, r, den, depth_t[j, i, k], rho_t[j, i, k], -1, sad, amps, dz_tab, tail,
                                        sig, a_all[p], tab_all[p], e0, w, s_leaf, s_tab, lev_off, lev_h, lev_n,
-                                       log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi)
+                                       log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi, cphi, hu * sc, hv * sc)
         out[n] += acc
 
 
 # ---------------------------------------------------------------------------------------------
 # angle-clustered evaluation: one pass per voxel for all projections sharing a beam orientation
 # ---------------------------------------------------------------------------------------------
-#: most leaves an error-function ("direct") Gaussian can touch at one voxel (7.5 s_tab / w + 3).
-MAX_DIRECT_LEAVES = 16
+#: most leaves an error-function ("direct") Gaussian can touch at one voxel
+#: ((15 s_tab + 2 au) / w + 3, ``au`` the voxel-average half-width; checked by the caller).
+MAX_DIRECT_LEAVES = 24
 
 
 @numba.njit(**NUMBA_OPTIONS)
 def _cluster_row(out, is_, m0, m1, j, k, origin, spacing, depth_t, rho_t, s0, xg, yg, zg, t_p, dt_p, a_c, tab_c, u_lo_p,
                  u_hi_p, r_u, v_half, r_v, r_u0, v_half0, r_v0, g_mid, g_hi, sad, amps, dz_tab, tail, sig, e0, w,
                  s_leaf, s_tab, lev_off,
-                 lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi, amp_v, isv_v, kind_v, lam_v, l0_v,
-                 nl_v, tb_v):
+                 lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi, cphi, hu, hv, amp_v, isv_v, hj_v,
+                 kind_v, lam_v, l0_v, nl_v, tb_v):
     """Dose of all samples of one cluster (same beam axes; sources ``s0 + t_p yg``) at the voxels
     ``(k, j, is_[m])`` for ``m0 <= m <= m1``, added to ``out[m]``.
 
@@ -611,7 +686,9 @@ def _cluster_row(out, is_, m0, m1, j, k, origin, spacing, depth_t, rho_t, s0, xg
 
     i.e. Gaussians ``g_mid <= i < g_hi`` with coefficient ``[p in W]`` and ``i < g_mid`` with
     ``[p in W] - [p in W0]``; ``g_mid = 0``: one windowed sum (``W0`` unused).
-    ``amp_v ... tb_v`` are per-thread scratch arrays.
+    ``hu, hv``: the voxel's half-widths along ``xg`` and ``yg`` (:func:`_half_width`; the profiles are
+    averaged over ``hu SAD / den`` and ``hv SAD / den`` in the isocentre plane, as in
+    :func:`voxel_value`). ``amp_v ... tb_v`` are per-thread scratch arrays.
     """
     py = origin[1] + j * spacing[1]
     pz = origin[2] + k * spacing[2]
@@ -630,6 +707,8 @@ def _cluster_row(out, is_, m0, m1, j, k, origin, spacing, depth_t, rho_t, s0, xg
         yy = dx0 * yg[0] + dy0 * yg[1] + dz0 * yg[2]
         sc = sad / den
         u = xx * sc
+        au = hu * sc
+        av = hv * sc
         n_s = t_p.shape[0]
         ru = r_u * sc
         v_reach = v_half + r_v * sc
@@ -638,10 +717,10 @@ def _cluster_row(out, is_, m0, m1, j, k, origin, spacing, depth_t, rho_t, s0, xg
         # first Gaussian with a nonzero coefficient for some sample (g_hi: none)
         g_start = g_hi
         for p in range(n_s):
-            av = abs((yy - t_p[p]) * sc)
-            inw = u_lo_p[p] - ru <= u <= u_hi_p[p] + ru and av <= v_reach
+            av_p = abs((yy - t_p[p]) * sc)
+            inw = u_lo_p[p] - ru <= u <= u_hi_p[p] + ru and av_p <= v_reach
             if g_mid > 0:
-                in0 = u_lo_p[p] - ru0 <= u <= u_hi_p[p] + ru0 and av <= v_reach0
+                in0 = u_lo_p[p] - ru0 <= u <= u_hi_p[p] + ru0 and av_p <= v_reach0
                 if inw != in0:
                     g_start = 0
                     break
@@ -670,6 +749,7 @@ def _cluster_row(out, is_, m0, m1, j, k, origin, spacing, depth_t, rho_t, s0, xg
             if sv < 1e-9:
                 sv = 1e-9
             isv_v[i] = 1.0 / sv
+            hj_v[i] = av / sv
             s2 = su2 + sl2
             if s2 < st2:
                 # leaf profiles Lambda_l(u) of the leaves this Gaussian reaches (cf. _leaf_direct)
@@ -677,8 +757,9 @@ def _cluster_row(out, is_, m0, m1, j, k, origin, spacing, depth_t, rho_t, s0, xg
                 if sl < 1e-9:
                     sl = 1e-9
                 isl = 1.0 / sl
+                hl = au * isl
                 n = a_c.shape[1]
-                reach = 7.5 * sl
+                reach = 7.5 * sl + au
                 m_lo = int(math.ceil((u - reach - e0) / w))
                 m_hi = int(math.floor((u + reach - e0) / w))
                 if m_lo < 0:
@@ -703,7 +784,7 @@ def _cluster_row(out, is_, m0, m1, j, k, origin, spacing, depth_t, rho_t, s0, xg
                 elif l_first > m_hi:
                     c_lo = 0.0
                 else:
-                    c_lo = _phi((u - (e0 + l_first * w)) * isl, phi)
+                    c_lo = _phi_mean((u - (e0 + l_first * w)) * isl, hl, phi, cphi)
                 for q in range(nl):
                     me = l_first + q + 1
                     if me < m_lo:
@@ -711,13 +792,12 @@ def _cluster_row(out, is_, m0, m1, j, k, origin, spacing, depth_t, rho_t, s0, xg
                     elif me > m_hi:
                         c_hi = 0.0
                     else:
-                        c_hi = _phi((u - (e0 + me * w)) * isl, phi)
+                        c_hi = _phi_mean((u - (e0 + me * w)) * isl, hl, phi, cphi)
                     lam_v[i, q] = c_lo - c_hi
                     c_lo = c_hi
             else:
                 kind_v[i] = 2
-                x = sl2 / su2
-                lg = sig[1, i] + log2_lat + 0.5 * _INV_LN2 * (x - 0.5 * x * x)
+                lg = _log2_total_width(su2, sl2, au, sig[1, i] + log2_lat, sl2 / su2)
                 q0, fq = _level_coordinate((lg - log2_s0) * lpo, n_lev)
                 for dq in range(2):
                     base, fu = _level_position(u, u_max, lev_off, lev_h, lev_n, q0 + dq)
@@ -730,11 +810,11 @@ def _cluster_row(out, is_, m0, m1, j, k, origin, spacing, depth_t, rho_t, s0, xg
         for p in range(n_s):
             yp = yy - t_p[p]
             v = yp * sc
-            av = abs(v)
-            inw = u_lo_p[p] - ru <= u <= u_hi_p[p] + ru and av <= v_reach
+            av_p = abs(v)
+            inw = u_lo_p[p] - ru <= u <= u_hi_p[p] + ru and av_p <= v_reach
             c_lo = 0
             if g_start < g_mid:
-                in0 = u_lo_p[p] - ru0 <= u <= u_hi_p[p] + ru0 and av <= v_reach0
+                in0 = u_lo_p[p] - ru0 <= u <= u_hi_p[p] + ru0 and av_p <= v_reach0
                 c_lo = int(inw) - int(in0)
             if not inw and c_lo == 0:
                 continue
@@ -765,10 +845,11 @@ def _cluster_row(out, is_, m0, m1, j, k, origin, spacing, depth_t, rho_t, s0, xg
                 if lu == 0.0:
                     continue
                 isv = isv_v[i]
-                if (jaw_h - av) * isv >= PHI_X:
-                    jv = 1.0  # both jaw edges beyond the lookup table (what _phi returns there)
+                if (jaw_h - av_p - av) * isv >= PHI_X:
+                    jv = 1.0  # both jaw edges beyond the lookup table (what _phi_mean returns there)
                 else:
-                    jv = _phi((v + jaw_h) * isv, phi) - _phi((v - jaw_h) * isv, phi)
+                    hj = hj_v[i]
+                    jv = _phi_mean((v + jaw_h) * isv, hj, phi, cphi) - _phi_mean((v - jaw_h) * isv, hj, phi, cphi)
                     if jv <= 0.0:
                         continue
                 if c > 0:
@@ -784,14 +865,18 @@ def _cluster_row(out, is_, m0, m1, j, k, origin, spacing, depth_t, rho_t, s0, xg
 def cluster_dose_lattice(out, ks, js, is_, k_lo, k_hi, depth_t, rho_t, origin, spacing, s0, xg, yg, zg, t_p, dt_p, a_c,
                          tab_c, u_lo_p, u_hi_p, r_u, v_half, r_v, r_u0, v_half0, r_v0, widen, g_mid, g_hi, sad, amps,
                          dz_tab, tail, sig, e0,
-                         w, s_leaf, s_tab, lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi):
+                         w, s_leaf, s_tab, lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi,
+                         cphi, vavg):
     """Add the dose of one cluster (see :func:`_cluster_row`) at the voxels ``ks x js x is_``
     (increasing index arrays) to ``out`` (ks.size, js.size, is_.size) float64; slices outside
     ``k_lo <= k < k_hi`` are skipped. ``widen``: largest SAD / den of the grid (row ranges).
     ``r_u0, v_half0, r_v0, g_mid``: the second window and Gaussian split of :func:`_cluster_row`.
+    ``vavg`` 1: voxel-averaged profiles (:func:`_half_width`), 0: sampled at the voxel centre.
     Parallel over slices (disjoint writes, fixed order)."""
     nx = depth_t.shape[1]
     n_g = sig.shape[1]
+    hu = _half_width(xg, spacing, vavg)
+    hv = _half_width(yg, spacing, vavg)
     # union of the sample windows, for the row ranges
     u_lo = 1e30
     u_hi = -1e30
@@ -805,6 +890,7 @@ def cluster_dose_lattice(out, ks, js, is_, k_lo, k_hi, depth_t, rho_t, origin, s
             continue
         amp_v = np.zeros(n_g)
         isv_v = np.zeros(n_g)
+        hj_v = np.zeros(n_g)
         kind_v = np.zeros(n_g, dtype=np.int64)
         lam_v = np.zeros((n_g, MAX_DIRECT_LEAVES))
         l0_v = np.zeros(n_g, dtype=np.int64)
@@ -832,7 +918,7 @@ def cluster_dose_lattice(out, ks, js, is_, k_lo, k_hi, depth_t, rho_t, origin, s
                          a_c, tab_c, u_lo_p, u_hi_p, r_u, v_half, r_v, r_u0, v_half0, r_v0, g_mid, g_hi, sad, amps,
                          dz_tab, tail, sig, e0,
                          w, s_leaf, s_tab, lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi,
-                         amp_v, isv_v, kind_v, lam_v, l0_v, nl_v, tb_v)
+                         cphi, hu, hv, amp_v, isv_v, hj_v, kind_v, lam_v, l0_v, nl_v, tb_v)
 
 
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
@@ -878,7 +964,7 @@ def trilinear_add(dose, values, ks, js, is_):
 def cluster_column_entries(count_only, counts, offsets, out_col, out_flat, out_val, k_lo, k_hi, depth_t, rho_t,
                            origin, spacing, s0, xg, yg, zg, t_p, dt_p, samp_b_off, b_leaf, b_col, leaf_uc, half_u,
                            r_u, half_v, r_v, widen, sad, amps, dz_tab, tail, sig, btab, e0, w, s_leaf, s_tab,
-                           lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi):
+                           lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi, cphi, vavg):
     """Influence-matrix entries (before the threshold) of the beamlets of one cluster.
 
     A cluster's samples share the beam axes (sources ``s0 + t_p[p] yg``, see :func:`_cluster_row`);
@@ -893,9 +979,12 @@ def cluster_column_entries(count_only, counts, offsets, out_col, out_flat, out_v
     Two passes, parallel over slices ``k_lo <= k < k_hi`` (each slice owns its output range, so
     the entries are in a fixed order whatever the thread count): ``count_only`` writes the number of
     entries of slice ``k`` to ``counts[k]``; otherwise slice ``k`` writes its entries (column, flat
-    C-order voxel index, value) in (j, i, sample, leaf) order from ``offsets[k]``.
+    C-order voxel index, value) in (j, i, sample, leaf) order from ``offsets[k]``. ``vavg``: voxel
+    averaging of the profiles as in :func:`voxel_value` (1) or centre sampling (0).
     """
     ny, nx = rho_t.shape[0], rho_t.shape[1]  # depth_t is not read when count_only
+    hu = _half_width(xg, spacing, vavg)
+    hv = _half_width(yg, spacing, vavg)
     n_g = sig.shape[1]
     n_leaves = btab.shape[0]
     n_s = t_p.shape[0]
@@ -964,6 +1053,8 @@ def cluster_column_entries(count_only, counts, offsets, out_col, out_flat, out_v
                 flat = (k * ny + j) * nx + i
                 off, hsoft, k0, f, ext = _offaxis_and_depth(u, sad, soft, offc, depth_t[j, i, k], dz_tab,
                                                             amps.shape[0])
+                au = hu * sc
+                av = hv * sc
                 lat = sad / (rho_t[j, i, k] * den)
                 log2_lat = math.log2(lat)
                 for g in range(n_g):
@@ -983,13 +1074,13 @@ def cluster_column_entries(count_only, counts, offsets, out_col, out_flat, out_v
                         if sl < 1e-9:
                             sl = 1e-9
                         isl = 1.0 / sl
+                        hl = au * isl
                         for m in range(la, lb + 2):
-                            edge[m] = _phi((u - (e0 + m * w)) * isl, phi)
+                            edge[m] = _phi_mean((u - (e0 + m * w)) * isl, hl, phi, cphi)
                         for l in range(la, lb + 1):
                             lam[g, l] = edge[l] - edge[l + 1]
                     else:
-                        x = sl2 / su2
-                        lg = sig[1, g] + log2_lat + 0.5 * _INV_LN2 * (x - 0.5 * x * x)
+                        lg = _log2_total_width(su2, sl2, au, sig[1, g] + log2_lat, sl2 / su2)
                         q0, fq = _level_coordinate((lg - log2_s0) * lpo, n_lev)
                         for l in range(la, lb + 1):
                             lam[g, l] = 0.0
@@ -1022,7 +1113,8 @@ def cluster_column_entries(count_only, counts, offsets, out_col, out_flat, out_v
                         if amp_v[g] <= 0.0:
                             continue
                         isv = isv_v[g]
-                        jv = _phi((v + jaw_h) * isv, phi) - _phi((v - jaw_h) * isv, phi)
+                        hj = av * isv
+                        jv = _phi_mean((v + jaw_h) * isv, hj, phi, cphi) - _phi_mean((v - jaw_h) * isv, hj, phi, cphi)
                         if jv > 0.0:
                             jw_v[g] = amp_v[g] * jv
                     scale = dt_p[p] * hsoft * off * sad * sad / (r2_perp + yp * yp)

@@ -115,7 +115,8 @@ def beamlet_reach_mm(engine: _Engine, threshold: float, n_gaussians: int | None 
     """(R_u, R_v): distances (mm, at the isocentre distance; scaled by SAD / den at other distances)
     beyond a beamlet's leaf / jaw edges past which its dose in water is below ``threshold`` x its
     maximum at every depth (inf for threshold 0). ``n_gaussians``: only the first (narrowest)
-    Gaussians of the kernel (default all)."""
+    Gaussians of the kernel (default all). With voxel averaging the profiles reach one voxel
+    half-width further (:meth:`_Engine.half_widths_mm`, added)."""
     if threshold <= 0.0:
         return _NO_REACH, _NO_REACH
     from scipy.special import ndtr
@@ -145,13 +146,15 @@ def beamlet_reach_mm(engine: _Engine, threshold: float, n_gaussians: int | None 
     r_u = max(0.0, x[above_u[-1]] + 0.5 - w / 2) if above_u.size else 0.0
     r_v = max(0.0, x[above_v[-1]] + 0.5 - h) if above_v.size else 0.0
     # at the voxel's own distance (the window test scales by SAD / den); small safety margin
-    return r_u * 1.1 + 1.0, r_v * 1.1 + 1.0
+    hu, hv = engine.half_widths_mm()
+    return r_u * 1.1 + 1.0 + hu, r_v * 1.1 + 1.0 + hv
 
 
 def influence_matrix(patient, projections_or_plan, *, target="PTV", threshold: float = DEFAULT_THRESHOLD,
                      margin_mm: float = 0.0, chunk_beamlets: int = 512, beam_model=None, n_subsamples: int = 1,
                      kernel=None, rho_floor: float = 0.05, angle_groups: int | None = None,
-                     progress: bool | None = None, return_beamlets: bool = False, method: str = "clustered"):
+                     progress: bool | None = None, return_beamlets: bool = False, method: str = "clustered",
+                     voxel_average: bool = True):
     """Sparse influence matrix of the beamlets that meet the target.
 
     Parameters
@@ -170,8 +173,9 @@ def influence_matrix(patient, projections_or_plan, *, target="PTV", threshold: f
         Margin around the target for the beamlet selection (mm).
     chunk_beamlets : int
         Beamlets computed together (bounds the work memory).
-    beam_model, n_subsamples, kernel, rho_floor, angle_groups
-        As in :func:`tomodose.transport.pencil_beam.pencil_beam_dose`.
+    beam_model, n_subsamples, kernel, rho_floor, angle_groups, voxel_average
+        As in :func:`tomodose.transport.pencil_beam.pencil_beam_dose` (``voxel_average``: profiles
+        averaged over each voxel, default; give the full-plan dose the same value).
     progress : bool, optional
     return_beamlets : bool
         Also return the beamlet (projection, leaf) arrays.
@@ -202,7 +206,7 @@ def influence_matrix(patient, projections_or_plan, *, target="PTV", threshold: f
         raise ValueError(f"method must be 'clustered' or 'beamlet', got {method!r}")
     seq = _projections(projections_or_plan)
     tgt = _target(patient, target)
-    engine = _resolve(patient, seq, beam_model, kernel, n_subsamples, rho_floor, angle_groups)
+    engine = _resolve(patient, seq, beam_model, kernel, n_subsamples, rho_floor, angle_groups, voxel_average)
     engine.grid.require_same(tgt.grid, "target structure grid and density grid")
     proj_b, leaf_b = influence_beamlets(seq, tgt, margin_mm=margin_mm)
     n_b = proj_b.size
@@ -486,7 +490,7 @@ class FarField:
 
 def far_field_operator(patient, projections_or_plan, matrix, projection, leaf, *, step: int = 6, beam_model=None,
                        n_subsamples: int = 1, kernel=None, rho_floor: float = 0.05, angle_groups: int | None = None,
-                       progress: bool | None = None) -> FarField:
+                       progress: bool | None = None, voxel_average: bool = True) -> FarField:
     """What the threshold of ``matrix`` dropped, on a coarse grid (see :class:`FarField`).
 
     The beamlets' full doses are evaluated at every ``step``-th voxel (no window, no threshold; the
@@ -501,7 +505,7 @@ def far_field_operator(patient, projections_or_plan, matrix, projection, leaf, *
     if not sparse.issparse(matrix):
         raise TypeError(f"matrix must be a scipy.sparse matrix, got {type(matrix).__name__}")
     seq = _projections(projections_or_plan)
-    engine = _resolve(patient, seq, beam_model, kernel, n_subsamples, rho_floor, angle_groups)
+    engine = _resolve(patient, seq, beam_model, kernel, n_subsamples, rho_floor, angle_groups, voxel_average)
     proj_b = np.ascontiguousarray(projection, dtype=np.int64)
     leaf_b = np.ascontiguousarray(leaf, dtype=np.int64)
     n_vox = engine.grid.n_voxels

@@ -245,9 +245,10 @@ class _Engine:
     n_subsamples: int
     rho_floor: float
     angle_groups: int
+    voxel_average: bool = True
 
     def __post_init__(self):
-        from tomodose._kernels.pencil_beam import phi_table
+        from tomodose._kernels.pencil_beam import phi_integral_table, phi_table
 
         p = self.projections
         m = p.machine
@@ -287,6 +288,7 @@ class _Engine:
         (self.btab, self.lev_off, self.lev_h, self.lev_n, self.log2_s0) = _aperture_table(
             self.e0, self.w, self.n_leaves, round(self.u_max, 3), round(s_max, 3))
         self.phi = phi_table()
+        self.cphi = phi_integral_table(self.phi)
         self.jaw_h = float(self.beam.jaw_half_width_mm(p.field_width_mm, m))
         self.s_jaw = float(self.beam.jaw_penumbra_sigma_mm)
         self.s_leaf = float(self.beam.leaf_edge_sigma_mm)
@@ -306,7 +308,23 @@ class _Engine:
 
     def tail_params(self):
         return (self.e0, self.w, self.s_leaf, S_TAB_MM, self.lev_off, 1.0 / self.lev_h, self.lev_n, self.log2_s0,
-                float(LEVELS_PER_OCTAVE), self.u_max, self.jaw_h, self.s_jaw, self.offc, self.soft, self.phi)
+                float(LEVELS_PER_OCTAVE), self.u_max, self.jaw_h, self.s_jaw, self.offc, self.soft, self.phi,
+                self.cphi, 1.0 if self.voxel_average else 0.0)
+
+    def max_half_width_mm(self) -> float:
+        """Largest voxel-average half-width in the isocentre plane (0 without voxel averaging)."""
+        if not self.voxel_average:
+            return 0.0
+        return 0.5 * float(np.linalg.norm(self.spacing)) * self.sad / self.den_min
+
+    def half_widths_mm(self) -> tuple[float, float]:
+        """Largest voxel-average half-widths (mm, at the voxel) along the leaf and jaw axes over all
+        samples (:func:`tomodose._kernels.pencil_beam._half_width`); (0, 0) without voxel averaging."""
+        if not self.voxel_average:
+            return 0.0, 0.0
+        hu = 0.5 * np.sqrt(((self.xg * self.spacing) ** 2).sum(axis=1))
+        hv = 0.5 * np.sqrt(((self.yg * self.spacing) ** 2).sum(axis=1))
+        return float(hu.max(initial=0.0)), float(hv.max(initial=0.0))
 
     def slab(self, v_reach: float):
         """(k_lo, k_hi) per sample: slices where some voxel may have |v| <= v_reach."""
@@ -351,8 +369,11 @@ class _Engine:
         return (digest, self._dens_t.shape, tuple(self.origin), tuple(self.spacing))
 
 
-def _resolve(patient_or_density, projections, beam_model, kernel, n_subsamples, rho_floor, angle_groups):
+def _resolve(patient_or_density, projections, beam_model, kernel, n_subsamples, rho_floor, angle_groups,
+             voxel_average=True):
     projections, beam = resolve_delivery(projections, beam_model)
+    if not isinstance(voxel_average, (bool, np.bool_)):
+        raise TypeError(f"voxel_average must be True or False, got {voxel_average!r}")
     if kernel is None:
         kernel = load_pencil_kernel()
     elif isinstance(kernel, str):
@@ -369,7 +390,7 @@ def _resolve(patient_or_density, projections, beam_model, kernel, n_subsamples, 
         raise ValueError(
             f"patient_position of the patient ({position!r}) differs from that of the projections "
             f"({projections.patient_position!r})")
-    return _Engine(grid, dens, projections, beam, kernel, int(n_subsamples), rho_floor, n_groups)
+    return _Engine(grid, dens, projections, beam, kernel, int(n_subsamples), rho_floor, n_groups, bool(voxel_average))
 
 
 def _leaf_weights(engine: _Engine, leaf_model: str) -> np.ndarray:
@@ -513,9 +534,12 @@ def _clustered_dose(engine: _Engine, a_proj: np.ndarray, progress, far_field_ste
     nz, ny, nx = grid.shape
     from tomodose._kernels.pencil_beam import MAX_DIRECT_LEAVES
 
-    # leaves an error-function Gaussian (total width < S_TAB_MM, reach 7.5 widths) can touch
-    if 15.0 * S_TAB_MM / engine.w + 3 > MAX_DIRECT_LEAVES:
-        raise RuntimeError(f"leaf width {engine.w} mm too small for the clustered kernel's leaf buffer")
+    # leaves an error-function Gaussian (total width < S_TAB_MM, reach 7.5 widths + the voxel average) can touch
+    if (15.0 * S_TAB_MM + 2.0 * engine.max_half_width_mm()) / engine.w + 3 > MAX_DIRECT_LEAVES:
+        raise ValueError(
+            f"voxels of {tuple(engine.spacing)} mm are too large for voxel_average=True in the clustered kernel "
+            f"(leaf width {engine.w} mm; the profiles would span more than {MAX_DIRECT_LEAVES} leaves): use a finer "
+            "grid or voxel_average=False")
     if far_field_step is None:
         spec = [(1, n_g, None)]
     else:
@@ -582,7 +606,7 @@ def pencil_beam_dose(patient_or_density, projections, beam_model: BeamModel | No
                      rho_floor: float = 0.05, angle_groups: int | None = None,
                      far_field_step: int | None = None, window_threshold: float = 1e-2,
                      progress: bool | None = None, method: str | None = None,
-                     levels=DEFAULT_LEVELS) -> np.ndarray:
+                     levels=DEFAULT_LEVELS, voxel_average: bool = True) -> np.ndarray:
     """Pencil-beam dose of a whole delivery, without building a matrix.
 
     Parameters
@@ -630,6 +654,12 @@ def pencil_beam_dose(patient_or_density, projections, beam_model: BeamModel | No
         ``window_threshold`` computed for them, evaluated at every ``step_m``-th voxel (level 0 at
         every voxel; level ``m`` as the difference to level ``m - 1``, interpolated trilinearly).
         Default :data:`DEFAULT_LEVELS`.
+    voxel_average : bool
+        ``True`` (default): the jaw profile and the leaf profiles (each convolved with the kernel's
+        Gaussians) are averaged over the voxel's extent projected to the isocentre plane (along the
+        jaw axis and across the fan, closed form), as the voxel-averaged TERMA; ``False``: sampled
+        at the voxel centre (the earlier model; a helical delivery's fluence ripple then aliases on
+        coarse grids, docs/pencil_beam.md).
 
     Returns
     -------
@@ -637,7 +667,8 @@ def pencil_beam_dose(patient_or_density, projections, beam_model: BeamModel | No
         Energy per mass in :data:`DOSE_UNIT` (``cm2/g*s``, the unit of TERMA), on the density grid.
     """
     t0 = time.perf_counter()
-    engine = _resolve(patient_or_density, projections, beam_model, kernel, n_subsamples, rho_floor, angle_groups)
+    engine = _resolve(patient_or_density, projections, beam_model, kernel, n_subsamples, rho_floor, angle_groups,
+                      voxel_average)
     a = _leaf_weights(engine, leaf_model)
     if far_field_step is not None and (isinstance(far_field_step, bool) or not isinstance(far_field_step, (int, np.integer))
                                        or far_field_step < 1):
@@ -663,17 +694,19 @@ def pencil_beam_dose(patient_or_density, projections, beam_model: BeamModel | No
 def beamlet_dose(patient_or_density, projections, projection: int, leaf: int,
                  beam_model: BeamModel | None = None, *, n_subsamples: int = 1,
                  kernel: PencilKernel | str | None = None, rho_floor: float = 0.05,
-                 angle_groups: int | None = None) -> np.ndarray:
+                 angle_groups: int | None = None, voxel_average: bool = True) -> np.ndarray:
     """Dose of one beamlet (projection ``projection``, leaf ``leaf``) fully open for its projection.
 
     Same model as :func:`pencil_beam_dose` with ``leaf_model="linear"`` and a unit leaf weight:
-    the column of :func:`tomodose.transport.influence.influence_matrix` at threshold 0.
+    the column of :func:`tomodose.transport.influence.influence_matrix` at threshold 0
+    (``voxel_average`` as there).
 
     Returns
     -------
     (nz, ny, nx) float32 in :data:`DOSE_UNIT`.
     """
-    engine = _resolve(patient_or_density, projections, beam_model, kernel, n_subsamples, rho_floor, angle_groups)
+    engine = _resolve(patient_or_density, projections, beam_model, kernel, n_subsamples, rho_floor, angle_groups,
+                      voxel_average)
     n_p = engine.projections.n_projections
     if isinstance(projection, bool) or not isinstance(projection, (int, np.integer)) or not 0 <= projection < n_p:
         raise ValueError(f"projection must be an integer in [0, {n_p - 1}], got {projection!r}")
