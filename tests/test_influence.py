@@ -185,7 +185,8 @@ def test_clustered_columns_match_naive_twin():
                                   half_v=eng.jaw_h, r_v=r_v, threshold=thr, sad=850.0, sigma_mm=k.sigma_mm,
                                   depth_mm=k.depth_mm, amplitude_cm2_g=k.amplitude_cm2_g, e0=eng.e0, w=eng.w,
                                   s_leaf=eng.s_leaf, jaw_h=eng.jaw_h, s_jaw=eng.s_jaw, offc=eng.offc, soft=eng.soft,
-                                  rho_floor=0.05, voxel_average=True)
+                                  rho_floor=0.05, voxel_average=True,
+                                  zcol=naive.medium_column_ends(rho, g.origin_mm, g.spacing_mm))
     got = m.toarray()
     cmax = ref.max(axis=0)
     assert np.all(cmax > 0)

@@ -77,8 +77,9 @@ def test_inplane_depth_matches_naive():
         np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-4)
 
 
-@pytest.mark.parametrize("model, voxel_average", [("ideal", True), ("default", True), ("default", False)])
-def test_dose_matches_naive_twin(model, voxel_average):
+@pytest.mark.parametrize("model, voxel_average, medium_ends", [("ideal", True, True), ("default", True, True),
+                                                               ("default", False, False)])
+def test_dose_matches_naive_twin(model, voxel_average, medium_ends):
     rng = np.random.default_rng(7)
     g = Grid(shape=(4, 6, 5), spacing_mm=(9.0, 9.0, 7.0), origin_mm=(-18.0, -22.5, -10.5))
     rho = rng.uniform(0.2, 1.8, g.shape)
@@ -89,7 +90,8 @@ def test_dose_matches_naive_twin(model, voxel_average):
                              duration_s=[0.3, 0.4, 0.5], field_width_mm=25.0, arc_deg=[7.0, 7.0, 7.0],
                              couch_travel_mm=[1.0, 1.0, 1.0])
     dens = _density(g, rho)
-    got = pencil_beam_dose(dens, seq, beam, n_subsamples=2, progress=False, voxel_average=voxel_average)
+    got = pencil_beam_dose(dens, seq, beam, n_subsamples=2, progress=False, voxel_average=voxel_average,
+                           medium_ends=medium_ends)
     eng = _resolve(dens, seq, beam, None, 2, 0.05, None)
     maps = [eng.depth_map(int(eng.proj_group[p])).transpose(2, 0, 1) for p in eng.proj]
     a = beam.leaf_weights(f)[eng.proj]
@@ -97,11 +99,38 @@ def test_dose_matches_naive_twin(model, voxel_average):
     ref = naive.dose(rho, g.origin_mm, g.spacing_mm, eng.src, eng.xg, eng.yg, eng.zg, eng.dt, maps, a,
                      sad=850.0, sigma_mm=k.sigma_mm, depth_mm=k.depth_mm, amplitude_cm2_g=k.amplitude_cm2_g,
                      e0=eng.e0, w=eng.w, s_leaf=eng.s_leaf, jaw_h=eng.jaw_h, s_jaw=eng.s_jaw, offc=eng.offc,
-                     soft=eng.soft, rho_floor=0.05, voxel_average=voxel_average)
+                     soft=eng.soft, rho_floor=0.05, voxel_average=voxel_average,
+                     zcol=naive.medium_column_ends(rho, g.origin_mm, g.spacing_mm) if medium_ends else None)
     assert ref.max() > 0
     # tables (erf lookup, aperture ladder; voxel average of the wide Gaussians in the equal-variance
     # form) vs exact error functions and exact box means
     np.testing.assert_allclose(got, ref, rtol=0, atol=3e-3 * ref.max())
+
+
+def test_medium_ends_remove_the_scatter_from_beyond_the_phantom():
+    """A water block ending inside a 25 mm field: the pencils beyond its end face carry no dose.
+    The same block with air slices beyond its end gets the same dose (the column's medium ends are
+    found through the air); with ``medium_ends=False`` the dose at the end face is higher (laterally
+    infinite medium: +14 % in the last slice), and the difference (the removed pencils' scatter)
+    falls off with the distance from the face (0.5 % of the maximum 40 mm from it)."""
+    seq = ProjectionSequence(gantry_angle_deg=[0.0, 90.0], couch_mm=[0.0, 0.0], leaf_open_fraction=np.ones((2, 64)),
+                             duration_s=[1.0, 1.0], field_width_mm=25.0, arc_deg=[0.0, 0.0],
+                             couch_travel_mm=[0.0, 0.0])
+    # block z in [-40, 5] mm: the field (|z| <= 12.5 at the isocentre) overlaps its end face
+    g = Grid(shape=(9, 8, 8), spacing_mm=(10.0, 10.0, 5.0), origin_mm=(-35.0, -35.0, -37.5))
+    g_air = Grid(shape=(12, 8, 8), spacing_mm=(10.0, 10.0, 5.0), origin_mm=(-35.0, -35.0, -37.5))
+    rho_air = np.ones(g_air.shape)
+    rho_air[9:] = 0.0012
+    d = pencil_beam_dose(_density(g, np.ones(g.shape)), seq, progress=False)
+    d_air = pencil_beam_dose(_density(g_air, rho_air), seq, progress=False)
+    d_inf = pencil_beam_dose(_density(g, np.ones(g.shape)), seq, progress=False, medium_ends=False)
+    np.testing.assert_allclose(d_air[:9], d, rtol=1e-5, atol=1e-6 * d.max())
+    assert np.all(d_inf[-1, 2:6, 2:6] > 1.05 * d[-1, 2:6, 2:6])  # the end slice: missing scatter, > 5 %
+    diff = np.abs(d_inf - d).reshape(g.nz, -1).max(axis=1) / d.max()
+    assert np.all(np.diff(diff) > 0) and diff[0] < 0.01
+    # the clustered path and the influence matrix apply the same ends
+    np.testing.assert_allclose(pencil_beam_dose(_density(g_air, rho_air), seq, method="clustered", progress=False),
+                               d_air, rtol=1e-5, atol=1e-6 * d.max())
 
 
 def test_phi_mean_is_the_exact_box_mean():
@@ -146,15 +175,16 @@ def test_voxel_average_is_the_mean_over_sub_voxels(axis):
                     origin_mm=(-30.0 + 2.5 / n_sub, -50.0, -1.0))
         ax = 2
     beam = BeamModel.default()
+    # laterally infinite medium: the grids end inside the field, which would change the z profile
     got = pencil_beam_dose(_density(coarse, np.ones(coarse.shape)), seq, beam, leaf_model="linear",
-                           progress=False)
+                           progress=False, medium_ends=False)
     sub = pencil_beam_dose(_density(fine, np.ones(fine.shape)), seq, beam, leaf_model="linear", progress=False,
-                           voxel_average=False)
+                           voxel_average=False, medium_ends=False)
     shape = list(coarse.shape)
     shape.insert(ax + 1, n_sub)
     ref = sub.reshape(shape).mean(axis=ax + 1)
     centre = pencil_beam_dose(_density(coarse, np.ones(coarse.shape)), seq, beam, leaf_model="linear",
-                              progress=False, voxel_average=False)
+                              progress=False, voxel_average=False, medium_ends=False)
     # the centre sample misses the sub-voxel mean by several % of the max; the average does not
     assert np.abs(centre - ref).max() > 0.02 * ref.max()
     np.testing.assert_allclose(got, ref, rtol=0, atol=3e-3 * ref.max())
@@ -226,11 +256,11 @@ def _random_case(seed=5, n=30):
 def test_clustered_equals_exact(n_sub):
     """Without a far-field step the clustered evaluation is the exact model, samples regrouped."""
     dens, plan = _random_case()
-    for leaf_model, vavg in (("beam", True), ("linear", True), ("beam", False)):
+    for leaf_model, vavg, ends in (("beam", True, True), ("linear", True, True), ("beam", False, False)):
         exact = pencil_beam_dose(dens, plan, leaf_model=leaf_model, n_subsamples=n_sub, progress=False,
-                                 voxel_average=vavg)
+                                 voxel_average=vavg, medium_ends=ends)
         cl = pencil_beam_dose(dens, plan, leaf_model=leaf_model, n_subsamples=n_sub, method="clustered",
-                              progress=False, voxel_average=vavg)
+                              progress=False, voxel_average=vavg, medium_ends=ends)
         assert exact.max() > 0
         np.testing.assert_allclose(cl, exact, rtol=1e-5, atol=1e-6 * exact.max())
 
@@ -254,7 +284,8 @@ def test_clustered_static_beams_and_naive_twin():
     ref = naive.dose(rho, g.origin_mm, g.spacing_mm, eng.src, eng.xg, eng.yg, eng.zg, eng.dt, maps,
                      beam.leaf_weights(f)[eng.proj], sad=850.0, sigma_mm=k.sigma_mm, depth_mm=k.depth_mm,
                      amplitude_cm2_g=k.amplitude_cm2_g, e0=eng.e0, w=eng.w, s_leaf=eng.s_leaf, jaw_h=eng.jaw_h,
-                     s_jaw=eng.s_jaw, offc=eng.offc, soft=eng.soft, rho_floor=0.05, voxel_average=True)
+                     s_jaw=eng.s_jaw, offc=eng.offc, soft=eng.soft, rho_floor=0.05, voxel_average=True,
+                     zcol=naive.medium_column_ends(rho, g.origin_mm, g.spacing_mm))
     np.testing.assert_allclose(got, ref, rtol=0, atol=3e-3 * ref.max())
     np.testing.assert_allclose(got, pencil_beam_dose(dens, seq, beam, n_subsamples=2, progress=False),
                                rtol=1e-5, atol=1e-6 * ref.max())
@@ -302,7 +333,7 @@ def test_cluster_level_difference_matches_naive_twin():
     maps = [depth.transpose(2, 0, 1)] * s.size
     kw = dict(sad=850.0, sigma_mm=k.sigma_mm, depth_mm=k.depth_mm, amplitude_cm2_g=k.amplitude_cm2_g, e0=eng.e0,
               w=eng.w, s_leaf=eng.s_leaf, jaw_h=eng.jaw_h, s_jaw=eng.s_jaw, offc=eng.offc, soft=eng.soft,
-              rho_floor=0.05, voxel_average=True)
+              rho_floor=0.05, voxel_average=True, zcol=naive.medium_column_ends(rho, g.origin_mm, g.spacing_mm))
     args = (rho, g.origin_mm, g.spacing_mm, eng.src[s], eng.xg[s], eng.yg[s], eng.zg[s], eng.dt[s], maps,
             a[eng.proj[s]])
     u_lo, u_hi = geo[8], geo[9]
@@ -473,7 +504,8 @@ def test_water_open_field_matches_direct_kernel_integration():
     f = np.zeros(64)
     f[24:40] = 1.0
     seq = ProjectionSequence.static_beams([0.0], f, 1.0, 50.0)
-    d = pencil_beam_dose(_density(g, rho), seq, BeamModel.ideal(), progress=False)
+    # the thin slab stands for a phantom that continues along z: laterally infinite medium
+    d = pencil_beam_dose(_density(g, rho), seq, BeamModel.ideal(), progress=False, medium_ends=False)
     k = load_pencil_kernel()
     surface = g.y_mm[0] - 2.0
     ratios = []
@@ -590,6 +622,8 @@ def test_bad_inputs():
         beamlet_dose(dens, plan, -1, 3)
     with pytest.raises(TypeError, match="voxel_average must be True or False"):
         pencil_beam_dose(dens, plan, voxel_average="yes", progress=False)
+    with pytest.raises(TypeError, match="medium_ends must be True or False"):
+        pencil_beam_dose(dens, plan, medium_ends=1, progress=False)
     big = Grid(shape=(2, 3, 3), spacing_mm=(60.0, 60.0, 60.0), origin_mm=(-60.0, -60.0, -30.0))
     with pytest.raises(ValueError, match="too large for voxel_average=True"):
         pencil_beam_dose(_density(big, np.ones(big.shape)), plan, method="clustered", progress=False)

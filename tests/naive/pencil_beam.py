@@ -5,7 +5,8 @@
 * :func:`dose` - loop over samples and voxels with exact error functions (``scipy.special.ndtr``)
   and the explicit leaf sum ``sum_l a_l [Phi((u - e_l)/s) - Phi((u - e_{l+1})/s)]`` (no tables);
   the twin of both the per-sample and the angle-clustered kernels (same model); ``voxel_average``
-  averages the jaw profile and the leaf edges exactly over the voxel's projected extent; with
+  averages the jaw profile and the leaf edges exactly over the voxel's projected extent; ``zcol``
+  truncates the pencils at the medium's longitudinal ends (:func:`medium_column_ends`); with
   ``n_gaussians`` and ``window`` it is also the twin of one windowed level of the clustered fast
   path (``cluster_dose_lattice``: level m minus level m - 1 = two windowed calls subtracted).
 * :func:`trilinear` - trilinear interpolation from a node lattice, voxel by voxel.
@@ -75,6 +76,37 @@ def _leaf(u, s, a, e0, w, half=0.0):
     return float(np.sum(a * (cdf[:-1] - cdf[1:])))
 
 
+def medium_column_ends(density, origin, spacing, min_density=0.05):
+    """(ny, nx, 2) z of the outer faces of the first and last voxel of density >= ``min_density`` of
+    each (y, x) column (the grid's z faces for a column without one), voxel by voxel."""
+    nz, ny, nx = density.shape
+    out = np.empty((ny, nx, 2))
+    for j in range(ny):
+        for i in range(nx):
+            ks = [k for k in range(nz) if density[k, j, i] >= min_density]
+            k0, k1 = (ks[0], ks[-1]) if ks else (0, nz - 1)
+            out[j, i] = (origin[2] + (k0 - 0.5) * spacing[2], origin[2] + (k1 + 0.5) * spacing[2])
+    return out
+
+
+def _jaw(v, su, jaw_h, s_jaw, av, bl, br):
+    """Jaw term of one Gaussian: the blurred jaw rect, or (medium ends inside the open field) the
+    aperture [max(-h, v + bl), min(h, v + br)] with the jaw penumbra weighted by Phi of the jaw
+    edge's distance inside the medium end (the kernel's model, exact functions), box-averaged."""
+    lim = jaw_h + 8.0 * s_jaw
+    ml, mr = v + bl, v + br
+    if ml <= -lim and mr >= lim:
+        sv = math.hypot(su, s_jaw)
+        return float(_step_mean(v + jaw_h, sv, av) - _step_mean(v - jaw_h, sv, av))
+    if s_jaw > 0:
+        wl, wr = ndtr((-jaw_h - ml) / s_jaw), ndtr((mr - jaw_h) / s_jaw)
+    else:
+        wl, wr = float(ml < -jaw_h), float(mr > jaw_h)
+    el, er = max(-jaw_h, ml), min(jaw_h, mr)
+    sl, sr = math.sqrt(su * su + wl * s_jaw ** 2), math.sqrt(su * su + wr * s_jaw ** 2)
+    return float(_step_mean(v - el, sl, av) - _step_mean(v - er, sr, av))
+
+
 def _half(ax, spacing):
     """Half-width of the box of equal variance of a voxel projected on the unit axis ``ax``."""
     return 0.5 * math.sqrt(sum((float(ax[c]) * float(spacing[c])) ** 2 for c in range(3)))
@@ -82,13 +114,15 @@ def _half(ax, spacing):
 
 def dose(density, origin, spacing, src, xg, yg, zg, dt, depth_maps, a, *, sad, sigma_mm, depth_mm,
          amplitude_cm2_g, e0, w, s_leaf, jaw_h, s_jaw, offc, soft, rho_floor, n_gaussians=None, window=None,
-         voxel_average=False):
+         voxel_average=False, zcol=None):
     """Dose (cm2/g*s) of samples ``s`` with geometry ``src[s], xg[s], ...``, weights ``dt[s]``,
     radiological depth maps ``depth_maps[s]`` (nz, ny, nx) and leaf weights ``a[s]`` (n_leaves,).
 
     ``voxel_average``: the jaw profile and every leaf edge of every Gaussian are averaged exactly
     (antiderivative of the blurred step) over ``[u - au, u + au]``, ``[v - av, v + av]``, with
     ``au, av`` the voxel's equal-variance half-widths along ``xg``, ``yg`` times ``sad / den``.
+    ``zcol`` (ny, nx, 2): the medium's longitudinal ends of each column (:func:`medium_column_ends`);
+    pencils beyond them carry no dose (None: laterally infinite medium).
 
     ``n_gaussians``: only the first (narrowest) Gaussians. ``window = (u_lo (n_s,), u_hi (n_s,), r_u,
     v_half, r_v)``: sample ``s`` only where ``u_lo[s] - r_u c <= u <= u_hi[s] + r_u c`` and
@@ -116,6 +150,10 @@ def dose(density, origin, spacing, src, xg, yg, zg, dt, depth_maps, a, *, sad, s
                     theta = abs(math.atan(u / sad))
                     h = 1.0 + soft * theta
                     off = 1.0 + sum(c * theta ** (n + 1) for n, c in enumerate(offc))
+                    bl, br = -1e30, 1e30
+                    if zcol is not None and abs(yg[s][2]) > 1e-12:
+                        t1, t2 = ((zcol[j, i] - p[2]) * yg[s][2] * sad / den)
+                        bl, br = min(t1, t2), max(t1, t2)
                     dd = h * depth_maps[s][k, j, i]
                     rho = max(density[k, j, i], rho_floor)
                     total = 0.0
@@ -125,9 +163,7 @@ def dose(density, origin, spacing, src, xg, yg, zg, dt, depth_maps, a, *, sad, s
                             ratio = amplitude_cm2_g[-1, g] / amplitude_cm2_g[-2, g] if amplitude_cm2_g[-2, g] > 0 else 0.0
                             amp = amplitude_cm2_g[-1, g] * min(ratio, 1.0) ** ((dd - depth_mm[-1]) / dz_tab)
                         su = sig * sad / (rho * den)
-                        sv = math.hypot(su, s_jaw)
-                        av = hv * sad / den
-                        jv = _step_mean(v + jaw_h, sv, av) - _step_mean(v - jaw_h, sv, av)
+                        jv = max(_jaw(v, su, jaw_h, s_jaw, hv * sad / den, bl, br), 0.0)
                         sl = math.hypot(su, s_leaf)
                         total += amp * jv * _leaf(u, sl, a[s], e0, w, hu * sad / den)
                     out[k, j, i] += dt[s] * total * h * off * (sad / r) ** 2

@@ -128,6 +128,59 @@ def _log2_total_width(su2, sl2, au, log2_su, x_small):
 
 
 @numba.njit(**NUMBA_OPTIONS)
+def _medium_offsets(zcol, j, i, pz, yg_z, sc):
+    """Offsets ``(bl, br)`` (isocentre-plane mm, ``bl <= br``) from the voxel's ``v`` to the medium's
+    longitudinal ends ``zcol[j, i] = (z_lo, z_hi)`` (LPS z, mm) of its column, seen at the voxel's
+    distance (``sc = SAD / den``); ``(-NO_LIMIT, NO_LIMIT)`` when the jaw axis has no z component
+    or the ends are open (``|z| >= NO_LIMIT``)."""
+    z_lo = zcol[j, i, 0]
+    z_hi = zcol[j, i, 1]
+    if abs(yg_z) < 1e-12 or z_lo <= -NO_LIMIT or z_hi >= NO_LIMIT:
+        return -NO_LIMIT, NO_LIMIT
+    t1 = (z_lo - pz) * yg_z * sc
+    t2 = (z_hi - pz) * yg_z * sc
+    if t1 <= t2:
+        return t1, t2
+    return t2, t1
+
+
+@numba.njit(**NUMBA_OPTIONS)
+def _medium_cut(v, jaw_h, s_jaw, bl, br, phi):
+    """Jaw aperture truncated at the medium's ends (pencils beyond them cross no matter and carry no
+    dose): returns ``(cut, el, wl, er, wr)``. ``cut`` False: an end lies where the jaw fluence is
+    exactly 0 (beyond ``jaw_h + PHI_X s_jaw``), the plain jaw profile applies. Otherwise the
+    aperture is ``[el, er]`` with ``el = max(-jaw_h, v + bl)``, ``er = min(jaw_h, v + br)``, each edge
+    blurred by the kernel Gaussian and ``w`` x the jaw penumbra variance, ``w = Phi(distance by
+    which the jaw edge lies inside the medium end / s_jaw)``: 1 where the jaw edge limits, 0 where
+    the medium's (sharp) end does (exact in both limits; a blend within a few ``s_jaw``)."""
+    lim = jaw_h + PHI_X * s_jaw
+    ml = v + bl
+    mr = v + br
+    if ml <= -lim and mr >= lim:
+        return False, -jaw_h, 1.0, jaw_h, 1.0
+    if s_jaw > 0.0:
+        wl = _phi((-jaw_h - ml) / s_jaw, phi)
+        wr = _phi((mr - jaw_h) / s_jaw, phi)
+    else:
+        wl = 1.0 if ml < -jaw_h else 0.0
+        wr = 1.0 if mr > jaw_h else 0.0
+    return True, max(-jaw_h, ml), wl, min(jaw_h, mr), wr
+
+
+@numba.njit(**NUMBA_OPTIONS)
+def _jaw_cut_value(v, su2, sj2, el, wl, er, wr, av, phi, cphi):
+    """Jaw term of one Gaussian (variance ``su2``) for the truncated aperture of :func:`_medium_cut`,
+    averaged over ``[v - av, v + av]``."""
+    sl = math.sqrt(su2 + wl * sj2)
+    sr = math.sqrt(su2 + wr * sj2)
+    if sl < 1e-9:
+        sl = 1e-9
+    if sr < 1e-9:
+        sr = 1e-9
+    return _phi_mean((v - el) / sl, av / sl, phi, cphi) - _phi_mean((v - er) / sr, av / sr, phi, cphi)
+
+
+@numba.njit(**NUMBA_OPTIONS)
 def _leaf_direct(u, s, a, e0, w, phi, cphi, au):
     """sum_l a_l [Phi((u - e_l)/s) - Phi((u - e_{l+1})/s)] with edges e_m = e0 + m w, each edge
     averaged over ``[u - au, u + au]`` (:func:`_phi_mean`; ``au = 0``: at ``u``)."""
@@ -249,7 +302,8 @@ def _amplitude(amps, tail, i, k0, f, ext):
 
 @numba.njit(**NUMBA_OPTIONS)
 def voxel_value(u, v, r, den, d_rad, rho, leaf, sad, amps, dz_tab, tail, sig, a, tab, e0, w, s_leaf,
-                s_tab, lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi, cphi, au, av):
+                s_tab, lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi, cphi, au, av,
+                bl, br):
     """Dose per unit time of one sample at one voxel (cm2/g per unit energy-fluence rate).
 
     ``sig`` is (2, nG): Gaussian widths (mm of water) and their log2. ``leaf >= 0``: a single leaf
@@ -258,6 +312,8 @@ def voxel_value(u, v, r, den, d_rad, rho, leaf, sad, amps, dz_tab, tail, sig, a,
     voxel along the leaf and jaw axes: the jaw profile and the leaf profiles are averaged over
     ``[u - au, u + au] x [v - av, v + av]`` (closed form, :func:`_phi_mean`; the aperture-table
     Gaussians in the equal-variance form, :func:`_log2_total_width`); 0: sampled at ``(u, v)``.
+    ``bl, br``: offsets of the medium's longitudinal ends (:func:`_medium_offsets`); the pencils
+    beyond them carry no dose (:func:`_medium_cut`).
     """
     off, hsoft, k0, f, ext = _offaxis_and_depth(u, sad, soft, offc, d_rad, dz_tab, amps.shape[0])
     lat = sad / (rho * den)  # isocentre-plane mm per mm of water
@@ -265,6 +321,7 @@ def voxel_value(u, v, r, den, d_rad, rho, leaf, sad, amps, dz_tab, tail, sig, a,
     sj2 = s_jaw * s_jaw
     sl2 = s_leaf * s_leaf
     st2 = s_tab * s_tab
+    cut, el, wl, er, wr = _medium_cut(v, jaw_h, s_jaw, bl, br, phi)
     total = 0.0
     for i in range(sig.shape[1]):
         amp = _amplitude(amps, tail, i, k0, f, ext)
@@ -272,12 +329,15 @@ def voxel_value(u, v, r, den, d_rad, rho, leaf, sad, amps, dz_tab, tail, sig, a,
             continue
         su = sig[0, i] * lat
         su2 = su * su
-        sv = math.sqrt(su2 + sj2)
-        if sv < 1e-9:
-            sv = 1e-9
-        isv = 1.0 / sv
-        hj = av * isv
-        jv = _phi_mean((v + jaw_h) * isv, hj, phi, cphi) - _phi_mean((v - jaw_h) * isv, hj, phi, cphi)
+        if cut:
+            jv = _jaw_cut_value(v, su2, sj2, el, wl, er, wr, av, phi, cphi)
+        else:
+            sv = math.sqrt(su2 + sj2)
+            if sv < 1e-9:
+                sv = 1e-9
+            isv = 1.0 / sv
+            hj = av * isv
+            jv = _phi_mean((v + jaw_h) * isv, hj, phi, cphi) - _phi_mean((v - jaw_h) * isv, hj, phi, cphi)
         if jv <= 0.0:
             continue
         s2 = su2 + sl2
@@ -288,8 +348,9 @@ def voxel_value(u, v, r, den, d_rad, rho, leaf, sad, amps, dz_tab, tail, sig, a,
             if leaf >= 0:
                 isl = 1.0 / sl
                 hl = au * isl
-                el = e0 + leaf * w
-                lu = _phi_mean((u - el) * isl, hl, phi, cphi) - _phi_mean((u - el - w) * isl, hl, phi, cphi)
+                e_leaf = e0 + leaf * w
+                lu = (_phi_mean((u - e_leaf) * isl, hl, phi, cphi)
+                      - _phi_mean((u - e_leaf - w) * isl, hl, phi, cphi))
             else:
                 lu = _leaf_direct(u, sl, a, e0, w, phi, cphi, au)
         else:
@@ -369,7 +430,7 @@ def inplane_depth(dens_t, ox, oy, dx, dy, sx, sy, out_t):
 def full_dose_group(dose, depth_t, rho_t, origin, spacing, src, xg, yg, zg, dt, proj_of_sample,
                     a_all, tab_all, u_lo, u_hi, v_reach, k_lo, k_hi, sad, amps, dz_tab, tail, sig,
                     e0, w, s_leaf, s_tab, lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw,
-                    offc, soft, phi, cphi, vavg):
+                    offc, soft, phi, cphi, vavg, zcol):
     """Add the dose of the samples of one angle group to ``dose`` (nz, ny, nx), float64.
 
     Parallel over slices (each thread owns whole slices: race-free, order fixed).
@@ -415,9 +476,11 @@ def full_dose_group(dose, depth_t, rho_t, origin, spacing, src, xg, yg, zg, dt, 
                         continue
                     r = math.sqrt(ddx * ddx + d0y * d0y + d0z * d0z)
                     sc = sad / den
+                    bl, br = _medium_offsets(zcol, j, i, z, yg[s, 2], sc)
                     val = voxel_value(u, v, r, den, depth_t[j, i, k], rho_t[j, i, k], -1, sad, amps, dz_tab,
                                       tail, sig, a, tab, e0, w, s_leaf, s_tab, lev_off, lev_h, lev_n,
-                                      log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi, cphi, hu * sc, hv * sc)
+                                      log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi, cphi, hu * sc, hv * sc,
+                                      bl, br)
                     dose[k, j, i] += dt[s] * val
 
 
@@ -488,7 +551,7 @@ def beamlet_columns(out_idx, out_val, offsets, kept, beam_proj, beam_leaf, samp_
                     depth_all, rho_t, origin, spacing, shape, src, xg, yg, zg, dt, leaf_uc, half_u, r_u, half_v,
                     r_v, den_min, k_lo, k_hi, threshold, n_workers, scratch, mark, wbuf, sad, amps, dz_tab, tail,
                     sig, unit_a, btab, e0, w, s_leaf, s_tab, lev_off, lev_h, lev_n, log2_s0, lpo, u_max,
-                    jaw_h, s_jaw, offc, soft, phi, cphi, vavg):
+                    jaw_h, s_jaw, offc, soft, phi, cphi, vavg, zcol):
     """Columns of the influence matrix for a chunk of beamlets.
 
     Worker ``q`` (0..n_workers-1) handles beamlets q, q + n_workers, ... with its own dense
@@ -532,9 +595,11 @@ def beamlet_columns(out_idx, out_val, offsets, kept, beam_proj, beam_leaf, samp_
                     u = (ddx * xg[s, 0] + ddy * xg[s, 1] + ddz * xg[s, 2]) * sc
                     v = (ddx * yg[s, 0] + ddy * yg[s, 1] + ddz * yg[s, 2]) * sc
                     r = math.sqrt(ddx * ddx + ddy * ddy + ddz * ddz)
+                    bl, br = _medium_offsets(zcol, j, i, origin[2] + k * spacing[2], yg[s, 2], sc)
                     val = voxel_value(u, v, r, den, depth_all[g, j, i, k], rho_t[j, i, k], l, sad, amps, dz_tab,
                                       tail, sig, a, tab, e0, w, s_leaf, s_tab, lev_off, lev_h, lev_n,
-                                      log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi, cphi, hu * sc, hv * sc)
+                                      log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi, cphi, hu * sc, hv * sc,
+                                      bl, br)
                     acc[flat] += dt[s] * val
                 if n_samp > 1:
                     # keep each voxel once in buf
@@ -575,7 +640,7 @@ def beamlet_columns(out_idx, out_val, offsets, kept, beam_proj, beam_leaf, samp_
 def beamlet_node_values(out, beam_proj, beam_leaf, samp_start, samp_stop, node_flat, depth_t, rho_t, origin,
                         spacing, shape, src, xg, yg, zg, dt, sad, amps, dz_tab, tail, sig, unit_a, btab, e0, w,
                         s_leaf, s_tab, lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi,
-                        cphi, vavg):
+                        cphi, vavg, zcol):
     """Full (unwindowed, unthresholded) dose of each beamlet at the voxels ``node_flat``.
 
     ``out`` (n_beamlets, n_nodes) float64 is overwritten; parallel over beamlets (disjoint rows).
@@ -607,16 +672,17 @@ def beamlet_node_values(out, beam_proj, beam_leaf, samp_start, samp_stop, node_f
                 u = (ddx * xg[s, 0] + ddy * xg[s, 1] + ddz * xg[s, 2]) * sc
                 v = (ddx * yg[s, 0] + ddy * yg[s, 1] + ddz * yg[s, 2]) * sc
                 r = math.sqrt(ddx * ddx + ddy * ddy + ddz * ddz)
+                bl, br = _medium_offsets(zcol, j, i, origin[2] + k * spacing[2], yg[s, 2], sc)
                 val = voxel_value(u, v, r, den, depth_t[j, i, k], rho_t[j, i, k], l, sad, amps, dz_tab, tail, sig,
                                   a, tab, e0, w, s_leaf, s_tab, lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h,
-                                  s_jaw, offc, soft, phi, cphi, hu * sc, hv * sc)
+                                  s_jaw, offc, soft, phi, cphi, hu * sc, hv * sc, bl, br)
                 out[b, n] += dt[s] * val
 
 
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
 def node_dose_group(out, node_flat, depth_t, rho_t, origin, spacing, shape, src, xg, yg, zg, dt, proj_of_sample,
                     a_all, tab_all, u_lo, u_hi, v_reach, sad, amps, dz_tab, tail, sig, e0, w, s_leaf, s_tab,
-                    lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi, cphi, vavg):
+                    lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi, cphi, vavg, zcol):
     """Add the dose of one angle group's samples at the voxels ``node_flat`` to ``out`` (n_nodes,).
 
     Same window rule as :func:`full_dose_group` (``u_lo <= u <= u_hi``, ``|v| <= v_reach``);
@@ -647,9 +713,11 @@ def node_dose_group(out, node_flat, depth_t, rho_t, origin, spacing, shape, src,
             p = proj_of_sample[s]
             hu = _half_width(xg[s], spacing, vavg)
             hv = _half_width(yg[s], spacing, vavg)
+            bl, br = _medium_offsets(zcol, j, i, origin[2] + k * spacing[2], yg[s, 2], sc)
             acc += dt[s] * voxel_value(u, v, r, den, depth_t[j, i, k], rho_t[j, i, k], -1, sad, amps, dz_tab, tail,
                                        sig, a_all[p], tab_all[p], e0, w, s_leaf, s_tab, lev_off, lev_h, lev_n,
-                                       log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi, cphi, hu * sc, hv * sc)
+                                       log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi, cphi, hu * sc, hv * sc,
+                                       bl, br)
         out[n] += acc
 
 
@@ -665,8 +733,8 @@ MAX_DIRECT_LEAVES = 24
 def _cluster_row(out, is_, m0, m1, j, k, origin, spacing, depth_t, rho_t, s0, xg, yg, zg, t_p, dt_p, a_c, tab_c, u_lo_p,
                  u_hi_p, r_u, v_half, r_v, r_u0, v_half0, r_v0, g_mid, g_hi, sad, amps, dz_tab, tail, sig, e0, w,
                  s_leaf, s_tab, lev_off,
-                 lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi, cphi, hu, hv, amp_v, isv_v, hj_v,
-                 kind_v, lam_v, l0_v, nl_v, tb_v):
+                 lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi, cphi, hu, hv, zcol, amp_v, isv_v,
+                 hj_v, su2_v, kind_v, lam_v, l0_v, nl_v, tb_v):
     """Dose of all samples of one cluster (same beam axes; sources ``s0 + t_p yg``) at the voxels
     ``(k, j, is_[m])`` for ``m0 <= m <= m1``, added to ``out[m]``.
 
@@ -688,7 +756,8 @@ def _cluster_row(out, is_, m0, m1, j, k, origin, spacing, depth_t, rho_t, s0, xg
     ``[p in W] - [p in W0]``; ``g_mid = 0``: one windowed sum (``W0`` unused).
     ``hu, hv``: the voxel's half-widths along ``xg`` and ``yg`` (:func:`_half_width`; the profiles are
     averaged over ``hu SAD / den`` and ``hv SAD / den`` in the isocentre plane, as in
-    :func:`voxel_value`). ``amp_v ... tb_v`` are per-thread scratch arrays.
+    :func:`voxel_value`). ``zcol``: the medium's ends of each column (:func:`_medium_offsets`).
+    ``amp_v ... tb_v`` are per-thread scratch arrays.
     """
     py = origin[1] + j * spacing[1]
     pz = origin[2] + k * spacing[2]
@@ -709,6 +778,7 @@ def _cluster_row(out, is_, m0, m1, j, k, origin, spacing, depth_t, rho_t, s0, xg
         u = xx * sc
         au = hu * sc
         av = hv * sc
+        bl, br = _medium_offsets(zcol, j, ii, pz, yg[2], sc)
         n_s = t_p.shape[0]
         ru = r_u * sc
         v_reach = v_half + r_v * sc
@@ -745,6 +815,7 @@ def _cluster_row(out, is_, m0, m1, j, k, origin, spacing, depth_t, rho_t, s0, xg
             amp_v[i] = amp
             su = sig[0, i] * lat
             su2 = su * su
+            su2_v[i] = su2
             sv = math.sqrt(su2 + sj2)
             if sv < 1e-9:
                 sv = 1e-9
@@ -818,6 +889,7 @@ def _cluster_row(out, is_, m0, m1, j, k, origin, spacing, depth_t, rho_t, s0, xg
                 c_lo = int(inw) - int(in0)
             if not inw and c_lo == 0:
                 continue
+            cut, el, wl, er, wr = _medium_cut(v, jaw_h, s_jaw, bl, br, phi)
             acc = 0.0
             for i in range(g_start, g_hi):
                 kd = kind_v[i]
@@ -845,7 +917,11 @@ def _cluster_row(out, is_, m0, m1, j, k, origin, spacing, depth_t, rho_t, s0, xg
                 if lu == 0.0:
                     continue
                 isv = isv_v[i]
-                if (jaw_h - av_p - av) * isv >= PHI_X:
+                if cut:
+                    jv = _jaw_cut_value(v, su2_v[i], s_jaw * s_jaw, el, wl, er, wr, av, phi, cphi)
+                    if jv <= 0.0:
+                        continue
+                elif (jaw_h - av_p - av) * isv >= PHI_X:
                     jv = 1.0  # both jaw edges beyond the lookup table (what _phi_mean returns there)
                 else:
                     hj = hj_v[i]
@@ -866,7 +942,7 @@ def cluster_dose_lattice(out, ks, js, is_, k_lo, k_hi, depth_t, rho_t, origin, s
                          tab_c, u_lo_p, u_hi_p, r_u, v_half, r_v, r_u0, v_half0, r_v0, widen, g_mid, g_hi, sad, amps,
                          dz_tab, tail, sig, e0,
                          w, s_leaf, s_tab, lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi,
-                         cphi, vavg):
+                         cphi, vavg, zcol):
     """Add the dose of one cluster (see :func:`_cluster_row`) at the voxels ``ks x js x is_``
     (increasing index arrays) to ``out`` (ks.size, js.size, is_.size) float64; slices outside
     ``k_lo <= k < k_hi`` are skipped. ``widen``: largest SAD / den of the grid (row ranges).
@@ -891,6 +967,7 @@ def cluster_dose_lattice(out, ks, js, is_, k_lo, k_hi, depth_t, rho_t, origin, s
         amp_v = np.zeros(n_g)
         isv_v = np.zeros(n_g)
         hj_v = np.zeros(n_g)
+        su2_v = np.zeros(n_g)
         kind_v = np.zeros(n_g, dtype=np.int64)
         lam_v = np.zeros((n_g, MAX_DIRECT_LEAVES))
         l0_v = np.zeros(n_g, dtype=np.int64)
@@ -918,7 +995,7 @@ def cluster_dose_lattice(out, ks, js, is_, k_lo, k_hi, depth_t, rho_t, origin, s
                          a_c, tab_c, u_lo_p, u_hi_p, r_u, v_half, r_v, r_u0, v_half0, r_v0, g_mid, g_hi, sad, amps,
                          dz_tab, tail, sig, e0,
                          w, s_leaf, s_tab, lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi,
-                         cphi, hu, hv, amp_v, isv_v, hj_v, kind_v, lam_v, l0_v, nl_v, tb_v)
+                         cphi, hu, hv, zcol, amp_v, isv_v, hj_v, su2_v, kind_v, lam_v, l0_v, nl_v, tb_v)
 
 
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
@@ -964,7 +1041,7 @@ def trilinear_add(dose, values, ks, js, is_):
 def cluster_column_entries(count_only, counts, offsets, out_col, out_flat, out_val, k_lo, k_hi, depth_t, rho_t,
                            origin, spacing, s0, xg, yg, zg, t_p, dt_p, samp_b_off, b_leaf, b_col, leaf_uc, half_u,
                            r_u, half_v, r_v, widen, sad, amps, dz_tab, tail, sig, btab, e0, w, s_leaf, s_tab,
-                           lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi, cphi, vavg):
+                           lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi, cphi, vavg, zcol):
     """Influence-matrix entries (before the threshold) of the beamlets of one cluster.
 
     A cluster's samples share the beam axes (sources ``s0 + t_p[p] yg``, see :func:`_cluster_row`);
@@ -1001,6 +1078,7 @@ def cluster_column_entries(count_only, counts, offsets, out_col, out_flat, out_v
     for k in numba.prange(k_lo, k_hi):
         amp_v = np.zeros(n_g)
         isv_v = np.zeros(n_g)
+        su2_v = np.zeros(n_g)
         jw_v = np.zeros(n_g)
         lam = np.zeros((n_g, n_leaves))
         edge = np.zeros(n_leaves + 1)
@@ -1055,6 +1133,7 @@ def cluster_column_entries(count_only, counts, offsets, out_col, out_flat, out_v
                                                             amps.shape[0])
                 au = hu * sc
                 av = hv * sc
+                bl, br = _medium_offsets(zcol, j, i, pz, yg[2], sc)
                 lat = sad / (rho_t[j, i, k] * den)
                 log2_lat = math.log2(lat)
                 for g in range(n_g):
@@ -1064,6 +1143,7 @@ def cluster_column_entries(count_only, counts, offsets, out_col, out_flat, out_v
                         continue
                     su = sig[0, g] * lat
                     su2 = su * su
+                    su2_v[g] = su2
                     sv = math.sqrt(su2 + sj2)
                     if sv < 1e-9:
                         sv = 1e-9
@@ -1108,13 +1188,18 @@ def cluster_column_entries(count_only, counts, offsets, out_col, out_flat, out_v
                             break
                     if not anyb:
                         continue
+                    cut, el, wl, er, wr = _medium_cut(v, jaw_h, s_jaw, bl, br, phi)
                     for g in range(n_g):
                         jw_v[g] = 0.0
                         if amp_v[g] <= 0.0:
                             continue
-                        isv = isv_v[g]
-                        hj = av * isv
-                        jv = _phi_mean((v + jaw_h) * isv, hj, phi, cphi) - _phi_mean((v - jaw_h) * isv, hj, phi, cphi)
+                        if cut:
+                            jv = _jaw_cut_value(v, su2_v[g], sj2, el, wl, er, wr, av, phi, cphi)
+                        else:
+                            isv = isv_v[g]
+                            hj = av * isv
+                            jv = (_phi_mean((v + jaw_h) * isv, hj, phi, cphi)
+                                  - _phi_mean((v - jaw_h) * isv, hj, phi, cphi))
                         if jv > 0.0:
                             jw_v[g] = amp_v[g] * jv
                     scale = dt_p[p] * hsoft * off * sad * sad / (r2_perp + yp * yp)

@@ -154,7 +154,7 @@ def influence_matrix(patient, projections_or_plan, *, target="PTV", threshold: f
                      margin_mm: float = 0.0, chunk_beamlets: int = 512, beam_model=None, n_subsamples: int = 1,
                      kernel=None, rho_floor: float = 0.05, angle_groups: int | None = None,
                      progress: bool | None = None, return_beamlets: bool = False, method: str = "clustered",
-                     voxel_average: bool = True):
+                     voxel_average: bool = True, medium_ends: bool = True):
     """Sparse influence matrix of the beamlets that meet the target.
 
     Parameters
@@ -173,9 +173,10 @@ def influence_matrix(patient, projections_or_plan, *, target="PTV", threshold: f
         Margin around the target for the beamlet selection (mm).
     chunk_beamlets : int
         Beamlets computed together (bounds the work memory).
-    beam_model, n_subsamples, kernel, rho_floor, angle_groups, voxel_average
+    beam_model, n_subsamples, kernel, rho_floor, angle_groups, voxel_average, medium_ends
         As in :func:`tomodose.transport.pencil_beam.pencil_beam_dose` (``voxel_average``: profiles
-        averaged over each voxel, default; give the full-plan dose the same value).
+        averaged over each voxel; ``medium_ends``: no dose from pencils beyond the medium's
+        longitudinal ends; both default; give the full-plan dose the same values).
     progress : bool, optional
     return_beamlets : bool
         Also return the beamlet (projection, leaf) arrays.
@@ -206,7 +207,8 @@ def influence_matrix(patient, projections_or_plan, *, target="PTV", threshold: f
         raise ValueError(f"method must be 'clustered' or 'beamlet', got {method!r}")
     seq = _projections(projections_or_plan)
     tgt = _target(patient, target)
-    engine = _resolve(patient, seq, beam_model, kernel, n_subsamples, rho_floor, angle_groups, voxel_average)
+    engine = _resolve(patient, seq, beam_model, kernel, n_subsamples, rho_floor, angle_groups, voxel_average,
+                      medium_ends)
     engine.grid.require_same(tgt.grid, "target structure grid and density grid")
     proj_b, leaf_b = influence_beamlets(seq, tgt, margin_mm=margin_mm)
     n_b = proj_b.size
@@ -490,7 +492,8 @@ class FarField:
 
 def far_field_operator(patient, projections_or_plan, matrix, projection, leaf, *, step: int = 6, beam_model=None,
                        n_subsamples: int = 1, kernel=None, rho_floor: float = 0.05, angle_groups: int | None = None,
-                       progress: bool | None = None, voxel_average: bool = True) -> FarField:
+                       progress: bool | None = None, voxel_average: bool = True,
+                       medium_ends: bool = True) -> FarField:
     """What the threshold of ``matrix`` dropped, on a coarse grid (see :class:`FarField`).
 
     The beamlets' full doses are evaluated at every ``step``-th voxel (no window, no threshold; the
@@ -505,7 +508,8 @@ def far_field_operator(patient, projections_or_plan, matrix, projection, leaf, *
     if not sparse.issparse(matrix):
         raise TypeError(f"matrix must be a scipy.sparse matrix, got {type(matrix).__name__}")
     seq = _projections(projections_or_plan)
-    engine = _resolve(patient, seq, beam_model, kernel, n_subsamples, rho_floor, angle_groups, voxel_average)
+    engine = _resolve(patient, seq, beam_model, kernel, n_subsamples, rho_floor, angle_groups, voxel_average,
+                      medium_ends)
     proj_b = np.ascontiguousarray(projection, dtype=np.int64)
     leaf_b = np.ascontiguousarray(leaf, dtype=np.int64)
     n_vox = engine.grid.n_voxels

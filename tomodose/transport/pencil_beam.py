@@ -77,6 +77,9 @@ DEFAULT_PENCIL_KERNEL = "pencil_water_6mv_default"
 DOSE_UNIT = TERMA_UNIT
 #: widest total Gaussian (mm, isocentre plane) evaluated directly from the leaf edges.
 S_TAB_MM = 4.0
+#: lowest mass density (g/cm3) counted as medium for the longitudinal ends of each voxel column
+#: (:func:`medium_column_ends`).
+MEDIUM_MIN_DENSITY = 0.05
 #: levels per octave of the aperture table.
 LEVELS_PER_OCTAVE = 6
 #: finest u spacing of the aperture table (mm); level q uses max(this, s_q / 8).
@@ -246,6 +249,7 @@ class _Engine:
     rho_floor: float
     angle_groups: int
     voxel_average: bool = True
+    medium_ends: bool = True
 
     def __post_init__(self):
         from tomodose._kernels.pencil_beam import phi_integral_table, phi_table
@@ -300,6 +304,8 @@ class _Engine:
         # slab of slices each sample can reach (|v| <= v_reach)
         self.v_reach_full = 1e30
         self.unit_a = np.ascontiguousarray(np.eye(self.n_leaves))
+        self.zcol = medium_column_ends(self.dens, self.grid) if self.medium_ends else np.full(
+            (self.grid.ny, self.grid.nx, 2), [-1e30, 1e30])
 
     # --- helpers ---------------------------------------------------------------------------
     def params(self):
@@ -309,7 +315,7 @@ class _Engine:
     def tail_params(self):
         return (self.e0, self.w, self.s_leaf, S_TAB_MM, self.lev_off, 1.0 / self.lev_h, self.lev_n, self.log2_s0,
                 float(LEVELS_PER_OCTAVE), self.u_max, self.jaw_h, self.s_jaw, self.offc, self.soft, self.phi,
-                self.cphi, 1.0 if self.voxel_average else 0.0)
+                self.cphi, 1.0 if self.voxel_average else 0.0, self.zcol)
 
     def max_half_width_mm(self) -> float:
         """Largest voxel-average half-width in the isocentre plane (0 without voxel averaging)."""
@@ -369,11 +375,31 @@ class _Engine:
         return (digest, self._dens_t.shape, tuple(self.origin), tuple(self.spacing))
 
 
+def medium_column_ends(density: np.ndarray, grid: Grid) -> np.ndarray:
+    """(ny, nx, 2) LPS z (mm) of the lower and upper ends of the medium in each (y, x) column of the
+    grid: the outer faces of its first and last voxel of density >= :data:`MEDIUM_MIN_DENSITY`; the
+    grid's own z faces for a column without one (nothing lies beyond the grid, as for the
+    collapsed cone and the Monte Carlo)."""
+    nz = grid.nz
+    dz = float(grid.spacing_mm[2])
+    z0 = float(grid.origin_mm[2])
+    med = np.asarray(density) >= MEDIUM_MIN_DENSITY
+    anyv = med.any(axis=0)
+    first = np.where(anyv, np.argmax(med, axis=0), 0)
+    last = np.where(anyv, nz - 1 - np.argmax(med[::-1], axis=0), nz - 1)
+    out = np.empty((grid.ny, grid.nx, 2))
+    out[..., 0] = z0 + (first - 0.5) * dz
+    out[..., 1] = z0 + (last + 0.5) * dz
+    return out
+
+
 def _resolve(patient_or_density, projections, beam_model, kernel, n_subsamples, rho_floor, angle_groups,
-             voxel_average=True):
+             voxel_average=True, medium_ends=True):
     projections, beam = resolve_delivery(projections, beam_model)
     if not isinstance(voxel_average, (bool, np.bool_)):
         raise TypeError(f"voxel_average must be True or False, got {voxel_average!r}")
+    if not isinstance(medium_ends, (bool, np.bool_)):
+        raise TypeError(f"medium_ends must be True or False, got {medium_ends!r}")
     if kernel is None:
         kernel = load_pencil_kernel()
     elif isinstance(kernel, str):
@@ -390,7 +416,8 @@ def _resolve(patient_or_density, projections, beam_model, kernel, n_subsamples, 
         raise ValueError(
             f"patient_position of the patient ({position!r}) differs from that of the projections "
             f"({projections.patient_position!r})")
-    return _Engine(grid, dens, projections, beam, kernel, int(n_subsamples), rho_floor, n_groups, bool(voxel_average))
+    return _Engine(grid, dens, projections, beam, kernel, int(n_subsamples), rho_floor, n_groups, bool(voxel_average),
+                   bool(medium_ends))
 
 
 def _leaf_weights(engine: _Engine, leaf_model: str) -> np.ndarray:
@@ -606,7 +633,7 @@ def pencil_beam_dose(patient_or_density, projections, beam_model: BeamModel | No
                      rho_floor: float = 0.05, angle_groups: int | None = None,
                      far_field_step: int | None = None, window_threshold: float = 1e-2,
                      progress: bool | None = None, method: str | None = None,
-                     levels=DEFAULT_LEVELS, voxel_average: bool = True) -> np.ndarray:
+                     levels=DEFAULT_LEVELS, voxel_average: bool = True, medium_ends: bool = True) -> np.ndarray:
     """Pencil-beam dose of a whole delivery, without building a matrix.
 
     Parameters
@@ -660,6 +687,12 @@ def pencil_beam_dose(patient_or_density, projections, beam_model: BeamModel | No
         jaw axis and across the fan, closed form), as the voxel-averaged TERMA; ``False``: sampled
         at the voxel centre (the earlier model; a helical delivery's fluence ripple then aliases on
         coarse grids, docs/pencil_beam.md).
+    medium_ends : bool
+        ``True`` (default): the pencils beyond the longitudinal ends of the medium
+        (:func:`medium_column_ends`: the first and last voxel of density >= 0.05 g/cm3 of each
+        voxel column, at most the grid's ends) cross no matter and carry no dose, so the dose near
+        a phantom's end faces or the grid's ends lacks their scatter (as in the collapsed cone and
+        the Monte Carlo); ``False``: the laterally infinite medium of the plain pencil beam.
 
     Returns
     -------
@@ -668,7 +701,7 @@ def pencil_beam_dose(patient_or_density, projections, beam_model: BeamModel | No
     """
     t0 = time.perf_counter()
     engine = _resolve(patient_or_density, projections, beam_model, kernel, n_subsamples, rho_floor, angle_groups,
-                      voxel_average)
+                      voxel_average, medium_ends)
     a = _leaf_weights(engine, leaf_model)
     if far_field_step is not None and (isinstance(far_field_step, bool) or not isinstance(far_field_step, (int, np.integer))
                                        or far_field_step < 1):
@@ -694,19 +727,20 @@ def pencil_beam_dose(patient_or_density, projections, beam_model: BeamModel | No
 def beamlet_dose(patient_or_density, projections, projection: int, leaf: int,
                  beam_model: BeamModel | None = None, *, n_subsamples: int = 1,
                  kernel: PencilKernel | str | None = None, rho_floor: float = 0.05,
-                 angle_groups: int | None = None, voxel_average: bool = True) -> np.ndarray:
+                 angle_groups: int | None = None, voxel_average: bool = True,
+                 medium_ends: bool = True) -> np.ndarray:
     """Dose of one beamlet (projection ``projection``, leaf ``leaf``) fully open for its projection.
 
     Same model as :func:`pencil_beam_dose` with ``leaf_model="linear"`` and a unit leaf weight:
     the column of :func:`tomodose.transport.influence.influence_matrix` at threshold 0
-    (``voxel_average`` as there).
+    (``voxel_average``, ``medium_ends`` as there).
 
     Returns
     -------
     (nz, ny, nx) float32 in :data:`DOSE_UNIT`.
     """
     engine = _resolve(patient_or_density, projections, beam_model, kernel, n_subsamples, rho_floor, angle_groups,
-                      voxel_average)
+                      voxel_average, medium_ends)
     n_p = engine.projections.n_projections
     if isinstance(projection, bool) or not isinstance(projection, (int, np.integer)) or not 0 <= projection < n_p:
         raise ValueError(f"projection must be an integer in [0, {n_p - 1}], got {projection!r}")
