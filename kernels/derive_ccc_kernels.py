@@ -53,7 +53,7 @@ from tomodose.transport.kernels import (  # noqa: E402
     terma_weights,
 )
 
-SCRIPT_VERSION = "1.3"
+SCRIPT_VERSION = "1.4"
 #: default ring edges (deg): fine forward rings where the primary-electron energy is, coarse
 #: backward; chosen by kernels/study_ccc_cones.py (see docs/collapsed_cone.md)
 DEFAULT_POLAR_EDGES_DEG = (0, 3.75, 7.5, 15, 22.5, 30, 45, 60, 90, 120, 150, 180)
@@ -84,6 +84,14 @@ def main(argv=None) -> int:
     ap.add_argument("--group-edges-mev", default=None,
                     help="inner energy-group edges (MeV, comma separated), e.g. 1.0,2.5: adds group "
                          "kernels sharing the rates (table gets group_amplitudes)")
+    ap.add_argument("--group-rates", choices=("shared", "per-group"), default="per-group",
+                    help="with --group-edges-mev: per-group (default since 1.4): each group fits its own "
+                         "rates (--n-terms per group; a --n-terms that is a multiple of the number of groups "
+                         "and > 6 is read as the table's total); shared: one rate set for all groups (before 1.4)")
+    ap.add_argument("--fit", choices=("buildup", "nonneg"), default="buildup",
+                    help="buildup (default since 1.4): signed amplitudes whose differential kernel is "
+                         "non-negative (follows the build-up of scatter with radius), rates by a global "
+                         "search; nonneg: non-negative amplitudes, local search (before 1.4)")
     ap.add_argument("--name", default=DEFAULT_KERNEL_NAME)
     ap.add_argument("--out-dir", type=Path, default=ROOT / "tomodose" / "data" / "kernels")
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -155,8 +163,13 @@ def main(argv=None) -> int:
         "method": (
             "poly kernel = sum_E w_E K_E with w_E ~ phi(E) E mu(E) (linear share between bracketing "
             "kernel energies, clamped at the ends, normalised); 48 cones summed into rings; cumulative "
-            "per ring at shell edges; shared-rate exponential fit C_p(r) = sum_k A_pk (1 - exp(-a_k r)) "
-            "by NNLS + Powell/Nelder-Mead on log rates, rows rescaled to the tabulated ring totals"
+            "per ring at shell edges; exponential fit C_p(r) = sum_k A_pk (1 - exp(-a_k r)) with rates "
+            "shared by the rings, rows rescaled to the tabulated ring totals; " + (
+                "build-up fit: NNLS over the terms and their pairwise differences e^(-a_j r) - e^(-a_k r) "
+                "(signed A_pk, non-negative energy per unit radius), rates by differential evolution "
+                "(fixed seed) + Nelder-Mead, neighbouring rates >= 1.5x apart"
+                if args.fit == "buildup" else
+                "non-negative A_pk by NNLS, rates by Powell/Nelder-Mead on log rates")
         ),
         "kernel_energies_mev": table.energies_mev.tolist(),
         "kernel_sources": sources,
@@ -192,10 +205,26 @@ def main(argv=None) -> int:
                     "= TERMA-weighted kernel of its lines; TERMA must be split the same way",
             "surface_terma_share": group_share,
         }
+    group_rates = "shared"
+    n_terms = args.n_terms
+    if group_fine is not None and args.group_rates == "per-group":
+        group_rates = "per_group"
+        n_grp = len(group_fine)
+        if n_terms > 6 and n_terms % n_grp == 0:
+            n_terms //= n_grp  # the table's total (e.g. commission_la4 passes the engine kernel's n_terms)
+        provenance["energy_groups"]["rates"] = (
+            f"per group: {n_terms} rates fitted to each group alone (table rates: group g uses "
+            f"rates[{n_terms} g : {n_terms} (g + 1)]); main kernel = sum of the groups weighted by "
+            "surface_terma_share")
+    elif group_fine is not None:
+        provenance["energy_groups"]["rates"] = "shared by the main kernel and all groups (joint fit)"
+    else:
+        group_share = None
     kernel = collapse_kernel(
         fine, table.theta_edges_deg, table.radius_edges_cm, polar_group_edges=groups,
-        n_azimuth=args.n_azimuth, n_terms=args.n_terms, name=args.name, provenance=provenance,
+        n_azimuth=args.n_azimuth, n_terms=n_terms, name=args.name, provenance=provenance,
         group_fine_kernels=group_fine, group_edges_mev=group_edges, azimuth_stagger=args.azimuth_stagger,
+        group_rates=group_rates, group_weights=group_share, buildup=args.fit == "buildup",
     )
     rel = abs(kernel.total_fraction - expected_total) / expected_total
     fit_rel = abs(float(kernel.fitted_cumulative([kernel.radius_edges_cm[-1]]).sum()) - expected_total) / expected_total
@@ -270,7 +299,8 @@ def _low_md(inp) -> str:
 def _groups_md(kernel) -> str:
     if kernel.n_groups == 0:
         return ""
-    lines = ["Energy groups (kernels sharing the rates; TERMA must be split the same way):", ""]
+    rule = kernel.provenance.get("energy_groups", {}).get("rates", "kernels sharing the rates")
+    lines = [f"Energy groups (rates: {rule}; TERMA must be split the same way):", ""]
     edges = kernel.group_edges_mev
     for g in range(kernel.n_groups):
         gk = kernel.group_kernel(g)

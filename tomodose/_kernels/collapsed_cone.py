@@ -384,7 +384,9 @@ def transport_direction(terma, rho, dose, m, sgn, da, db, step_cm, rates, amp_co
     source_xyz, origin_xyz, spacing_xyz, fallback_axis : (3,) LPS mm / unit vector.
     direct_sources : bool
         ``terma`` (K, nz, ny, nx) already holds the source of each term (``amp_const`` and
-        ``tilt`` unused): the shared-direction transport of rotational delivery.
+        ``tilt`` unused): the shared-direction transport of rotational delivery. Term sources
+        may be negative (build-up kernels: signed amplitudes whose sum over terms deposits a
+        non-negative energy); a voxel is skipped only when all its term sources are zero.
 
     One ``prange`` task per row of lines (all lines sharing the index ``ia`` along axis ``a``):
     the lines of a row visit neighbouring voxels along ``b`` at every step (contiguous memory
@@ -457,7 +459,7 @@ def transport_direction(terma, rho, dose, m, sgn, da, db, step_cm, rates, amp_co
                 idx = base + jb * s_b
                 t = 0.0
                 for g in range(n_g):
-                    t += tf[g, idx]
+                    t += abs(tf[g, idx])  # direct sources of build-up terms may be negative
                 if t == 0.0 and not has_flux[li]:
                     continue
                 delta = rf[idx] * step_cm
@@ -522,8 +524,8 @@ CONTRACT_BLOCK = 2048
 def contract_sources(terma, weights, out):
     """out[j, k, v] = sum_g weights[j, g, k] * terma[g, v] (sources of shared directions).
 
-    terma : (G, n) float32 or float64, >= 0; weights : (J, G, K) float64, >= 0 (zero rows are
-    skipped); out : (J, K, n) float32 or float64, overwritten. One ``prange`` task per block of
+    terma : (G, n) float32 or float64, >= 0; weights : (J, G, K) float64 (signed for build-up
+    kernels; zero rows are skipped); out : (J, K, n) float32 or float64, overwritten. One ``prange`` task per block of
     :data:`CONTRACT_BLOCK` voxels, groups summed in index order: results do not depend on the
     number of threads.
     """

@@ -235,10 +235,53 @@ def _model_matrix(radii_cm: np.ndarray, rates_per_cm: np.ndarray) -> np.ndarray:
     return -np.expm1(-np.outer(radii_cm, rates_per_cm))
 
 
-def _fit_amplitudes(radii, cum, rates, totals):
-    """NNLS amplitudes per ring for fixed rates; rows weighted by 1/total of all rings."""
+#: smallest ratio between neighbouring rates of a build-up fit (a pair of nearly equal rates
+#: would make the difference basis ill-conditioned: large amplitudes of opposite sign)
+BUILDUP_MIN_RATE_RATIO = 1.5
+
+
+def _fit_basis(radii, rates, buildup: bool):
+    """Cumulative basis columns and their conversion to per-term amplitudes.
+
+    Without ``buildup`` the columns are the terms ``1 - exp(-a_k r)`` (identity conversion).
+    With ``buildup`` the pair differences ``e^(-a_j r) - e^(-a_k r)`` (``a_j < a_k``), each
+    normalised to unit energy, are added: a non-negative combination of all columns has a
+    non-negative *differential* kernel (energy per unit radius) but per-term amplitudes of either
+    sign, so it can follow the build-up of scattered-photon energy with radius.
+
+    Returns ``(B, C)``: ``B`` (nR, n_cols) cumulative of each column, ``C`` (K, n_cols) per-term
+    amplitudes of each column (``amplitudes = C @ x`` for column weights ``x``).
+    """
+    m = _model_matrix(radii, rates)
+    k = rates.size
+    if not buildup:
+        return m, np.eye(k)
+    cols = [m]
+    conv = [np.eye(k)]
+    for j in range(k):
+        for i in range(j + 1, k):
+            a, b = float(rates[j]), float(rates[i])
+            norm = 1.0 / a - 1.0 / b
+            if not norm > 0.0:
+                continue
+            cols.append(((m[:, j] / a - m[:, i] / b) / norm)[:, None])
+            v = np.zeros((k, 1))
+            v[j, 0] = 1.0 / (a * norm)
+            v[i, 0] = -1.0 / (b * norm)
+            conv.append(v)
+    return np.hstack(cols), np.hstack(conv)
+
+
+def _fit_amplitudes(radii, cum, rates, totals, buildup: bool = False, n_rows_summed=None):
+    """NNLS amplitudes per ring for fixed rates; rows weighted by 1/total of all rings.
+
+    ``buildup``: non-negative weights of the :func:`_fit_basis` columns (signed amplitudes,
+    non-negative differential kernel). ``n_rows_summed``: the rows form blocks of this many rings
+    (several kernels fitted jointly) and the summed-ring error is taken per block.
+    """
     from scipy.optimize import nnls
 
+    basis, conv = _fit_basis(radii, rates, buildup)
     m = _model_matrix(radii, rates)
     grand = float(totals.sum())
     amps = np.zeros((cum.shape[0], rates.size))
@@ -249,23 +292,31 @@ def _fit_amplitudes(radii, cum, rates, totals):
         # relative weighting: errors of the cumulative as a fraction of the ring total, plus a
         # heavy row that pins the total (energy conservation)
         scale = 1.0 / max(totals[p], 1e-12)
-        a_mat = np.vstack([m * scale, 1e3 * m[-1:] * scale])
+        a_mat = np.vstack([basis * scale, 1e3 * basis[-1:] * scale])
         b_vec = np.concatenate([cum[p] * scale, [1e3 * totals[p] * scale]])
-        x, _ = nnls(a_mat, b_vec, maxiter=2000)
-        reach = float(m[-1] @ x)
+        x, _ = nnls(a_mat, b_vec, maxiter=5000)
+        reach = float(basis[-1] @ x)
         if reach > 0:
             x *= totals[p] / reach
-        amps[p] = x
-        err = (m @ x - cum[p]) / grand
+        amps[p] = conv @ x
+        err = (basis @ x - cum[p]) / grand
         resid += float(np.sum(err**2)) * (totals[p] / grand)
     # the sum over rings (broad-field dose) matters most: add its error
-    err_sum = (amps.sum(axis=0) @ m.T - cum.sum(axis=0)) / grand
-    resid += float(np.sum(err_sum**2))
+    if n_rows_summed is None:
+        err_sum = (amps.sum(axis=0) @ m.T - cum.sum(axis=0)) / grand
+        resid += float(np.sum(err_sum**2))
+    else:
+        n_b = cum.shape[0] // int(n_rows_summed)
+        for i in range(n_b):
+            sl = slice(i * n_rows_summed, (i + 1) * n_rows_summed)
+            err_sum = (amps[sl].sum(axis=0) @ m.T - cum[sl].sum(axis=0)) / grand
+            resid += n_b * float(np.sum(err_sum**2))
     return amps, resid
 
 
 def fit_shared_exponentials(
-    radius_edges_cm, cumulative, n_terms: int = 5, *, initial_rates_per_cm=None
+    radius_edges_cm, cumulative, n_terms: int = 5, *, initial_rates_per_cm=None, buildup: bool = False,
+    n_rows_summed: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Fit ``C_p(r) ~= sum_k A[p,k] (1 - exp(-a_k r))`` with rates shared by all rings.
 
@@ -277,11 +328,19 @@ def fit_shared_exponentials(
         Cumulative deposited energy fraction per ring at those radii.
     n_terms : int
         Number of exponential terms ``K``.
+    buildup : bool
+        Signed amplitudes with a non-negative differential kernel (:func:`_fit_basis`): the
+        rates are searched globally (differential evolution, fixed seed: deterministic) with
+        neighbouring rates at least :data:`BUILDUP_MIN_RATE_RATIO` apart. Default False: the
+        non-negative amplitudes and local search of tables before 2026-11-29.
+    n_rows_summed : int, optional
+        The rows are blocks of this many rings of different kernels fitted jointly (the summed
+        error is then taken per block).
 
     Returns
     -------
     rates_per_cm : (K,) float64, increasing
-    amplitudes : (P, K) float64, >= 0; each row reproduces ``cumulative[p, -1]`` exactly at the
+    amplitudes : (P, K) float64 (>= 0 without ``buildup``); each row reproduces ``cumulative[p, -1]`` exactly at the
         last radius (energy conserved within the tabulated range; the model's small tail beyond
         it, ``sum_k A_k exp(-a_k r_max)``, lies outside any patient grid).
     """
@@ -306,6 +365,9 @@ def fit_shared_exponentials(
         logr = np.clip(logr, math.log(RATE_MIN_PER_CM) - 1.0, math.log(RATE_MAX_PER_CM) + 1.0)  # no overflow
         return np.sort(np.clip(np.exp(logr), RATE_MIN_PER_CM, RATE_MAX_PER_CM))
 
+    if buildup:
+        return _fit_buildup(r, cum, k, totals, n_rows_summed)
+
     def objective(logr):
         return _fit_amplitudes(r, cum, to_rates(logr), totals)[1]
 
@@ -318,6 +380,46 @@ def fit_shared_exponentials(
     rates = to_rates(best.x)
     amps, _ = _fit_amplitudes(r, cum, rates, totals)
     return rates, amps
+
+
+def _fit_buildup(r, cum, k, totals, n_rows_summed):
+    """Rates and signed amplitudes of a build-up fit (see :func:`fit_shared_exponentials`)."""
+    from scipy.optimize import differential_evolution, minimize
+
+    log_sep = math.log(BUILDUP_MIN_RATE_RATIO)
+
+    def to_rates(x):
+        # x[0]: log of the slowest rate; x[i > 0]: log ratio of neighbouring rates beyond the minimum
+        return np.exp(np.cumsum(np.concatenate([[x[0]], log_sep + np.maximum(x[1:], 0.0)])))
+
+    def objective(x):
+        rates = to_rates(x)
+        if rates[-1] > RATE_MAX_PER_CM:
+            return 1.0 + math.log(rates[-1] / RATE_MAX_PER_CM)
+        return _fit_amplitudes(r, cum, rates, totals, True, n_rows_summed)[1]
+
+    bounds = [(math.log(RATE_MIN_PER_CM), math.log(2.0))] + [(0.0, 5.0)] * (k - 1)
+    best = differential_evolution(objective, bounds, seed=20261129, tol=1e-8, maxiter=300, polish=False)
+    polish = minimize(objective, best.x, method="Nelder-Mead",
+                      options={"maxiter": 2000 * k, "xatol": 1e-6, "fatol": 1e-14})
+    x = polish.x if polish.fun < best.fun else best.x
+    rates = to_rates(x)
+    amps, _ = _fit_amplitudes(r, cum, rates, totals, True, n_rows_summed)
+    return rates, amps
+
+
+def differential_kernel(rates_per_cm, amplitudes, radius_cm) -> np.ndarray:
+    """(..., n) energy per unit radius ``sum_k A_k a_k exp(-a_k r)`` of exponential-model rows.
+
+    Parameters
+    ----------
+    rates_per_cm : (K,) array
+    amplitudes : (..., K) array
+    radius_cm : (n,) array
+    """
+    r = np.atleast_1d(np.asarray(radius_cm, dtype=np.float64))
+    rates = np.asarray(rates_per_cm, dtype=np.float64)
+    return np.asarray(amplitudes) @ (rates[:, None] * np.exp(-np.outer(rates, r)))
 
 
 def collapse_kernel(
@@ -334,6 +436,9 @@ def collapse_kernel(
     group_fine_kernels: Sequence | None = None,
     group_edges_mev=None,
     azimuth_stagger: bool = False,
+    group_rates: str = "shared",
+    group_weights=None,
+    buildup: bool = False,
 ) -> "CollapsedConeKernel":
     """Collapse a (nC, nR) kernel onto ``P`` polar rings x ``n_azimuth`` cones.
 
@@ -365,6 +470,17 @@ def collapse_kernel(
         Energy range of each group (required with ``group_fine_kernels``).
     azimuth_stagger : bool
         Turn the cones of odd rings by half an azimuth step (see :class:`CollapsedConeKernel`).
+    group_rates : {"shared", "per_group"}
+        With group kernels: ``"shared"`` fits ``n_terms`` rates jointly for the main kernel and
+        all groups; ``"per_group"`` fits ``n_terms`` rates for each group alone (the table then
+        has ``G * n_terms`` rates, group ``g`` using only the block ``g * n_terms ... (g + 1) *
+        n_terms - 1``, zeros elsewhere) and the main kernel is ``sum_g group_weights[g] x group
+        g`` (its model is then exactly the weighted sum of the group models).
+    group_weights : (G,) array, optional
+        Share of each group in the main kernel (the TERMA share of its lines; sum 1); required
+        with ``group_rates="per_group"``.
+    buildup : bool
+        Signed amplitudes with non-negative differential kernels (:func:`fit_shared_exponentials`).
     """
     fk = check_array("fine_kernel", fine_kernel, ndim=2, low=0.0)
     te = check_array("theta_edges_deg", theta_edges_deg, shape=(fk.shape[0] + 1,))
@@ -405,11 +521,28 @@ def collapse_kernel(
             g = check_array(f"group_fine_kernels[{i}]", gk, shape=fk.shape, low=0.0)
             rs = np.array([g[groups[j]:groups[j + 1]].sum(axis=0) for j in range(p)])
             stacks.append(np.concatenate([np.zeros((p, 1)), np.cumsum(rs, axis=1)], axis=1))
-        rates, all_amps = fit_shared_exponentials(re, np.concatenate(stacks, axis=0), n_terms)
-        amps = all_amps[:p]
-        group_amps = all_amps[p:].reshape(len(group_fine_kernels), p, -1)
+        if group_rates == "shared":
+            rates, all_amps = fit_shared_exponentials(re, np.concatenate(stacks, axis=0), n_terms, buildup=buildup,
+                                                      n_rows_summed=p if buildup else None)
+            amps = all_amps[:p]
+            group_amps = all_amps[p:].reshape(len(group_fine_kernels), p, -1)
+        elif group_rates == "per_group":
+            n_grp = len(group_fine_kernels)
+            if group_weights is None:
+                raise ValueError('group_weights must be given with group_rates="per_group"')
+            gw = check_array("group_weights", group_weights, shape=(n_grp,), low=0.0)
+            k = int(n_terms)
+            rates = np.zeros(n_grp * k)
+            group_amps = np.zeros((n_grp, p, n_grp * k))
+            for g in range(n_grp):
+                r_g, a_g = fit_shared_exponentials(re, stacks[1 + g], k, buildup=buildup)
+                rates[g * k:(g + 1) * k] = r_g
+                group_amps[g, :, g * k:(g + 1) * k] = a_g
+            amps = np.tensordot(gw, group_amps, axes=(0, 0))
+        else:
+            raise ValueError(f'group_rates must be "shared" or "per_group", got {group_rates!r}')
     else:
-        rates, amps = fit_shared_exponentials(re, cumulative, n_terms)
+        rates, amps = fit_shared_exponentials(re, cumulative, n_terms, buildup=buildup)
     return CollapsedConeKernel(
         name=name,
         polar_edges_deg=polar_edges,
@@ -429,6 +562,22 @@ def collapse_kernel(
 # --------------------------------------------------------------------------------------------
 # the table
 # --------------------------------------------------------------------------------------------
+#: radii (cm) where :func:`_check_differential` evaluates a kernel's energy per unit radius
+_CHECK_RADII_CM = np.concatenate([[0.0], np.geomspace(1e-4, 300.0, 400)])
+
+
+def _check_differential(name: str, rates, amps) -> None:
+    """Every row of ``amps`` must describe a non-negative energy per unit radius (amplitudes may be
+    signed: build-up fits) that emits a positive total (zero rows allowed)."""
+    d = differential_kernel(rates, amps, _CHECK_RADII_CM)
+    scale = np.abs(np.asarray(amps) * np.asarray(rates)).sum(axis=-1, keepdims=True)
+    if np.any(d < -1e-9 * np.maximum(scale, 1e-300)):
+        raise ValueError(f"{name} must give a non-negative kernel sum_k A_k a_k exp(-a_k r) at every radius "
+                         "(signed amplitudes are allowed only as build-up terms)")
+    if np.any(np.asarray(amps).sum(axis=-1) < 0):
+        raise ValueError(f"{name} must emit a non-negative total (row sums >= 0)")
+
+
 def _readonly(a, dtype=np.float64) -> np.ndarray:
     out = np.array(a, dtype=dtype, copy=True)
     out.setflags(write=False)
@@ -508,7 +657,8 @@ class CollapsedConeKernel:
         rates = check_array("rates_per_cm", self.rates_per_cm, ndim=1)
         if rates.size < 1 or np.any(rates <= 0):
             raise ValueError(f"rates_per_cm must be > 0, got {rates.tolist()}")
-        amps = check_array("amplitudes", self.amplitudes, shape=(p, rates.size), low=0.0)
+        amps = check_array("amplitudes", self.amplitudes, shape=(p, rates.size))
+        _check_differential("amplitudes", rates, amps)
         object.__setattr__(self, "polar_edges_deg", _readonly(pe))
         object.__setattr__(self, "polar_deg", _readonly(pd))
         object.__setattr__(self, "n_azimuth", int(self.n_azimuth))
@@ -523,11 +673,12 @@ class CollapsedConeKernel:
         if (self.group_amplitudes is None) != (self.group_edges_mev is None):
             raise ValueError("group_amplitudes and group_edges_mev must be given together")
         if self.group_amplitudes is not None:
-            ga = check_array("group_amplitudes", self.group_amplitudes, ndim=3, low=0.0)
+            ga = check_array("group_amplitudes", self.group_amplitudes, ndim=3)
             if ga.shape[1:] != (p, rates.size) or ga.shape[0] < 1:
                 raise ValueError(
                     f"group_amplitudes must have shape (G, {p}, {rates.size}), got {ga.shape}"
                 )
+            _check_differential("group_amplitudes", rates, ga)
             ge = check_array("group_edges_mev", self.group_edges_mev, shape=(ga.shape[0] + 1,), low=0.0)
             if np.any(np.diff(ge) <= 0):
                 raise ValueError(f"group_edges_mev must increase strictly, got {ge.tolist()}")
@@ -617,10 +768,16 @@ class CollapsedConeKernel:
         if not 0 <= int(g) < self.n_groups:
             raise ValueError(f"g must be in [0, {self.n_groups - 1}], got {g}")
         amps = self.group_amplitudes[int(g)]
-        cum = amps @ _model_matrix(self.radius_edges_cm, self.rates_per_cm).T
+        # terms the group does not use (per-group rates of the other groups) are dropped
+        used = np.flatnonzero(np.any(amps != 0.0, axis=0))
+        if used.size == 0:
+            used = np.arange(self.n_terms)
+        amps = amps[:, used]
+        rates = self.rates_per_cm[used]
+        cum = amps @ _model_matrix(self.radius_edges_cm, rates).T
         return CollapsedConeKernel(
             f"{self.name}[group {g}]", self.polar_edges_deg, self.polar_deg, self.n_azimuth,
-            self.radius_edges_cm, cum, self.rates_per_cm, amps, {}, azimuth_stagger=self.azimuth_stagger,
+            self.radius_edges_cm, cum, rates, amps, {}, azimuth_stagger=self.azimuth_stagger,
         )
 
     def directions(self, axis=(0.0, 0.0, 1.0)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
