@@ -85,6 +85,46 @@ def test_kernel_matches_naive_twin(position, exact):
     np.testing.assert_allclose(res.per_group.sum(axis=0), ref, rtol=2e-6, atol=1e-12)
 
 
+@pytest.mark.parametrize("position", ["HFS", "FFP"])
+def test_same_angle_trace_sharing_matches_naive_twin(position):
+    """trace_sharing="angle": the projections of one gantry angle (three rotations, couch shifts)
+    share a trace in the voxel's transverse plane; kernel vs twin, energy groups included."""
+    rng = np.random.default_rng(7)
+    grid = Grid((6, 6, 5), (7.0, 6.0, 5.0), (-14.0, -15.0, -12.0))
+    dens = rng.choice([0.0005, 0.3, 0.95, 1.0, 1.5, 2.3], size=grid.shape)
+    ang = np.append(np.tile([10.0, 100.0, 190.0], 3) + np.repeat([0.0, 360.0, 720.0], 3), 280.0)
+    n = ang.size  # three angles over three rotations, and one angle used once (exact trace)
+    lof = rng.uniform(0, 1, (n, 64)) * (rng.uniform(size=(n, 64)) > 0.3)
+    lof[:, 28:36] = rng.uniform(0.2, 1.0, (n, 8))
+    ps = ProjectionSequence(gantry_angle_deg=ang, couch_mm=np.linspace(-12.0, 12.0, n), leaf_open_fraction=lof,
+                            duration_s=rng.uniform(0.2, 0.4, n), field_width_mm=25.0, arc_deg=np.full(n, 7.06),
+                            couch_travel_mm=np.full(n, 2.0), isocentre_lps_mm=(1.0, 2.0, -1.0),
+                            patient_position=position)
+    beam = BeamModel.default().replace(jaw_penumbra_sigma_mm=3.0, leaf_edge_sigma_mm=2.0)
+    edges = [0.0, 1.0, 2.5, 100.0]
+    vol = ImageVolume(grid, dens, "g/cm3", "mass_density")
+    res = compute_terma(vol, ps, beam, n_subsamples=2, trace_sharing="angle", energy_group_edges_mev=edges,
+                        angle_groups=4, progress=False)
+    ref = terma_naive(grid, dens, ps, beam, n_subsamples=2, same_angle=True, energy_group_edges_mev=edges)
+    assert np.count_nonzero(ref.sum(axis=0)) > 60
+    np.testing.assert_allclose(res.total, ref.sum(axis=0), rtol=2e-6, atol=1e-12)
+    np.testing.assert_allclose(res.per_group.sum(axis=0), ref, rtol=2e-6, atol=1e-12)
+    assert res.metadata["trace_sharing"] == "angle" and res.per_group.shape[0] == 4
+    # traced per projection: the shared angles differ, the angle used once is the same
+    per_proj = compute_terma(vol, ps, beam, n_subsamples=2, energy_group_edges_mev=edges, angle_groups=4,
+                             trace_sharing="projection", progress=False)
+    assert not np.array_equal(per_proj.per_group[:3], res.per_group[:3])
+    np.testing.assert_allclose(per_proj.per_group[3], res.per_group[3], rtol=1e-12, atol=0)
+
+
+def test_same_angle_units_group_by_angle_mod_360():
+    from tomodose.terma.terma import same_angle_units
+    first, members, sizes = same_angle_units([10.0, 17.06, 370.0, 377.06, 5.0, 730.0, 359.99999999999])
+    np.testing.assert_array_equal(first, [0, 1, 4, 6])
+    np.testing.assert_array_equal(members, [0, 2, 5, 1, 3, 4, 6])
+    np.testing.assert_array_equal(sizes, [3, 2, 1, 1])
+
+
 def test_energy_groups_match_naive_twin_and_sum_to_total():
     rng = np.random.default_rng(5)
     grid = Grid((4, 6, 5), (7.0, 6.0, 5.0), (-14.0, -15.0, -8.0))
@@ -246,13 +286,33 @@ def test_subsampling_converges(exact):
 
 
 def test_shared_attenuation_close_to_exact_subsamples():
-    """Tracing once per projection (default) differs little from tracing every sub-sample."""
+    """Tracing once per projection differs little from tracing every sub-sample."""
     grid, vol = _small_case()
     rng = np.random.default_rng(4)
     plan = HelicalPlan(sinogram=rng.uniform(0, 1, (51, 64)), field_width_mm=25.0, pitch=0.3, gantry_period_s=20.0)
-    a = compute_terma(vol, plan, BeamModel.default(), n_subsamples=4, progress=False).total
+    a = compute_terma(vol, plan, BeamModel.default(), n_subsamples=4, trace_sharing="projection",
+                      progress=False).total
     b = compute_terma(vol, plan, BeamModel.default(), n_subsamples=4, exact_subsamples=True, progress=False).total
     assert np.abs(a - b).max() < 5e-3 * b.max()
+
+
+def test_same_angle_sharing_close_to_exact_subsamples():
+    """One trace per voxel and gantry angle over four rotations (trace_sharing="angle", the default) differs
+    from tracing every sub-sample no more than the per-projection default does (heterogeneous
+    random density, varying along the couch axis too)."""
+    grid = Grid((16, 15, 15), (5.0, 5.0, 2.5), (-35.0, -35.0, -18.75))
+    rng = np.random.default_rng(12)
+    vol = ImageVolume(grid, rng.uniform(0.2, 1.8, grid.shape), "g/cm3", "mass_density")
+    plan = HelicalPlan(sinogram=rng.uniform(0, 1, (204, 64)), field_width_mm=25.0, pitch=0.3, gantry_period_s=20.0,
+                       couch_start_mm=-15.0)
+    kw = dict(n_subsamples=4, progress=False)
+    exact = compute_terma(vol, plan, BeamModel.default(), trace_sharing="sample", **kw).total
+    per_proj = compute_terma(vol, plan, BeamModel.default(), trace_sharing="projection", **kw).total
+    per_angle = compute_terma(vol, plan, BeamModel.default(), **kw).total
+    assert np.array_equal(per_angle, compute_terma(vol, plan, BeamModel.default(), trace_sharing="angle", **kw).total)
+    e_proj = np.abs(per_proj - exact).max() / exact.max()
+    e_angle = np.abs(per_angle - exact).max() / exact.max()
+    assert e_angle < 5e-3 and e_angle <= 1.5 * e_proj, (e_angle, e_proj)
 
 
 def test_angle_groups_of_helical_plan():
@@ -338,6 +398,10 @@ def test_bad_inputs():
         compute_terma(vol, ps, exact_subsamples="yes", progress=False)
     with pytest.raises(ValueError, match="angle_groups"):
         compute_terma(vol, ps, angle_groups=-1, progress=False)
+    with pytest.raises(ValueError, match="trace_sharing"):
+        compute_terma(vol, ps, trace_sharing="rotation", progress=False)
+    with pytest.raises(ValueError, match="contradicts"):
+        compute_terma(vol, ps, exact_subsamples=True, trace_sharing="angle", progress=False)
     neg = vol.array.copy()
     neg[0, 0, 0] = -1.0
     with pytest.raises(ValueError, match="mass density"):

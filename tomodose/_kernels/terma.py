@@ -116,17 +116,72 @@ def leaf_fluence_edges(u, a, d, e0, w, sigma, cutoff, half):
     return total
 
 
+#: Leaf edges one cached sub-sample keeps (a window needing more falls back to leaf_fluence_edges).
+_CACHE_EDGES = 32
+
+
+@numba.njit(**NUMBA_OPTIONS)
+def edge_window(u, e0, w, sigma, cutoff, half, n):
+    """Edge range ``k0 .. k0 + count - 1`` that :func:`leaf_fluence_edges` visits at ``u``."""
+    reach = cutoff * sigma + half
+    k0 = int(math.floor((u - reach - e0) / w)) - 1
+    k1 = int(math.ceil((u + reach - e0) / w)) + 1
+    if k0 < 0:
+        k0 = 0
+    if k1 > n:
+        k1 = n
+    count = k1 - k0 + 1
+    return k0, (count if count > 0 else 0)
+
+
+@numba.njit(**NUMBA_OPTIONS)
+def leaf_fluence_cached(u, a, d, e0, w, sigma, cutoff, half, k0, count, means):
+    """:func:`leaf_fluence_edges` with the edge means of the window ``k0 .. k0 + count - 1`` kept in
+    ``means`` (``< 0``: not yet evaluated; filled on first use), so projections that see the same
+    ``u`` and half-width (the rotations of one gantry angle) evaluate each edge once. Same terms,
+    same order as :func:`leaf_fluence_edges`."""
+    n = a.shape[0]
+    total = 0.0
+    if 1 <= k0 <= n:
+        total = a[k0 - 1]
+    for c in range(count):
+        k = k0 + c
+        if d[k] == 0.0:
+            continue
+        e = means[c]
+        if e < 0.0:
+            e = edge_mean(u - (e0 + k * w), sigma, cutoff, half)
+            means[c] = e
+        total += d[k] * e
+    return total
+
+
+@numba.njit(**NUMBA_OPTIONS)
+def offaxis_factor(u, inv_sad, offaxis_c):
+    """``1 + sum_c c_c |theta|^c`` with ``theta = atan(u / SAD)``."""
+    theta = abs(math.atan(u * inv_sad))
+    off = 1.0
+    tp = 1.0
+    for c in range(offaxis_c.shape[0]):
+        tp *= theta
+        off += offaxis_c[c] * tp
+    return off
+
+
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
-def terma_units(mat_lo, mat_pair, rho, shape, origin, spacing, t_src, t_ex, t_ez, t_iso, unit_start, unit_proj,
+def terma_units(mat_lo, mat_pair, rho, shape, origin, spacing, t_src, t_ex, t_ez, t_iso, unit_start, sample_proj,
                 unit_group, k_lo, k_hi, src, ex, ey, ez, iso, weight, leaf_a, leaf_e0, leaf_w, leaf_sigma,
                 jaw_half, jaw_sigma, cutoff, offaxis_c, softening, sad, mu_anchor, ef, e_group, air_index, total,
-                per_group, voxel_mean=False):
+                per_group, voxel_mean, unit_transverse, n_sub):
     """Accumulate the TERMA of a batch of *trace units* into ``total`` and ``per_group`` (in place).
 
     A trace unit is one attenuation evaluation (ray trace voxel -> ``t_src[u]``, off-axis softening
     from the unit's geometry ``t_ex, t_ez, t_iso``) shared by the fluence samples
     ``unit_start[u] .. unit_start[u + 1] - 1`` (each with its own source, axes, isocentre, beam-on
-    time). Exact sub-sampling uses one sample per unit (unit geometry = sample geometry).
+    time). Exact sub-sampling uses one sample per unit (unit geometry = sample geometry); the
+    default shares a unit among the samples of one projection; a ``unit_transverse`` unit
+    holds every projection at one gantry angle (all rotations of a helical plan), whose samples
+    differ only by a couch shift, and the trace runs in the voxel's own transverse plane.
 
     Parameters
     ----------
@@ -144,8 +199,10 @@ def terma_units(mat_lo, mat_pair, rho, shape, origin, spacing, t_src, t_ex, t_ez
         Trace geometry of each unit (source, across-fan axis, beam axis, isocentre; LPS mm).
     unit_start : (U + 1,) int64
         Sample ranges of the units.
-    unit_proj, unit_group : (U,) int64
-        Projection (row of ``leaf_a``) and output group of each unit.
+    sample_proj : (S,) int64
+        Projection (row of ``leaf_a``) of each fluence sample.
+    unit_group : (U,) int64
+        Output group of each unit.
     k_lo, k_hi : (U,) int64
         Slab of z indices [k_lo, k_hi) that may lie in the field of any sample of the unit.
     src, ex, ey, ez, iso : (S, 3) float64
@@ -182,11 +239,29 @@ def terma_units(mat_lo, mat_pair, rho, shape, origin, spacing, t_src, t_ex, t_ez
         extent along ``ex`` (projected to the isocentre plane: half-widths ``0.5 * scale *
         sqrt(sum_c (e_c d_c)^2)``, the box of equal variance; exact for axis-aligned axes) instead of
         sampling them at the voxel centre.
+    unit_transverse : (U,) bool
+        Per unit: trace from the voxel centre to the unit's source moved along the couch axis to the voxel's
+        own plane (``z`` of the source = ``z`` of the voxel: a ray perpendicular to the couch axis)
+        instead of to ``t_src`` itself. For units whose samples differ by a couch shift (one
+        gantry angle over several rotations) this is the trace at the centre of the samples that
+        reach the voxel, within the field's longitudinal half-angle (about 1 deg) of each.
+
+    n_sub : int
+        Samples per projection; a unit's samples are ordered projection by projection, so sample
+        ``q`` of a unit is sub-sample ``q % n_sub`` of its projection. In units of several
+        projections, the leaf-edge means and the off-axis factor of each sub-sample are
+        evaluated once per voxel and reused by the other projections when ``u`` and the
+        averaging half-width agree within 1e-9 mm (the rotations of one gantry angle).
+
+    A sample whose jaw band (``|v| <= jaw_half + cutoff * jaw_sigma`` widened by the averaging
+    half-width) misses a whole voxel row is dropped for that row before the voxel loop: ``v``
+    times the distance to the source is linear along the row, so the test at the two ends of the
+    row is exact (the samples dropped are those the voxel loop would skip).
     """
     nz, ny, nx = shape[0], shape[1], shape[2]
     m = mu_anchor.shape[0]
     n_e = ef.shape[0]
-    n_c = offaxis_c.shape[0]
+    n_leaves = leaf_a.shape[1]
     n_ge = per_group.shape[1]
     ox, oy, oz = origin[0], origin[1], origin[2]
     dx, dy, dz = spacing[0], spacing[1], spacing[2]
@@ -207,8 +282,6 @@ def terma_units(mat_lo, mat_pair, rho, shape, origin, spacing, t_src, t_ex, t_ez
             continue
         s0 = unit_start[t]
         s1 = unit_start[t + 1]
-        a = leaf_a[unit_proj[t]]
-        a_d = leaf_d[unit_proj[t]]
         g = unit_group[t]
         tsx, tsy, tsz = t_src[t, 0], t_src[t, 1], t_src[t, 2]
         for r in numba.prange(nrows):
@@ -230,6 +303,16 @@ def terma_units(mat_lo, mat_pair, rho, shape, origin, spacing, t_src, t_ex, t_ez
             g_hu = np.zeros(n_s)
             g_hv = np.zeros(n_s)
             lines = np.empty(n_e)
+            active = np.empty(n_s, dtype=np.int64)
+            cache_on = n_s > n_sub
+            n_c_sub = n_sub if cache_on else 1
+            c_ok = np.zeros(n_c_sub, dtype=np.bool_)
+            c_u = np.empty(n_c_sub)
+            c_h = np.empty(n_c_sub)
+            c_k0 = np.empty(n_c_sub, dtype=np.int64)
+            c_cnt = np.empty(n_c_sub, dtype=np.int64)
+            c_off = np.empty(n_c_sub)
+            c_e = np.empty((n_c_sub, _CACHE_EDGES))
             py = oy + j * dy
             pz = oz + k * dz
             # per sample: the row's geometry as linear functions of i (distance to the source along
@@ -248,11 +331,36 @@ def terma_units(mat_lo, mat_pair, rho, shape, origin, spacing, t_src, t_ex, t_ez
                 if voxel_mean:
                     g_hu[q] = 0.5 * math.sqrt((ex[s, 0] * dx) ** 2 + (ex[s, 1] * dy) ** 2 + (ex[s, 2] * dz) ** 2)
                     g_hv[q] = 0.5 * math.sqrt((ey[s, 0] * dx) ** 2 + (ey[s, 1] * dy) ** 2 + (ey[s, 2] * dz) ** 2)
+            # samples whose jaw band can meet the row: v > v_ext + hv  <=>  f = v_num - g_hv - v_ext D / sad > 0
+            # (D > 0), linear in i, so both row ends decide
+            n_act = 0
+            last = nx - 1
+            for q in range(n_s):
+                d_a = g_d0[q]
+                d_b = g_d0[q] + last * g_d1[q]
+                if d_a > 0.0 and d_b > 0.0:
+                    n_a = g_v0[q]
+                    n_b = g_v0[q] + last * g_v1[q]
+                    if (n_a - g_hv[q] - v_ext * d_a * inv_sad > 0.0
+                            and n_b - g_hv[q] - v_ext * d_b * inv_sad > 0.0):
+                        continue
+                    if (n_a + g_hv[q] + v_ext * d_a * inv_sad < 0.0
+                            and n_b + g_hv[q] + v_ext * d_b * inv_sad < 0.0):
+                        continue
+                active[n_act] = q
+                n_act += 1
+            if n_act == 0:
+                continue
+            tz = pz if unit_transverse[t] else tsz
             for i in range(nx):
                 px = ox + i * dx
                 # fluence x inverse square x beam-on time, summed over the unit's samples
                 fl = 0.0
-                for q in range(n_s):
+                if cache_on:
+                    for sl in range(n_sub):
+                        c_ok[sl] = False
+                for aq in range(n_act):
+                    q = active[aq]
                     dist_axis = g_d0[q] + i * g_d1[q]
                     if dist_axis <= 0.0:
                         continue
@@ -268,15 +376,30 @@ def terma_units(mat_lo, mat_pair, rho, shape, origin, spacing, t_src, t_ex, t_ez
                     if jaw <= 0.0:
                         continue
                     u = (g_u0[q] + i * g_u1[q]) * scale
-                    lf = leaf_fluence_edges(u, a, a_d, leaf_e0, leaf_w, leaf_sigma, cutoff, g_hu[q] * scale)
-                    if lf <= 0.0:
-                        continue
-                    theta = abs(math.atan(u * inv_sad))
-                    off = 1.0
-                    tp = 1.0
-                    for c in range(n_c):
-                        tp *= theta
-                        off += offaxis_c[c] * tp
+                    hu = g_hu[q] * scale
+                    p = sample_proj[s0 + q]
+                    sl = q % n_sub
+                    if cache_on and not (c_ok[sl] and abs(u - c_u[sl]) <= 1e-9 and abs(hu - c_h[sl]) <= 1e-9):
+                        k0c, cnt = edge_window(u, leaf_e0, leaf_w, leaf_sigma, cutoff, hu, n_leaves)
+                        c_ok[sl] = cnt <= _CACHE_EDGES
+                        c_u[sl] = u
+                        c_h[sl] = hu
+                        c_k0[sl] = k0c
+                        c_cnt[sl] = cnt
+                        c_off[sl] = offaxis_factor(u, inv_sad, offaxis_c)
+                        for c in range(_CACHE_EDGES):
+                            c_e[sl, c] = -1.0
+                    if cache_on and c_ok[sl]:
+                        lf = leaf_fluence_cached(u, leaf_a[p], leaf_d[p], leaf_e0, leaf_w, leaf_sigma, cutoff, hu,
+                                                 c_k0[sl], c_cnt[sl], c_e[sl])
+                        if lf <= 0.0:
+                            continue
+                        off = c_off[sl]
+                    else:
+                        lf = leaf_fluence_edges(u, leaf_a[p], leaf_d[p], leaf_e0, leaf_w, leaf_sigma, cutoff, hu)
+                        if lf <= 0.0:
+                            continue
+                        off = offaxis_factor(u, inv_sad, offaxis_c)
                     psi = jaw * lf * off
                     if psi <= 0.0:
                         continue
@@ -292,7 +415,7 @@ def terma_units(mat_lo, mat_pair, rho, shape, origin, spacing, t_src, t_ex, t_ez
                 # radiological path per anchor material, voxel centre -> source
                 for c in range(m):
                     acc[c] = 0.0
-                trace_pairs_from_voxel(nz, ny, nx, ox, oy, oz, dx, dy, dz, i, j, k, tsx, tsy, tsz, mat_lo, mat_pair,
+                trace_pairs_from_voxel(nz, ny, nx, ox, oy, oz, dx, dy, dz, i, j, k, tsx, tsy, tz, mat_lo, mat_pair,
                                        acc)
                 n_used = 0
                 for c in range(m):
