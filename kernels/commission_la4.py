@@ -805,9 +805,12 @@ def seed_params(work: Path, source=None, keys=GEOMETRY_PARAMS) -> dict:
     path = work / "params.json"
     if path.is_file():
         return json.loads(path.read_text())
-    bm = load_machine_parameters(source)["beam_model"]
+    data = load_machine_parameters(source)
+    bm = data["beam_model"]
     params = {k: bm[k] for k in keys}
+    fitted = data.get("provenance", {}).get("date_utc")
     params["seeded_from"] = str(source or "tomodose/data/machines/tomo_default.json") + (
+        f" as fitted {fitted}" if fitted else "") + (
         "" if tuple(keys) == GEOMETRY_PARAMS else f" ({', '.join(keys)} only; the other stages refitted)")
     _atomic_write(path, json.dumps(params, indent=1))
     return params

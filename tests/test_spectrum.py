@@ -85,14 +85,15 @@ def test_spectrum_validation():
 
 def test_default_spectrum_properties():
     s = default_spectrum()
-    # commissioned electron energy T0 = 7.5 MeV (kernels/commission_la4.py, docs/commissioning.md):
-    # 0.25 MeV bins up to T0 (was 24 bins to 6 MeV, mean 1.261 MeV, before commissioning)
-    assert s.n_bins == 30
-    assert s.bin_edges_mev[-1] == pytest.approx(7.5)
+    # commissioned electron energy T0 = 6.0 MeV (kernels/commission_la4.py with the energy-group
+    # engine, docs/commissioning.md): 0.25 MeV bins up to T0 (the 2026-11-28 fit with the single
+    # polyenergetic kernel had T0 = 7.5 MeV: 30 bins, mean 1.481 MeV)
+    assert s.n_bins == 24
+    assert s.bin_edges_mev[-1] == pytest.approx(6.0)
     assert np.all(s.fluence > 0)
     # documented in tomodose/data/physics/tomo_6mv_fff.provenance.md
-    assert s.mean_energy_mev == pytest.approx(1.481, abs=0.002)
-    assert s.mean_energy_fluence_weighted_mev == pytest.approx(2.826, abs=0.002)
+    assert s.mean_energy_mev == pytest.approx(1.261, abs=0.002)
+    assert s.mean_energy_fluence_weighted_mev == pytest.approx(2.262, abs=0.002)
 
 
 def _narrow_beam_mu_eff(spec: Spectrum, d1_cm=5.0, d2_cm=15.0) -> float:
@@ -113,10 +114,10 @@ def test_published_spectra_read_and_compare(shared_data):
     assert mohan.mean_energy_mev == pytest.approx(1.90, abs=0.01)
     assert 1.5 < elekta.mean_energy_mev < 2.1
     # Beam quality of the default (documented in docs/terma.md): the effective attenuation of the
-    # TERMA in water (5-15 cm) of the commissioned spectrum (fitted to the LA4 TPR) is 0.0549 /cm,
-    # just softer than the flattened NRC Clinac 6 MV beam (0.0542 /cm) and softer than Mohan and
-    # S-B Elekta, by far less than the ~13 % that separates flattened and FFF 6 MV beams in
-    # TPR20,10 (0.665 vs 0.630 gives ln-ratio 0.41 vs 0.46).
+    # TERMA in water (5-15 cm) of the commissioned spectrum (fitted to the LA4 TPR) is 0.0594 /cm,
+    # 9.5 % softer than the flattened NRC Clinac 6 MV beam (0.0542 /cm) and softer than Mohan and
+    # S-B Elekta, less than the ~13 % that separates flattened and FFF 6 MV beams in TPR20,10
+    # (0.665 vs 0.630 gives ln-ratio 0.41 vs 0.46).
     mu_def = _narrow_beam_mu_eff(default_spectrum())
     mu_nrc = _narrow_beam_mu_eff(nrc)
     assert mu_nrc < mu_def < 1.15 * mu_nrc
