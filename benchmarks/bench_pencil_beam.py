@@ -22,7 +22,8 @@ Goals from the issue: influence matrix <= 30 s and <= 2 GiB on 2 cores; full-pla
 Usage::
 
     python benchmarks/bench_pencil_beam.py [--threads 2] [--spacing 3] [--modes exact,windowed,clustered,fast]
-        [--fast-step 4] [--skip-matrix] [--skip-cylinder] [--json out.json]
+        [--fast-step 4] [--skip-matrix] [--skip-cylinder] [--no-voxel-average] [--no-medium-ends]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -98,11 +99,15 @@ def _plan_for(target, field_width, pitch):
     return dataclasses.replace(plan, sinogram=conformal_sinogram(plan, target))
 
 
+#: model options of every engine call (``--no-voxel-average``, ``--no-medium-ends``)
+MODEL_OPTIONS: dict = {}
+
+
 def _modes_run(out, prefix, patient, plan, modes, fast_step, body, target):
     """Full-plan doses of the requested modes; the exact one (or clustered exact) is the reference."""
     from tomodose.transport.pencil_beam import pencil_beam_dose
 
-    kw = dict(leaf_model="linear", progress=False)
+    kw = dict(leaf_model="linear", progress=False, **MODEL_OPTIONS)
     calls = {"exact": dict(method="exact"), "clustered": dict(method="clustered"),
              "windowed": dict(method="windowed", far_field_step=6),
              "fast": dict(method="clustered", far_field_step=fast_step)}
@@ -144,8 +149,16 @@ def main(argv=None) -> int:
     ap.add_argument("--matrix-method", default="clustered", choices=("clustered", "beamlet"),
                     help="influence_matrix(method=...)")
     ap.add_argument("--skip-cylinder", action="store_true", help="skip the water-cylinder accuracy check")
+    ap.add_argument("--no-voxel-average", action="store_true",
+                    help="voxel_average=False (profiles sampled at the voxel centres, the earlier model)")
+    ap.add_argument("--no-medium-ends", action="store_true",
+                    help="medium_ends=False (laterally infinite medium, the earlier model)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
+    if args.no_voxel_average:
+        MODEL_OPTIONS["voxel_average"] = False
+    if args.no_medium_ends:
+        MODEL_OPTIONS["medium_ends"] = False
 
     os.environ.setdefault("NUMBA_NUM_THREADS", str(args.threads))
     import numba
@@ -165,7 +178,7 @@ def main(argv=None) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
     out = {"threads": numba.get_num_threads(), "threshold": threshold, "matrix_method": args.matrix_method, "field_width_mm": args.field_width,
-           "pitch": args.pitch, "spacing_mm": args.spacing, "fast_step": args.fast_step}
+           "pitch": args.pitch, "spacing_mm": args.spacing, "fast_step": args.fast_step, "model_options": MODEL_OPTIONS}
 
     # JIT warm-up on a tiny case (compilation, or loading numba's cache)
     small = water_box((60.0, 60.0, 40.0), 10.0)
@@ -196,7 +209,7 @@ def main(argv=None) -> int:
     if not args.skip_matrix:
         with _Timer(out, "influence"):
             matrix, (p, l) = influence_matrix(patient, plan, target=target, threshold=threshold, progress=False,
-                                              return_beamlets=True, method=args.matrix_method)
+                                              return_beamlets=True, method=args.matrix_method, **MODEL_OPTIONS)
         out["n_beamlets"] = int(matrix.shape[1])
         out["nnz"] = int(matrix.nnz)
         out["matrix_mib"] = round((matrix.data.nbytes + matrix.indices.nbytes + matrix.indptr.nbytes) / 2**20, 1)
@@ -208,7 +221,8 @@ def main(argv=None) -> int:
             out["accuracy_matrix"] = _accuracy(approx, ref, patient.grid, body, tmask, gamma=False)
         if args.far_step > 0:
             with _Timer(out, "far_field"):
-                far = far_field_operator(patient, plan, matrix, p, l, step=args.far_step, progress=False)
+                far = far_field_operator(patient, plan, matrix, p, l, step=args.far_step, progress=False,
+                                         **MODEL_OPTIONS)
             out["far_field_nodes"] = int(far.node_flat.size)
             out["far_field_mib"] = round(far.values.nbytes / 2**20, 1)
             if ref_name:

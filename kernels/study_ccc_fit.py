@@ -137,20 +137,23 @@ def run_cases(kernel: CollapsedConeKernel, cases) -> dict:
         dd = compare_depth_dose(ref, ev, normalise_mm=nm)
         fails = 0
         n_pts = 0
+        where = []
         if name in WATER:
             for axis in ("x", "z"):
                 for depth in ref.analysis["profile_depths_mm"]:
                     p = compare_profile(ref, ev, axis, depth, dose_percent=2.0, distance_mm=1.0)
                     fails += p["n_fail"]
                     n_pts += p["dd_pct"].size
+                    if p["n_fail"]:
+                        where.append(f"{axis}@{depth:g} {p['n_fail']} pts")
         out[name] = {"abs_max": dd["max_abs_beyond_pct"], "abs_mean": dd["mean_abs_beyond_pct"],
                      "rel_max": dd["max_rel_beyond_pct"], "rel_mean": dd["mean_rel_beyond_pct"],
-                     "profile_fails": fails, "profile_points": n_pts, "cpu_s": cpu,
+                     "profile_fails": fails, "profile_points": n_pts, "profile_where": ", ".join(where), "cpu_s": cpu,
                      "diff_abs_pct": [round(float(v), 2) for v in dd["diff_abs_pct"]],
                      "depth_mm": [float(v) for v in dd["depth_mm"]]}
         print(f"  {name:10s} abs max {dd['max_abs_beyond_pct']:5.2f} mean {dd['mean_abs_beyond_pct']:+5.2f} | "
               f"rel max {dd['max_rel_beyond_pct']:5.2f} mean {dd['mean_rel_beyond_pct']:+5.2f} | "
-              f"profile fails {fails:3d}/{n_pts} | CPU {cpu:5.1f} s", flush=True)
+              f"profile fails {fails:3d}/{n_pts} ({', '.join(where)}) | CPU {cpu:5.1f} s", flush=True)
     return out
 
 

@@ -38,7 +38,7 @@ import numba
 import numpy as np
 
 from tomodose._kernels.collapsed_cone import _exp_neg
-from tomodose._kernels.profiles import edge, edge_mean, window_mean
+from tomodose._kernels.profiles import edge, edge_mean_table, step_integral_table, window_mean_table
 from tomodose._kernels.raytrace import trace_pairs_from_voxel
 from tomodose.config import NUMBA_OPTIONS, NUMBA_PARALLEL_OPTIONS
 
@@ -86,13 +86,14 @@ def edge_weights(leaf_a):
 
 
 @numba.njit(**NUMBA_OPTIONS)
-def leaf_fluence_edges(u, a, d, e0, w, sigma, cutoff, half):
+def leaf_fluence_edges(u, a, d, e0, w, sigma, cutoff, half, th, tv, ts):
     """Leaf profile ``sum_i a_i [Phi((u - e_i)/s) - Phi((u - e_{i+1})/s)]`` (edges ``e_k = e0 + k w``),
     averaged over ``[u - half, u + half]`` (``half`` = 0: at ``u``).
 
     Summed over edges: ``a_{k0 - 1} + sum_{k0 <= k <= k1} d_k Phi_half(u - e_k)`` with ``Phi_half``
-    the step's mean over the interval (:func:`tomodose._kernels.profiles.edge_mean`; the step
-    itself for ``half = 0``).
+    the step's mean over the interval (:func:`tomodose._kernels.profiles.edge_mean_table` with the
+    table ``th, tv, ts`` of :func:`tomodose._kernels.profiles.step_integral_table` for ``sigma``;
+    the step itself for ``half = 0``).
 
     ``a`` (L,) leaf outputs, ``d`` (L + 1,) their steps (:func:`edge_weights`). Edges ``k < k0`` lie
     more than ``cutoff`` sigmas + ``half`` below ``u`` (``Phi = 1``, their steps telescope to
@@ -112,7 +113,7 @@ def leaf_fluence_edges(u, a, d, e0, w, sigma, cutoff, half):
     for k in range(k0, k1 + 1):
         if d[k] == 0.0:
             continue
-        total += d[k] * edge_mean(u - (e0 + k * w), sigma, cutoff, half)
+        total += d[k] * edge_mean_table(u - (e0 + k * w), sigma, cutoff, half, th, tv, ts)
     return total
 
 
@@ -135,7 +136,7 @@ def edge_window(u, e0, w, sigma, cutoff, half, n):
 
 
 @numba.njit(**NUMBA_OPTIONS)
-def leaf_fluence_cached(u, a, d, e0, w, sigma, cutoff, half, k0, count, means):
+def leaf_fluence_cached(u, a, d, e0, w, sigma, cutoff, half, th, tv, ts, k0, count, means):
     """:func:`leaf_fluence_edges` with the edge means of the window ``k0 .. k0 + count - 1`` kept in
     ``means`` (``< 0``: not yet evaluated; filled on first use), so projections that see the same
     ``u`` and half-width (the rotations of one gantry angle) evaluate each edge once. Same terms,
@@ -150,7 +151,7 @@ def leaf_fluence_cached(u, a, d, e0, w, sigma, cutoff, half, k0, count, means):
             continue
         e = means[c]
         if e < 0.0:
-            e = edge_mean(u - (e0 + k * w), sigma, cutoff, half)
+            e = edge_mean_table(u - (e0 + k * w), sigma, cutoff, half, th, tv, ts)
             means[c] = e
         total += d[k] * e
     return total
@@ -270,6 +271,9 @@ def terma_units(mat_lo, mat_pair, rho, shape, origin, spacing, t_src, t_ex, t_ez
     sad2 = sad * sad
     inv_sad = 1.0 / sad
     jaw_lim = cutoff * jaw_sigma
+    # tabulated antiderivatives of the edge steps: box means without erf/exp (profiles.py)
+    jt_h, jt_v, jt_s = step_integral_table(jaw_sigma if jaw_sigma > 0.0 else 1.0, cutoff)
+    lt_h, lt_v, lt_s = step_integral_table(leaf_sigma if leaf_sigma > 0.0 else 1.0, cutoff)
     jaw_inv = 1.0 / (_SQRT2 * jaw_sigma) if jaw_sigma > 0.0 else 0.0
     ef_mu = np.empty((m, n_e))  # ef_E * mu_m(E)
     for c in range(m):
@@ -370,7 +374,7 @@ def terma_units(mat_lo, mat_pair, rho, shape, origin, spacing, t_src, t_ex, t_ez
                     if v > v_ext + hv or v < -v_ext - hv:
                         continue
                     if hv > 0.0:
-                        jaw = window_mean(v, jaw_half, jaw_sigma, cutoff, hv)
+                        jaw = window_mean_table(v, jaw_half, jaw_sigma, cutoff, hv, jt_h, jt_v, jt_s)
                     else:
                         jaw = jaw_profile(v, jaw_half, jaw_sigma, jaw_lim, jaw_inv)
                     if jaw <= 0.0:
@@ -391,12 +395,13 @@ def terma_units(mat_lo, mat_pair, rho, shape, origin, spacing, t_src, t_ex, t_ez
                             c_e[sl, c] = -1.0
                     if cache_on and c_ok[sl]:
                         lf = leaf_fluence_cached(u, leaf_a[p], leaf_d[p], leaf_e0, leaf_w, leaf_sigma, cutoff, hu,
-                                                 c_k0[sl], c_cnt[sl], c_e[sl])
+                                                 lt_h, lt_v, lt_s, c_k0[sl], c_cnt[sl], c_e[sl])
                         if lf <= 0.0:
                             continue
                         off = c_off[sl]
                     else:
-                        lf = leaf_fluence_edges(u, leaf_a[p], leaf_d[p], leaf_e0, leaf_w, leaf_sigma, cutoff, hu)
+                        lf = leaf_fluence_edges(u, leaf_a[p], leaf_d[p], leaf_e0, leaf_w, leaf_sigma, cutoff, hu,
+                                                lt_h, lt_v, lt_s)
                         if lf <= 0.0:
                             continue
                         off = offaxis_factor(u, inv_sad, offaxis_c)
