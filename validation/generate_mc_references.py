@@ -163,7 +163,7 @@ def build_cases() -> list[Case]:
     water = {"builder": "water_box", "kwargs": {"size_mm": [440.0, 200.0, 160.0], "spacing_mm": 2.5}}
     x = static_x_edges()
     seed = 1001
-    for jaw, nh in ((50.0, 1_200_000), (25.0, 700_000), (10.0, 700_000)):
+    for jaw, nh in ((50.0, 1_200_000), (25.0, 1_500_000), (10.0, 700_000)):
         cases.append(Case(
             name=f"water_j{int(jaw)}",
             description=f"static fan, gantry 0, 8 central leaves open (50 mm), jaw {jaw:g} mm, water 440 x 200 x "
