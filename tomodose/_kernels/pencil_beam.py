@@ -82,7 +82,7 @@ def _phi(x, phi):
 MIN_MEAN_HALF = 1e-4
 
 
-@numba.njit(**NUMBA_OPTIONS)
+@numba.njit(inline="always", **NUMBA_OPTIONS)
 def _phi_int(x, phi, cphi):
     """Integral from minus infinity to ``x`` of the interpolated Phi of :func:`_phi`: exact for the
     piecewise-linear table (quadratic inside a table interval), 0 below the table and ``x`` - const
@@ -95,7 +95,7 @@ def _phi_int(x, phi, cphi):
     return cphi[j] + f * (p0 + 0.5 * f * (phi[j + 1] - p0)) * (1.0 / PHI_PER_UNIT) + max(x - PHI_X, 0.0)
 
 
-@numba.njit(**NUMBA_OPTIONS)
+@numba.njit(inline="always", **NUMBA_OPTIONS)
 def _phi_mean(x, half, phi, cphi):
     """Mean of the interpolated Phi over ``[x - half, x + half]`` (``half`` >= 0, in Gaussian widths):
     the box (voxel) average of a Gaussian-blurred edge, closed form (difference of
@@ -734,7 +734,7 @@ def _cluster_row(out, is_, m0, m1, j, k, origin, spacing, depth_t, rho_t, s0, xg
                  u_hi_p, r_u, v_half, r_v, r_u0, v_half0, r_v0, g_mid, g_hi, sad, amps, dz_tab, tail, sig, e0, w,
                  s_leaf, s_tab, lev_off,
                  lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi, cphi, hu, hv, zcol, amp_v, isv_v,
-                 hj_v, su2_v, kind_v, lam_v, l0_v, nl_v, tb_v):
+                 hj_v, su2_v, lu_v, lu_i, kind_v, lam_v, l0_v, nl_v, tb_v):
     """Dose of all samples of one cluster (same beam axes; sources ``s0 + t_p yg``) at the voxels
     ``(k, j, is_[m])`` for ``m0 <= m <= m1``, added to ``out[m]``.
 
@@ -889,8 +889,8 @@ def _cluster_row(out, is_, m0, m1, j, k, origin, spacing, depth_t, rho_t, s0, xg
                 c_lo = int(inw) - int(in0)
             if not inw and c_lo == 0:
                 continue
-            cut, el, wl, er, wr = _medium_cut(v, jaw_h, s_jaw, bl, br, phi)
-            acc = 0.0
+            # leaf-weighted profiles first (tight loop); closed leaves at u skip the jaw profile
+            n_lu = 0
             for i in range(g_start, g_hi):
                 kd = kind_v[i]
                 if kd == 0:
@@ -898,7 +898,6 @@ def _cluster_row(out, is_, m0, m1, j, k, origin, spacing, depth_t, rho_t, s0, xg
                 c = c_lo if i < g_mid else int(inw)
                 if c == 0:
                     continue
-                # leaf-weighted profile first: closed leaves at u skip the jaw profile
                 if kd == 1:
                     lu = 0.0
                     l_first = l0_v[i]
@@ -916,22 +915,32 @@ def _cluster_row(out, is_, m0, m1, j, k, origin, spacing, depth_t, rho_t, s0, xg
                         lu += wq * (t0 + fu * (tab_c[p, b + 1] - t0))
                 if lu == 0.0:
                     continue
-                isv = isv_v[i]
-                if cut:
-                    jv = _jaw_cut_value(v, su2_v[i], s_jaw * s_jaw, el, wl, er, wr, av, phi, cphi)
-                    if jv <= 0.0:
-                        continue
-                elif (jaw_h - av_p - av) * isv >= PHI_X:
-                    jv = 1.0  # both jaw edges beyond the lookup table (what _phi_mean returns there)
-                else:
-                    hj = hj_v[i]
-                    jv = _phi_mean((v + jaw_h) * isv, hj, phi, cphi) - _phi_mean((v - jaw_h) * isv, hj, phi, cphi)
-                    if jv <= 0.0:
-                        continue
-                if c > 0:
-                    acc += amp_v[i] * jv * lu
-                else:
-                    acc -= amp_v[i] * jv * lu
+                lu_i[n_lu] = i
+                lu_v[n_lu] = lu if c > 0 else -lu
+                n_lu += 1
+            if n_lu == 0:
+                continue
+            # jaw profiles of those Gaussians (plain, or truncated at the medium's ends)
+            cut, el, wl, er, wr = _medium_cut(v, jaw_h, s_jaw, bl, br, phi)
+            acc = 0.0
+            if cut:
+                for q in range(n_lu):
+                    i = lu_i[q]
+                    jv = _jaw_cut_value(v, su2_v[i], sj2, el, wl, er, wr, av, phi, cphi)
+                    if jv > 0.0:
+                        acc += amp_v[i] * jv * lu_v[q]
+            else:
+                for q in range(n_lu):
+                    i = lu_i[q]
+                    isv = isv_v[i]
+                    if (jaw_h - av_p - av) * isv >= PHI_X:
+                        jv = 1.0  # both jaw edges beyond the lookup table (what _phi_mean returns there)
+                    else:
+                        hj = hj_v[i]
+                        jv = _phi_mean((v + jaw_h) * isv, hj, phi, cphi) - _phi_mean((v - jaw_h) * isv, hj, phi, cphi)
+                        if jv <= 0.0:
+                            continue
+                    acc += amp_v[i] * jv * lu_v[q]
             if acc != 0.0:
                 total += dt_p[p] * acc * sad * sad / (r2_perp + yp * yp)
         out[m] += total * hsoft * off
@@ -968,6 +977,8 @@ def cluster_dose_lattice(out, ks, js, is_, k_lo, k_hi, depth_t, rho_t, origin, s
         isv_v = np.zeros(n_g)
         hj_v = np.zeros(n_g)
         su2_v = np.zeros(n_g)
+        lu_v = np.zeros(n_g)
+        lu_i = np.zeros(n_g, dtype=np.int64)
         kind_v = np.zeros(n_g, dtype=np.int64)
         lam_v = np.zeros((n_g, MAX_DIRECT_LEAVES))
         l0_v = np.zeros(n_g, dtype=np.int64)
@@ -995,7 +1006,7 @@ def cluster_dose_lattice(out, ks, js, is_, k_lo, k_hi, depth_t, rho_t, origin, s
                          a_c, tab_c, u_lo_p, u_hi_p, r_u, v_half, r_v, r_u0, v_half0, r_v0, g_mid, g_hi, sad, amps,
                          dz_tab, tail, sig, e0,
                          w, s_leaf, s_tab, lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi,
-                         cphi, hu, hv, zcol, amp_v, isv_v, hj_v, su2_v, kind_v, lam_v, l0_v, nl_v, tb_v)
+                         cphi, hu, hv, zcol, amp_v, isv_v, hj_v, su2_v, lu_v, lu_i, kind_v, lam_v, l0_v, nl_v, tb_v)
 
 
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
