@@ -43,6 +43,9 @@ GAMMA_MIN_PASS_PCT = 98.0
 #: CCC re-measured 2026-11-29 00:50 UTC with voxel-averaged TERMA: gamma 99.98 %, PTV mean +0.71 %.
 #: Re-measured 2026-11-29 03:00 UTC with the reference regenerated for the T0 = 6.0 MeV default spectrum (and the
 #: kernel tables re-derived from it): gamma 99.94 % (CCC) and 99.63 % (PB), PTV mean +0.81 % (CCC) and -0.33 % (PB).
+#: Re-measured 2026-11-29 03:25 UTC with the merged engines (derive_ccc_kernels 1.4 tables, TERMA trace_sharing=
+#: "angle", pencil beam voxel average + medium ends): gamma 100.0 % (CCC) and 99.98 % (PB), PTV mean -0.31 % (CCC)
+#: and -0.55 % (PB).
 KNOWN_FAILURES: dict[tuple[str, str], str] = {}
 
 
