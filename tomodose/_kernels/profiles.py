@@ -118,7 +118,7 @@ def step_integral_table(sigma, cutoff):
     for k in range(n + 1):
         x = -lim + k * h
         values[k] = _g(x, sigma) - g_lo
-        slopes[k] = 0.5 * (1.0 + math.erf(x / (_SQRT2 * sigma)))
+        slopes[k] = edge(x, sigma, cutoff)
     values[n] = lim  # G(L s) = g(L s) - g(-L s) = L s exactly
     return h, values, slopes
 

@@ -100,17 +100,11 @@ def leaf_fluence_edges(u, a, d, e0, w, sigma, cutoff, half, th, tv, ts):
     ``a_{k0 - 1}``), edges ``k > k1`` as far above (``Phi = 0``); one edge of margin each side.
     """
     n = a.shape[0]
-    reach = cutoff * sigma + half
-    k0 = int(math.floor((u - reach - e0) / w)) - 1
-    k1 = int(math.ceil((u + reach - e0) / w)) + 1
-    if k0 < 0:
-        k0 = 0
-    if k1 > n:
-        k1 = n
+    k0, count = edge_window(u, e0, w, sigma, cutoff, half, n)
     total = 0.0
     if 1 <= k0 <= n:
         total = a[k0 - 1]
-    for k in range(k0, k1 + 1):
+    for k in range(k0, k0 + count):
         if d[k] == 0.0:
             continue
         total += d[k] * edge_mean_table(u - (e0 + k * w), sigma, cutoff, half, th, tv, ts)
@@ -123,7 +117,8 @@ _CACHE_EDGES = 32
 
 @numba.njit(**NUMBA_OPTIONS)
 def edge_window(u, e0, w, sigma, cutoff, half, n):
-    """Edge range ``k0 .. k0 + count - 1`` that :func:`leaf_fluence_edges` visits at ``u``."""
+    """Edge range ``k0 .. k0 + count - 1`` of the leaf sums (:func:`leaf_fluence_edges`,
+    :func:`leaf_fluence_cached`) at ``u``: one edge of margin beyond ``cutoff`` sigmas + ``half``."""
     reach = cutoff * sigma + half
     k0 = int(math.floor((u - reach - e0) / w)) - 1
     k1 = int(math.ceil((u + reach - e0) / w)) + 1
