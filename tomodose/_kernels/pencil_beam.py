@@ -28,6 +28,7 @@ import math
 import numba
 import numpy as np
 
+from tomodose._kernels.profiles import offaxis_polynomial
 from tomodose._kernels.raytrace import trace_accumulate
 from tomodose.config import NUMBA_OPTIONS, NUMBA_PARALLEL_OPTIONS
 
@@ -271,11 +272,7 @@ def _offaxis_and_depth(u, sad, soft, offc, d_rad, dz_tab, nzt):
     """
     at = abs(math.atan(u / sad))
     hsoft = 1.0 + soft * at
-    off = 1.0
-    p = 1.0
-    for c in range(offc.shape[0]):
-        p *= at
-        off += offc[c] * p
+    off = offaxis_polynomial(at, offc)
     t = hsoft * d_rad / dz_tab - 0.5
     ext = 0.0
     if t <= 0.0:

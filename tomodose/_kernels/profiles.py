@@ -91,6 +91,17 @@ def window_mean(v, half, sigma, cutoff, a):
     return edge_mean(v + half, sigma, cutoff, a) - edge_mean(v - half, sigma, cutoff, a)
 
 
+
+@numba.njit(**NUMBA_OPTIONS)
+def offaxis_polynomial(theta_abs, coeffs):
+    """Off-axis fluence factor ``1 + sum_c coeffs[c - 1] |theta|^c`` (``theta_abs`` = |fan angle|, rad)."""
+    off = 1.0
+    p = 1.0
+    for c in range(coeffs.shape[0]):
+        p *= theta_abs
+        off += coeffs[c] * p
+    return off
+
 # ---------------------------------------------------------------------------------------------
 # Tabulated antiderivative (same means, no erf/exp per call)
 # ---------------------------------------------------------------------------------------------

@@ -38,7 +38,8 @@ import numba
 import numpy as np
 
 from tomodose._kernels.collapsed_cone import _exp_neg
-from tomodose._kernels.profiles import edge, edge_mean_table, step_integral_table, window_mean_table
+from tomodose._kernels.profiles import (edge, edge_mean_table, offaxis_polynomial, step_integral_table,
+                                        window_mean_table)
 from tomodose._kernels.raytrace import trace_pairs_from_voxel
 from tomodose.config import NUMBA_OPTIONS, NUMBA_PARALLEL_OPTIONS
 
@@ -150,18 +151,6 @@ def leaf_fluence_cached(u, a, d, e0, w, sigma, cutoff, half, th, tv, ts, k0, cou
             means[c] = e
         total += d[k] * e
     return total
-
-
-@numba.njit(**NUMBA_OPTIONS)
-def offaxis_factor(u, inv_sad, offaxis_c):
-    """``1 + sum_c c_c |theta|^c`` with ``theta = atan(u / SAD)``."""
-    theta = abs(math.atan(u * inv_sad))
-    off = 1.0
-    tp = 1.0
-    for c in range(offaxis_c.shape[0]):
-        tp *= theta
-        off += offaxis_c[c] * tp
-    return off
 
 
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
@@ -385,7 +374,7 @@ def terma_units(mat_lo, mat_pair, rho, shape, origin, spacing, t_src, t_ex, t_ez
                         c_h[sl] = hu
                         c_k0[sl] = k0c
                         c_cnt[sl] = cnt
-                        c_off[sl] = offaxis_factor(u, inv_sad, offaxis_c)
+                        c_off[sl] = offaxis_polynomial(abs(math.atan(u * inv_sad)), offaxis_c)
                         for c in range(_CACHE_EDGES):
                             c_e[sl, c] = -1.0
                     if cache_on and c_ok[sl]:
@@ -399,7 +388,7 @@ def terma_units(mat_lo, mat_pair, rho, shape, origin, spacing, t_src, t_ex, t_ez
                                                 lt_h, lt_v, lt_s)
                         if lf <= 0.0:
                             continue
-                        off = offaxis_factor(u, inv_sad, offaxis_c)
+                        off = offaxis_polynomial(abs(math.atan(u * inv_sad)), offaxis_c)
                     psi = jaw * lf * off
                     if psi <= 0.0:
                         continue
