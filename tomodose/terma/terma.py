@@ -274,13 +274,14 @@ def compute_terma(patient_or_density, projections, beam_model: BeamModel | None 
         Which fluence samples share one ray trace (attenuation and off-axis softening; fluence and
         inverse square are always per sample). ``"sample"``: none (same as
         ``exact_subsamples=True``); ``"projection"``: the sub-samples of a projection,
-        traced from the source at the projection centre; ``"angle"`` (default): every projection at the same
-        gantry angle (all rotations of a helical plan, which differ by a couch shift), traced in
-        the voxel's own transverse plane, i.e. at the centre of the longitudinal spread of the
-        rays that reach it (about +-1 deg for the 50 mm jaw); an angle used by one projection
-        only keeps the trace to that projection's centre source. Against tracing every sub-sample
-        both sharings differ by the same amount (liver plan, 4.5 mm: 0.27 % of the maximum). ``"angle"`` traces each voxel once
-        per angle group instead of once per projection (docs/terma.md, accuracy and speed).
+        traced from the source at the projection centre; ``"angle"`` (default): every projection
+        at the same gantry angle (all rotations of a helical plan, which differ by a couch shift),
+        traced in the voxel's own transverse plane, i.e. at the centre of the longitudinal spread
+        of the rays that reach it (about +-1 deg for the 50 mm jaw); an angle used by one
+        projection only keeps the trace to that projection's centre source. Against tracing every
+        sub-sample both sharings differ by the same amount (liver plan, 4.5 mm: 0.27 % of the
+        maximum); ``"angle"`` traces each voxel once per angle group instead of once per
+        projection (docs/terma.md, accuracy and speed).
     progress : bool, optional
         Progress bar (default: ``tomodose.config.settings.progress``).
 
@@ -376,11 +377,11 @@ def compute_terma(patient_or_density, projections, beam_model: BeamModel | None 
     shape = np.asarray(grid.shape, dtype=np.int64)
 
     n_units = unit_start.size - 1
+    # kernel calls (and progress steps): one angle unit, or one rotation's units
     if transverse:
         batch, bar_unit = 1, "angle"
     else:
         batch, bar_unit = machine.projections_per_rotation * (n_sub if trace_sharing == "sample" else 1), "rotation"
-    batch = max(1, batch)
     starts = range(0, n_units, batch)
     if config.progress_enabled(progress):
         from tqdm.auto import tqdm
