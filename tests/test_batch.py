@@ -441,6 +441,10 @@ def test_interrupted_study_leaves_no_half_written_files(cluster_client, tmp_path
     st = tiny_study()
     with pytest.raises(KeyboardInterrupt):
         run_study(st, tmp_path, client=cluster_client, progress=False, on_result=interrupt)
+    # the cancelled cases that were running have stopped before run_study returned, so nothing
+    # can write a temporary after its clean-up (a race CI once caught)
+    running = cluster_client.run(lambda dask_worker: len(dask_worker.state.all_running_tasks))
+    assert sum(running.values()) == 0, running
     import pandas as pd
 
     df = pd.read_csv(tmp_path / "summary.csv", keep_default_na=False)

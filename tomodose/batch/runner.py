@@ -23,7 +23,9 @@
    ``cached`` or ``failed``; none is lost;
 6. writes the summary table ``summary.csv`` (and ``summary.parquet`` on request) atomically, one
    row per case in study order. On an interruption (Ctrl-C) the summary is written with the
-   unfinished cases marked ``not run`` and the interruption is re-raised.
+   unfinished cases marked ``not run`` and the interruption is re-raised, after the cancelled
+   cases still running on the workers have stopped (up to 2 minutes: Dask cannot stop a running
+   thread), so that nothing of the run writes into the output folder once it has returned.
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ SUMMARY_FORMATS = ("csv", "parquet")
 #: Status of a case in the summary.
 DONE, CACHED, FAILED, NOT_RUN = "done", "cached", "failed", "not run"
 _MAX_RESUBMITS = 3
+#: after an interruption, how long to wait for the study's tasks already running on the workers
+#: to stop before the temporaries are cleaned (a cancelled task's thread runs to its end)
+_DRAIN_TIMEOUT_S = 120.0
 
 
 @dataclass
@@ -346,9 +351,42 @@ def _execute(client, as_completed, study, out, groups, first_case, threads, retr
         # interrupted (or on_result raised): nothing more is started; running tasks finish or stop
         # on their own and their files appear whole or not at all
         client.cancel([entry[2] for entry in meta.values()], force=True)
+        _wait_until_stopped(client, token, _DRAIN_TIMEOUT_S)
         raise
     if bar is not None:
         bar.refresh()
+
+
+def _running_study_tasks(dask_worker, token):
+    """Keys of the tasks carrying ``token`` that occupy a thread of this worker (run on the worker)."""
+    return [str(ts.key) for ts in dask_worker.state.all_running_tasks if token in str(ts.key)]
+
+
+def _wait_until_stopped(client, token, timeout_s):
+    """Wait until no task of this run (keys containing ``token``) is still running on a worker.
+
+    Dask cannot stop a running task's thread: a cancelled case keeps computing and writes its
+    file (to a temporary, then renamed) when it ends. Waiting here means that once
+    :func:`run_study` returns nothing of this run is still writing into the output folder, so
+    the temporaries it cleans up stay cleaned. Gives up with a warning after ``timeout_s``
+    (the next run removes what such a task leaves behind).
+    """
+    deadline = time.monotonic() + timeout_s
+    running: list = []
+    while True:
+        try:
+            per_worker = client.run(_running_study_tasks, token=token)
+        except Exception as e:  # noqa: BLE001 - the cluster may be gone; nothing left to wait for
+            log.debug("could not ask the workers for running tasks: %s", e)
+            return
+        running = sorted(k for keys in per_worker.values() for k in keys)
+        if not running:
+            return
+        if time.monotonic() >= deadline:
+            log.warning("%d cancelled task(s) still running after %.0f s (%s); their temporaries are "
+                        "removed by the next run", len(running), timeout_s, ", ".join(running))
+            return
+        time.sleep(0.1)
 
 
 def _collect(client, ac, meta, study, groups, first_case, prepared, shared, resubmits, names, rows, status,
