@@ -146,6 +146,20 @@ def _dose_range(bmin, bmax, block, shape, fx, fy, fz, reach):
     return lo, hi
 
 
+@numba.njit(**NUMBA_OPTIONS)
+def _criterion_and_bound(dr, local, dd_fraction, inv_dd_global, lo, hi):
+    """Inverse dose criterion of a reference dose ``dr`` and the squared lower bound of its
+    gamma from the evaluated-dose range ``[lo, hi]`` within the search radius (a relative
+    1e-9 margin keeps the bound below every value the interpolation can return)."""
+    if local:
+        inv_dd = 1.0 / (dd_fraction * dr)
+    else:
+        inv_dd = inv_dd_global
+    gap = max(lo - dr, dr - hi, 0.0)
+    gap = max(gap - 1e-9 * (abs(lo) + abs(hi) + abs(dr)), 0.0) * inv_dd
+    return inv_dd, gap * gap
+
+
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
 def gamma_search(ref_flat, ref_shape_yx, points, ev, base0, scale, offs, dist2, inv_dd_global,
                  local, dd_fraction, bmin, bmax, block, reach, out):
@@ -187,17 +201,11 @@ def gamma_search(ref_flat, ref_shape_yx, points, ev, base0, scale, offs, dist2, 
         flat = points[m]
         k, j, i = _unravel(flat, ny, nx)
         dr = ref_flat[flat]
-        if local:
-            inv_dd = 1.0 / (dd_fraction * dr)
-        else:
-            inv_dd = inv_dd_global
         bx = base0[0] + i * scale[0]
         by = base0[1] + j * scale[1]
         bz = base0[2] + k * scale[2]
         lo, hi = _dose_range(bmin, bmax, block, shape, bx, by, bz, reach)
-        gap = max(lo - dr, dr - hi, 0.0)
-        gap = max(gap - 1e-9 * (abs(lo) + abs(hi) + abs(dr)), 0.0) * inv_dd
-        lb = gap * gap
+        inv_dd, lb = _criterion_and_bound(dr, local, dd_fraction, inv_dd_global, lo, hi)
         best = np.inf
         for p in range(n_off):
             d2 = dist2[p]
@@ -234,17 +242,11 @@ def gamma_search_aligned(ref_flat, ref_shape_yx, points, ev, ishift, oi, ow, dis
         flat = points[m]
         k, j, i = _unravel(flat, ny, nx)
         dr = ref_flat[flat]
-        if local:
-            inv_dd = 1.0 / (dd_fraction * dr)
-        else:
-            inv_dd = inv_dd_global
         ci = i + ishift[0]
         cj = j + ishift[1]
         ck = k + ishift[2]
         lo, hi = _dose_range(bmin, bmax, block, shape, float(ci), float(cj), float(ck), reach)
-        gap = max(lo - dr, dr - hi, 0.0)
-        gap = max(gap - 1e-9 * (abs(lo) + abs(hi) + abs(dr)), 0.0) * inv_dd
-        lb = gap * gap
+        inv_dd, lb = _criterion_and_bound(dr, local, dd_fraction, inv_dd_global, lo, hi)
         best = np.inf
         for p in range(n_off):
             d2 = dist2[p]
