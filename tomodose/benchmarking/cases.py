@@ -178,34 +178,30 @@ def ccc_group(size, *, ladder: str = "spacing", spacing_mm: float = 6.0, rotatio
     return work, info
 
 
-def ccc_plan(size, *, ladder: str = "spacing", spacing_mm: float = 6.0, rotations: float | None = None):
-    """Full helical plan dose with the collapsed-cone engine (TERMA + 51 angle-group transports)."""
+def _plan_dose(engine: str, size, ladder: str, spacing_mm: float, rotations: float | None):
+    """Full helical plan dose with ``engine`` through :func:`tomodose.dose.compute_dose`; the
+    engine's own timings (``metadata["timings_s"]``) are added to the info."""
     from tomodose.dose import compute_dose
 
     patient, plan = _problem(size, ladder, spacing_mm, rotations)
     info = _info(patient, plan)
 
     def work():
-        res = compute_dose(patient, plan, engine="collapsed_cone", progress=False)
+        res = compute_dose(patient, plan, engine=engine, progress=False)
         t = res.metadata.get("timings_s", {})
         info.update({k: round(float(v), 3) for k, v in t.items() if isinstance(v, (int, float))})
 
     return work, info
+
+
+def ccc_plan(size, *, ladder: str = "spacing", spacing_mm: float = 6.0, rotations: float | None = None):
+    """Full helical plan dose with the collapsed-cone engine (TERMA + 51 angle-group transports)."""
+    return _plan_dose("collapsed_cone", size, ladder, spacing_mm, rotations)
 
 
 def pencil_beam_plan(size, *, ladder: str = "spacing", spacing_mm: float = 6.0, rotations: float | None = None):
     """Full helical plan dose with the pencil-beam engine (no matrix)."""
-    from tomodose.dose import compute_dose
-
-    patient, plan = _problem(size, ladder, spacing_mm, rotations)
-    info = _info(patient, plan)
-
-    def work():
-        res = compute_dose(patient, plan, engine="pencil_beam", progress=False)
-        t = res.metadata.get("timings_s", {})
-        info.update({k: round(float(v), 3) for k, v in t.items() if isinstance(v, (int, float))})
-
-    return work, info
+    return _plan_dose("pencil_beam", size, ladder, spacing_mm, rotations)
 
 
 def influence(size, *, ladder: str = "spacing", spacing_mm: float = 6.0, rotations: float | None = None):

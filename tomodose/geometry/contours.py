@@ -188,13 +188,11 @@ def slab_bounds_mm(
     return lower, upper, spacing
 
 
-def _inplane_fraction(grid: Grid, polygons: list[np.ndarray], supersample: int):
-    """In-plane occupied fraction of the voxels in the polygons' bounding box.
-
-    Returns ``(j0, i0, frac)`` with ``frac`` of shape (nj, ni), or None when the box misses
-    the grid.
-    """
-    xy = np.concatenate(polygons)
+def _subpoint_box(grid: Grid, xy: np.ndarray, supersample: int):
+    """Voxel box (one voxel of margin, clipped to the grid) around the in-plane points ``xy``
+    (n, 2) in mm, and the x and y coordinates (mm) of its ``supersample`` sub-points per voxel
+    and axis. Returns ``(i0, i1, j0, j1, xs, ys)`` (inclusive index ranges), or None when the
+    box misses the grid."""
     dx, dy, _ = grid.spacing_mm
     x0, y0, _ = grid.origin_mm
     i0 = max(int(np.floor((xy[:, 0].min() - x0) / dx + 0.5)) - 1, 0)
@@ -203,10 +201,23 @@ def _inplane_fraction(grid: Grid, polygons: list[np.ndarray], supersample: int):
     j1 = min(int(np.floor((xy[:, 1].max() - y0) / dy + 0.5)) + 1, grid.ny - 1)
     if i1 < i0 or j1 < j0:
         return None
-    s = supersample
-    sub = (np.arange(s) + 0.5) / s - 0.5
+    sub = (np.arange(supersample) + 0.5) / supersample - 0.5
     xs = (x0 + dx * np.arange(i0, i1 + 1)[:, None] + dx * sub[None, :]).ravel()
     ys = (y0 + dy * np.arange(j0, j1 + 1)[:, None] + dy * sub[None, :]).ravel()
+    return i0, i1, j0, j1, xs, ys
+
+
+def _inplane_fraction(grid: Grid, polygons: list[np.ndarray], supersample: int):
+    """In-plane occupied fraction of the voxels in the polygons' bounding box.
+
+    Returns ``(j0, i0, frac)`` with ``frac`` of shape (nj, ni), or None when the box misses
+    the grid.
+    """
+    box = _subpoint_box(grid, np.concatenate(polygons), supersample)
+    if box is None:
+        return None
+    i0, i1, j0, j1, xs, ys = box
+    s = supersample
     # even-odd scanline over the sub-point rows (exact, O(edges x rows + points log))
     row = np.repeat(np.arange(ys.size), xs.size)
     parity = _inside_subrows(polygons, ys, row, np.tile(xs, ys.size))
@@ -804,18 +815,12 @@ def _shape_sample_points(planes, h, hz, rng, *, jitter, min_samples, chunk, **op
 
 def _rasterise_shape(grid: Grid, planes, occ: np.ndarray, s: int, **options) -> None:
     """Add the shape-interpolated occupancy of ``planes`` to ``occ`` (in place)."""
-    xy = np.concatenate([np.concatenate(p[1]) for p in planes])
-    dx, dy, dz = grid.spacing_mm
-    x0, y0, z0g = grid.origin_mm
-    i0 = max(int(np.floor((xy[:, 0].min() - x0) / dx + 0.5)) - 1, 0)
-    i1 = min(int(np.floor((xy[:, 0].max() - x0) / dx + 0.5)) + 1, grid.nx - 1)
-    j0 = max(int(np.floor((xy[:, 1].min() - y0) / dy + 0.5)) - 1, 0)
-    j1 = min(int(np.floor((xy[:, 1].max() - y0) / dy + 0.5)) + 1, grid.ny - 1)
-    if i1 < i0 or j1 < j0:
+    box = _subpoint_box(grid, np.concatenate([np.concatenate(p[1]) for p in planes]), s)
+    if box is None:
         return
-    sub = (np.arange(s) + 0.5) / s - 0.5
-    xs = (x0 + dx * np.arange(i0, i1 + 1)[:, None] + dx * sub[None, :]).ravel()
-    ys = (y0 + dy * np.arange(j0, j1 + 1)[:, None] + dy * sub[None, :]).ravel()
+    i0, i1, j0, j1, xs, ys = box
+    dz = grid.spacing_mm[2]
+    z0g = grid.origin_mm[2]
     row = np.repeat(np.arange(ys.size), xs.size)
     px = np.tile(xs, ys.size)
     col, za, zb = column_intervals(planes, px, ys, row, default_spacing_mm=dz, **options)
