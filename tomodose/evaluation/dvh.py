@@ -309,12 +309,17 @@ def dose_samples(
         if didx.size:
             yield _trilinear(dose, didx), wts
     if n_outside:
-        msg = (f"structure {structure.name!r}: {vol_outside:.4g} mL of its volume lies outside the "
-               f"dose grid (shape {dose.grid.shape}, origin_mm {dose.grid.origin_mm}, spacing_mm "
-               f"{dose.grid.spacing_mm})")
-        if not allow_outside:
-            raise ValueError(msg + "; expected it inside (pass allow_outside=True to drop that part)")
-        log.warning("%s; that part is left out of the DVH", msg)
+        _report_outside(structure.name, vol_outside, dose, allow_outside)
+
+
+def _report_outside(name: str, volume_ml: float, dose, allow_outside: bool) -> None:
+    """Raise (or, with ``allow_outside``, log) that ``volume_ml`` of structure ``name`` lies
+    outside the dose grid."""
+    msg = (f"structure {name!r}: {volume_ml:.4g} mL of its volume lies outside the dose grid "
+           f"(shape {dose.grid.shape}, origin_mm {dose.grid.origin_mm}, spacing_mm {dose.grid.spacing_mm})")
+    if not allow_outside:
+        raise ValueError(msg + "; expected it inside (pass allow_outside=True to drop that part)")
+    log.warning("%s; that part is left out of the DVH", msg)
 
 
 def compute_dvh(
@@ -468,12 +473,7 @@ def dvh_from_contours(
         if w.size:
             acc.add(_trilinear(dose, kji), w)
     if vol_out > 0:
-        msg = (f"structure {label!r}: {vol_out:.4g} mL of its volume lies outside the dose grid "
-               f"(shape {dose.grid.shape}, origin_mm {dose.grid.origin_mm}, spacing_mm "
-               f"{dose.grid.spacing_mm})")
-        if not allow_outside:
-            raise ValueError(msg + "; expected it inside (pass allow_outside=True to drop that part)")
-        log.warning("%s; that part is left out of the DVH", msg)
+        _report_outside(label, vol_out, dose, allow_outside)
     if acc.sum_w <= 0:
         raise ValueError(f"structure {label!r} is empty: its contours enclose no volume inside the dose grid")
     return acc.result(label)
