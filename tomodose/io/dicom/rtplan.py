@@ -220,6 +220,13 @@ def _merge(name: str, from_file: float | None, given: float | None, label: str, 
     return float(from_file if from_file is not None else given)
 
 
+def _check_declared_count(item, keyword: str, actual: int, where: str, expectation: str) -> None:
+    """Raise unless the optional count attribute ``keyword`` of ``item`` is absent or ``actual``."""
+    declared = optional(item, keyword, where, None)
+    if declared is not None and int(as_floats(declared, tag_label(keyword), where, n=1)[0]) != actual:
+        raise DicomError(f"{where}: {tag_label(keyword)} is {declared} but {expectation}")
+
+
 def _select_beam(ds, beam_number, where):
     beams = list(require(ds, "BeamSequence", where))
     candidates = []
@@ -313,10 +320,7 @@ def read_tomo_plan_info(
     if n_cp < 2:
         raise DicomError(f"{wb}: {tag_label('ControlPointSequence')} must hold at least 2 control points "
                          f"(start and end of delivery), got {n_cp}")
-    declared = optional(beam, "NumberOfControlPoints", wb, None)
-    if declared is not None and int(as_floats(declared, tag_label("NumberOfControlPoints"), wb, n=1)[0]) != n_cp:
-        raise DicomError(f"{wb}: {tag_label('NumberOfControlPoints')} is {declared} but "
-                         f"ControlPointSequence holds {n_cp} items")
+    _check_declared_count(beam, "NumberOfControlPoints", n_cp, wb, f"ControlPointSequence holds {n_cp} items")
     n_leaves = machine.n_leaves
     n_proj = n_cp - 1
     notes = []
@@ -371,10 +375,7 @@ def read_tomo_plan_info(
         if len(items) != n_cp:
             raise DicomError(f"{wb}: {len(items)} tomotherapeutic control points but {n_cp} items in "
                              f"ControlPointSequence")
-        n_delim = optional(beam, "NumberOfParallelRTBeamDelimiters", wb, None)
-        if n_delim is not None and int(as_floats(n_delim, tag_label("NumberOfParallelRTBeamDelimiters"), wb, n=1)[0]) != n_leaves:
-            raise DicomError(f"{wb}: {tag_label('NumberOfParallelRTBeamDelimiters')} is {n_delim}, expected "
-                             f"{n_leaves} leaves")
+        _check_declared_count(beam, "NumberOfParallelRTBeamDelimiters", n_leaves, wb, f"expected {n_leaves} leaves")
         drows = []
         for idx, cp, wc in items:
             raw = optional(cp, "TomotherapeuticLeafOpenDurations", wc, None)
