@@ -169,8 +169,11 @@ def resolve_delivery(projections, beam_model):
     return projections, beam
 
 
-def density_input(patient_or_density):
-    """(grid, mass density float64 array, patient_position or None)."""
+def density_input(patient_or_density, projections: ProjectionSequence | None = None):
+    """(grid, mass density float64 array, patient_position or None).
+
+    With ``projections``, a patient whose ``patient_position`` differs from theirs is an error.
+    """
     if isinstance(patient_or_density, ImageVolume):
         unit = patient_or_density.unit.replace(" ", "")
         if unit not in _DENSITY_UNITS:
@@ -189,6 +192,10 @@ def density_input(patient_or_density):
             "patient_or_density must be a PatientModel or an ImageVolume of mass density (g/cm3), "
             f"got {type(patient_or_density).__name__}")
     dens = check_array("mass density", dens, shape=grid.shape, low=0.0)
+    if projections is not None and position is not None and position != projections.patient_position:
+        raise ValueError(
+            f"patient_position of the patient ({position!r}) differs from that of the projections "
+            f"({projections.patient_position!r})")
     return grid, dens, position
 
 
@@ -309,11 +316,7 @@ def compute_terma(patient_or_density, projections, beam_model: BeamModel | None 
                          f"trace_sharing={trace_sharing!r} (give one of them)")
     machine = projections.machine
     n_groups = machine.projections_per_rotation if angle_groups is None else angle_groups
-    grid, dens, position = density_input(patient_or_density)
-    if position is not None and position != projections.patient_position:
-        raise ValueError(
-            f"patient_position of the patient ({position!r}) differs from that of the projections "
-            f"({projections.patient_position!r})")
+    grid, dens, _ = density_input(patient_or_density, projections)
 
     proj_group, g_ang, g_couch = assign_angle_groups(projections.gantry_angle_deg, n_groups, projections.couch_mm)
     spectrum = beam.spectrum.trimmed()
