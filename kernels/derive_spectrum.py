@@ -34,12 +34,12 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from tomodose._atomic import atomic_write_text
 
 MEC2 = 0.51099895  # MeV
 R0_CM = 2.8179403262e-13  # classical electron radius (cm)
@@ -208,13 +208,6 @@ def spectrum_bin_edges(t0_mev: float) -> np.ndarray:
     return edges
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     root = Path(__file__).resolve().parents[1]
     p = argparse.ArgumentParser(description="Derive the default 6 MV FFF spectrum")
@@ -237,7 +230,7 @@ def main(argv=None) -> int:
     rows += [f"{t:.4f} {c:.6e}" for t, c in zip(edges[1:], counts)]
     out = args.out / "tomo_6mv_fff.spectrum"
     out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out, "\n".join(rows) + "\n")
+    atomic_write_text(out, "\n".join(rows) + "\n")
     # a few stopping-power values for the record
     sp = {f"{t} MeV": {"collision_MeV_cm2_g": round(float(collision_stopping_power('W', t)), 4),
                        "radiative_MeV_cm2_g": round(float(radiative_stopping_power('W', t)[0]), 4)}
@@ -278,7 +271,7 @@ whose width grows along the path (Highland); no flattening filter.
 {json.dumps(meta, indent=2)}
 ```
 """
-    _atomic_write(args.out / "tomo_6mv_fff.provenance.md", prov)
+    atomic_write_text(args.out / "tomo_6mv_fff.provenance.md", prov)
     print(f"wrote {out}: {len(counts)} bins, mean {mean_e:.3f} MeV, energy-fluence mean {mean_ef:.3f} MeV")
     print(json.dumps(sp))
     return 0

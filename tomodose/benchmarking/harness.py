@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tomodose._atomic import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 __all__ = ["CaseResult", "run_case", "fit_exponent", "machine_description", "write_reports"]
@@ -158,12 +160,6 @@ def machine_description() -> dict:
     }
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_reports(results: list[CaseResult], out_dir, *, extra: dict | None = None) -> tuple[Path, Path]:
     """Write ``benchmark.json`` and ``benchmark.md`` in ``out_dir``; return their paths."""
     out = Path(out_dir)
@@ -171,7 +167,7 @@ def write_reports(results: list[CaseResult], out_dir, *, extra: dict | None = No
     machine = machine_description()
     payload = {"machine": machine, "results": [asdict(r) for r in results], **(extra or {})}
     jpath = out / "benchmark.json"
-    _atomic_write(jpath, json.dumps(payload, indent=2, default=float))
+    atomic_write_text(jpath, json.dumps(payload, indent=2, default=float))
     lines = [
         "# tomodose benchmark",
         "",
@@ -189,5 +185,5 @@ def write_reports(results: list[CaseResult], out_dir, *, extra: dict | None = No
     for key, value in (extra or {}).items():
         lines += ["", f"## {key}", "", "```", json.dumps(value, indent=2, default=float), "```"]
     mpath = out / "benchmark.md"
-    _atomic_write(mpath, "\n".join(lines) + "\n")
+    atomic_write_text(mpath, "\n".join(lines) + "\n")
     return jpath, mpath
