@@ -87,6 +87,8 @@ TABLE_STEP_MM = 0.5
 #: ``method="clustered"`` with a far-field step: resolution levels (voxel step, Gaussians narrower
 #: than this many mm of water); the far-field step adds the last level (all Gaussians).
 DEFAULT_LEVELS = ((1, 20.0),)
+#: far-field step of ``method="fluence"`` when ``far_field_step`` is not given.
+FLUENCE_FAR_FIELD_STEP = 4
 #: memory budget (MiB) of the radiological-depth cache shared by all calls (0 disables it). The maps
 #: depend only on the density, the grid and the source position of each angle group, so repeated
 #: calls on one patient and one plan geometry (an optimiser's dose evaluations with new sinograms)
@@ -664,7 +666,7 @@ def pencil_beam_dose(patient_or_density, projections, beam_model: BeamModel | No
     window_threshold : float
         Relative dose defining the fast modes' windows (default 1e-2).
     progress : bool, optional
-    method : {"exact", "windowed", "clustered"}, optional
+    method : {"exact", "windowed", "clustered", "fluence"}, optional
         ``"exact"``: every voxel x every projection sample, one sample at a time (the reference).
         ``"windowed"``: the fast mode described under ``far_field_step`` (per sample).
         ``"clustered"``: the samples sharing a beam orientation (for a helical plan: one gantry
@@ -674,7 +676,13 @@ def pencil_beam_dose(patient_or_density, projections, beam_model: BeamModel | No
         loop. With ``far_field_step=None`` this is the exact model (agrees with ``"exact"`` to
         rounding). With a step it is the fast path: a telescoping sum over resolution levels
         (``levels``, then ``far_field_step`` with all Gaussians and no window); errors in
-        docs/pencil_beam.md. Default: ``"exact"`` without ``far_field_step``, ``"windowed"`` with it.
+        docs/pencil_beam.md. ``"fluence"``: per beam orientation, the leaf x jaw profiles of all its
+        samples are tabulated once on a beam's-eye-view lattice (a few distance planes, a ladder of
+        kernel widths; :mod:`tomodose.transport.pb_fluence`), and every voxel inside the window of
+        the narrow Gaussians (``window_threshold``) reads its dose from them (all Gaussians); the rest
+        is evaluated on every ``far_field_step``-th voxel (default 4) and interpolated, as in the fast
+        path: the fastest mode (errors in docs/pencil_beam.md). Default: ``"exact"`` without
+        ``far_field_step``, ``"windowed"`` with it.
     levels : tuple of (int, float)
         ``"clustered"`` with a step: ``((1, sigma_1), (step_2, sigma_2), ...)``: level ``m`` holds the
         kernel's Gaussians narrower than ``sigma_m`` (mm of water) inside the windows of
@@ -709,11 +717,18 @@ def pencil_beam_dose(patient_or_density, projections, beam_model: BeamModel | No
     window_threshold = check_in_range("window_threshold", window_threshold, 0.0, 0.5)
     if method is None:
         method = "exact" if far_field_step is None else "windowed"
-    if method not in ("exact", "windowed", "clustered"):
-        raise ValueError(f"method must be 'exact', 'windowed' or 'clustered', got {method!r}")
+    if method not in ("exact", "windowed", "clustered", "fluence"):
+        raise ValueError(f"method must be 'exact', 'windowed', 'clustered' or 'fluence', got {method!r}")
     if method == "exact" and far_field_step is not None:
         raise ValueError(f"method 'exact' takes no far_field_step, got {far_field_step!r}")
-    if method == "clustered":
+    if method == "fluence":
+        from tomodose.transport.pb_fluence import fluence_dose
+
+        if window_threshold <= 0.0:
+            raise ValueError(f"method 'fluence' needs a positive window_threshold, got {window_threshold!r}")
+        dose = fluence_dose(engine, a, progress, FLUENCE_FAR_FIELD_STEP if far_field_step is None else far_field_step,
+                            window_threshold)
+    elif method == "clustered":
         levels = _check_levels(levels, far_field_step)
         dose = _clustered_dose(engine, a, progress, far_field_step, window_threshold, levels)
     else:

@@ -1,0 +1,376 @@
+"""numba kernels of the pencil beam's fluence-map evaluation (plain arrays in and out; no validation).
+
+One angle cluster (samples sharing the beam axes ``xg, yg, zg``; sources ``s0 + t_p yg``, see
+:func:`tomodose._kernels.pencil_beam._cluster_row`). A voxel has the isocentre-plane leaf coordinate
+``u``, the couch coordinate ``Y = (P - s0) . yg`` (mm at the voxel), the distance ``den`` along the
+beam axis and ``sc = SAD / den``; sample ``p`` sees it at ``v_p = (Y - t_p) sc``.
+
+Gaussian ``i`` of the pencil kernel (width ``sig_i`` mm of water) at a voxel of density ``rho`` has the
+water width ``sig_i / rho``. The widths of the shipped kernel are log-spaced (``sig_i = sig_0 r^i``), so
+``sig_i / rho = sig_0 r^(i + s)`` with ``s = log(1 / rho) / log r``: a *level* ``q = i + s`` on the
+ladder ``w_q = sig_0 r^q`` (level ``j`` of the maps holds ``w = sig_0 r^(j_lo + j)``).
+
+A map (one cluster) is, for plane ``k`` (distance ``den_k``, ``c = SAD / den_k``) and level ``j``::
+
+    M[k, b, a, j] = sum_p dt_p L_p(U_a; su) J((Y_b - t_p) c; sv) / (1 + (Y_b - t_p)^2 / den_k^2)
+
+with ``su^2 = s_leaf^2 + c^2 (w_j^2 + bu2)``, ``sv^2 = s_jaw^2 + c^2 (w_j^2 + bv2)`` (``bu2, bv2`` the
+variances of the voxel box along the leaf and jaw axes: the voxel average in equal-variance form),
+``L_p`` the leaf-weighted aperture of sample ``p`` convolved with a Gaussian of width ``su`` and ``J`` the
+jaw aperture convolved with ``sv``. A voxel reads it at ``(u, Y)`` (bilinear), between the two
+planes that bracket its distance (linear in ``den``) and the two levels that bracket ``i + s`` for
+each Gaussian (linear in ``q``), and multiplies by its amplitudes, off-axis terms and ``SAD^2 / r_perp^2``.
+The couch coordinate ``Y`` (not ``v``) keeps the samples' offsets ``t_p`` independent of the distance:
+only the jaw width ``2 jaw_h / c`` changes between planes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+from tomodose._kernels.pencil_beam import (
+    MAX_DIRECT_LEAVES, NO_LIMIT, PHI_X, _amplitude, _cluster_row, _half_width, _leaf_direct, _leaf_table,
+    _medium_offsets, _offaxis_and_depth, _phi, _row_range,
+)
+from tomodose.config import NUMBA_PARALLEL_OPTIONS
+
+
+@numba.njit(**NUMBA_PARALLEL_OPTIONS)
+def fluence_profiles(lu, jy, jy_first, u0, hu, y0, hy, den0, dden, w2_lev, t_p, dt_p, a_c, tab_c,
+                     sl2, sj2, bu2, bv2, jaw_h, sad, e0, w, phi, cphi, s_tab, lev_off, lev_h, lev_n, log2_s0, lpo,
+                     u_max, eps):
+    """One-dimensional profiles of the maps (see the module docstring).
+
+    ``lu`` (nk, n_p, nl, nU): ``L_p(U_a)``; ``jy`` (nk, n_p, nY, nl): ``dt_p J(...) / (1 + ...)``, values
+    below ``eps`` times the largest of their (k, p, level) set to 0. ``jy_first`` (nk, n_p, nY): first
+    level with a nonzero ``jy`` (``nl``: none; wider levels reach farther, so the nonzero levels of a
+    row are a suffix). Parallel over (plane, sample).
+    """
+    nk, n_p, nl, n_u = lu.shape
+    n_y = jy.shape[2]
+    for kp in numba.prange(nk * n_p):
+        k = kp // n_p
+        p = kp % n_p
+        den = den0 + k * dden
+        c = sad / den
+        for j in range(nl):
+            su = math.sqrt(sl2 + c * c * (w2_lev[j] + bu2))
+            sv = math.sqrt(sj2 + c * c * (w2_lev[j] + bv2))
+            if su < s_tab:
+                for a in range(n_u):
+                    lu[k, p, j, a] = _leaf_direct(u0 + a * hu, su, a_c[p], e0, w, phi, cphi, 0.0)
+            else:
+                q = (math.log2(su) - log2_s0) * lpo
+                for a in range(n_u):
+                    lu[k, p, j, a] = _leaf_table(u0 + a * hu, q, tab_c[p], lev_off, lev_h, lev_n, u_max)
+            isv = 1.0 / sv
+            vmax = 0.0
+            for b in range(n_y):
+                yp = y0 + b * hy - t_p[p]
+                v = yp * c
+                val = dt_p[p] * (_phi((v + jaw_h) * isv, phi) - _phi((v - jaw_h) * isv, phi)) / (1.0 + yp * yp / (den * den))
+                jy[k, p, b, j] = val
+                if val > vmax:
+                    vmax = val
+            cut = eps * vmax
+            for b in range(n_y):
+                if jy[k, p, b, j] < cut:
+                    jy[k, p, b, j] = 0.0
+        for b in range(n_y):
+            f = nl
+            for j in range(nl - 1, -1, -1):
+                if jy[k, p, b, j] != 0.0:
+                    f = j
+                else:
+                    break
+            jy_first[k, p, b] = f
+
+
+@numba.njit(**NUMBA_PARALLEL_OPTIONS)
+def fluence_accumulate(maps, lu, jy, jy_first):
+    """``maps[k, b, j, a] = sum_p lu[k, p, j, a] jy[k, p, b, j]`` (overwritten), skipping the levels
+    before ``jy_first[k, p, b]``. Layout (plane, Y row, level, U column): the voxels of one slice
+    share ``Y`` (jaw axis = patient z), so a slice reads one contiguous band of each plane; the
+    innermost loop runs over ``U`` (vectorised). Parallel over (plane, Y row): disjoint writes,
+    fixed order."""
+    nk, n_y, nl, n_u = maps.shape
+    n_p = lu.shape[1]
+    for kb in numba.prange(nk * n_y):
+        k = kb // n_y
+        b = kb % n_y
+        m = maps[k, b]
+        m[:, :] = 0.0
+        for p in range(n_p):
+            for j in range(jy_first[k, p, b], nl):
+                c = jy[k, p, b, j]
+                if c == 0.0:
+                    continue
+                lrow = lu[k, p, j]
+                mrow = m[j]
+                for a in range(n_u):
+                    mrow[a] += c * lrow[a]
+
+
+@numba.njit(inline="always")
+def _node_weights(nodes, idx):
+    """Lower / upper node and the upper node's weight of index ``idx`` (as :func:`trilinear_add`)."""
+    n = nodes.shape[0]
+    if n < 2:
+        return 0, 0, 0.0
+    a = np.searchsorted(nodes, idx, side="right") - 1
+    if a >= n - 1:
+        a = n - 2
+    if a < 0:
+        a = 0
+    return a, a + 1, (idx - nodes[a]) / (nodes[a + 1] - nodes[a])
+
+
+@numba.njit(inline="always")
+def _trilinear_at(values, a, a1, fk, b, b1, fj, c, c1, fi):
+    """The interpolated value of :func:`tomodose._kernels.pencil_beam.trilinear_add` (same arithmetic)."""
+    v0 = ((1 - fi) * values[a, b, c] + fi * values[a, b, c1])
+    v1 = ((1 - fi) * values[a, b1, c] + fi * values[a, b1, c1])
+    v2 = ((1 - fi) * values[a1, b, c] + fi * values[a1, b, c1])
+    v3 = ((1 - fi) * values[a1, b1, c] + fi * values[a1, b1, c1])
+    return (1 - fk) * ((1 - fj) * v0 + fj * v1) + fk * ((1 - fj) * v2 + fj * v3)
+
+
+@numba.njit(inline="always")
+def _in_window(u, yy, win):
+    """Voxel inside the cluster's fine window ``win = (u_lo, u_hi, y_lo, y_hi)``."""
+    return win[0] <= u and u <= win[1] and win[2] <= yy and yy <= win[3]
+
+
+@numba.njit(inline="always")
+def _axis_pos(x, x0, h, n):
+    """Lower lattice index (clamped to [0, n - 2]) and weight of the upper one for ``x`` on ``x0 + m h``."""
+    t = (x - x0) / h
+    if t < 0.0:
+        t = 0.0
+    if t > n - 1:
+        t = n - 1.0
+    m = int(t)
+    if m > n - 2:
+        m = n - 2
+    return m, t - m
+
+
+@numba.njit(inline="always")
+def _map_sum(maps, lat, cq, q_min, q_max, u, yy, den):
+    """``sum_q cq[q] M_q(u, yy, den)`` for ``q_min <= q <= q_max`` (bilinear in (u, yy), linear between
+    the two bracketing planes; ``lat = (u0, hu, y0, hy, den0, dden)``), and resets those ``cq``."""
+    nk, n_y, nl, n_u = maps.shape
+    kk, fk = _axis_pos(den, lat[4], lat[5], nk)
+    a0, fa = _axis_pos(u, lat[0], lat[1], n_u)
+    b0, fb = _axis_pos(yy, lat[2], lat[3], n_y)
+    w0 = 1.0 - fk
+    wa0 = 1.0 - fa
+    wb0 = 1.0 - fb
+    m00 = maps[kk, b0]
+    m01 = maps[kk, b0 + 1]
+    m10 = maps[kk + 1, b0]
+    m11 = maps[kk + 1, b0 + 1]
+    val = 0.0
+    for q in range(q_min, q_max + 1):
+        x0 = wb0 * (wa0 * m00[q, a0] + fa * m00[q, a0 + 1]) + fb * (wa0 * m01[q, a0] + fa * m01[q, a0 + 1])
+        x1 = wb0 * (wa0 * m10[q, a0] + fa * m10[q, a0 + 1]) + fb * (wa0 * m11[q, a0] + fa * m11[q, a0 + 1])
+        val += cq[q] * (w0 * x0 + fk * x1)
+        cq[q] = 0.0
+    return val
+
+
+@numba.njit(inline="always")
+def _voxel_maps(maps_f, lat_f, maps_c, lat_c, cq_f, cq_c, i_lo, i_hi, s, u, yy, den, amps, tail, k0, f, ext):
+    """Sum over the Gaussians ``i_lo <= i < i_hi`` of ``A_i`` times the map value at level ``q = i + s``
+    (linear between the two bracketing levels): from the fine maps ``maps_f`` when both levels are
+    in it (its levels are the first ``nl_f`` of the coarse maps'), else from the coarse ``maps_c``."""
+    nl_f = maps_f.shape[2]
+    nl_c = maps_c.shape[2]
+    f_min = nl_c
+    f_max = -1
+    c_min = nl_c
+    c_max = -1
+    for i in range(i_lo, i_hi):
+        amp = _amplitude(amps, tail, i, k0, f, ext)
+        if amp <= 0.0:
+            continue
+        q = i + s
+        if q < 0.0:
+            q = 0.0
+        if q > nl_c - 1:
+            q = nl_c - 1.0
+        q0 = int(q)
+        if q0 > nl_c - 2:
+            q0 = nl_c - 2
+        fq = q - q0
+        if q0 + 1 < nl_f:
+            cq_f[q0] += amp * (1.0 - fq)
+            cq_f[q0 + 1] += amp * fq
+            f_min = min(f_min, q0)
+            f_max = max(f_max, q0 + 1)
+        else:
+            cq_c[q0] += amp * (1.0 - fq)
+            cq_c[q0 + 1] += amp * fq
+            c_min = min(c_min, q0)
+            c_max = max(c_max, q0 + 1)
+    val = 0.0
+    if f_max >= 0:
+        val += _map_sum(maps_f, lat_f, cq_f, f_min, f_max, u, yy, den)
+    if c_max >= 0:
+        val += _map_sum(maps_c, lat_c, cq_c, c_min, c_max, u, yy, den)
+    return val
+
+
+@numba.njit(**NUMBA_PARALLEL_OPTIONS)
+def fluence_lookup(out, ks, js, is_, depth_t, lvl_t, rho_t, origin, spacing, s0, xg, yg, zg, t_p, dt_p, a_c, tab_c,
+                   win, maps_f, lat_f, maps_c, lat_c, sad, amps, dz_tab, tail, sig, e0, w, s_leaf, s_tab, lev_off,
+                   lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi, cphi, vavg, zcol, node_vals, nks,
+                   njs, nis):
+    """Dose of all samples of one cluster, all Gaussians, read from the maps, at the voxels
+    ``ks x js x is_`` inside the window ``win`` (:func:`_in_window`), added to ``out`` (ks.size, js.size,
+    is_.size), minus the trilinear interpolation (:func:`tomodose._kernels.pencil_beam.trilinear_add`) of
+    this cluster's coarse node values ``node_vals`` (given at ``nks x njs x nis``) at the voxel, which
+    the caller adds to every voxel later: a voxel inside the window thus gets the map value only.
+
+    ``lvl_t`` (ny, nx, nz): level offset ``s`` of every voxel (``log(1 / rho) / log r`` minus the
+    maps' first level). A voxel whose jaw aperture may be truncated by the medium's ends for some
+    sample (an end of its column within ``jaw_h + PHI_X s_jaw`` of a sample's field,
+    :func:`tomodose._kernels.pencil_beam._medium_cut`) is evaluated exactly instead
+    (:func:`tomodose._kernels.pencil_beam._cluster_row`). Parallel over slices (disjoint writes,
+    fixed order)."""
+    nx = lvl_t.shape[1]
+    n_g = sig.shape[1]
+    hu_v = _half_width(xg, spacing, vavg)
+    hv_v = _half_width(yg, spacing, vavg)
+    t_min = t_p.min()
+    t_max = t_p.max()
+    lim = jaw_h + PHI_X * s_jaw
+    n_s = t_p.shape[0]
+    free_lo = np.full(n_s, -NO_LIMIT)
+    free_hi = np.full(n_s, NO_LIMIT)
+    for aa in numba.prange(ks.shape[0]):
+        k = ks[aa]
+        ka, kb, fk_n = _node_weights(nks, k)
+        cq_f = np.zeros(maps_f.shape[2])
+        cq_c = np.zeros(maps_c.shape[2])
+        amp_v = np.zeros(n_g)
+        isv_v = np.zeros(n_g)
+        hj_v = np.zeros(n_g)
+        su2_v = np.zeros(n_g)
+        lu_v = np.zeros(n_g)
+        lu_i = np.zeros(n_g, dtype=np.int64)
+        kind_v = np.zeros(n_g, dtype=np.int64)
+        lam_v = np.zeros((n_g, MAX_DIRECT_LEAVES))
+        l0_v = np.zeros(n_g, dtype=np.int64)
+        nl_v = np.zeros(n_g, dtype=np.int64)
+        tb_v = np.zeros((n_g, 4), dtype=np.int64)
+        pz = origin[2] + k * spacing[2]
+        for bb in range(js.shape[0]):
+            j = js[bb]
+            ja, jb, fj_n = _node_weights(njs, j)
+            py = origin[1] + j * spacing[1]
+            d0x = origin[0] - s0[0]
+            dy0 = py - s0[1]
+            dz0 = pz - s0[2]
+            i0, i1 = _row_range(win[0], win[1], (d0x * xg[0] + dy0 * xg[1] + dz0 * xg[2], spacing[0] * xg[0]),
+                                (-(d0x * zg[0] + dy0 * zg[1] + dz0 * zg[2]), -spacing[0] * zg[0]), sad, nx)
+            if i1 < i0:
+                continue
+            m0 = np.searchsorted(is_, i0)
+            m1 = np.searchsorted(is_, i1, side="right") - 1
+            for cc in range(m0, m1 + 1):
+                ii = is_[cc]
+                dx0 = origin[0] + ii * spacing[0] - s0[0]
+                den = -(dx0 * zg[0] + dy0 * zg[1] + dz0 * zg[2])
+                if den <= 0.0:
+                    continue
+                xx = dx0 * xg[0] + dy0 * xg[1] + dz0 * xg[2]
+                yy = dx0 * yg[0] + dy0 * yg[1] + dz0 * yg[2]
+                sc = sad / den
+                u = xx * sc
+                if not _in_window(u, yy, win):
+                    continue
+                ia, ib, fi_n = _node_weights(nis, ii)
+                out[aa, bb, cc] -= _trilinear_at(node_vals, ka, kb, fk_n, ja, jb, fj_n, ia, ib, fi_n)
+                bl, br = _medium_offsets(zcol, j, ii, pz, yg[2], sc)
+                if (yy - t_min) * sc + bl > -lim or (yy - t_max) * sc + br < lim:
+                    _cluster_row(out[aa, bb], is_, cc, cc, j, k, origin, spacing, depth_t, rho_t, s0, xg, yg, zg, t_p,
+                                 dt_p, a_c, tab_c, free_lo, free_hi, NO_LIMIT, NO_LIMIT, 0.0, NO_LIMIT, NO_LIMIT, 0.0,
+                                 0, n_g, sad, amps, dz_tab, tail, sig, e0, w, s_leaf, s_tab, lev_off, lev_h, lev_n,
+                                 log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi, cphi, hu_v, hv_v, zcol, amp_v,
+                                 isv_v, hj_v, su2_v, lu_v, lu_i, kind_v, lam_v, l0_v, nl_v, tb_v)
+                    continue
+                off, hsoft, k0, f, ext = _offaxis_and_depth(u, sad, soft, offc, depth_t[j, ii, k], dz_tab,
+                                                            amps.shape[0])
+                val = _voxel_maps(maps_f, lat_f, maps_c, lat_c, cq_f, cq_c, 0, n_g, lvl_t[j, ii, k], u, yy, den, amps,
+                                  tail, k0, f, ext)
+                out[aa, bb, cc] += val * hsoft * off * sad * sad / (den * den + xx * xx)
+
+
+@numba.njit(**NUMBA_PARALLEL_OPTIONS)
+def coarse_lookup(out, ks, js, is_, depth_t, lvl_t, rho_t, origin, spacing, s0, xg, yg, zg, t_p, dt_p, a_c, tab_c, win,
+                  g_fine, maps_c, lat_c, sad, amps, dz_tab, tail, sig, e0, w, s_leaf, s_tab, lev_off, lev_h, lev_n,
+                  log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi, cphi, vavg, zcol):
+    """Coarse level of one cluster at the nodes ``ks x js x is_``, added to ``out`` (ks.size, js.size,
+    is_.size): all Gaussians at a node outside the window ``win``, the Gaussians ``i >= g_fine`` at a
+    node inside it (the window test of :func:`fluence_lookup`, same arithmetic), read from the coarse
+    maps; nodes whose jaw aperture may be truncated by the medium's ends are evaluated exactly
+    (:func:`tomodose._kernels.pencil_beam._cluster_row`, same Gaussians). Parallel over slices."""
+    n_g = sig.shape[1]
+    hu_v = _half_width(xg, spacing, vavg)
+    hv_v = _half_width(yg, spacing, vavg)
+    t_min = t_p.min()
+    t_max = t_p.max()
+    lim = jaw_h + PHI_X * s_jaw
+    n_s = t_p.shape[0]
+    free_lo = np.full(n_s, -NO_LIMIT)
+    free_hi = np.full(n_s, NO_LIMIT)
+    empty = np.zeros((2, 2, 0, 2))
+    for aa in numba.prange(ks.shape[0]):
+        k = ks[aa]
+        cq_f = np.zeros(0)
+        cq_c = np.zeros(maps_c.shape[2])
+        amp_v = np.zeros(n_g)
+        isv_v = np.zeros(n_g)
+        hj_v = np.zeros(n_g)
+        su2_v = np.zeros(n_g)
+        lu_v = np.zeros(n_g)
+        lu_i = np.zeros(n_g, dtype=np.int64)
+        kind_v = np.zeros(n_g, dtype=np.int64)
+        lam_v = np.zeros((n_g, MAX_DIRECT_LEAVES))
+        l0_v = np.zeros(n_g, dtype=np.int64)
+        nl_v = np.zeros(n_g, dtype=np.int64)
+        tb_v = np.zeros((n_g, 4), dtype=np.int64)
+        pz = origin[2] + k * spacing[2]
+        for bb in range(js.shape[0]):
+            j = js[bb]
+            py = origin[1] + j * spacing[1]
+            dy0 = py - s0[1]
+            dz0 = pz - s0[2]
+            for cc in range(is_.shape[0]):
+                ii = is_[cc]
+                dx0 = origin[0] + ii * spacing[0] - s0[0]
+                den = -(dx0 * zg[0] + dy0 * zg[1] + dz0 * zg[2])
+                if den <= 0.0:
+                    continue
+                xx = dx0 * xg[0] + dy0 * xg[1] + dz0 * xg[2]
+                yy = dx0 * yg[0] + dy0 * yg[1] + dz0 * yg[2]
+                sc = sad / den
+                u = xx * sc
+                g_lo = g_fine if _in_window(u, yy, win) else 0
+                bl, br = _medium_offsets(zcol, j, ii, pz, yg[2], sc)
+                if (yy - t_min) * sc + bl > -lim or (yy - t_max) * sc + br < lim:
+                    _cluster_row(out[aa, bb], is_, cc, cc, j, k, origin, spacing, depth_t, rho_t, s0, xg, yg, zg, t_p,
+                                 dt_p, a_c, tab_c, free_lo, free_hi, NO_LIMIT, NO_LIMIT, 0.0, NO_LIMIT, NO_LIMIT, 0.0,
+                                 g_lo, n_g, sad, amps, dz_tab, tail, sig, e0, w, s_leaf, s_tab, lev_off, lev_h, lev_n,
+                                 log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi, cphi, hu_v, hv_v, zcol, amp_v,
+                                 isv_v, hj_v, su2_v, lu_v, lu_i, kind_v, lam_v, l0_v, nl_v, tb_v)
+                    continue
+                off, hsoft, k0, f, ext = _offaxis_and_depth(u, sad, soft, offc, depth_t[j, ii, k], dz_tab,
+                                                            amps.shape[0])
+                val = _voxel_maps(empty, lat_c, maps_c, lat_c, cq_f, cq_c, g_lo, n_g, lvl_t[j, ii, k], u, yy, den,
+                                  amps, tail, k0, f, ext)
+                out[aa, bb, cc] += val * hsoft * off * sad * sad / (den * den + xx * xx)

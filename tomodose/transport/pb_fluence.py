@@ -1,0 +1,161 @@
+"""Full-plan pencil-beam dose by fluence maps per beam orientation (``pencil_beam_dose(method="fluence")``).
+
+The samples of one angle cluster (a helical plan: one gantry angle, every couch position) share
+the beam's-eye-view frame up to the couch offset ``t_p`` along the jaw axis. For the Gaussians
+narrower than ``fine_sigma_mm`` (the fast path's level 0), their summed leaf x jaw profiles are
+tabulated once per cluster on a beam's-eye-view lattice (leaf coordinate ``u`` in the isocentre
+plane, couch coordinate ``Y`` at the voxel) for a few distances from the source (planes) and a
+ladder of kernel widths (the kernel's own log-spaced widths; a voxel of density ``rho`` reads the
+Gaussian of width ``sigma_i / rho`` between two rungs), so that a voxel costs one interpolation per
+Gaussian instead of one evaluation per sample and Gaussian
+(:mod:`tomodose._kernels.pb_fluence`). The rest (wider Gaussians; narrow ones outside the window)
+is evaluated exactly at every ``far_field_step``-th voxel and interpolated, as in the clustered
+fast path. See ``docs/pencil_beam.md`` ("Fluence maps") for the approximations and their measured
+error.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+#: lattice step of the maps along the leaf axis (isocentre-plane mm) and the couch axis (mm at the voxel).
+FLUENCE_U_STEP_MM = 0.75
+FLUENCE_Y_STEP_MM = 0.8
+#: spacing of the map planes along the beam axis (mm); a voxel interpolates linearly between two.
+FLUENCE_PLANE_MM = 40.0
+#: jaw profile values below this fraction of their maximum are dropped from the maps.
+FLUENCE_EPS = 1e-4
+#: Gaussians narrower than this (mm of water) are read from the fine maps; the window around the
+#: open leaves and the jaws is the reach of these Gaussians (``window_threshold``).
+FLUENCE_FINE_SIGMA_MM = 20.0
+#: lattice step (mm, both axes) and plane spacing (mm) of the coarse maps (the whole grid, all widths).
+FLUENCE_COARSE_STEP_MM = 4.0
+FLUENCE_COARSE_PLANE_MM = 100.0
+
+
+def _ladder(sigma_mm: np.ndarray) -> float:
+    """Ratio ``r`` of the kernel's log-spaced widths (``sigma_i = sigma_0 r^i``); ValueError otherwise."""
+    sig = np.asarray(sigma_mm, float)
+    if sig.size < 2 or np.any(sig <= 0):
+        raise ValueError("method 'fluence' needs a kernel with at least two positive Gaussian widths")
+    r = float(sig[1] / sig[0])
+    if r <= 1.0 or not np.allclose(np.log(sig), np.log(sig[0]) + np.arange(sig.size) * math.log(r), rtol=0,
+                                   atol=1e-6):
+        raise ValueError(f"method 'fluence' needs log-spaced kernel widths (sigma_i = sigma_0 r^i), got {sig!r}")
+    return r
+
+
+def _build_maps(lat, n_u, n_y, n_k, w2, geo, engine, bu2, bv2):
+    """Maps (n_k, n_y, len(w2), n_u) of one cluster on the lattice ``lat = (u0, hu, y0, hy, den0, dden)``."""
+    from tomodose._kernels.pb_fluence import fluence_accumulate, fluence_profiles
+    from tomodose.transport.pencil_beam import LEVELS_PER_OCTAVE, S_TAB_MM
+
+    s0, xg, yg, zg, t_p, dt_p, a_c, tab_c, u_lo_p, u_hi_p = geo
+    n_p, nl = t_p.size, w2.size
+    lu = np.empty((n_k, n_p, nl, n_u))
+    jy = np.empty((n_k, n_p, n_y, nl))
+    jy_first = np.empty((n_k, n_p, n_y), np.int64)
+    fluence_profiles(lu, jy, jy_first, lat[0], lat[1], lat[2], lat[3], lat[4], lat[5], w2, t_p, dt_p, a_c, tab_c,
+                     engine.s_leaf ** 2, engine.s_jaw ** 2, bu2, bv2, engine.jaw_h, engine.sad, engine.e0, engine.w,
+                     engine.phi, engine.cphi, S_TAB_MM, engine.lev_off, 1.0 / engine.lev_h, engine.lev_n,
+                     engine.log2_s0, float(LEVELS_PER_OCTAVE), engine.u_max, FLUENCE_EPS)
+    maps = np.empty((n_k, n_y, nl, n_u))
+    fluence_accumulate(maps, lu, jy, jy_first)
+    return maps
+
+
+def _lattice(lo: float, hi: float, step: float) -> tuple[float, int]:
+    """Origin and size of a lattice of ``step`` covering [lo, hi] with half a step of margin."""
+    return lo - 0.5 * step, int(math.ceil((hi - lo) / step)) + 2
+
+
+def _planes(den_lo: float, den_hi: float, spacing: float) -> tuple[int, float]:
+    n = max(2, int(math.ceil((den_hi - den_lo) / spacing)) + 1)
+    return n, ((den_hi - den_lo) / (n - 1) if den_hi > den_lo else 1.0)
+
+
+def fluence_dose(engine, a_proj: np.ndarray, progress, far_field_step: int, threshold: float) -> np.ndarray:
+    """Dose (nz, ny, nx) float64 of leaf weights ``a_proj`` (see :func:`pencil_beam_dose`, ``method="fluence"``)."""
+    from tomodose._kernels.pb_fluence import coarse_lookup, fluence_lookup
+    from tomodose._kernels.pencil_beam import trilinear_add
+    from tomodose.transport.influence import _axis_nodes, beamlet_reach_mm
+    from tomodose.transport.pencil_beam import LEVELS_PER_OCTAVE, S_TAB_MM, _active_groups, _cluster_geometry, _clusters
+
+    grid = engine.grid
+    nz, ny, nx = grid.shape
+    sig = engine.kernel.sigma_mm
+    r = _ladder(sig)
+    n_g = int(sig.size)
+    n0 = int(np.count_nonzero(sig < FLUENCE_FINE_SIGMA_MM))
+    dose = np.zeros(grid.shape)
+    # level offset s = log(1 / rho) / log r of every voxel (rho clamped at rho_floor, as the kernels)
+    lvl = -np.log(engine.rho_t) / math.log(r)
+    j_lo = int(math.floor(float(lvl.min())))
+    j_hi = int(math.ceil(n_g - 1 + float(lvl.max()))) + 1
+    lvl_t = np.ascontiguousarray(lvl - j_lo)
+    w2 = (float(sig[0]) * r ** np.arange(j_lo, j_hi + 1, dtype=float)) ** 2
+    w2_f = w2[:max(2, n0 - j_lo + 1)]  # levels of the fine maps: below the first wide Gaussian
+    r_u, r_v = beamlet_reach_mm(engine, threshold, n_gaussians=max(n0, 1))
+    widen = engine.sad / engine.den_min
+    vavg = 1.0 if engine.voxel_average else 0.0
+    fine = tuple(np.arange(n, dtype=np.int64) for n in (nz, ny, nx))
+    nodes = tuple(_axis_nodes(n, int(far_field_step)).astype(np.int64) for n in (nz, ny, nx))
+    values = np.zeros(tuple(a.size for a in nodes))
+    centres = engine.projections.machine.leaf_centres_mm()
+    # voxel-centre corners of the grid (extent of the coarse maps, distance range of the planes)
+    lo_c = np.asarray(engine.origin, float)
+    hi_c = lo_c + (np.array([nx, ny, nz]) - 1) * engine.spacing
+    corners = np.array([[hi_c[c] if bit else lo_c[c] for c, bit in enumerate(bits)] for bits in np.ndindex(2, 2, 2)])
+    par = (engine.sad, engine.amps, engine.dz_tab, engine.tail, engine.sig, engine.e0, engine.w, engine.s_leaf, S_TAB_MM,
+           engine.lev_off, 1.0 / engine.lev_h, engine.lev_n, engine.log2_s0, float(LEVELS_PER_OCTAVE), engine.u_max,
+           engine.jaw_h, engine.s_jaw, engine.offc, engine.soft, engine.phi, engine.cphi, vavg, engine.zcol)
+    hu, hy, hc = FLUENCE_U_STEP_MM, FLUENCE_Y_STEP_MM, FLUENCE_COARSE_STEP_MM
+    cost = dict(coarse_maps=0.0, coarse=0.0, fine_maps=0.0, lookup=0.0)
+    for _g, _active, depth, samples in _active_groups(engine, a_proj, progress):
+        for members in _clusters(engine, samples):
+            t0 = time.process_time()
+            s = samples[members]
+            geo = _cluster_geometry(engine, a_proj, s, centres)
+            s0, xg, yg, zg, t_p, dt_p, a_c, tab_c, u_lo_p, u_hi_p = geo
+            d = corners - s0
+            dens = -(d @ zg)
+            den_lo, den_hi = float(dens.min()), float(dens.max())
+            sc_min = engine.sad / den_hi
+            win = np.array([float(u_lo_p.min()) - r_u * widen, float(u_hi_p.max()) + r_u * widen,
+                            float(t_p.min()) - engine.jaw_h / sc_min - r_v, float(t_p.max()) + engine.jaw_h / sc_min + r_v])
+            bu2 = (0.5 * vavg * float(np.linalg.norm(xg * engine.spacing))) ** 2 / 3.0
+            bv2 = (0.5 * vavg * float(np.linalg.norm(yg * engine.spacing))) ** 2 / 3.0
+            # coarse maps: the whole grid (u is extreme at the corners: linear-fractional in the position)
+            u_c = engine.sad * (d @ xg) / dens
+            y_c = d @ yg
+            u0c, n_uc = _lattice(float(u_c.min()), float(u_c.max()), hc)
+            y0c, n_yc = _lattice(float(y_c.min()), float(y_c.max()), hc)
+            n_kc, ddc = _planes(den_lo, den_hi, FLUENCE_COARSE_PLANE_MM)
+            lat_c = np.array([u0c, hc, y0c, hc, den_lo, ddc])
+            maps_c = _build_maps(lat_c, n_uc, n_yc, n_kc, w2, geo, engine, bu2, bv2)
+            t1 = time.process_time()
+            vals_c = np.zeros_like(values)
+            coarse_lookup(vals_c, *nodes, depth, lvl_t, engine.rho_t, engine.origin, engine.spacing, s0, xg, yg, zg, t_p,
+                          dt_p, a_c, tab_c, win, n0, maps_c, lat_c, *par)
+            t2 = time.process_time()
+            u0, n_u = _lattice(win[0], win[1], hu)
+            y0, n_y = _lattice(win[2], win[3], hy)
+            n_k, dden = _planes(den_lo, den_hi, FLUENCE_PLANE_MM)
+            lat_f = np.array([u0, hu, y0, hy, den_lo, dden])
+            maps_f = _build_maps(lat_f, n_u, n_y, n_k, w2_f, geo, engine, bu2, bv2)
+            t3 = time.process_time()
+            fluence_lookup(dose, *fine, depth, lvl_t, engine.rho_t, engine.origin, engine.spacing, s0, xg, yg, zg,
+                           t_p, dt_p, a_c, tab_c, win, maps_f, lat_f, maps_c, lat_c, *par, vals_c, *nodes)
+            values += vals_c
+            t4 = time.process_time()
+            for key, dt in zip(cost, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                cost[key] += dt
+    trilinear_add(dose, values, *nodes)
+    log.debug("fluence maps: process CPU s per phase %s", {k: round(v, 3) for k, v in cost.items()})
+    return dose
