@@ -10,7 +10,8 @@ voxel / projection / beamlet / entry counts:
 * the influence matrix (threshold, entries, memory) and its far-field complement;
 * the full-plan pencil-beam dose in each mode: ``exact`` (per sample), ``windowed`` (per sample,
   windows + far field), ``clustered`` exact (samples of one beam orientation together) and the
-  ``clustered`` fast path (levels + far-field step), the latter twice: first call, and a repeated
+  ``clustered`` fast path (levels + far-field step) and ``fluence`` (fluence maps per beam orientation +
+  far-field step), the latter two twice each: first call, and a repeated
   call on the same patient and geometry (an optimiser's next evaluation: radiological depths cached);
 * the accuracy of every approximate dose against the exact full-plan dose (``leaf_model="linear"``,
   so that the matrix is comparable): largest difference in % of the maximum (everywhere and inside
@@ -21,7 +22,7 @@ Goals from the issue: influence matrix <= 30 s and <= 2 GiB on 2 cores; full-pla
 
 Usage::
 
-    python benchmarks/bench_pencil_beam.py [--threads 2] [--spacing 3] [--modes exact,windowed,clustered,fast]
+    python benchmarks/bench_pencil_beam.py [--threads 2] [--spacing 3] [--modes exact,windowed,clustered,fast,fluence]
         [--fast-step 4] [--skip-matrix] [--skip-cylinder] [--no-voxel-average] [--no-medium-ends]
         [--json out.json]
 """
@@ -110,14 +111,15 @@ def _modes_run(out, prefix, patient, plan, modes, fast_step, body, target):
     kw = dict(leaf_model="linear", progress=False, **MODEL_OPTIONS)
     calls = {"exact": dict(method="exact"), "clustered": dict(method="clustered"),
              "windowed": dict(method="windowed", far_field_step=6),
-             "fast": dict(method="clustered", far_field_step=fast_step)}
+             "fast": dict(method="clustered", far_field_step=fast_step),
+             "fluence": dict(method="fluence", far_field_step=fast_step)}
     doses = {}
-    for m in ("exact", "clustered", "windowed", "fast"):
+    for m in ("exact", "clustered", "windowed", "fast", "fluence"):
         if m not in modes:
             continue
         with _Timer(out, f"{prefix}full_plan_{m}"):
             doses[m] = pencil_beam_dose(patient, plan, **kw, **calls[m])
-        if m == "fast":
+        if m in ("fast", "fluence"):
             # an optimiser's next evaluation: same patient and geometry (radiological depths cached)
             with _Timer(out, f"{prefix}full_plan_{m}_repeat"):
                 again = pencil_beam_dose(patient, plan, **kw, **calls[m])
@@ -141,8 +143,8 @@ def main(argv=None) -> int:
     ap.add_argument("--field-width", type=float, default=25.0)
     ap.add_argument("--spacing", type=float, default=3.0)
     ap.add_argument("--target", default="PTV")
-    ap.add_argument("--modes", default="exact,clustered,windowed,fast",
-                    help="full-plan modes to time (comma list of exact, clustered, windowed, fast)")
+    ap.add_argument("--modes", default="exact,clustered,windowed,fast,fluence",
+                    help="full-plan modes to time (comma list of exact, clustered, windowed, fast, fluence)")
     ap.add_argument("--fast-step", type=int, default=4, help="far-field step of the clustered fast path")
     ap.add_argument("--far-step", type=int, default=6, help="far-field complement of the matrix (0: skip)")
     ap.add_argument("--skip-matrix", action="store_true", help="skip the influence matrix")
@@ -192,6 +194,10 @@ def main(argv=None) -> int:
         if not args.skip_matrix:
             influence_matrix(small, tiny, target=tgt_small, threshold=threshold, progress=False,
                              method=args.matrix_method)
+    if "fluence" in modes:
+        # separately: the fluence-map kernels' compilation (or cache load)
+        with _Timer(out, "jit_warmup_fluence"):
+            pencil_beam_dose(small, tiny, progress=False, method="fluence", far_field_step=args.fast_step)
 
     patient = liver_phantom(spacing_mm=args.spacing)
     target = patient.structures[args.target]
@@ -237,7 +243,7 @@ def main(argv=None) -> int:
         cplan = _plan_for(ctgt, args.field_width, args.pitch)
         cbody = cyl.mass_density_g_cm3 > 0.2
         out.update({"cylinder_grid_shape": list(cyl.grid.shape), "cylinder_n_projections": cplan.n_projections})
-        cmodes = [m for m in ("clustered", "fast") if m in modes or m == "clustered"]
+        cmodes = [m for m in ("clustered", "fast", "fluence") if m in modes or m == "clustered"]
         _modes_run(out, "cylinder_", cyl, cplan, cmodes, args.fast_step, cbody, ctgt.mask)
 
     print(json.dumps(out, indent=1))

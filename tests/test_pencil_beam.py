@@ -687,6 +687,18 @@ def test_fluence_profiles_and_maps_match_naive():
     np.testing.assert_allclose(maps, naive_fl.accumulate(lu, jy), rtol=1e-12, atol=1e-14 * maps.max())
 
 
+def test_aperture_tables_match_matmul():
+    from tomodose._kernels.pb_fluence import aperture_tables
+
+    _, eng, _ = _fluence_engine()
+    rng = np.random.default_rng(6)
+    a_c = rng.uniform(0, 1, (4, 64)) * (rng.uniform(size=(4, 64)) < 0.3)
+    used = np.flatnonzero(a_c.any(axis=0)).astype(np.int64)
+    out = np.empty((4, eng.btab.shape[1]))
+    aperture_tables(out, a_c, used, eng.btab)
+    np.testing.assert_allclose(out, a_c[:, used] @ eng.btab[used], rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("coarse", [False, True])
 def test_fluence_lookup_matches_naive(coarse):
     from tomodose._kernels.pb_fluence import coarse_lookup, fluence_lookup
@@ -703,7 +715,9 @@ def test_fluence_lookup_matches_naive(coarse):
     maps_c = rng.uniform(0.0, 1.0, (2, 12, 16, 25))
     lat_f = np.array([-40.0, 2.0, -30.0, 2.5, 700.0, 150.0])
     lat_c = np.array([-90.0, 8.0, -60.0, 9.0, 650.0, 400.0])
-    win = np.array([-25.0, 30.0, -20.0, 25.0])
+    win = np.array([-20.0, 5.0, -60.0, 60.0, 3.0])  # rows of 5 mm from Y = -20 mm, reach 3 mm
+    win_u = np.array([[-25.0, 20.0], [-10.0, 30.0], [1.0, 0.0], [-30.0, 5.0], [-5.0, 5.0], [-20.0, 25.0],
+                      [-25.0, 30.0], [0.0, 10.0], [-15.0, 15.0]])  # an empty row
     zcol = np.full(eng.zcol.shape, [-1e30, 1e30])  # no medium ends (the exact fallback is tested below)
     par = (eng.sad, eng.amps, eng.dz_tab, eng.tail, eng.sig, eng.e0, eng.w, eng.s_leaf, S_TAB_MM, eng.lev_off,
            1.0 / eng.lev_h, eng.lev_n, eng.log2_s0, float(LEVELS_PER_OCTAVE), eng.u_max, eng.jaw_h, eng.s_jaw,
@@ -715,16 +729,16 @@ def test_fluence_lookup_matches_naive(coarse):
     got = np.zeros(shape)
     if coarse:
         coarse_lookup(got, *fine, depth_t, lvl_t, eng.rho_t, eng.origin, eng.spacing, s0, xg, yg, zg, t_p, dt_p,
-                      a_c, tab_c, win, 5, maps_c, lat_c, *par)
-        ref = naive_fl.lookup(shape, eng.origin, eng.spacing, depth, lvl, s0, xg, yg, zg, win, maps_c[:, :, :0],
-                              lat_c, maps_c, lat_c, coarse=True, g_fine=5, **kw)
+                      a_c, tab_c, win, win_u, 5, maps_c, lat_c, *par)
+        ref = naive_fl.lookup(shape, eng.origin, eng.spacing, depth, lvl, s0, xg, yg, zg, win, win_u,
+                              maps_c[:, :, :0], lat_c, maps_c, lat_c, coarse=True, g_fine=5, **kw)
     else:
         nodes = tuple(_axis_nodes(n, 2).astype(np.int64) for n in shape)
         node_vals = rng.normal(size=tuple(a.size for a in nodes))
         fluence_lookup(got, *fine, depth_t, lvl_t, eng.rho_t, eng.origin, eng.spacing, s0, xg, yg, zg, t_p, dt_p,
-                       a_c, tab_c, win, maps_f, lat_f, maps_c, lat_c, *par, node_vals, *nodes)
-        ref = naive_fl.lookup(shape, eng.origin, eng.spacing, depth, lvl, s0, xg, yg, zg, win, maps_f, lat_f, maps_c,
-                              lat_c, coarse=False, node_vals=node_vals, nodes=nodes, **kw)
+                       a_c, tab_c, win, win_u, maps_f, lat_f, maps_c, lat_c, *par, node_vals, *nodes)
+        ref = naive_fl.lookup(shape, eng.origin, eng.spacing, depth, lvl, s0, xg, yg, zg, win, win_u, maps_f, lat_f,
+                              maps_c, lat_c, coarse=False, node_vals=node_vals, nodes=nodes, **kw)
     assert np.count_nonzero(ref) > 20
     np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-12 * np.abs(ref).max())
 

@@ -65,9 +65,12 @@ def _map_value(maps, lat, q, x, y, den):
     return total
 
 
-def lookup(shape, origin, spacing, depth, lvl, s0, xg, yg, zg, win, maps_f, lat_f, maps_c, lat_c, *, sad, amps,
+def lookup(shape, origin, spacing, depth, lvl, s0, xg, yg, zg, win, win_u, maps_f, lat_f, maps_c, lat_c, *, sad, amps,
            dz_tab, tail, soft, offc, coarse, g_fine=0, node_vals=None, nodes=None):
-    """(nz, ny, nx) values of one cluster at every voxel (``coarse``: the coarse level at every voxel,
+    """(nz, ny, nx) values of one cluster at every voxel (window ``win = (y0, hy, u_lo, u_hi, r_u)``, ``win_u``
+    (n_rows, 2): voxel inside when ``y0 + b hy <= Y < y0 + (b + 1) hy`` for a row ``b`` and
+    ``win_u[b, 0] - r_u c <= u <= win_u[b, 1] + r_u c``, ``c = sad / den``)
+    (``coarse``: the coarse level at every voxel,
     all Gaussians outside the window and those ``>= g_fine`` inside; else the fine level inside the
     window only, minus the interpolated ``node_vals`` given at ``nodes = (ks, js, is_)``).
     ``depth``, ``lvl``: (nz, ny, nx) radiological depth and level offset."""
@@ -86,7 +89,9 @@ def lookup(shape, origin, spacing, depth, lvl, s0, xg, yg, zg, win, maps_f, lat_
                     continue
                 xx, yy = float(d @ xg), float(d @ yg)
                 u = xx * sad / den
-                inside = win[0] <= u <= win[1] and win[2] <= yy <= win[3]
+                row = int(math.floor((yy - win[0]) / win[1]))
+                c = sad / den
+                inside = (0 <= row < len(win_u)) and win_u[row][0] - win[4] * c <= u <= win_u[row][1] + win[4] * c
                 if not coarse and not inside:
                     continue
                 g_lo = g_fine if (coarse and inside) else 0

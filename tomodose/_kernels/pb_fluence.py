@@ -32,10 +32,10 @@ import numba
 import numpy as np
 
 from tomodose._kernels.pencil_beam import (
-    MAX_DIRECT_LEAVES, NO_LIMIT, PHI_X, _amplitude, _cluster_row, _half_width, _leaf_direct, _leaf_table,
+    MAX_DIRECT_LEAVES, NO_LIMIT, PHI_X, _amplitude, _cluster_row, _half_width, _leaf_table,
     _medium_offsets, _offaxis_and_depth, _phi, _row_range,
 )
-from tomodose.config import NUMBA_PARALLEL_OPTIONS
+from tomodose.config import NUMBA_OPTIONS, NUMBA_PARALLEL_OPTIONS
 
 
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
@@ -47,31 +47,57 @@ def fluence_profiles(lu, jy, jy_first, u0, hu, y0, hy, den0, dden, w2_lev, t_p, 
     ``lu`` (nk, n_p, nl, nU): ``L_p(U_a)``; ``jy`` (nk, n_p, nY, nl): ``dt_p J(...) / (1 + ...)``, values
     below ``eps`` times the largest of their (k, p, level) set to 0. ``jy_first`` (nk, n_p, nY): first
     level with a nonzero ``jy`` (``nl``: none; wider levels reach farther, so the nonzero levels of a
-    row are a suffix). Parallel over (plane, sample).
+    row are a suffix). ``L_p`` of a total width below ``s_tab``: the leaf edges' error functions
+    (:func:`tomodose._kernels.pencil_beam._phi`, each edge once for all samples); wider: the aperture
+    table ``tab_c`` (:func:`tomodose._kernels.pencil_beam._leaf_table`). Parallel over (plane, level).
     """
     nk, n_p, nl, n_u = lu.shape
     n_y = jy.shape[2]
-    for kp in numba.prange(nk * n_p):
-        k = kp // n_p
-        p = kp % n_p
+    n_leaves = a_c.shape[1]
+    for kj in numba.prange(nk * nl):
+        k = kj // nl
+        j = kj % nl
         den = den0 + k * dden
         c = sad / den
-        for j in range(nl):
-            su = math.sqrt(sl2 + c * c * (w2_lev[j] + bu2))
-            sv = math.sqrt(sj2 + c * c * (w2_lev[j] + bv2))
-            if su < s_tab:
-                for a in range(n_u):
-                    lu[k, p, j, a] = _leaf_direct(u0 + a * hu, su, a_c[p], e0, w, phi, cphi, 0.0)
-            else:
-                q = (math.log2(su) - log2_s0) * lpo
+        su = math.sqrt(sl2 + c * c * (w2_lev[j] + bu2))
+        sv = math.sqrt(sj2 + c * c * (w2_lev[j] + bv2))
+        if su < s_tab:
+            isu = 1.0 / su
+            reach = 7.5 * su
+            edge = np.empty(n_leaves + 1)
+            for a in range(n_u):
+                u = u0 + a * hu
+                m_lo = int(math.ceil((u - reach - e0) / w))
+                m_hi = int(math.floor((u + reach - e0) / w))
+                if m_lo < 0:
+                    m_lo = 0
+                if m_hi > n_leaves:
+                    m_hi = n_leaves
+                for m in range(m_lo, m_hi + 1):
+                    edge[m] = _phi((u - (e0 + m * w)) * isu, phi)
+                for p in range(n_p):
+                    ap = a_c[p]
+                    # edges below m_lo are saturated (Phi = 1): their jumps sum to a[m_lo - 1]
+                    total = ap[m_lo - 1] if 1 <= m_lo <= n_leaves else 0.0
+                    for m in range(m_lo, m_hi + 1):
+                        right = ap[m] if m < n_leaves else 0.0
+                        left = ap[m - 1] if m >= 1 else 0.0
+                        if right != left:
+                            total += (right - left) * edge[m]
+                    lu[k, p, j, a] = total
+        else:
+            q = (math.log2(su) - log2_s0) * lpo
+            for p in range(n_p):
                 for a in range(n_u):
                     lu[k, p, j, a] = _leaf_table(u0 + a * hu, q, tab_c[p], lev_off, lev_h, lev_n, u_max)
-            isv = 1.0 / sv
+        isv = 1.0 / sv
+        for p in range(n_p):
             vmax = 0.0
             for b in range(n_y):
                 yp = y0 + b * hy - t_p[p]
                 v = yp * c
-                val = dt_p[p] * (_phi((v + jaw_h) * isv, phi) - _phi((v - jaw_h) * isv, phi)) / (1.0 + yp * yp / (den * den))
+                val = (dt_p[p] * (_phi((v + jaw_h) * isv, phi) - _phi((v - jaw_h) * isv, phi))
+                       / (1.0 + yp * yp / (den * den)))
                 jy[k, p, b, j] = val
                 if val > vmax:
                     vmax = val
@@ -79,6 +105,9 @@ def fluence_profiles(lu, jy, jy_first, u0, hu, y0, hy, den0, dden, w2_lev, t_p, 
             for b in range(n_y):
                 if jy[k, p, b, j] < cut:
                     jy[k, p, b, j] = 0.0
+    for kp in numba.prange(nk * n_p):
+        k = kp // n_p
+        p = kp % n_p
         for b in range(n_y):
             f = nl
             for j in range(nl - 1, -1, -1):
@@ -139,9 +168,16 @@ def _trilinear_at(values, a, a1, fk, b, b1, fj, c, c1, fi):
 
 
 @numba.njit(inline="always")
-def _in_window(u, yy, win):
-    """Voxel inside the cluster's fine window ``win = (u_lo, u_hi, y_lo, y_hi)``."""
-    return win[0] <= u and u <= win[1] and win[2] <= yy and yy <= win[3]
+def _in_window(u, yy, sc, win, win_u):
+    """Voxel inside the cluster's fine window: ``win = (y0, hy, u_lo, u_hi, r_u)``, ``win_u`` (nR, 2):
+    the range of the open leaves in each row ``y0 + b hy <= yy < y0 + (b + 1) hy`` (empty rows:
+    lo > hi), widened by ``r_u sc`` (``sc = SAD / den``); ``u_lo, u_hi`` bound all rows (widened)."""
+    t = (yy - win[0]) / win[1]
+    if t < 0.0 or t >= win_u.shape[0]:
+        return False
+    b = int(t)
+    ru = win[4] * sc
+    return win_u[b, 0] - ru <= u and u <= win_u[b, 1] + ru
 
 
 @numba.njit(inline="always")
@@ -226,8 +262,8 @@ def _voxel_maps(maps_f, lat_f, maps_c, lat_c, cq_f, cq_c, i_lo, i_hi, s, u, yy, 
 
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
 def fluence_lookup(out, ks, js, is_, depth_t, lvl_t, rho_t, origin, spacing, s0, xg, yg, zg, t_p, dt_p, a_c, tab_c,
-                   win, maps_f, lat_f, maps_c, lat_c, sad, amps, dz_tab, tail, sig, e0, w, s_leaf, s_tab, lev_off,
-                   lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi, cphi, vavg, zcol, node_vals, nks,
+                   win, win_u, maps_f, lat_f, maps_c, lat_c, sad, amps, dz_tab, tail, sig, e0, w, s_leaf, s_tab,
+                   lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi, cphi, vavg, zcol, node_vals, nks,
                    njs, nis):
     """Dose of all samples of one cluster, all Gaussians, read from the maps, at the voxels
     ``ks x js x is_`` inside the window ``win`` (:func:`_in_window`), added to ``out`` (ks.size, js.size,
@@ -275,7 +311,7 @@ def fluence_lookup(out, ks, js, is_, depth_t, lvl_t, rho_t, origin, spacing, s0,
             d0x = origin[0] - s0[0]
             dy0 = py - s0[1]
             dz0 = pz - s0[2]
-            i0, i1 = _row_range(win[0], win[1], (d0x * xg[0] + dy0 * xg[1] + dz0 * xg[2], spacing[0] * xg[0]),
+            i0, i1 = _row_range(win[2], win[3], (d0x * xg[0] + dy0 * xg[1] + dz0 * xg[2], spacing[0] * xg[0]),
                                 (-(d0x * zg[0] + dy0 * zg[1] + dz0 * zg[2]), -spacing[0] * zg[0]), sad, nx)
             if i1 < i0:
                 continue
@@ -291,7 +327,7 @@ def fluence_lookup(out, ks, js, is_, depth_t, lvl_t, rho_t, origin, spacing, s0,
                 yy = dx0 * yg[0] + dy0 * yg[1] + dz0 * yg[2]
                 sc = sad / den
                 u = xx * sc
-                if not _in_window(u, yy, win):
+                if not _in_window(u, yy, sc, win, win_u):
                     continue
                 ia, ib, fi_n = _node_weights(nis, ii)
                 out[aa, bb, cc] -= _trilinear_at(node_vals, ka, kb, fk_n, ja, jb, fj_n, ia, ib, fi_n)
@@ -312,8 +348,8 @@ def fluence_lookup(out, ks, js, is_, depth_t, lvl_t, rho_t, origin, spacing, s0,
 
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
 def coarse_lookup(out, ks, js, is_, depth_t, lvl_t, rho_t, origin, spacing, s0, xg, yg, zg, t_p, dt_p, a_c, tab_c, win,
-                  g_fine, maps_c, lat_c, sad, amps, dz_tab, tail, sig, e0, w, s_leaf, s_tab, lev_off, lev_h, lev_n,
-                  log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi, cphi, vavg, zcol):
+                  win_u, g_fine, maps_c, lat_c, sad, amps, dz_tab, tail, sig, e0, w, s_leaf, s_tab, lev_off, lev_h,
+                  lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi, cphi, vavg, zcol):
     """Coarse level of one cluster at the nodes ``ks x js x is_``, added to ``out`` (ks.size, js.size,
     is_.size): all Gaussians at a node outside the window ``win``, the Gaussians ``i >= g_fine`` at a
     node inside it (the window test of :func:`fluence_lookup`, same arithmetic), read from the coarse
@@ -360,7 +396,7 @@ def coarse_lookup(out, ks, js, is_, depth_t, lvl_t, rho_t, origin, spacing, s0, 
                 yy = dx0 * yg[0] + dy0 * yg[1] + dz0 * yg[2]
                 sc = sad / den
                 u = xx * sc
-                g_lo = g_fine if _in_window(u, yy, win) else 0
+                g_lo = g_fine if _in_window(u, yy, sc, win, win_u) else 0
                 bl, br = _medium_offsets(zcol, j, ii, pz, yg[2], sc)
                 if (yy - t_min) * sc + bl > -lim or (yy - t_max) * sc + br < lim:
                     _cluster_row(out[aa, bb], is_, cc, cc, j, k, origin, spacing, depth_t, rho_t, s0, xg, yg, zg, t_p,
@@ -374,3 +410,20 @@ def coarse_lookup(out, ks, js, is_, depth_t, lvl_t, rho_t, origin, spacing, s0, 
                 val = _voxel_maps(empty, lat_c, maps_c, lat_c, cq_f, cq_c, g_lo, n_g, lvl_t[j, ii, k], u, yy, den,
                                   amps, tail, k0, f, ext)
                 out[aa, bb, cc] += val * hsoft * off * sad * sad / (den * den + xx * xx)
+
+
+@numba.njit(**NUMBA_OPTIONS)
+def aperture_tables(out, a_c, used, btab):
+    """``out[p] = sum_l a_c[p, used[l]] btab[used[l]]`` (the leaf-weighted aperture tables of a
+    cluster's samples; ``out`` (n_p, n_pts) overwritten), in a fixed order."""
+    n_p, n_pts = out.shape
+    for p in range(n_p):
+        row = out[p]
+        row[:] = 0.0
+        for m in range(used.shape[0]):
+            c = a_c[p, used[m]]
+            if c == 0.0:
+                continue
+            src = btab[used[m]]
+            for t in range(n_pts):
+                row[t] += c * src[t]

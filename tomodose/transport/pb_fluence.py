@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 
 import numpy as np
 
@@ -37,6 +36,8 @@ FLUENCE_FINE_SIGMA_MM = 20.0
 #: lattice step (mm, both axes) and plane spacing (mm) of the coarse maps (the whole grid, all widths).
 FLUENCE_COARSE_STEP_MM = 4.0
 FLUENCE_COARSE_PLANE_MM = 100.0
+#: row height (mm along the couch axis) of the window's per-row leaf ranges.
+FLUENCE_ROW_MM = 2.0
 
 
 def _ladder(sigma_mm: np.ndarray) -> float:
@@ -51,21 +52,57 @@ def _ladder(sigma_mm: np.ndarray) -> float:
     return r
 
 
-def _build_maps(lat, n_u, n_y, n_k, w2, geo, engine, bu2, bv2):
+class _Scratch:
+    """Reusable work arrays (a fresh large array per cluster costs its page faults every time)."""
+
+    def __init__(self):
+        self.flat: dict = {}
+
+    def get(self, name: str, shape, dtype=np.float64) -> np.ndarray:
+        n = int(np.prod(shape))
+        buf = self.flat.get(name)
+        if buf is None or buf.size < n:
+            buf = np.empty(max(n, int(1.25 * (buf.size if buf is not None else 0))), dtype)
+            self.flat[name] = buf
+        return buf[:n].reshape(shape)
+
+
+def _window_rows(t_p, u_lo_p, u_hi_p, y_half: float, r_u: float, widen: float, step: float):
+    """The fine window of one cluster: rows of ``step`` along the couch axis, each with the union of
+    the open-leaf ranges of the samples whose couch range ``t_p +- y_half`` meets the row (a voxel
+    is inside when its ``u`` lies in its row's range widened by ``r_u SAD / den``). Returns
+    ``win = (y0, step, u_lo, u_hi, r_u)`` (``u_lo, u_hi`` widened by ``r_u widen``, the largest
+    ``SAD / den``) and ``win_u`` (n_rows, 2) (:func:`tomodose._kernels.pb_fluence._in_window`)."""
+    y0 = float(t_p.min()) - y_half
+    n = int(math.ceil((float(t_p.max()) + y_half - y0) / step)) + 1
+    lo_row = y0 + step * np.arange(n)
+    win_u = np.empty((n, 2))
+    win_u[:, 0], win_u[:, 1] = 1.0, 0.0  # empty
+    for t, lo, hi in zip(t_p, u_lo_p, u_hi_p):
+        rows = (lo_row + step >= t - y_half) & (lo_row <= t + y_half)
+        empty = win_u[:, 0] > win_u[:, 1]
+        win_u[rows, 0] = np.where(empty[rows], lo, np.minimum(win_u[rows, 0], lo))
+        win_u[rows, 1] = np.where(empty[rows], hi, np.maximum(win_u[rows, 1], hi))
+    ok = win_u[:, 0] <= win_u[:, 1]
+    win = np.array([y0, step, float(win_u[ok, 0].min()) - r_u * widen, float(win_u[ok, 1].max()) + r_u * widen, r_u])
+    return win, np.ascontiguousarray(win_u)
+
+
+def _build_maps(lat, n_u, n_y, n_k, w2, geo, engine, bu2, bv2, scratch, tag):
     """Maps (n_k, n_y, len(w2), n_u) of one cluster on the lattice ``lat = (u0, hu, y0, hy, den0, dden)``."""
     from tomodose._kernels.pb_fluence import fluence_accumulate, fluence_profiles
     from tomodose.transport.pencil_beam import LEVELS_PER_OCTAVE, S_TAB_MM
 
     s0, xg, yg, zg, t_p, dt_p, a_c, tab_c, u_lo_p, u_hi_p = geo
     n_p, nl = t_p.size, w2.size
-    lu = np.empty((n_k, n_p, nl, n_u))
-    jy = np.empty((n_k, n_p, n_y, nl))
-    jy_first = np.empty((n_k, n_p, n_y), np.int64)
+    lu = scratch.get("lu", (n_k, n_p, nl, n_u))
+    jy = scratch.get("jy", (n_k, n_p, n_y, nl))
+    jy_first = scratch.get("jy_first", (n_k, n_p, n_y), np.int64)
     fluence_profiles(lu, jy, jy_first, lat[0], lat[1], lat[2], lat[3], lat[4], lat[5], w2, t_p, dt_p, a_c, tab_c,
                      engine.s_leaf ** 2, engine.s_jaw ** 2, bu2, bv2, engine.jaw_h, engine.sad, engine.e0, engine.w,
                      engine.phi, engine.cphi, S_TAB_MM, engine.lev_off, 1.0 / engine.lev_h, engine.lev_n,
                      engine.log2_s0, float(LEVELS_PER_OCTAVE), engine.u_max, FLUENCE_EPS)
-    maps = np.empty((n_k, n_y, nl, n_u))
+    maps = scratch.get(tag, (n_k, n_y, nl, n_u))
     fluence_accumulate(maps, lu, jy, jy_first)
     return maps
 
@@ -112,14 +149,13 @@ def fluence_dose(engine, a_proj: np.ndarray, progress, far_field_step: int, thre
     lo_c = np.asarray(engine.origin, float)
     hi_c = lo_c + (np.array([nx, ny, nz]) - 1) * engine.spacing
     corners = np.array([[hi_c[c] if bit else lo_c[c] for c, bit in enumerate(bits)] for bits in np.ndindex(2, 2, 2)])
-    par = (engine.sad, engine.amps, engine.dz_tab, engine.tail, engine.sig, engine.e0, engine.w, engine.s_leaf, S_TAB_MM,
-           engine.lev_off, 1.0 / engine.lev_h, engine.lev_n, engine.log2_s0, float(LEVELS_PER_OCTAVE), engine.u_max,
+    par = (engine.sad, engine.amps, engine.dz_tab, engine.tail, engine.sig, engine.e0, engine.w, engine.s_leaf,
+           S_TAB_MM, engine.lev_off, 1.0 / engine.lev_h, engine.lev_n, engine.log2_s0, float(LEVELS_PER_OCTAVE), engine.u_max,
            engine.jaw_h, engine.s_jaw, engine.offc, engine.soft, engine.phi, engine.cphi, vavg, engine.zcol)
     hu, hy, hc = FLUENCE_U_STEP_MM, FLUENCE_Y_STEP_MM, FLUENCE_COARSE_STEP_MM
-    cost = dict(coarse_maps=0.0, coarse=0.0, fine_maps=0.0, lookup=0.0)
+    scratch = _Scratch()
     for _g, _active, depth, samples in _active_groups(engine, a_proj, progress):
         for members in _clusters(engine, samples):
-            t0 = time.process_time()
             s = samples[members]
             geo = _cluster_geometry(engine, a_proj, s, centres)
             s0, xg, yg, zg, t_p, dt_p, a_c, tab_c, u_lo_p, u_hi_p = geo
@@ -127,8 +163,7 @@ def fluence_dose(engine, a_proj: np.ndarray, progress, far_field_step: int, thre
             dens = -(d @ zg)
             den_lo, den_hi = float(dens.min()), float(dens.max())
             sc_min = engine.sad / den_hi
-            win = np.array([float(u_lo_p.min()) - r_u * widen, float(u_hi_p.max()) + r_u * widen,
-                            float(t_p.min()) - engine.jaw_h / sc_min - r_v, float(t_p.max()) + engine.jaw_h / sc_min + r_v])
+            win, win_u = _window_rows(t_p, u_lo_p, u_hi_p, engine.jaw_h / sc_min + r_v, r_u, widen, FLUENCE_ROW_MM)
             bu2 = (0.5 * vavg * float(np.linalg.norm(xg * engine.spacing))) ** 2 / 3.0
             bv2 = (0.5 * vavg * float(np.linalg.norm(yg * engine.spacing))) ** 2 / 3.0
             # coarse maps: the whole grid (u is extreme at the corners: linear-fractional in the position)
@@ -138,24 +173,17 @@ def fluence_dose(engine, a_proj: np.ndarray, progress, far_field_step: int, thre
             y0c, n_yc = _lattice(float(y_c.min()), float(y_c.max()), hc)
             n_kc, ddc = _planes(den_lo, den_hi, FLUENCE_COARSE_PLANE_MM)
             lat_c = np.array([u0c, hc, y0c, hc, den_lo, ddc])
-            maps_c = _build_maps(lat_c, n_uc, n_yc, n_kc, w2, geo, engine, bu2, bv2)
-            t1 = time.process_time()
+            maps_c = _build_maps(lat_c, n_uc, n_yc, n_kc, w2, geo, engine, bu2, bv2, scratch, "maps_c")
             vals_c = np.zeros_like(values)
-            coarse_lookup(vals_c, *nodes, depth, lvl_t, engine.rho_t, engine.origin, engine.spacing, s0, xg, yg, zg, t_p,
-                          dt_p, a_c, tab_c, win, n0, maps_c, lat_c, *par)
-            t2 = time.process_time()
-            u0, n_u = _lattice(win[0], win[1], hu)
-            y0, n_y = _lattice(win[2], win[3], hy)
+            coarse_lookup(vals_c, *nodes, depth, lvl_t, engine.rho_t, engine.origin, engine.spacing, s0, xg, yg, zg,
+                          t_p, dt_p, a_c, tab_c, win, win_u, n0, maps_c, lat_c, *par)
+            u0, n_u = _lattice(win[2], win[3], hu)
+            y0, n_y = _lattice(win[0], win[0] + win[1] * win_u.shape[0], hy)
             n_k, dden = _planes(den_lo, den_hi, FLUENCE_PLANE_MM)
             lat_f = np.array([u0, hu, y0, hy, den_lo, dden])
-            maps_f = _build_maps(lat_f, n_u, n_y, n_k, w2_f, geo, engine, bu2, bv2)
-            t3 = time.process_time()
+            maps_f = _build_maps(lat_f, n_u, n_y, n_k, w2_f, geo, engine, bu2, bv2, scratch, "maps_f")
             fluence_lookup(dose, *fine, depth, lvl_t, engine.rho_t, engine.origin, engine.spacing, s0, xg, yg, zg,
-                           t_p, dt_p, a_c, tab_c, win, maps_f, lat_f, maps_c, lat_c, *par, vals_c, *nodes)
+                           t_p, dt_p, a_c, tab_c, win, win_u, maps_f, lat_f, maps_c, lat_c, *par, vals_c, *nodes)
             values += vals_c
-            t4 = time.process_time()
-            for key, dt in zip(cost, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
-                cost[key] += dt
     trilinear_add(dose, values, *nodes)
-    log.debug("fluence maps: process CPU s per phase %s", {k: round(v, 3) for k, v in cost.items()})
     return dose

@@ -531,8 +531,11 @@ def _cluster_geometry(engine: _Engine, a_proj: np.ndarray, s: np.ndarray, centre
     t_p = np.ascontiguousarray((engine.src[s] - s0) @ yg)
     dt_p = np.ascontiguousarray(engine.dt[s], dtype=np.float64)
     a_c = np.ascontiguousarray(a_proj[engine.proj[s]], dtype=np.float64)
-    used = np.flatnonzero(a_c.any(axis=0))  # the aperture tables of the leaves that open
-    tab_c = np.ascontiguousarray(a_c[:, used] @ engine.btab[used])
+    from tomodose._kernels.pb_fluence import aperture_tables
+
+    used = np.flatnonzero(a_c.any(axis=0)).astype(np.int64)  # the aperture tables of the leaves that open
+    tab_c = np.empty((a_c.shape[0], engine.btab.shape[1]))
+    aperture_tables(tab_c, a_c, used, engine.btab)
     open_ = a_c > 0
     first = np.argmax(open_, axis=1)
     last = open_.shape[1] - 1 - np.argmax(open_[:, ::-1], axis=1)
