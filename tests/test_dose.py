@@ -36,6 +36,73 @@ def test_reference_condition_reproduces_the_dose_rate():
     assert seq.duration_s[0] == 1.0
 
 
+def _dose_at(dose, grid, point_lps):
+    from scipy import ndimage
+
+    kji = grid.lps_to_index(list(point_lps))
+    return float(ndimage.map_coordinates(dose.per_fraction.array.astype(float), kji.reshape(3, 1), order=1)[0])
+
+
+def test_calibration_point_reproduces_its_transferred_dose_rate():
+    """Isocentric point at 100 mm depth (surface at SSD 750 mm), dose rate = 8.5 Gy/min x factor."""
+    from tomodose.delivery.machine import TomoMachine
+
+    ref = ReferenceCondition(ssd_mm=750.0, depth_mm=100.0, dose_rate_factor=0.75, phantom_width_mm=200.0,
+                             phantom_depth_mm=200.0, phantom_length_mm=100.0, spacing_mm=(5.0, 2.5, 5.0))
+    machine = TomoMachine()
+    grid, iso = reference_phantom_grid(ref, machine)
+    assert iso == (0.0, 100.0, 0.0)  # the isocentre at the calibration depth
+    seq60 = ProjectionSequence.static_beams([0.0], np.ones((1, 64)), 60.0, 50.0, isocentre_lps_mm=iso)
+    d = compute_dose(water_patient(grid), seq60, reference=ref, progress=False)
+    assert _dose_at(d, grid, (0.0, 100.0, 0.0)) == pytest.approx(8.5 * 0.75, rel=1e-4)
+    # the same engine calibrated at the nominal condition with the same factor scales by exactly it
+    nominal = ReferenceCondition(**{**ref.__dict__, "dose_rate_factor": 1.0})
+    d1 = compute_dose(water_patient(grid), seq60, reference=nominal, progress=False)
+    np.testing.assert_allclose(d.per_fraction.array, 0.75 * d1.per_fraction.array, rtol=1e-6, atol=0)
+
+
+def test_default_calibration_point_is_the_shipped_transfer():
+    """The default machine is calibrated past the build-up (isocentre at 100 mm depth) with the
+    dose rate transferred from the nominal condition by the measured TPR ratio."""
+    from tomodose.dose.calibration import DOSE_CALIBRATION_PATH
+
+    ref = ReferenceCondition.default()
+    assert (ref.field_width_mm, ref.ssd_mm, ref.depth_mm) == (50.0, 750.0, 100.0)
+    # (865/850)^2 / TPR(1.5 cm) with TPR(1.5 cm) = 1.37 for the 5 x 40 cm field (LA4)
+    assert ref.dose_rate_factor == pytest.approx(1.035606 / 1.37, rel=0.01)
+    assert ReferenceCondition.nominal() == ReferenceCondition()
+    assert ReferenceCondition.from_file(DOSE_CALIBRATION_PATH) == ref
+
+
+def test_shipped_dose_calibration_is_what_the_script_derives(shared_data):
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "kernels"))
+    try:
+        import derive_dose_calibration as ddc
+    finally:
+        sys.path.remove(str(root / "kernels"))
+    derived = ddc.derive(shared_data, 10.0)
+    assert ReferenceCondition.default().dose_rate_factor == derived["dose_rate_factor"]
+
+
+def test_dose_calibration_file_errors_name_the_file(tmp_path):
+    bad = tmp_path / "cal.json"
+    bad.write_text('{"format": "something else"}')
+    with pytest.raises(ValueError, match="cal.json.*tomodose-dose-calibration"):
+        ReferenceCondition.from_file(bad)
+    bad.write_text('{"format": "tomodose-dose-calibration", "condition": {"ssd_mm": 750}}')
+    with pytest.raises(ValueError, match="missing.*depth_mm.*dose_rate_factor"):
+        ReferenceCondition.from_file(bad)
+    bad.write_text("not json")
+    with pytest.raises(ValueError, match="could not be read as JSON"):
+        ReferenceCondition.from_file(bad)
+    with pytest.raises(ValueError, match="dose_rate_factor"):
+        ReferenceCondition(dose_rate_factor=-1.0)
+
+
 def test_dose_is_linear_in_beam_on_time_and_fractions():
     grid = Grid.from_extent((-60, 0, -40), (60, 80, 40), (5, 5, 5))
     pat = water_patient(grid)
