@@ -48,7 +48,7 @@ def test_ideal_is_sharp_flat_and_leakfree():
 
 
 def test_leaf_edges_blurred_by_source():
-    # nominal sigma 0.5 mm (the commissioned default is 1.357 mm)
+    # nominal sigma 0.5 mm (the commissioned default is 1.41 mm)
     b = BeamModel.nominal().replace(adjacent_leaf_output_gain=0.0, leaf_transmission=0.0)
     f = np.zeros(64)
     f[32] = 1.0  # leaf 32 spans [0, 6.25] mm
@@ -59,7 +59,7 @@ def test_leaf_edges_blurred_by_source():
 
 
 def test_transmission_and_neighbour_effect():
-    b = BeamModel.nominal()  # Balog's 4.9 %; the commissioned default fits g = 0.0262 (docs/commissioning.md)
+    b = BeamModel.nominal()  # Balog's 4.9 %; the commissioned default fits g = 0, h = 0.0615 (docs/commissioning.md)
     g, t = b.adjacent_leaf_output_gain, b.leaf_transmission
     assert g == pytest.approx(0.049) and t == pytest.approx(0.005)
     single = np.zeros(64)
