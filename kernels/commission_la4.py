@@ -28,8 +28,9 @@ Fits, in order (each stage keeps the parameters of the previous ones):
 
 1. **spectrum**: electron kinetic energy ``T0`` of the thick-target Schiff model
    (``kernels/derive_spectrum.py``) against TPR beyond d_max (depths 3-25 cm, three fields);
-2. **output factors**: phantom scatter comes from the engine; the residual is fitted as the
-   head-scatter term of :class:`~tomodose.terma.beam_model.BeamModel`;
+2. **output factors**: phantom scatter comes from the engine; the shape vs the open width fits
+   the adjacent-leaf gain ``g`` and the isolated-leaf output loss ``h`` of the leaf weights, the
+   remaining jaw dependence the head-scatter term of :class:`~tomodose.terma.beam_model.BeamModel`;
 3. **transverse off-axis fluence** (FFF cone coefficients) and off-axis softening;
 4. **jaw penumbra / FWHM** per jaw; 5. **leaf-edge sigma**.
 
@@ -38,6 +39,7 @@ Usage (the exact sequence is in ``docs/commissioning.md``; every stage caches in
     python kernels/commission_la4.py --stage spectrum --t0 5.5,6.0,6.5 --work W   # stage 1 (T0[:Cu])
     python kernels/commission_la4.py --stage fit --spectrum-t0 T0 --work W [--seed shipped]
                                                                     # stages 3, 4, 5, 2
+    python kernels/commission_la4.py --stage output --spectrum-t0 T0 --work W   # stage 2 alone (g, h, jaws)
     python kernels/commission_la4.py --stage before --work W     # nominal machine
     python kernels/commission_la4.py --stage shipped --work W    # the machine as shipped, current engine
     python kernels/commission_la4.py --stage after --spectrum-t0 T0 --work W --machine-out FILE
@@ -595,30 +597,38 @@ def fit_leaf_sigma(beam, kernel, la4, sigmas_mm=(0.5, 1.5), jaw_mm=25):
 OF_FIT_LEAVES = (1, 2, 4, 8, 16, 64)
 
 
+def _edge_weight(n_open: int, g: float, h: float) -> float:
+    """Leaf weight ``a`` of the edge leaves of ``n_open`` contiguous open leaves (BeamModel.leaf_weights):
+    a single leaf ``(1 - h)/(1 + 2g)`` (isolated), otherwise ``(1 + g)/(1 + 2g)``."""
+    return (1.0 - h) / (1 + 2 * g) if n_open == 1 else (1 + g) / (1 + 2 * g)
+
+
 def fit_output(beam, kernel, la4, *, g_values=(0.0, 0.1), n_open=OF_FIT_LEAVES, jaws=JAWS_MM, cache=None,
-               parts_only=False, **kw):
-    """Adjacent-leaf output gain ``g`` and one output factor per jaw from the LA4 ``[SPdata]``.
+               parts_only=False, fit_isolated=True, **kw):
+    """Adjacent-leaf output gain ``g``, isolated-leaf output loss ``h`` and one output factor per
+    jaw from the LA4 ``[SPdata]``.
 
     The dose is linear in the leaf weights ``a_i`` and, for ``n`` contiguous open leaves, only
-    the two edge leaves depend on ``g`` (``a = (1 + g)/(1 + 2g)``; a single leaf ``1/(1 + 2g)``),
-    so two engine runs per field (``g_values``) give the dose as an exact function of ``g``.
-    ``g`` minimises the squared log-ratio of the per-jaw-normalised output factors (shape vs the
-    open width); the jaw factor is then the geometric-mean LA4/engine ratio of each jaw over the
-    open widths of 8 leaves (5 cm) and more, relative to that of the 50 mm jaw (the calibration
-    field).
+    the two edge leaves depend on ``g`` and ``h`` (``a = (1 + g)/(1 + 2g)``; a single leaf
+    ``(1 - h)/(1 + 2g)``, :func:`_edge_weight`), so two engine runs per field (``g_values``, at
+    ``h = 0``) give the dose as an exact function of ``(g, h)``. ``(g, h)`` minimise the squared
+    log-ratio of the per-jaw-normalised output factors (shape vs the open width; ``h`` held at 0
+    when ``fit_isolated`` is False: the model before 2026-11-29 05:30 UTC); the jaw factor is then
+    the geometric-mean LA4/engine ratio of each jaw over the open widths of 8 leaves (5 cm) and
+    more, relative to that of the 50 mm jaw (the calibration field).
     ``cache`` ({jaw: parts}) reuses the engine runs of an earlier call with ``parts_only=True``
     (which returns them instead: the runs of each jaw can go to a separate process).
-    Returns (g, {jaw: factor}, details {jaw: (n, engine(g), la4)})."""
-    from scipy.optimize import minimize_scalar
+    Returns (g, h, {jaw: factor}, details {jaw: (n, engine(g, h), la4)})."""
+    from scipy.optimize import minimize
 
     g0, g1 = g_values
     d_mm = 10.0 * OF_DEPTH_CM
+    base = beam.replace(isolated_leaf_output_loss=0.0)
 
     def parts(jaw, n):
-        dd = [point_dose(beam.replace(adjacent_leaf_output_gain=g), kernel, jaw, n, 850.0 - d_mm, d_mm, **kw)
+        dd = [point_dose(base.replace(adjacent_leaf_output_gain=g), kernel, jaw, n, 850.0 - d_mm, d_mm, **kw)
               for g in g_values]
-        e0 = (1.0 / (1 + 2 * g0)) if n == 1 else (1 + g0) / (1 + 2 * g0)
-        e1 = (1.0 / (1 + 2 * g1)) if n == 1 else (1 + g1) / (1 + 2 * g1)
+        e0, e1 = _edge_weight(n, g0, 0.0), _edge_weight(n, g1, 0.0)
         # D(g) = I + e(g) E  -> solve for I (interior) and E (edge leaves)
         edge = (dd[0] - dd[1]) / (e0 - e1)
         return dd[0] - e0 * edge, edge, n == 1
@@ -635,31 +645,36 @@ def fit_output(beam, kernel, la4, *, g_values=(0.0, 0.1), n_open=OF_FIT_LEAVES, 
     if parts_only:
         return {str(jaw): [list(p) for _, p, _ in rows] for jaw, rows in table.items()}
 
-    def dose(part, g):
+    def dose(part, g, h):
         interior, edge, single = part
-        return interior + (1.0 / (1 + 2 * g) if single else (1 + g) / (1 + 2 * g)) * edge
+        return interior + _edge_weight(1 if single else 2, g, h) * edge
 
-    def shape_cost(g):
+    def shape_cost(p):
+        g, h = p
         c = 0.0
         for jaw, rows in table.items():
-            eng = np.array([dose(p, g) for _, p, _ in rows])
+            eng = np.array([dose(q, g, h) for _, q, _ in rows])
             ref = np.array([r for _, _, r in rows])
             lr = np.log(eng / eng[-1]) - np.log(ref / ref[-1])
             c += float(np.sum(lr ** 2))
         return c
 
-    g = float(minimize_scalar(shape_cost, bounds=(0.0, 0.3), method="bounded").x)
-    ref50 = dose(table[50][-1][1], g)
+    bounds = [(0.0, 0.3), (0.0, 0.5 if fit_isolated else 0.0)]
+    best = min((minimize(shape_cost, x0, method="L-BFGS-B", bounds=bounds)
+                for x0 in ([0.03, 0.0], [0.0, 0.05 if fit_isolated else 0.0], [0.1, 0.1 if fit_isolated else 0.0])),
+               key=lambda r: r.fun)
+    g, h = (float(v) for v in best.x)
+    ref50 = dose(table[50][-1][1], g, h)
     factors, details = {}, {}
     for jaw, rows in table.items():
-        eng = np.array([dose(p, g) for _, p, _ in rows]) / ref50
+        eng = np.array([dose(p, g, h) for _, p, _ in rows]) / ref50
         la = np.array([r for _, _, r in rows])
         wide = np.array([n >= 8 for n, _, _ in rows])
         factors[float(jaw)] = float(np.exp(np.mean(np.log(la[wide] / eng[wide]))))
         details[jaw] = (np.array([n for n, _, _ in rows]), eng, la)
     norm = factors[50.0]
     factors = {k: round(v / norm, 4) for k, v in factors.items()}
-    return round(g, 4), factors, details
+    return round(g, 4), round(h, 4), factors, details
 
 
 # --------------------------------------------------------------------------------------------
@@ -827,9 +842,10 @@ def fit_spectrum(t0_item=None) -> Spectrum:
     return model_spectrum(t0, cu_mm=cu)
 
 
-def run_fit(shared_data, la4, work: Path, spectrum=None, groups="engine") -> dict:
+def run_fit(shared_data, la4, work: Path, spectrum=None, groups="engine", fit_isolated=True) -> dict:
     """Stages 3-5 and 2 for ``spectrum`` (default: the shipped one) with the candidate kernel of
-    :func:`kernel_for_spectrum` (energy groups ``groups``), cached in ``work/params.json``."""
+    :func:`kernel_for_spectrum` (energy groups ``groups``), cached in ``work/params.json``
+    (``fit_isolated``: stage 2 fits the isolated-leaf output loss ``h`` too, else ``h = 0``)."""
     from tomodose.terma.spectrum import default_spectrum
 
     path = work / "params.json"
@@ -840,7 +856,8 @@ def run_fit(shared_data, la4, work: Path, spectrum=None, groups="engine") -> dic
 
     def current():
         kw = {k: v for k, v in params.items() if k in ("jaw_penumbra_sigma_mm", "leaf_edge_sigma_mm",
-                                                        "adjacent_leaf_output_gain", "offaxis_softening_per_rad")}
+                                                        "adjacent_leaf_output_gain", "isolated_leaf_output_loss",
+                                                        "offaxis_softening_per_rad")}
         if "offaxis_fluence_coeffs" in params:
             kw["offaxis_fluence_coeffs"] = tuple(params["offaxis_fluence_coeffs"])
         if "jaw_fwhm_mm" in params:
@@ -860,12 +877,15 @@ def run_fit(shared_data, la4, work: Path, spectrum=None, groups="engine") -> dic
         params.update(jaw_penumbra_sigma_mm=sigma, jaw_fwhm_mm={str(k): v for k, v in fwhm.items()})
         save()
         log.warning("jaws: sigma %.3f mm, FWHM %s", sigma, fwhm)
-    if "leaf_edge_sigma_mm" not in params:
-        sg, _ = fit_leaf_sigma(current(), kernel, la4)
-        params.update(leaf_edge_sigma_mm=sg)
+    def leaf_stage():
+        b = current()
+        sg, _ = fit_leaf_sigma(b, kernel, la4)
+        params.update(leaf_edge_sigma_mm=sg,
+                      leaf_sigma_fitted_with_g_h=[b.adjacent_leaf_output_gain, b.isolated_leaf_output_loss])
         save()
-        log.warning("leaf-edge sigma %.3f mm", sg)
-    if "adjacent_leaf_output_gain" not in params:
+        log.warning("leaf-edge sigma %.3f mm (g %.4f, h %.4f)", sg, *params["leaf_sigma_fitted_with_g_h"])
+
+    def output_stage():
         cache = {}
         for jaw in JAWS_MM:
             f = work / f"of_parts_{jaw}.json"
@@ -873,10 +893,24 @@ def run_fit(shared_data, la4, work: Path, spectrum=None, groups="engine") -> dic
                 data = json.loads(f.read_text())
                 if data["beam"] == _beam_key(current()):
                     cache.update(data["parts"])
-        g, factors, _ = fit_output(current(), kernel, la4, cache=cache)
-        params.update(adjacent_leaf_output_gain=g, jaw_output_factors={str(k): v for k, v in factors.items()})
+        g, h, factors, _ = fit_output(current(), kernel, la4, cache=cache, fit_isolated=fit_isolated)
+        params.update(adjacent_leaf_output_gain=g, isolated_leaf_output_loss=h,
+                      jaw_output_factors={str(k): v for k, v in factors.items()})
         save()
-        log.warning("output: g %.4f, jaw factors %s", g, factors)
+        log.warning("output: g %.4f, h %.4f, jaw factors %s", g, h, factors)
+
+    if "leaf_edge_sigma_mm" not in params:
+        leaf_stage()
+    if "adjacent_leaf_output_gain" not in params or "isolated_leaf_output_loss" not in params:
+        output_stage()
+    # the 4-leaf profile of stage 5 depends on the leaf weights of stage 2: when stage 5 ran with other
+    # (g, h) than stage 2 found (the nominal g = 0.049 on a fresh fit), one more pass of stages 5 and 2
+    used = params.get("leaf_sigma_fitted_with_g_h")
+    found = [params["adjacent_leaf_output_gain"], params["isolated_leaf_output_loss"]]
+    if used is not None and not params.get("leaf_sigma_repass") and max(abs(a - b) for a, b in zip(used, found)) > 5e-3:
+        params.update(leaf_edge_sigma_mm_pass1=params["leaf_edge_sigma_mm"], g_h_pass1=found, leaf_sigma_repass=True)
+        leaf_stage()
+        output_stage()
     return params
 
 
@@ -911,7 +945,7 @@ def machine_from_params(params, spectrum=None) -> BeamModel:
     kw = {"name": "default", "offaxis_fluence_coeffs": tuple(params["offaxis_fluence_coeffs"]),
           "jaw_penumbra_sigma_mm": params["jaw_penumbra_sigma_mm"],
           "jaw_fwhm_mm": {float(k): v for k, v in params["jaw_fwhm_mm"].items()}}
-    for key in ("leaf_edge_sigma_mm", "adjacent_leaf_output_gain"):
+    for key in ("leaf_edge_sigma_mm", "adjacent_leaf_output_gain", "isolated_leaf_output_loss"):
         if key in params:
             kw[key] = params[key]
     if "jaw_output_factors" in params:
@@ -921,13 +955,15 @@ def machine_from_params(params, spectrum=None) -> BeamModel:
 
 def write_machine(beam: BeamModel, params: dict, before: dict, after: dict, out: Path, command: str, *,
                   t0_mev: float = 7.5, cu_mm: float = 1.5, groups=(), extra_agreement=None, spectrum_scan=None,
-                  stagger: bool = False) -> None:
+                  stagger: bool = False, note: str | None = None) -> None:
     bm = {"jaw_penumbra_sigma_mm": beam.jaw_penumbra_sigma_mm, "leaf_edge_sigma_mm": beam.leaf_edge_sigma_mm,
           "leaf_transmission": beam.leaf_transmission, "adjacent_leaf_output_gain": beam.adjacent_leaf_output_gain,
+          "isolated_leaf_output_loss": beam.isolated_leaf_output_loss,
           "offaxis_fluence_coeffs": list(beam.offaxis_fluence_coeffs),
           "offaxis_softening_per_rad": beam.offaxis_softening_per_rad,
           "jaw_fwhm_mm": {f"{k:g}": v for k, v in beam.jaw_fwhm_mm.items()},
           "jaw_output_factors": {f"{k:g}": v for k, v in beam.jaw_output_factors.items()}}
+    history = _machine_history(out)
     data = {
         "format": "tomodose-machine", "version": 1, "name": "default",
         "description": "TomoTherapy-like helical machine commissioned against the CheckTomo LA4 tables "
@@ -948,13 +984,38 @@ def write_machine(beam: BeamModel, params: dict, before: dict, after: dict, out:
                                    "TERMA split the same way (engine default since 2026-11-29)" if groups else
                                    ", one polyenergetic kernel") + ")"),
             "unchanged_nominal": ["leaf_transmission", "offaxis_softening_per_rad"],
-            "fit_log": {k: v for k, v in params.items() if k.endswith(("_before", "_after")) or k == "seeded_from"},
+            "fit_log": {**{k: v for k, v in params.items() if k.endswith(("_before", "_after", "_pass1"))
+                           or k in ("seeded_from", "leaf_sigma_fitted_with_g_h")}, **({"note": note} if note else {})},
             **({"spectrum_scan": spectrum_scan} if spectrum_scan else {}),
+            **({"history": history} if history else {}),
         },
         "agreement": {**({"before": before["summary"]} if before.get("summary") else {}), "after": after["summary"],
                       **(extra_agreement or {})},
     }
     _atomic_write(out, json.dumps(data, indent=2) + "\n")
+
+
+def _machine_history(path: Path) -> list:
+    """Earlier fits kept by :func:`write_machine`: the ``provenance.history`` of the machine file at
+    ``path`` (when it exists) followed by that file's own fit (its date, command, beam model,
+    provenance and agreement), so a refit never drops the record of the earlier ones (scans,
+    agreement numbers)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    if old.get("format") != "tomodose-machine":
+        return []
+    prov = dict(old.get("provenance") or {})
+    history = list(prov.pop("history", []))
+    history.append({"date_utc": prov.get("date_utc"), "command": prov.get("command"),
+                    "beam_model": old.get("beam_model"), "spectrum": old.get("spectrum"),
+                    "provenance": {k: v for k, v in prov.items() if k not in ("date_utc", "command")},
+                    "agreement": old.get("agreement")})
+    return history
 
 
 def _scan_summary(folder: Path) -> list:
@@ -1036,8 +1097,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Commission the default machine against CheckTomo LA4")
     ap.add_argument("--shared-data", type=Path, default=ROOT.parent / "shared" / "data")
     ap.add_argument("--stage", default="spectrum",
-                    help="spectrum | oarx | oary | leaves | of (single-stage studies); fit | of-parts-<jaw> | "
-                         "before | shipped | after | tables (the commissioning run, cached in --work)")
+                    help="spectrum | oarx | oary | leaves | of (single-stage studies); fit | output | of-parts-<jaw> | "
+                         "before | shipped | after | tables (the commissioning run, cached in --work; output: "
+                         "stage 2 alone on the cached stage 3-5 results)")
     ap.add_argument("--t0", default="6.0,6.5,7.0,7.5")
     ap.add_argument("--offaxis", default=None, help="c1,c2,... off-axis fluence coefficients")
     ap.add_argument("--softening", type=float, default=None, help="off-axis softening (1/rad), stage spectrum")
@@ -1053,6 +1115,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", choices=("none", "shipped", "shipped-offaxis"), default="none",
                     help="stage fit: start from the shipped stage 3-5 results (off-axis, jaws, leaf edge; "
                          "shipped-offaxis: the off-axis fluence alone) and refit what is missing")
+    ap.add_argument("--note", default=None, help="stage after: a note for the machine file's fit log")
+    ap.add_argument("--no-isolated", action="store_true",
+                    help="stages fit/output: keep the isolated-leaf output loss h at 0 (the model before "
+                         "2026-11-29 05:30 UTC)")
     ap.add_argument("--machine-out", type=Path, default=None,
                     help="stage after: write the machine JSON here (implies --write-machine)")
     ap.add_argument("--before-tag", default="before", help="stage tables: before | shipped")
@@ -1076,12 +1142,21 @@ def main(argv=None) -> int:
     if args.stage.startswith("of-parts-"):
         run_of_parts(args.shared_data, la4, args.work, int(args.stage.rsplit("-", 1)[1]), spectrum, groups)
         return 0
+    if args.stage == "output":
+        # stage 2 alone (g, h, jaw factors) on the stage 3-5 results cached in WORK/params.json
+        path = args.work / "params.json"
+        params = json.loads(path.read_text())
+        for key in ("adjacent_leaf_output_gain", "isolated_leaf_output_loss", "jaw_output_factors"):
+            params.pop(key, None)
+        _atomic_write(path, json.dumps(params, indent=1))
+        print(json.dumps(run_fit(args.shared_data, la4, args.work, spectrum, groups, not args.no_isolated), indent=1))
+        return 0
     if args.stage == "fit":
         if args.seed == "shipped":
             seed_params(args.work)
         elif args.seed == "shipped-offaxis":
             seed_params(args.work, keys=("offaxis_fluence_coeffs",))
-        print(json.dumps(run_fit(args.shared_data, la4, args.work, spectrum, groups), indent=1))
+        print(json.dumps(run_fit(args.shared_data, la4, args.work, spectrum, groups, not args.no_isolated), indent=1))
         return 0
     parts = tuple(args.parts.split(",")) if args.parts else EVAL_PARTS
     if args.stage == "before":
@@ -1130,7 +1205,7 @@ def main(argv=None) -> int:
             out = args.machine_out or ROOT / "tomodose" / "data" / "machines" / "tomo_default.json"
             write_machine(beam, params, before, ev, out, cmd, t0_mev=t0, cu_mm=cu, groups=groups, extra_agreement=extra,
                           spectrum_scan=_scan_summary(args.scan_dir or args.work / "spectrum"),
-                          stagger=bool(getattr(kernel, "azimuth_stagger", False)))
+                          stagger=bool(getattr(kernel, "azimuth_stagger", False)), note=args.note)
             print(f"wrote {out}")
         return 0
     if args.stage == "tables":

@@ -48,7 +48,7 @@ def test_ideal_is_sharp_flat_and_leakfree():
 
 
 def test_leaf_edges_blurred_by_source():
-    # nominal sigma 0.5 mm (the commissioned default is 1.357 mm)
+    # nominal sigma 0.5 mm (the commissioned default is 1.41 mm)
     b = BeamModel.nominal().replace(adjacent_leaf_output_gain=0.0, leaf_transmission=0.0)
     f = np.zeros(64)
     f[32] = 1.0  # leaf 32 spans [0, 6.25] mm
@@ -59,7 +59,7 @@ def test_leaf_edges_blurred_by_source():
 
 
 def test_transmission_and_neighbour_effect():
-    b = BeamModel.nominal()  # Balog's 4.9 %; the commissioned default fits g = 0.0262 (docs/commissioning.md)
+    b = BeamModel.nominal()  # Balog's 4.9 %; the commissioned default fits g = 0, h = 0.0615 (docs/commissioning.md)
     g, t = b.adjacent_leaf_output_gain, b.leaf_transmission
     assert g == pytest.approx(0.049) and t == pytest.approx(0.005)
     single = np.zeros(64)
@@ -133,3 +133,65 @@ def test_presets_carry_the_spectrum():
     assert BeamModel.ideal(s).spectrum is s and BeamModel.default(s).spectrum is s
     assert BeamModel.ideal().name == "ideal"
     assert hash(BeamModel.default()) == hash(BeamModel.default())
+
+
+def _old_leaf_weights(f, g, t):
+    """The leaf-weight model before the isolated-leaf term (h = 0), written out."""
+    pad = np.zeros(f.shape[:-1] + (1,))
+    left = np.concatenate([pad, f[..., :-1]], axis=-1)
+    right = np.concatenate([f[..., 1:], pad], axis=-1)
+    return (f + g * (np.minimum(f, left) + np.minimum(f, right))) / (1.0 + 2.0 * g) + t * (1.0 - f)
+
+
+def test_isolated_leaf_loss_zero_is_the_old_model():
+    rng = np.random.default_rng(3)
+    f = rng.uniform(0, 1, (5, 64))
+    f[f < 0.3] = 0.0
+    for preset in ("nominal", "default"):
+        b = getattr(BeamModel, preset)().replace(isolated_leaf_output_loss=0.0)
+        np.testing.assert_array_equal(b.leaf_weights(f), _old_leaf_weights(f, b.adjacent_leaf_output_gain,
+                                                                          b.leaf_transmission))
+    assert BeamModel.nominal().isolated_leaf_output_loss == 0.0 and BeamModel.ideal().isolated_leaf_output_loss == 0.0
+
+
+def test_isolated_leaf_loss_on_one_open_leaf():
+    g, h, t = 0.02, 0.07, 0.005
+    b = BeamModel.nominal().replace(adjacent_leaf_output_gain=g, isolated_leaf_output_loss=h, leaf_transmission=t)
+    single = np.zeros(64)
+    single[30] = 1.0
+    a = b.leaf_weights(single)
+    assert a[30] == pytest.approx((1.0 - h) / (1.0 + 2.0 * g))  # both neighbours closed: loses h
+    assert a[29] == pytest.approx(t) and a[31] == pytest.approx(t)
+    pair = single.copy()
+    pair[31] = 1.0
+    a2 = b.leaf_weights(pair)  # a leaf with an open neighbour is not isolated: the g model only
+    assert a2[30] == pytest.approx((1.0 + g) / (1.0 + 2.0 * g)) and a2[31] == a2[30]
+    np.testing.assert_allclose(b.leaf_weights(np.ones(64))[1:-1], 1.0)  # open fan unchanged
+    # partial openings, centred intervals: leaf 20 open 0.9, neighbours 0.4 and 0.1 -> isolated 0.5
+    f = np.zeros(64)
+    f[19], f[20], f[21] = 0.4, 0.9, 0.1
+    a = b.leaf_weights(f)
+    assert a[20] == pytest.approx((0.9 - h * 0.5 + g * (0.4 + 0.1)) / (1 + 2 * g) + t * 0.1)
+    assert a[19] == pytest.approx((0.4 - h * 0.0 + g * 0.4) / (1 + 2 * g) + t * 0.6)  # never isolated (0.4 < 0.9)
+    # the isolated leaf's output falls linearly in h and the engines' weights stay >= 0 up to h -> 1
+    assert b.replace(isolated_leaf_output_loss=0.999).leaf_weights(single)[30] > 0.0
+
+
+def test_isolated_leaf_loss_validation_and_machine_file(tmp_path):
+    import json
+
+    from tomodose.terma.beam_model import load_machine_parameters
+
+    b = BeamModel.nominal()
+    for bad in (-0.1, 1.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="isolated_leaf_output_loss"):
+            b.replace(isolated_leaf_output_loss=bad)
+    p = tmp_path / "m.json"
+    p.write_text(json.dumps({"format": "tomodose-machine", "name": "iso",
+                             "beam_model": {"isolated_leaf_output_loss": 0.0625, "adjacent_leaf_output_gain": 0.01}}))
+    assert load_machine_parameters(p)["beam_model"]["isolated_leaf_output_loss"] == 0.0625
+    m = BeamModel.from_machine_file(p)
+    assert m.isolated_leaf_output_loss == 0.0625 and m.adjacent_leaf_output_gain == 0.01
+    assert hash(m) != hash(m.replace(isolated_leaf_output_loss=0.0))
+    # the shipped machine file sets it (fitted by kernels/commission_la4.py)
+    assert "isolated_leaf_output_loss" in load_machine_parameters()["beam_model"]

@@ -62,7 +62,8 @@ def test_default_reads_the_machine_file():
 def test_ideal_is_unchanged_by_commissioning():
     b = BeamModel.ideal()
     assert (b.jaw_penumbra_sigma_mm, b.leaf_edge_sigma_mm, b.leaf_transmission, b.adjacent_leaf_output_gain,
-            b.offaxis_fluence_coeffs, b.offaxis_softening_per_rad, b.jaw_fwhm_mm) == (0.0, 0.0, 0.0, 0.0, (), 0.0, None)
+            b.isolated_leaf_output_loss, b.offaxis_fluence_coeffs, b.offaxis_softening_per_rad,
+            b.jaw_fwhm_mm) == (0.0, 0.0, 0.0, 0.0, 0.0, (), 0.0, None)
 
 
 def test_machine_file_errors(tmp_path):
@@ -81,6 +82,33 @@ def test_machine_file_errors(tmp_path):
     p.write_text(json.dumps({"format": "tomodose-machine", "name": "x", "beam_model": {"leaf_transmission": 0.01}}))
     b = BeamModel.from_machine_file(p)
     assert b.leaf_transmission == 0.01 and b.name == "x"
+
+
+def test_write_machine_round_trip_keeps_history(com, tmp_path):
+    """The machine file written by the fit carries every beam-model field (the isolated-leaf loss
+    too) and keeps the earlier fits of the file it replaces under ``provenance.history``."""
+    out = tmp_path / "m.json"
+    b = BeamModel.default().replace(isolated_leaf_output_loss=0.05, adjacent_leaf_output_gain=0.01)
+    for n in (1, 2, 3):
+        com.write_machine(b.replace(leaf_edge_sigma_mm=float(n)), {"seeded_from": f"run {n}"}, {"summary": None},
+                          {"summary": {"tpr_3_20cm_rms_pct": float(n)}}, out,
+                          f"python kernels/commission_la4.py --stage after run {n}", t0_mev=6.0)
+    data = json.loads(out.read_text())
+    m = BeamModel.from_machine_file(out)
+    assert (m.isolated_leaf_output_loss, m.adjacent_leaf_output_gain, m.leaf_edge_sigma_mm) == (0.05, 0.01, 3.0)
+    assert m.jaw_output_factors == b.jaw_output_factors and m.jaw_fwhm_mm == b.jaw_fwhm_mm
+    hist = data["provenance"]["history"]
+    assert [h["command"][-5:] for h in hist] == ["run 1", "run 2"]
+    assert [h["agreement"]["after"]["tpr_3_20cm_rms_pct"] for h in hist] == [1.0, 2.0]
+    assert hist[0]["beam_model"]["leaf_edge_sigma_mm"] == 1.0 and "history" not in hist[1]["provenance"]
+    assert data["provenance"]["fit_log"] == {"seeded_from": "run 3"}
+
+
+def test_shipped_machine_keeps_earlier_fits():
+    """The shipped machine file still records the earlier fits (T0 scans, agreement numbers)."""
+    prov = load_machine_parameters()["provenance"]
+    text = json.dumps(prov.get("history", []))
+    assert "spectrum_scan_kernel_1_3" in text and "refit_2026_11_29_0241_kernel_1_3" in text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,11 +175,14 @@ def engine(com, shared_data):
 # derive_ccc_kernels.py 1.4 (build-up fit, per-group rates), staggered azimuths, voxel-averaged TERMA). The
 # spectrum (T0 = 6.0 MeV) was fitted at 02:20 UTC with the 1.3 kernel and rescanned with the 1.4 kernel at 04:05
 # UTC (TPR rms 1.31 / 1.28 / 1.42 % at 5.75 / 6.0 / 6.25 MeV: 6.0 stands); the jaw/leaf profiles and output
-# factors (stages 4, 5, 2) were refitted with the 1.4 kernel at 03:53 UTC. A part that cannot meet 1 % is an xfail(strict=True)
+# factors (stages 4, 5, 2) were refitted with the 1.4 kernel at 03:53 UTC; at 05:15 UTC stage 2 fitted the isolated-leaf
+# output loss h with g (g 0.0262 -> 0, h 0.0615, leaf-edge sigma 1.357 -> 1.41 mm in one more pass of stage 5): the 2-leaf
+# output (jaw 25) passes, the single leaf (jaw 50) +7.4 -> +5.4 %. A part that cannot meet 1 % is an xfail(strict=True)
 # carrying its number and the reason, never a looser tolerance.
 _TPR_SHAPE = ("TPR({} cm)/TPR(10 cm), jaw {} mm: engine {} % vs LA4 with the fitted spectrum (T0 = 6.0 MeV, the TPR "
               "rms minimum with the shipped kernel too); one spectral parameter leaves a field-size dependent "
-              "residual (widest field +2.5 % at 3 cm, all fields +1.2-1.7 % at 20 cm), see docs/commissioning.md")
+              "residual (widest field +2.5 % at 3 cm, all fields +1.2-1.7 % at 20 cm) which a softer, jaw-dependent "
+              "head-scatter source would raise, not lower (measured 05:20 UTC), see docs/commissioning.md")
 TPR_XFAIL = {(50, 64, 3.0): _TPR_SHAPE.format(3, 50, "+2.5"), (50, 64, 5.0): _TPR_SHAPE.format(5, 50, "+2.3"),
              (50, 64, 20.0): _TPR_SHAPE.format(20, 50, "+1.7"),
              (25, 64, 3.0): _TPR_SHAPE.format(3, 25, "+1.25"), (25, 64, 20.0): _TPR_SHAPE.format(20, 25, "+1.2"),
@@ -159,10 +190,11 @@ TPR_XFAIL = {(50, 64, 3.0): _TPR_SHAPE.format(3, 50, "+2.5"), (50, 64, 5.0): _TP
 _OF_WIDTH = ("{} leaves, jaw {} mm: engine {} % vs LA4 after the jaw factor fit (geometric mean over 8, 16 and 64 "
              "leaves); the engine's output grows more with the open width than LA4's for the 10 mm jaw, so no "
              "single jaw factor fits both ends; see docs/commissioning.md")
-_OF_NARROW = ("{} leaves, jaw {} mm: engine {} % vs LA4; the model has no effective-leaf-width parameter and "
-              "the single-leaf output depends on the leaf-end model; see docs/commissioning.md")
-OF_XFAIL = {(10, 64): _OF_WIDTH.format(64, 10, "+1.3"), (25, 2): _OF_NARROW.format(2, 25, "-2.4"),
-            (50, 1): _OF_NARROW.format(1, 50, "+7.4")}
+_OF_SINGLE = ("{} leaf, jaw {} mm: engine {} % vs LA4 with the fitted isolated-leaf output loss h = 0.0615; LA4's "
+              "single leaf is jaw-inconsistent with the engine (single/pair output 0.876 at jaw 10, 0.773 at jaw 50 "
+              "against 0.89 / 0.87 in the engine without leaf effects), so one h leaves jaw 10 -7.6 %, jaw 25 +4.6 %, "
+              "jaw 50 +5.4 %; see docs/commissioning.md")
+OF_XFAIL = {(10, 64): _OF_WIDTH.format(64, 10, "+1.3"), (50, 1): _OF_SINGLE.format(1, 50, "+5.4")}
 
 
 def _param(table, key, *values):
