@@ -671,7 +671,8 @@ def test_fluence_profiles_and_maps_match_naive():
     first = np.empty((nk, n_p, ny_), np.int64)
     fluence_profiles(lu, jy, first, u0, hu, y0, hy, den0, dden, w2, t_p, dt_p, a_c, tab_c, kw["sl2"], kw["sj2"],
                      kw["bu2"], kw["bv2"], eng.jaw_h, eng.sad, eng.e0, eng.w, eng.phi, eng.cphi, S_TAB_MM, eng.lev_off,
-                     1.0 / eng.lev_h, eng.lev_n, eng.log2_s0, float(LEVELS_PER_OCTAVE), eng.u_max, 0.0)
+                     1.0 / eng.lev_h, eng.lev_n, eng.log2_s0, float(LEVELS_PER_OCTAVE), eng.u_max, 0.0, eng.s_jaw,
+                     -1e8, 1e8)
     ref_lu, ref_jy = naive_fl.profiles(u0 + hu * np.arange(nu), y0 + hy * np.arange(ny_),
                                        den0 + dden * np.arange(nk), w2, t_p, dt_p, a_c, **kw)
     assert ref_lu.max() > 0.5 and ref_jy.max() > 0
@@ -729,14 +730,15 @@ def test_fluence_lookup_matches_naive(coarse):
     got = np.zeros(shape)
     if coarse:
         coarse_lookup(got, *fine, depth_t, lvl_t, eng.rho_t, eng.origin, eng.spacing, s0, xg, yg, zg, t_p, dt_p,
-                      a_c, tab_c, win, win_u, 5, maps_c, lat_c, *par)
+                      a_c, tab_c, win, win_u, 5, maps_c, lat_c, *par, True)
         ref = naive_fl.lookup(shape, eng.origin, eng.spacing, depth, lvl, s0, xg, yg, zg, win, win_u,
                               maps_c[:, :, :0], lat_c, maps_c, lat_c, coarse=True, g_fine=5, **kw)
     else:
         nodes = tuple(_axis_nodes(n, 2).astype(np.int64) for n in shape)
         node_vals = rng.normal(size=tuple(a.size for a in nodes))
         fluence_lookup(got, *fine, depth_t, lvl_t, eng.rho_t, eng.origin, eng.spacing, s0, xg, yg, zg, t_p, dt_p,
-                       a_c, tab_c, win, win_u, maps_f, lat_f, maps_c, lat_c, *par, node_vals, *nodes)
+                       a_c, tab_c, win, win_u, maps_f, lat_f, maps_c, lat_c, *par, True, node_vals,
+                       *nodes)
         ref = naive_fl.lookup(shape, eng.origin, eng.spacing, depth, lvl, s0, xg, yg, zg, win, win_u, maps_f, lat_f,
                               maps_c, lat_c, coarse=False, node_vals=node_vals, nodes=nodes, **kw)
     assert np.count_nonzero(ref) > 20
@@ -764,18 +766,28 @@ def test_fluence_subsamples_and_random_density_close_to_exact():
         assert err < FLUENCE_TOL, (n_sub, err)
 
 
-def test_fluence_medium_ends_are_evaluated_exactly():
-    """A water block ending inside the field: the voxels whose jaw aperture the end truncates take
-    the exact path, so the end slices agree with the exact model as well as the interior."""
+@pytest.mark.parametrize("uniform", [True, False])
+def test_fluence_medium_ends(uniform):
+    """A water block ending inside the field. Every column ending at the same z: the maps truncate
+    the apertures there; ends that differ between columns: the voxels whose aperture an end
+    truncates take the exact path. Close to the exact model, and the effect of the ends (vs the
+    laterally infinite medium, 25 % of the maximum here) is reproduced."""
     g, rho = _water(shape=(9, 10, 8), spacing=8.0, air_rows=0)
-    rho[6:] = 0.0  # the block ends 2 slices before the grid's end, inside the 25 mm field
+    rho[5:] = 0.0  # the block ends at z = 4 mm, inside the 25 mm field
+    if not uniform:
+        rho[4:, :, :4] = 0.0  # half the columns end one slice earlier
     dens = _density(g, rho)
     plan = HelicalPlan(sinogram=np.ones((12, 64)) * (np.abs(np.arange(64) - 31.5) < 6), field_width_mm=25.0,
-                       pitch=0.5, gantry_period_s=15.0, couch_start_mm=10.0)
+                       pitch=0.5, gantry_period_s=15.0, couch_start_mm=-10.0)
+    kw = dict(method="fluence", far_field_step=2, progress=False)
     exact = pencil_beam_dose(dens, plan, method="clustered", progress=False)
-    fl = pencil_beam_dose(dens, plan, method="fluence", far_field_step=2, progress=False)
-    err = np.abs(fl - exact)[4:7].max() / exact.max()
+    fl = pencil_beam_dose(dens, plan, **kw)
+    err = np.abs(fl - exact).max() / exact.max()
     assert err < FLUENCE_TOL, err
+    effect = exact - pencil_beam_dose(dens, plan, method="clustered", medium_ends=False, progress=False)
+    effect_fl = fl - pencil_beam_dose(dens, plan, medium_ends=False, **kw)
+    assert np.abs(effect).max() > 0.1 * exact.max()
+    assert np.abs(effect_fl - effect).max() < 0.1 * np.abs(effect).max()
 
 
 def test_fluence_invariants():

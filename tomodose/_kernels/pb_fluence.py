@@ -41,7 +41,7 @@ from tomodose.config import NUMBA_OPTIONS, NUMBA_PARALLEL_OPTIONS
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
 def fluence_profiles(lu, jy, jy_first, u0, hu, y0, hy, den0, dden, w2_lev, t_p, dt_p, a_c, tab_c,
                      sl2, sj2, bu2, bv2, jaw_h, sad, e0, w, phi, cphi, s_tab, lev_off, lev_h, lev_n, log2_s0, lpo,
-                     u_max, eps):
+                     u_max, eps, s_jaw, y_end_lo, y_end_hi):
     """One-dimensional profiles of the maps (see the module docstring).
 
     ``lu`` (nk, n_p, nl, nU): ``L_p(U_a)``; ``jy`` (nk, n_p, nY, nl): ``dt_p J(...) / (1 + ...)``, values
@@ -49,7 +49,11 @@ def fluence_profiles(lu, jy, jy_first, u0, hu, y0, hy, den0, dden, w2_lev, t_p, 
     level with a nonzero ``jy`` (``nl``: none; wider levels reach farther, so the nonzero levels of a
     row are a suffix). ``L_p`` of a total width below ``s_tab``: the leaf edges' error functions
     (:func:`tomodose._kernels.pencil_beam._phi`, each edge once for all samples); wider: the aperture
-    table ``tab_c`` (:func:`tomodose._kernels.pencil_beam._leaf_table`). Parallel over (plane, level).
+    table ``tab_c`` (:func:`tomodose._kernels.pencil_beam._leaf_table`). ``y_end_lo, y_end_hi``: the
+    medium's ends along the couch coordinate, the same for every voxel (``-+NO_LIMIT``: none); a sample
+    whose field reaches them gets the truncated aperture of
+    :func:`tomodose._kernels.pencil_beam._medium_cut` (its ends are ``(y_end - t_p) c`` in ``v``,
+    independent of the voxel). Parallel over (plane, level).
     """
     nk, n_p, nl, n_u = lu.shape
     n_y = jy.shape[2]
@@ -91,13 +95,34 @@ def fluence_profiles(lu, jy, jy_first, u0, hu, y0, hy, den0, dden, w2_lev, t_p, 
                 for a in range(n_u):
                     lu[k, p, j, a] = _leaf_table(u0 + a * hu, q, tab_c[p], lev_off, lev_h, lev_n, u_max)
         isv = 1.0 / sv
+        lim = jaw_h + PHI_X * s_jaw
         for p in range(n_p):
+            # jaw aperture [-jaw_h, jaw_h], or truncated at the medium's ends (as _medium_cut)
+            ml = (y_end_lo - t_p[p]) * c if y_end_lo > -NO_LIMIT else -NO_LIMIT
+            mr = (y_end_hi - t_p[p]) * c if y_end_hi < NO_LIMIT else NO_LIMIT
+            el = -jaw_h
+            er = jaw_h
+            isl = isv
+            isr = isv
+            if not (ml <= -lim and mr >= lim):
+                if s_jaw > 0.0:
+                    wl = _phi((-jaw_h - ml) / s_jaw, phi)
+                    wr = _phi((mr - jaw_h) / s_jaw, phi)
+                else:
+                    wl = 1.0 if ml < -jaw_h else 0.0
+                    wr = 1.0 if mr > jaw_h else 0.0
+                el = max(-jaw_h, ml)
+                er = min(jaw_h, mr)
+                isl = 1.0 / max(math.sqrt(c * c * (w2_lev[j] + bv2) + wl * sj2), 1e-9)
+                isr = 1.0 / max(math.sqrt(c * c * (w2_lev[j] + bv2) + wr * sj2), 1e-9)
             vmax = 0.0
             for b in range(n_y):
                 yp = y0 + b * hy - t_p[p]
                 v = yp * c
-                val = (dt_p[p] * (_phi((v + jaw_h) * isv, phi) - _phi((v - jaw_h) * isv, phi))
-                       / (1.0 + yp * yp / (den * den)))
+                jv = _phi((v - el) * isl, phi) - _phi((v - er) * isr, phi)
+                if jv < 0.0:
+                    jv = 0.0
+                val = dt_p[p] * jv / (1.0 + yp * yp / (den * den))
                 jy[k, p, b, j] = val
                 if val > vmax:
                     vmax = val
@@ -263,8 +288,8 @@ def _voxel_maps(maps_f, lat_f, maps_c, lat_c, cq_f, cq_c, i_lo, i_hi, s, u, yy, 
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
 def fluence_lookup(out, ks, js, is_, depth_t, lvl_t, rho_t, origin, spacing, s0, xg, yg, zg, t_p, dt_p, a_c, tab_c,
                    win, win_u, maps_f, lat_f, maps_c, lat_c, sad, amps, dz_tab, tail, sig, e0, w, s_leaf, s_tab,
-                   lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi, cphi, vavg, zcol, node_vals, nks,
-                   njs, nis):
+                   lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi, cphi, vavg, zcol,
+                   check_ends, node_vals, nks, njs, nis):
     """Dose of all samples of one cluster, all Gaussians, read from the maps, at the voxels
     ``ks x js x is_`` inside the window ``win`` (:func:`_in_window`), added to ``out`` (ks.size, js.size,
     is_.size), minus the trilinear interpolation (:func:`tomodose._kernels.pencil_beam.trilinear_add`) of
@@ -276,8 +301,16 @@ def fluence_lookup(out, ks, js, is_, depth_t, lvl_t, rho_t, origin, spacing, s0,
     sample (an end of its column within ``jaw_h + PHI_X s_jaw`` of a sample's field,
     :func:`tomodose._kernels.pencil_beam._medium_cut`) is evaluated exactly instead
     (:func:`tomodose._kernels.pencil_beam._cluster_row`). Parallel over slices (disjoint writes,
-    fixed order)."""
+    fixed order). ``check_ends`` False: no voxel's aperture can be truncated (the caller checked the
+    medium's ends against the samples' fields), the test is skipped."""
     nx = lvl_t.shape[1]
+    # node bracket of every column index (as _node_weights)
+    ni_lo = np.empty(nx, dtype=np.int64)
+    ni_w = np.empty(nx)
+    for ii in range(nx):
+        ia, ib, fi_n = _node_weights(nis, ii)
+        ni_lo[ii] = ia
+        ni_w[ii] = fi_n
     n_g = sig.shape[1]
     hu_v = _half_width(xg, spacing, vavg)
     hv_v = _half_width(yg, spacing, vavg)
@@ -329,10 +362,14 @@ def fluence_lookup(out, ks, js, is_, depth_t, lvl_t, rho_t, origin, spacing, s0,
                 u = xx * sc
                 if not _in_window(u, yy, sc, win, win_u):
                     continue
-                ia, ib, fi_n = _node_weights(nis, ii)
-                out[aa, bb, cc] -= _trilinear_at(node_vals, ka, kb, fk_n, ja, jb, fj_n, ia, ib, fi_n)
-                bl, br = _medium_offsets(zcol, j, ii, pz, yg[2], sc)
-                if (yy - t_min) * sc + bl > -lim or (yy - t_max) * sc + br < lim:
+                ia = ni_lo[ii]
+                ib = ia + 1 if nis.shape[0] > 1 else ia
+                out[aa, bb, cc] -= _trilinear_at(node_vals, ka, kb, fk_n, ja, jb, fj_n, ia, ib, ni_w[ii])
+                exact = False
+                if check_ends:
+                    bl, br = _medium_offsets(zcol, j, ii, pz, yg[2], sc)
+                    exact = (yy - t_min) * sc + bl > -lim or (yy - t_max) * sc + br < lim
+                if exact:
                     _cluster_row(out[aa, bb], is_, cc, cc, j, k, origin, spacing, depth_t, rho_t, s0, xg, yg, zg, t_p,
                                  dt_p, a_c, tab_c, free_lo, free_hi, NO_LIMIT, NO_LIMIT, 0.0, NO_LIMIT, NO_LIMIT, 0.0,
                                  0, n_g, sad, amps, dz_tab, tail, sig, e0, w, s_leaf, s_tab, lev_off, lev_h, lev_n,
@@ -349,12 +386,13 @@ def fluence_lookup(out, ks, js, is_, depth_t, lvl_t, rho_t, origin, spacing, s0,
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
 def coarse_lookup(out, ks, js, is_, depth_t, lvl_t, rho_t, origin, spacing, s0, xg, yg, zg, t_p, dt_p, a_c, tab_c, win,
                   win_u, g_fine, maps_c, lat_c, sad, amps, dz_tab, tail, sig, e0, w, s_leaf, s_tab, lev_off, lev_h,
-                  lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi, cphi, vavg, zcol):
+                  lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi, cphi, vavg, zcol, check_ends):
     """Coarse level of one cluster at the nodes ``ks x js x is_``, added to ``out`` (ks.size, js.size,
     is_.size): all Gaussians at a node outside the window ``win``, the Gaussians ``i >= g_fine`` at a
     node inside it (the window test of :func:`fluence_lookup`, same arithmetic), read from the coarse
     maps; nodes whose jaw aperture may be truncated by the medium's ends are evaluated exactly
-    (:func:`tomodose._kernels.pencil_beam._cluster_row`, same Gaussians). Parallel over slices."""
+    (:func:`tomodose._kernels.pencil_beam._cluster_row`, same Gaussians; ``check_ends`` as in
+    :func:`fluence_lookup`). Parallel over slices."""
     n_g = sig.shape[1]
     hu_v = _half_width(xg, spacing, vavg)
     hv_v = _half_width(yg, spacing, vavg)
@@ -397,8 +435,11 @@ def coarse_lookup(out, ks, js, is_, depth_t, lvl_t, rho_t, origin, spacing, s0, 
                 sc = sad / den
                 u = xx * sc
                 g_lo = g_fine if _in_window(u, yy, sc, win, win_u) else 0
-                bl, br = _medium_offsets(zcol, j, ii, pz, yg[2], sc)
-                if (yy - t_min) * sc + bl > -lim or (yy - t_max) * sc + br < lim:
+                exact = False
+                if check_ends:
+                    bl, br = _medium_offsets(zcol, j, ii, pz, yg[2], sc)
+                    exact = (yy - t_min) * sc + bl > -lim or (yy - t_max) * sc + br < lim
+                if exact:
                     _cluster_row(out[aa, bb], is_, cc, cc, j, k, origin, spacing, depth_t, rho_t, s0, xg, yg, zg, t_p,
                                  dt_p, a_c, tab_c, free_lo, free_hi, NO_LIMIT, NO_LIMIT, 0.0, NO_LIMIT, NO_LIMIT, 0.0,
                                  g_lo, n_g, sad, amps, dz_tab, tail, sig, e0, w, s_leaf, s_tab, lev_off, lev_h, lev_n,

@@ -88,7 +88,33 @@ def _window_rows(t_p, u_lo_p, u_hi_p, y_half: float, r_u: float, widen: float, s
     return win, np.ascontiguousarray(win_u)
 
 
-def _build_maps(lat, n_u, n_y, n_k, w2, geo, engine, bu2, bv2, scratch, tag):
+def _medium_ends(engine, s0, yg, t_p, sc_min: float) -> tuple[bool, float, float]:
+    """How the medium's longitudinal ends (:func:`tomodose.transport.pencil_beam.medium_column_ends`)
+    enter one cluster: ``(check, y_lo, y_hi)``. When every voxel column has the same ends (a phantom
+    or patient filling the grid's length: the grid's faces) and the jaw axis is the patient z axis,
+    the ends lie at the same couch coordinates ``y_lo <= y_hi`` for every voxel and the maps truncate
+    the samples' apertures there (``check`` False). Otherwise ``check`` is True when the end of some
+    column may lie within ``jaw_h + PHI_X s_jaw`` of a sample's field (conservative: the largest
+    distance's scale, 1 mm margin): the kernels then evaluate the voxels concerned exactly."""
+    from tomodose._kernels.pencil_beam import NO_LIMIT, PHI_X
+
+    zc = engine.zcol
+    if np.all(np.abs(zc) >= 1e29):
+        return False, -NO_LIMIT, NO_LIMIT
+    g = engine.grid
+    xy = (g.x_mm[None, :] - s0[0]) * yg[0] + (g.y_mm[:, None] - s0[1]) * yg[1]
+    y_a = xy + (zc[..., 0] - s0[2]) * yg[2]
+    y_b = xy + (zc[..., 1] - s0[2]) * yg[2]
+    lo, hi = np.minimum(y_a, y_b), np.maximum(y_a, y_b)
+    uniform = np.ptp(lo) < 1e-9 and np.ptp(hi) < 1e-9
+    if abs(yg[0]) < 1e-9 and abs(yg[1]) < 1e-9 and abs(yg[2]) > 1e-12 and uniform:
+        return False, float(lo.flat[0]), float(hi.flat[0])
+    reach = (engine.jaw_h + PHI_X * engine.s_jaw) / sc_min + 1.0
+    check = bool(np.any(lo > float(t_p.min()) - reach) or np.any(hi < float(t_p.max()) + reach))
+    return check, -NO_LIMIT, NO_LIMIT
+
+
+def _build_maps(lat, n_u, n_y, n_k, w2, geo, engine, bu2, bv2, scratch, tag, y_ends):
     """Maps (n_k, n_y, len(w2), n_u) of one cluster on the lattice ``lat = (u0, hu, y0, hy, den0, dden)``."""
     from tomodose._kernels.pb_fluence import fluence_accumulate, fluence_profiles
     from tomodose.transport.pencil_beam import LEVELS_PER_OCTAVE, S_TAB_MM
@@ -101,7 +127,7 @@ def _build_maps(lat, n_u, n_y, n_k, w2, geo, engine, bu2, bv2, scratch, tag):
     fluence_profiles(lu, jy, jy_first, lat[0], lat[1], lat[2], lat[3], lat[4], lat[5], w2, t_p, dt_p, a_c, tab_c,
                      engine.s_leaf ** 2, engine.s_jaw ** 2, bu2, bv2, engine.jaw_h, engine.sad, engine.e0, engine.w,
                      engine.phi, engine.cphi, S_TAB_MM, engine.lev_off, 1.0 / engine.lev_h, engine.lev_n,
-                     engine.log2_s0, float(LEVELS_PER_OCTAVE), engine.u_max, FLUENCE_EPS)
+                     engine.log2_s0, float(LEVELS_PER_OCTAVE), engine.u_max, FLUENCE_EPS, engine.s_jaw, *y_ends)
     maps = scratch.get(tag, (n_k, n_y, nl, n_u))
     fluence_accumulate(maps, lu, jy, jy_first)
     return maps
@@ -150,7 +176,8 @@ def fluence_dose(engine, a_proj: np.ndarray, progress, far_field_step: int, thre
     hi_c = lo_c + (np.array([nx, ny, nz]) - 1) * engine.spacing
     corners = np.array([[hi_c[c] if bit else lo_c[c] for c, bit in enumerate(bits)] for bits in np.ndindex(2, 2, 2)])
     par = (engine.sad, engine.amps, engine.dz_tab, engine.tail, engine.sig, engine.e0, engine.w, engine.s_leaf,
-           S_TAB_MM, engine.lev_off, 1.0 / engine.lev_h, engine.lev_n, engine.log2_s0, float(LEVELS_PER_OCTAVE), engine.u_max,
+           S_TAB_MM, engine.lev_off, 1.0 / engine.lev_h, engine.lev_n, engine.log2_s0, float(LEVELS_PER_OCTAVE),
+           engine.u_max,
            engine.jaw_h, engine.s_jaw, engine.offc, engine.soft, engine.phi, engine.cphi, vavg, engine.zcol)
     hu, hy, hc = FLUENCE_U_STEP_MM, FLUENCE_Y_STEP_MM, FLUENCE_COARSE_STEP_MM
     scratch = _Scratch()
@@ -164,6 +191,7 @@ def fluence_dose(engine, a_proj: np.ndarray, progress, far_field_step: int, thre
             den_lo, den_hi = float(dens.min()), float(dens.max())
             sc_min = engine.sad / den_hi
             win, win_u = _window_rows(t_p, u_lo_p, u_hi_p, engine.jaw_h / sc_min + r_v, r_u, widen, FLUENCE_ROW_MM)
+            ends, y_end_lo, y_end_hi = _medium_ends(engine, s0, yg, t_p, sc_min)
             bu2 = (0.5 * vavg * float(np.linalg.norm(xg * engine.spacing))) ** 2 / 3.0
             bv2 = (0.5 * vavg * float(np.linalg.norm(yg * engine.spacing))) ** 2 / 3.0
             # coarse maps: the whole grid (u is extreme at the corners: linear-fractional in the position)
@@ -173,17 +201,20 @@ def fluence_dose(engine, a_proj: np.ndarray, progress, far_field_step: int, thre
             y0c, n_yc = _lattice(float(y_c.min()), float(y_c.max()), hc)
             n_kc, ddc = _planes(den_lo, den_hi, FLUENCE_COARSE_PLANE_MM)
             lat_c = np.array([u0c, hc, y0c, hc, den_lo, ddc])
-            maps_c = _build_maps(lat_c, n_uc, n_yc, n_kc, w2, geo, engine, bu2, bv2, scratch, "maps_c")
+            maps_c = _build_maps(lat_c, n_uc, n_yc, n_kc, w2, geo, engine, bu2, bv2, scratch, "maps_c",
+                                (y_end_lo, y_end_hi))
             vals_c = np.zeros_like(values)
             coarse_lookup(vals_c, *nodes, depth, lvl_t, engine.rho_t, engine.origin, engine.spacing, s0, xg, yg, zg,
-                          t_p, dt_p, a_c, tab_c, win, win_u, n0, maps_c, lat_c, *par)
+                          t_p, dt_p, a_c, tab_c, win, win_u, n0, maps_c, lat_c, *par, ends)
             u0, n_u = _lattice(win[2], win[3], hu)
             y0, n_y = _lattice(win[0], win[0] + win[1] * win_u.shape[0], hy)
             n_k, dden = _planes(den_lo, den_hi, FLUENCE_PLANE_MM)
             lat_f = np.array([u0, hu, y0, hy, den_lo, dden])
-            maps_f = _build_maps(lat_f, n_u, n_y, n_k, w2_f, geo, engine, bu2, bv2, scratch, "maps_f")
+            maps_f = _build_maps(lat_f, n_u, n_y, n_k, w2_f, geo, engine, bu2, bv2, scratch, "maps_f",
+                                (y_end_lo, y_end_hi))
             fluence_lookup(dose, *fine, depth, lvl_t, engine.rho_t, engine.origin, engine.spacing, s0, xg, yg, zg,
-                           t_p, dt_p, a_c, tab_c, win, win_u, maps_f, lat_f, maps_c, lat_c, *par, vals_c, *nodes)
+                           t_p, dt_p, a_c, tab_c, win, win_u, maps_f, lat_f, maps_c, lat_c, *par, ends, vals_c,
+                           *nodes)
             values += vals_c
     trilinear_add(dose, values, *nodes)
     return dose
