@@ -260,12 +260,19 @@ class KernelSampler:
         return theta, r, self.totals[kid]
 
 
-def superpose(ref, sampler, n_samples: int, seed: int = 1, batch: int = 500_000, bins: bool = True):
+def superpose(ref, sampler, n_samples: int, seed: int = 1, batch: int = 500_000, bins: bool = True,
+              phantom_box=None):
     """Energy deposited per depth bin per cm (MeV per photon-per-cm2 at iso), plus the 3-D tally
-    on the reference bins (MeV) and the released energy per depth bin (MeV / cm)."""
+    on the reference bins (MeV) and the released energy per depth bin (MeV / cm).
+
+    ``phantom_box`` ((3, 2) mm, optional): the water the photons interact in (default the
+    reference phantom); energy is tallied inside the reference phantom only."""
     rng = np.random.default_rng(seed)
     sampler.rng = rng
     g = case_geometry(ref)
+    region = g["box"].copy()
+    if phantom_box is not None:
+        g["box"] = np.asarray(phantom_box, float)
     sp = ref.spectrum
     e_c = np.asarray(sp.energies_mev, float)
     f = np.asarray(sp.fluence, float)
@@ -314,7 +321,7 @@ def superpose(ref, sampler, n_samples: int, seed: int = 1, batch: int = 500_000,
         disp = (np.cos(theta) * r_mm)[:, None] * d + (np.sin(theta) * r_mm)[:, None] * (
             np.cos(phi)[:, None] * e1 + np.sin(phi)[:, None] * e2)
         q = pos + disp
-        inside = np.all((q >= box[:, 0]) & (q <= box[:, 1]), axis=1)
+        inside = np.all((q >= region[:, 0]) & (q <= region[:, 1]), axis=1)
         h, _ = np.histogramdd(np.stack([q[inside, 2], q[inside, 1], q[inside, 0]], axis=1), bins=(ze, ye, xe),
                               weights=w[inside])
         tally += h
@@ -399,6 +406,9 @@ def main(argv=None) -> int:
     ap.add_argument("--engine-kernel", default=None, help="path of a kernel table for the engine (default shipped)")
     ap.add_argument("--no-engine", action="store_true")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--larger-phantom", action="store_true",
+                    help="photons interact in the larger phantom of study_ccc_phantom_size.py (z +-300 mm, "
+                         "depth 450 mm); energy tallied in the reference phantom")
     ap.add_argument("--profiles", action="store_true", help="print z profiles at the central x bin")
     ap.add_argument("--within-shell", choices=("volume", "fit"), default="volume")
     args = ap.parse_args(argv)
@@ -468,7 +478,12 @@ def main(argv=None) -> int:
                 sampler = KernelSampler("fit", ref.spectrum, CollapsedConeKernel.load(kind[5:]))
             else:
                 sampler = KernelSampler(kind, ref.spectrum, shipped)
-            sup, tally, rel = superpose(ref, sampler, int(args.samples))
+            big = None
+            if args.larger_phantom:
+                big = case_geometry(ref)["box"].copy()
+                big[1, 1] = big[1, 0] + 450.0
+                big[2] = (-300.0, 300.0)
+            sup, tally, rel = superpose(ref, sampler, int(args.samples), phantom_box=big)
             if args.profiles:
                 tallies[kind] = tally
             print(f"SUP[{kind:5s}] / MC          ", _fmt(win(sup) / win(mc)),
