@@ -18,6 +18,8 @@ script compares it, for the references ``water_j10/j25/j50``, between
     linearly between the bracketing kernel energies, as in the derivation);
   - ``group``: the tabulated (48-cone) energy-group kernels of the shipped 3-group table's recipe,
     each line with its group's kernel;
+  - ``ring``: the tabulated group kernels with every fine cone moved to its ring's representative
+    polar angle (the collapse of the engine), radius from the table;
   - ``fit``: the shipped fitted group kernels (rings at their representative polar angle, radius
     drawn from the fitted exponential model including the tail beyond 60 cm);
   - ``file:<path>``: the fitted group kernels of another table.
@@ -30,10 +32,16 @@ Absolute units without the calibration: the Monte Carlo's raw dose per weight un
 cm2 at the isocentre) against the engine's TERMA normalisation (per unit energy fluence at the
 isocentre) times the spectrum's mean energy.
 
+Options: ``--within-shell fit`` places the tabulated kernels' energy inside a shell with the shape
+of the fitted model instead of uniformly in volume; ``--larger-phantom`` lets the photons interact
+in the larger phantom of ``kernels/study_ccc_phantom_size.py`` (tally still in the reference
+phantom); ``--profiles`` prints z profiles at the central x bin (CCC and superpositions / MC).
+Results: ``docs/collapsed_cone.md`` section 4c.
+
 Usage::
 
     nice -n 10 python kernels/study_ccc_energy_balance.py [--cases water_j10,...] [--samples 2e7]
-        [--kernels mono,group,fit] [--engine-cache DIR]
+        [--kernels mono,group,ring,fit,file:table.json] [--engine-cache DIR] [--engine-kernel table.json]
 """
 
 from __future__ import annotations
