@@ -247,6 +247,27 @@ def test_uniform_terma_in_large_block_gives_terma_times_fraction(kernel):
     assert lo * 0.98 < centre < hi * 1.02
 
 
+def test_plane_integrated_dose_matches_sampled_superposition(kernel):
+    """Energy balance in depth (docs/collapsed_cone.md, section 4c): per slab across a parallel
+    beam, the transported energy equals that of an independent superposition by sampling of the
+    same fitted kernel (interaction points, rings, cone directions and radii drawn at random; no
+    lines, no recursion). Measured: total 0.02 %, 2 cm slabs within 0.1-0.4 % (sampling noise
+    about 0.2 %), per 5 mm slice within 1.3 %. A transport that put energy too deep or leaked it
+    through the grid boundary would fail here."""
+    g = Grid((24, 36, 24), (5.0, 5.0, 5.0))
+    x, y, z = (a * np.ones(g.shape) for a in g.meshgrid_mm())
+    field = (np.abs(x - x.mean()) < 30.0) & (np.abs(z - z.mean()) < 30.0)
+    terma = np.where(field, np.exp(-0.005 * (y - y.min())), 0.0)
+    d = _ccc(terma, np.ones(g.shape), g, beam_direction=(0, 1, 0)).astype(np.float64)
+    s = naive.sampled_superposition(terma, g.shape, g.spacing_mm, kernel, (0, 1, 0), 2_000_000, seed=1)
+    pc, ps = d.sum(axis=(0, 2)), s.sum(axis=(0, 2))
+    assert pc.sum() == pytest.approx(ps.sum(), rel=3e-3)
+    for a in range(0, g.ny, 4):
+        assert pc[a:a + 4].sum() == pytest.approx(ps[a:a + 4].sum(), rel=1e-2), a
+    # most of the released energy stays in this 12 x 18 x 12 cm block, the rest leaves it
+    assert 0.5 < pc.sum() / (terma.sum() * kernel.amplitudes.sum()) < 0.9
+
+
 # --- heterogeneity, air, edges ---------------------------------------------------------------------
 def test_air_and_vacuum_are_finite(kernel):
     g = Grid((20, 6, 6), (5.0, 5.0, 5.0))
