@@ -181,10 +181,12 @@ def fluence_dose(engine, a_proj: np.ndarray, progress, far_field_step: int, thre
            engine.jaw_h, engine.s_jaw, engine.offc, engine.soft, engine.phi, engine.cphi, vavg, engine.zcol)
     hu, hy, hc = FLUENCE_U_STEP_MM, FLUENCE_Y_STEP_MM, FLUENCE_COARSE_STEP_MM
     scratch = _Scratch()
+    n_clusters = 0
     for _g, _active, depth, samples in _active_groups(engine, a_proj, progress):
         for members in _clusters(engine, samples):
             s = samples[members]
             geo = _cluster_geometry(engine, a_proj, s, centres)
+            n_clusters += 1
             s0, xg, yg, zg, t_p, dt_p, a_c, tab_c, u_lo_p, u_hi_p = geo
             d = corners - s0
             dens = -(d @ zg)
@@ -217,4 +219,6 @@ def fluence_dose(engine, a_proj: np.ndarray, progress, far_field_step: int, thre
                            *nodes)
             values += vals_c
     trilinear_add(dose, values, *nodes)
+    log.debug("fluence maps: %d clusters, %d levels (%d fine), work arrays %.1f MiB", n_clusters, w2.size, w2_f.size,
+              sum(b.nbytes for b in scratch.flat.values()) / 2**20)
     return dose

@@ -25,7 +25,10 @@ projection sample; ``"clustered"`` evaluates the samples that share a beam orien
 plan: one gantry angle, every couch position) together, once per voxel - the same model, with
 everything that does not depend on the couch offset computed once - and, with a far-field step,
 is the fast path (narrow Gaussians on the fine grid inside windows, the rest on coarser lattices,
-interpolated); ``"windowed"`` is the older per-sample fast mode. See ``docs/pencil_beam.md``.
+interpolated); ``"fluence"`` (the fast path) tabulates the lateral profiles of each beam orientation's
+samples on beam's-eye-view maps and reads every voxel near the open field from them
+(:mod:`tomodose.transport.pb_fluence`); ``"windowed"`` is the older per-sample fast mode. See
+``docs/pencil_beam.md``.
 
 Units are those of TERMA convolved with the collapsed-cone kernel (``cm2/g*s``: energy per mass per
 unit primary energy-fluence rate at the isocentre in air, times beam-on time), so the absolute-dose
