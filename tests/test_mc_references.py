@@ -37,30 +37,30 @@ SLABS = ("slab_lung", "slab_bone")
 ENGINES = ("collapsed_cone", "pencil_beam")
 
 #: (case, engine, check) -> measured result that misses the tolerance
-#: measured 2026-11-29 03:25 UTC with the references regenerated for the T0 = 6.0 MeV default spectrum
-#: (commissioned with the current engine, docs/commissioning.md) and the kernel tables re-derived from it
-#: by derive_ccc_kernels.py 1.4 (build-up fit, per-group rates); TERMA trace_sharing="angle"; pencil beam
-#: with voxel-averaged profiles and medium ends.
+#: measured 2026-11-29 06:13 UTC with the references regenerated for the T0 = 6.0 MeV default spectrum
+#: (commissioned with the current engine, docs/commissioning.md); collapsed cone with the 5-group kernel
+#: ccc_water_6mv_5groups (derive_ccc_kernels.py 1.4, build-up fit, per-group rates; default since 06:00 UTC,
+#: docs/collapsed_cone.md 4c), TERMA trace_sharing="angle"; pencil beam with voxel-averaged profiles and medium
+#: ends. Both engines calibrated at the nominal condition, as the Monte Carlo.
 #: validation/build_report.py prints this table from validation/results.json
 KNOWN_FAILURES: dict[tuple[str, str, str], str] = {
     ('slab_bone', 'pencil_beam', 'depth_abs'): 'max |diff| beyond d_max 7.0 % (mean -0.6 %), tolerance 3 %',
     ('slab_bone', 'pencil_beam', 'depth_rel'): 'max |diff| beyond d_max 7.6 % (mean -0.0 %), tolerance 3 %',
-    ('slab_lung', 'collapsed_cone', 'depth_rel'): 'max |diff| beyond d_max 3.2 % (mean -1.0 %), tolerance 3 %',
+    ('slab_lung', 'collapsed_cone', 'depth_rel'): 'max |diff| beyond d_max 3.0 % (mean -0.8 %), tolerance 3 %',
     ('slab_lung', 'pencil_beam', 'depth_abs'): 'max |diff| beyond d_max 8.0 % (mean +0.4 %), tolerance 3 %',
     ('slab_lung', 'pencil_beam', 'depth_rel'): 'max |diff| beyond d_max 8.9 % (mean -0.5 %), tolerance 3 %',
-    ('water_j10', 'collapsed_cone', 'depth_abs'): 'max |diff| beyond d_max 2.5 % (mean -1.1 %), tolerance 1 %',
-    ('water_j10', 'collapsed_cone', 'depth_rel'): 'max |diff| beyond d_max 1.9 % (mean -0.1 %), tolerance 1 %',
+    ('water_j10', 'collapsed_cone', 'depth_abs'): 'max |diff| beyond d_max 2.0 % (mean -0.7 %), tolerance 1 %',
+    ('water_j10', 'collapsed_cone', 'depth_rel'): 'max |diff| beyond d_max 1.5 % (mean -0.1 %), tolerance 1 %',
     ('water_j10', 'collapsed_cone', 'profiles'): '2 %/1 mm failures: x@50 3 pts, x@150 1 pts, z@50 1 pts, z@100 1 pts, z@150 2 pts',
     ('water_j10', 'pencil_beam', 'depth_abs'): 'max |diff| beyond d_max 1.3 % (mean -0.4 %), tolerance 1 %',
     ('water_j10', 'pencil_beam', 'depth_rel'): 'max |diff| beyond d_max 1.0 % (mean -0.1 %), tolerance 1 %',
-    ('water_j25', 'collapsed_cone', 'depth_abs'): 'max |diff| beyond d_max 1.3 % (mean -0.2 %), tolerance 1 %',
-    ('water_j25', 'collapsed_cone', 'depth_rel'): 'max |diff| beyond d_max 1.1 % (mean -0.0 %), tolerance 1 %',
-    ('water_j25', 'collapsed_cone', 'profiles'): '2 %/1 mm failures: x@50 2 pts, x@150 1 pts, z@50 2 pts, z@100 1 pts',
+    ('water_j25', 'collapsed_cone', 'depth_abs'): 'max |diff| beyond d_max 1.2 % (mean +0.2 %), tolerance 1 %',
+    ('water_j25', 'collapsed_cone', 'profiles'): '2 %/1 mm failures: x@50 2 pts, x@150 1 pts, z@50 1 pts, z@100 1 pts',
     ('water_j25', 'pencil_beam', 'depth_abs'): 'max |diff| beyond d_max 1.6 % (mean -0.1 %), tolerance 1 %',
     ('water_j25', 'pencil_beam', 'depth_rel'): 'max |diff| beyond d_max 1.6 % (mean -0.1 %), tolerance 1 %',
-    ('water_j50', 'collapsed_cone', 'depth_abs'): 'max |diff| beyond d_max 1.5 % (mean -0.5 %), tolerance 1 %',
-    ('water_j50', 'collapsed_cone', 'depth_rel'): 'max |diff| beyond d_max 1.4 % (mean +0.1 %), tolerance 1 %',
-    ('water_j50', 'collapsed_cone', 'profiles'): '2 %/1 mm failures: x@50 1 pts, z@15 2 pts, z@100 1 pts',
+    ('water_j50', 'collapsed_cone', 'depth_abs'): 'max |diff| beyond d_max 1.05 % (mean -0.1 %), tolerance 1 %',
+    ('water_j50', 'collapsed_cone', 'depth_rel'): 'max |diff| beyond d_max 1.3 % (mean +0.1 %), tolerance 1 %',
+    ('water_j50', 'collapsed_cone', 'profiles'): '2 %/1 mm failures: z@15 2 pts, z@100 1 pts',
     ('water_j50', 'pencil_beam', 'depth_abs'): 'max |diff| beyond d_max 1.2 % (mean -0.5 %), tolerance 1 %',
     ('water_j50', 'pencil_beam', 'profiles'): '2 %/1 mm failures: z@100 1 pts',
 }
