@@ -59,7 +59,7 @@ def test_leaf_edges_blurred_by_source():
 
 
 def test_transmission_and_neighbour_effect():
-    b = BeamModel.nominal()  # Balog's 4.9 %; the commissioned default fits g = 0, h = 0.0615 (docs/commissioning.md)
+    b = BeamModel.nominal()  # Balog's 4.9 %; the commissioned default fits g = 0, h = 0.0621 (docs/commissioning.md)
     g, t = b.adjacent_leaf_output_gain, b.leaf_transmission
     assert g == pytest.approx(0.049) and t == pytest.approx(0.005)
     single = np.zeros(64)
