@@ -19,6 +19,12 @@ import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+#: OpenMP threads (numba's threading layer here) sleep between parallel regions instead of
+#: spinning: with the default active wait, 2 threads on a loaded 2-core machine burned 2-3x the
+#: CPU of the pencil-beam fluence path (docs/pencil_beam.md); a user's own setting wins. Must be
+#: set before numba starts its thread pool (the first parallel kernel call).
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
 #: fastmath flags for all kernels: reassociation and contraction, but NaN/inf checks keep working.
 FASTMATH_FLAGS = frozenset({"contract", "afn", "reassoc", "arcp", "nsz"})
 

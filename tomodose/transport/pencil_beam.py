@@ -416,11 +416,7 @@ def _resolve(patient_or_density, projections, beam_model, kernel, n_subsamples, 
     rho_floor = check_in_range("rho_floor", rho_floor, 1e-4, 1.0)
     machine = projections.machine
     n_groups = machine.projections_per_rotation if angle_groups is None else angle_groups
-    grid, dens, position = density_input(patient_or_density)
-    if position is not None and position != projections.patient_position:
-        raise ValueError(
-            f"patient_position of the patient ({position!r}) differs from that of the projections "
-            f"({projections.patient_position!r})")
+    grid, dens, _ = density_input(patient_or_density, projections)
     return _Engine(grid, dens, projections, beam, kernel, int(n_subsamples), rho_floor, n_groups, bool(voxel_average),
                    bool(medium_ends))
 
