@@ -32,7 +32,7 @@ import numba
 import numpy as np
 
 from tomodose._kernels.pencil_beam import (
-    MAX_DIRECT_LEAVES, NO_LIMIT, PHI_X, _amplitude, _cluster_row, _half_width, _leaf_table,
+    NO_LIMIT, PHI_X, _amplitude, _cluster_row, _half_width, _leaf_table, cluster_row_scratch,
     _medium_offsets, _offaxis_and_depth, _phi, _row_range,
 )
 from tomodose.config import NUMBA_OPTIONS, NUMBA_PARALLEL_OPTIONS
@@ -325,17 +325,8 @@ def fluence_lookup(out, ks, js, is_, depth_t, lvl_t, rho_t, origin, spacing, s0,
         ka, kb, fk_n = _node_weights(nks, k)
         cq_f = np.zeros(maps_f.shape[2])
         cq_c = np.zeros(maps_c.shape[2])
-        amp_v = np.zeros(n_g)
-        isv_v = np.zeros(n_g)
-        hj_v = np.zeros(n_g)
-        su2_v = np.zeros(n_g)
-        lu_v = np.zeros(n_g)
-        lu_i = np.zeros(n_g, dtype=np.int64)
-        kind_v = np.zeros(n_g, dtype=np.int64)
-        lam_v = np.zeros((n_g, MAX_DIRECT_LEAVES))
-        l0_v = np.zeros(n_g, dtype=np.int64)
-        nl_v = np.zeros(n_g, dtype=np.int64)
-        tb_v = np.zeros((n_g, 4), dtype=np.int64)
+        (amp_v, isv_v, hj_v, su2_v, lu_v, lu_i, kind_v, lam_v, l0_v, nl_v,
+         tb_v) = cluster_row_scratch(n_g)
         pz = origin[2] + k * spacing[2]
         for bb in range(js.shape[0]):
             j = js[bb]
@@ -407,17 +398,8 @@ def coarse_lookup(out, ks, js, is_, depth_t, lvl_t, rho_t, origin, spacing, s0, 
         k = ks[aa]
         cq_f = np.zeros(0)
         cq_c = np.zeros(maps_c.shape[2])
-        amp_v = np.zeros(n_g)
-        isv_v = np.zeros(n_g)
-        hj_v = np.zeros(n_g)
-        su2_v = np.zeros(n_g)
-        lu_v = np.zeros(n_g)
-        lu_i = np.zeros(n_g, dtype=np.int64)
-        kind_v = np.zeros(n_g, dtype=np.int64)
-        lam_v = np.zeros((n_g, MAX_DIRECT_LEAVES))
-        l0_v = np.zeros(n_g, dtype=np.int64)
-        nl_v = np.zeros(n_g, dtype=np.int64)
-        tb_v = np.zeros((n_g, 4), dtype=np.int64)
+        (amp_v, isv_v, hj_v, su2_v, lu_v, lu_i, kind_v, lam_v, l0_v, nl_v,
+         tb_v) = cluster_row_scratch(n_g)
         pz = origin[2] + k * spacing[2]
         for bb in range(js.shape[0]):
             j = js[bb]

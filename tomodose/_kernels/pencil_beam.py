@@ -727,6 +727,15 @@ MAX_DIRECT_LEAVES = 24
 
 
 @numba.njit(**NUMBA_OPTIONS)
+def cluster_row_scratch(n_g):
+    """Per-thread work arrays of :func:`_cluster_row` for ``n_g`` Gaussians: (amp, isv, hj, su2, lu,
+    lu_i, kind, lam, l0, nl, tb), allocated once per slice by the kernels that call it."""
+    return (np.zeros(n_g), np.zeros(n_g), np.zeros(n_g), np.zeros(n_g), np.zeros(n_g),
+            np.zeros(n_g, dtype=np.int64), np.zeros(n_g, dtype=np.int64), np.zeros((n_g, MAX_DIRECT_LEAVES)),
+            np.zeros(n_g, dtype=np.int64), np.zeros(n_g, dtype=np.int64), np.zeros((n_g, 4), dtype=np.int64))
+
+
+@numba.njit(**NUMBA_OPTIONS)
 def _cluster_row(out, is_, m0, m1, j, k, origin, spacing, depth_t, rho_t, s0, xg, yg, zg, t_p, dt_p, a_c, tab_c, u_lo_p,
                  u_hi_p, r_u, v_half, r_v, r_u0, v_half0, r_v0, g_mid, g_hi, sad, amps, dz_tab, tail, sig, e0, w,
                  s_leaf, s_tab, lev_off,
@@ -970,17 +979,8 @@ def cluster_dose_lattice(out, ks, js, is_, k_lo, k_hi, depth_t, rho_t, origin, s
         k = ks[a]
         if k < k_lo or k >= k_hi:
             continue
-        amp_v = np.zeros(n_g)
-        isv_v = np.zeros(n_g)
-        hj_v = np.zeros(n_g)
-        su2_v = np.zeros(n_g)
-        lu_v = np.zeros(n_g)
-        lu_i = np.zeros(n_g, dtype=np.int64)
-        kind_v = np.zeros(n_g, dtype=np.int64)
-        lam_v = np.zeros((n_g, MAX_DIRECT_LEAVES))
-        l0_v = np.zeros(n_g, dtype=np.int64)
-        nl_v = np.zeros(n_g, dtype=np.int64)
-        tb_v = np.zeros((n_g, 4), dtype=np.int64)
+        (amp_v, isv_v, hj_v, su2_v, lu_v, lu_i, kind_v, lam_v, l0_v, nl_v,
+         tb_v) = cluster_row_scratch(n_g)
         z = origin[2] + k * spacing[2]
         for b in range(js.shape[0]):
             j = js[b]
