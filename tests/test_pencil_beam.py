@@ -396,13 +396,11 @@ def test_clustered_fast_path_close_to_exact():
     np.testing.assert_allclose(same, exact, rtol=1e-5, atol=1e-6 * exact.max())
 
 
-def test_clustered_invariants():
-    import dataclasses
-
+def _deterministic_thread_independent_zero_when_closed(dens, plan, kw):
+    """The dose of ``plan`` with options ``kw``, after checking it is the same run to run and on one
+    thread (bit for bit), and that closed leaves give exactly zero (linear leaves, or no transmission)."""
     import numba
 
-    dens, plan = _random_case(seed=9)
-    kw = dict(method="clustered", far_field_step=2, progress=False)
     d1 = pencil_beam_dose(dens, plan, **kw)
     assert np.array_equal(d1, pencil_beam_dose(dens, plan, **kw))  # deterministic
     n = numba.get_num_threads()
@@ -412,10 +410,19 @@ def test_clustered_invariants():
     finally:
         numba.set_num_threads(n)
     assert np.array_equal(d1, d_one)  # thread-count independent, bit for bit
-    # closed leaves: exactly zero (linear leaves, or no transmission)
     closed = _small_plan(np.zeros((30, 64)))
     assert np.all(pencil_beam_dose(dens, closed, leaf_model="linear", **kw) == 0)
     assert np.all(pencil_beam_dose(dens, closed, BeamModel.default().replace(leaf_transmission=0.0), **kw) == 0)
+    return d1
+
+
+def test_clustered_invariants():
+    import dataclasses
+
+    dens, plan = _random_case(seed=9)
+    kw = dict(method="clustered", far_field_step=2, progress=False)
+    d1 = _deterministic_thread_independent_zero_when_closed(dens, plan, kw)
+    closed = _small_plan(np.zeros((30, 64)))
     assert pencil_beam_dose(dens, closed, **kw).max() > 0  # transmission leaks
     # linear in the beam-on time (the windows depend only on which leaves are open)
     seq = plan.projections()
@@ -793,23 +800,10 @@ def test_fluence_medium_ends(uniform):
 def test_fluence_invariants():
     import dataclasses
 
-    import numba
-
     dens, plan = _random_case(seed=9)
     kw = dict(method="fluence", far_field_step=2, progress=False)
-    d1 = pencil_beam_dose(dens, plan, **kw)
+    d1 = _deterministic_thread_independent_zero_when_closed(dens, plan, kw)
     assert d1.max() > 0
-    assert np.array_equal(d1, pencil_beam_dose(dens, plan, **kw))  # deterministic
-    n = numba.get_num_threads()
-    try:
-        numba.set_num_threads(1)
-        d_one = pencil_beam_dose(dens, plan, **kw)
-    finally:
-        numba.set_num_threads(n)
-    assert np.array_equal(d1, d_one)  # thread-count independent, bit for bit
-    closed = _small_plan(np.zeros((30, 64)))
-    assert np.all(pencil_beam_dose(dens, closed, leaf_model="linear", **kw) == 0)
-    assert np.all(pencil_beam_dose(dens, closed, BeamModel.default().replace(leaf_transmission=0.0), **kw) == 0)
     seq = plan.projections()
     d2 = pencil_beam_dose(dens, dataclasses.replace(seq, duration_s=2 * seq.duration_s), **kw)
     np.testing.assert_allclose(d2, 2 * d1, rtol=1e-5, atol=1e-7 * d1.max())
