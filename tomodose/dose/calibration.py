@@ -116,8 +116,9 @@ class ReferenceCondition:
                              f"{DOSE_CALIBRATION_FORMAT!r}, got {data.get('format') if isinstance(data, dict) else data!r}")
         cond = data.get("condition", {})
         missing = [k for k in ("field_width_mm", "ssd_mm", "depth_mm") if k not in cond]
-        if missing or "dose_rate_factor" not in data:
-            raise ValueError(f"dose calibration file {str(path)!r}: missing {missing + (['dose_rate_factor'] if 'dose_rate_factor' not in data else [])}")
+        missing += [k for k in ("dose_rate_factor",) if k not in data]
+        if missing:
+            raise ValueError(f"dose calibration file {str(path)!r}: missing {missing}")
         return cls(field_width_mm=float(cond["field_width_mm"]), ssd_mm=float(cond["ssd_mm"]),
                    depth_mm=float(cond["depth_mm"]), dose_rate_factor=float(data["dose_rate_factor"]))
 
