@@ -237,12 +237,14 @@ def _slabs(grid: Grid, iso, ey, v_ext_mm: float, sad_mm: float):
 
 #: Ray-trace sharing modes of :func:`compute_terma` (finest first).
 TRACE_SHARING = ("sample", "projection", "angle")
+#: Fluence summation of :func:`compute_terma` (``fluence_method``).
+FLUENCE_METHODS = ("exact", "maps")
 
 
 def compute_terma(patient_or_density, projections, beam_model: BeamModel | None = None, *,
                   n_subsamples: int = 8, exact_subsamples: bool = False, angle_groups: int | None = None,
                   energy_group_edges_mev=None, voxel_average: bool = True, trace_sharing: str | None = None,
-                  progress: bool | None = None) -> TermaResult:
+                  fluence_method: str | None = None, progress: bool | None = None) -> TermaResult:
     """TERMA of every projection, accumulated in total and per gantry-angle group.
 
     Parameters
@@ -289,6 +291,15 @@ def compute_terma(patient_or_density, projections, beam_model: BeamModel | None 
         sub-sample both sharings differ by the same amount (liver plan, 4.5 mm: 0.27 % of the
         maximum); ``"angle"`` traces each voxel once per angle group instead of once per
         projection (docs/terma.md, accuracy and speed).
+    fluence_method : {"exact", "maps"}, optional
+        How the fluence samples of a trace unit are summed at a voxel. ``"exact"``: every sample's
+        jaw and leaf profiles, off-axis factor and inverse square at the voxel. ``"maps"``: the
+        samples that share the gantry axes (one sub-sample of every rotation at a gantry angle)
+        are summed once per grid slice on a lattice of (distance from the source, across-fan
+        position) and each voxel interpolates it (bilinear): the fast path, see docs/terma.md
+        ("Fluence maps") for the approximations and their measured size. Needs smooth edges
+        (``leaf_edge_sigma_mm`` and ``jaw_penumbra_sigma_mm`` > 0) and ``trace_sharing``
+        ``"angle"`` or ``"projection"``. Default ``"exact"``.
     progress : bool, optional
         Progress bar (default: ``tomodose.config.settings.progress``).
 
@@ -314,6 +325,18 @@ def compute_terma(patient_or_density, projections, beam_model: BeamModel | None 
     if exact_subsamples and trace_sharing != "sample":
         raise ValueError(f"exact_subsamples=True traces every sub-sample; it contradicts "
                          f"trace_sharing={trace_sharing!r} (give one of them)")
+    if fluence_method is None:
+        fluence_method = "exact"
+    check_choice("fluence_method", fluence_method, FLUENCE_METHODS)
+    if fluence_method == "maps":
+        if trace_sharing == "sample":
+            raise ValueError("fluence_method='maps' sums the samples that share a trace unit's gantry axes; "
+                             "it needs trace_sharing 'angle' or 'projection', got trace_sharing='sample'")
+        for name in ("leaf_edge_sigma_mm", "jaw_penumbra_sigma_mm"):
+            if not getattr(beam, name) > 0.0:
+                raise ValueError(f"fluence_method='maps' interpolates the fluence and needs smooth edges: "
+                                 f"beam_model.{name} must be > 0, got {getattr(beam, name)!r} "
+                                 f"(use fluence_method='exact')")
     machine = projections.machine
     n_groups = machine.projections_per_rotation if angle_groups is None else angle_groups
     grid, dens, _ = density_input(patient_or_density, projections)
@@ -386,10 +409,18 @@ def compute_terma(patient_or_density, projections, beam_model: BeamModel | None 
     else:
         batch, bar_unit = machine.projections_per_rotation * (n_sub if trace_sharing == "sample" else 1), "rotation"
     starts = range(0, n_units, batch)
-    if config.progress_enabled(progress):
+    if config.progress_enabled(progress) and fluence_method == "exact":
         from tqdm.auto import tqdm
         starts = tqdm(starts, desc="TERMA", unit=bar_unit, total=(n_units + batch - 1) // batch)
     t_kernel = time.perf_counter()
+    if fluence_method == "maps":
+        from tomodose.terma.terma_maps import maps_terma
+
+        starts = range(0)  # the maps path below replaces the per-sample kernel
+        maps_terma(grid, mat_lo, mat_pair, rho_flat, shape, origin, spacing, unit_start, t_src, t_ex, t_ez, t_iso,
+                   unit_transverse, unit_group, k_lo, k_hi, proj, ex, ey, ez, iso, weight, leaf_a, edges,
+                   float(machine.leaf_width_mm), beam, jaw_half, float(machine.sad_mm), mu_anchor, ef, e_group,
+                   air_index, total, per_group, bool(voxel_average), n_sub, progress)
     for b0 in starts:
         b1 = min(b0 + batch, n_units)
         s0, s1 = int(unit_start[b0]), int(unit_start[b1])
@@ -423,6 +454,7 @@ def compute_terma(patient_or_density, projections, beam_model: BeamModel | None 
         "kernel_time_s": t_end - t_kernel,
         "energy_group_edges_mev": None if e_edges is None else e_edges.tolist(),
         "voxel_average": bool(voxel_average),
+        "fluence_method": fluence_method,
     }
     if e_edges is None:
         per_group = per_group[:, 0]
