@@ -205,15 +205,116 @@ def accumulate_fluence(fl, maps, active, k_first, ny, nx, ox, oy, oz, dx, dy, dz
             fl[k, j, i] += c * c * ((1.0 - fm) * lo + fm * hi)
 
 
+#: anchor materials of :func:`trace_plane_anchors` (``tomodose.terma.attenuation.DENSITY_ANCHORS``)
+N_ANCHORS = 6
+
+
+@numba.njit(**NUMBA_OPTIONS)
+def trace_plane_anchors(ny, nx, ox, oy, dx, dy, i, j, base, x1, y1, vec, acc):
+    """Radiological path per anchor material from the centre of voxel ``(j, i)`` of one slice to the
+    point ``(x1, y1)`` in the same slice (mm; outside the grid is vacuum), added to ``acc`` (6,).
+
+    :func:`tomodose._kernels.raytrace.trace_pairs_from_voxel` for a ray perpendicular to z (the
+    transverse trace of a gantry-angle unit), with ``vec`` (nvox, 6) the density of each anchor
+    material in each voxel (``rho * w``: at most two non-zero) instead of the index/pair form:
+    the six sums stay in registers (no read-modify-write of ``acc[mat_lo[vox]]`` per step, which
+    made the loop wait on memory: 1.9x faster on the 3 mm liver grid). Same plane crossings,
+    same lengths; sums of the same terms (zeros added for the other anchors). ``base``: flat index
+    of the slice's first voxel.
+    """
+    x0 = ox + i * dx
+    y0 = oy + j * dy
+    ddx = x1 - x0
+    ddy = y1 - y0
+    length = math.sqrt(ddx * ddx + ddy * ddy)
+    if length == 0.0:
+        return
+    big = 1e300
+    if ddx > 0.0:
+        nax = 0.5 * dx / ddx
+        dax = dx / ddx
+        si = 1
+        ni = nx - 1 - i
+    elif ddx < 0.0:
+        nax = -0.5 * dx / ddx
+        dax = -dx / ddx
+        si = -1
+        ni = i
+    else:
+        nax = big
+        dax = big
+        si = 0
+        ni = 0
+    if ddy > 0.0:
+        nay = 0.5 * dy / ddy
+        day = dy / ddy
+        sj = nx
+        nj = ny - 1 - j
+    elif ddy < 0.0:
+        nay = -0.5 * dy / ddy
+        day = -dy / ddy
+        sj = -nx
+        nj = j
+    else:
+        nay = big
+        day = big
+        sj = 0
+        nj = 0
+    # the ray leaves the grid at the last plane of either axis, or ends at the point
+    a_max = 1.0
+    if si != 0:
+        a_max = min(a_max, nax + ni * dax)
+    if sj != 0:
+        a_max = min(a_max, nay + nj * day)
+    a0 = 0.0
+    a1 = 0.0
+    a2 = 0.0
+    a3 = 0.0
+    a4 = 0.0
+    a5 = 0.0
+    v = base + j * nx + i
+    a_cur = 0.0
+    while True:
+        if nax <= nay:
+            a_next = nax
+            step = si
+            nax += dax
+        else:
+            a_next = nay
+            step = sj
+            nay += day
+        if a_next > a_max:
+            a_next = a_max
+        seg = (a_next - a_cur) * length
+        a0 += seg * vec[v, 0]
+        a1 += seg * vec[v, 1]
+        a2 += seg * vec[v, 2]
+        a3 += seg * vec[v, 3]
+        a4 += seg * vec[v, 4]
+        a5 += seg * vec[v, 5]
+        if a_next >= a_max:
+            break
+        a_cur = a_next
+        v += step
+    acc[0] += a0
+    acc[1] += a1
+    acc[2] += a2
+    acc[3] += a3
+    acc[4] += a4
+    acc[5] += a5
+
+
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
-def terma_from_fluence(fl, k_lo, k_hi, mat_lo, mat_pair, rho, shape, origin, spacing, t_src, t_ex, t_ez, t_iso,
+def terma_from_fluence(fl, k_lo, k_hi, mat_lo, mat_pair, vec, rho, shape, origin, spacing, t_src, t_ex, t_ez, t_iso,
                        transverse, g, softening, sad, mu_anchor, ef, e_group, air_index, total, per_group):
     """TERMA of one trace unit from its summed fluence ``fl`` (nz, ny, nx) (fluence x inverse square
     x beam-on time, as ``fl`` of :func:`tomodose._kernels.terma.terma_units`), accumulated into
     ``total`` and ``per_group[g]`` (in place) for the voxels of slices ``[k_lo, k_hi)`` with
     ``fl > 0``. Attenuation, softening and spectral sums exactly as ``terma_units``: trace from the
     voxel centre to ``t_src`` (``transverse``: moved along z to the voxel's plane), softening from
-    the unit geometry ``t_ex, t_ez, t_iso``. Parallel over rows (k, j)."""
+    the unit geometry ``t_ex, t_ez, t_iso``; a transverse trace walks ``vec`` (nvox, 6) anchor densities
+    (:func:`trace_plane_anchors`, needs 6 anchors), the other the index/pair form. Parallel over
+    rows (k, j)."""
     nz, ny, nx = shape[0], shape[1], shape[2]
     m = mu_anchor.shape[0]
     n_e = ef.shape[0]
@@ -247,8 +348,11 @@ def terma_from_fluence(fl, k_lo, k_hi, mat_lo, mat_pair, rho, shape, origin, spa
             h = 1.0 + softening * abs(math.atan(u_t / sad))
             for c in range(m):
                 acc[c] = 0.0
-            trace_pairs_from_voxel(nz, ny, nx, ox, oy, oz, dx, dy, dz, i, j, k, t_src[0], t_src[1], tz, mat_lo,
-                                   mat_pair, acc)
+            if transverse:
+                trace_plane_anchors(ny, nx, ox, oy, dx, dy, i, j, k * ny * nx, t_src[0], t_src[1], vec, acc)
+            else:
+                trace_pairs_from_voxel(nz, ny, nx, ox, oy, oz, dx, dy, dz, i, j, k, t_src[0], t_src[1], tz, mat_lo,
+                                       mat_pair, acc)
             n_used = 0
             for c in range(m):
                 if acc[c] != 0.0:

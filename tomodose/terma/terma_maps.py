@@ -73,7 +73,7 @@ def maps_terma(grid, mat_lo, mat_pair, rho_flat, shape, origin, spacing, unit_st
     ordered unit by unit, projection-major inside a unit)."""
     from tomodose._kernels.profiles import step_integral_table
     from tomodose._kernels.terma import edge_weights
-    from tomodose._kernels.terma_fluence import (accumulate_fluence, edge_mean_rows, slice_maps,
+    from tomodose._kernels.terma_fluence import (N_ANCHORS, accumulate_fluence, edge_mean_rows, slice_maps,
                                                  terma_from_fluence)
 
     cutoff = EDGE_CUTOFF_SIGMAS
@@ -112,6 +112,14 @@ def maps_terma(grid, mat_lo, mat_pair, rho_flat, shape, origin, spacing, unit_st
     lt = step_integral_table(s_leaf, cutoff)
     jt = step_integral_table(s_jaw, cutoff)
     leaf_d = np.ascontiguousarray(edge_weights(leaf_a))
+    if mu_anchor.shape[0] != N_ANCHORS:
+        raise RuntimeError(f"the fluence-map path traces {N_ANCHORS} anchor materials, got {mu_anchor.shape[0]}")
+    # anchor densities per voxel (rho * w of the voxel's two anchors, zeros elsewhere) for the transverse trace
+    vec = np.zeros((rho_flat.size, N_ANCHORS))
+    rows = np.arange(rho_flat.size)
+    vec[rows, mat_lo] = mat_pair[:, 0]
+    vec[rows, mat_lo + 1] += mat_pair[:, 1]
+    del rows
     n_e = leaf_d.shape[1]
     e_cache: dict = {}
 
@@ -160,7 +168,7 @@ def maps_terma(grid, mat_lo, mat_pair, rho_flat, shape, origin, spacing, unit_st
                                np.ascontiguousarray(iso[f]), np.ascontiguousarray(ex[f]),
                                np.ascontiguousarray(ez[f]), sad, u0, h_u, den_lo, dden)
             n_maps += 1
-        terma_from_fluence(fl, k0, k1, mat_lo, mat_pair, rho_flat, shape, origin, spacing,
+        terma_from_fluence(fl, k0, k1, mat_lo, mat_pair, vec, rho_flat, shape, origin, spacing,
                            np.ascontiguousarray(t_src[t]), np.ascontiguousarray(t_ex[t]),
                            np.ascontiguousarray(t_ez[t]), np.ascontiguousarray(t_iso[t]), bool(unit_transverse[t]),
                            int(unit_group[t]), float(beam.offaxis_softening_per_rad), sad, mu_anchor, ef, e_group,
