@@ -52,11 +52,19 @@ def _pos(x, x0, h, n):
     return m, t - m
 
 
+def _row(y, y0, h, n):
+    """``_pos`` with a coordinate within 1e-7 steps of a row snapped onto it (as the kernel)."""
+    t = (y - y0) / h
+    if abs(t - round(t)) < 1e-7:
+        y = y0 + round(t) * h
+    return _pos(y, y0, h, n)
+
+
 def _map_value(maps, lat, q, x, y, den):
     nk, n_y, nl, n_u = maps.shape
     k, fk = _pos(den, lat[4], lat[5], nk)
     a, fa = _pos(x, lat[0], lat[1], n_u)
-    b, fb = _pos(y, lat[2], lat[3], n_y)
+    b, fb = _row(y, lat[2], lat[3], n_y)
     total = 0.0
     for dk, wk in ((0, 1 - fk), (1, fk)):
         for db, wb in ((0, 1 - fb), (1, fb)):

@@ -219,22 +219,55 @@ def _axis_pos(x, x0, h, n):
     return m, t - m
 
 
+#: a couch coordinate within this fraction of a lattice step of a lattice row is read from that row
+#: alone (the maps' rows sit on the slices when the jaw axis is the patient z axis).
+Y_SNAP = 1e-7
+
+
+@numba.njit(inline="always")
+def _row_pos(y, y0, h, n):
+    """:func:`_axis_pos` along the couch axis, with ``y`` within :data:`Y_SNAP` steps of a row snapped
+    onto it (weight of the next row exactly 0: the voxel reads one row)."""
+    t = (y - y0) / h
+    r = math.floor(t + 0.5)
+    if abs(t - r) < Y_SNAP:
+        t = r
+    if t < 0.0:
+        t = 0.0
+    if t > n - 1:
+        t = n - 1.0
+    m = int(t)
+    if m > n - 2:
+        m = n - 2
+    return m, t - m
+
+
 @numba.njit(inline="always")
 def _map_sum(maps, lat, cq, q_min, q_max, u, yy, den):
     """``sum_q cq[q] M_q(u, yy, den)`` for ``q_min <= q <= q_max`` (bilinear in (u, yy), linear between
-    the two bracketing planes; ``lat = (u0, hu, y0, hy, den0, dden)``), and resets those ``cq``."""
+    the two bracketing planes; ``lat = (u0, hu, y0, hy, den0, dden)``; a voxel on a lattice row,
+    :func:`_row_pos`, reads that row only), and resets those ``cq``."""
     nk, n_y, nl, n_u = maps.shape
     kk, fk = _axis_pos(den, lat[4], lat[5], nk)
     a0, fa = _axis_pos(u, lat[0], lat[1], n_u)
-    b0, fb = _axis_pos(yy, lat[2], lat[3], n_y)
+    b0, fb = _row_pos(yy, lat[2], lat[3], n_y)
     w0 = 1.0 - fk
     wa0 = 1.0 - fa
     wb0 = 1.0 - fb
+    val = 0.0
+    if fb == 0.0:
+        m00 = maps[kk, b0]
+        m10 = maps[kk + 1, b0]
+        for q in range(q_min, q_max + 1):
+            x0 = wa0 * m00[q, a0] + fa * m00[q, a0 + 1]
+            x1 = wa0 * m10[q, a0] + fa * m10[q, a0 + 1]
+            val += cq[q] * (w0 * x0 + fk * x1)
+            cq[q] = 0.0
+        return val
     m00 = maps[kk, b0]
     m01 = maps[kk, b0 + 1]
     m10 = maps[kk + 1, b0]
     m11 = maps[kk + 1, b0 + 1]
-    val = 0.0
     for q in range(q_min, q_max + 1):
         x0 = wb0 * (wa0 * m00[q, a0] + fa * m00[q, a0 + 1]) + fb * (wa0 * m01[q, a0] + fa * m01[q, a0 + 1])
         x1 = wb0 * (wa0 * m10[q, a0] + fa * m10[q, a0 + 1]) + fb * (wa0 * m11[q, a0] + fa * m11[q, a0 + 1])
@@ -285,6 +318,24 @@ def _voxel_maps(maps_f, lat_f, maps_c, lat_c, cq_f, cq_c, i_lo, i_hi, s, u, yy, 
     return val
 
 
+#: the slice loops visit the slices in this many interleaved passes (``_spread``), so that each
+#: thread's contiguous share of the loop holds slices from the whole grid (the window voxels are
+#: concentrated in the slices near the target: a contiguous split leaves one thread idle).
+SPREAD = 8
+
+
+@numba.njit(inline="always")
+def _spread(m, n):
+    """Index visited at loop position ``m`` of ``n``: residues 0, 1, ... of :data:`SPREAD` in turn
+    (0, 8, 16, ..., 1, 9, ...): a permutation of ``0 .. n - 1``."""
+    q = n // SPREAD
+    rem = n - q * SPREAD  # residues r < rem hold q + 1 indices, the others q
+    big = rem * (q + 1)
+    if m < big:
+        return m % (q + 1) * SPREAD + m // (q + 1)
+    return (m - big) % q * SPREAD + rem + (m - big) // q
+
+
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
 def fluence_lookup(out, ks, js, is_, depth_t, lvl_t, rho_t, origin, spacing, s0, xg, yg, zg, t_p, dt_p, a_c, tab_c,
                    win, win_u, maps_f, lat_f, maps_c, lat_c, sad, amps, dz_tab, tail, sig, e0, w, s_leaf, s_tab,
@@ -320,7 +371,8 @@ def fluence_lookup(out, ks, js, is_, depth_t, lvl_t, rho_t, origin, spacing, s0,
     n_s = t_p.shape[0]
     free_lo = np.full(n_s, -NO_LIMIT)
     free_hi = np.full(n_s, NO_LIMIT)
-    for aa in numba.prange(ks.shape[0]):
+    for mm in numba.prange(ks.shape[0]):
+        aa = _spread(mm, ks.shape[0])
         k = ks[aa]
         ka, kb, fk_n = _node_weights(nks, k)
         cq_f = np.zeros(maps_f.shape[2])

@@ -138,9 +138,61 @@ def _lattice(lo: float, hi: float, step: float) -> tuple[float, int]:
     return lo - 0.5 * step, int(math.ceil((hi - lo) / step)) + 2
 
 
+def _y_lattice(engine, s0, yg, lo: float, hi: float, step: float) -> tuple[float, float, int]:
+    """Origin, step and size of the couch-axis lattice covering [lo, hi]. When the jaw axis is the
+    patient z axis (a voxel's couch coordinate ``Y`` depends on its slice only), the rows are the
+    slices' ``Y`` (step = slice spacing): every voxel then reads one row (no interpolation along
+    the couch axis, exact there). Otherwise :func:`_lattice` with ``step``."""
+    dz = float(engine.spacing[2])
+    nz = engine.grid.shape[0]
+    if abs(yg[0]) < 1e-12 and abs(yg[1]) < 1e-12 and abs(abs(yg[2]) - 1.0) < 1e-12 and nz >= 2:
+        ys = np.sort((engine.origin[2] + dz * np.arange(nz) - s0[2]) * yg[2])
+        sel = np.flatnonzero((ys >= lo - dz) & (ys <= hi + dz))
+        if sel.size >= 2:
+            return float(ys[sel[0]]), dz, int(sel.size)
+        if sel.size == 1:
+            m = min(int(sel[0]), nz - 2)
+            return float(ys[m]), dz, 2
+    y0, n = _lattice(lo, hi, step)
+    return y0, step, n
+
+
 def _planes(den_lo: float, den_hi: float, spacing: float) -> tuple[int, float]:
     n = max(2, int(math.ceil((den_hi - den_lo) / spacing)) + 1)
     return n, ((den_hi - den_lo) / (n - 1) if den_hi > den_lo else 1.0)
+
+
+def _uniform_part(engine, a_proj: np.ndarray) -> np.ndarray:
+    """Per projection, the leaf weight ``b_p`` shared by every leaf that is carried on the coarse maps
+    only: ``min(min_i a_pi, t)`` with ``t`` the beam model's closed-leaf transmission (0 without one).
+
+    With ``leaf_model="beam"`` a leaf's output is ``open_i + t (1 - f_i)``, so every closed leaf is a
+    source of ``t``; writing it as ``[open_i - t f_i] + t`` leaves a remainder that is nonzero on the
+    open leaves only (the fine window stays around them) plus a uniform fan ``t`` whose dose is smooth
+    and small (0.5 % of the open output): the coarse level carries it (all Gaussians at every
+    ``far_field_step``-th voxel, interpolated trilinearly). The remainder is >= 0 (``b_p`` is at most
+    the projection's smallest weight)."""
+    t = float(getattr(engine.beam, "leaf_transmission", 0.0) or 0.0)
+    if t <= 0.0 or a_proj.size == 0:
+        return np.zeros(a_proj.shape[0])
+    return np.maximum(np.minimum(a_proj.min(axis=1), t), 0.0)
+
+
+def _uniform_geometry(engine, base: np.ndarray, s: np.ndarray, full_tab: np.ndarray) -> tuple:
+    """:func:`tomodose.transport.pencil_beam._cluster_geometry` of the uniform part (every leaf of
+    sample ``p`` with the weight ``base`` of its projection; aperture tables ``b_p`` x the open fan's)."""
+    s0 = np.ascontiguousarray(engine.src[s[0]])
+    xg = np.ascontiguousarray(engine.xg[s[0]])
+    yg = np.ascontiguousarray(engine.yg[s[0]])
+    zg = np.ascontiguousarray(engine.zg[s[0]])
+    t_p = np.ascontiguousarray((engine.src[s] - s0) @ yg)
+    dt_p = np.ascontiguousarray(engine.dt[s], dtype=np.float64)
+    b = base[engine.proj[s]]
+    a_c = np.ascontiguousarray(np.repeat(b[:, None], engine.n_leaves, axis=1))
+    tab_c = np.ascontiguousarray(b[:, None] * full_tab[None, :])
+    half = 0.5 * engine.n_leaves * engine.w
+    lo = np.full(s.size, -half)
+    return (s0, xg, yg, zg, t_p, dt_p, a_c, tab_c, lo, -lo)
 
 
 def fluence_dose(engine, a_proj: np.ndarray, progress, far_field_step: int, threshold: float) -> np.ndarray:
@@ -182,38 +234,59 @@ def fluence_dose(engine, a_proj: np.ndarray, progress, far_field_step: int, thre
     hu, hy, hc = FLUENCE_U_STEP_MM, FLUENCE_Y_STEP_MM, FLUENCE_COARSE_STEP_MM
     scratch = _Scratch()
     n_clusters = 0
-    for _g, _active, depth, samples in _active_groups(engine, a_proj, progress):
+    base = _uniform_part(engine, a_proj)
+    a_open = np.ascontiguousarray(a_proj - base[:, None])
+
+    def coarse_setup(geo):
+        """Distance range, medium ends, voxel box and coarse maps of one cluster."""
+        s0, xg, yg, zg, t_p = geo[:5]
+        d = corners - s0
+        dens = -(d @ zg)
+        den_lo, den_hi = float(dens.min()), float(dens.max())
+        sc_min = engine.sad / den_hi
+        ends, y_end_lo, y_end_hi = _medium_ends(engine, s0, yg, t_p, sc_min)
+        bu2 = (0.5 * vavg * float(np.linalg.norm(xg * engine.spacing))) ** 2 / 3.0
+        bv2 = (0.5 * vavg * float(np.linalg.norm(yg * engine.spacing))) ** 2 / 3.0
+        # coarse maps: the whole grid (u is extreme at the corners: linear-fractional in the position)
+        u_c = engine.sad * (d @ xg) / dens
+        y_c = d @ yg
+        u0c, n_uc = _lattice(float(u_c.min()), float(u_c.max()), hc)
+        y0c, hyc, n_yc = _y_lattice(engine, s0, yg, float(y_c.min()), float(y_c.max()), hc)
+        n_kc, ddc = _planes(den_lo, den_hi, FLUENCE_COARSE_PLANE_MM)
+        lat_c = np.array([u0c, hc, y0c, hyc, den_lo, ddc])
+        maps_c = _build_maps(lat_c, n_uc, n_yc, n_kc, w2, geo, engine, bu2, bv2, scratch, "maps_c",
+                             (y_end_lo, y_end_hi))
+        return den_lo, den_hi, sc_min, ends, (y_end_lo, y_end_hi), bu2, bv2, maps_c, lat_c
+
+    if np.any(base > 0.0):
+        # the uniform part (closed-leaf transmission): coarse level only, every Gaussian at every node
+        full_tab = np.ascontiguousarray(engine.btab.sum(axis=0))
+        no_win = np.array([0.0, 1.0, 1.0, 0.0, 0.0])
+        no_win_u = np.array([[1.0, 0.0]])
+        a_uni = np.ascontiguousarray(np.repeat(base[:, None], a_proj.shape[1], axis=1))
+        for _g, _active, depth, samples in _active_groups(engine, a_uni, progress):
+            for members in _clusters(engine, samples):
+                geo = _uniform_geometry(engine, base, samples[members], full_tab)
+                s0, xg, yg, zg, t_p, dt_p, a_c, tab_c = geo[:8]
+                _, _, _, ends, _, _, _, maps_c, lat_c = coarse_setup(geo)
+                coarse_lookup(values, *nodes, depth, lvl_t, engine.rho_t, engine.origin, engine.spacing, s0, xg, yg,
+                              zg, t_p, dt_p, a_c, tab_c, no_win, no_win_u, 0, maps_c, lat_c, *par, ends)
+    for _g, _active, depth, samples in _active_groups(engine, a_open, progress):
         for members in _clusters(engine, samples):
             s = samples[members]
-            geo = _cluster_geometry(engine, a_proj, s, centres)
+            geo = _cluster_geometry(engine, a_open, s, centres)
             n_clusters += 1
             s0, xg, yg, zg, t_p, dt_p, a_c, tab_c, u_lo_p, u_hi_p = geo
-            d = corners - s0
-            dens = -(d @ zg)
-            den_lo, den_hi = float(dens.min()), float(dens.max())
-            sc_min = engine.sad / den_hi
+            den_lo, den_hi, sc_min, ends, y_ends, bu2, bv2, maps_c, lat_c = coarse_setup(geo)
             win, win_u = _window_rows(t_p, u_lo_p, u_hi_p, engine.jaw_h / sc_min + r_v, r_u, widen, FLUENCE_ROW_MM)
-            ends, y_end_lo, y_end_hi = _medium_ends(engine, s0, yg, t_p, sc_min)
-            bu2 = (0.5 * vavg * float(np.linalg.norm(xg * engine.spacing))) ** 2 / 3.0
-            bv2 = (0.5 * vavg * float(np.linalg.norm(yg * engine.spacing))) ** 2 / 3.0
-            # coarse maps: the whole grid (u is extreme at the corners: linear-fractional in the position)
-            u_c = engine.sad * (d @ xg) / dens
-            y_c = d @ yg
-            u0c, n_uc = _lattice(float(u_c.min()), float(u_c.max()), hc)
-            y0c, n_yc = _lattice(float(y_c.min()), float(y_c.max()), hc)
-            n_kc, ddc = _planes(den_lo, den_hi, FLUENCE_COARSE_PLANE_MM)
-            lat_c = np.array([u0c, hc, y0c, hc, den_lo, ddc])
-            maps_c = _build_maps(lat_c, n_uc, n_yc, n_kc, w2, geo, engine, bu2, bv2, scratch, "maps_c",
-                                (y_end_lo, y_end_hi))
             vals_c = np.zeros_like(values)
             coarse_lookup(vals_c, *nodes, depth, lvl_t, engine.rho_t, engine.origin, engine.spacing, s0, xg, yg, zg,
                           t_p, dt_p, a_c, tab_c, win, win_u, n0, maps_c, lat_c, *par, ends)
             u0, n_u = _lattice(win[2], win[3], hu)
-            y0, n_y = _lattice(win[0], win[0] + win[1] * win_u.shape[0], hy)
+            y0, hy_f, n_y = _y_lattice(engine, s0, yg, win[0], win[0] + win[1] * win_u.shape[0], hy)
             n_k, dden = _planes(den_lo, den_hi, FLUENCE_PLANE_MM)
-            lat_f = np.array([u0, hu, y0, hy, den_lo, dden])
-            maps_f = _build_maps(lat_f, n_u, n_y, n_k, w2_f, geo, engine, bu2, bv2, scratch, "maps_f",
-                                (y_end_lo, y_end_hi))
+            lat_f = np.array([u0, hu, y0, hy_f, den_lo, dden])
+            maps_f = _build_maps(lat_f, n_u, n_y, n_k, w2_f, geo, engine, bu2, bv2, scratch, "maps_f", y_ends)
             fluence_lookup(dose, *fine, depth, lvl_t, engine.rho_t, engine.origin, engine.spacing, s0, xg, yg, zg,
                            t_p, dt_p, a_c, tab_c, win, win_u, maps_f, lat_f, maps_c, lat_c, *par, ends, vals_c,
                            *nodes)
