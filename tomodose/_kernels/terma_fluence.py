@@ -260,12 +260,6 @@ def trace_plane_anchors(ny, nx, ox, oy, dx, dy, i, j, base, x1, y1, vec, acc):
         day = big
         sj = 0
         nj = 0
-    # the ray leaves the grid at the last plane of either axis, or ends at the point
-    a_max = 1.0
-    if si != 0:
-        a_max = min(a_max, nax + ni * dax)
-    if sj != 0:
-        a_max = min(a_max, nay + nj * day)
     a0 = 0.0
     a1 = 0.0
     a2 = 0.0
@@ -274,17 +268,13 @@ def trace_plane_anchors(ny, nx, ox, oy, dx, dy, i, j, base, x1, y1, vec, acc):
     a5 = 0.0
     v = base + j * nx + i
     a_cur = 0.0
+    # ends at the point (alpha = 1) or where the ray leaves the grid: a crossing with no voxel
+    # left along its axis (counters, as trace_pairs_from_voxel: never an index outside the grid)
     while True:
-        if nax <= nay:
-            a_next = nax
-            step = si
-            nax += dax
-        else:
-            a_next = nay
-            step = sj
-            nay += day
-        if a_next > a_max:
-            a_next = a_max
+        along_x = nax <= nay
+        a_next = nax if along_x else nay
+        if a_next > 1.0:
+            a_next = 1.0
         seg = (a_next - a_cur) * length
         a0 += seg * vec[v, 0]
         a1 += seg * vec[v, 1]
@@ -292,10 +282,21 @@ def trace_plane_anchors(ny, nx, ox, oy, dx, dy, i, j, base, x1, y1, vec, acc):
         a3 += seg * vec[v, 3]
         a4 += seg * vec[v, 4]
         a5 += seg * vec[v, 5]
-        if a_next >= a_max:
+        if a_next >= 1.0:
             break
         a_cur = a_next
-        v += step
+        if along_x:
+            if ni == 0:
+                break
+            ni -= 1
+            v += si
+            nax += dax
+        else:
+            if nj == 0:
+                break
+            nj -= 1
+            v += sj
+            nay += day
     acc[0] += a0
     acc[1] += a1
     acc[2] += a2
