@@ -44,7 +44,8 @@ def fluence_profiles(lu, jy, jy_first, u0, hu, y0, hy, den0, dden, w2_lev, t_p, 
                      u_max, eps, s_jaw, y_end_lo, y_end_hi):
     """One-dimensional profiles of the maps (see the module docstring).
 
-    ``lu`` (nk, n_p, nl, nU): ``L_p(U_a)``; ``jy`` (nk, n_p, nY, nl): ``dt_p J(...) / (1 + ...)``, values
+    ``lu`` (nk, n_p, nl, nU): ``L_p(U_a)`` (or (nk, 1, nl, nU): ``L_0`` only, for samples that share
+    their leaf weights, :func:`fluence_accumulate_shared`); ``jy`` (nk, n_p, nY, nl): ``dt_p J(...) / (1 + ...)``, values
     below ``eps`` times the largest of their (k, p, level) set to 0. ``jy_first`` (nk, n_p, nY): first
     level with a nonzero ``jy`` (``nl``: none; wider levels reach farther, so the nonzero levels of a
     row are a suffix). ``L_p`` of a total width below ``s_tab``: the leaf edges' error functions
@@ -55,7 +56,8 @@ def fluence_profiles(lu, jy, jy_first, u0, hu, y0, hy, den0, dden, w2_lev, t_p, 
     :func:`tomodose._kernels.pencil_beam._medium_cut` (its ends are ``(y_end - t_p) c`` in ``v``,
     independent of the voxel). Parallel over (plane, level).
     """
-    nk, n_p, nl, n_u = lu.shape
+    nk, n_pl, nl, n_u = lu.shape
+    n_p = t_p.shape[0]
     n_y = jy.shape[2]
     n_leaves = a_c.shape[1]
     for kj in numba.prange(nk * nl):
@@ -79,7 +81,7 @@ def fluence_profiles(lu, jy, jy_first, u0, hu, y0, hy, den0, dden, w2_lev, t_p, 
                     m_hi = n_leaves
                 for m in range(m_lo, m_hi + 1):
                     edge[m] = _phi((u - (e0 + m * w)) * isu, phi)
-                for p in range(n_p):
+                for p in range(n_pl):
                     ap = a_c[p]
                     # edges below m_lo are saturated (Phi = 1): their jumps sum to a[m_lo - 1]
                     total = ap[m_lo - 1] if 1 <= m_lo <= n_leaves else 0.0
@@ -91,7 +93,7 @@ def fluence_profiles(lu, jy, jy_first, u0, hu, y0, hy, den0, dden, w2_lev, t_p, 
                     lu[k, p, j, a] = total
         else:
             q = (math.log2(su) - log2_s0) * lpo
-            for p in range(n_p):
+            for p in range(n_pl):
                 for a in range(n_u):
                     lu[k, p, j, a] = _leaf_table(u0 + a * hu, q, tab_c[p], lev_off, lev_h, lev_n, u_max)
         isv = 1.0 / sv
@@ -166,6 +168,27 @@ def fluence_accumulate(maps, lu, jy, jy_first):
                 mrow = m[j]
                 for a in range(n_u):
                     mrow[a] += c * lrow[a]
+
+
+@numba.njit(**NUMBA_PARALLEL_OPTIONS)
+def fluence_accumulate_shared(maps, lu, jy):
+    """:func:`fluence_accumulate` for samples sharing one leaf profile ``lu[:, 0]`` (the uniform fan of
+    the closed-leaf transmission: the samples differ by their couch offset and weight only):
+    ``maps[k, b, j, a] = lu[k, 0, j, a] sum_p jy[k, p, b, j]`` (overwritten; the sum over ``p`` in
+    order). Parallel over (plane, Y row)."""
+    nk, n_y, nl, n_u = maps.shape
+    n_p = jy.shape[1]
+    for kb in numba.prange(nk * n_y):
+        k = kb // n_y
+        b = kb % n_y
+        for j in range(nl):
+            c = 0.0
+            for p in range(n_p):
+                c += jy[k, p, b, j]
+            lrow = lu[k, 0, j]
+            mrow = maps[k, b, j]
+            for a in range(n_u):
+                mrow[a] = c * lrow[a]
 
 
 @numba.njit(inline="always")
@@ -336,6 +359,80 @@ def _spread(m, n):
     return (m - big) % q * SPREAD + rem + (m - big) // q
 
 
+@numba.njit(inline="always")
+def _level_sum(maps, lat, amp, i_a, i_b, s0, fq, u, yy, den):
+    """``sum_{i_a <= i < i_b} amp[i] ((1 - fq) M(i + s0) + fq M(i + s0 + 1))`` on ``maps`` (as
+    :func:`_map_sum`): one pass over the levels ``i_a + s0 .. i_b + s0``, each read once with the
+    weight ``(1 - fq) amp[i] + fq amp[i - 1]`` (the Gaussians share the level fraction ``fq``)."""
+    if i_b <= i_a:
+        return 0.0
+    nk, n_y, nl, n_u = maps.shape
+    kk, fk = _axis_pos(den, lat[4], lat[5], nk)
+    a0, fa = _axis_pos(u, lat[0], lat[1], n_u)
+    b0, fb = _row_pos(yy, lat[2], lat[3], n_y)
+    g = 1.0 - fq
+    val = 0.0
+    prev = 0.0
+    if fb == 0.0:
+        m0 = maps[kk, b0]
+        m1 = maps[kk + 1, b0]
+        w00 = (1.0 - fk) * (1.0 - fa)
+        w01 = (1.0 - fk) * fa
+        w10 = fk * (1.0 - fa)
+        w11 = fk * fa
+        for i in range(i_a, i_b + 1):
+            cur = amp[i] if i < i_b else 0.0
+            c = g * cur + fq * prev
+            prev = cur
+            q = i + s0
+            val += c * (w00 * m0[q, a0] + w01 * m0[q, a0 + 1] + w10 * m1[q, a0] + w11 * m1[q, a0 + 1])
+        return val
+    m00 = maps[kk, b0]
+    m01 = maps[kk, b0 + 1]
+    m10 = maps[kk + 1, b0]
+    m11 = maps[kk + 1, b0 + 1]
+    w0 = 1.0 - fk
+    wa0 = 1.0 - fa
+    wb0 = 1.0 - fb
+    for i in range(i_a, i_b + 1):
+        cur = amp[i] if i < i_b else 0.0
+        c = g * cur + fq * prev
+        prev = cur
+        q = i + s0
+        x0 = wb0 * (wa0 * m00[q, a0] + fa * m00[q, a0 + 1]) + fb * (wa0 * m01[q, a0] + fa * m01[q, a0 + 1])
+        x1 = wb0 * (wa0 * m10[q, a0] + fa * m10[q, a0 + 1]) + fb * (wa0 * m11[q, a0] + fa * m11[q, a0 + 1])
+        val += c * (w0 * x0 + fk * x1)
+    return val
+
+
+@numba.njit(inline="always")
+def _voxel_levels(maps_f, lat_f, maps_c, lat_c, cq_f, cq_c, amp, i_lo, i_hi, s, u, yy, den, amps, tail, k0, f, ext):
+    """:func:`_voxel_maps` (same value, other rounding order) in one pass per map set: the
+    amplitudes of all Gaussians first (``amp`` scratch, negative ones as 0), then the fine levels of
+    the Gaussians ``i < nl_f - 1 - floor(s)`` and the coarse levels of the rest. Levels outside the
+    maps (clamped in :func:`_voxel_maps`) fall back to it."""
+    nl_f = maps_f.shape[2]
+    nl_c = maps_c.shape[2]
+    s0 = int(math.floor(s))
+    if s0 < 0 or s0 + i_hi > nl_c - 1 or i_hi <= i_lo:
+        return _voxel_maps(maps_f, lat_f, maps_c, lat_c, cq_f, cq_c, i_lo, i_hi, s, u, yy, den, amps, tail, k0, f,
+                           ext)
+    fq = s - s0
+    for i in range(i_lo, i_hi):
+        a = amps[k0, i] + f * (amps[k0 + 1, i] - amps[k0, i])
+        amp[i] = a if a > 0.0 else 0.0
+    if ext > 0.0:
+        for i in range(i_lo, i_hi):
+            amp[i] *= tail[i] ** ext
+    i_f = nl_f - 1 - s0
+    if i_f < i_lo:
+        i_f = i_lo
+    if i_f > i_hi:
+        i_f = i_hi
+    return (_level_sum(maps_f, lat_f, amp, i_lo, i_f, s0, fq, u, yy, den)
+            + _level_sum(maps_c, lat_c, amp, i_f, i_hi, s0, fq, u, yy, den))
+
+
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
 def fluence_lookup(out, ks, js, is_, depth_t, lvl_t, rho_t, origin, spacing, s0, xg, yg, zg, t_p, dt_p, a_c, tab_c,
                    win, win_u, maps_f, lat_f, maps_c, lat_c, sad, amps, dz_tab, tail, sig, e0, w, s_leaf, s_tab,
@@ -377,6 +474,7 @@ def fluence_lookup(out, ks, js, is_, depth_t, lvl_t, rho_t, origin, spacing, s0,
         ka, kb, fk_n = _node_weights(nks, k)
         cq_f = np.zeros(maps_f.shape[2])
         cq_c = np.zeros(maps_c.shape[2])
+        amp_l = np.zeros(n_g)
         (amp_v, isv_v, hj_v, su2_v, lu_v, lu_i, kind_v, lam_v, l0_v, nl_v,
          tb_v) = cluster_row_scratch(n_g)
         pz = origin[2] + k * spacing[2]
@@ -421,8 +519,8 @@ def fluence_lookup(out, ks, js, is_, depth_t, lvl_t, rho_t, origin, spacing, s0,
                     continue
                 off, hsoft, k0, f, ext = _offaxis_and_depth(u, sad, soft, offc, depth_t[j, ii, k], dz_tab,
                                                             amps.shape[0])
-                val = _voxel_maps(maps_f, lat_f, maps_c, lat_c, cq_f, cq_c, 0, n_g, lvl_t[j, ii, k], u, yy, den, amps,
-                                  tail, k0, f, ext)
+                val = _voxel_levels(maps_f, lat_f, maps_c, lat_c, cq_f, cq_c, amp_l, 0, n_g, lvl_t[j, ii, k], u, yy,
+                                    den, amps, tail, k0, f, ext)
                 out[aa, bb, cc] += val * hsoft * off * sad * sad / (den * den + xx * xx)
 
 
@@ -450,6 +548,7 @@ def coarse_lookup(out, ks, js, is_, depth_t, lvl_t, rho_t, origin, spacing, s0, 
         k = ks[aa]
         cq_f = np.zeros(0)
         cq_c = np.zeros(maps_c.shape[2])
+        amp_l = np.zeros(n_g)
         (amp_v, isv_v, hj_v, su2_v, lu_v, lu_i, kind_v, lam_v, l0_v, nl_v,
          tb_v) = cluster_row_scratch(n_g)
         pz = origin[2] + k * spacing[2]
@@ -482,7 +581,7 @@ def coarse_lookup(out, ks, js, is_, depth_t, lvl_t, rho_t, origin, spacing, s0, 
                     continue
                 off, hsoft, k0, f, ext = _offaxis_and_depth(u, sad, soft, offc, depth_t[j, ii, k], dz_tab,
                                                             amps.shape[0])
-                val = _voxel_maps(empty, lat_c, maps_c, lat_c, cq_f, cq_c, g_lo, n_g, lvl_t[j, ii, k], u, yy, den,
+                val = _voxel_levels(empty, lat_c, maps_c, lat_c, cq_f, cq_c, amp_l, g_lo, n_g, lvl_t[j, ii, k], u, yy, den,
                                   amps, tail, k0, f, ext)
                 out[aa, bb, cc] += val * hsoft * off * sad * sad / (den * den + xx * xx)
 

@@ -114,14 +114,18 @@ def _medium_ends(engine, s0, yg, t_p, sc_min: float) -> tuple[bool, float, float
     return check, -NO_LIMIT, NO_LIMIT
 
 
-def _build_maps(lat, n_u, n_y, n_k, w2, geo, engine, bu2, bv2, scratch, tag, y_ends):
-    """Maps (n_k, n_y, len(w2), n_u) of one cluster on the lattice ``lat = (u0, hu, y0, hy, den0, dden)``."""
-    from tomodose._kernels.pb_fluence import fluence_accumulate, fluence_profiles
+def _build_maps(lat, n_u, n_y, n_k, w2, geo, engine, bu2, bv2, scratch, tag, y_ends, shared=None):
+    """Maps (n_k, n_y, len(w2), n_u) of one cluster on the lattice ``lat = (u0, hu, y0, hy, den0, dden)``.
+    ``shared = (a_1, tab_1, dt_1)``: every sample has the leaf weights ``a_1`` (1, n_leaves) times its
+    own factor (in ``dt_1``): one leaf profile for all (:func:`fluence_accumulate_shared`)."""
+    from tomodose._kernels.pb_fluence import fluence_accumulate, fluence_accumulate_shared, fluence_profiles
     from tomodose.transport.pencil_beam import LEVELS_PER_OCTAVE, S_TAB_MM
 
     s0, xg, yg, zg, t_p, dt_p, a_c, tab_c, u_lo_p, u_hi_p = geo
+    if shared is not None:
+        a_c, tab_c, dt_p = shared
     n_p, nl = t_p.size, w2.size
-    lu = scratch.get("lu", (n_k, n_p, nl, n_u))
+    lu = scratch.get("lu", (n_k, a_c.shape[0] if shared is not None else n_p, nl, n_u))
     jy = scratch.get("jy", (n_k, n_p, n_y, nl))
     jy_first = scratch.get("jy_first", (n_k, n_p, n_y), np.int64)
     fluence_profiles(lu, jy, jy_first, lat[0], lat[1], lat[2], lat[3], lat[4], lat[5], w2, t_p, dt_p, a_c, tab_c,
@@ -129,7 +133,10 @@ def _build_maps(lat, n_u, n_y, n_k, w2, geo, engine, bu2, bv2, scratch, tag, y_e
                      engine.phi, engine.cphi, S_TAB_MM, engine.lev_off, 1.0 / engine.lev_h, engine.lev_n,
                      engine.log2_s0, float(LEVELS_PER_OCTAVE), engine.u_max, FLUENCE_EPS, engine.s_jaw, *y_ends)
     maps = scratch.get(tag, (n_k, n_y, nl, n_u))
-    fluence_accumulate(maps, lu, jy, jy_first)
+    if shared is not None:
+        fluence_accumulate_shared(maps, lu, jy)
+    else:
+        fluence_accumulate(maps, lu, jy, jy_first)
     return maps
 
 
@@ -237,7 +244,7 @@ def fluence_dose(engine, a_proj: np.ndarray, progress, far_field_step: int, thre
     base = _uniform_part(engine, a_proj)
     a_open = np.ascontiguousarray(a_proj - base[:, None])
 
-    def coarse_setup(geo):
+    def coarse_setup(geo, shared=None):
         """Distance range, medium ends, voxel box and coarse maps of one cluster."""
         s0, xg, yg, zg, t_p = geo[:5]
         d = corners - s0
@@ -255,12 +262,13 @@ def fluence_dose(engine, a_proj: np.ndarray, progress, far_field_step: int, thre
         n_kc, ddc = _planes(den_lo, den_hi, FLUENCE_COARSE_PLANE_MM)
         lat_c = np.array([u0c, hc, y0c, hyc, den_lo, ddc])
         maps_c = _build_maps(lat_c, n_uc, n_yc, n_kc, w2, geo, engine, bu2, bv2, scratch, "maps_c",
-                             (y_end_lo, y_end_hi))
+                             (y_end_lo, y_end_hi), shared)
         return den_lo, den_hi, sc_min, ends, (y_end_lo, y_end_hi), bu2, bv2, maps_c, lat_c
 
     if np.any(base > 0.0):
         # the uniform part (closed-leaf transmission): coarse level only, every Gaussian at every node
         full_tab = np.ascontiguousarray(engine.btab.sum(axis=0))
+        ones = np.ones((1, a_proj.shape[1]))
         no_win = np.array([0.0, 1.0, 1.0, 0.0, 0.0])
         no_win_u = np.array([[1.0, 0.0]])
         a_uni = np.ascontiguousarray(np.repeat(base[:, None], a_proj.shape[1], axis=1))
@@ -268,7 +276,8 @@ def fluence_dose(engine, a_proj: np.ndarray, progress, far_field_step: int, thre
             for members in _clusters(engine, samples):
                 geo = _uniform_geometry(engine, base, samples[members], full_tab)
                 s0, xg, yg, zg, t_p, dt_p, a_c, tab_c = geo[:8]
-                _, _, _, ends, _, _, _, maps_c, lat_c = coarse_setup(geo)
+                shared = (ones, full_tab[None, :], np.ascontiguousarray(dt_p * a_c[:, 0]))
+                _, _, _, ends, _, _, _, maps_c, lat_c = coarse_setup(geo, shared)
                 coarse_lookup(values, *nodes, depth, lvl_t, engine.rho_t, engine.origin, engine.spacing, s0, xg, yg,
                               zg, t_p, dt_p, a_c, tab_c, no_win, no_win_u, 0, maps_c, lat_c, *par, ends)
     for _g, _active, depth, samples in _active_groups(engine, a_open, progress):
