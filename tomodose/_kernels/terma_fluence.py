@@ -313,7 +313,8 @@ def terma_from_fluence(fl, k_lo, k_hi, mat_lo, mat_pair, vec, rho, shape, origin
     ``total`` and ``per_group[g]`` (in place) for the voxels of slices ``[k_lo, k_hi)`` with
     ``fl > 0``. Attenuation, softening and spectral sums exactly as ``terma_units``: trace from the
     voxel centre to ``t_src`` (``transverse``: moved along z to the voxel's plane), softening from
-    the unit geometry ``t_ex, t_ez, t_iso``; a transverse trace walks ``vec`` (nvox, 6) anchor densities
+    the unit geometry ``t_ex, t_ez, t_iso`` (``e_group`` non-decreasing: the lines in energy order,
+    each energy group a contiguous range); a transverse trace walks ``vec`` (nvox, 6) anchor densities
     (:func:`trace_plane_anchors`, needs 6 anchors), the other the index/pair form. Parallel over
     rows (k, j)."""
     nz, ny, nx = shape[0], shape[1], shape[2]
@@ -326,12 +327,18 @@ def terma_from_fluence(fl, k_lo, k_hi, mat_lo, mat_pair, vec, rho, shape, origin
     for c in range(m):
         for e in range(n_e):
             ef_mu[c, e] = ef[e] * mu_anchor[c, e]
+    mu01 = 0.1 * mu_anchor
+    g_first = np.zeros(n_ge + 1, dtype=np.int64)
+    for e in range(n_e):
+        g_first[e_group[e] + 1] = e + 1
+    for q in range(1, n_ge + 1):
+        if g_first[q] < g_first[q - 1]:
+            g_first[q] = g_first[q - 1]
     nrows = (k_hi - k_lo) * ny
     for r in numba.prange(nrows):
         k = k_lo + r // ny
         j = r % ny
         acc = np.empty(m)
-        used = np.empty(m, dtype=np.int64)
         gsum = np.empty(n_ge)
         expo = np.empty(n_e)
         lines = np.empty(n_e)
@@ -354,42 +361,35 @@ def terma_from_fluence(fl, k_lo, k_hi, mat_lo, mat_pair, vec, rho, shape, origin
             else:
                 trace_pairs_from_voxel(nz, ny, nx, ox, oy, oz, dx, dy, dz, i, j, k, t_src[0], t_src[1], tz, mat_lo,
                                        mat_pair, acc)
-            n_used = 0
-            for c in range(m):
-                if acc[c] != 0.0:
-                    used[n_used] = c
-                    n_used += 1
             flat = (k * ny + j) * nx + i
             rv = rho[flat]
             lo_here = mat_lo[flat]
             w_lo = 1.0
             w_hi = 0.0
             if rv > 0.0:
-                w_lo = mat_pair[flat, 0] / rv
-                w_hi = mat_pair[flat, 1] / rv
+                inv = 1.0 / rv
+                w_lo = mat_pair[flat, 0] * inv
+                w_hi = mat_pair[flat, 1] * inv
             else:
                 lo_here = air_index
             for e in range(n_e):
                 expo[e] = 0.0
-            for q in range(n_used):
-                c = used[q]
-                fq = 0.1 * h * acc[c]
-                for e in range(n_e):
-                    expo[e] += fq * mu_anchor[c, e]
+            for c in range(m):
+                fq = h * acc[c]
+                if fq != 0.0:
+                    for e in range(n_e):
+                        expo[e] += fq * mu01[c, e]
             ef_lo = ef_mu[lo_here]
             ef_hi = ef_mu[lo_here + 1]
             for e in range(n_e):
-                lines[e] = h * (w_lo * ef_lo[e] + w_hi * ef_hi[e]) * _exp_neg(expo[e])
+                lines[e] = (w_lo * ef_lo[e] + w_hi * ef_hi[e]) * _exp_neg(expo[e])
             tsum = 0.0
-            for e in range(n_e):
-                tsum += lines[e]
-            if n_ge > 1:
-                for q in range(n_ge):
-                    gsum[q] = 0.0
-                for e in range(n_e):
-                    gsum[e_group[e]] += lines[e]
-            else:
-                gsum[0] = tsum
+            for q in range(n_ge):
+                sq = 0.0
+                for e in range(g_first[q], g_first[q + 1]):
+                    sq += lines[e]
+                gsum[q] = h * sq
+                tsum += gsum[q]
             total[k, j, i] += f * tsum
             for q in range(n_ge):
                 per_group[g, q, k, j, i] += f * gsum[q]
