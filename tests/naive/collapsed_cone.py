@@ -159,7 +159,7 @@ def contract_sources(terma, weights):
     return np.einsum("jgk,gv->jkv", np.asarray(weights, float), np.asarray(terma, float))
 
 
-def shared_direction_dose(terma_groups, beam_directions, rho, spacing_mm, kernel, rings, n_directions):
+def shared_direction_dose(terma_groups, beam_directions, rho, spacing_mm, kernel, rings, n_directions, terms=None):
     """Twin of :func:`tomodose.transport.collapsed_cone.shared_direction_dose` (float64).
 
     ``terma_groups`` (G, nz, ny, nx), or (G, E, nz, ny, nx) with the group amplitudes of an
@@ -197,12 +197,15 @@ def shared_direction_dose(terma_groups, beam_directions, rho, spacing_mm, kernel
             best = max(range(n_directions), key=lambda i: float(dirs[d] @ fixed[i]))
             weights[best, g] += amps_e[e][ring[d]]
     rates = np.asarray(kernel.rates_per_cm)
+    if terms is not None:  # only these exponential terms (indices into the kernel's rates)
+        terms = np.asarray(terms, dtype=int)
+        weights, rates = weights[:, :, terms], rates[terms]
     dose = np.zeros(terma_groups.shape[1:])
     for i in range(n_directions):
         if not weights[i].any():
             continue
         src = np.einsum("gk,gzyx->zyxk", weights[i], terma_groups)
-        mark = src.sum(axis=-1)
+        mark = np.abs(src).sum(axis=-1)  # emitting voxels (signed build-up term sources)
         def amplitudes_of(v, src=src, mark=mark):
             return src[v] / mark[v]
 
@@ -256,3 +259,53 @@ def sampled_superposition(terma, shape, spacing_mm, kernel, beam_direction, n_sa
         ok = (ii >= 0) & (ii < shape[2]) & (jj >= 0) & (jj < shape[1]) & (kk >= 0) & (kk < shape[0])
         np.add.at(out, (kk[ok], jj[ok], ii[ok]), 1.0)
     return out * (released * emitted.sum() / vox.size)
+
+
+def contract_sources_sparse(terma, ptr, rows, vals, n_j, n_k):
+    """Twin of the sparse contraction: out[j, k] = sum over the entries of (j, k) of vals x terma[rows]."""
+    out = np.zeros((n_j, n_k, np.asarray(terma).shape[1]))
+    for j in range(n_j):
+        for k in range(n_k):
+            for e in range(ptr[j * n_k + k], ptr[j * n_k + k + 1]):
+                out[j, k] += vals[e] * np.asarray(terma[rows[e]], float)
+    return out
+
+
+def coarse_grid_values(terma, rho, f):
+    """Twin of coarse_density + coarse_sources: per f x f x f block (the blocks at the far faces
+    hold what is left) the mean density and the mass-weighted mean of each row of ``terma``."""
+    rho = np.asarray(rho, float)
+    nz, ny, nx = rho.shape
+    shape_c = tuple(-(-n // f) for n in rho.shape)
+    rho_c = np.zeros(shape_c)
+    t_c = np.zeros((terma.shape[0],) + shape_c)
+    for kc in range(shape_c[0]):
+        for jc in range(shape_c[1]):
+            for ic in range(shape_c[2]):
+                block = (slice(kc * f, kc * f + f), slice(jc * f, jc * f + f), slice(ic * f, ic * f + f))
+                r = rho[block]
+                rho_c[kc, jc, ic] = r.mean()
+                if r.sum() > 0:
+                    for q in range(terma.shape[0]):
+                        t_c[q, kc, jc, ic] = (r * np.asarray(terma[q], float)[block]).sum() / r.sum()
+    return rho_c, t_c
+
+
+def prolong(coarse, fine_shape, f):
+    """Twin of prolong_add: trilinear interpolation of ``coarse`` at the fine voxel centres
+    (coarse cell c centred at fine index c f + (f - 1) / 2), constant beyond the outer centres."""
+    axes = []
+    for n, nc in zip(fine_shape, coarse.shape):
+        pos = np.clip((np.arange(n) - 0.5 * (f - 1)) / f, 0, nc - 1)
+        axes.append(pos)
+    out = np.zeros(fine_shape)
+    for kz, z in enumerate(axes[0]):
+        for jy, y in enumerate(axes[1]):
+            for ix, x in enumerate(axes[2]):
+                val = 0.0
+                for cz, wz in ((int(np.floor(z)), 1 - (z - np.floor(z))), (min(int(np.floor(z)) + 1, coarse.shape[0] - 1), z - np.floor(z))):
+                    for cy, wy in ((int(np.floor(y)), 1 - (y - np.floor(y))), (min(int(np.floor(y)) + 1, coarse.shape[1] - 1), y - np.floor(y))):
+                        for cx, wx in ((int(np.floor(x)), 1 - (x - np.floor(x))), (min(int(np.floor(x)) + 1, coarse.shape[2] - 1), x - np.floor(x))):
+                            val += wz * wy * wx * coarse[cz, cy, cx]
+                out[kz, jy, ix] = val
+    return out

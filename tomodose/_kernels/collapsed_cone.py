@@ -555,3 +555,222 @@ def contract_sources(terma, weights, out):
             for k in range(n_k):
                 for v in range(lo, hi):
                     out[j, k, v] = acc[k, v - lo]
+
+
+#: voxels per task of :func:`contract_sources_sparse` (the block of every TERMA row stays in cache).
+CONTRACT_SPARSE_BLOCK = 512
+
+
+@numba.njit(**NUMBA_PARALLEL_OPTIONS)
+def contract_sources_sparse(terma, ptr, rows, vals, out):
+    """out[j, v, k] = sum_e vals[e] * terma[rows[e], v] over e in ptr[j K + k] : ptr[j K + k + 1].
+
+    The sparse, voxel-major form of :func:`contract_sources` (only the non-zero weights, in row
+    order; the K term sources of a voxel are neighbours in memory, as
+    :func:`transport_direct_sources` reads them): terma (R, n) float32 or float64, >= 0; ptr
+    (J K + 1,) int64; rows (E,) int64; vals (E,) float64 (signed for build-up kernels); out
+    (J, n, K) float32 or float64, overwritten. One ``prange`` task per block of
+    :data:`CONTRACT_SPARSE_BLOCK` voxels (the block of every TERMA row stays in cache for all
+    directions of the call), entries summed in order in float64: results do not depend on the
+    number of threads.
+    """
+    n = terma.shape[1]
+    n_j = out.shape[0]
+    n_k = out.shape[2]
+    n_blocks = (n + CONTRACT_SPARSE_BLOCK - 1) // CONTRACT_SPARSE_BLOCK
+    for blk in numba.prange(n_blocks):
+        lo = blk * CONTRACT_SPARSE_BLOCK
+        hi = min(n, lo + CONTRACT_SPARSE_BLOCK)
+        nb = hi - lo
+        acc = np.empty(nb)
+        for j in range(n_j):
+            for k in range(n_k):
+                acc[:] = 0.0
+                for e in range(ptr[j * n_k + k], ptr[j * n_k + k + 1]):
+                    w = vals[e]
+                    row = terma[rows[e], lo:hi]
+                    for v in range(nb):
+                        acc[v] += w * row[v]
+                o = out[j, lo:hi, k]
+                for v in range(nb):
+                    o[v] = acc[v]
+
+
+@numba.njit(**NUMBA_PARALLEL_OPTIONS)
+def transport_direct_sources(src, rho, dose, m, sgn, da, db, step_cm, rates):
+    """dose += the transport of direct term sources along one direction (shared directions).
+
+    ``src`` (nz, ny, nx, K) float32 or float64, voxel-major: ``src[..., k]`` is the source of
+    term ``k`` (TERMA x amplitude, signed for build-up terms); ``rho`` (nz, ny, nx) float64;
+    ``dose`` (nz, ny, nx) float64, accumulated in place; geometry and recursion as
+    :func:`transport_direction` with ``direct_sources=True`` (same results to rounding), but the
+    K sources of a voxel are read from one cache line instead of K volumes.
+    """
+    shape = rho.shape
+    a_ax = 1 if m == 0 else 0
+    b_ax = 1 if m == 2 else 2
+    n_m = shape[m]
+    n_a = shape[a_ax]
+    n_b = shape[b_ax]
+    s_m = 1
+    s_a = 1
+    s_b = 1
+    for ax in range(3):
+        st = 1
+        for j in range(ax + 1, 3):
+            st *= shape[j]
+        if ax == m:
+            s_m = st
+        elif ax == a_ax:
+            s_a = st
+        else:
+            s_b = st
+    off_a = np.empty(n_m, np.int64)
+    off_b = np.empty(n_m, np.int64)
+    for n in range(n_m):
+        off_a[n] = _offset(n, da)
+        off_b[n] = _offset(n, db)
+    max_a = max(0, off_a[n_m - 1])
+    min_a = min(0, off_a[n_m - 1])
+    max_b = max(0, off_b[n_m - 1])
+    min_b = min(0, off_b[n_m - 1])
+    lines_a = n_a + max_a - min_a
+    lines_b = n_b + max_b - min_b
+    n_k = rates.size
+    n_vox = shape[0] * shape[1] * shape[2]
+    sf = src.reshape((n_vox, n_k))
+    rf = rho.reshape(n_vox)
+    df = dose.reshape(n_vox)
+    inv_rates = 1.0 / rates
+    for task in numba.prange(lines_a):
+        ia = task - max_a
+        flux = np.zeros((lines_b, n_k))
+        ex = np.ones((lines_b, n_k))
+        gg = np.ones((lines_b, n_k))
+        last_delta = np.full(lines_b, -1.0)
+        has_flux = np.zeros(lines_b, dtype=np.bool_)
+        started = False
+        for n in range(n_m):
+            ja = ia + off_a[n]
+            if ja < 0 or ja >= n_a:
+                if started:
+                    break
+                continue
+            started = True
+            km = n if sgn > 0 else n_m - 1 - n
+            base = km * s_m + ja * s_a
+            ob = off_b[n]
+            jb_lo = max(0, ob - max_b)
+            jb_hi = min(n_b, lines_b - max_b + ob)
+            for jb in range(jb_lo, jb_hi):
+                li = jb - ob + max_b
+                idx = base + jb * s_b
+                sv = sf[idx]
+                if not has_flux[li]:
+                    t = 0.0
+                    for k in range(n_k):
+                        t += abs(sv[k])
+                    if t == 0.0:
+                        continue
+                    has_flux[li] = True
+                delta = rf[idx] * step_cm
+                if delta != last_delta[li]:
+                    last_delta[li] = delta
+                    _segment_factors(rates, inv_rates, delta, ex, gg, li)
+                d = 0.0
+                fl = flux[li]
+                el = ex[li]
+                gl = gg[li]
+                for k in range(n_k):
+                    f = fl[k]
+                    gk = gl[k]
+                    ek = el[k]
+                    sk = sv[k]
+                    d += f * rates[k] * gk + sk * (1.0 - gk)
+                    fl[k] = f * ek + sk * (1.0 - ek) * inv_rates[k]
+                df[idx] += d
+
+
+@numba.njit(**NUMBA_PARALLEL_OPTIONS)
+def coarse_density(rho, f):
+    """(nzc, nyc, nxc) mean density of each ``f x f x f`` block of ``rho`` (nz, ny, nx), over the
+    voxels the block holds (blocks at the far faces may hold fewer); ``nzc = ceil(nz / f)`` etc.
+    Also returns the block masses (sum of the densities, voxel volume 1) used by
+    :func:`coarse_sources`."""
+    nz, ny, nx = rho.shape
+    nzc = (nz + f - 1) // f
+    nyc = (ny + f - 1) // f
+    nxc = (nx + f - 1) // f
+    out = np.zeros((nzc, nyc, nxc))
+    mass = np.zeros((nzc, nyc, nxc))
+    for kc in numba.prange(nzc):
+        for jc in range(nyc):
+            for ic in range(nxc):
+                s = 0.0
+                c = 0
+                for kz in range(kc * f, min(nz, kc * f + f)):
+                    for jy in range(jc * f, min(ny, jc * f + f)):
+                        for ix in range(ic * f, min(nx, ic * f + f)):
+                            s += rho[kz, jy, ix]
+                            c += 1
+                mass[kc, jc, ic] = s
+                out[kc, jc, ic] = s / c
+    return out, mass
+
+
+@numba.njit(**NUMBA_PARALLEL_OPTIONS)
+def coarse_sources(terma, rho, mass, f):
+    """(R, nzc, nyc, nxc) float32 mass-weighted mean of each row of ``terma`` (R, nz, ny, nx) over
+    the ``f x f x f`` blocks (``mass`` from :func:`coarse_density`): the energy a block releases,
+    ``sum_i rho_i T_i``, is kept (0 where the block's mass is 0). One ``prange`` task per row."""
+    n_r, nz, ny, nx = terma.shape
+    nzc, nyc, nxc = mass.shape
+    out = np.zeros((n_r, nzc, nyc, nxc), dtype=np.float32)
+    for r in numba.prange(n_r):
+        for kc in range(nzc):
+            for jc in range(nyc):
+                for ic in range(nxc):
+                    m = mass[kc, jc, ic]
+                    if m <= 0.0:
+                        continue
+                    s = 0.0
+                    for kz in range(kc * f, min(nz, kc * f + f)):
+                        for jy in range(jc * f, min(ny, jc * f + f)):
+                            for ix in range(ic * f, min(nx, ic * f + f)):
+                                s += rho[kz, jy, ix] * terma[r, kz, jy, ix]
+                    out[r, kc, jc, ic] = s / m
+    return out
+
+
+@numba.njit(**NUMBA_OPTIONS)
+def _prolong_weights(i, f, nc):
+    """(c0, c1, w1) of fine index ``i``: linear interpolation between coarse cells c0 and c1 =
+    c0 + 1 (weight w1 on c1) at the fine voxel centre; clamped to the end cells."""
+    t = (i - 0.5 * (f - 1)) / f
+    if t <= 0.0:
+        return 0, 0, 0.0
+    if t >= nc - 1:
+        return nc - 1, nc - 1, 0.0
+    c0 = int(t)
+    return c0, c0 + 1, t - c0
+
+
+@numba.njit(**NUMBA_PARALLEL_OPTIONS)
+def prolong_add(coarse, dose, f):
+    """dose (nz, ny, nx) += trilinear interpolation of ``coarse`` (nzc, nyc, nxc) at the fine
+    voxel centres (coarse cell ``c`` is centred on fine index ``c f + (f - 1) / 2``; constant
+    beyond the outer coarse centres). One ``prange`` task per fine z slice."""
+    nz, ny, nx = dose.shape
+    nzc, nyc, nxc = coarse.shape
+    for kz in numba.prange(nz):
+        z0, z1, wz = _prolong_weights(kz, f, nzc)
+        for jy in range(ny):
+            y0, y1, wy = _prolong_weights(jy, f, nyc)
+            for ix in range(nx):
+                x0, x1, wx = _prolong_weights(ix, f, nxc)
+                c00 = coarse[z0, y0, x0] * (1.0 - wx) + coarse[z0, y0, x1] * wx
+                c01 = coarse[z0, y1, x0] * (1.0 - wx) + coarse[z0, y1, x1] * wx
+                c10 = coarse[z1, y0, x0] * (1.0 - wx) + coarse[z1, y0, x1] * wx
+                c11 = coarse[z1, y1, x0] * (1.0 - wx) + coarse[z1, y1, x1] * wx
+                dose[kz, jy, ix] += ((c00 * (1.0 - wy) + c01 * wy) * (1.0 - wz)
+                                     + (c10 * (1.0 - wy) + c11 * wy) * wz)

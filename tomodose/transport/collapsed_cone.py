@@ -312,6 +312,9 @@ def shared_direction_dose(
     n_directions: int = 256,
     neighbours: int = 1,
     batch: int = 8,
+    coarse_factor: int = 1,
+    coarse_rate_per_cm: float = 1.0,
+    coarse_directions: int | None = None,
     progress: bool | None = None,
 ) -> np.ndarray:
     """Dose of selected kernel rings of many beams, transported along one shared direction set.
@@ -400,60 +403,119 @@ def shared_direction_dose(
         amps_e = (np.asarray(kernel.amplitudes, dtype=np.float64) / kernel.n_azimuth)[None]
     n_e = amps_e.shape[0]
     selected = _ring_selection(rings, kernel)
-    fixed = fibonacci_directions(int(n_directions))
-    n_k = kernel.n_terms
-    # source rows: beam-major, energy group fastest (row g * n_e + e of the flattened TERMA)
+    coarse_factor, coarse_rate_per_cm, coarse_directions = _check_coarse(
+        coarse_factor, coarse_rate_per_cm, coarse_directions, n_directions)
+    rates = np.ascontiguousarray(kernel.rates_per_cm, dtype=np.float64)
+    if coarse_factor > 1:
+        slow = np.flatnonzero(rates < coarse_rate_per_cm)
+        fast = np.flatnonzero(rates >= coarse_rate_per_cm)
+    else:
+        slow, fast = np.zeros(0, dtype=np.int64), np.arange(rates.size)
+    dose = np.zeros(grid.shape, dtype=np.float64)
+    if not np.any(t_all > 0):
+        return dose
+    flat = np.ascontiguousarray(t_all.reshape(n_g * n_e, -1))
+    t0 = time.perf_counter()
+    if fast.size:
+        fixed = fibonacci_directions(int(n_directions))
+        weights = _shared_weights(fixed, beams / norms[:, None], kernel, selected, amps_e, int(neighbours))
+        _transport_shared(flat, weights[:, :, fast], fixed, rho, grid, rates[fast], int(batch), progress, dose)
+    t_fine = time.perf_counter() - t0
+    if slow.size:
+        f = int(coarse_factor)
+        rho_c, mass_c = _k.coarse_density(rho, f)
+        flat_c = _k.coarse_sources(flat.reshape((flat.shape[0],) + grid.shape), rho, mass_c, f)
+        grid_c = Grid(rho_c.shape, tuple(float(v) * f for v in grid.spacing_mm),
+                      tuple(float(o) + 0.5 * (f - 1) * float(v) for o, v in zip(grid.origin_mm, grid.spacing_mm)))
+        fixed_c = fibonacci_directions(int(coarse_directions))
+        weights_c = _shared_weights(fixed_c, beams / norms[:, None], kernel, selected, amps_e, int(neighbours))
+        dose_c = np.zeros(grid_c.shape, dtype=np.float64)
+        _transport_shared(flat_c.reshape(flat.shape[0], -1), weights_c[:, :, slow], fixed_c, rho_c, grid_c,
+                          rates[slow], int(batch), progress, dose_c)
+        _k.prolong_add(dose_c, dose, f)
+    logger.debug("shared directions on %s for %d beams x %d energy groups: %d terms x %d directions in %.2f s, "
+                 "%d terms x %d directions on a %dx coarser grid in %.2f s", grid.shape, n_g, n_e, fast.size,
+                 n_directions, t_fine, slow.size, coarse_directions, coarse_factor, time.perf_counter() - t0 - t_fine)
+    return dose
+
+
+def _check_coarse(coarse_factor, coarse_rate_per_cm, coarse_directions, n_directions):
+    """Validated (coarse_factor, coarse_rate_per_cm, coarse_directions) of the shared transport."""
+    if isinstance(coarse_factor, bool) or int(coarse_factor) != coarse_factor or not 1 <= coarse_factor <= 8:
+        raise ValueError(f"coarse_factor must be an integer in [1, 8], got {coarse_factor!r}")
+    if isinstance(coarse_rate_per_cm, bool) or not isinstance(coarse_rate_per_cm, (int, float, np.number)) \
+            or not math.isfinite(coarse_rate_per_cm) or coarse_rate_per_cm <= 0:
+        raise ValueError(f"coarse_rate_per_cm must be a finite rate > 0 (1/cm), got {coarse_rate_per_cm!r}")
+    if coarse_directions is None:
+        coarse_directions = n_directions
+    if isinstance(coarse_directions, bool) or int(coarse_directions) != coarse_directions or coarse_directions < 1:
+        raise ValueError(f"coarse_directions must be an integer >= 1 or None, got {coarse_directions!r}")
+    return int(coarse_factor), float(coarse_rate_per_cm), int(coarse_directions)
+
+
+def _shared_weights(fixed, beams, kernel, selected, amps_e, neighbours) -> np.ndarray:
+    """(J, G * E, K) amplitudes the cones of the selected rings of every beam (unit vectors
+    ``beams``, (G, 3)) and energy group give each direction of ``fixed`` (J, 3): each cone to its
+    ``neighbours`` nearest fixed directions with inverse-angle shares (sum 1). Rows beam-major."""
+    n_g, n_e, n_k = beams.shape[0], amps_e.shape[0], amps_e.shape[2]
     weights = np.zeros((fixed.shape[0], n_g * n_e, n_k))
     for g in range(n_g):
-        dirs, _, ring = kernel.directions(beams[g] / norms[g])
+        dirs, _, ring = kernel.directions(beams[g])
         keep = selected[ring]
         dots = dirs[keep] @ fixed.T
-        if int(neighbours) == 1:
+        if neighbours == 1:
             near = np.argmax(dots, axis=1)[:, None]
             share = np.ones(near.shape)
         else:
-            near = np.argsort(-dots, axis=1, kind="stable")[:, :int(neighbours)]
+            near = np.argsort(-dots, axis=1, kind="stable")[:, :neighbours]
             ang = np.arccos(np.clip(np.take_along_axis(dots, near, axis=1), -1.0, 1.0))
             inv = 1.0 / (ang + 1e-6)
             share = inv / inv.sum(axis=1, keepdims=True)
         for e in range(n_e):
             for c in range(near.shape[1]):
                 np.add.at(weights[:, g * n_e + e, :], near[:, c], share[:, c:c + 1] * amps_e[e][ring[keep]])
-    active = np.flatnonzero(weights.sum(axis=(1, 2)) > 0)
-    dose = np.zeros(grid.shape, dtype=np.float64)
-    if active.size == 0 or not np.any(t_all > 0):
-        return dose
-    flat = np.ascontiguousarray(t_all.reshape(n_g * n_e, -1))
-    rates = np.ascontiguousarray(kernel.rates_per_cm, dtype=np.float64)
-    eye = np.eye(n_k)
+    return weights
+
+
+def _transport_shared(flat, weights, fixed, rho, grid: Grid, rates, batch: int, progress, dose) -> None:
+    """dose += transport along every direction of ``fixed`` with the sources
+    ``S_jk = sum_r weights[j, r, k] flat[r]`` (contracted in batches of ``batch`` directions from
+    the non-zero weights only)."""
+    from tomodose._kernels import collapsed_cone as _k
+
+    n_k = rates.size
+    active = np.flatnonzero(np.abs(weights).sum(axis=(1, 2)) > 0)
+    if active.size == 0:
+        return
     spacing = np.asarray(grid.spacing_mm, dtype=np.float64)
-    origin = np.asarray(grid.origin_mm, dtype=np.float64)
-    table = np.zeros((1, 2, n_k))
-    norm = np.zeros((1, 1, 1, 1))
-    zero3 = np.zeros(3)
-    batches = [active[i:i + int(batch)] for i in range(0, active.size, int(batch))]
+    rates = np.ascontiguousarray(rates, dtype=np.float64)
+    rho = np.ascontiguousarray(rho, dtype=np.float64)
+    batches = [active[i:i + batch] for i in range(0, active.size, batch)]
     iterator = batches
     if config.progress_enabled(progress):
         from tqdm.auto import tqdm
 
         iterator = tqdm(batches, desc="shared cones", unit="batch", leave=False)
-    t0 = time.perf_counter()
-    src = np.empty((int(batch), n_k, flat.shape[1]), dtype=np.float32)
-    t_contract = 0.0
+    src = np.empty((batch, flat.shape[1], n_k), dtype=np.float32)  # voxel-major term sources
+    t_contract = t_transport = 0.0
     for js in iterator:
-        w = np.ascontiguousarray(weights[js])
+        t0 = time.perf_counter()
+        w = weights[js].transpose(0, 2, 1)  # (J, K, R)
+        nz_j, nz_k, nz_r = np.nonzero(w)  # C order: per (j, k) the rows ascending
+        ptr = np.zeros(js.size * n_k + 1, dtype=np.int64)
+        np.cumsum(np.bincount(nz_j * n_k + nz_k, minlength=js.size * n_k), out=ptr[1:])
         out = src[:js.size]
-        tc = time.perf_counter()
-        _k.contract_sources(flat, w, out)
-        t_contract += time.perf_counter() - tc
+        _k.contract_sources_sparse(flat, ptr, nz_r.astype(np.int64), np.ascontiguousarray(w[nz_j, nz_k, nz_r]), out)
+        t1 = time.perf_counter()
+        t_contract += t1 - t0
         for i, j in enumerate(js):
             steps = direction_steppings(fixed[j], spacing)
             if len(steps) > 1:  # a tie (never for the Fibonacci set on common grids): split the source
                 out[i] *= np.float32(1.0 / len(steps))
             for _, m, sgn, da, db, step_cm in steps:
-                _k.transport_direction(out[i].reshape((n_k,) + grid.shape), rho, dose, m, sgn, da, db, step_cm,
-                                       rates, eye, False, np.ascontiguousarray(fixed[j]), 0.0, table, 1.0, norm,
-                                       zero3, origin, spacing, zero3, True)
-    logger.debug("shared directions: %d of %d on %s for %d beams x %d energy groups in %.2f s (sources %.2f s)",
-                 active.size, fixed.shape[0], grid.shape, n_g, n_e, time.perf_counter() - t0, t_contract)
-    return dose
+                _k.transport_direct_sources(out[i].reshape(grid.shape + (n_k,)), rho, dose, m, sgn, da, db,
+                                            step_cm, rates)
+        t_transport += time.perf_counter() - t1
+    logger.debug("shared transport on %s: %d directions x %d terms, %d source entries per direction; sources %.2f s, "
+                 "transport %.2f s", grid.shape, active.size, n_k, int(np.count_nonzero(weights)) // active.size,
+                 t_contract, t_transport)
