@@ -297,9 +297,13 @@ def compute_terma(patient_or_density, projections, beam_model: BeamModel | None 
         samples that share the gantry axes (one sub-sample of every rotation at a gantry angle)
         are summed once per grid slice on a lattice of (distance from the source, across-fan
         position) and each voxel interpolates it (bilinear): the fast path, see docs/terma.md
-        ("Fluence maps") for the approximations and their measured size. Needs smooth edges
+        ("Fluence maps") for the approximations and their measured size (3 mm liver plan: 0.02 %
+        of the maximum TERMA, 0.08 % of an angle group's). Needs smooth edges
         (``leaf_edge_sigma_mm`` and ``jaw_penumbra_sigma_mm`` > 0) and ``trace_sharing``
-        ``"angle"`` or ``"projection"``. Default ``"exact"``.
+        ``"angle"`` or ``"projection"``. Default (None): ``"maps"`` for a plan that repeats gantry
+        angles (helical) with ``trace_sharing="angle"`` and a smooth beam model, ``"exact"``
+        otherwise (static fields, the sharp :meth:`BeamModel.ideal` of the Monte Carlo
+        comparisons). ``metadata["fluence_method"]`` records the choice.
     progress : bool, optional
         Progress bar (default: ``tomodose.config.settings.progress``).
 
@@ -325,10 +329,14 @@ def compute_terma(patient_or_density, projections, beam_model: BeamModel | None 
     if exact_subsamples and trace_sharing != "sample":
         raise ValueError(f"exact_subsamples=True traces every sub-sample; it contradicts "
                          f"trace_sharing={trace_sharing!r} (give one of them)")
+    if fluence_method is not None:
+        check_choice("fluence_method", fluence_method, FLUENCE_METHODS)
+    smooth = beam.leaf_edge_sigma_mm > 0.0 and beam.jaw_penumbra_sigma_mm > 0.0
     if fluence_method is None:
-        fluence_method = "exact"
-    check_choice("fluence_method", fluence_method, FLUENCE_METHODS)
-    if fluence_method == "maps":
+        # the maps pay off when gantry angles repeat (helical plans: one map serves every rotation)
+        repeats = np.unique(np.round(np.mod(projections.gantry_angle_deg, 360.0), 6)).size < projections.n_projections
+        fluence_method = "maps" if (smooth and trace_sharing == "angle" and repeats) else "exact"
+    elif fluence_method == "maps":
         if trace_sharing == "sample":
             raise ValueError("fluence_method='maps' sums the samples that share a trace unit's gantry axes; "
                              "it needs trace_sharing 'angle' or 'projection', got trace_sharing='sample'")
