@@ -1,10 +1,20 @@
-"""Benchmark of compute_terma on a helical liver-like plan (standalone; not a test).
+"""Benchmark of compute_terma on the helical liver plan of the collapsed-cone benchmark (standalone; not a test).
 
-Prints JIT compile time, wall time, throughput (voxel-samples per second) and peak resident
-memory for the liver phantom on a 3 mm grid, then how the time grows with the number of voxels
-(grid spacing) and of projections / sub-samples.
+The case of ``benchmarks/bench_ccc.py`` / ``tomodose.benchmarking.cases``: liver phantom
+(``liver_default``) on a ``--spacing`` grid, the demo's helical plan (25 mm jaw, pitch 0.287,
+40 s rotation, conformal sinogram of the PTV), commissioned beam model, TERMA split by the energy
+groups of the engine's collapsed-cone kernel (as ``compute_dose`` asks for it). Prints the JIT
+time (first call on a tiny problem), then wall and process CPU time, peak resident memory and
+the size of ``per_group`` for each ``--fluence-method``; with ``--compare`` (both methods), the
+difference of the fast path from the exact one (max in % of the maximum, total and per angle
+group, and gamma 1 %/1 mm).
 
-    python benchmarks/bench_terma.py [--threads N] [--quick] [--cold] [--subsamples 8]
+    python benchmarks/bench_terma.py --threads 2                       # fast path ("maps")
+    python benchmarks/bench_terma.py --threads 2 --fluence-method maps,exact --compare
+    python benchmarks/bench_terma.py --threads 1 --cold                # JIT compile time too
+
+On a machine shared with other jobs the wall time is not a property of the code: compare CPU
+times measured in the same conditions.
 """
 
 from __future__ import annotations
@@ -16,7 +26,7 @@ import sys
 import time
 
 
-def _peak_rss_mb() -> float:
+def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -28,8 +38,11 @@ def _cpu_s() -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=None, help="numba threads (default: all)")
+    p.add_argument("--spacing", type=float, default=3.0, help="grid spacing of the liver phantom (mm)")
     p.add_argument("--subsamples", type=int, default=8)
-    p.add_argument("--quick", action="store_true", help="skip the scaling series")
+    p.add_argument("--fluence-method", default="maps", help="comma list of maps, exact")
+    p.add_argument("--compare", action="store_true", help="accuracy of maps against exact (needs both)")
+    p.add_argument("--no-energy-groups", action="store_true", help="TERMA without the kernel's energy groups")
     p.add_argument("--cold", action="store_true", help="empty numba cache: measure the real JIT compile time")
     args = p.parse_args(argv)
     if args.threads:
@@ -40,64 +53,67 @@ def main(argv=None) -> int:
     import numba
     import numpy as np
 
-    from tomodose.delivery.beams_eye import conformal_sinogram
-    from tomodose.delivery.plan import HelicalPlan, ProjectionSequence
+    from tomodose.benchmarking import cases
+    from tomodose.delivery.plan import ProjectionSequence
+    from tomodose.dose.engine import engine_kernel, terma_energy_edges_mev
     from tomodose.geometry.grid import Grid, ImageVolume
-    from tomodose.phantoms.liver import liver_phantom
     from tomodose.terma import BeamModel, compute_terma
 
+    methods = [m.strip() for m in args.fluence_method.split(",") if m.strip()]
+    bad = [m for m in methods if m not in ("maps", "exact")]
+    if bad:
+        p.error(f"--fluence-method must list 'maps' and/or 'exact', got {bad}")
     beam = BeamModel.default()
-    print(f"numba threads: {numba.get_num_threads()}, python {sys.version.split()[0]}")
+    print(f"numba threads: {numba.get_num_threads()}, python {sys.version.split()[0]}, "
+          f"load average {os.getloadavg()[0]:.1f}")
 
-    # JIT / cache-load time: first call on a tiny problem
-    t0 = time.perf_counter()
-    g = Grid((2, 3, 3), (5.0, 5.0, 5.0), (-5.0, -5.0, -2.5))
-    compute_terma(ImageVolume(g, np.ones(g.shape), "g/cm3", "mass_density"),
-                  ProjectionSequence.static_beams([0.0], np.ones(64), 1.0, 25.0), beam, progress=False)
-    t_jit = time.perf_counter() - t0
+    # JIT / cache-load time: first call of each path on a tiny helical problem
+    g = Grid((3, 4, 4), (5.0, 5.0, 5.0), (-7.5, -7.5, -5.0))
+    tiny = ImageVolume(g, np.ones(g.shape), "g/cm3", "mass_density")
+    ps = ProjectionSequence(gantry_angle_deg=np.array([0.0, 360.0]), couch_mm=np.array([0.0, 5.0]),
+                            leaf_open_fraction=np.ones((2, 64)), duration_s=np.ones(2), field_width_mm=25.0,
+                            arc_deg=np.full(2, 7.0), couch_travel_mm=np.full(2, 1.0))
     what = "JIT compile" if args.cold else "JIT compile or cache load"
-    print(f"first call ({what}): {t_jit:.2f} s")
+    for m in methods:
+        t, c = time.perf_counter(), _cpu_s()
+        compute_terma(tiny, ps, beam, n_subsamples=2, energy_group_edges_mev=[0.0, 1.0, 100.0],
+                      fluence_method=m, progress=False)
+        print(f"first call [{m}] ({what}): wall {time.perf_counter() - t:.2f} s, cpu {_cpu_s() - c:.2f} s")
 
-    def plan_for(patient, fraction_of_projections=1.0):
-        ptv = patient.structures["PTV"]
-        zs = ptv.grid.z_mm[np.any(ptv.mask, axis=(1, 2))]
-        base = HelicalPlan.covering(lambda n, m: np.ones((n, m)), float(zs.max()), float(zs.min()),
-                                    field_width_mm=25.0, pitch=0.3, gantry_period_s=20.0,
-                                    isocentre_xy_mm=(-65.0, -10.0))
-        sino = conformal_sinogram(base, ptv)
-        rng = np.random.default_rng(0)
-        sino = sino * rng.uniform(0.2, 1.0, sino.shape)
-        n = max(51, int(round(sino.shape[0] * fraction_of_projections)))
-        return HelicalPlan(sinogram=sino[:n], field_width_mm=25.0, pitch=0.3, gantry_period_s=20.0,
-                           couch_start_mm=base.couch_start_mm, isocentre_lps_mm=base.isocentre_lps_mm)
+    patient = cases._patient(args.spacing)
+    seq = cases._plan(patient).projections()
+    edges = None if args.no_energy_groups else terma_energy_edges_mev(engine_kernel())
+    n_ge = 1 if edges is None else len(edges) - 1
+    print(f"\nliver plan: grid {patient.grid.shape} = {patient.grid.n_voxels} voxels, {seq.n_projections} projections "
+          f"x {args.subsamples} sub-samples, {n_ge} energy group(s)")
+    results = {}
+    for m in methods:
+        rss0 = _peak_rss_mib()
+        t, c = time.perf_counter(), _cpu_s()
+        res = compute_terma(patient, seq, beam, n_subsamples=args.subsamples, energy_group_edges_mev=edges,
+                            fluence_method=m, progress=False)
+        wall, cpu = time.perf_counter() - t, _cpu_s() - c
+        results[m] = res
+        print(f"TERMA [{m}]: wall {wall:.2f} s, cpu {cpu:.2f} s, {res.n_groups} angle groups, per_group "
+              f"{res.per_group.nbytes / 2**20:.0f} MiB, peak RSS {_peak_rss_mib():.0f} MiB (+{_peak_rss_mib() - rss0:.0f}) "
+              f"(load {os.getloadavg()[0]:.1f})")
+    if args.compare and {"maps", "exact"} <= set(results):
+        from tomodose.evaluation.gamma import gamma_index
 
-    def run(spacing, frac=1.0, nsub=args.subsamples, label=""):
-        patient = liver_phantom(spacing_mm=spacing)
-        plan = plan_for(patient, frac)
-        t = time.perf_counter()
-        c = _cpu_s()
-        res = compute_terma(patient, plan, beam, n_subsamples=nsub, progress=False)
-        wall = time.perf_counter() - t
-        cpu = _cpu_s() - c
-        nvox = patient.grid.n_voxels
-        print(f"{label:>8} {spacing:4.1f} mm  grid {str(patient.grid.shape):>15} {nvox/1e6:5.2f} Mvox  "
-              f"{plan.n_projections:4d} proj x {nsub} sub  groups {res.n_groups:2d}  wall {wall:7.1f} s  "
-              f"cpu {cpu:7.1f} s  {nvox * plan.n_projections / cpu / 1e6:5.2f} Mvox-proj per cpu-s  "
-              f"peak RSS {_peak_rss_mb():6.0f} MB  (load {os.getloadavg()[0]:.1f})")
-        return wall
-
-    print("\nfull helical liver plan (25 mm jaw, pitch 0.3, conformal modulated sinogram):")
-    run(3.0, label="reference")
-    if not args.quick:
-        print("\nscaling with voxels (same plan):")
-        for sp in (6.0, 4.5):
-            run(sp, label="voxels")
-        print("\nscaling with projections (3 mm grid):")
-        for frac in (0.25, 0.5):
-            run(3.0, frac=frac, label="proj")
-        print("\nscaling with sub-samples (3 mm grid; attenuation traced once per projection):")
-        for nsub in (1, 3):
-            run(3.0, nsub=nsub, label="subsamp")
+        ex, mp = results["exact"], results["maps"]
+        top = float(ex.total.max())
+        d = np.abs(mp.total.astype(float) - ex.total)
+        ge = ex.per_group.astype(float).reshape(ex.n_groups, n_ge, -1) if edges is not None else \
+            ex.per_group.astype(float).reshape(ex.n_groups, 1, -1)
+        gm = mp.per_group.astype(float).reshape(ge.shape)
+        per_angle = np.abs(gm.sum(1) - ge.sum(1)).max(1) / ge.sum(1).max(1)
+        per_cell = (np.abs(gm - ge).max(2) / np.maximum(ge.max(2), 1e-300)).max()
+        gam = gamma_index(ImageVolume(patient.grid, ex.total, "Gy", "dose"), ImageVolume(patient.grid, mp.total, "Gy", "dose"),
+                          dose_percent=1.0, distance_mm=1.0, cutoff_percent=10.0, progress=False)
+        print(f"maps vs exact: total max |diff| {100 * d.max() / top:.4f} % of max; per angle group max "
+              f"{100 * per_angle.max():.4f} % of the group's max (median {100 * np.median(per_angle):.4f} %); per "
+              f"angle x energy group {100 * per_cell:.4f} %; gamma 1 %/1 mm {gam.pass_rate_percent:.3f} %; "
+              f"sum ratio {mp.total.sum(dtype=float) / ex.total.sum(dtype=float):.6f}")
     return 0
 
 
