@@ -13,6 +13,11 @@ voxel / projection / beamlet / entry counts:
   ``clustered`` fast path (levels + far-field step) and ``fluence`` (fluence maps per beam orientation +
   far-field step), the latter two twice each: first call, and a repeated
   call on the same patient and geometry (an optimiser's next evaluation: radiological depths cached);
+  these use ``leaf_model="linear"`` (the influence matrix's model);
+* ``fluence_beam``: the fluence path with the **default leaf model** (``leaf_model="beam"``: adjacent-leaf
+  gain and the closed-leaf transmission), first and repeated call; ``clustered_beam``: its exact
+  reference (``method="clustered"``, beam model; slow: ~3 CPU-minutes on the liver plan), against
+  which ``fluence_beam``'s accuracy is reported;
 * the accuracy of every approximate dose against the exact full-plan dose (``leaf_model="linear"``,
   so that the matrix is comparable): largest difference in % of the maximum (everywhere and inside
   the body), target mean difference, gamma pass rates (1 %/1 mm and 2 %/2 mm, global, 10 % cut-off,
@@ -53,12 +58,15 @@ class _Timer:
         self.out, self.name = out, name
 
     def __enter__(self):
-        self.c, self.t = time.process_time(), time.perf_counter()
+        self.c, self.t, self.m = time.process_time(), time.perf_counter(), time.thread_time()
         return self
 
     def __exit__(self, *exc):
         self.out[f"{self.name}_s"] = round(time.perf_counter() - self.t, 3)
         self.out[f"{self.name}_cpu_s"] = round(time.process_time() - self.c, 3)
+        # CPU of the calling thread alone (serial Python + its share of the parallel loops): on an
+        # idle machine the wall time is about this plus the waits for the other threads
+        self.out[f"{self.name}_main_thread_cpu_s"] = round(time.thread_time() - self.m, 3)
         self.out[f"{self.name}_peak_rss_mib"] = round(_peak_rss_mib(), 1)
         self.out[f"{self.name}_load_average"] = round(os.getloadavg()[0], 2)
         print(f"{self.name}: {self.out[f'{self.name}_s']:.2f} s wall, {self.out[f'{self.name}_cpu_s']:.2f} s CPU",
@@ -108,18 +116,23 @@ def _modes_run(out, prefix, patient, plan, modes, fast_step, body, target):
     """Full-plan doses of the requested modes; the exact one (or clustered exact) is the reference."""
     from tomodose.transport.pencil_beam import pencil_beam_dose
 
-    kw = dict(leaf_model="linear", progress=False, **MODEL_OPTIONS)
-    calls = {"exact": dict(method="exact"), "clustered": dict(method="clustered"),
-             "windowed": dict(method="windowed", far_field_step=6),
-             "fast": dict(method="clustered", far_field_step=fast_step),
-             "fluence": dict(method="fluence", far_field_step=fast_step)}
+    kw = dict(progress=False, **MODEL_OPTIONS)
+    linear = dict(leaf_model="linear")
+    beam = dict(leaf_model="beam")  # the default of pencil_beam_dose
+    calls = {"exact": dict(method="exact", **linear), "clustered": dict(method="clustered", **linear),
+             "windowed": dict(method="windowed", far_field_step=6, **linear),
+             "fast": dict(method="clustered", far_field_step=fast_step, **linear),
+             "fluence": dict(method="fluence", far_field_step=fast_step, **linear),
+             "clustered_beam": dict(method="clustered", **beam),
+             "fluence_beam": dict(method="fluence", far_field_step=fast_step, **beam)}
     doses = {}
-    for m in ("exact", "clustered", "windowed", "fast", "fluence"):
+    for m in ("exact", "clustered", "windowed", "fast", "fluence", "clustered_beam", "fluence_beam"):
         if m not in modes:
             continue
+        out[f"{prefix}full_plan_{m}_leaf_model"] = calls[m]["leaf_model"]
         with _Timer(out, f"{prefix}full_plan_{m}"):
             doses[m] = pencil_beam_dose(patient, plan, **kw, **calls[m])
-        if m in ("fast", "fluence"):
+        if m in ("fast", "fluence", "fluence_beam"):
             # an optimiser's next evaluation: same patient and geometry (radiological depths cached)
             with _Timer(out, f"{prefix}full_plan_{m}_repeat"):
                 again = pencil_beam_dose(patient, plan, **kw, **calls[m])
@@ -129,9 +142,13 @@ def _modes_run(out, prefix, patient, plan, modes, fast_step, body, target):
         ref = doses[ref_name].astype("float64")
         out[f"{prefix}reference"] = ref_name
         for m, d in doses.items():
-            if m != ref_name:
+            if m != ref_name and not m.endswith("_beam"):
                 out[f"{prefix}accuracy_{m}"] = _accuracy(d, ref, patient.grid, body, target,
                                                          gamma=(m not in ("exact", "clustered")))
+    if "clustered_beam" in doses and "fluence_beam" in doses:
+        out[f"{prefix}accuracy_fluence_beam"] = _accuracy(doses["fluence_beam"],
+                                                          doses["clustered_beam"].astype("float64"), patient.grid,
+                                                          body, target)
     return doses
 
 
@@ -143,8 +160,9 @@ def main(argv=None) -> int:
     ap.add_argument("--field-width", type=float, default=25.0)
     ap.add_argument("--spacing", type=float, default=3.0)
     ap.add_argument("--target", default="PTV")
-    ap.add_argument("--modes", default="exact,clustered,windowed,fast,fluence",
-                    help="full-plan modes to time (comma list of exact, clustered, windowed, fast, fluence)")
+    ap.add_argument("--modes", default="exact,clustered,windowed,fast,fluence,fluence_beam",
+                    help="full-plan modes to time (comma list of exact, clustered, windowed, fast, fluence "
+                         "[leaf_model='linear'], fluence_beam, clustered_beam [the default leaf_model='beam'])")
     ap.add_argument("--fast-step", type=int, default=4, help="far-field step of the clustered fast path")
     ap.add_argument("--far-step", type=int, default=6, help="far-field complement of the matrix (0: skip)")
     ap.add_argument("--skip-matrix", action="store_true", help="skip the influence matrix")
@@ -163,12 +181,14 @@ def main(argv=None) -> int:
         MODEL_OPTIONS["medium_ends"] = False
 
     os.environ.setdefault("NUMBA_NUM_THREADS", str(args.threads))
+    # tomodose.config first: it sets OMP_WAIT_POLICY=passive (unless given), which OpenMP reads when
+    # numba starts its threads (set_num_threads below); later it has no effect
+    from tomodose import config
     import numba
     import numpy as np
 
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
 
-    from tomodose import config
     from tomodose.delivery.plan import HelicalPlan
     from tomodose.geometry.structures import Structure, ellipsoid_mask
     from tomodose.phantoms.basic import cylinder_phantom, water_box
@@ -179,7 +199,7 @@ def main(argv=None) -> int:
     config.update(progress=False)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
-    out = {"threads": numba.get_num_threads(), "threshold": threshold, "matrix_method": args.matrix_method, "field_width_mm": args.field_width,
+    out = {"threads": numba.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "threshold": threshold, "matrix_method": args.matrix_method, "field_width_mm": args.field_width,
            "pitch": args.pitch, "spacing_mm": args.spacing, "fast_step": args.fast_step, "model_options": MODEL_OPTIONS}
 
     # JIT warm-up on a tiny case (compilation, or loading numba's cache)
@@ -194,7 +214,7 @@ def main(argv=None) -> int:
         if not args.skip_matrix:
             influence_matrix(small, tiny, target=tgt_small, threshold=threshold, progress=False,
                              method=args.matrix_method)
-    if "fluence" in modes:
+    if "fluence" in modes or "fluence_beam" in modes:
         # separately: the fluence-map kernels' compilation (or cache load)
         with _Timer(out, "jit_warmup_fluence"):
             pencil_beam_dose(small, tiny, progress=False, method="fluence", far_field_step=args.fast_step)
@@ -243,7 +263,8 @@ def main(argv=None) -> int:
         cplan = _plan_for(ctgt, args.field_width, args.pitch)
         cbody = cyl.mass_density_g_cm3 > 0.2
         out.update({"cylinder_grid_shape": list(cyl.grid.shape), "cylinder_n_projections": cplan.n_projections})
-        cmodes = [m for m in ("clustered", "fast", "fluence") if m in modes or m == "clustered"]
+        cmodes = [m for m in ("clustered", "fast", "fluence", "clustered_beam", "fluence_beam")
+                  if m in modes or m == "clustered"]
         _modes_run(out, "cylinder_", cyl, cplan, cmodes, args.fast_step, cbody, ctgt.mask)
 
     print(json.dumps(out, indent=1))

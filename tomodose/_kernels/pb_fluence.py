@@ -44,8 +44,8 @@ def fluence_profiles(lu, jy, jy_first, u0, hu, y0, hy, den0, dden, w2_lev, t_p, 
                      u_max, eps, s_jaw, y_end_lo, y_end_hi):
     """One-dimensional profiles of the maps (see the module docstring).
 
-    ``lu`` (nk, n_p, nl, nU): ``L_p(U_a)`` (or (nk, 1, nl, nU): ``L_0`` only, for samples that share
-    their leaf weights, :func:`fluence_accumulate_shared`); ``jy`` (nk, n_p, nY, nl): ``dt_p J(...) / (1 + ...)``, values
+    ``lu`` (nk, n_p, nl, nU): ``L_p(U_a)`` (or (nk, m, nl, nU): the first ``m`` samples' only);
+    ``jy`` (nk, n_p, nY, nl): ``dt_p J(...) / (1 + ...)``, values
     below ``eps`` times the largest of their (k, p, level) set to 0. ``jy_first`` (nk, n_p, nY): first
     level with a nonzero ``jy`` (``nl``: none; wider levels reach farther, so the nonzero levels of a
     row are a suffix). ``L_p`` of a total width below ``s_tab``: the leaf edges' error functions
@@ -168,27 +168,6 @@ def fluence_accumulate(maps, lu, jy, jy_first):
                 mrow = m[j]
                 for a in range(n_u):
                     mrow[a] += c * lrow[a]
-
-
-@numba.njit(**NUMBA_PARALLEL_OPTIONS)
-def fluence_accumulate_shared(maps, lu, jy):
-    """:func:`fluence_accumulate` for samples sharing one leaf profile ``lu[:, 0]`` (the uniform fan of
-    the closed-leaf transmission: the samples differ by their couch offset and weight only):
-    ``maps[k, b, j, a] = lu[k, 0, j, a] sum_p jy[k, p, b, j]`` (overwritten; the sum over ``p`` in
-    order). Parallel over (plane, Y row)."""
-    nk, n_y, nl, n_u = maps.shape
-    n_p = jy.shape[1]
-    for kb in numba.prange(nk * n_y):
-        k = kb // n_y
-        b = kb % n_y
-        for j in range(nl):
-            c = 0.0
-            for p in range(n_p):
-                c += jy[k, p, b, j]
-            lrow = lu[k, 0, j]
-            mrow = maps[k, b, j]
-            for a in range(n_u):
-                mrow[a] = c * lrow[a]
 
 
 @numba.njit(inline="always")

@@ -16,6 +16,7 @@ error.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 
@@ -38,6 +39,24 @@ FLUENCE_COARSE_STEP_MM = 4.0
 FLUENCE_COARSE_PLANE_MM = 100.0
 #: row height (mm along the couch axis) of the window's per-row leaf ranges.
 FLUENCE_ROW_MM = 2.0
+
+
+#: chunk size of the kernels' parallel loops (``numba.set_parallel_chunksize``): threads take one
+#: iteration (a slice, a map row, a plane and level) at a time, so an uneven loop (the window voxels
+#: lie in the slices near the target) keeps both threads busy. Every iteration writes its own part
+#: of the output: the result does not depend on the schedule.
+FLUENCE_CHUNK = 1
+
+
+@contextlib.contextmanager
+def _parallel_chunks(n: int):
+    import numba
+
+    old = numba.set_parallel_chunksize(n)
+    try:
+        yield
+    finally:
+        numba.set_parallel_chunksize(old)
 
 
 def _ladder(sigma_mm: np.ndarray) -> float:
@@ -114,18 +133,14 @@ def _medium_ends(engine, s0, yg, t_p, sc_min: float) -> tuple[bool, float, float
     return check, -NO_LIMIT, NO_LIMIT
 
 
-def _build_maps(lat, n_u, n_y, n_k, w2, geo, engine, bu2, bv2, scratch, tag, y_ends, shared=None):
-    """Maps (n_k, n_y, len(w2), n_u) of one cluster on the lattice ``lat = (u0, hu, y0, hy, den0, dden)``.
-    ``shared = (a_1, tab_1, dt_1)``: every sample has the leaf weights ``a_1`` (1, n_leaves) times its
-    own factor (in ``dt_1``): one leaf profile for all (:func:`fluence_accumulate_shared`)."""
-    from tomodose._kernels.pb_fluence import fluence_accumulate, fluence_accumulate_shared, fluence_profiles
+def _build_maps(lat, n_u, n_y, n_k, w2, geo, engine, bu2, bv2, scratch, tag, y_ends):
+    """Maps (n_k, n_y, len(w2), n_u) of one cluster on the lattice ``lat = (u0, hu, y0, hy, den0, dden)``."""
+    from tomodose._kernels.pb_fluence import fluence_accumulate, fluence_profiles
     from tomodose.transport.pencil_beam import LEVELS_PER_OCTAVE, S_TAB_MM
 
     s0, xg, yg, zg, t_p, dt_p, a_c, tab_c, u_lo_p, u_hi_p = geo
-    if shared is not None:
-        a_c, tab_c, dt_p = shared
     n_p, nl = t_p.size, w2.size
-    lu = scratch.get("lu", (n_k, a_c.shape[0] if shared is not None else n_p, nl, n_u))
+    lu = scratch.get("lu", (n_k, n_p, nl, n_u))
     jy = scratch.get("jy", (n_k, n_p, n_y, nl))
     jy_first = scratch.get("jy_first", (n_k, n_p, n_y), np.int64)
     fluence_profiles(lu, jy, jy_first, lat[0], lat[1], lat[2], lat[3], lat[4], lat[5], w2, t_p, dt_p, a_c, tab_c,
@@ -133,10 +148,7 @@ def _build_maps(lat, n_u, n_y, n_k, w2, geo, engine, bu2, bv2, scratch, tag, y_e
                      engine.phi, engine.cphi, S_TAB_MM, engine.lev_off, 1.0 / engine.lev_h, engine.lev_n,
                      engine.log2_s0, float(LEVELS_PER_OCTAVE), engine.u_max, FLUENCE_EPS, engine.s_jaw, *y_ends)
     maps = scratch.get(tag, (n_k, n_y, nl, n_u))
-    if shared is not None:
-        fluence_accumulate_shared(maps, lu, jy)
-    else:
-        fluence_accumulate(maps, lu, jy, jy_first)
+    fluence_accumulate(maps, lu, jy, jy_first)
     return maps
 
 
@@ -164,50 +176,75 @@ def _y_lattice(engine, s0, yg, lo: float, hi: float, step: float) -> tuple[float
     return y0, step, n
 
 
+#: an empty fine window (:func:`tomodose._kernels.pb_fluence._in_window` is False everywhere)
+_NO_WIN = np.array([0.0, 1.0, 1.0, 0.0, 0.0])
+_NO_WIN_U = np.array([[1.0, 0.0]])
+
+
 def _planes(den_lo: float, den_hi: float, spacing: float) -> tuple[int, float]:
     n = max(2, int(math.ceil((den_hi - den_lo) / spacing)) + 1)
     return n, ((den_hi - den_lo) / (n - 1) if den_hi > den_lo else 1.0)
 
 
 def _uniform_part(engine, a_proj: np.ndarray) -> np.ndarray:
-    """Per projection, the leaf weight ``b_p`` shared by every leaf that is carried on the coarse maps
-    only: ``min(min_i a_pi, t)`` with ``t`` the beam model's closed-leaf transmission (0 without one).
+    """Per projection, the leaf weight ``b_p`` that every leaf has at least, up to the beam model's
+    closed-leaf transmission ``t``: ``min(min_i a_pi, t)`` (0 without transmission).
 
     With ``leaf_model="beam"`` a leaf's output is ``open_i + t (1 - f_i)``, so every closed leaf is a
-    source of ``t``; writing it as ``[open_i - t f_i] + t`` leaves a remainder that is nonzero on the
-    open leaves only (the fine window stays around them) plus a uniform fan ``t`` whose dose is smooth
-    and small (0.5 % of the open output): the coarse level carries it (all Gaussians at every
-    ``far_field_step``-th voxel, interpolated trilinearly). The remainder is >= 0 (``b_p`` is at most
-    the projection's smallest weight)."""
+    source of ``t`` and the "open" leaves would span the whole fan. Written as ``[open_i - t f_i] +
+    t``, the remainder ``a_pi - b_p`` (>= 0) is nonzero on the open leaves only: the fine window is
+    placed around those, while the maps carry the full weights (the window decides which voxels
+    read the fine maps, not which leaves contribute): inside the window the transmission is exact,
+    outside it the coarse level carries it with the rest."""
     t = float(getattr(engine.beam, "leaf_transmission", 0.0) or 0.0)
     if t <= 0.0 or a_proj.size == 0:
         return np.zeros(a_proj.shape[0])
     return np.maximum(np.minimum(a_proj.min(axis=1), t), 0.0)
 
 
-def _uniform_geometry(engine, base: np.ndarray, s: np.ndarray, full_tab: np.ndarray) -> tuple:
-    """:func:`tomodose.transport.pencil_beam._cluster_geometry` of the uniform part (every leaf of
-    sample ``p`` with the weight ``base`` of its projection; aperture tables ``b_p`` x the open fan's)."""
+def _fluence_geometry(engine, a_proj: np.ndarray, a_open: np.ndarray, base: np.ndarray, s: np.ndarray,
+                      centres: np.ndarray, full_tab: np.ndarray) -> tuple:
+    """:func:`tomodose.transport.pencil_beam._cluster_geometry` of the samples ``s`` of one cluster with
+    the leaf weights ``a_proj`` (maps, aperture tables ``tab(a_open) + b_p tab(all leaves)``), but the
+    open-leaf range ``u_lo, u_hi`` of ``a_open`` (:func:`_uniform_part`; a sample without an open
+    leaf gets an empty range, ``u_lo > u_hi``)."""
+    from tomodose._kernels.pb_fluence import aperture_tables
+
     s0 = np.ascontiguousarray(engine.src[s[0]])
     xg = np.ascontiguousarray(engine.xg[s[0]])
     yg = np.ascontiguousarray(engine.yg[s[0]])
     zg = np.ascontiguousarray(engine.zg[s[0]])
     t_p = np.ascontiguousarray((engine.src[s] - s0) @ yg)
     dt_p = np.ascontiguousarray(engine.dt[s], dtype=np.float64)
-    b = base[engine.proj[s]]
-    a_c = np.ascontiguousarray(np.repeat(b[:, None], engine.n_leaves, axis=1))
-    tab_c = np.ascontiguousarray(b[:, None] * full_tab[None, :])
-    half = 0.5 * engine.n_leaves * engine.w
-    lo = np.full(s.size, -half)
-    return (s0, xg, yg, zg, t_p, dt_p, a_c, tab_c, lo, -lo)
+    proj = engine.proj[s]
+    a_c = np.ascontiguousarray(a_proj[proj], dtype=np.float64)
+    o_c = np.ascontiguousarray(a_open[proj], dtype=np.float64)
+    used = np.flatnonzero(o_c.any(axis=0)).astype(np.int64)
+    tab_c = np.empty((a_c.shape[0], engine.btab.shape[1]))
+    aperture_tables(tab_c, o_c, used, engine.btab)
+    b = base[proj]
+    if np.any(b > 0.0):
+        tab_c += b[:, None] * full_tab[None, :]
+    open_ = o_c > 0
+    has = open_.any(axis=1)
+    first = np.argmax(open_, axis=1)
+    last = open_.shape[1] - 1 - np.argmax(open_[:, ::-1], axis=1)
+    u_lo = np.where(has, centres[first] - 0.5 * engine.w, 1e30)
+    u_hi = np.where(has, centres[last] + 0.5 * engine.w, -1e30)
+    return (s0, xg, yg, zg, t_p, dt_p, a_c, tab_c, np.ascontiguousarray(u_lo), np.ascontiguousarray(u_hi))
 
 
 def fluence_dose(engine, a_proj: np.ndarray, progress, far_field_step: int, threshold: float) -> np.ndarray:
     """Dose (nz, ny, nx) float64 of leaf weights ``a_proj`` (see :func:`pencil_beam_dose`, ``method="fluence"``)."""
+    with _parallel_chunks(FLUENCE_CHUNK):
+        return _fluence_dose(engine, a_proj, progress, far_field_step, threshold)
+
+
+def _fluence_dose(engine, a_proj: np.ndarray, progress, far_field_step: int, threshold: float) -> np.ndarray:
     from tomodose._kernels.pb_fluence import coarse_lookup, fluence_lookup
     from tomodose._kernels.pencil_beam import trilinear_add
     from tomodose.transport.influence import _axis_nodes, beamlet_reach_mm
-    from tomodose.transport.pencil_beam import LEVELS_PER_OCTAVE, S_TAB_MM, _active_groups, _cluster_geometry, _clusters
+    from tomodose.transport.pencil_beam import LEVELS_PER_OCTAVE, S_TAB_MM, _active_groups, _clusters
 
     grid = engine.grid
     nz, ny, nx = grid.shape
@@ -244,7 +281,7 @@ def fluence_dose(engine, a_proj: np.ndarray, progress, far_field_step: int, thre
     base = _uniform_part(engine, a_proj)
     a_open = np.ascontiguousarray(a_proj - base[:, None])
 
-    def coarse_setup(geo, shared=None):
+    def coarse_setup(geo):
         """Distance range, medium ends, voxel box and coarse maps of one cluster."""
         s0, xg, yg, zg, t_p = geo[:5]
         d = corners - s0
@@ -262,32 +299,24 @@ def fluence_dose(engine, a_proj: np.ndarray, progress, far_field_step: int, thre
         n_kc, ddc = _planes(den_lo, den_hi, FLUENCE_COARSE_PLANE_MM)
         lat_c = np.array([u0c, hc, y0c, hyc, den_lo, ddc])
         maps_c = _build_maps(lat_c, n_uc, n_yc, n_kc, w2, geo, engine, bu2, bv2, scratch, "maps_c",
-                             (y_end_lo, y_end_hi), shared)
+                             (y_end_lo, y_end_hi))
         return den_lo, den_hi, sc_min, ends, (y_end_lo, y_end_hi), bu2, bv2, maps_c, lat_c
 
-    if np.any(base > 0.0):
-        # the uniform part (closed-leaf transmission): coarse level only, every Gaussian at every node
-        full_tab = np.ascontiguousarray(engine.btab.sum(axis=0))
-        ones = np.ones((1, a_proj.shape[1]))
-        no_win = np.array([0.0, 1.0, 1.0, 0.0, 0.0])
-        no_win_u = np.array([[1.0, 0.0]])
-        a_uni = np.ascontiguousarray(np.repeat(base[:, None], a_proj.shape[1], axis=1))
-        for _g, _active, depth, samples in _active_groups(engine, a_uni, progress):
-            for members in _clusters(engine, samples):
-                geo = _uniform_geometry(engine, base, samples[members], full_tab)
-                s0, xg, yg, zg, t_p, dt_p, a_c, tab_c = geo[:8]
-                shared = (ones, full_tab[None, :], np.ascontiguousarray(dt_p * a_c[:, 0]))
-                _, _, _, ends, _, _, _, maps_c, lat_c = coarse_setup(geo, shared)
-                coarse_lookup(values, *nodes, depth, lvl_t, engine.rho_t, engine.origin, engine.spacing, s0, xg, yg,
-                              zg, t_p, dt_p, a_c, tab_c, no_win, no_win_u, 0, maps_c, lat_c, *par, ends)
-    for _g, _active, depth, samples in _active_groups(engine, a_open, progress):
+    full_tab = np.ascontiguousarray(engine.btab.sum(axis=0)) if np.any(base > 0.0) else None
+    for _g, _active, depth, samples in _active_groups(engine, a_proj, progress):
         for members in _clusters(engine, samples):
             s = samples[members]
-            geo = _cluster_geometry(engine, a_open, s, centres)
+            geo = _fluence_geometry(engine, a_proj, a_open, base, s, centres, full_tab)
             n_clusters += 1
             s0, xg, yg, zg, t_p, dt_p, a_c, tab_c, u_lo_p, u_hi_p = geo
             den_lo, den_hi, sc_min, ends, y_ends, bu2, bv2, maps_c, lat_c = coarse_setup(geo)
-            win, win_u = _window_rows(t_p, u_lo_p, u_hi_p, engine.jaw_h / sc_min + r_v, r_u, widen, FLUENCE_ROW_MM)
+            has = u_lo_p <= u_hi_p
+            if not np.any(has):  # transmission only: the coarse level, every Gaussian at every node
+                coarse_lookup(values, *nodes, depth, lvl_t, engine.rho_t, engine.origin, engine.spacing, s0, xg, yg,
+                              zg, t_p, dt_p, a_c, tab_c, _NO_WIN, _NO_WIN_U, 0, maps_c, lat_c, *par, ends)
+                continue
+            win, win_u = _window_rows(t_p[has], u_lo_p[has], u_hi_p[has], engine.jaw_h / sc_min + r_v, r_u, widen,
+                                      FLUENCE_ROW_MM)
             vals_c = np.zeros_like(values)
             coarse_lookup(vals_c, *nodes, depth, lvl_t, engine.rho_t, engine.origin, engine.spacing, s0, xg, yg, zg,
                           t_p, dt_p, a_c, tab_c, win, win_u, n0, maps_c, lat_c, *par, ends)
