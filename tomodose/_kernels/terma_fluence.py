@@ -306,12 +306,12 @@ def trace_plane_anchors(ny, nx, ox, oy, dx, dy, i, j, base, x1, y1, vec, acc):
 
 
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
-def terma_from_fluence(fl, k_lo, k_hi, mat_lo, mat_pair, vec, rho, shape, origin, spacing, t_src, t_ex, t_ez, t_iso,
-                       transverse, g, softening, sad, mu_anchor, ef, e_group, air_index, total, per_group):
+def terma_from_fluence(fl, f_min, k_lo, k_hi, mat_lo, mat_pair, vec, rho, shape, origin, spacing, t_src, t_ex, t_ez,
+                       t_iso, transverse, g, softening, sad, mu_anchor, ef, e_group, air_index, total, per_group):
     """TERMA of one trace unit from its summed fluence ``fl`` (nz, ny, nx) (fluence x inverse square
     x beam-on time, as ``fl`` of :func:`tomodose._kernels.terma.terma_units`), accumulated into
     ``total`` and ``per_group[g]`` (in place) for the voxels of slices ``[k_lo, k_hi)`` with
-    ``fl > 0``. Attenuation, softening and spectral sums exactly as ``terma_units``: trace from the
+    ``fl > f_min`` (``f_min >= 0``: voxels at or below it are not traced and get no TERMA). Attenuation, softening and spectral sums exactly as ``terma_units``: trace from the
     voxel centre to ``t_src`` (``transverse``: moved along z to the voxel's plane), softening from
     the unit geometry ``t_ex, t_ez, t_iso`` (``e_group`` non-decreasing: the lines in energy order,
     each energy group a contiguous range); a transverse trace walks ``vec`` (nvox, 6) anchor densities
@@ -347,7 +347,7 @@ def terma_from_fluence(fl, k_lo, k_hi, mat_lo, mat_pair, vec, rho, shape, origin
         tz = pz if transverse else t_src[2]
         for i in range(nx):
             f = fl[k, j, i]
-            if f <= 0.0:
+            if f <= f_min:
                 continue
             px = ox + i * dx
             rx, ry, rz = px - t_iso[0], py - t_iso[1], pz - t_iso[2]

@@ -30,6 +30,11 @@ MAP_U_STEP_MM = 0.5
 #: spacing of the map planes along the beam axis (mm; linear interpolation in the distance: the jaw
 #: edges move with the distance, 40 mm planes give 0.26 % of a group's maximum on the liver plan)
 MAP_PLANE_MM = 20.0
+#: voxels whose summed fluence is at most this fraction of the unit's largest are not traced (their
+#: TERMA, below ~1e-9 of the unit's maximum, is 0): the beam model's profiles end at 6 sigma
+#: (Phi(-6) = 1e-9) and such values are products of tails or rounding noise of the maps (6 % of the
+#: traces on the 3 mm liver plan)
+FLUENCE_FLOOR = 1e-9
 #: tolerance (mm, and for unit vectors) for samples to share a cluster's frame
 _FRAME_TOL = 1e-6
 
@@ -173,7 +178,8 @@ def maps_terma(grid, mat_lo, mat_pair, rho_flat, shape, origin, spacing, unit_st
                                np.ascontiguousarray(iso[f]), np.ascontiguousarray(ex[f]),
                                np.ascontiguousarray(ez[f]), sad, u0, h_u, den_lo, dden)
             n_maps += 1
-        terma_from_fluence(fl, k0, k1, mat_lo, mat_pair, vec, rho_flat, shape, origin, spacing,
+        f_min = FLUENCE_FLOOR * float(fl[k0:k1].max())
+        terma_from_fluence(fl, f_min, k0, k1, mat_lo, mat_pair, vec, rho_flat, shape, origin, spacing,
                            np.ascontiguousarray(t_src[t]), np.ascontiguousarray(t_ex[t]),
                            np.ascontiguousarray(t_ez[t]), np.ascontiguousarray(t_iso[t]), bool(unit_transverse[t]),
                            int(unit_group[t]), float(beam.offaxis_softening_per_rad), sad, mu_anchor, ef, e_group,
