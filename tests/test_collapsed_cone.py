@@ -769,19 +769,40 @@ def test_coarse_restriction_matches_naive_twin_and_keeps_released_energy(f):
                                rtol=1e-6)
 
 
-@pytest.mark.parametrize("f, shape", [(2, (5, 7, 4)), (3, (7, 4, 9))])
-def test_prolongation_matches_naive_twin(f, shape):
-    from tomodose._kernels import collapsed_cone as _k
+@pytest.mark.parametrize("f, shape", [(2, (5, 7, 4)), (3, (7, 4, 9)), (2, (8, 2, 6))])
+def test_refine_coarse_dose_matches_naive_twin(f, shape):
+    from tomodose.transport.collapsed_cone import refine_coarse_dose
 
     rng = np.random.default_rng(53)
     coarse = rng.random(tuple(-(-n // f) for n in shape))
-    base = rng.random(shape)
-    out = base.copy()
-    _k.prolong_add(coarse, out, f)
-    np.testing.assert_allclose(out - base, naive.prolong(coarse, shape, f), rtol=1e-12, atol=1e-14)
-    const = np.zeros(shape)
-    _k.prolong_add(np.full(coarse.shape, 2.5), const, f)
-    np.testing.assert_allclose(const, 2.5, rtol=1e-14)
+    out = refine_coarse_dose(coarse, f, shape)
+    assert out.shape == shape
+    np.testing.assert_allclose(out, naive.refine(coarse, shape, f), rtol=1e-9, atol=1e-9)
+
+
+def test_refine_coarse_dose_keeps_constants_linear_fields_and_block_sums():
+    """Constants and linear fields are reproduced (the sharpening vanishes, the quadratic is exact);
+    inside, the fine voxels of a block average to its sharpened value (conservative)."""
+    from tomodose.transport.collapsed_cone import refine_coarse_dose
+
+    shape_c = (5, 6, 7)
+    np.testing.assert_allclose(refine_coarse_dose(np.full(shape_c, 2.5), 2, (10, 12, 14)), 2.5, rtol=1e-14)
+    kc, jc, ic = np.meshgrid(*[np.arange(n, dtype=float) for n in shape_c], indexing="ij")
+    lin = 1.0 + 0.3 * kc - 0.2 * jc + 0.1 * ic  # block averages of a linear field (fine index / 2)
+    out = refine_coarse_dose(lin, 2, (10, 12, 14))
+    k, j, i = np.meshgrid(*[(np.arange(2 * n) - 0.5) / 2 for n in shape_c], indexing="ij")
+    inner = (slice(2, -2), slice(2, -2), slice(2, -2))
+    np.testing.assert_allclose(out[inner], (1.0 + 0.3 * k - 0.2 * j + 0.1 * i)[inner], rtol=1e-12)
+    rng = np.random.default_rng(55)
+    a = rng.random(shape_c)
+    fine = refine_coarse_dose(a, 2, (10, 12, 14))
+    sums = fine.reshape(5, 2, 6, 2, 7, 2).mean(axis=(1, 3, 5))
+    sharp = a.copy()
+    for ax in range(3):  # per-axis sharpening, inner blocks only
+        b = np.moveaxis(sharp, ax, -1).copy()
+        b[..., 1:-1] -= (b[..., 2:] - 2 * b[..., 1:-1] + b[..., :-2]) / 24.0
+        sharp = np.moveaxis(b, -1, ax)
+    np.testing.assert_allclose(sums[1:-1, 1:-1, 1:-1], sharp[1:-1, 1:-1, 1:-1], rtol=1e-12)
 
 
 def _coarse_case(group_kernel):
@@ -840,7 +861,7 @@ def test_shared_coarse_matches_naive_composition(group_kernel):
     rho_c, t_c = naive.coarse_grid_values(flat, rho, 2)
     coarse = naive.shared_direction_dose(t_c.reshape(terma.shape[:2] + rho_c.shape), beams, rho_c,
                                          tuple(2 * s for s in grid.spacing_mm), k, range(k.n_polar), 14, terms=slow_t)
-    expected = fine + naive.prolong(coarse, grid.shape, 2)
+    expected = fine + naive.refine(coarse, grid.shape, 2)
     assert got.dtype == np.float64 and got.shape == grid.shape
     np.testing.assert_allclose(got, expected, rtol=2e-6, atol=2e-6 * expected.max())
 
@@ -909,3 +930,21 @@ def test_shared_coarse_bad_input(rotation_case, kernel):
     for bad in (0, 2.5, False):
         with pytest.raises(ValueError, match="coarse_directions must be an integer >= 1 or None"):
             shared_direction_dose(terma, beams, rho, grid, coarse_factor=2, coarse_directions=bad)
+
+
+def test_shared_terms_with_equal_rates_are_merged_exactly():
+    """The 5-group kernel has the 100 /cm fit bound in two energy groups (equal to 2e-10): the shared
+    transport carries them as one term (sources added); the naive twin keeps them apart."""
+    from tomodose.transport.collapsed_cone import shared_direction_dose
+
+    k5 = load_kernel("ccc_water_6mv_5groups", n_azimuth=3)
+    r = np.asarray(k5.rates_per_cm)
+    assert np.sum(np.abs(r[:, None] - r[None, :]) <= 1e-6 * r[None, :]) > r.size  # a pair within 1e-6
+    rng = np.random.default_rng(56)
+    grid = Grid((5, 4, 6), (4.0, 5.0, 3.0))
+    terma = rng.random((2, 5) + grid.shape) * (rng.random((2, 1) + grid.shape) > 0.3)
+    rho = rng.uniform(0.0, 1.8, grid.shape)
+    beams = np.array([[0.0, 1.0, 0.0], [0.8, -0.6, 0.0]])
+    got = shared_direction_dose(terma, beams, rho, grid, kernel=k5, n_directions=16, progress=False)
+    want = naive.shared_direction_dose(terma, beams, rho, grid.spacing_mm, k5, range(k5.n_polar), 16)
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6 * want.max())

@@ -740,37 +740,3 @@ def coarse_sources(terma, rho, mass, f):
                                 s += rho[kz, jy, ix] * terma[r, kz, jy, ix]
                     out[r, kc, jc, ic] = s / m
     return out
-
-
-@numba.njit(**NUMBA_OPTIONS)
-def _prolong_weights(i, f, nc):
-    """(c0, c1, w1) of fine index ``i``: linear interpolation between coarse cells c0 and c1 =
-    c0 + 1 (weight w1 on c1) at the fine voxel centre; clamped to the end cells."""
-    t = (i - 0.5 * (f - 1)) / f
-    if t <= 0.0:
-        return 0, 0, 0.0
-    if t >= nc - 1:
-        return nc - 1, nc - 1, 0.0
-    c0 = int(t)
-    return c0, c0 + 1, t - c0
-
-
-@numba.njit(**NUMBA_PARALLEL_OPTIONS)
-def prolong_add(coarse, dose, f):
-    """dose (nz, ny, nx) += trilinear interpolation of ``coarse`` (nzc, nyc, nxc) at the fine
-    voxel centres (coarse cell ``c`` is centred on fine index ``c f + (f - 1) / 2``; constant
-    beyond the outer coarse centres). One ``prange`` task per fine z slice."""
-    nz, ny, nx = dose.shape
-    nzc, nyc, nxc = coarse.shape
-    for kz in numba.prange(nz):
-        z0, z1, wz = _prolong_weights(kz, f, nzc)
-        for jy in range(ny):
-            y0, y1, wy = _prolong_weights(jy, f, nyc)
-            for ix in range(nx):
-                x0, x1, wx = _prolong_weights(ix, f, nxc)
-                c00 = coarse[z0, y0, x0] * (1.0 - wx) + coarse[z0, y0, x1] * wx
-                c01 = coarse[z0, y1, x0] * (1.0 - wx) + coarse[z0, y1, x1] * wx
-                c10 = coarse[z1, y0, x0] * (1.0 - wx) + coarse[z1, y0, x1] * wx
-                c11 = coarse[z1, y1, x0] * (1.0 - wx) + coarse[z1, y1, x1] * wx
-                dose[kz, jy, ix] += ((c00 * (1.0 - wy) + c01 * wy) * (1.0 - wz)
-                                     + (c10 * (1.0 - wy) + c11 * wy) * wz)
