@@ -98,6 +98,9 @@ def maps_terma(grid, mat_lo, mat_pair, rho_flat, shape, origin, spacing, unit_st
     den = sad - np.einsum("ncd,nd->nc", r, ez[heads])
     u = np.einsum("ncd,nd->nc", r, ex[heads]) * sad / den
     den_lo, den_hi = float(den.min()), float(den.max())
+    if den_lo <= 0.0:
+        raise ValueError(f"fluence_method='maps' needs every voxel in front of the source: the grid reaches "
+                         f"{-den_lo:.1f} mm behind the source plane (source-axis distance {sad} mm)")
     hu0_all = 0.5 * vavg * np.linalg.norm(ex[heads] * sp[None, :], axis=1)
     reach_u = cutoff * s_leaf + float(hu0_all.max()) * sad / den_lo
     u_min = max(float(u.min()), float(edges[0]) - reach_u - leaf_w)
