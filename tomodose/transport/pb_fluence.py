@@ -10,8 +10,11 @@ Gaussian of width ``sigma_i / rho`` between two rungs), so that a voxel costs on
 Gaussian instead of one evaluation per sample and Gaussian
 (:mod:`tomodose._kernels.pb_fluence`). The rest (wider Gaussians; narrow ones outside the window)
 is evaluated exactly at every ``far_field_step``-th voxel and interpolated, as in the clustered
-fast path. See ``docs/pencil_beam.md`` ("Fluence maps") for the approximations and their measured
-error.
+fast path. When the jaw axis is the patient z axis the maps' couch-axis rows are the slices
+(:func:`_y_lattice`). The window follows the leaves that open: with ``leaf_model="beam"`` the
+closed-leaf transmission (a uniform weight ``t`` on every leaf) is left out of the window's leaf
+ranges but not out of the maps (:func:`_uniform_part`). See ``docs/pencil_beam.md`` ("Fluence maps")
+for the approximations and their measured error.
 """
 
 from __future__ import annotations
