@@ -35,6 +35,7 @@ def _edge_rows(lat, hu0, e0, lw, n_e, sigma):
     return e2, a_lo, n_win
 
 
+@pytest.mark.filterwarnings("ignore::scipy.integrate.IntegrationWarning")
 def test_edge_mean_rows_match_twin():
     lat = _lattice()
     hu0, e0, lw, n_e, sigma = 1.3, -25.0, 6.25, 9, 1.4
@@ -50,6 +51,7 @@ def test_edge_mean_rows_match_twin():
     np.testing.assert_allclose(dense, ref, rtol=0, atol=5e-9)
 
 
+@pytest.mark.filterwarnings("ignore::scipy.integrate.IntegrationWarning")
 @pytest.mark.parametrize("hu0, hv0", [(1.3, 1.5), (0.0, 0.0)])
 def test_slice_maps_match_twin(hu0, hv0):
     rng = np.random.default_rng(3)

@@ -182,7 +182,7 @@ def accumulate_fluence(fl, maps, active, k_first, ny, nx, ox, oy, oz, dx, dy, dz
         top_a = n_u - 1.0
         top_m = n_m - 1.0
         flrow = fl[k, j]
-        # branch-free (the loop vectorises: 3.3x): outside the u lattice the weight is 0
+        # branch-free: outside the u lattice the weight is 0 (same speed as with branches on the liver plan)
         for i in range(nx):
             den = d0 + i * d1
             c = sad / den
