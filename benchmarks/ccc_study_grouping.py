@@ -9,7 +9,8 @@
   the deposited energy ratio in the body.
 
 A configuration is ``reference`` or a comma list of ``shared_direction_dose`` keywords, run with
-``shared_from_deg=0`` (``n_directions`` passed as ``shared_directions``, the others injected).
+``shared_from_deg=0`` (``n_directions`` passed as ``shared_directions``, the others injected;
+``shared_from_deg=8`` etc. keeps the rings below that angle per angle group).
 
     python benchmarks/ccc_study_grouping.py --config n_directions=512 --config n_directions=128,coarse_factor=2
 """
@@ -70,8 +71,9 @@ def main(argv=None) -> int:
         if text != "reference":
             cfg = _parse(text)
             cc.shared_direction_dose = functools.partial(original, **{k: v for k, v in cfg.items()
-                                                                      if k != "n_directions"})
-            opts = {"shared_from_deg": 0.0, "shared_directions": int(cfg.get("n_directions", 512))}
+                                                                      if k not in ("n_directions", "shared_from_deg")})
+            opts = {"shared_from_deg": float(cfg.get("shared_from_deg", 0.0)),
+                    "shared_directions": int(cfg.get("n_directions", 512))}
         else:
             cc.shared_direction_dose = original
         grouped = compute_dose(pat, plan, reference=SMALL_REF, progress=False, n_subsamples=1,

@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     ref_max = float(ref.max())
     ref_vol = ImageVolume(grid, ref.astype(np.float32), "Gy", "dose")
     # warm-up (JIT or cache load) on a tiny problem with every code path
-    tiny = np.ascontiguousarray(stack[:2, :, :4, :4, :4])
+    tiny = np.ones((2,) + stack.shape[1:2] + (4, 4, 4), dtype=np.float32)  # non-zero: every kernel runs
     from tomodose.geometry.grid import Grid
 
     g4 = Grid((4, 4, 4), grid.spacing_mm)
