@@ -722,21 +722,26 @@ def coarse_density(rho, f):
 def coarse_sources(terma, rho, mass, f):
     """(R, nzc, nyc, nxc) float32 mass-weighted mean of each row of ``terma`` (R, nz, ny, nx) over
     the ``f x f x f`` blocks (``mass`` from :func:`coarse_density`): the energy a block releases,
-    ``sum_i rho_i T_i``, is kept (0 where the block's mass is 0). One ``prange`` task per row."""
+    ``sum_i rho_i T_i``, is kept (0 where the block's mass is 0). One ``prange`` task per row; the
+    voxels are read in memory order (the sums of a block in that order)."""
     n_r, nz, ny, nx = terma.shape
     nzc, nyc, nxc = mass.shape
     out = np.zeros((n_r, nzc, nyc, nxc), dtype=np.float32)
+    ic_of = np.empty(nx, np.int64)
+    for ix in range(nx):
+        ic_of[ix] = ix // f
     for r in numba.prange(n_r):
+        acc = np.zeros((nzc, nyc, nxc))
+        for kz in range(nz):
+            kc = kz // f
+            for jy in range(ny):
+                row = acc[kc, jy // f]
+                for ix in range(nx):
+                    row[ic_of[ix]] += rho[kz, jy, ix] * terma[r, kz, jy, ix]
         for kc in range(nzc):
             for jc in range(nyc):
                 for ic in range(nxc):
                     m = mass[kc, jc, ic]
-                    if m <= 0.0:
-                        continue
-                    s = 0.0
-                    for kz in range(kc * f, min(nz, kc * f + f)):
-                        for jy in range(jc * f, min(ny, jc * f + f)):
-                            for ix in range(ic * f, min(nx, ic * f + f)):
-                                s += rho[kz, jy, ix] * terma[r, kz, jy, ix]
-                    out[r, kc, jc, ic] = s / m
+                    if m > 0.0:
+                        out[r, kc, jc, ic] = acc[kc, jc, ic] / m
     return out
