@@ -197,7 +197,8 @@ def main(argv=None) -> int:
             dose = _ccc_transport(patient, groups, kernel=kernel, progress=False, timings=timings, **kw)
         doses[mode] = dose
         per_group = np.asarray(timings.get("per_group_s", []))
-        entry = {"options": shared_kw_print if mode == "shared" else kw, "wall_s": t.wall, "cpu_s": t.cpu, "n_transported_groups": int(timings["n_transports"]),
+        entry = {"options": shared_kw_print if mode == "shared" else kw, "wall_s": t.wall, "cpu_s": t.cpu,
+                 "n_transported_groups": int(timings["n_transports"]),
                  "per_group_wall_s_mean": float(per_group.mean()) if per_group.size else 0.0,
                  "shared_wall_s": float(timings.get("shared_s", 0.0)),
                  "peak_rss_mib_above_start": _peak_rss_mib() - rss0, "load_average": os.getloadavg()[0]}

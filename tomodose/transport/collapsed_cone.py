@@ -593,5 +593,5 @@ def _transport_shared(flat, weights, fixed, rho, grid: Grid, rates, batch: int, 
                                             step_cm, rates)
         t_transport += time.process_time() - t1
     logger.debug("shared transport on %s: %d directions x %d terms, %d source entries per direction; CPU: sources "
-                 "%.2f s, transport %.2f s", grid.shape, active.size, n_k, int(np.count_nonzero(weights)) // active.size,
-                 t_contract, t_transport)
+                 "%.2f s, transport %.2f s", grid.shape, active.size, n_k,
+                 int(np.count_nonzero(weights)) // active.size, t_contract, t_transport)
