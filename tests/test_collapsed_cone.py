@@ -948,3 +948,25 @@ def test_shared_terms_with_equal_rates_are_merged_exactly():
     got = shared_direction_dose(terma, beams, rho, grid, kernel=k5, n_directions=16, progress=False)
     want = naive.shared_direction_dose(terma, beams, rho, grid.spacing_mm, k5, range(k5.n_polar), 16)
     np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6 * want.max())
+
+
+def test_range_check_matches_numpy_and_shared_input_errors(rotation_case, kernel):
+    from tomodose._kernels import collapsed_cone as _k
+    from tomodose.transport.collapsed_cone import shared_direction_dose
+
+    rng = np.random.default_rng(57)
+    v = rng.normal(size=200_003).astype(np.float32)
+    v[[5, 70_000]] = np.nan
+    v[199_999] = np.inf
+    m, n_bad, pos = _k.range_check(v)
+    fin = v[np.isfinite(v)]
+    assert m == fin.min() and n_bad == 3 and pos
+    assert _k.range_check(np.zeros(10, np.float32))[1:] == (0, False)
+    grid, beams, terma, rho = rotation_case
+    bad = terma.copy()
+    bad[1, 2, 3, 4] = np.nan
+    with pytest.raises(ValueError, match=r"terma_groups must be finite, got 1 NaN/inf value\(s\)"):
+        shared_direction_dose(bad, beams, rho, grid, kernel=kernel)
+    bad[1, 2, 3, 4] = -0.5
+    with pytest.raises(ValueError, match="terma_groups must be >= 0.0, got minimum -0.5"):
+        shared_direction_dose(bad, beams, rho, grid, kernel=kernel)

@@ -746,3 +746,50 @@ def coarse_sources(terma, rho, mass, f):
                     if m > 0.0:
                         out[r, kc, jc, ic] = acc[kc, jc, ic] / m
     return out
+
+
+#: values per task of :func:`range_check` (results per block, reduced in block order).
+RANGE_CHECK_BLOCK = 1 << 16
+
+
+@numba.njit(**NUMBA_PARALLEL_OPTIONS)
+def range_check(values):
+    """(minimum of the finite values, number of NaN/inf values, any value > 0) of a flat array.
+
+    The input check of the large TERMA stack of :func:`~tomodose.transport.collapsed_cone
+    .shared_direction_dose` in one parallel pass (``check_array``'s ``isfinite`` and ``min`` are
+    two serial passes: 0.5 s for the 835 MB of the 3 mm liver plan). One ``prange`` task per
+    block, per-block results reduced in block order (independent of the number of threads).
+    """
+    n = values.size
+    n_blocks = (n + RANGE_CHECK_BLOCK - 1) // RANGE_CHECK_BLOCK
+    mins = np.full(n_blocks, np.inf)
+    bad = np.zeros(n_blocks, np.int64)
+    pos = np.zeros(n_blocks, np.bool_)
+    for blk in numba.prange(n_blocks):
+        lo = blk * RANGE_CHECK_BLOCK
+        hi = min(n, lo + RANGE_CHECK_BLOCK)
+        m = np.inf
+        nb = 0
+        p = False
+        for i in range(lo, hi):
+            v = values[i]
+            if math.isfinite(v):
+                if v < m:
+                    m = v
+                if v > 0.0:
+                    p = True
+            else:
+                nb += 1
+        mins[blk] = m
+        bad[blk] = nb
+        pos[blk] = p
+    m = np.inf
+    nb = 0
+    p = False
+    for blk in range(n_blocks):
+        if mins[blk] < m:
+            m = mins[blk]
+        nb += bad[blk]
+        p = p or pos[blk]
+    return m, nb, p

@@ -390,7 +390,13 @@ def shared_direction_dose(
     t_in = terma_groups if isinstance(terma_groups, np.ndarray) else np.asarray(terma_groups)
     energy_grouped = getattr(t_in, "ndim", 0) == 5
     t_all = check_array("terma_groups", t_in, shape=((None, None) if energy_grouped else (None,)) + grid.shape,
-                        low=0.0, dtype=np.float32)
+                        dtype=np.float32, finite=False)
+    # values: one parallel pass over the (often GB-sized) stack, check_array's messages
+    t_min, n_bad, any_terma = _k.range_check(t_all.reshape(-1))
+    if n_bad:
+        raise ValueError(f"terma_groups must be finite, got {n_bad} NaN/inf value(s)")
+    if t_all.size and t_min < 0.0:
+        raise ValueError(f"terma_groups must be >= 0.0, got minimum {t_min}")
     n_g = t_all.shape[0]
     beams = check_array("beam_directions", beam_directions, shape=(n_g, 3), dtype=np.float64)
     norms = np.linalg.norm(beams, axis=1)
@@ -429,7 +435,7 @@ def shared_direction_dose(
     else:
         slow, fast = np.zeros(0, dtype=np.int64), np.arange(rates.size)
     dose = np.zeros(grid.shape, dtype=np.float64)
-    if not np.any(t_all > 0):
+    if not any_terma:
         return dose
     flat = np.ascontiguousarray(t_all.reshape(n_g * n_e, -1))
     t0 = time.perf_counter()
