@@ -37,32 +37,30 @@ SLABS = ("slab_lung", "slab_bone")
 ENGINES = ("collapsed_cone", "pencil_beam")
 
 #: (case, engine, check) -> measured result that misses the tolerance
-#: measured 2026-11-29 06:13 UTC with the references regenerated for the T0 = 6.0 MeV default spectrum
-#: (commissioned with the current engine, docs/commissioning.md); collapsed cone with the 5-group kernel
-#: ccc_water_6mv_5groups (derive_ccc_kernels.py 1.4, build-up fit, per-group rates; default since 06:00 UTC,
-#: docs/collapsed_cone.md 4c), TERMA trace_sharing="angle"; pencil beam with voxel-averaged profiles and medium
-#: ends. Both engines calibrated at the nominal condition, as the Monte Carlo.
+#: measured 2026-11-29 08:41 UTC with the water references regenerated with 4x the histories (4.8 M / 6.0 M /
+#: 2.8 M for jaws 50 / 25 / 10: depth-bin 1-sigma beyond d_max at most 0.42 / 0.36 / 0.64 %, was 0.6-0.8 %) and
+#: every reference recalibrated by the new water_j50 (+0.39 %); T0 = 6.0 MeV spectrum; collapsed cone with the
+#: 5-group kernel, TERMA fluence maps for helical plans, shared direction set (512) for helical plans; pencil beam
+#: exact path with voxel-averaged profiles and medium ends. Both engines calibrated at the nominal condition.
 #: validation/build_report.py prints this table from validation/results.json
 KNOWN_FAILURES: dict[tuple[str, str, str], str] = {
-    ('slab_bone', 'pencil_beam', 'depth_abs'): 'max |diff| beyond d_max 7.0 % (mean -0.6 %), tolerance 3 %',
+    ('slab_bone', 'pencil_beam', 'depth_abs'): 'max |diff| beyond d_max 6.6 % (mean -1.0 %), tolerance 3 %',
     ('slab_bone', 'pencil_beam', 'depth_rel'): 'max |diff| beyond d_max 7.6 % (mean -0.0 %), tolerance 3 %',
     ('slab_lung', 'collapsed_cone', 'depth_rel'): 'max |diff| beyond d_max 3.0 % (mean -0.8 %), tolerance 3 %',
-    ('slab_lung', 'pencil_beam', 'depth_abs'): 'max |diff| beyond d_max 8.0 % (mean +0.4 %), tolerance 3 %',
+    ('slab_lung', 'pencil_beam', 'depth_abs'): 'max |diff| beyond d_max 8.4 % (mean +0.0 %), tolerance 3 %',
     ('slab_lung', 'pencil_beam', 'depth_rel'): 'max |diff| beyond d_max 8.9 % (mean -0.5 %), tolerance 3 %',
-    ('water_j10', 'collapsed_cone', 'depth_abs'): 'max |diff| beyond d_max 2.0 % (mean -0.7 %), tolerance 1 %',
-    ('water_j10', 'collapsed_cone', 'depth_rel'): 'max |diff| beyond d_max 1.5 % (mean -0.1 %), tolerance 1 %',
-    ('water_j10', 'collapsed_cone', 'profiles'): '2 %/1 mm failures: x@50 3 pts, x@150 1 pts, z@50 1 pts, z@100 1 pts, z@150 2 pts',
-    ('water_j10', 'pencil_beam', 'depth_abs'): 'max |diff| beyond d_max 1.3 % (mean -0.4 %), tolerance 1 %',
-    ('water_j10', 'pencil_beam', 'depth_rel'): 'max |diff| beyond d_max 1.0 % (mean -0.1 %), tolerance 1 %',
-    ('water_j25', 'collapsed_cone', 'depth_abs'): 'max |diff| beyond d_max 1.2 % (mean +0.2 %), tolerance 1 %',
-    ('water_j25', 'collapsed_cone', 'profiles'): '2 %/1 mm failures: x@50 2 pts, x@150 1 pts, z@50 1 pts, z@100 1 pts',
-    ('water_j25', 'pencil_beam', 'depth_abs'): 'max |diff| beyond d_max 1.6 % (mean -0.1 %), tolerance 1 %',
-    ('water_j25', 'pencil_beam', 'depth_rel'): 'max |diff| beyond d_max 1.6 % (mean -0.1 %), tolerance 1 %',
-    ('water_j50', 'collapsed_cone', 'depth_abs'): 'max |diff| beyond d_max 1.05 % (mean -0.1 %), tolerance 1 %',
-    ('water_j50', 'collapsed_cone', 'depth_rel'): 'max |diff| beyond d_max 1.3 % (mean +0.1 %), tolerance 1 %',
-    ('water_j50', 'collapsed_cone', 'profiles'): '2 %/1 mm failures: z@15 2 pts, z@100 1 pts',
-    ('water_j50', 'pencil_beam', 'depth_abs'): 'max |diff| beyond d_max 1.2 % (mean -0.5 %), tolerance 1 %',
-    ('water_j50', 'pencil_beam', 'profiles'): '2 %/1 mm failures: z@100 1 pts',
+    ('water_j10', 'collapsed_cone', 'depth_abs'): 'max |diff| beyond d_max 2.0 % (mean -0.9 %), tolerance 1 %',
+    ('water_j10', 'collapsed_cone', 'depth_rel'): 'max |diff| beyond d_max 1.4 % (mean -0.1 %), tolerance 1 %',
+    ('water_j10', 'collapsed_cone', 'profiles'): '2 %/1 mm failures: x@50 4 pts, x@150 1 pts, z@50 1 pts, z@150 4 pts',
+    ('water_j10', 'pencil_beam', 'depth_abs'): 'max |diff| beyond d_max 1.3 % (mean -0.6 %), tolerance 1 %',
+    ('water_j10', 'pencil_beam', 'depth_rel'): 'max |diff| beyond d_max 1.4 % (mean -0.0 %), tolerance 1 %',
+    ('water_j25', 'collapsed_cone', 'depth_abs'): 'max |diff| beyond d_max 1.0 % (mean -0.4 %), tolerance 1 %',
+    ('water_j25', 'collapsed_cone', 'profiles'): '2 %/1 mm failures: x@50 1 pts, z@50 1 pts',
+    ('water_j25', 'pencil_beam', 'depth_abs'): 'max |diff| beyond d_max 1.1 % (mean -0.7 %), tolerance 1 %',
+    ('water_j25', 'pencil_beam', 'depth_rel'): 'max |diff| beyond d_max 1.2 % (mean -0.1 %), tolerance 1 %',
+    ('water_j50', 'collapsed_cone', 'profiles'): '2 %/1 mm failures: z@15 1 pts',
+    ('water_j50', 'pencil_beam', 'depth_abs'): 'max |diff| beyond d_max 1.2 % (mean -0.6 %), tolerance 1 %',
+    ('water_j50', 'pencil_beam', 'depth_rel'): 'max |diff| beyond d_max 1.8 % (mean -0.0 %), tolerance 1 %',
 }
 
 
@@ -117,9 +115,10 @@ def test_references_are_small():
 def test_monte_carlo_noise_is_small_where_compared(name):
     ref = _ref(name)
     dd = compare_depth_dose(ref, ref.dose_gy)
-    # largest 1-sigma of a depth bin beyond d_max: measured 0.6-0.9 % (0.3-0.5 % typical); the
-    # 1 % depth-dose tolerance is only meaningful while this stays well below it
-    assert dd["mc_sigma_beyond_pct"] < 1.0, dd["mc_sigma_beyond_pct"]
+    # largest 1-sigma of a depth bin beyond d_max: measured 0.42 / 0.36 / 0.64 % for jaws 50 / 25 / 10
+    # (medians 0.25 / 0.19 / 0.29 %) with the 4x-history references of 2026-11-29 (0.6-0.9 % before);
+    # the 1 % depth-dose tolerance is only meaningful while this stays well below it
+    assert dd["mc_sigma_beyond_pct"] < 0.7, dd["mc_sigma_beyond_pct"]
     assert dd["max_abs_beyond_pct"] == 0.0
 
 
