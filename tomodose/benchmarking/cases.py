@@ -178,30 +178,37 @@ def ccc_group(size, *, ladder: str = "spacing", spacing_mm: float = 6.0, rotatio
     return work, info
 
 
-def _plan_dose(engine: str, size, ladder: str, spacing_mm: float, rotations: float | None):
-    """Full helical plan dose with ``engine`` through :func:`tomodose.dose.compute_dose`; the
-    engine's own timings (``metadata["timings_s"]``) are added to the info."""
+def _plan_dose(engine: str, size, ladder: str, spacing_mm: float, rotations: float | None, options=None):
+    """Full helical plan dose with ``engine`` through :func:`tomodose.dose.compute_dose` (engine
+    ``options`` passed on); the engine's own timings (``metadata["timings_s"]``) are added to the info."""
     from tomodose.dose import compute_dose
 
     patient, plan = _problem(size, ladder, spacing_mm, rotations)
-    info = _info(patient, plan)
+    options = dict(options or {})
+    info = _info(patient, plan, **({"engine_options": options} if options else {}))
 
     def work():
-        res = compute_dose(patient, plan, engine=engine, progress=False)
+        res = compute_dose(patient, plan, engine=engine, progress=False, **options)
         t = res.metadata.get("timings_s", {})
         info.update({k: round(float(v), 3) for k, v in t.items() if isinstance(v, (int, float))})
 
     return work, info
 
 
-def ccc_plan(size, *, ladder: str = "spacing", spacing_mm: float = 6.0, rotations: float | None = None):
-    """Full helical plan dose with the collapsed-cone engine (TERMA + 51 angle-group transports)."""
-    return _plan_dose("collapsed_cone", size, ladder, spacing_mm, rotations)
+def ccc_plan(size, *, ladder: str = "spacing", spacing_mm: float = 6.0, rotations: float | None = None,
+             fast: bool = False):
+    """Full helical plan dose with the collapsed-cone engine (TERMA + transport of 51 angle groups;
+    ``fast``: :data:`tomodose.dose.engine.FAST_CCC_OPTIONS`)."""
+    from tomodose.dose.engine import FAST_CCC_OPTIONS
+
+    return _plan_dose("collapsed_cone", size, ladder, spacing_mm, rotations, FAST_CCC_OPTIONS if fast else None)
 
 
-def pencil_beam_plan(size, *, ladder: str = "spacing", spacing_mm: float = 6.0, rotations: float | None = None):
-    """Full helical plan dose with the pencil-beam engine (no matrix)."""
-    return _plan_dose("pencil_beam", size, ladder, spacing_mm, rotations)
+def pencil_beam_plan(size, *, ladder: str = "spacing", spacing_mm: float = 6.0, rotations: float | None = None,
+                     method: str | None = None):
+    """Full helical plan dose with the pencil-beam engine (no matrix; ``method``: e.g. ``"fluence"``,
+    the fast path, default the engine's)."""
+    return _plan_dose("pencil_beam", size, ladder, spacing_mm, rotations, {"method": method} if method else None)
 
 
 def influence(size, *, ladder: str = "spacing", spacing_mm: float = 6.0, rotations: float | None = None):
