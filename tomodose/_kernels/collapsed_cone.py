@@ -46,6 +46,47 @@ def _offset(n, d):
 
 
 @numba.njit(**NUMBA_OPTIONS)
+def _line_layout(shape, m, da, db):
+    """Layout of the parallel transport lines of one direction on a C-ordered grid ``shape``.
+
+    ``m`` is the main axis (one voxel step per line step), ``da``/``db`` the slopes along the two
+    other axes ``a_ax``/``b_ax``. Returns ``(a_ax, b_ax, n_m, n_a, n_b, s_m, s_a, s_b, off_a,
+    off_b, max_a, max_b, lines_a, lines_b)``: axis sizes, flat strides, the line's integer offsets
+    (n_m,) along a and b at each main-axis step, their maxima (clipped at 0), and the number of line starts
+    along a and b that cover the grid.
+    """
+    a_ax = 1 if m == 0 else 0
+    b_ax = 1 if m == 2 else 2
+    n_m = shape[m]
+    n_a = shape[a_ax]
+    n_b = shape[b_ax]
+    s_m = 1
+    s_a = 1
+    s_b = 1
+    for ax in range(3):
+        st = 1
+        for j in range(ax + 1, 3):
+            st *= shape[j]
+        if ax == m:
+            s_m = st
+        elif ax == a_ax:
+            s_a = st
+        else:
+            s_b = st
+    off_a = np.empty(n_m, np.int64)
+    off_b = np.empty(n_m, np.int64)
+    for n in range(n_m):
+        off_a[n] = _offset(n, da)
+        off_b[n] = _offset(n, db)
+    min_a = min(0, off_a[n_m - 1])
+    max_a = max(0, off_a[n_m - 1])
+    min_b = min(0, off_b[n_m - 1])
+    max_b = max(0, off_b[n_m - 1])
+    return (a_ax, b_ax, n_m, n_a, n_b, s_m, s_a, s_b, off_a, off_b, max_a, max_b,
+            n_a + max_a - min_a, n_b + max_b - min_b)
+
+
+@numba.njit(**NUMBA_OPTIONS)
 def _exp_neg(x):
     """exp(-x) for x >= 0, relative error < 1e-14 (inlined polynomial, no libm call).
 
@@ -395,35 +436,8 @@ def transport_direction(terma, rho, dose, m, sgn, da, db, step_cm, rates, amp_co
     """
     shape = rho.shape
     n_g = terma.shape[0]
-    a_ax = 1 if m == 0 else 0
-    b_ax = 1 if m == 2 else 2
-    n_m = shape[m]
-    n_a = shape[a_ax]
-    n_b = shape[b_ax]
-    s_m = 1
-    s_a = 1
-    s_b = 1
-    for ax in range(3):
-        st = 1
-        for j in range(ax + 1, 3):
-            st *= shape[j]
-        if ax == m:
-            s_m = st
-        elif ax == a_ax:
-            s_a = st
-        else:
-            s_b = st
-    off_a = np.empty(n_m, np.int64)
-    off_b = np.empty(n_m, np.int64)
-    for n in range(n_m):
-        off_a[n] = _offset(n, da)
-        off_b[n] = _offset(n, db)
-    min_a = min(0, off_a[n_m - 1])
-    max_a = max(0, off_a[n_m - 1])
-    max_b = max(0, off_b[n_m - 1])
-    min_b = min(0, off_b[n_m - 1])
-    lines_a = n_a + max_a - min_a
-    lines_b = n_b + max_b - min_b
+    (a_ax, b_ax, n_m, n_a, n_b, s_m, s_a, s_b, off_a, off_b, max_a, max_b, lines_a,
+     lines_b) = _line_layout(shape, m, da, db)
     n_k = rates.size
     n_vox = shape[0] * shape[1] * shape[2]
     tf = terma.reshape((n_g, n_vox))
@@ -608,35 +622,8 @@ def transport_direct_sources(src, rho, dose, m, sgn, da, db, step_cm, rates):
     K sources of a voxel are read from one cache line instead of K volumes.
     """
     shape = rho.shape
-    a_ax = 1 if m == 0 else 0
-    b_ax = 1 if m == 2 else 2
-    n_m = shape[m]
-    n_a = shape[a_ax]
-    n_b = shape[b_ax]
-    s_m = 1
-    s_a = 1
-    s_b = 1
-    for ax in range(3):
-        st = 1
-        for j in range(ax + 1, 3):
-            st *= shape[j]
-        if ax == m:
-            s_m = st
-        elif ax == a_ax:
-            s_a = st
-        else:
-            s_b = st
-    off_a = np.empty(n_m, np.int64)
-    off_b = np.empty(n_m, np.int64)
-    for n in range(n_m):
-        off_a[n] = _offset(n, da)
-        off_b[n] = _offset(n, db)
-    max_a = max(0, off_a[n_m - 1])
-    min_a = min(0, off_a[n_m - 1])
-    max_b = max(0, off_b[n_m - 1])
-    min_b = min(0, off_b[n_m - 1])
-    lines_a = n_a + max_a - min_a
-    lines_b = n_b + max_b - min_b
+    (a_ax, b_ax, n_m, n_a, n_b, s_m, s_a, s_b, off_a, off_b, max_a, max_b, lines_a,
+     lines_b) = _line_layout(shape, m, da, db)
     n_k = rates.size
     n_vox = shape[0] * shape[1] * shape[2]
     sf = src.reshape((n_vox, n_k))
