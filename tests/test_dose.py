@@ -146,6 +146,33 @@ def test_bad_input():
     ffs = ProjectionSequence.static_beams([0.0], np.ones((1, 64)), 1.0, 25.0, patient_position="FFS")
     with pytest.raises(ValueError, match="plan patient_position 'FFS' differs from the patient's 'HFS'"):
         compute_dose(pat, ffs)
+    with pytest.raises(ValueError, match="shared_coarse_block_mm must be None or a length > 0 mm, got -1.0"):
+        compute_dose(pat, seq, shared_coarse_block_mm=-1.0)
+    with pytest.raises(ValueError, match="shared_coarse_block_mm must be None or a length > 0 mm, got True"):
+        compute_dose(pat, seq, shared_coarse_block_mm=True)
+    with pytest.raises(ValueError, match="shared_coarse_directions must be None or an integer >= 1, got 0"):
+        compute_dose(pat, seq, shared_coarse_directions=0)
+    with pytest.raises(ValueError, match="shared_directions must be an integer >= 1, got 2.5"):
+        compute_dose(pat, seq, shared_directions=2.5)
+
+
+def test_shared_transport_reads_the_terma_groups_without_a_copy():
+    """The engine hands the TERMA result's own (G, ...) array to the shared transport when the
+    groups are its consecutive items, and copies otherwise."""
+    from tomodose.dose.engine import _coarse_factor, _stacked_view
+
+    base = np.arange(4 * 2 * 3, dtype=np.float32).reshape(4, 2, 3)
+    view = _stacked_view([base[i] for i in range(4)])
+    assert np.shares_memory(view, base) and np.array_equal(view, base) and not view.flags.writeable
+    part = _stacked_view([base[i] for i in (1, 2)])                    # consecutive, not from 0
+    assert np.shares_memory(part, base) and np.array_equal(part, base[1:3])
+    assert _stacked_view([base[i] for i in (0, 1, 3)]) is None          # a skipped (empty) group
+    assert _stacked_view([base[i] for i in (1, 0, 2, 3)]) is None       # other order
+    assert _stacked_view([base[i].copy() for i in range(4)]) is None    # not views
+    assert _stacked_view([base.astype(np.float64)[i] for i in range(4)]) is None
+    grid3, grid5 = Grid((2, 2, 2), (3, 3, 3)), Grid((2, 2, 2), (5, 5, 5))
+    assert _coarse_factor(None, grid3) == 1
+    assert _coarse_factor(7.0, grid3) == 2 and _coarse_factor(7.0, grid5) == 1
 
 
 @pytest.mark.slow

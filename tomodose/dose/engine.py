@@ -168,15 +168,18 @@ def _coarse_factor(block_mm, grid) -> int:
 
 
 def _stacked_view(arrays):
-    """The (G, ...) float32 array whose consecutive items ``arrays`` are, or None (then copy)."""
-    base = arrays[0].base
-    if not isinstance(base, np.ndarray) or base.dtype != np.float32 or not base.flags.c_contiguous \
-            or base.shape[0] != len(arrays) or base.shape[1:] != arrays[0].shape:
+    """A read-only (G, ...) float32 view of ``arrays`` when they are consecutive, equally shaped,
+    C-contiguous pieces of one buffer (the TERMA result's per-group array), else None (copy them)."""
+    first = arrays[0]
+    owner = first.base
+    if owner is None or first.dtype != np.float32 or not first.flags.c_contiguous:
         return None
     for j, a in enumerate(arrays):
-        if a.base is not base or a.ctypes.data != base[j].ctypes.data:
+        if (a.base is not owner or a.dtype != first.dtype or a.shape != first.shape or not a.flags.c_contiguous
+                or a.ctypes.data != first.ctypes.data + j * first.nbytes):
             return None
-    return base
+    return np.lib.stride_tricks.as_strided(first, shape=(len(arrays),) + first.shape,
+                                           strides=(first.nbytes,) + first.strides, writeable=False)
 
 
 def _ccc_transport(patient: PatientModel, groups: list, *, kernel=None, progress=None, single_sources: bool = False,
