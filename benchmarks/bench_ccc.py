@@ -33,28 +33,20 @@ import argparse
 import json
 import os
 import pickle
-import resource
 import sys
 import time
 
-
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _cpu_s() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+from tomodose.benchmarking.harness import peak_rss_mib, process_cpu_s
 
 
 class _Timer:
     def __enter__(self):
-        self.w0, self.c0 = time.perf_counter(), _cpu_s()
+        self.w0, self.c0 = time.perf_counter(), process_cpu_s()
         return self
 
     def __exit__(self, *exc):
         self.wall = time.perf_counter() - self.w0
-        self.cpu = _cpu_s() - self.c0
+        self.cpu = process_cpu_s() - self.c0
 
 
 def main(argv=None) -> int:
@@ -139,7 +131,7 @@ def main(argv=None) -> int:
     results["jit"] = {"wall_s": t.wall, "cpu_s": t.cpu, "cold": bool(args.cold)}
 
     # --- problem --------------------------------------------------------------------------------
-    rss0 = _peak_rss_mib()
+    rss0 = peak_rss_mib()
     patient = cases._patient(args.spacing)
     plan = cases._plan(patient)
     seq = plan.projections()
@@ -201,7 +193,7 @@ def main(argv=None) -> int:
                  "n_transported_groups": int(timings["n_transports"]),
                  "per_group_wall_s_mean": float(per_group.mean()) if per_group.size else 0.0,
                  "shared_wall_s": float(timings.get("shared_s", 0.0)),
-                 "peak_rss_mib_above_start": _peak_rss_mib() - rss0, "load_average": os.getloadavg()[0]}
+                 "peak_rss_mib_above_start": peak_rss_mib() - rss0, "load_average": os.getloadavg()[0]}
         results["cases"][f"plan_{mode}"] = entry
         print(f"plan transport [{mode} {entry['options']}]: wall {t.wall:.1f} s, cpu {t.cpu:.1f} s; per angle group "
               f"{entry['per_group_wall_s_mean']:.2f} s wall; shared part {entry['shared_wall_s']:.1f} s wall; "

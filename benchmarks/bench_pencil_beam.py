@@ -38,7 +38,6 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -46,9 +45,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+from tomodose.benchmarking.harness import peak_rss_mib  # noqa: E402
 
 
 class _Timer:
@@ -67,7 +64,7 @@ class _Timer:
         # CPU of the calling thread alone (serial Python + its share of the parallel loops): on an
         # idle machine the wall time is about this plus the waits for the other threads
         self.out[f"{self.name}_main_thread_cpu_s"] = round(time.thread_time() - self.m, 3)
-        self.out[f"{self.name}_peak_rss_mib"] = round(_peak_rss_mib(), 1)
+        self.out[f"{self.name}_peak_rss_mib"] = round(peak_rss_mib(), 1)
         self.out[f"{self.name}_load_average"] = round(os.getloadavg()[0], 2)
         print(f"{self.name}: {self.out[f'{self.name}_s']:.2f} s wall, {self.out[f'{self.name}_cpu_s']:.2f} s CPU",
               file=sys.stderr, flush=True)

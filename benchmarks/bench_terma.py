@@ -21,18 +21,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import sys
 import time
 
-
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _cpu_s() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+from tomodose.benchmarking.harness import peak_rss_mib, process_cpu_s
 
 
 def main(argv=None) -> int:
@@ -75,10 +67,10 @@ def main(argv=None) -> int:
                             arc_deg=np.full(2, 7.0), couch_travel_mm=np.full(2, 1.0))
     what = "JIT compile" if args.cold else "JIT compile or cache load"
     for m in methods:
-        t, c = time.perf_counter(), _cpu_s()
+        t, c = time.perf_counter(), process_cpu_s()
         compute_terma(tiny, ps, beam, n_subsamples=2, energy_group_edges_mev=[0.0, 1.0, 100.0],
                       fluence_method=m, progress=False)
-        print(f"first call [{m}] ({what}): wall {time.perf_counter() - t:.2f} s, cpu {_cpu_s() - c:.2f} s")
+        print(f"first call [{m}] ({what}): wall {time.perf_counter() - t:.2f} s, cpu {process_cpu_s() - c:.2f} s")
 
     patient = cases._patient(args.spacing)
     seq = cases._plan(patient).projections()
@@ -88,14 +80,14 @@ def main(argv=None) -> int:
           f"x {args.subsamples} sub-samples, {n_ge} energy group(s)")
     results = {}
     for m in methods:
-        rss0 = _peak_rss_mib()
-        t, c = time.perf_counter(), _cpu_s()
+        rss0 = peak_rss_mib()
+        t, c = time.perf_counter(), process_cpu_s()
         res = compute_terma(patient, seq, beam, n_subsamples=args.subsamples, energy_group_edges_mev=edges,
                             fluence_method=m, progress=False)
-        wall, cpu = time.perf_counter() - t, _cpu_s() - c
+        wall, cpu = time.perf_counter() - t, process_cpu_s() - c
         results[m] = res
         print(f"TERMA [{m}]: wall {wall:.2f} s, cpu {cpu:.2f} s, {res.n_groups} angle groups, per_group "
-              f"{res.per_group.nbytes / 2**20:.0f} MiB, peak RSS {_peak_rss_mib():.0f} MiB (+{_peak_rss_mib() - rss0:.0f}) "
+              f"{res.per_group.nbytes / 2**20:.0f} MiB, peak RSS {peak_rss_mib():.0f} MiB (+{peak_rss_mib() - rss0:.0f}) "
               f"(load {os.getloadavg()[0]:.1f})")
     if args.compare and {"maps", "exact"} <= set(results):
         from tomodose.evaluation.gamma import gamma_index

@@ -21,16 +21,7 @@ import argparse
 import functools
 import sys
 
-
-def _parse(text: str) -> dict:
-    out = {}
-    for item in filter(None, (t.strip() for t in text.split(","))):
-        key, _, value = item.partition("=")
-        try:
-            out[key.strip()] = int(value)
-        except ValueError:
-            out[key.strip()] = float(value)
-    return out
+from tomodose.benchmarking.harness import parse_options
 
 
 def main(argv=None) -> int:
@@ -69,7 +60,7 @@ def main(argv=None) -> int:
     for text in args.config:
         opts = {}
         if text != "reference":
-            cfg = _parse(text)
+            cfg = parse_options(text)
             cc.shared_direction_dose = functools.partial(original, **{k: v for k, v in cfg.items()
                                                                       if k not in ("n_directions", "shared_from_deg")})
             opts = {"shared_from_deg": float(cfg.get("shared_from_deg", 0.0)),

@@ -22,25 +22,10 @@ import argparse
 import functools
 import json
 import os
-import resource
 import sys
 import time
 
-
-def _cpu_s() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-def _parse(text: str) -> dict:
-    out = {}
-    for item in filter(None, (t.strip() for t in text.split(","))):
-        key, _, value = item.partition("=")
-        try:
-            out[key.strip()] = int(value)
-        except ValueError:
-            out[key.strip()] = float(value)
-    return out
+from tomodose.benchmarking.harness import parse_options, process_cpu_s
 
 
 def main(argv=None) -> int:
@@ -61,7 +46,7 @@ def main(argv=None) -> int:
     original = cc.shared_direction_dose
     results = {"configs": []}
     for text in args.config:
-        cfg = {} if text == "reference" else _parse(text)
+        cfg = {} if text == "reference" else parse_options(text)
         opts = {}
         if text != "reference":
             extra = {k: v for k, v in cfg.items() if k != "n_directions"}
@@ -72,9 +57,9 @@ def main(argv=None) -> int:
         entry = {"config": text, "cases": {}}
         for case in filter(None, args.cases.split(",")):
             ref = load_reference(REFERENCE_DIR / f"{case}.h5")
-            w0, c0 = time.perf_counter(), _cpu_s()
+            w0, c0 = time.perf_counter(), process_cpu_s()
             ev = engine_dose(ref, "collapsed_cone", progress=False, **opts)
-            res = {"wall_s": time.perf_counter() - w0, "cpu_s": _cpu_s() - c0}
+            res = {"wall_s": time.perf_counter() - w0, "cpu_s": process_cpu_s() - c0}
             if ref.analysis.get("type") == "helical":
                 g = compare_gamma(ref, ev, dose_percent=2.0, distance_mm=2.0, cutoff_percent=10.0, merge=HELICAL_MERGE)
                 res["gamma_2pct_2mm_pass_pct"] = float(g.pass_rate_percent)

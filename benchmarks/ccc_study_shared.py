@@ -24,14 +24,10 @@ import argparse
 import json
 import os
 import pickle
-import resource
 import sys
 import time
 
-
-def _cpu_s() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+from tomodose.benchmarking.harness import parse_options, process_cpu_s
 
 
 def _reset_peak() -> bool:
@@ -49,17 +45,6 @@ def _rss_mib(key: str) -> float:
             if line.startswith(key + ":"):
                 return float(line.split()[1]) / 1024.0
     return float("nan")
-
-
-def _parse_config(text: str) -> dict:
-    out = {}
-    for item in filter(None, (t.strip() for t in text.split(","))):
-        key, _, value = item.partition("=")
-        try:
-            out[key.strip()] = int(value)
-        except ValueError:
-            out[key.strip()] = float(value)
-    return out
 
 
 def main(argv=None) -> int:
@@ -127,11 +112,11 @@ def main(argv=None) -> int:
             mem = np.flatnonzero(meta["projection_group"] == g)
             groups.append((seq, np.asarray(per_group[g]), meta["group_angles_deg"][g], seq.couch_mm[mem],
                            seq.couch_travel_mm[mem]))
-        w0, c0 = time.perf_counter(), _cpu_s()
+        w0, c0 = time.perf_counter(), process_cpu_s()
         ref = _ccc_transport(patient, groups, kernel=kernel, progress=False, shared_from_deg=None)
         print(f"reference (every ring per angle group): wall {time.perf_counter() - w0:.1f} s, "
-              f"cpu {_cpu_s() - c0:.1f} s", flush=True)
-        results["reference"] = {"wall_s": time.perf_counter() - w0, "cpu_s": _cpu_s() - c0}
+              f"cpu {process_cpu_s() - c0:.1f} s", flush=True)
+        results["reference"] = {"wall_s": time.perf_counter() - w0, "cpu_s": process_cpu_s() - c0}
         if args.reference_cache:
             np.save(args.reference_cache, ref)
     ref = np.asarray(ref, dtype=np.float64)
@@ -146,14 +131,14 @@ def main(argv=None) -> int:
                           progress=False)
 
     for text in args.config:
-        cfg = _parse_config(text)
+        cfg = parse_options(text)
         best = None
         for _ in range(max(1, args.repeat)):
             _reset_peak()
             base = _rss_mib("VmRSS")
-            w0, c0 = time.perf_counter(), _cpu_s()
+            w0, c0 = time.perf_counter(), process_cpu_s()
             dose = shared_direction_dose(stack, beams, density, grid, kernel=kernel, progress=False, **cfg)
-            wall, cpu = time.perf_counter() - w0, _cpu_s() - c0
+            wall, cpu = time.perf_counter() - w0, process_cpu_s() - c0
             peak = _rss_mib("VmHWM") - base
             if best is None or wall < best[0]:
                 best = (wall, cpu, peak)

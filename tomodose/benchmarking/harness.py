@@ -36,7 +36,8 @@ from tomodose._atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CaseResult", "run_case", "fit_exponent", "machine_description", "write_reports"]
+__all__ = ["CaseResult", "run_case", "fit_exponent", "machine_description", "write_reports", "peak_rss_mib",
+           "process_cpu_s", "parse_options"]
 
 
 @dataclass
@@ -55,9 +56,29 @@ class CaseResult:
     error: str | None = None
 
 
-def _rss_peak_mib() -> float:
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (MiB)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1024.0 if sys.platform != "darwin" else peak / 2**20
+
+
+def process_cpu_s() -> float:
+    """User + system CPU time of this process, all threads (s)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def parse_options(text: str) -> dict:
+    """``"key=value,key=value"`` -> dict, each value an int when it reads as one, else a float
+    (the ``--config`` strings of the benchmark scripts)."""
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, _, value = item.partition("=")
+        try:
+            out[key.strip()] = int(value)
+        except ValueError:
+            out[key.strip()] = float(value)
+    return out
 
 
 def _child(queue, target: str, size, params: dict, threads: int, repeats: int):
@@ -66,7 +87,7 @@ def _child(queue, target: str, size, params: dict, threads: int, repeats: int):
         os.environ.setdefault("TOMODOSE_PROGRESS", "0")
         module_name, func_name = target.split(":")
         setup = getattr(importlib.import_module(module_name), func_name)
-        base = _rss_peak_mib()
+        base = peak_rss_mib()
         work, info = setup(size, **params)
         t0 = time.perf_counter()
         work()
@@ -78,7 +99,7 @@ def _child(queue, target: str, size, params: dict, threads: int, repeats: int):
             times.append(time.perf_counter() - t0)
         wall = float(np.median(times))
         queue.put({"first_call_s": first, "wall_s": wall, "jit_s": max(0.0, first - wall),
-                   "peak_rss_mib": max(0.0, _rss_peak_mib() - base), "info": info})
+                   "peak_rss_mib": max(0.0, peak_rss_mib() - base), "info": info})
     except BaseException as exc:  # report, never hang the parent
         queue.put({"error": f"{type(exc).__name__}: {exc}"})
 
