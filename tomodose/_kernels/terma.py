@@ -69,6 +69,17 @@ def jaw_profile(v, half, sigma, lim, inv):
 
 
 @numba.njit(**NUMBA_OPTIONS)
+def jaw_window_value(v, hv, v_ext, jaw_half, jaw_sigma, cutoff, jt_h, jt_v, jt_s, jaw_lim, jaw_inv):
+    """Jaw factor at ``v`` (mm, isocentre plane) averaged over the voxel footprint ``+-hv``
+    (tabulated window mean) or, for ``hv == 0``, the point profile; 0 beyond ``v_ext + hv``."""
+    if v > v_ext + hv or v < -v_ext - hv:
+        return 0.0
+    if hv > 0.0:
+        return window_mean_table(v, jaw_half, jaw_sigma, cutoff, hv, jt_h, jt_v, jt_s)
+    return jaw_profile(v, jaw_half, jaw_sigma, jaw_lim, jaw_inv)
+
+
+@numba.njit(**NUMBA_OPTIONS)
 def edge_weights(leaf_a):
     """(P, L + 1) steps ``d_k = a_k - a_{k-1}`` of the leaf outputs at each leaf edge (``a_{-1} = a_L = 0``).
 
@@ -355,12 +366,8 @@ def terma_units(mat_lo, mat_pair, rho, shape, origin, spacing, t_src, t_ex, t_ez
                     scale = sad / dist_axis
                     v = (g_v0[q] + i * g_v1[q]) * scale
                     hv = g_hv[q] * scale
-                    if v > v_ext + hv or v < -v_ext - hv:
-                        continue
-                    if hv > 0.0:
-                        jaw = window_mean_table(v, jaw_half, jaw_sigma, cutoff, hv, jt_h, jt_v, jt_s)
-                    else:
-                        jaw = jaw_profile(v, jaw_half, jaw_sigma, jaw_lim, jaw_inv)
+                    jaw = jaw_window_value(v, hv, v_ext, jaw_half, jaw_sigma, cutoff, jt_h, jt_v, jt_s, jaw_lim,
+                                           jaw_inv)
                     if jaw <= 0.0:
                         continue
                     u = (g_u0[q] + i * g_u1[q]) * scale

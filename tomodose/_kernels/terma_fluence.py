@@ -41,9 +41,9 @@ import numba
 import numpy as np
 
 from tomodose._kernels.collapsed_cone import _exp_neg
-from tomodose._kernels.profiles import edge_mean_table, window_mean_table
+from tomodose._kernels.profiles import edge_mean_table
 from tomodose._kernels.raytrace import trace_pairs_from_voxel
-from tomodose._kernels.terma import jaw_profile
+from tomodose._kernels.terma import jaw_window_value
 from tomodose.config import NUMBA_OPTIONS, NUMBA_PARALLEL_OPTIONS
 
 _SQRT2 = math.sqrt(2.0)
@@ -109,12 +109,7 @@ def slice_maps(maps, active, slice_y, s_t, s_w, s_p, leaf_d, e2, a_lo, n_win, fa
                 c = sad / den
                 v = y * c
                 hv = hv0 * c
-                if v > v_ext + hv or v < -v_ext - hv:
-                    continue
-                if hv > 0.0:
-                    jaw = window_mean_table(v, jaw_half, jaw_sigma, cutoff, hv, jt_h, jt_v, jt_s)
-                else:
-                    jaw = jaw_profile(v, jaw_half, jaw_sigma, jaw_lim, jaw_inv)
+                jaw = jaw_window_value(v, hv, v_ext, jaw_half, jaw_sigma, cutoff, jt_h, jt_v, jt_s, jaw_lim, jaw_inv)
                 if jaw <= 0.0:
                     continue
                 g = s_w[s] * jaw / (1.0 + y * y / (den * den))

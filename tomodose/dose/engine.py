@@ -219,7 +219,7 @@ def _ccc_transport(patient: PatientModel, groups: list, *, kernel=None, progress
     # kernel tilt of every non-empty group: toward one point source, or the group's beam direction
     plan_units = []
     for s, terma_g, angle, couches, travel in groups:
-        if not np.any(terma_g > 0):
+        if not terma_g.max(initial=0.0) > 0:  # no boolean copy of the group
             continue
         # one source position: a fixed beam, or one projection transported on its own (its couch
         # travel, < 1 mm, is neglected for the tilt only)
