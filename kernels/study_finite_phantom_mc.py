@@ -203,6 +203,163 @@ def run_mc(phantom: str, jaw_mm: float, histories: int, seed: int, cache: Path) 
     return path
 
 
+# --------------------------------------------------------------------------------------------
+# engines
+# --------------------------------------------------------------------------------------------
+def run_engine(phantom: str, jaw_mm: float, engine: str, spacing_mm: float, cache: Path, **options) -> Path:
+    """Engine dose (Gy for the fan's ``DURATION_S``) averaged over the tally bins; cached."""
+    from tomodose.dose import ReferenceCondition, compute_dose
+    from tomodose.terma.beam_model import BeamModel
+    from tomodose.terma.spectrum import default_spectrum
+
+    tag = "".join(f"_{k}{v}" for k, v in sorted(options.items()))
+    path = cache / f"engine_{engine}_{phantom}_j{jaw_mm:g}_g{spacing_mm:g}{tag}.npz"
+    if path.exists():
+        return path
+    patient = refmod.build_phantom_from_spec(phantom_spec(phantom, spacing_mm))
+    edges = edges_mm(phantom)
+    t0, w0 = time.process_time(), time.time()
+    res = compute_dose(patient, fan(jaw_mm, phantom), engine, beam_model=BeamModel.ideal(default_spectrum()),
+                       reference=ReferenceCondition.nominal(), progress=False, **options)
+    cpu, wall = time.process_time() - t0, time.time() - w0
+    bins = refmod.bin_average(res.per_fraction, edges)
+    atomic_write(path, lambda p: np.savez(open(p, "wb"), dose=bins, cpu_s=cpu, wall_s=wall,
+                                          shape=np.array(patient.grid.shape)))
+    log.info("%s %s jaw %g grid %g mm %s: %.0f CPU s (%.0f s wall)", engine, phantom, jaw_mm, spacing_mm,
+             patient.grid.shape, cpu, wall)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# analysis
+# --------------------------------------------------------------------------------------------
+def interp_with_sigma(centres, values, abs_sigma, depth):
+    """Linear interpolation at ``depth`` of independent bins, with its 1-sigma."""
+    i = int(np.clip(np.searchsorted(centres, depth) - 1, 0, len(centres) - 2))
+    t = (depth - centres[i]) / (centres[i + 1] - centres[i])
+    v = (1 - t) * values[i] + t * values[i + 1]
+    s = np.hypot((1 - t) * abs_sigma[i], t * abs_sigma[i + 1])
+    return float(v), float(s)
+
+
+def curve_summary(centres, mean, rel_sigma=None, depths=DEPTHS_MM):
+    """Values at ``depths`` absolute and normalised at NORM_MM, with relative 1-sigma (MC)."""
+    sig = np.zeros_like(mean) if rel_sigma is None else rel_sigma * mean
+    v, s = zip(*(interp_with_sigma(centres, mean, sig, d) for d in (*depths, NORM_MM)))
+    v, s = np.array(v), np.array(s)
+    rel = s / v
+    norm = v[:-1] / v[-1]
+    norm_rel = np.hypot(rel[:-1], rel[-1])
+    norm_rel[np.isclose(depths, NORM_MM)] = 0.0
+    out = {"abs": v[:-1].tolist(), "norm": norm.tolist()}
+    if rel_sigma is not None:
+        out["abs_rel_sigma"] = rel[:-1].tolist()
+        out["norm_rel_sigma"] = norm_rel.tolist()
+    return out
+
+
+def pct(a, b):
+    return (100.0 * (np.asarray(a) / np.asarray(b) - 1.0)).tolist()
+
+
+def pct_sigma(ra, rb):
+    return (100.0 * np.hypot(np.asarray(ra), np.asarray(rb))).tolist()
+
+
+def analyse(cache: Path, spacing_main: float = 5.0) -> dict:
+    k = calibration_gy_per_weight()
+    out = {"depths_mm": list(DEPTHS_MM), "normalisation_depth_mm": NORM_MM, "phantoms_mm": PHANTOMS,
+           "axis_bins_mm": {n: {"x": list(b[0]), "z": list(b[1])} for n, b in AXIS_BINS.items()},
+           "depth_bin_mm": BIN_MM, "ssd_mm": SSD_MM, "duration_s": DURATION_S,
+           "mc_gy_per_weight_unit": k, "engine_grid_main_mm": spacing_main,
+           "units": "abs: Gy for the 60 s static fan (engine calibrated at ReferenceCondition.nominal(), the Monte "
+                    "Carlo by the validation references' calibration); norm: D(d)/D(100 mm)",
+           "jaws": {}}
+    for jaw in JAWS:
+        jd = {"phantoms": {}}
+        for ph in PHANTOMS:
+            mcp = cache / f"mc_{ph}_j{jaw:g}.npz"
+            if not mcp.exists():
+                continue
+            mc = np.load(mcp)
+            edges = (mc["x"], mc["y"], mc["z"])
+            c = depth_centres(edges, ph)
+            pd = {"mc_histories": int(mc["histories"]), "mc_cpu_s": float(mc["cpu_s"]), "bins": {}, "engine_cpu_s": {}}
+            engines = {}
+            for f in sorted(cache.glob(f"engine_*_{ph}_j{jaw:g}_g*.npz")):
+                name = f.stem.split(f"_{ph}_")[0].removeprefix("engine_")
+                g = float(f.stem.rsplit("_g", 1)[1])
+                e = np.load(f)
+                engines[(name, g)] = e["dose"]
+                pd["engine_cpu_s"][f"{name} {g:g} mm"] = float(e["cpu_s"])
+            for which in AXIS_BINS:
+                m, s = axis_sum(mc["dose"] * k, edges, which, mc["unc"])
+                bd = {"mc": curve_summary(c, m, s)}
+                bd["mc_curve"] = {"depth_mm": c.tolist(), "gy": m.tolist(), "rel_sigma": s.tolist()}
+                for (name, g), dose in engines.items():
+                    es = curve_summary(c, axis_sum(dose, edges, which))
+                    es["engine_over_mc_norm_pct"] = pct(es["norm"], bd["mc"]["norm"])
+                    es["engine_over_mc_abs_pct"] = pct(es["abs"], bd["mc"]["abs"])
+                    bd[f"{name} {g:g} mm"] = es
+                pd["bins"][which] = bd
+            jd["phantoms"][ph] = pd
+        # the finite-phantom effect: large (or long_z) / box
+        for ph in ("large", "long_z"):
+            if ph not in jd["phantoms"] or "box" not in jd["phantoms"]:
+                continue
+            eff = {}
+            for which in AXIS_BINS:
+                a, b = jd["phantoms"][ph]["bins"][which], jd["phantoms"]["box"]["bins"][which]
+                e = {"mc_norm_pct": pct(a["mc"]["norm"], b["mc"]["norm"]),
+                     "mc_norm_sigma_pct": pct_sigma(a["mc"]["norm_rel_sigma"], b["mc"]["norm_rel_sigma"]),
+                     "mc_abs_pct": pct(a["mc"]["abs"], b["mc"]["abs"]),
+                     "mc_abs_sigma_pct": pct_sigma(a["mc"]["abs_rel_sigma"], b["mc"]["abs_rel_sigma"])}
+                for key in a:
+                    if key in b and key not in ("mc", "mc_curve"):
+                        e[f"{key} norm_pct"] = pct(a[key]["norm"], b[key]["norm"])
+                        e[f"{key} abs_pct"] = pct(a[key]["abs"], b[key]["abs"])
+                eff[which] = e
+            jd[f"{ph}_over_box"] = eff
+        if jd["phantoms"]:
+            out["jaws"][f"{jaw:g}"] = jd
+    return out
+
+
+def print_tables(res: dict, which: str = "wide") -> None:
+    """Markdown tables of ``analyse``'s result (stdout: this is a study script's report)."""
+    dep = res["depths_mm"]
+    head = "| | " + " | ".join(f"{d:g} mm" for d in dep) + " |\n|---|" + "---|" * len(dep)
+    for jaw, jd in res["jaws"].items():
+        print(f"\n### jaw {jaw} mm, {which} axis bin\n\nengine / MC - 1 (%), normalised at 100 mm; MC 1-sigma\n")
+        print(head)
+        for ph, pd in jd["phantoms"].items():
+            b = pd["bins"][which]
+            print(f"| {ph}: MC 1-sigma | " + " | ".join(f"{100 * v:.2f}" for v in b["mc"]["norm_rel_sigma"]) + " |")
+            for key, v in b.items():
+                if key.startswith(("collapsed", "pencil")):
+                    print(f"| {ph}: {key} | " + " | ".join(f"{x:+.2f}" for x in v["engine_over_mc_norm_pct"]) + " |")
+        print("\nengine / MC - 1 (%), absolute (Gy per unit weight, nominal calibration)\n")
+        print(head)
+        for ph, pd in jd["phantoms"].items():
+            b = pd["bins"][which]
+            print(f"| {ph}: MC 1-sigma | " + " | ".join(f"{100 * v:.2f}" for v in b["mc"]["abs_rel_sigma"]) + " |")
+            for key, v in b.items():
+                if key.startswith(("collapsed", "pencil")):
+                    print(f"| {ph}: {key} | " + " | ".join(f"{x:+.2f}" for x in v["engine_over_mc_abs_pct"]) + " |")
+        for ph in ("large", "long_z"):
+            eff = jd.get(f"{ph}_over_box", {}).get(which)
+            if not eff:
+                continue
+            print(f"\n{ph} / box - 1 (%)\n")
+            print(head)
+            for key in ("mc_norm", "mc_abs"):
+                print(f"| {key} | " + " | ".join(f"{v:+.2f} ({s:.2f})" for v, s in zip(eff[key + '_pct'],
+                                                                                 eff[key + '_sigma_pct'])) + " |")
+            for key, v in eff.items():
+                if key.startswith(("collapsed", "pencil")):
+                    print(f"| {key} | " + " | ".join(f"{x:+.2f}" for x in v) + " |")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -212,12 +369,29 @@ def main(argv=None) -> int:
     p.add_argument("--histories", type=float, default=6e6)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--cache", type=Path, default=Path("/tmp/finiteph"))
+    p = sub.add_parser("engine", help="one engine run on the tally bins")
+    p.add_argument("--phantom", choices=tuple(PHANTOMS), required=True)
+    p.add_argument("--jaw", type=float, choices=JAWS, required=True)
+    p.add_argument("--engine", choices=("collapsed_cone", "pencil_beam"), default="collapsed_cone")
+    p.add_argument("--spacing", type=float, default=5.0)
+    p.add_argument("--cache", type=Path, default=Path("/tmp/finiteph"))
+    p = sub.add_parser("analyse", help="tables and JSON from the cached runs")
+    p.add_argument("--cache", type=Path, default=Path("/tmp/finiteph"))
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--bins", choices=tuple(AXIS_BINS), default="wide")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.cmd == "mc":
         seed = args.seed if args.seed is not None else 3100 + 10 * JAWS.index(args.jaw) + tuple(PHANTOMS).index(
             args.phantom)
         run_mc(args.phantom, args.jaw, int(args.histories), seed, args.cache)
+    elif args.cmd == "engine":
+        run_engine(args.phantom, args.jaw, args.engine, args.spacing, args.cache)
+    elif args.cmd == "analyse":
+        res = analyse(args.cache)
+        print_tables(res, args.bins)
+        if args.json:
+            atomic_write(args.json, lambda p: Path(p).write_text(json.dumps(res, indent=1), encoding="utf-8"))
     return 0
 
 
