@@ -970,3 +970,133 @@ def test_range_check_matches_numpy_and_shared_input_errors(rotation_case, kernel
     bad[1, 2, 3, 4] = -0.5
     with pytest.raises(ValueError, match="terma_groups must be >= 0.0, got minimum -0.5"):
         shared_direction_dose(bad, beams, rho, grid, kernel=kernel)
+
+
+# --- sub-voxel line phases (docs/collapsed_cone.md section 4f) ----------------------------------------
+@pytest.mark.parametrize("mode", ["beam", "source"])
+def test_line_phases_match_naive_twin(mode, small_kernel):
+    rng = np.random.default_rng(11)
+    shape, spacing, origin = (5, 6, 4), (3.0, 2.5, 4.0), (-5.0, 2.0, 1.0)
+    grid = Grid(shape, spacing, origin)
+    terma = rng.random(shape) * (rng.random(shape) > 0.3)
+    rho = rng.uniform(0.0, 2.0, shape)
+    rho[0, 1, :] = 0.0
+    if mode == "beam":
+        kw, tol = {"beam_direction": (0.3, -0.5, 0.8)}, 2e-6
+    else:
+        kw, tol = {"source_position_mm": (60.0, -700.0, 300.0)}, 5e-5
+    fast = _ccc(terma, rho, grid, kernel=small_kernel, line_phases=2, **kw)
+    slow = naive.collapsed_cone_dose(terma, rho, spacing, origin, small_kernel, line_phases=2, **kw)
+    np.testing.assert_allclose(fast, slow, rtol=tol, atol=tol * slow.max())
+    # and it is not the nearest-voxel dose
+    assert np.abs(_ccc(terma, rho, grid, kernel=small_kernel, **kw) - fast).max() > 1e-3 * slow.max()
+
+
+def test_line_phase_set_layouts():
+    from tomodose.transport.collapsed_cone import line_phase_set
+
+    np.testing.assert_array_equal(line_phase_set(1), [[0.5, 0.5]])
+    p = line_phase_set(2)
+    assert sorted(map(tuple, p)) == [(0.25, 0.25), (0.25, 0.75), (0.75, 0.25), (0.75, 0.75)]
+    for n in (3, 4):
+        for layout in ("product", "diagonal"):
+            p = line_phase_set(n, layout)
+            assert p.shape == ((n * n, 2) if layout == "product" else (2 * n, 2))
+            # unchanged by c -> 1 - c on either axis and by exchanging the axes (symmetry of the dose)
+            s = sorted(tuple(np.round(v, 12)) for v in p)
+            assert s == sorted((round(1 - a, 12), b) for a, b in s) == sorted((b, a) for a, b in s)
+            # every axis alone sees the n phases equally often
+            col = np.round(p[:, 0] * n - 0.5, 9)
+            assert np.array_equal(np.unique(col, return_counts=True)[1], np.full(n, p.shape[0] // n))
+
+
+@pytest.mark.parametrize("phases", [1, 3])
+def test_phase_lines_visit_every_voxel_once(phases):
+    # every phase is a partition of the voxels (the naive twin asserts it), for many directions
+    k = load_kernel(n_azimuth=4)
+    dirs, _, _ = k.directions((0.2, 0.1, -1.0))
+    dirs = np.vstack([dirs, np.eye(3), -np.eye(3)])
+    terma = np.zeros((3, 4, 5))
+    c = [(j + 0.5) / phases for j in range(phases)]
+    for u in dirs:
+        m, sgn, da, db, step = direction_geometry(u, (1.0, 2.0, 3.0))
+        for ca in c:
+            naive.transport_direction(terma, np.ones_like(terma), m, sgn, da, db, step, [1.0], lambda v: [1.0],
+                                      ca, c[-1] - ca + c[0])
+
+
+@pytest.mark.parametrize("phases", [1, 2, 8])
+def test_line_phases_put_a_line_at_its_exact_lateral_position_on_average(phases):
+    """A point source transported along one direction with slope d: averaged over the phases the
+    lateral displacement of the deposit at step n is n d within 1 / n_phases voxel (the mean of
+    the rounded source and receiver offsets each within 1 / (2 n_phases)), for a source at any
+    position along the line; nearest-voxel lines (1 phase) are off by up to a voxel, phased on
+    the source's position."""
+    from tomodose._kernels import collapsed_cone as _k
+    from tomodose.transport.collapsed_cone import line_phase_set
+
+    n_m, n_a = 24, 40
+    d_a = 0.3183
+    rates = np.array([0.001])
+    worst = 0.0
+    for n_src in (0, 3, 7):
+        dose = np.zeros((n_m, n_a, 1))
+        terma = np.zeros((1, n_m, n_a, 1))
+        terma[0, n_src, 10, 0] = 1.0
+        pset = line_phase_set(phases)
+        for ca, cb in pset:
+            _k.transport_direction(terma, np.ones((n_m, n_a, 1)), dose, 0, 1, d_a, 0.0, 0.25, rates,
+                                   np.ones((1, 1)), False, np.zeros(3), 0.0, np.zeros((1, 2, 1)), 1.0,
+                                   np.zeros((1, 1, 1, 1)), np.zeros(3), np.zeros(3), np.ones(3), np.zeros(3),
+                                   False, ca, cb)
+        for n in range(n_src + 1, n_m):
+            row = dose[n, :, 0]
+            centroid = float(np.sum(np.arange(n_a) * row) / row.sum()) - 10.0
+            worst = max(worst, abs(centroid - (n - n_src) * d_a))
+    assert worst <= 1.0 / phases + 1e-9
+    if phases == 1:
+        assert worst > 0.5
+
+
+def test_line_phases_invariants(kernel, small_kernel):
+    """Symmetric TERMA -> symmetric dose, linearity, zero TERMA -> zero, identical for 1 and 2 threads."""
+    g = Grid((10, 13, 13), (5.0, 5.0, 5.0), (-30.0, -30.0, -22.5))
+    x, y, z = g.meshgrid_mm()
+    terma = np.exp(-(x**2 + y**2) / (2 * 12.0**2)) * np.exp(-0.005 * (z - z.min())) * np.ones(g.shape)
+    rho = np.ones(g.shape)
+    rho[4:7] = 0.3
+    for kw in ({"beam_direction": (0, 0, 1)}, {"source_position_mm": (0, 0, -850)}):
+        d = _ccc(terma, rho, g, line_phases=2, **kw).astype(float)
+        tol = 1e-5 * d.max()
+        np.testing.assert_allclose(d, d[:, :, ::-1], atol=tol)
+        np.testing.assert_allclose(d, d[:, ::-1, :], atol=tol)
+        np.testing.assert_allclose(d, d.transpose(0, 2, 1), atol=tol)
+    rng = np.random.default_rng(5)
+    t1, t2 = rng.random(g.shape), rng.random(g.shape) * (rng.random(g.shape) > 0.7)
+    kw = {"source_position_mm": (10.0, -850.0, 5.0), "kernel": small_kernel, "line_phases": 2}
+    d12 = _ccc(2 * t1 + 3 * t2, rho, g, **kw).astype(float)
+    np.testing.assert_allclose(d12, 2 * _ccc(t1, rho, g, **kw) + 3 * _ccc(t2, rho, g, **kw).astype(float),
+                               rtol=2e-5, atol=1e-6 * d12.max())
+    assert not _ccc(np.zeros(g.shape), rho, g, **kw).any()
+    if numba.config.NUMBA_NUM_THREADS >= 2:
+        old = numba.get_num_threads()
+        try:
+            out = []
+            for n in (1, 2):
+                numba.set_num_threads(n)
+                out.append(_ccc(t1, rho, g, **kw))
+        finally:
+            numba.set_num_threads(old)
+        np.testing.assert_array_equal(out[0], out[1])
+
+
+def test_line_phases_bad_input():
+    from tomodose.transport.collapsed_cone import line_phase_set
+
+    g = Grid((3, 4, 5), (2.0, 2.0, 2.0))
+    t = np.ones(g.shape)
+    for bad in (0, 17, 1.5, True, "2"):
+        with pytest.raises(ValueError, match=r"line_phases must be an integer in \[1, 16\], got"):
+            _ccc(t, t, g, beam_direction=(0, 0, 1), line_phases=bad)
+    with pytest.raises(ValueError, match="layout must be 'product' or 'diagonal', got 'grid'"):
+        line_phase_set(2, "grid")

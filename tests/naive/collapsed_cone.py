@@ -26,12 +26,13 @@ def _voxel_of(m, km, ja, jb):
     return ja, jb, km
 
 
-def _lines(shape, m, sgn, da, db):
-    """All lines of one direction as lists of voxel indices (in travel order)."""
+def _lines(shape, m, sgn, da, db, ca=0.5, cb=0.5):
+    """All lines of one direction as lists of voxel indices (in travel order); ``ca``, ``cb``:
+    line phases (lateral offset ``floor(n d + c)`` at step ``n``)."""
     a_ax, b_ax = [ax for ax in range(3) if ax != m]
     n_m, n_a, n_b = shape[m], shape[a_ax], shape[b_ax]
-    offs_a = [int(math.floor(n * da + 0.5)) for n in range(n_m)]
-    offs_b = [int(math.floor(n * db + 0.5)) for n in range(n_m)]
+    offs_a = [int(math.floor(n * da + ca)) for n in range(n_m)]
+    offs_b = [int(math.floor(n * db + cb)) for n in range(n_m)]
     lines = []
     for ia in range(-max(offs_a) - 1, n_a - min(offs_a) + 1):
         for ib in range(-max(offs_b) - 1, n_b - min(offs_b) + 1):
@@ -46,8 +47,8 @@ def _lines(shape, m, sgn, da, db):
     return lines
 
 
-def transport_direction(terma, rho, m, sgn, da, db, step_cm, rates, amplitudes_of):
-    """Dose of one direction.
+def transport_direction(terma, rho, m, sgn, da, db, step_cm, rates, amplitudes_of, ca=0.5, cb=0.5):
+    """Dose of one direction (lines of phases ``ca``, ``cb``; 0.5 = nearest voxel).
 
     ``terma`` (nz, ny, nx) marks the emitting voxels (> 0); ``amplitudes_of(voxel) -> (K,)``
     gives the source strength per unit radiological length of each term (TERMA x amplitude,
@@ -55,7 +56,7 @@ def transport_direction(terma, rho, m, sgn, da, db, step_cm, rates, amplitudes_o
     """
     dose = np.zeros(terma.shape)
     visits = np.zeros(terma.shape, dtype=int)
-    for vox in _lines(terma.shape, m, sgn, da, db):
+    for vox in _lines(terma.shape, m, sgn, da, db, ca, cb):
         deltas = [rho[v] * step_cm for v in vox]
         starts = np.concatenate([[0.0], np.cumsum(deltas)[:-1]])
         for j, vj in enumerate(vox):
@@ -85,23 +86,32 @@ def transport_direction(terma, rho, m, sgn, da, db, step_cm, rates, amplitudes_o
 
 
 def collapsed_cone_dose(terma, rho, spacing_mm, origin_mm, kernel, *, beam_direction=None,
-                        source_position_mm=None):
+                        source_position_mm=None, line_phases=1):
     """Full naive collapsed-cone dose (float64), same conventions as the public function.
 
     ``terma`` (nz, ny, nx), or (G, nz, ny, nx) with a grouped kernel: the dose is then the sum
     over groups of the transport of each group's TERMA with that group's amplitudes.
+    ``line_phases = n``: the mean of the doses of the ``n x n`` line phase pairs
+    ``((i + 1/2) / n, (j + 1/2) / n)``.
     """
     terma = np.asarray(terma, dtype=np.float64)
-    if terma.ndim == 4:
-        return sum(
-            _single(terma[g], rho, spacing_mm, origin_mm, kernel.group_kernel(g),
-                    beam_direction, source_position_mm)
-            for g in range(terma.shape[0])
-        )
-    return _single(terma, rho, spacing_mm, origin_mm, kernel, beam_direction, source_position_mm)
+    c = [(i + 0.5) / line_phases for i in range(line_phases)]
+    total = 0.0
+    for ca in c:
+        for cb in c:
+            if terma.ndim == 4:
+                total = total + sum(
+                    _single(terma[g], rho, spacing_mm, origin_mm, kernel.group_kernel(g),
+                            beam_direction, source_position_mm, ca, cb)
+                    for g in range(terma.shape[0])
+                )
+            else:
+                total = total + _single(terma, rho, spacing_mm, origin_mm, kernel, beam_direction,
+                                        source_position_mm, ca, cb)
+    return total / len(c) ** 2
 
 
-def _single(terma, rho, spacing_mm, origin_mm, kernel, beam_direction, source_position_mm):
+def _single(terma, rho, spacing_mm, origin_mm, kernel, beam_direction, source_position_mm, ca=0.5, cb=0.5):
     from tomodose.transport.collapsed_cone import direction_steppings
 
     rho = np.asarray(rho, dtype=np.float64)
@@ -150,7 +160,7 @@ def _single(terma, rho, spacing_mm, origin_mm, kernel, beam_direction, source_po
                 return omega[d] * norm[v] * dens_at(float(dirs[d] @ photon_dir(v)))
         # a direction whose stepping axis ties (grid diagonal) is split over the tied axes
         for w, m, sgn, da, db, step_cm in direction_steppings(dirs[d], spacing):
-            dose += w * transport_direction(terma, rho, m, sgn, da, db, step_cm, rates, amplitudes_of)
+            dose += w * transport_direction(terma, rho, m, sgn, da, db, step_cm, rates, amplitudes_of, ca, cb)
     return dose
 
 

@@ -41,16 +41,19 @@ _LN2_LO = 1.9082149292705877e-10
 
 
 @numba.njit(**NUMBA_OPTIONS)
-def _offset(n, d):
-    return int(math.floor(n * d + 0.5))
+def _offset(n, d, c=0.5):
+    """Lateral voxel offset of a line at step ``n``: ``floor(n d + c)``; ``c`` is the line phase
+    (0.5: nearest voxel; any ``c`` in (0, 1) gives offset 0 at ``n = 0``)."""
+    return int(math.floor(n * d + c))
 
 
 @numba.njit(**NUMBA_OPTIONS)
-def _line_layout(shape, m, da, db):
+def _line_layout(shape, m, da, db, ca=0.5, cb=0.5):
     """Layout of the parallel transport lines of one direction on a C-ordered grid ``shape``.
 
     ``m`` is the main axis (one voxel step per line step), ``da``/``db`` the slopes along the two
-    other axes ``a_ax``/``b_ax``. Returns ``(a_ax, b_ax, n_m, n_a, n_b, s_m, s_a, s_b, off_a,
+    other axes ``a_ax``/``b_ax``, ``ca``/``cb`` the line phases (offsets ``floor(n d + c)``;
+    0.5 = nearest voxel). Returns ``(a_ax, b_ax, n_m, n_a, n_b, s_m, s_a, s_b, off_a,
     off_b, max_a, max_b, lines_a, lines_b)``: axis sizes, flat strides, the line's integer offsets
     (n_m,) along a and b at each main-axis step, their maxima (clipped at 0), and the number of line starts
     along a and b that cover the grid.
@@ -76,8 +79,8 @@ def _line_layout(shape, m, da, db):
     off_a = np.empty(n_m, np.int64)
     off_b = np.empty(n_m, np.int64)
     for n in range(n_m):
-        off_a[n] = _offset(n, da)
-        off_b[n] = _offset(n, db)
+        off_a[n] = _offset(n, da, ca)
+        off_b[n] = _offset(n, db, cb)
     min_a = min(0, off_a[n_m - 1])
     max_a = max(0, off_a[n_m - 1])
     min_b = min(0, off_b[n_m - 1])
@@ -400,7 +403,7 @@ def transport_direction_reference(terma, rho, dose, m, sgn, da, db, step_cm, rat
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
 def transport_direction(terma, rho, dose, m, sgn, da, db, step_cm, rates, amp_const,
                         tilt, u_xyz, solid_angle, density_table, ds, norm,
-                        source_xyz, origin_xyz, spacing_xyz, fallback_axis, direct_sources):
+                        source_xyz, origin_xyz, spacing_xyz, fallback_axis, direct_sources, ca=0.5, cb=0.5):
     """Add the dose carried along one cone direction to ``dose`` (in place).
 
     Parameters (plain arrays/scalars)
@@ -423,6 +426,9 @@ def transport_direction(terma, rho, dose, m, sgn, da, db, step_cm, rates, amp_co
     density_table : (G, M, K)  per-steradian amplitudes vs s = sqrt(1 - cos theta), step ``ds``.
     norm : (G, nz, ny, nx)  per-voxel normalisation per group (tilt only).
     source_xyz, origin_xyz, spacing_xyz, fallback_axis : (3,) LPS mm / unit vector.
+    ca, cb : float     line phases along axes a and b (offsets ``floor(n d + c)``, c in (0, 1);
+                       0.5 = nearest-voxel lines). Every phase gives a partition of the voxels;
+                       the caller averages the doses of several phases (sub-voxel line positions).
     direct_sources : bool
         ``terma`` (K, nz, ny, nx) already holds the source of each term (``amp_const`` and
         ``tilt`` unused): the shared-direction transport of rotational delivery. Term sources
@@ -437,7 +443,7 @@ def transport_direction(terma, rho, dose, m, sgn, da, db, step_cm, rates, amp_co
     shape = rho.shape
     n_g = terma.shape[0]
     (a_ax, b_ax, n_m, n_a, n_b, s_m, s_a, s_b, off_a, off_b, max_a, max_b, lines_a,
-     lines_b) = _line_layout(shape, m, da, db)
+     lines_b) = _line_layout(shape, m, da, db, ca, cb)
     n_k = rates.size
     n_vox = shape[0] * shape[1] * shape[2]
     tf = terma.reshape((n_g, n_vox))

@@ -77,6 +77,17 @@ FAST_CCC_OPTIONS = {"shared_from_deg": 0.0, "shared_directions": 96, "shared_coa
 #: Since 2026-11-29 five groups (inner edges 0.5, 1.0, 2.0, 3.5 MeV): the kernel follows the
 #: hardening of the spectrum with depth 3x better than the 3-group table (docs/collapsed_cone.md 4c).
 CCC_KERNEL_NAME = "ccc_water_6mv_5groups"
+#: default ``line_phases`` of the per-group collapsed-cone transports (sub-voxel line phases per
+#: lateral axis, :func:`tomodose.transport.collapsed_cone.collapsed_cone_dose`); 1 = nearest-voxel lines.
+LINE_PHASES = 1
+#: default ``static_supersample`` of the collapsed-cone engine: static beams (fixed gantry and couch in
+#: every projection, at most :data:`STATIC_SUPERSAMPLE_MAX_BEAMS` distinct beams) get their TERMA and
+#: transport on a grid this many times finer along every axis, mass-averaged back onto the dose grid
+#: (1 = off). The source of a voxel crossed by a jaw or leaf edge is then resolved inside the voxel:
+#: on 2.5 mm voxels the 10 mm jaw's penumbra was 0.6 mm too wide (docs/collapsed_cone.md section 4f).
+STATIC_SUPERSAMPLE = 1
+#: static plans with more distinct beams than this keep the dose grid (cost f**3 per beam).
+STATIC_SUPERSAMPLE_MAX_BEAMS = 16
 
 
 def engine_kernel(kernel=None):
@@ -101,11 +112,25 @@ def _ccc_engine(patient: PatientModel, seq: ProjectionSequence, *, beam_model=No
                 progress=None, n_subsamples: int | None = None, angle_groups: int | None = None,
                 grouping: str = "angle", tilt: str = "auto", shared_from_deg=DEFAULT,
                 shared_directions=DEFAULT, shared_coarse_block_mm=DEFAULT, shared_coarse_directions=DEFAULT,
-                timings: dict | None = None) -> np.ndarray:
+                line_phases=DEFAULT, static_supersample=DEFAULT, timings: dict | None = None) -> np.ndarray:
     from tomodose.terma.terma import compute_terma
 
     check_choice("grouping", grouping, ("angle", "projection"))
     check_choice("tilt", tilt, ("auto", "source", "parallel"))
+    f = STATIC_SUPERSAMPLE if static_supersample is DEFAULT else static_supersample
+    _check_static_supersample(f)
+    f = int(f)
+    if f > 1 and is_static_delivery(seq):
+        fine = supersampled_patient(patient, f)
+        dose = _ccc_engine(fine, seq, beam_model=beam_model, kernel=kernel, progress=progress,
+                           n_subsamples=n_subsamples, angle_groups=angle_groups, grouping=grouping, tilt=tilt,
+                           shared_from_deg=shared_from_deg, shared_directions=shared_directions,
+                           shared_coarse_block_mm=shared_coarse_block_mm,
+                           shared_coarse_directions=shared_coarse_directions, line_phases=line_phases,
+                           static_supersample=1, timings=timings)
+        if timings is not None:
+            timings["static_supersample"] = f
+        return block_mean_dose(dose, fine.mass_density_g_cm3, f)
     kernel = engine_kernel(kernel)
     sub_kw = {} if n_subsamples is None else {"n_subsamples": n_subsamples}
     if getattr(kernel, "n_groups", 0):
@@ -128,7 +153,8 @@ def _ccc_engine(patient: PatientModel, seq: ProjectionSequence, *, beam_model=No
     return _ccc_transport(patient, groups, kernel=kernel, progress=progress, single_sources=grouping == "projection",
                           tilt=tilt, shared_from_deg=shared_from_deg, shared_directions=shared_directions,
                           shared_coarse_block_mm=shared_coarse_block_mm,
-                          shared_coarse_directions=shared_coarse_directions, timings=timings)
+                          shared_coarse_directions=shared_coarse_directions, line_phases=line_phases,
+                          timings=timings)
 
 
 def _terma_groups(seq: ProjectionSequence, tr) -> list:
@@ -162,6 +188,58 @@ def _check_shared_options(shared_from_deg, shared_directions, shared_coarse_bloc
         raise ValueError(f"shared_coarse_directions must be None or an integer >= 1, got {coarse_dirs!r}")
 
 
+def is_static_delivery(seq: ProjectionSequence) -> bool:
+    """True when every projection has a fixed gantry and couch (no arc, no couch travel) and the
+    sequence has at most :data:`STATIC_SUPERSAMPLE_MAX_BEAMS` distinct (gantry angle, couch) beams."""
+    if np.any(np.asarray(seq.arc_deg) != 0) or np.any(np.asarray(seq.couch_travel_mm) != 0):
+        return False
+    beams = {(round(float(a), 9), round(float(c), 9)) for a, c in zip(seq.gantry_angle_deg, seq.couch_mm)}
+    return len(beams) <= STATIC_SUPERSAMPLE_MAX_BEAMS
+
+
+def supersampled_patient(patient: PatientModel, f: int) -> PatientModel:
+    """``patient`` on a grid ``f`` times finer along every axis (same extent: each voxel split into
+    ``f x f x f``; CT numbers repeated, so every fine voxel has its coarse voxel's density).
+    Structures are not carried (the engine does not use them)."""
+    from tomodose.geometry.grid import Grid
+
+    g = patient.grid
+    sp = np.asarray(g.spacing_mm, dtype=np.float64)
+    fine = Grid(tuple(int(n) * f for n in g.shape), tuple(float(v) for v in sp / f),
+                tuple(float(v) for v in np.asarray(g.origin_mm, dtype=np.float64) - 0.5 * (f - 1) / f * sp))
+    hu = np.asarray(patient.ct.array)
+    for axis in range(3):
+        hu = np.repeat(hu, f, axis=axis)
+    return PatientModel(ImageVolume(fine, hu, "HU"), patient_position=patient.patient_position,
+                        name=patient.name, density_table=patient.density_table)
+
+
+def block_mean_dose(dose, density_g_cm3, f: int) -> np.ndarray:
+    """(nz, ny, nx) float32 dose of ``f x f x f`` blocks of a fine dose (nz f, ny f, nx f): the
+    mass-weighted mean (energy / mass of the block; the plain mean where the block has no mass)."""
+    d = np.asarray(dose, dtype=np.float64)
+    rho = np.asarray(density_g_cm3, dtype=np.float64)
+    shape = (d.shape[0] // f, f, d.shape[1] // f, f, d.shape[2] // f, f)
+    mass = rho.reshape(shape).sum(axis=(1, 3, 5))
+    energy = (rho * d).reshape(shape).sum(axis=(1, 3, 5))
+    plain = d.reshape(shape).mean(axis=(1, 3, 5))
+    return np.where(mass > 0, energy / np.where(mass > 0, mass, 1.0), plain).astype(np.float32)
+
+
+def _check_static_supersample(value) -> None:
+    value = STATIC_SUPERSAMPLE if value is DEFAULT else value
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= 4:
+        raise ValueError(f"static_supersample must be an integer in [1, 4] (grid refinement factor of static "
+                         f"beams; 1 = off), got {value!r}")
+
+
+def _check_line_phases(line_phases) -> None:
+    value = LINE_PHASES if line_phases is DEFAULT else line_phases
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= 16:
+        raise ValueError(f"line_phases must be an integer in [1, 16] (sub-voxel line phases per lateral axis), "
+                         f"got {value!r}")
+
+
 def _coarse_factor(block_mm, grid) -> int:
     """Coarse-grid factor of the shared transport: voxels per block side (1 = no coarse grid)."""
     return 1 if block_mm is None else max(1, int(float(block_mm) // max(grid.spacing_mm)))
@@ -184,7 +262,7 @@ def _stacked_view(arrays):
 
 def _ccc_transport(patient: PatientModel, groups: list, *, kernel=None, progress=None, single_sources: bool = False,
                    tilt: str = "auto", shared_from_deg=DEFAULT, shared_directions=DEFAULT,
-                   shared_coarse_block_mm=DEFAULT, shared_coarse_directions=DEFAULT,
+                   shared_coarse_block_mm=DEFAULT, shared_coarse_directions=DEFAULT, line_phases=DEFAULT,
                    timings: dict | None = None) -> np.ndarray:
     """Collapsed-cone dose of TERMA groups (see :func:`_ccc_engine`); float32, engine units.
 
@@ -207,8 +285,11 @@ def _ccc_transport(patient: PatientModel, groups: list, *, kernel=None, progress
         shared_coarse_block_mm = SHARED_COARSE_BLOCK_MM
     if shared_coarse_directions is DEFAULT:
         shared_coarse_directions = SHARED_COARSE_DIRECTIONS
+    if line_phases is DEFAULT:
+        line_phases = LINE_PHASES
     kernel = engine_kernel(kernel)
     _check_shared_options(shared_from_deg, shared_directions, shared_coarse_block_mm, shared_coarse_directions)
+    _check_line_phases(line_phases)
     shared_rings = own_rings = None
     if shared_from_deg is not None:
         shared_rings = np.flatnonzero(kernel.polar_deg >= float(shared_from_deg))
@@ -243,7 +324,8 @@ def _ccc_transport(patient: PatientModel, groups: list, *, kernel=None, progress
         if use_source:
             src = source_position_patient(angle, float(np.mean(couches)), s.isocentre_lps_mm, s.machine.sad_mm,
                                           s.patient_position)
-            dose += collapsed_cone_dose(terma_g, density, grid, source_position_mm=src, kernel=kernel, progress=False)
+            dose += collapsed_cone_dose(terma_g, density, grid, source_position_mm=src, kernel=kernel,
+                                        line_phases=int(line_phases), progress=False)
         else:
             _, _, zg = beam_axes_patient(angle, s.patient_position)
             rings = None
@@ -253,7 +335,7 @@ def _ccc_transport(patient: PatientModel, groups: list, *, kernel=None, progress
                 parallel_dirs.append(-zg)
             if rings is None or rings.size:
                 dose += collapsed_cone_dose(terma_g, density, grid, beam_direction=-zg, kernel=kernel, rings=rings,
-                                            progress=False)
+                                            line_phases=int(line_phases), progress=False)
         per_group_s.append(time.perf_counter() - tg)
     t_shared = 0.0
     if parallel_index:
@@ -361,8 +443,12 @@ def compute_dose(patient: PatientModel, plan, engine: str = "collapsed_cone", *,
                               engine_options.get("shared_directions", DEFAULT),
                               engine_options.get("shared_coarse_block_mm", DEFAULT),
                               engine_options.get("shared_coarse_directions", DEFAULT))
+        _check_line_phases(engine_options.get("line_phases", DEFAULT))
+        _check_static_supersample(engine_options.get("static_supersample", DEFAULT))
     beam_model = beam_model or BeamModel.default()
-    calib_options = {k: v for k, v in engine_options.items() if k in ("n_subsamples",)}
+    # the calibration field is a static beam: it is computed with the same line phases and supersampling
+    calib_options = {k: v for k, v in engine_options.items()
+                     if k in ("n_subsamples", "line_phases", "static_supersample")}
     t0 = time.perf_counter()
     k = calibration_factor(engine, beam_model=beam_model, machine=seq.machine, kernel=kernel,
                            reference=reference, engine_options=calib_options)

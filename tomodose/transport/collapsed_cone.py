@@ -43,7 +43,7 @@ from tomodose.transport.kernels import CollapsedConeKernel, load_kernel
 
 __all__ = ["collapsed_cone_dose", "shared_direction_dose", "fibonacci_directions", "direction_geometry",
            "refine_coarse_dose",
-           "direction_steppings"]
+           "direction_steppings", "line_phase_set"]
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +130,7 @@ def collapsed_cone_dose(
     beam_direction=None,
     kernel: CollapsedConeKernel | None = None,
     rings=None,
+    line_phases: int = 1,
     progress: bool | None = None,
 ) -> np.ndarray:
     """Dose (energy per mass) from TERMA by collapsed-cone convolution/superposition.
@@ -160,6 +161,15 @@ def collapsed_cone_dose(
         default all. The dose of all rings is the sum of the doses of any partition of the rings
         (used by :func:`shared_direction_dose`: forward rings per beam, the others shared).
         With tilting, the per-voxel normalisation is still that of the whole kernel.
+    line_phases : int
+        Sub-voxel line phases per lateral axis (>= 1; default 1 = nearest-voxel lines). A line
+        of a direction moves ``floor(n d + c)`` voxels laterally at step ``n``; with ``n > 1``
+        every direction is transported with the ``n x n`` phases ``c = (j + 1/2) / n`` along its
+        two lateral axes and the doses are averaged (:func:`line_phase_set`): the line from each
+        source voxel then reaches, on average, its exact lateral position (linear sharing
+        between the two nearest voxels, error <= 1 / (2 n) voxel) instead of one rounded to the
+        nearest voxel with an error phased along the stepping axis. Cost ``n**2`` transports per
+        direction (docs/collapsed_cone.md section 4f).
     progress : bool, optional
         Progress bar over cone directions (default: ``tomodose.config.settings.progress``).
 
@@ -184,6 +194,7 @@ def collapsed_cone_dose(
         kernel = load_kernel()
     elif not isinstance(kernel, CollapsedConeKernel):
         raise TypeError(f"kernel must be a CollapsedConeKernel, got {type(kernel).__name__}")
+    phases = line_phase_set(line_phases)
     t_arr = np.ascontiguousarray(t_arr, dtype=np.float64)
     rho = np.ascontiguousarray(rho, dtype=np.float64)
     if grouped:
@@ -257,22 +268,56 @@ def collapsed_cone_dose(
                                 np.ascontiguousarray(amps_ring[:, ring[d]][None]), ring_src)
             src_ring = ring[d]
         for w, m, sgn, da, db, step_cm in direction_steppings(dirs[d], spacing):
-            if contract:
-                # direct sources; a split (tied) cone scales them through identity amplitudes instead
+            for ca, cb in phases:  # every phase is a partition of the voxels; the doses are averaged below
+                if contract:
+                    # direct sources; a split (tied) cone scales them through identity amplitudes instead
+                    _k.transport_direction(
+                        ring_src[0].reshape((n_k,) + grid.shape), rho, dose, m, sgn, da, db, step_cm, rates,
+                        w * eye, False, np.ascontiguousarray(dirs[d]), 0.0, table, ds, norm, src, origin, spacing,
+                        axis, w == 1.0, ca, cb,
+                    )
+                    continue
                 _k.transport_direction(
-                    ring_src[0].reshape((n_k,) + grid.shape), rho, dose, m, sgn, da, db, step_cm, rates,
-                    w * eye, False, np.ascontiguousarray(dirs[d]), 0.0, table, ds, norm, src, origin, spacing,
-                    axis, w == 1.0,
+                    t_arr, rho, dose, m, sgn, da, db, step_cm, rates,
+                    np.ascontiguousarray(w * amps_ring[:, ring[d]]), tilt, np.ascontiguousarray(dirs[d]),
+                    float(w * omega[d]), table, ds, norm, src, origin, spacing, axis, False, ca, cb,
                 )
-                continue
-            _k.transport_direction(
-                t_arr, rho, dose, m, sgn, da, db, step_cm, rates,
-                np.ascontiguousarray(w * amps_ring[:, ring[d]]), tilt, np.ascontiguousarray(dirs[d]),
-                float(w * omega[d]), table, ds, norm, src, origin, spacing, axis, False,
-            )
-    logger.debug("collapsed cone: %d directions on %s in %.2f s", len(iterator), grid.shape,
-                  time.perf_counter() - t0)
+    if len(phases) > 1:
+        dose /= len(phases)
+    logger.debug("collapsed cone: %d directions x %d line phases on %s in %.2f s", len(iterator), len(phases),
+                 grid.shape, time.perf_counter() - t0)
     return dose.astype(np.float32)
+
+
+def line_phase_set(line_phases: int, layout: str = "product") -> np.ndarray:
+    """(N, 2) line phases ``(c_a, c_b)`` of the two lateral axes of a direction.
+
+    Parameters
+    ----------
+    line_phases : int
+        Phases per lateral axis ``n`` (>= 1): ``c = (j + 1/2) / n``, ``j = 0 .. n - 1``
+        (``n = 1``: ``c = 1/2``, nearest-voxel lines).
+    layout : {"product", "diagonal"}
+        ``"product"``: all ``n x n`` pairs (independent sub-voxel positions along both lateral
+        axes: bilinear sharing on average). ``"diagonal"``: the pairs ``(c_j, c_j)`` and
+        ``(c_j, 1 - c_j)`` (``2 n``; the per-axis average is the same, the joint one is not). Both sets are unchanged by ``c -> 1 - c`` on either axis and by exchanging
+        the axes, so a dose that is symmetric under the grid's reflections and axis exchanges
+        stays exactly symmetric.
+
+    Returns
+    -------
+    (N, 2) float64
+    """
+    if isinstance(line_phases, bool) or not isinstance(line_phases, (int, np.integer)) or not 1 <= line_phases <= 16:
+        raise ValueError(f"line_phases must be an integer in [1, 16], got {line_phases!r}")
+    if layout not in ("product", "diagonal"):
+        raise ValueError(f"layout must be 'product' or 'diagonal', got {layout!r}")
+    n = int(line_phases)
+    c = (np.arange(n) + 0.5) / n
+    if layout == "product":
+        return np.array([(x, y) for x in c for y in c], dtype=np.float64)
+    # 2 n pairs (for odd n the centre pair twice): every axis sees each phase equally often
+    return np.array([(x, x) for x in c] + [(x, 1.0 - x) for x in c], dtype=np.float64)
 
 
 def _ring_selection(rings, kernel: CollapsedConeKernel) -> np.ndarray:
