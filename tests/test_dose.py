@@ -285,6 +285,17 @@ def test_supersampled_patient_and_block_mean():
                                rtol=1e-6)
 
 
+def test_supersample_factor_limits():
+    from tomodose.dose.engine import STATIC_SUPERSAMPLE_MAX_VOXELS, supersample_factor
+
+    assert supersample_factor(2, Grid((10, 10, 10), (2.5, 2.5, 2.5))) == 2
+    assert supersample_factor(3, Grid((10, 10, 10), (2.5, 2.5, 3.0))) == 2  # fine voxels >= 1 mm
+    assert supersample_factor(2, Grid((10, 10, 10), (1.5, 2.5, 2.5))) == 1
+    assert supersample_factor(1, Grid((10, 10, 10), (5.0, 5.0, 5.0))) == 1
+    n = int(round((STATIC_SUPERSAMPLE_MAX_VOXELS / 8) ** (1 / 3))) + 1  # 2x would exceed the voxel cap
+    assert supersample_factor(2, Grid((n, n, n), (5.0, 5.0, 5.0))) == 1
+
+
 def test_static_delivery_detection():
     from tomodose.dose.engine import STATIC_SUPERSAMPLE_MAX_BEAMS, is_static_delivery
 
