@@ -342,3 +342,23 @@ def test_static_supersample_and_line_phases_bad_input():
         with pytest.raises(ValueError, match=r"line_phases must be an integer in \[1, 16\] \(sub-voxel line phases "
                                              rf"per lateral axis\), got {bad!r}"):
             compute_dose(pat, seq, reference=SMALL_REF, progress=False, line_phases=bad)
+
+
+def test_static_supersample_identical_for_1_and_2_threads():
+    import numba
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba has a single thread")
+    grid = Grid.from_extent((-30, 0, -20), (30, 50, 20), (5, 5, 5))
+    pat = water_patient(grid)
+    seq = ProjectionSequence.static_beams([0.0, 40.0], np.ones((2, 64)), 1.0, 10.0, isocentre_lps_mm=(0, 25, 0))
+    old = numba.get_num_threads()
+    out = []
+    try:
+        for n in (1, 2):
+            numba.set_num_threads(n)
+            out.append(compute_dose(pat, seq, reference=SMALL_REF, progress=False, n_subsamples=1,
+                                    static_supersample=2).per_fraction.array)
+    finally:
+        numba.set_num_threads(old)
+    np.testing.assert_array_equal(out[0], out[1])
