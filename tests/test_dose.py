@@ -306,10 +306,10 @@ def test_static_delivery_detection():
     assert not is_static_delivery(plan.projections())
 
 
-def test_static_supersample_keeps_the_calibration_and_sharpens_the_penumbra():
+def test_static_supersample_keeps_the_calibration_and_the_field_centre():
     """With static_supersample=2 the calibrated engine still reproduces the dose rate at its own
-    calibration point (the calibration field is computed the same way); a narrow field's dose on the
-    coarse grid changes by little in the centre."""
+    calibration point (the calibration field is computed the same way); a narrow field's dose in
+    its centre changes by little (the refinement resolves the edges, docs/collapsed_cone.md 4f)."""
     from tomodose.delivery.machine import TomoMachine
 
     machine = TomoMachine()
