@@ -32,6 +32,23 @@ def _water(shape=(6, 10, 8), spacing=8.0, air_rows=1):
     return g, rho
 
 
+def _naive_exit(eng, rho, g):
+    """Exact exit-distance maps (NumPy twin) of every sample of ``eng`` (its group's source), and the
+    exit-table keywords of :func:`tests.naive.pencil_beam.dose`."""
+    from tomodose.geometry.frames import source_position_patient
+
+    p = eng.projections
+    by_group, maps = {}, []
+    for q in eng.proj:
+        grp = int(eng.proj_group[q])
+        if grp not in by_group:
+            src = source_position_patient(eng.group_angles[grp], 0.0, p.isocentre_lps_mm, eng.sad, p.patient_position)
+            by_group[grp] = naive.inplane_exit(rho, g.origin_mm, g.spacing_mm, src[:2])
+        maps.append(by_group[grp])
+    k = eng.kernel
+    return dict(exit_maps=maps, exit_distance_mm=k.exit_distance_mm, exit_deficit=k.exit_deficit)
+
+
 # --- kernel table ---------------------------------------------------------------------------
 def test_kernel_table_loads_and_is_consistent():
     k = load_pencil_kernel()
@@ -77,6 +94,58 @@ def test_inplane_depth_matches_naive():
         np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-4)
 
 
+def test_inplane_exit_matches_naive():
+    rng = np.random.default_rng(13)
+    g = Grid(shape=(3, 7, 6), spacing_mm=(5.0, 4.0, 6.0), origin_mm=(-12.0, -13.0, -6.0))
+    rho = rng.uniform(0.0, 2.0, g.shape)
+    seq = ProjectionSequence.static_beams([0.0, 37.0, 200.0, 270.0], np.ones(64), 1.0, 25.0)
+    eng = _resolve(_density(g, rho), seq, BeamModel.ideal(), None, 1, 0.05, None)
+    for grp, ang in enumerate(eng.group_angles):
+        from tomodose.geometry.frames import source_position_patient
+
+        s = source_position_patient(ang, 0.0, seq.isocentre_lps_mm, 850.0)
+        ref = naive.inplane_exit(rho, g.origin_mm, g.spacing_mm, s[:2])
+        got = eng.exit_map(grp).transpose(2, 0, 1)
+        np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-4)
+        # depth + exit = the whole radiological path of the ray through the grid
+        depth = eng.depth_map(grp).transpose(2, 0, 1)
+        assert np.all(got >= 0) and np.all(depth + got > 0)
+
+
+def test_exit_table_is_physical():
+    """The exit table (Monte Carlo, kernels/study_pb_pencil_mc.py): deficits in [0, 1), larger for the
+    wide Gaussians (backscatter comes from afar) and at the exit face, vanishing far from it for the
+    narrow ones (the electrons' range)."""
+    k = load_pencil_kernel()
+    x, t = k.exit_deficit, k.exit_distance_mm
+    assert x.shape == (t.size, k.sigma_mm.size) and t[0] == 0.0 and np.all(np.diff(t) == 2.5)
+    assert np.all((x >= 0) & (x < 1))
+    assert x[0, -1] > 0.2 and x[0, -1] >= x[0, 0]
+    assert np.all(x[t >= 20, :6] < 5e-3)
+    assert np.all(np.diff(x[:, -3:], axis=0) <= 1e-12)  # the widest Gaussians' deficits fall monotonically
+    assert k.provenance["exit_correction"]["slab_mm"] == 200.0
+
+
+def test_exit_correction_lowers_dose_only_near_the_exit_face():
+    """Water slab 200 mm deep vs 400 mm deep (same field): the thinner slab's dose is lower near its
+    exit face (missing backscatter: > 1 % in the last voxel for a 5 cm field) and unchanged far from
+    it (< 0.3 % at 100 mm from the exit)."""
+    f = np.zeros(64)
+    f[28:36] = 1.0
+    seq = ProjectionSequence.static_beams([0.0], f, 1.0, 50.0)
+    doses = []
+    for depth_mm in (200.0, 400.0):
+        n = int(depth_mm / 5.0)
+        g = Grid(shape=(3, n, 3), spacing_mm=(5.0, 5.0, 5.0), origin_mm=(-5.0, 2.5, -5.0))
+        doses.append(pencil_beam_dose(_density(g, np.ones(g.shape)), seq, BeamModel.ideal(), progress=False,
+                                      medium_ends=False)[1, :, 1])
+    thin, thick = doses
+    ratio = thin / thick[:thin.size]
+    assert ratio[-1] < 0.99
+    assert abs(ratio[19] - 1.0) < 3e-3  # 100 mm from the exit
+    assert np.all(np.diff(ratio[-10:]) < 0)  # the deficit grows towards the exit face (last 50 mm)
+
+
 @pytest.mark.parametrize("model, voxel_average, medium_ends", [("ideal", True, True), ("default", True, True),
                                                                ("default", False, False)])
 def test_dose_matches_naive_twin(model, voxel_average, medium_ends):
@@ -100,7 +169,8 @@ def test_dose_matches_naive_twin(model, voxel_average, medium_ends):
                      sad=850.0, sigma_mm=k.sigma_mm, depth_mm=k.depth_mm, amplitude_cm2_g=k.amplitude_cm2_g,
                      e0=eng.e0, w=eng.w, s_leaf=eng.s_leaf, jaw_h=eng.jaw_h, s_jaw=eng.s_jaw, offc=eng.offc,
                      soft=eng.soft, rho_floor=0.05, voxel_average=voxel_average,
-                     zcol=naive.medium_column_ends(rho, g.origin_mm, g.spacing_mm) if medium_ends else None)
+                     zcol=naive.medium_column_ends(rho, g.origin_mm, g.spacing_mm) if medium_ends else None,
+                     **_naive_exit(eng, rho, g))
     assert ref.max() > 0
     # tables (erf lookup, aperture ladder; voxel average of the wide Gaussians in the equal-variance
     # form) vs exact error functions and exact box means
@@ -285,7 +355,7 @@ def test_clustered_static_beams_and_naive_twin():
                      beam.leaf_weights(f)[eng.proj], sad=850.0, sigma_mm=k.sigma_mm, depth_mm=k.depth_mm,
                      amplitude_cm2_g=k.amplitude_cm2_g, e0=eng.e0, w=eng.w, s_leaf=eng.s_leaf, jaw_h=eng.jaw_h,
                      s_jaw=eng.s_jaw, offc=eng.offc, soft=eng.soft, rho_floor=0.05, voxel_average=True,
-                     zcol=naive.medium_column_ends(rho, g.origin_mm, g.spacing_mm))
+                     zcol=naive.medium_column_ends(rho, g.origin_mm, g.spacing_mm), **_naive_exit(eng, rho, g))
     np.testing.assert_allclose(got, ref, rtol=0, atol=3e-3 * ref.max())
     np.testing.assert_allclose(got, pencil_beam_dose(dens, seq, beam, n_subsamples=2, progress=False),
                                rtol=1e-5, atol=1e-6 * ref.max())
@@ -321,7 +391,8 @@ def test_cluster_level_difference_matches_naive_twin():
 
     def run(win, win0, g_mid, g_hi):
         out = np.zeros(g.shape)
-        cluster_dose_lattice(out, *lat, 0, g.nz, depth, eng.rho_t, eng.origin, eng.spacing, *geo, *win, *win0, widen,
+        cluster_dose_lattice(out, *lat, 0, g.nz, depth, eng.exit_map(grp), eng.xtab, eng.rho_t, eng.origin,
+                             eng.spacing, *geo, *win, *win0, widen,
                              g_mid, g_hi, *par)
         return out
 
@@ -333,7 +404,9 @@ def test_cluster_level_difference_matches_naive_twin():
     maps = [depth.transpose(2, 0, 1)] * s.size
     kw = dict(sad=850.0, sigma_mm=k.sigma_mm, depth_mm=k.depth_mm, amplitude_cm2_g=k.amplitude_cm2_g, e0=eng.e0,
               w=eng.w, s_leaf=eng.s_leaf, jaw_h=eng.jaw_h, s_jaw=eng.s_jaw, offc=eng.offc, soft=eng.soft,
-              rho_floor=0.05, voxel_average=True, zcol=naive.medium_column_ends(rho, g.origin_mm, g.spacing_mm))
+              rho_floor=0.05, voxel_average=True, zcol=naive.medium_column_ends(rho, g.origin_mm, g.spacing_mm),
+              exit_maps=[_naive_exit(eng, rho, g)["exit_maps"][q] for q in s], exit_distance_mm=k.exit_distance_mm,
+              exit_deficit=k.exit_deficit)
     args = (rho, g.origin_mm, g.spacing_mm, eng.src[s], eng.xg[s], eng.yg[s], eng.zg[s], eng.dt[s], maps,
             a[eng.proj[s]])
     u_lo, u_hi = geo[8], geo[9]
@@ -356,7 +429,7 @@ def test_depth_cache_reuses_maps_and_keeps_results(monkeypatch):
     monkeypatch.setattr(kern, "inplane_depth", lambda *a: calls.append(1) or trace(*a))
     d1 = pencil_beam_dose(dens, plan, **kw)
     n_first = len(calls)
-    assert n_first > 0 and len(pb._depth_cache) == n_first
+    assert n_first > 0 and len(pb._depth_cache) == 2 * n_first  # a depth and an exit map per angle group
     d2 = pencil_beam_dose(dens, plan, **kw)
     assert len(calls) == n_first  # all maps from the cache
     assert np.array_equal(d1, d2)
@@ -372,7 +445,7 @@ def test_depth_cache_reuses_maps_and_keeps_results(monkeypatch):
     one_map_mib = dens.array.size * 4 / 2**20
     monkeypatch.setattr(pb, "DEPTH_CACHE_MIB", 2.5 * one_map_mib)
     pencil_beam_dose(dens, plan, **kw)
-    assert len(pb._depth_cache) == 2
+    assert len(pb._depth_cache) == 2  # the first group's depth and exit maps
     pb.clear_depth_cache()
 
 
@@ -505,7 +578,8 @@ def test_thread_count_independent():
 def test_water_open_field_matches_direct_kernel_integration():
     """Central-axis dose of a 5 x 10 cm field = brute-force 2-D integral of the Gaussian pencil
     kernel over the (divergent) field: checks the separable erf evaluation, the aperture tables,
-    divergence and inverse square. (The fit itself is checked against the tabulated kernel above.)"""
+    divergence, inverse square and the exit correction (the slab ends at the grid's last voxel). (The
+    fit itself is checked against the tabulated kernel above.)"""
     g = Grid(shape=(3, 41, 3), spacing_mm=(4.0, 4.0, 4.0), origin_mm=(-4.0, -100.0, -4.0))
     rho = np.ones(g.shape)
     f = np.zeros(64)
@@ -523,7 +597,8 @@ def test_water_open_field_matches_direct_kernel_integration():
         x = np.linspace(-hx, hx, 501)
         y = np.linspace(-hy, hy, 1001)
         xx, yy = np.meshgrid(0.5 * (x[1:] + x[:-1]), 0.5 * (y[1:] + y[:-1]))
-        ref = k.radial_per_g(np.hypot(xx, yy), depth).sum() * (x[1] - x[0]) * (y[1] - y[0]) / 100.0
+        exit_mm = g.y_mm[-1] + 2.0 - g.y_mm[j]  # on the central axis the ray runs along y
+        ref = k.radial_per_g(np.hypot(xx, yy), depth, exit_mm).sum() * (x[1] - x[0]) * (y[1] - y[0]) / 100.0
         ratios.append(d[1, j, 1] / (ref * (850.0 / r) ** 2))
     assert np.all(np.abs(np.array(ratios) - 1.0) < 5e-3), ratios
 
@@ -733,17 +808,22 @@ def test_fluence_lookup_matches_naive(coarse):
     fine = tuple(np.arange(n, dtype=np.int64) for n in shape)
     depth_t = np.ascontiguousarray(depth.transpose(1, 2, 0))
     lvl_t = np.ascontiguousarray(lvl.transpose(1, 2, 0))
-    kw = dict(sad=eng.sad, amps=eng.amps, dz_tab=eng.dz_tab, tail=eng.tail, soft=eng.soft, offc=eng.offc)
+    exit_mm = rng.uniform(0.0, 450.0, shape)  # beyond the exit table too (its last row)
+    exit_t = np.ascontiguousarray(exit_mm.transpose(1, 2, 0))
+    kw = dict(sad=eng.sad, amps=eng.amps, dz_tab=eng.dz_tab, tail=eng.tail, soft=eng.soft, offc=eng.offc,
+              exit_mm=exit_mm, exit_deficit=eng.xtab)
     got = np.zeros(shape)
     if coarse:
-        coarse_lookup(got, *fine, depth_t, lvl_t, eng.rho_t, eng.origin, eng.spacing, s0, xg, yg, zg, t_p, dt_p,
+        coarse_lookup(got, *fine, depth_t, exit_t, eng.xtab, lvl_t, eng.rho_t, eng.origin, eng.spacing, s0, xg, yg,
+                      zg, t_p, dt_p,
                       a_c, tab_c, win, win_u, 5, maps_c, lat_c, *par, True)
         ref = naive_fl.lookup(shape, eng.origin, eng.spacing, depth, lvl, s0, xg, yg, zg, win, win_u,
                               maps_c[:, :, :0], lat_c, maps_c, lat_c, coarse=True, g_fine=5, **kw)
     else:
         nodes = tuple(_axis_nodes(n, 2).astype(np.int64) for n in shape)
         node_vals = rng.normal(size=tuple(a.size for a in nodes))
-        fluence_lookup(got, *fine, depth_t, lvl_t, eng.rho_t, eng.origin, eng.spacing, s0, xg, yg, zg, t_p, dt_p,
+        fluence_lookup(got, *fine, depth_t, exit_t, eng.xtab, lvl_t, eng.rho_t, eng.origin, eng.spacing, s0, xg, yg,
+                       zg, t_p, dt_p,
                        a_c, tab_c, win, win_u, maps_f, lat_f, maps_c, lat_c, *par, True, node_vals,
                        *nodes)
         ref = naive_fl.lookup(shape, eng.origin, eng.spacing, depth, lvl, s0, xg, yg, zg, win, win_u, maps_f, lat_f,

@@ -74,14 +74,16 @@ def _map_value(maps, lat, q, x, y, den):
 
 
 def lookup(shape, origin, spacing, depth, lvl, s0, xg, yg, zg, win, win_u, maps_f, lat_f, maps_c, lat_c, *, sad, amps,
-           dz_tab, tail, soft, offc, coarse, g_fine=0, node_vals=None, nodes=None):
+           dz_tab, tail, soft, offc, coarse, g_fine=0, node_vals=None, nodes=None, exit_mm=None, exit_deficit=None):
     """(nz, ny, nx) values of one cluster at every voxel (window ``win = (y0, hy, u_lo, u_hi, r_u)``, ``win_u``
     (n_rows, 2): voxel inside when ``y0 + b hy <= Y < y0 + (b + 1) hy`` for a row ``b`` and
     ``win_u[b, 0] - r_u c <= u <= win_u[b, 1] + r_u c``, ``c = sad / den``)
     (``coarse``: the coarse level at every voxel,
     all Gaussians outside the window and those ``>= g_fine`` inside; else the fine level inside the
     window only, minus the interpolated ``node_vals`` given at ``nodes = (ks, js, is_)``).
-    ``depth``, ``lvl``: (nz, ny, nx) radiological depth and level offset."""
+    ``depth``, ``lvl``: (nz, ny, nx) radiological depth and level offset; ``exit_mm`` (nz, ny, nx) exit
+    distances with ``exit_deficit`` (nt, nG) on 0, 2.5, 5, ... mm: amplitude ``g`` times ``1 - x_g(t)``
+    (linear, clamped to the table; None: no exit correction)."""
     nz, ny, nx = shape
     n_g = amps.shape[1]
     nzt = amps.shape[0]
@@ -114,6 +116,9 @@ def lookup(shape, origin, spacing, depth, lvl, s0, xg, yg, zg, win, win_u, maps_
                 total = 0.0
                 for g in range(g_lo, n_g):
                     amp = (amps[k0, g] + f * (amps[k0 + 1, g] - amps[k0, g])) * tail[g] ** ext
+                    if exit_mm is not None:
+                        t_tab = 2.5 * np.arange(exit_deficit.shape[0])
+                        amp *= 1.0 - np.interp(exit_mm[k, j, i], t_tab, exit_deficit[:, g])
                     if amp <= 0:
                         continue
                     q = min(max(g + lvl[k, j, i], 0.0), nl_c - 1.0)

@@ -2,6 +2,8 @@
 
 * :func:`inplane_depth` - exact in-slice radiological path (all grid-line crossings, sorted,
   midpoint lookup) from every voxel centre to the source.
+* :func:`inplane_exit` - exact in-slice radiological path from every voxel centre, away from the
+  source, to the grid's outer faces (the exit distance of the exit correction).
 * :func:`dose` - loop over samples and voxels with exact error functions (``scipy.special.ndtr``)
   and the explicit leaf sum ``sum_l a_l [Phi((u - e_l)/s) - Phi((u - e_{l+1})/s)]`` (no tables);
   the twin of both the per-sample and the angle-clustered kernels (same model); ``voxel_average``
@@ -52,6 +54,24 @@ def inplane_depth(density, origin, spacing, source_xy):
             for i in range(nx):
                 p0 = (origin[0] + i * spacing[0], origin[1] + j * spacing[1])
                 out[k, j, i] = _path(density[k], origin[0], origin[1], spacing[0], spacing[1], p0, source_xy)
+    return out
+
+
+def inplane_exit(density, origin, spacing, source_xy):
+    """(nz, ny, nx) radiological path (mm x g/cm3) from each voxel centre, away from the source, to
+    the grid's outer faces, in-slice (exact path, no interpolation)."""
+    nz, ny, nx = density.shape
+    lo = (origin[0] - 0.5 * spacing[0], origin[1] - 0.5 * spacing[1])
+    hi = (origin[0] + (nx - 0.5) * spacing[0], origin[1] + (ny - 0.5) * spacing[1])
+    out = np.zeros(density.shape)
+    for j in range(ny):
+        for i in range(nx):
+            p0 = np.array([origin[0] + i * spacing[0], origin[1] + j * spacing[1]])
+            e = p0 - np.asarray(source_xy[:2], float)
+            e = e / np.linalg.norm(e)
+            s_out = min(((hi[c] if e[c] > 0 else lo[c]) - p0[c]) / e[c] for c in range(2) if abs(e[c]) > 1e-12)
+            for k in range(nz):
+                out[k, j, i] = _path(density[k], origin[0], origin[1], spacing[0], spacing[1], p0, p0 + s_out * e)
     return out
 
 
@@ -114,7 +134,7 @@ def _half(ax, spacing):
 
 def dose(density, origin, spacing, src, xg, yg, zg, dt, depth_maps, a, *, sad, sigma_mm, depth_mm,
          amplitude_cm2_g, e0, w, s_leaf, jaw_h, s_jaw, offc, soft, rho_floor, n_gaussians=None, window=None,
-         voxel_average=False, zcol=None):
+         voxel_average=False, zcol=None, exit_maps=None, exit_distance_mm=None, exit_deficit=None):
     """Dose (cm2/g*s) of samples ``s`` with geometry ``src[s], xg[s], ...``, weights ``dt[s]``,
     radiological depth maps ``depth_maps[s]`` (nz, ny, nx) and leaf weights ``a[s]`` (n_leaves,).
 
@@ -123,6 +143,9 @@ def dose(density, origin, spacing, src, xg, yg, zg, dt, depth_maps, a, *, sad, s
     ``au, av`` the voxel's equal-variance half-widths along ``xg``, ``yg`` times ``sad / den``.
     ``zcol`` (ny, nx, 2): the medium's longitudinal ends of each column (:func:`medium_column_ends`);
     pencils beyond them carry no dose (None: laterally infinite medium).
+    ``exit_maps[s]`` (nz, ny, nx): exit distances (:func:`inplane_exit`); amplitude ``i`` is then
+    multiplied by ``1 - x_i(t)`` with ``x = exit_deficit`` (nt, nG) given at ``exit_distance_mm``
+    (linear, clamped to the table's ends). None: no exit correction.
 
     ``n_gaussians``: only the first (narrowest) Gaussians. ``window = (u_lo (n_s,), u_hi (n_s,), r_u,
     v_half, r_v)``: sample ``s`` only where ``u_lo[s] - r_u c <= u <= u_hi[s] + r_u c`` and
@@ -162,6 +185,8 @@ def dose(density, origin, spacing, src, xg, yg, zg, dt, depth_maps, a, *, sad, s
                         if dd > depth_mm[-1]:
                             ratio = amplitude_cm2_g[-1, g] / amplitude_cm2_g[-2, g] if amplitude_cm2_g[-2, g] > 0 else 0.0
                             amp = amplitude_cm2_g[-1, g] * min(ratio, 1.0) ** ((dd - depth_mm[-1]) / dz_tab)
+                        if exit_maps is not None:
+                            amp *= 1.0 - np.interp(exit_maps[s][k, j, i], exit_distance_mm, exit_deficit[:, g])
                         su = sig * sad / (rho * den)
                         jv = max(_jaw(v, su, jaw_h, s_jaw, hv * sad / den, bl, br), 0.0)
                         sl = math.hypot(su, s_leaf)
@@ -210,8 +235,11 @@ def influence_columns(density, origin, spacing, src, xg, yg, zg, dt, depth_maps,
         a[:, l] = 1.0
         lo = np.full(s.size, leaf_centres[l] - 0.5 * model["w"])
         hi = np.full(s.size, leaf_centres[l] + 0.5 * model["w"])
+        kw = dict(model)
+        if kw.get("exit_maps") is not None:
+            kw["exit_maps"] = [model["exit_maps"][i] for i in s]
         col = dose(density, origin, spacing, src[s], xg[s], yg[s], zg[s], dt[s], [depth_maps[i] for i in s], a,
-                   window=(lo, hi, r_u, half_v, r_v), **model).ravel()
+                   window=(lo, hi, r_u, half_v, r_v), **kw).ravel()
         col[(col <= 0) | (col < threshold * col.max())] = 0.0
         out[:, b] = col
     return out

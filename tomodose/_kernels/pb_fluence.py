@@ -33,7 +33,7 @@ import numpy as np
 
 from tomodose._kernels.pencil_beam import (
     NO_LIMIT, PHI_X, _amplitude, _cluster_row, _half_width, _leaf_table, cluster_row_scratch,
-    _medium_offsets, _offaxis_and_depth, _phi, _row_range,
+    _exit_pos, _medium_offsets, _offaxis_and_depth, _phi, _row_range,
 )
 from tomodose.config import NUMBA_OPTIONS, NUMBA_PARALLEL_OPTIONS
 
@@ -279,7 +279,8 @@ def _map_sum(maps, lat, cq, q_min, q_max, u, yy, den):
 
 
 @numba.njit(inline="always")
-def _voxel_maps(maps_f, lat_f, maps_c, lat_c, cq_f, cq_c, i_lo, i_hi, s, u, yy, den, amps, tail, k0, f, ext):
+def _voxel_maps(maps_f, lat_f, maps_c, lat_c, cq_f, cq_c, i_lo, i_hi, s, u, yy, den, amps, tail, k0, f, ext, xtab, kx,
+                fx):
     """Sum over the Gaussians ``i_lo <= i < i_hi`` of ``A_i`` times the map value at level ``q = i + s``
     (linear between the two bracketing levels): from the fine maps ``maps_f`` when both levels are
     in it (its levels are the first ``nl_f`` of the coarse maps'), else from the coarse ``maps_c``."""
@@ -290,7 +291,7 @@ def _voxel_maps(maps_f, lat_f, maps_c, lat_c, cq_f, cq_c, i_lo, i_hi, s, u, yy, 
     c_min = nl_c
     c_max = -1
     for i in range(i_lo, i_hi):
-        amp = _amplitude(amps, tail, i, k0, f, ext)
+        amp = _amplitude(amps, tail, i, k0, f, ext, xtab, kx, fx)
         if amp <= 0.0:
             continue
         q = i + s
@@ -385,7 +386,9 @@ def _level_sum(maps, lat, amp, i_a, i_b, s0, fq, u, yy, den):
 
 
 @numba.njit(inline="always")
-def _voxel_levels(maps_f, lat_f, maps_c, lat_c, cq_f, cq_c, amp, i_lo, i_hi, s, u, yy, den, amps, tail, k0, f, ext):
+def _voxel_levels(maps_f, lat_f, maps_c, lat_c, cq_f, cq_c, amp, i_lo, i_hi, s, u, yy, den, amps, tail, k0, f, ext,
+                  xtab,
+                  kx, fx):
     """:func:`_voxel_maps` (same value, other rounding order) in one pass per map set: the
     amplitudes of all Gaussians first (``amp`` scratch, negative ones as 0), then the fine levels of
     the Gaussians ``i < nl_f - 1 - floor(s)`` and the coarse levels of the rest. Levels outside the
@@ -395,7 +398,7 @@ def _voxel_levels(maps_f, lat_f, maps_c, lat_c, cq_f, cq_c, amp, i_lo, i_hi, s, 
     s0 = int(math.floor(s))
     if s0 < 0 or s0 + i_hi > nl_c - 1 or i_hi <= i_lo:
         return _voxel_maps(maps_f, lat_f, maps_c, lat_c, cq_f, cq_c, i_lo, i_hi, s, u, yy, den, amps, tail, k0, f,
-                           ext)
+                           ext, xtab, kx, fx)
     fq = s - s0
     for i in range(i_lo, i_hi):
         a = amps[k0, i] + f * (amps[k0 + 1, i] - amps[k0, i])
@@ -403,6 +406,8 @@ def _voxel_levels(maps_f, lat_f, maps_c, lat_c, cq_f, cq_c, amp, i_lo, i_hi, s, 
     if ext > 0.0:
         for i in range(i_lo, i_hi):
             amp[i] *= tail[i] ** ext
+    for i in range(i_lo, i_hi):
+        amp[i] *= 1.0 - (xtab[kx, i] + fx * (xtab[kx + 1, i] - xtab[kx, i]))
     i_f = nl_f - 1 - s0
     if i_f < i_lo:
         i_f = i_lo
@@ -413,7 +418,8 @@ def _voxel_levels(maps_f, lat_f, maps_c, lat_c, cq_f, cq_c, amp, i_lo, i_hi, s, 
 
 
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
-def fluence_lookup(out, ks, js, is_, depth_t, lvl_t, rho_t, origin, spacing, s0, xg, yg, zg, t_p, dt_p, a_c, tab_c,
+def fluence_lookup(out, ks, js, is_, depth_t, exit_t, xtab, lvl_t, rho_t, origin, spacing, s0, xg, yg, zg, t_p, dt_p,
+                   a_c, tab_c,
                    win, win_u, maps_f, lat_f, maps_c, lat_c, sad, amps, dz_tab, tail, sig, e0, w, s_leaf, s_tab,
                    lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi, cphi, vavg, zcol,
                    check_ends, node_vals, nks, njs, nis):
@@ -490,7 +496,9 @@ def fluence_lookup(out, ks, js, is_, depth_t, lvl_t, rho_t, origin, spacing, s0,
                     bl, br = _medium_offsets(zcol, j, ii, pz, yg[2], sc)
                     exact = (yy - t_min) * sc + bl > -lim or (yy - t_max) * sc + br < lim
                 if exact:
-                    _cluster_row(out[aa, bb], is_, cc, cc, j, k, origin, spacing, depth_t, rho_t, s0, xg, yg, zg, t_p,
+                    _cluster_row(out[aa, bb], is_, cc, cc, j, k, origin, spacing, depth_t, exit_t, xtab, rho_t, s0,
+                                 xg, yg,
+                                 zg, t_p,
                                  dt_p, a_c, tab_c, free_lo, free_hi, NO_LIMIT, NO_LIMIT, 0.0, NO_LIMIT, NO_LIMIT, 0.0,
                                  0, n_g, sad, amps, dz_tab, tail, sig, e0, w, s_leaf, s_tab, lev_off, lev_h, lev_n,
                                  log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi, cphi, hu_v, hv_v, zcol, amp_v,
@@ -498,13 +506,15 @@ def fluence_lookup(out, ks, js, is_, depth_t, lvl_t, rho_t, origin, spacing, s0,
                     continue
                 off, hsoft, k0, f, ext = _offaxis_and_depth(u, sad, soft, offc, depth_t[j, ii, k], dz_tab,
                                                             amps.shape[0])
+                kx, fx = _exit_pos(exit_t[j, ii, k], xtab.shape[0])
                 val = _voxel_levels(maps_f, lat_f, maps_c, lat_c, cq_f, cq_c, amp_l, 0, n_g, lvl_t[j, ii, k], u, yy,
-                                    den, amps, tail, k0, f, ext)
+                                    den, amps, tail, k0, f, ext, xtab, kx, fx)
                 out[aa, bb, cc] += val * hsoft * off * sad * sad / (den * den + xx * xx)
 
 
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
-def coarse_lookup(out, ks, js, is_, depth_t, lvl_t, rho_t, origin, spacing, s0, xg, yg, zg, t_p, dt_p, a_c, tab_c, win,
+def coarse_lookup(out, ks, js, is_, depth_t, exit_t, xtab, lvl_t, rho_t, origin, spacing, s0, xg, yg, zg, t_p, dt_p,
+                  a_c, tab_c, win,
                   win_u, g_fine, maps_c, lat_c, sad, amps, dz_tab, tail, sig, e0, w, s_leaf, s_tab, lev_off, lev_h,
                   lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi, cphi, vavg, zcol, check_ends):
     """Coarse level of one cluster at the nodes ``ks x js x is_``, added to ``out`` (ks.size, js.size,
@@ -552,7 +562,9 @@ def coarse_lookup(out, ks, js, is_, depth_t, lvl_t, rho_t, origin, spacing, s0, 
                     bl, br = _medium_offsets(zcol, j, ii, pz, yg[2], sc)
                     exact = (yy - t_min) * sc + bl > -lim or (yy - t_max) * sc + br < lim
                 if exact:
-                    _cluster_row(out[aa, bb], is_, cc, cc, j, k, origin, spacing, depth_t, rho_t, s0, xg, yg, zg, t_p,
+                    _cluster_row(out[aa, bb], is_, cc, cc, j, k, origin, spacing, depth_t, exit_t, xtab, rho_t, s0,
+                                 xg, yg,
+                                 zg, t_p,
                                  dt_p, a_c, tab_c, free_lo, free_hi, NO_LIMIT, NO_LIMIT, 0.0, NO_LIMIT, NO_LIMIT, 0.0,
                                  g_lo, n_g, sad, amps, dz_tab, tail, sig, e0, w, s_leaf, s_tab, lev_off, lev_h, lev_n,
                                  log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi, cphi, hu_v, hv_v, zcol, amp_v,
@@ -560,8 +572,9 @@ def coarse_lookup(out, ks, js, is_, depth_t, lvl_t, rho_t, origin, spacing, s0, 
                     continue
                 off, hsoft, k0, f, ext = _offaxis_and_depth(u, sad, soft, offc, depth_t[j, ii, k], dz_tab,
                                                             amps.shape[0])
+                kx, fx = _exit_pos(exit_t[j, ii, k], xtab.shape[0])
                 val = _voxel_levels(empty, lat_c, maps_c, lat_c, cq_f, cq_c, amp_l, g_lo, n_g, lvl_t[j, ii, k], u, yy, den,
-                                  amps, tail, k0, f, ext)
+                                  amps, tail, k0, f, ext, xtab, kx, fx)
                 out[aa, bb, cc] += val * hsoft * off * sad * sad / (den * den + xx * xx)
 
 

@@ -261,6 +261,9 @@ def _leaf_table(u, q, tab, lev_off, lev_h, lev_n, u_max):
 
 _INV_LN2 = 1.0 / math.log(2.0)
 
+#: step (mm of water) of the exit-distance table ``xtab`` (``PencilKernel.exit_deficit``)
+EXIT_DT_MM = 2.5
+
 
 @numba.njit(**NUMBA_OPTIONS)
 def _offaxis_and_depth(u, sad, soft, offc, d_rad, dz_tab, nzt):
@@ -289,16 +292,30 @@ def _offaxis_and_depth(u, sad, soft, offc, d_rad, dz_tab, nzt):
 
 
 @numba.njit(**NUMBA_OPTIONS)
-def _amplitude(amps, tail, i, k0, f, ext):
-    """Amplitude of Gaussian ``i`` at depth-table position (k0, f), with the exponential tail beyond it."""
-    amp = amps[k0, i] + f * (amps[k0 + 1, i] - amps[k0, i])
-    if ext > 0.0:
-        amp *= tail[i] ** ext
-    return amp
+def _exit_pos(t_exit, nxt):
+    """Row ``kx`` and fraction ``fx`` of the exit distance ``t_exit`` (mm of water) in an exit table of
+    ``nxt`` rows (step :data:`EXIT_DT_MM`), clamped to the table (its last row applies beyond it)."""
+    q = t_exit * (1.0 / EXIT_DT_MM)
+    if q <= 0.0:
+        return 0, 0.0
+    if q >= nxt - 1:
+        return nxt - 2, 1.0
+    kx = int(q)
+    return kx, q - kx
 
 
 @numba.njit(**NUMBA_OPTIONS)
-def voxel_value(u, v, r, den, d_rad, rho, leaf, sad, amps, dz_tab, tail, sig, a, tab, e0, w, s_leaf,
+def _amplitude(amps, tail, i, k0, f, ext, xtab, kx, fx):
+    """Amplitude of Gaussian ``i`` at depth-table position (k0, f), with the exponential tail beyond it,
+    times ``1 - x_i`` of the exit table ``xtab`` (nt, nG) at position (kx, fx) (missing backscatter)."""
+    amp = amps[k0, i] + f * (amps[k0 + 1, i] - amps[k0, i])
+    if ext > 0.0:
+        amp *= tail[i] ** ext
+    return amp * (1.0 - (xtab[kx, i] + fx * (xtab[kx + 1, i] - xtab[kx, i])))
+
+
+@numba.njit(**NUMBA_OPTIONS)
+def voxel_value(u, v, r, den, d_rad, t_exit, xtab, rho, leaf, sad, amps, dz_tab, tail, sig, a, tab, e0, w, s_leaf,
                 s_tab, lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi, cphi, au, av,
                 bl, br):
     """Dose per unit time of one sample at one voxel (cm2/g per unit energy-fluence rate).
@@ -313,6 +330,7 @@ def voxel_value(u, v, r, den, d_rad, rho, leaf, sad, amps, dz_tab, tail, sig, a,
     beyond them carry no dose (:func:`_medium_cut`).
     """
     off, hsoft, k0, f, ext = _offaxis_and_depth(u, sad, soft, offc, d_rad, dz_tab, amps.shape[0])
+    kx, fx = _exit_pos(t_exit, xtab.shape[0])
     lat = sad / (rho * den)  # isocentre-plane mm per mm of water
     log2_lat = math.log2(lat)
     sj2 = s_jaw * s_jaw
@@ -321,7 +339,7 @@ def voxel_value(u, v, r, den, d_rad, rho, leaf, sad, amps, dz_tab, tail, sig, a,
     cut, el, wl, er, wr = _medium_cut(v, jaw_h, s_jaw, bl, br, phi)
     total = 0.0
     for i in range(sig.shape[1]):
-        amp = _amplitude(amps, tail, i, k0, f, ext)
+        amp = _amplitude(amps, tail, i, k0, f, ext, xtab, kx, fx)
         if amp <= 0.0:
             continue
         su = sig[0, i] * lat
@@ -424,7 +442,34 @@ def inplane_depth(dens_t, ox, oy, dx, dy, sx, sy, out_t):
 
 
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
-def full_dose_group(dose, depth_t, rho_t, origin, spacing, src, xg, yg, zg, dt, proj_of_sample,
+def inplane_exit(dens_t, ox, oy, dx, dy, sx, sy, out_t):
+    """Exit distance (mm of water) of every voxel centre: the radiological path from the voxel centre
+    on, away from the source (sx, sy), to the grid's faces, in the voxel's slice (as
+    :func:`inplane_depth`: the source projected onto each slice, Siddon traversal of
+    :mod:`tomodose._kernels.raytrace` with all slices as channels). ``dens_t`` (ny, nx, nz) mass
+    density (g/cm3); ``out_t`` (ny, nx, nz) is overwritten.
+    """
+    ny, nx, nz = dens_t.shape
+    vals = dens_t.reshape((1, ny, nx, nz))
+    reach = 2.0 * math.hypot(nx * dx, ny * dy)  # beyond the grid from any voxel (the trace is clipped)
+    for j in numba.prange(ny):
+        acc = np.zeros(nz)
+        for i in range(nx):
+            acc[:] = 0.0
+            x0 = ox + i * dx
+            y0 = oy + j * dy
+            ex = x0 - sx
+            ey = y0 - sy
+            nrm = math.sqrt(ex * ex + ey * ey)
+            if nrm > 0.0:
+                trace_accumulate(vals, ox, oy, 0.0, dx, dy, 1.0, x0, y0, 0.0, x0 + reach * ex / nrm,
+                                 y0 + reach * ey / nrm, 0.0, acc)
+            for k in range(nz):
+                out_t[j, i, k] = acc[k]
+
+
+@numba.njit(**NUMBA_PARALLEL_OPTIONS)
+def full_dose_group(dose, depth_t, exit_t, xtab, rho_t, origin, spacing, src, xg, yg, zg, dt, proj_of_sample,
                     a_all, tab_all, u_lo, u_hi, v_reach, k_lo, k_hi, sad, amps, dz_tab, tail, sig,
                     e0, w, s_leaf, s_tab, lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw,
                     offc, soft, phi, cphi, vavg, zcol):
@@ -474,7 +519,8 @@ def full_dose_group(dose, depth_t, rho_t, origin, spacing, src, xg, yg, zg, dt, 
                     r = math.sqrt(ddx * ddx + d0y * d0y + d0z * d0z)
                     sc = sad / den
                     bl, br = _medium_offsets(zcol, j, i, z, yg[s, 2], sc)
-                    val = voxel_value(u, v, r, den, depth_t[j, i, k], rho_t[j, i, k], -1, sad, amps, dz_tab,
+                    val = voxel_value(u, v, r, den, depth_t[j, i, k], exit_t[j, i, k], xtab, rho_t[j, i, k], -1, sad,
+                                      amps, dz_tab,
                                       tail, sig, a, tab, e0, w, s_leaf, s_tab, lev_off, lev_h, lev_n,
                                       log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi, cphi, hu * sc, hv * sc,
                                       bl, br)
@@ -545,7 +591,8 @@ def beamlet_window_counts(counts, beam_proj, beam_leaf, samp_start, samp_stop, o
 
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
 def beamlet_columns(out_idx, out_val, offsets, kept, beam_proj, beam_leaf, samp_start, samp_stop, group_of_proj,
-                    depth_all, rho_t, origin, spacing, shape, src, xg, yg, zg, dt, leaf_uc, half_u, r_u, half_v,
+                    depth_all, exit_all, xtab, rho_t, origin, spacing, shape, src, xg, yg, zg, dt, leaf_uc, half_u,
+                    r_u, half_v,
                     r_v, den_min, k_lo, k_hi, threshold, n_workers, scratch, mark, wbuf, sad, amps, dz_tab, tail,
                     sig, unit_a, btab, e0, w, s_leaf, s_tab, lev_off, lev_h, lev_n, log2_s0, lpo, u_max,
                     jaw_h, s_jaw, offc, soft, phi, cphi, vavg, zcol):
@@ -593,7 +640,8 @@ def beamlet_columns(out_idx, out_val, offsets, kept, beam_proj, beam_leaf, samp_
                     v = (ddx * yg[s, 0] + ddy * yg[s, 1] + ddz * yg[s, 2]) * sc
                     r = math.sqrt(ddx * ddx + ddy * ddy + ddz * ddz)
                     bl, br = _medium_offsets(zcol, j, i, origin[2] + k * spacing[2], yg[s, 2], sc)
-                    val = voxel_value(u, v, r, den, depth_all[g, j, i, k], rho_t[j, i, k], l, sad, amps, dz_tab,
+                    val = voxel_value(u, v, r, den, depth_all[g, j, i, k], exit_all[g, j, i, k], xtab, rho_t[j, i, k],
+                                      l, sad, amps, dz_tab,
                                       tail, sig, a, tab, e0, w, s_leaf, s_tab, lev_off, lev_h, lev_n,
                                       log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi, cphi, hu * sc, hv * sc,
                                       bl, br)
@@ -634,7 +682,8 @@ def beamlet_columns(out_idx, out_val, offsets, kept, beam_proj, beam_leaf, samp_
 
 
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
-def beamlet_node_values(out, beam_proj, beam_leaf, samp_start, samp_stop, node_flat, depth_t, rho_t, origin,
+def beamlet_node_values(out, beam_proj, beam_leaf, samp_start, samp_stop, node_flat, depth_t, exit_t, xtab, rho_t,
+                        origin,
                         spacing, shape, src, xg, yg, zg, dt, sad, amps, dz_tab, tail, sig, unit_a, btab, e0, w,
                         s_leaf, s_tab, lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi,
                         cphi, vavg, zcol):
@@ -670,14 +719,16 @@ def beamlet_node_values(out, beam_proj, beam_leaf, samp_start, samp_stop, node_f
                 v = (ddx * yg[s, 0] + ddy * yg[s, 1] + ddz * yg[s, 2]) * sc
                 r = math.sqrt(ddx * ddx + ddy * ddy + ddz * ddz)
                 bl, br = _medium_offsets(zcol, j, i, origin[2] + k * spacing[2], yg[s, 2], sc)
-                val = voxel_value(u, v, r, den, depth_t[j, i, k], rho_t[j, i, k], l, sad, amps, dz_tab, tail, sig,
+                val = voxel_value(u, v, r, den, depth_t[j, i, k], exit_t[j, i, k], xtab, rho_t[j, i, k], l, sad, amps,
+                                  dz_tab, tail, sig,
                                   a, tab, e0, w, s_leaf, s_tab, lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h,
                                   s_jaw, offc, soft, phi, cphi, hu * sc, hv * sc, bl, br)
                 out[b, n] += dt[s] * val
 
 
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
-def node_dose_group(out, node_flat, depth_t, rho_t, origin, spacing, shape, src, xg, yg, zg, dt, proj_of_sample,
+def node_dose_group(out, node_flat, depth_t, exit_t, xtab, rho_t, origin, spacing, shape, src, xg, yg, zg, dt,
+                    proj_of_sample,
                     a_all, tab_all, u_lo, u_hi, v_reach, sad, amps, dz_tab, tail, sig, e0, w, s_leaf, s_tab,
                     lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi, cphi, vavg, zcol):
     """Add the dose of one angle group's samples at the voxels ``node_flat`` to ``out`` (n_nodes,).
@@ -711,7 +762,8 @@ def node_dose_group(out, node_flat, depth_t, rho_t, origin, spacing, shape, src,
             hu = _half_width(xg[s], spacing, vavg)
             hv = _half_width(yg[s], spacing, vavg)
             bl, br = _medium_offsets(zcol, j, i, origin[2] + k * spacing[2], yg[s, 2], sc)
-            acc += dt[s] * voxel_value(u, v, r, den, depth_t[j, i, k], rho_t[j, i, k], -1, sad, amps, dz_tab, tail,
+            acc += dt[s] * voxel_value(u, v, r, den, depth_t[j, i, k], exit_t[j, i, k], xtab, rho_t[j, i, k], -1, sad,
+                                       amps, dz_tab, tail,
                                        sig, a_all[p], tab_all[p], e0, w, s_leaf, s_tab, lev_off, lev_h, lev_n,
                                        log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi, cphi, hu * sc, hv * sc,
                                        bl, br)
@@ -736,7 +788,8 @@ def cluster_row_scratch(n_g):
 
 
 @numba.njit(**NUMBA_OPTIONS)
-def _cluster_row(out, is_, m0, m1, j, k, origin, spacing, depth_t, rho_t, s0, xg, yg, zg, t_p, dt_p, a_c, tab_c, u_lo_p,
+def _cluster_row(out, is_, m0, m1, j, k, origin, spacing, depth_t, exit_t, xtab, rho_t, s0, xg, yg, zg, t_p, dt_p,
+                 a_c, tab_c, u_lo_p,
                  u_hi_p, r_u, v_half, r_v, r_u0, v_half0, r_v0, g_mid, g_hi, sad, amps, dz_tab, tail, sig, e0, w,
                  s_leaf, s_tab, lev_off,
                  lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi, cphi, hu, hv, zcol, amp_v, isv_v,
@@ -771,6 +824,7 @@ def _cluster_row(out, is_, m0, m1, j, k, origin, spacing, depth_t, rho_t, s0, xg
         ii = is_[m]
         px = origin[0] + ii * spacing[0]
         depth = depth_t[j, ii, k]
+        t_exit = exit_t[j, ii, k]
         rho = rho_t[j, ii, k]
         dx0 = px - s0[0]
         dy0 = py - s0[1]
@@ -807,6 +861,7 @@ def _cluster_row(out, is_, m0, m1, j, k, origin, spacing, depth_t, rho_t, s0, xg
         if g_start >= g_hi:
             continue
         off, hsoft, k0, f, ext = _offaxis_and_depth(u, sad, soft, offc, depth, dz_tab, amps.shape[0])
+        kx, fx = _exit_pos(t_exit, xtab.shape[0])
         lat = sad / (rho * den)
         log2_lat = math.log2(lat)
         sj2 = s_jaw * s_jaw
@@ -814,7 +869,7 @@ def _cluster_row(out, is_, m0, m1, j, k, origin, spacing, depth_t, rho_t, s0, xg
         st2 = s_tab * s_tab
         n_lev = lev_off.shape[0]
         for i in range(g_start, g_hi):
-            amp = _amplitude(amps, tail, i, k0, f, ext)
+            amp = _amplitude(amps, tail, i, k0, f, ext, xtab, kx, fx)
             kind_v[i] = 0
             if amp <= 0.0:
                 continue
@@ -953,7 +1008,8 @@ def _cluster_row(out, is_, m0, m1, j, k, origin, spacing, depth_t, rho_t, s0, xg
 
 
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
-def cluster_dose_lattice(out, ks, js, is_, k_lo, k_hi, depth_t, rho_t, origin, spacing, s0, xg, yg, zg, t_p, dt_p, a_c,
+def cluster_dose_lattice(out, ks, js, is_, k_lo, k_hi, depth_t, exit_t, xtab, rho_t, origin, spacing, s0, xg, yg, zg,
+                         t_p, dt_p, a_c,
                          tab_c, u_lo_p, u_hi_p, r_u, v_half, r_v, r_u0, v_half0, r_v0, widen, g_mid, g_hi, sad, amps,
                          dz_tab, tail, sig, e0,
                          w, s_leaf, s_tab, lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi,
@@ -999,7 +1055,8 @@ def cluster_dose_lattice(out, ks, js, is_, k_lo, k_hi, depth_t, rho_t, origin, s
             m1 = np.searchsorted(is_, i1, side="right") - 1
             if m1 < m0:
                 continue
-            _cluster_row(out[a, b], is_, m0, m1, j, k, origin, spacing, depth_t, rho_t, s0, xg, yg, zg, t_p, dt_p,
+            _cluster_row(out[a, b], is_, m0, m1, j, k, origin, spacing, depth_t, exit_t, xtab, rho_t, s0, xg, yg, zg,
+                         t_p, dt_p,
                          a_c, tab_c, u_lo_p, u_hi_p, r_u, v_half, r_v, r_u0, v_half0, r_v0, g_mid, g_hi, sad, amps,
                          dz_tab, tail, sig, e0,
                          w, s_leaf, s_tab, lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi,
@@ -1046,7 +1103,8 @@ def trilinear_add(dose, values, ks, js, is_):
 # influence matrix by angle clusters: one per-voxel setup for all beamlets of a beam orientation
 # ---------------------------------------------------------------------------------------------
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
-def cluster_column_entries(count_only, counts, offsets, out_col, out_flat, out_val, k_lo, k_hi, depth_t, rho_t,
+def cluster_column_entries(count_only, counts, offsets, out_col, out_flat, out_val, k_lo, k_hi, depth_t, exit_t, xtab,
+                           rho_t,
                            origin, spacing, s0, xg, yg, zg, t_p, dt_p, samp_b_off, b_leaf, b_col, leaf_uc, half_u,
                            r_u, half_v, r_v, widen, sad, amps, dz_tab, tail, sig, btab, e0, w, s_leaf, s_tab,
                            lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi, cphi, vavg, zcol):
@@ -1139,13 +1197,14 @@ def cluster_column_entries(count_only, counts, offsets, out_col, out_flat, out_v
                 flat = (k * ny + j) * nx + i
                 off, hsoft, k0, f, ext = _offaxis_and_depth(u, sad, soft, offc, depth_t[j, i, k], dz_tab,
                                                             amps.shape[0])
+                kx, fx = _exit_pos(exit_t[j, i, k], xtab.shape[0])
                 au = hu * sc
                 av = hv * sc
                 bl, br = _medium_offsets(zcol, j, i, pz, yg[2], sc)
                 lat = sad / (rho_t[j, i, k] * den)
                 log2_lat = math.log2(lat)
                 for g in range(n_g):
-                    amp = _amplitude(amps, tail, g, k0, f, ext)
+                    amp = _amplitude(amps, tail, g, k0, f, ext, xtab, kx, fx)
                     amp_v[g] = amp
                     if amp <= 0.0:
                         continue

@@ -306,6 +306,7 @@ def _per_beamlet_columns(engine, proj_b, leaf_b, groups, window, k_lo, k_hi, thr
     for g in groups:
         members = np.flatnonzero(group_of_proj[proj_b] == g)
         depth = engine.depth_map(int(g))[None]
+        exit_m = engine.exit_map(int(g))[None]
         for c0 in range(0, members.size, chunk_beamlets):
             sel = members[c0:c0 + chunk_beamlets]
             cnt = counts[sel]
@@ -317,7 +318,8 @@ def _per_beamlet_columns(engine, proj_b, leaf_b, groups, window, k_lo, k_hi, thr
             wbuf = np.empty((n_threads, max(int(cnt.max()) if sel.size else 1, 1)), dtype=np.int64)
             beamlet_columns(out_idx, out_val, offsets, kept_c, np.ascontiguousarray(proj_b[sel]),
                             np.ascontiguousarray(leaf_b[sel]), engine.samp_start, engine.samp_stop, zero_group,
-                            depth, engine.rho_t, engine.origin, engine.spacing, shape, engine.src, engine.xg,
+                            depth, exit_m, engine.xtab, engine.rho_t, engine.origin, engine.spacing, shape, engine.src,
+                            engine.xg,
                             engine.yg, engine.zg, engine.dt, *window, engine.den_min, k_lo, k_hi, threshold,
                             n_threads, scratch, mark, wbuf, *engine.params(), engine.unit_a, engine.btab,
                             *engine.tail_params())
@@ -373,8 +375,8 @@ def _cluster_plan(engine, proj_b, leaf_b, groups, window, k_lo, k_hi):
                     samp_b_off, np.ascontiguousarray(leaf_b[members][local]), local.astype(np.int32), leaf_uc,
                     half_u, r_u, half_v, r_v, widen, *par)
             counts = np.zeros(nz, dtype=np.int64)
-            cluster_column_entries(True, counts, counts, dummy_i, dummy_i, dummy_f, *args[:2], no_depth, engine.rho_t,
-                                   *args[2:])
+            cluster_column_entries(True, counts, counts, dummy_i, dummy_i, dummy_f, *args[:2], no_depth, no_depth,
+                                   engine.xtab, engine.rho_t, *args[2:])
             if counts.sum():
                 clusters.append((args, counts))
         plan.append((g, members, clusters))
@@ -391,6 +393,7 @@ def _clustered_columns(engine, plan, threshold, kept, chunks, bar):
     for g, members, clusters in plan:
         if clusters:
             depth = engine.depth_map(int(g))
+            exit_m = engine.exit_map(int(g))
             total = int(sum(int(c.sum()) for _, c in clusters))
             col = np.empty(total, dtype=np.int32)
             flat = np.empty(total, dtype=np.int32)
@@ -398,8 +401,8 @@ def _clustered_columns(engine, plan, threshold, kept, chunks, bar):
             base = 0
             for args, counts in clusters:
                 offsets = base + np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-                cluster_column_entries(False, counts, offsets, col, flat, val, *args[:2], depth, engine.rho_t,
-                                       *args[2:])
+                cluster_column_entries(False, counts, offsets, col, flat, val, *args[:2], depth, exit_m, engine.xtab,
+                                       engine.rho_t, *args[2:])
                 base += int(counts.sum())
             start = np.zeros(members.size + 1, dtype=np.int64)
             kept_g = np.zeros(members.size, dtype=np.int64)
@@ -532,12 +535,15 @@ def far_field_operator(patient, projections_or_plan, matrix, projection, leaf, *
     for g in np.unique(groups):
         members = np.flatnonzero(groups == g)
         depth = engine.depth_map(int(g))
+        exit_m = engine.exit_map(int(g))
         for c0 in range(0, members.size, 256):
             sel = members[c0:c0 + 256]
             out = np.empty((sel.size, n_nodes))
             beamlet_node_values(out, np.ascontiguousarray(proj_b[sel]), np.ascontiguousarray(leaf_b[sel]),
-                                engine.samp_start, engine.samp_stop, node_flat, depth, engine.rho_t, engine.origin,
-                                engine.spacing, shape, engine.src, engine.xg, engine.yg, engine.zg, engine.dt,
+                                engine.samp_start, engine.samp_stop, node_flat, depth, exit_m, engine.xtab,
+                                engine.rho_t,
+                                engine.origin, engine.spacing, shape, engine.src, engine.xg, engine.yg, engine.zg,
+                                engine.dt,
                                 *engine.params(), engine.unit_a, engine.btab, *engine.tail_params())
             values[:, sel] = (out.T - near[:, sel]).astype(np.float32)
     interp = _trilinear(engine.grid.shape, int(step))

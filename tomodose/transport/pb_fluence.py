@@ -306,7 +306,8 @@ def _fluence_dose(engine, a_proj: np.ndarray, progress, far_field_step: int, thr
         return den_lo, den_hi, sc_min, ends, (y_end_lo, y_end_hi), bu2, bv2, maps_c, lat_c
 
     full_tab = np.ascontiguousarray(engine.btab.sum(axis=0)) if np.any(base > 0.0) else None
-    for _g, _active, depth, samples in _active_groups(engine, a_proj, progress):
+    for grp, _active, depth, samples in _active_groups(engine, a_proj, progress):
+        exit_m = engine.exit_map(int(grp))
         for members in _clusters(engine, samples):
             s = samples[members]
             geo = _fluence_geometry(engine, a_proj, a_open, base, s, centres, full_tab)
@@ -315,22 +316,24 @@ def _fluence_dose(engine, a_proj: np.ndarray, progress, far_field_step: int, thr
             den_lo, den_hi, sc_min, ends, y_ends, bu2, bv2, maps_c, lat_c = coarse_setup(geo)
             has = u_lo_p <= u_hi_p
             if not np.any(has):  # transmission only: the coarse level, every Gaussian at every node
-                coarse_lookup(values, *nodes, depth, lvl_t, engine.rho_t, engine.origin, engine.spacing, s0, xg, yg,
-                              zg, t_p, dt_p, a_c, tab_c, _NO_WIN, _NO_WIN_U, 0, maps_c, lat_c, *par, ends)
+                coarse_lookup(values, *nodes, depth, exit_m, engine.xtab, lvl_t, engine.rho_t, engine.origin,
+                              engine.spacing, s0, xg, yg, zg, t_p, dt_p, a_c, tab_c, _NO_WIN, _NO_WIN_U, 0, maps_c,
+                              lat_c, *par, ends)
                 continue
             win, win_u = _window_rows(t_p[has], u_lo_p[has], u_hi_p[has], engine.jaw_h / sc_min + r_v, r_u, widen,
                                       FLUENCE_ROW_MM)
             vals_c = np.zeros_like(values)
-            coarse_lookup(vals_c, *nodes, depth, lvl_t, engine.rho_t, engine.origin, engine.spacing, s0, xg, yg, zg,
-                          t_p, dt_p, a_c, tab_c, win, win_u, n0, maps_c, lat_c, *par, ends)
+            coarse_lookup(vals_c, *nodes, depth, exit_m, engine.xtab, lvl_t, engine.rho_t, engine.origin,
+                          engine.spacing, s0, xg, yg, zg, t_p, dt_p, a_c, tab_c, win, win_u, n0, maps_c, lat_c, *par,
+                          ends)
             u0, n_u = _lattice(win[2], win[3], hu)
             y0, hy_f, n_y = _y_lattice(engine, s0, yg, win[0], win[0] + win[1] * win_u.shape[0], hy)
             n_k, dden = _planes(den_lo, den_hi, FLUENCE_PLANE_MM)
             lat_f = np.array([u0, hu, y0, hy_f, den_lo, dden])
             maps_f = _build_maps(lat_f, n_u, n_y, n_k, w2_f, geo, engine, bu2, bv2, scratch, "maps_f", y_ends)
-            fluence_lookup(dose, *fine, depth, lvl_t, engine.rho_t, engine.origin, engine.spacing, s0, xg, yg, zg,
-                           t_p, dt_p, a_c, tab_c, win, win_u, maps_f, lat_f, maps_c, lat_c, *par, ends, vals_c,
-                           *nodes)
+            fluence_lookup(dose, *fine, depth, exit_m, engine.xtab, lvl_t, engine.rho_t, engine.origin,
+                           engine.spacing, s0, xg, yg, zg, t_p, dt_p, a_c, tab_c, win, win_u, maps_f, lat_f, maps_c,
+                           lat_c, *par, ends, vals_c, *nodes)
             values += vals_c
     trilinear_add(dose, values, *nodes)
     log.debug("fluence maps: %d clusters, %d levels (%d fine), work arrays %.1f MiB", n_clusters, w2.size, w2_f.size,

@@ -156,6 +156,12 @@ class PencilKernel:
         Tabulated kernel (1/g) before the Gaussian fit, for validation.
     terma_cm2_g : (nz,) float64
         Primary TERMA per unit energy fluence along the pencil.
+    exit_distance_mm : (nt,) float64, optional
+        Exit distances (mm of water, uniform step :data:`EXIT_DT_MM` from 0) of ``exit_deficit``.
+    exit_deficit : (nt, nG) float64, optional
+        ``x_i(t)``: relative deficit of amplitude ``i`` at a voxel whose ray leaves the medium
+        ``t`` mm of water further on (missing backscatter; the last row applies beyond the table).
+        Absent: zeros (no exit correction).
     provenance : dict
     """
 
@@ -167,6 +173,29 @@ class PencilKernel:
     pencil_per_g: np.ndarray = field(repr=False)
     terma_cm2_g: np.ndarray = field(repr=False)
     provenance: dict = field(default_factory=dict, repr=False)
+    exit_distance_mm: np.ndarray | None = field(default=None, repr=False)
+    exit_deficit: np.ndarray | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        from tomodose._kernels.pencil_beam import EXIT_DT_MM
+
+        n_g = self.sigma_mm.size
+        if self.exit_deficit is None:
+            t, x = np.array([0.0, EXIT_DT_MM]), np.zeros((2, n_g))
+        else:
+            t = np.asarray(self.exit_distance_mm, dtype=np.float64)
+            x = np.asarray(self.exit_deficit, dtype=np.float64)
+            if x.ndim != 2 or x.shape[1] != n_g or t.shape != (x.shape[0],) or x.shape[0] < 2:
+                raise ValueError(f"exit_deficit must be (nt >= 2, {n_g}) with exit_distance_mm (nt,), got "
+                                 f"{x.shape} and {t.shape}")
+            if not np.allclose(t, np.arange(t.size) * EXIT_DT_MM):
+                raise ValueError(f"exit_distance_mm must be 0, {EXIT_DT_MM}, 2 x {EXIT_DT_MM}, ... mm")
+            if np.any(x < 0) or np.any(x > 1):
+                raise ValueError("exit_deficit must lie in [0, 1]")
+        for name, a in (("exit_distance_mm", t), ("exit_deficit", np.ascontiguousarray(x))):
+            a = np.array(a, dtype=np.float64)
+            a.setflags(write=False)
+            object.__setattr__(self, name, a)
 
     @property
     def dz_mm(self) -> float:
@@ -184,10 +213,14 @@ class PencilKernel:
         """Infinite-field depth dose per unit energy fluence (cm2/g) at ``depth_mm``."""
         return np.interp(np.asarray(depth_mm, float), self.depth_mm, self.amplitude_cm2_g.sum(axis=1))
 
-    def radial_per_g(self, radius_mm, depth_mm: float) -> np.ndarray:
-        """Gaussian-sum kernel ``p(R, z)`` (1/g) at radii ``radius_mm`` and one depth."""
+    def radial_per_g(self, radius_mm, depth_mm: float, exit_mm: float | None = None) -> np.ndarray:
+        """Gaussian-sum kernel ``p(R, z)`` (1/g) at radii ``radius_mm`` and one depth; with ``exit_mm``
+        the kernel of a voxel whose ray leaves the medium that far on (exit correction)."""
         amps = np.array([np.interp(depth_mm, self.depth_mm, self.amplitude_cm2_g[:, i])
                          for i in range(self.sigma_mm.size)])
+        if exit_mm is not None:
+            amps = amps * (1.0 - np.array([np.interp(exit_mm, self.exit_distance_mm, self.exit_deficit[:, i])
+                                           for i in range(self.sigma_mm.size)]))
         r_cm = np.asarray(radius_mm, float)[..., None] / 10.0
         s_cm = self.sigma_mm / 10.0
         return np.sum(amps * np.exp(-(r_cm**2) / (2 * s_cm**2)) / (2 * np.pi * s_cm**2), axis=-1)
@@ -212,6 +245,9 @@ def load_pencil_kernel(name: str = DEFAULT_PENCIL_KERNEL) -> PencilKernel:
         a = np.array(data[key], dtype=np.float64)
         a.setflags(write=False)
         arrays[key] = a
+    for key in ("exit_distance_mm", "exit_deficit"):
+        if key in data:
+            arrays[key] = np.array(data[key], dtype=np.float64)
     return PencilKernel(name=str(data["name"]), provenance=json.loads(str(data["provenance"])), **arrays)
 
 
@@ -287,6 +323,7 @@ class _Engine:
         self.sig = np.ascontiguousarray(np.stack([k.sigma_mm, np.log2(k.sigma_mm)]))
         self.amps = np.ascontiguousarray(k.amplitude_cm2_g)
         self.tail = np.ascontiguousarray(k.tail_ratio)
+        self.xtab = np.ascontiguousarray(k.exit_deficit)
         self.dz_tab = k.dz_mm
         s_max = float(k.sigma_mm.max()) * self.sad / (self.rho_floor * self.den_min)
         s_max = math.hypot(s_max, self.beam.leaf_edge_sigma_mm)
@@ -367,6 +404,30 @@ class _Engine:
                 return hit
         out = np.empty(self._dens_t.shape)
         inplane_depth(self._dens_t, self.origin[0], self.origin[1], self.spacing[0], self.spacing[1], sx, sy, out)
+        out = out.astype(np.float32)
+        out.setflags(write=False)
+        if key is not None:
+            _depth_cache_put(key, out)
+        return out
+
+    def exit_map(self, group: int) -> np.ndarray:
+        """(ny, nx, nz) float32 exit distance (mm water) for one angle group: the radiological path from
+        each voxel centre on, away from the group's source, to the end of the grid (in-slice trace,
+        :func:`tomodose._kernels.pencil_beam.inplane_exit`; read-only, cached like the depth maps)."""
+        from tomodose._kernels.pencil_beam import inplane_exit
+
+        p = self.projections
+        s = source_position_patient(self.group_angles[group], 0.0, p.isocentre_lps_mm, self.sad,
+                                    p.patient_position)
+        sx, sy = float(s[0]), float(s[1])
+        key = None
+        if DEPTH_CACHE_MIB > 0:
+            key = (self.density_key, sx, sy, "exit")
+            hit = _depth_cache_get(key)
+            if hit is not None:
+                return hit
+        out = np.empty(self._dens_t.shape)
+        inplane_exit(self._dens_t, self.origin[0], self.origin[1], self.spacing[0], self.spacing[1], sx, sy, out)
         out = out.astype(np.float32)
         out.setflags(write=False)
         if key is not None:
@@ -478,6 +539,7 @@ def _full_dose(engine: _Engine, a_proj: np.ndarray, progress, far_field_step=Non
     shape = np.asarray(grid.shape, dtype=np.int64)
     centres = engine.projections.machine.leaf_centres_mm()
     for g, active, depth, samples in _active_groups(engine, a_proj, progress):
+        exit_m = engine.exit_map(int(g))
         local = np.searchsorted(active, engine.proj[samples]).astype(np.int64)
         a_g = np.ascontiguousarray(a_proj[active])
         tab_g = np.ascontiguousarray(a_g @ engine.btab)
@@ -495,13 +557,15 @@ def _full_dose(engine: _Engine, a_proj: np.ndarray, progress, far_field_step=Non
             u_hi = np.ascontiguousarray((centres[last] + reach)[local])
         else:
             u_lo, u_hi = free_lo, free_hi
-        full_dose_group(dose, depth, engine.rho_t, engine.origin, engine.spacing, *geo[:5], geo[5], geo[6], geo[7],
-                        u_lo, u_hi, v_reach, k_lo[samples], k_hi[samples], *engine.params(), *engine.tail_params())
+        full_dose_group(dose, depth, exit_m, engine.xtab, engine.rho_t, engine.origin, engine.spacing, *geo[:5],
+                        geo[5], geo[6], geo[7], u_lo, u_hi, v_reach, k_lo[samples], k_hi[samples], *engine.params(),
+                        *engine.tail_params())
         if fast:
-            node_dose_group(far_full, node_flat, depth, engine.rho_t, engine.origin, engine.spacing, shape, *geo,
-                            free_lo, free_hi, 1e30, *engine.params(), *engine.tail_params())
-            node_dose_group(far_near, node_flat, depth, engine.rho_t, engine.origin, engine.spacing, shape, *geo,
-                            u_lo, u_hi, v_reach, *engine.params(), *engine.tail_params())
+            node_dose_group(far_full, node_flat, depth, exit_m, engine.xtab, engine.rho_t, engine.origin,
+                            engine.spacing, shape, *geo, free_lo, free_hi, 1e30, *engine.params(),
+                            *engine.tail_params())
+            node_dose_group(far_near, node_flat, depth, exit_m, engine.xtab, engine.rho_t, engine.origin,
+                            engine.spacing, shape, *geo, u_lo, u_hi, v_reach, *engine.params(), *engine.tail_params())
     if fast:
         interp = _trilinear(grid.shape, int(far_field_step))
         dose += (interp @ (far_full - far_near)).reshape(grid.shape)
@@ -595,6 +659,7 @@ def _clustered_dose(engine: _Engine, a_proj: np.ndarray, progress, far_field_ste
         return (reach[0], engine.jaw_h, reach[1])
 
     for g, active, depth, samples in _active_groups(engine, a_proj, progress):
+        exit_m = engine.exit_map(int(g))
         for members in _clusters(engine, samples):
             s = samples[members]
             geo = _cluster_geometry(engine, a_proj, s, centres)
@@ -602,12 +667,13 @@ def _clustered_dose(engine: _Engine, a_proj: np.ndarray, progress, far_field_ste
             k_lo, k_hi = int(k_lo_all[s].min()), int(k_hi_all[s].max())
             if spec[0][1] > 0 and k_hi > k_lo:
                 w0 = window(spec[0][2])
-                cluster_dose_lattice(dose, *lattices[0], k_lo, k_hi, depth, engine.rho_t, engine.origin,
-                                     engine.spacing, *geo, *w0, *w0, widen, 0, spec[0][1], *par)
+                cluster_dose_lattice(dose, *lattices[0], k_lo, k_hi, depth, exit_m, engine.xtab, engine.rho_t,
+                                     engine.origin, engine.spacing, *geo, *w0, *w0, widen, 0, spec[0][1], *par)
             for m in range(1, len(spec)):
                 # level m minus level m - 1 in one pass (see _cluster_row)
-                cluster_dose_lattice(values[m - 1], *lattices[m], 0, nz, depth, engine.rho_t, engine.origin,
-                                     engine.spacing, *geo, *window(spec[m][2]), *window(spec[m - 1][2]), widen,
+                cluster_dose_lattice(values[m - 1], *lattices[m], 0, nz, depth, exit_m, engine.xtab, engine.rho_t,
+                                     engine.origin, engine.spacing, *geo, *window(spec[m][2]),
+                                     *window(spec[m - 1][2]), widen,
                                      spec[m - 1][1], spec[m][1], *par)
     for (ks, js, is_), vals in zip(lattices[1:], values):
         trilinear_add(dose, vals, ks, js, is_)
