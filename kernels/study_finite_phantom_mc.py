@@ -76,7 +76,8 @@ PHANTOMS = {
 X_INNER = (-50.0, -10.0, 10.0, 50.0)
 Z_INNER = (-5.0, -2.5, 2.5, 5.0)
 AXIS_BINS = {"narrow": ((-10.0, 10.0), (-2.5, 2.5)), "wide": ((-50.0, 50.0), (-5.0, 5.0)),
-             "wide_x": ((-50.0, 50.0), (-2.5, 2.5))}  # wide_x: for the 10 mm jaw (field edge at 5.25 mm)
+             "wide_x": ((-50.0, 50.0), (-2.5, 2.5)),  # wide_x: for the 10 mm jaw (field edge at 5.25 mm)
+             "fan": ((-220.0, 220.0), (-5.0, 5.0))}  # the whole fan's core (its ends inside above 85 mm)
 JAWS = (25.0, 50.0, 10.0)
 
 
@@ -225,7 +226,7 @@ def run_engine(phantom: str, jaw_mm: float, engine: str, spacing_mm: float, cach
     cpu, wall = time.process_time() - t0, time.time() - w0
     bins = refmod.bin_average(res.per_fraction, edges)
     atomic_write(path, lambda p: np.savez(open(p, "wb"), dose=bins, cpu_s=cpu, wall_s=wall,
-                                          shape=np.array(patient.grid.shape)))
+                                          shape=np.array(patient.grid.shape), commit=G.git_commit()))
     log.info("%s %s jaw %g grid %g mm %s: %.0f CPU s (%.0f s wall)", engine, phantom, jaw_mm, spacing_mm,
              patient.grid.shape, cpu, wall)
     return path
@@ -327,6 +328,8 @@ def analyse(cache: Path) -> dict:
                 e = np.load(f)
                 engines[(name, g)] = e["dose"]
                 pd["engine_cpu_s"][f"{name} {g:g} mm"] = float(e["cpu_s"])
+                if "commit" in e:
+                    pd.setdefault("engine_commit", {})[f"{name} {g:g} mm"] = str(e["commit"])
             for which in AXIS_BINS:
                 m, s = axis_sum(mc["dose"] * k, edges, which, mc["unc"])
                 bd = {"mc": curve_summary(c, m, s)}
@@ -336,6 +339,13 @@ def analyse(cache: Path) -> dict:
                     es["engine_over_mc_norm_pct"] = pct(es["norm"], bd["mc"]["norm"])
                     es["engine_over_mc_abs_pct"] = pct(es["abs"], bd["mc"]["abs"])
                     bd[f"{name} {g:g} mm"] = es
+                for f in sorted(cache.glob(f"sup_*_{ph}_j{jaw:g}.npz")):
+                    # superposition by sampling: arbitrary units, normalised curves only
+                    es = curve_summary(c, axis_sum(np.load(f)["dose"], edges, which))
+                    del es["abs"]
+                    es["engine_over_mc_norm_pct"] = pct(es["norm"], bd["mc"]["norm"])
+                    bd[f"superposition {f.stem.split('_')[1]}"] = es
+                    pd.setdefault("superposition_samples", {})[f.stem.split('_')[1]] = int(np.load(f)["samples"])
                 pd["bins"][which] = bd
             jd["phantoms"][ph] = pd
         # the finite-phantom effect: large (or long_z) / box
@@ -352,7 +362,8 @@ def analyse(cache: Path) -> dict:
                 for key in a:
                     if key in b and key not in ("mc", "mc_curve"):
                         e[f"{key} norm_pct"] = pct(a[key]["norm"], b[key]["norm"])
-                        e[f"{key} abs_pct"] = pct(a[key]["abs"], b[key]["abs"])
+                        if "abs" in a[key]:
+                            e[f"{key} abs_pct"] = pct(a[key]["abs"], b[key]["abs"])
                 eff[which] = e
             jd[f"{ph}_over_box"] = eff
         if jd["phantoms"]:
@@ -379,7 +390,7 @@ def print_tables(res: dict, which: str = "auto") -> None:
             b = pd["bins"][which]
             print(f"| {ph}: MC 1-sigma | " + " | ".join(f"{100 * v:.2f}" for v in b["mc"]["norm_rel_sigma"]) + " |")
             for key, v in b.items():
-                if key.startswith(("collapsed", "pencil")):
+                if key.startswith(("collapsed", "pencil", "superposition")):
                     print(f"| {ph}: {key} | " + " | ".join(f"{x:+.2f}" for x in v["engine_over_mc_norm_pct"]) + " |")
         print("\nengine / MC - 1 (%), absolute (Gy per unit weight, nominal calibration)\n")
         print(head)
