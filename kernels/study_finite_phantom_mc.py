@@ -221,8 +221,14 @@ def run_engine(phantom: str, jaw_mm: float, engine: str, spacing_mm: float, cach
     patient = refmod.build_phantom_from_spec(phantom_spec(phantom, spacing_mm))
     edges = edges_mm(phantom)
     t0, w0 = time.process_time(), time.time()
+    options = dict(options)
+    kernel = None
+    if "kernel" in options:  # a shipped kernel table by name (an engine-only variant of the study)
+        from tomodose.transport.kernels import load_kernel
+
+        kernel = load_kernel(options.pop("kernel"))
     res = compute_dose(patient, fan(jaw_mm, phantom), engine, beam_model=BeamModel.ideal(default_spectrum()),
-                       reference=ReferenceCondition.nominal(), progress=False, **options)
+                       kernel=kernel, reference=ReferenceCondition.nominal(), progress=False, **options)
     cpu, wall = time.process_time() - t0, time.time() - w0
     bins = refmod.bin_average(res.per_fraction, edges)
     atomic_write(path, lambda p: np.savez(open(p, "wb"), dose=bins, cpu_s=cpu, wall_s=wall,
@@ -324,21 +330,22 @@ def analyse(cache: Path) -> dict:
             engines = {}
             for f in sorted(cache.glob(f"engine_*_{ph}_j{jaw:g}_g*.npz")):
                 name = f.stem.split(f"_{ph}_")[0].removeprefix("engine_")
-                g = float(f.stem.rsplit("_g", 1)[1])
+                g, _, variant = f.stem.split(f"_{ph}_j{jaw:g}_g")[1].partition("_")
+                label = f"{name} {float(g):g} mm" + (f" ({variant})" if variant else "")
                 e = np.load(f)
-                engines[(name, g)] = e["dose"]
-                pd["engine_cpu_s"][f"{name} {g:g} mm"] = float(e["cpu_s"])
+                engines[label] = e["dose"]
+                pd["engine_cpu_s"][label] = float(e["cpu_s"])
                 if "commit" in e:
-                    pd.setdefault("engine_commit", {})[f"{name} {g:g} mm"] = str(e["commit"])
+                    pd.setdefault("engine_commit", {})[label] = str(e["commit"])
             for which in AXIS_BINS:
                 m, s = axis_sum(mc["dose"] * k, edges, which, mc["unc"])
                 bd = {"mc": curve_summary(c, m, s)}
                 bd["mc_curve"] = {"depth_mm": c.tolist(), "gy": m.tolist(), "rel_sigma": s.tolist()}
-                for (name, g), dose in engines.items():
+                for label, dose in engines.items():
                     es = curve_summary(c, axis_sum(dose, edges, which))
                     es["engine_over_mc_norm_pct"] = pct(es["norm"], bd["mc"]["norm"])
                     es["engine_over_mc_abs_pct"] = pct(es["abs"], bd["mc"]["abs"])
-                    bd[f"{name} {g:g} mm"] = es
+                    bd[label] = es
                 for f in sorted(cache.glob(f"sup_*_{ph}_j{jaw:g}.npz")):
                     # superposition by sampling: arbitrary units, normalised curves only
                     es = curve_summary(c, axis_sum(np.load(f)["dose"], edges, which))
@@ -428,6 +435,8 @@ def main(argv=None) -> int:
     p.add_argument("--jaw", type=float, choices=JAWS, required=True)
     p.add_argument("--engine", choices=("collapsed_cone", "pencil_beam"), default="collapsed_cone")
     p.add_argument("--spacing", type=float, default=5.0)
+    p.add_argument("--option", action="append", default=[],
+                   help="engine option key=value (int/float parsed), or kernel=<shipped table name>")
     p.add_argument("--cache", type=Path, default=Path("/tmp/finiteph"))
     p = sub.add_parser("superpose", help="point-kernel superposition by sampling on the tally bins")
     p.add_argument("--phantom", choices=tuple(PHANTOMS), required=True)
@@ -447,7 +456,16 @@ def main(argv=None) -> int:
             args.phantom)
         run_mc(args.phantom, args.jaw, int(args.histories), seed, args.cache)
     elif args.cmd == "engine":
-        run_engine(args.phantom, args.jaw, args.engine, args.spacing, args.cache)
+        opts = {}
+        for item in args.option:
+            key, _, val = item.partition("=")
+            for conv in (int, float, str):
+                try:
+                    opts[key] = conv(val)
+                    break
+                except ValueError:
+                    continue
+        run_engine(args.phantom, args.jaw, args.engine, args.spacing, args.cache, **opts)
     elif args.cmd == "superpose":
         run_superposition(args.phantom, args.jaw, args.kind, int(args.samples), args.seed, args.cache)
     elif args.cmd == "analyse":
