@@ -126,6 +126,20 @@ def test_exit_table_is_physical():
     assert k.provenance["exit_correction"]["slab_mm"] == 200.0
 
 
+def test_pencil_kernel_refuses_a_bad_exit_table():
+    k = load_pencil_kernel()
+    base = dict(name="x", depth_mm=k.depth_mm, sigma_mm=k.sigma_mm, amplitude_cm2_g=k.amplitude_cm2_g,
+                radius_edges_mm=k.radius_edges_mm, pencil_per_g=k.pencil_per_g, terma_cm2_g=k.terma_cm2_g)
+    no_exit = PencilKernel(**base)
+    assert no_exit.exit_deficit.shape == (2, k.sigma_mm.size) and not no_exit.exit_deficit.any()
+    with pytest.raises(ValueError, match="exit_deficit must be"):
+        PencilKernel(**base, exit_distance_mm=k.exit_distance_mm, exit_deficit=k.exit_deficit[:, :3])
+    with pytest.raises(ValueError, match="exit_distance_mm must be 0, 2.5"):
+        PencilKernel(**base, exit_distance_mm=k.exit_distance_mm * 2, exit_deficit=k.exit_deficit)
+    with pytest.raises(ValueError, match=r"exit_deficit must lie in \[0, 1\]"):
+        PencilKernel(**base, exit_distance_mm=k.exit_distance_mm, exit_deficit=k.exit_deficit - 0.5)
+
+
 def test_exit_correction_lowers_dose_only_near_the_exit_face():
     """Water slab 200 mm deep vs 400 mm deep (same field): the thinner slab's dose is lower near its
     exit face (missing backscatter: > 1 % in the last voxel for a 5 cm field) and unchanged far from

@@ -2,12 +2,16 @@
 
 A beamlet is one projection x one leaf. Its dose at a voxel is (see ``docs/pencil_beam.md``)::
 
-    dt * (SAD / r)^2 * O(theta) * h * sum_i A_i(h * d_rad) * J_i(v) * L_i(u)
+    dt * (SAD / r)^2 * O(theta) * h * sum_i A_i(h * d_rad) * (1 - x_i(t)) * J_i(v) * L_i(u)
 
 * ``A_i(z)`` depth-dependent amplitudes (cm2/g) of the pencil kernel written as a sum of
   normalised 2-D Gaussians of widths ``sigma_i`` (mm of water); derived from the same EDKnrc point
   kernels as the collapsed-cone engine by ``kernels/derive_pencil_kernels.py`` (integration of the
-  polyenergetic point kernel along a pencil in water with the primary attenuation);
+  polyenergetic point kernel along a pencil in water with the primary attenuation, corrected near
+  the entrance surface by a Monte Carlo pencil entering water from vacuum);
+* ``x_i(t)`` the kernel's exit table: relative deficit of amplitude ``i`` at a voxel whose ray
+  leaves the grid ``t`` mm of water further on (missing backscatter near an exit face; Monte
+  Carlo), ``t`` traced in the voxel's slice like the depth (:meth:`_Engine.exit_map`);
 * ``d_rad`` radiological depth (mm of water; mass density x path) along the ray from the voxel to
   the source, traced in the voxel's slice (longitudinal divergence neglected in the depth only);
 * lateral spread in isocentre-plane mm ``sigma_i * SAD / (rho * den)`` with ``rho`` the local
