@@ -266,7 +266,7 @@ def run_superposition(phantom: str, jaw_mm: float, kind: str, n_samples: int, se
     xe, ye, ze = edges
     vol = np.einsum("k,j,i->kji", np.diff(ze), np.diff(ye), np.diff(xe))
     dose = tally / vol  # MeV per mm3 (water): proportional to dose
-    path = cache / f"sup_{kind}_{phantom}_j{jaw_mm:g}.npz"
+    path = cache / f"sup_{kind}_{phantom}_j{jaw_mm:g}_s{seed}.npz"
     atomic_write(path, lambda p: np.savez(open(p, "wb"), dose=dose, samples=n_samples, cpu_s=cpu))
     log.info("superposition %s %s jaw %g: %d samples, %.0f CPU s", kind, phantom, jaw_mm, n_samples, cpu)
     return path
@@ -346,13 +346,20 @@ def analyse(cache: Path) -> dict:
                     es["engine_over_mc_norm_pct"] = pct(es["norm"], bd["mc"]["norm"])
                     es["engine_over_mc_abs_pct"] = pct(es["abs"], bd["mc"]["abs"])
                     bd[label] = es
-                for f in sorted(cache.glob(f"sup_*_{ph}_j{jaw:g}.npz")):
-                    # superposition by sampling: arbitrary units, normalised curves only
-                    es = curve_summary(c, axis_sum(np.load(f)["dose"], edges, which))
+                sups = {}
+                for f in sorted(cache.glob(f"sup_*_{ph}_j{jaw:g}_s*.npz")):
+                    # superposition by sampling (runs of several seeds pooled by their samples):
+                    # arbitrary units, normalised curves only
+                    z = np.load(f)
+                    acc = sups.setdefault(f.stem.split("_")[1], [0.0, 0])
+                    acc[0] = acc[0] + z["dose"] * int(z["samples"])
+                    acc[1] += int(z["samples"])
+                for kind, (tot, n) in sups.items():
+                    es = curve_summary(c, axis_sum(tot / n, edges, which))
                     del es["abs"]
                     es["engine_over_mc_norm_pct"] = pct(es["norm"], bd["mc"]["norm"])
-                    bd[f"superposition {f.stem.split('_')[1]}"] = es
-                    pd.setdefault("superposition_samples", {})[f.stem.split('_')[1]] = int(np.load(f)["samples"])
+                    bd[f"superposition {kind}"] = es
+                    pd.setdefault("superposition_samples", {})[kind] = n
                 pd["bins"][which] = bd
             jd["phantoms"][ph] = pd
         # the finite-phantom effect: large (or long_z) / box
