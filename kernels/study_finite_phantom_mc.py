@@ -161,7 +161,8 @@ def atomic_write(path: Path, write) -> None:
 # --------------------------------------------------------------------------------------------
 # Monte Carlo
 # --------------------------------------------------------------------------------------------
-def run_mc(phantom: str, jaw_mm: float, histories: int, seed: int, cache: Path) -> Path:
+def run_mc(phantom: str, jaw_mm: float, histories: int, seed: int, cache: Path, tag_seed=None) -> Path:
+    """One ompMC run; ``tag_seed``: an additional run (file named by its seed, pooled by the analysis)."""
     import ompmc
 
     from tomodose.terma.beam_model import BeamModel
@@ -190,7 +191,7 @@ def run_mc(phantom: str, jaw_mm: float, histories: int, seed: int, cache: Path) 
     cpu, wall = time.process_time() - t0, time.time() - w0
     dose = np.asarray(dose).transpose(2, 1, 0)  # (nz, ny, nx), Gy for the weights w
     unc = np.asarray(unc).transpose(2, 1, 0)
-    path = cache / f"mc_{phantom}_j{jaw_mm:g}.npz"
+    path = cache / (f"mc_{phantom}_j{jaw_mm:g}.npz" if tag_seed is None else f"mc_{phantom}_j{jaw_mm:g}_s{seed}.npz")
     atomic_write(path, lambda p: np.savez(open(p, "wb"), dose=dose, unc=unc, x=xe, y=ye, z=ze,
                                           histories=int(histories), seed=seed, cpu_s=cpu, wall_s=wall,
                                           rho=rho_w))
@@ -308,6 +309,23 @@ def pct_sigma(ra, rb):
     return (100.0 * np.hypot(np.asarray(ra), np.asarray(rb))).tolist()
 
 
+def load_mc(cache: Path, phantom: str, jaw: float):
+    """The Monte Carlo runs of (phantom, jaw) (``mc_<phantom>_j<jaw>[_s<seed>].npz``) pooled by
+    their histories (independent seeds): dose, relative 1-sigma, edges; None if there is none."""
+    files = sorted(cache.glob(f"mc_{phantom}_j{jaw:g}.npz")) + sorted(cache.glob(f"mc_{phantom}_j{jaw:g}_s*.npz"))
+    if not files:
+        return None
+    runs = [dict(np.load(f)) for f in files]
+    n = np.array([int(r["histories"]) for r in runs], float)
+    dose = sum(w * r["dose"] for w, r in zip(n, runs)) / n.sum()
+    var = sum((w * r["dose"] * r["unc"]) ** 2 for w, r in zip(n, runs)) / n.sum() ** 2
+    unc = np.sqrt(var) / np.where(dose > 0, dose, 1.0)
+    r0 = runs[0]
+    return {"dose": dose, "unc": unc, "x": r0["x"], "y": r0["y"], "z": r0["z"], "histories": int(n.sum()),
+            "cpu_s": float(sum(float(r["cpu_s"]) for r in runs)),
+            "runs": [{"histories": int(r["histories"]), "seed": int(r["seed"]), "cpu_s": float(r["cpu_s"])} for r in runs]}
+
+
 def analyse(cache: Path) -> dict:
     k = calibration_gy_per_weight()
     out = {"depths_mm": list(DEPTHS_MM), "normalisation_depth_mm": NORM_MM, "phantoms_mm": PHANTOMS,
@@ -320,13 +338,13 @@ def analyse(cache: Path) -> dict:
     for jaw in JAWS:
         jd = {"phantoms": {}}
         for ph in PHANTOMS:
-            mcp = cache / f"mc_{ph}_j{jaw:g}.npz"
-            if not mcp.exists():
+            mc = load_mc(cache, ph, jaw)
+            if mc is None:
                 continue
-            mc = np.load(mcp)
             edges = (mc["x"], mc["y"], mc["z"])
             c = depth_centres(edges, ph)
-            pd = {"mc_histories": int(mc["histories"]), "mc_cpu_s": float(mc["cpu_s"]), "bins": {}, "engine_cpu_s": {}}
+            pd = {"mc_histories": int(mc["histories"]), "mc_cpu_s": float(mc["cpu_s"]), "mc_runs": mc["runs"],
+                  "bins": {}, "engine_cpu_s": {}}
             engines = {}
             for f in sorted(cache.glob(f"engine_*_{ph}_j{jaw:g}_g*.npz")):
                 name = f.stem.split(f"_{ph}_")[0].removeprefix("engine_")
@@ -461,7 +479,8 @@ def main(argv=None) -> int:
     if args.cmd == "mc":
         seed = args.seed if args.seed is not None else 3100 + 10 * JAWS.index(args.jaw) + tuple(PHANTOMS).index(
             args.phantom)
-        run_mc(args.phantom, args.jaw, int(args.histories), seed, args.cache)
+        run_mc(args.phantom, args.jaw, int(args.histories), seed, args.cache,
+               tag_seed=None if args.seed is None else args.seed)
     elif args.cmd == "engine":
         opts = {}
         for item in args.option:
