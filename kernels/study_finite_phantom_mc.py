@@ -224,10 +224,12 @@ def run_engine(phantom: str, jaw_mm: float, engine: str, spacing_mm: float, cach
     t0, w0 = time.process_time(), time.time()
     options = dict(options)
     kernel = None
-    if "kernel" in options:  # a shipped kernel table by name (an engine-only variant of the study)
+    if "kernel" in options or "n_azimuth" in options:  # engine-only variants: a shipped table by
+        # name, or the azimuthal cones per ring (ray-effect check)
+        from tomodose.dose.engine import CCC_KERNEL_NAME
         from tomodose.transport.kernels import load_kernel
 
-        kernel = load_kernel(options.pop("kernel"))
+        kernel = load_kernel(options.pop("kernel", CCC_KERNEL_NAME), n_azimuth=options.pop("n_azimuth", None))
     res = compute_dose(patient, fan(jaw_mm, phantom), engine, beam_model=BeamModel.ideal(default_spectrum()),
                        kernel=kernel, reference=ReferenceCondition.nominal(), progress=False, **options)
     cpu, wall = time.process_time() - t0, time.time() - w0
@@ -271,6 +273,34 @@ def run_superposition(phantom: str, jaw_mm: float, kind: str, n_samples: int, se
     atomic_write(path, lambda p: np.savez(open(p, "wb"), dose=dose, samples=n_samples, cpu_s=cpu))
     log.info("superposition %s %s jaw %g: %d samples, %.0f CPU s", kind, phantom, jaw_mm, n_samples, cpu)
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# LA4 TPR of the shipped machine with 8 and more azimuthal cones (issue 8)
+# --------------------------------------------------------------------------------------------
+def la4_tpr_azimuths(n_azimuths=(8, 16), shared_data=ROOT.parent / "shared" / "data") -> dict:
+    """Engine / LA4 - 1 (%) of the 64-leaf fans' TPR (``kernels/commission_la4.py``'s geometry and
+    fields, the shipped machine: :meth:`BeamModel.default`, the engine's kernel table) for each
+    number of azimuthal cones per ring. The LA4 table (GPL) is read at run time, never stored."""
+    sys.path.insert(0, str(ROOT / "kernels"))
+    import commission_la4 as C
+
+    from tomodose.dose.engine import CCC_KERNEL_NAME
+    from tomodose.terma.beam_model import BeamModel
+    from tomodose.transport.kernels import load_kernel
+
+    la4 = C.read_la4(shared_data)
+    beam = BeamModel.default()
+    out = {"depths_cm": list(C.TPR_FIT_DEPTHS_CM), "fields": [list(f) for f in C.TPR_FIELDS], "by_n_azimuth": {}}
+    for n in n_azimuths:
+        t0 = time.process_time()
+        cmp = C.tpr_comparison(beam, load_kernel(CCC_KERNEL_NAME, n_azimuth=n), la4)
+        res = {f"jaw {jaw} x {k} leaves (eq. sq. {sq:.2f} cm)": (100.0 * (e / r - 1.0)).tolist()
+               for (jaw, k), (e, r, sq) in cmp.items()}
+        out["by_n_azimuth"][str(n)] = {"engine_over_la4_pct": res, "cpu_s": time.process_time() - t0}
+        for key, v in res.items():
+            log.info("n_azimuth %d, %s: engine / LA4 - 1 (%%) %s", n, key, " ".join(f"{x:+.2f}" for x in v))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -470,10 +500,14 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=float, default=2e7)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--cache", type=Path, default=Path("/tmp/finiteph"))
+    p = sub.add_parser("la4", help="LA4 TPR residuals of the shipped machine, 8 vs 16 azimuths")
+    p.add_argument("--azimuths", default="8,16")
+    p.add_argument("--out", type=Path, default=Path("/tmp/finiteph/la4_tpr.json"))
     p = sub.add_parser("analyse", help="tables and JSON from the cached runs")
     p.add_argument("--cache", type=Path, default=Path("/tmp/finiteph"))
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--bins", choices=("auto", *AXIS_BINS), default="auto")
+    p.add_argument("--la4", type=Path, default=None, help="the JSON of the la4 subcommand, merged into --json")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.cmd == "mc":
@@ -494,8 +528,13 @@ def main(argv=None) -> int:
         run_engine(args.phantom, args.jaw, args.engine, args.spacing, args.cache, **opts)
     elif args.cmd == "superpose":
         run_superposition(args.phantom, args.jaw, args.kind, int(args.samples), args.seed, args.cache)
+    elif args.cmd == "la4":
+        res = la4_tpr_azimuths(tuple(int(v) for v in args.azimuths.split(",")))
+        atomic_write(args.out, lambda p: Path(p).write_text(json.dumps(res, indent=1), encoding="utf-8"))
     elif args.cmd == "analyse":
         res = analyse(args.cache)
+        if args.la4 and args.la4.exists():
+            res["la4_tpr"] = json.loads(args.la4.read_text(encoding="utf-8"))
         print_tables(res, args.bins)
         if args.json:
             atomic_write(args.json, lambda p: Path(p).write_text(json.dumps(res, indent=1), encoding="utf-8"))
