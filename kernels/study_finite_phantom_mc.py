@@ -35,7 +35,13 @@ Usage::
     nice -n 10 python kernels/study_finite_phantom_mc.py analyse --cache /tmp/finiteph \
         --json kernels/study_finite_phantom_mc.json
 
-Results and reading: ``docs/finite_phantom.md``.
+Also ``superpose`` (the infinite-medium point-kernel superposition of
+``kernels/study_ccc_energy_balance.py`` on the same bins), ``engine --option n_azimuth=16`` (and
+``kernel=``, ``line_phases=``, ``tilt=``: engine-only variants) and ``la4`` (the LA4 TPR
+residuals of the shipped machine for 8 and 16 azimuthal cones; the GPL table is read at run time).
+
+Results and reading: ``docs/finite_phantom.md`` (the long-fan deep excess is the static collapsed
+cone's 8-azimuth ray effect, not a finite-phantom effect).
 """
 
 from __future__ import annotations
