@@ -260,9 +260,8 @@ def run_superposition(phantom: str, jaw_mm: float, kind: str, n_samples: int, se
     sys.path.insert(0, str(ROOT / "kernels"))
     import study_ccc_energy_balance as EB
 
-    from tomodose.terma.spectrum import default_spectrum
-    from tomodose.transport.kernels import CollapsedConeKernel  # noqa: F401  (the engine's kernel type)
     from tomodose.dose.engine import engine_kernel
+    from tomodose.terma.spectrum import default_spectrum
 
     spectrum = default_spectrum()
     edges = edges_mm(phantom)
