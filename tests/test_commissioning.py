@@ -171,28 +171,33 @@ def engine(com, shared_data):
     return BeamModel.default(), engine_kernel()
 
 
-# Measured with the engine as shipped (2026-11-29 06:15 UTC: energy-group TERMA, the 5-group kernel
-# ccc_water_6mv_5groups of derive_ccc_kernels.py 1.4 (build-up fit, per-group rates; engine default since 06:00 UTC),
-# staggered azimuths, voxel-averaged TERMA). T0 rescanned with that kernel (TPR rms 1.20 / 1.19 / 1.36 % at
-# 5.75 / 6.0 / 6.25 MeV: 6.0 stands); stages 4, 5, 2 refitted with it at 06:09 UTC (isolated-leaf output loss
-# h 0.0621, g 0; the 2-leaf output of jaw 25 passes, the single leaf of jaw 50 +5.5 %). A part that cannot meet 1 % is
-# an xfail(strict=True) carrying its number and the reason, never a looser tolerance.
+# Measured with the engine as shipped (2026-11-29 11:28 UTC, `--runxfail`): energy-group TERMA, the 5-group kernel
+# ccc_water_6mv_5groups (derive_ccc_kernels.py 1.4), staggered azimuths, voxel-averaged TERMA, and static beams on a
+# 2x finer grid (static_supersample=2, the engine default since 11:30 UTC). T0 = 6.0 MeV (scanned with the 5-group
+# kernel at 06:00 UTC, not rescanned with the refinement); stages 4, 5, 2 refitted with the refined engine at 11:05 UTC
+# (isolated-leaf output loss h 0.0608, g 0; docs/commissioning.md, *Refit with the static-beam refinement*): the 25 mm
+# field's TPR now passes at 3 and 20 cm, the 2-leaf output of the 25 mm jaw now fails (+1.1 %). A part that cannot meet
+# 1 % is an xfail(strict=True) carrying its number and the reason, never a looser tolerance.
 _TPR_SHAPE = ("TPR({} cm)/TPR(10 cm), jaw {} mm: engine {} % vs LA4 with the fitted spectrum (T0 = 6.0 MeV, the TPR "
               "rms minimum with the shipped 5-group kernel too); one spectral parameter leaves a field-size dependent "
-              "residual (widest field +2.4 % at 3 cm, all fields +1.4-1.9 % at 20 cm) which a softer, jaw-dependent "
-              "head-scatter source would raise, not lower (measured 05:20 UTC), see docs/commissioning.md")
-TPR_XFAIL = {(50, 64, 3.0): _TPR_SHAPE.format(3, 50, "+2.4"), (50, 64, 5.0): _TPR_SHAPE.format(5, 50, "+2.2"),
-             (50, 64, 20.0): _TPR_SHAPE.format(20, 50, "+1.9"),
-             (25, 64, 3.0): _TPR_SHAPE.format(3, 25, "+1.06"), (25, 64, 20.0): _TPR_SHAPE.format(20, 25, "+1.4"),
-             (10, 64, 20.0): _TPR_SHAPE.format(20, 10, "+1.8")}
+              "residual (widest field +2.2 % at 3 cm, +1.0-1.95 % at 20 cm) which a softer, jaw-dependent head-scatter "
+              "source would raise, not lower (measured 05:20 UTC); the deep part is the collapsed cone's 8-azimuth ray "
+              "effect in long static fans (docs/finite_phantom.md), see docs/commissioning.md")
+TPR_XFAIL = {(50, 64, 3.0): _TPR_SHAPE.format(3, 50, "+2.2"), (50, 64, 5.0): _TPR_SHAPE.format(5, 50, "+1.95"),
+             (50, 64, 20.0): _TPR_SHAPE.format(20, 50, "+1.7"), (10, 64, 20.0): _TPR_SHAPE.format(20, 10, "+1.95")}
 _OF_WIDTH = ("{} leaves, jaw {} mm: engine {} % vs LA4 after the jaw factor fit (geometric mean over 8, 16 and 64 "
              "leaves); the engine's output grows more with the open width than LA4's for the 10 mm jaw, so no "
              "single jaw factor fits both ends; see docs/commissioning.md")
-_OF_SINGLE = ("{} leaf, jaw {} mm: engine {} % vs LA4 with the fitted isolated-leaf output loss h = 0.0621; LA4's "
+_OF_SINGLE = ("{} leaf, jaw {} mm: engine {} % vs LA4 with the fitted isolated-leaf output loss h = 0.0608; LA4's "
               "single leaf is jaw-inconsistent with the engine (single/pair output 0.876 at jaw 10, 0.773 at jaw 50 "
-              "against 0.89 / 0.87 in the engine without leaf effects), so one h leaves jaw 10 -7.6 %, jaw 25 +4.6 %, "
+              "against 0.89 / 0.87 in the engine without leaf effects), so one h leaves jaw 10 -7.7 %, jaw 25 +4.7 %, "
               "jaw 50 +5.5 %; see docs/commissioning.md")
-OF_XFAIL = {(10, 64): _OF_WIDTH.format(64, 10, "+1.3"), (50, 1): _OF_SINGLE.format(1, 50, "+5.5")}
+_OF_PAIR = ("{} leaves, jaw {} mm: engine {} % vs LA4 with the isolated-leaf output loss h = 0.0608 fitted to the "
+            "output factors' shape over 1-64 leaves of all three jaws on the refined engine (static_supersample=2, "
+            "which gives this field 1.1 % more output than the unrefined engine did); no single h holds the narrow "
+            "fields of all jaws within 1 %; see docs/commissioning.md, *Refit with the static-beam refinement*")
+OF_XFAIL = {(10, 64): _OF_WIDTH.format(64, 10, "+1.3"), (50, 1): _OF_SINGLE.format(1, 50, "+5.5"),
+            (25, 2): _OF_PAIR.format(2, 25, "+1.1")}
 
 
 def _param(table, key, *values):

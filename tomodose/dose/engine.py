@@ -23,8 +23,8 @@ Engines
     ``shared_from_deg=None`` gives the per-group reference; ``docs/dose.md``).
     ``static_supersample=2``: static deliveries (fixed gantry and couch, at most 16 beams) are
     computed on a 2x finer grid, TERMA included, and mass-averaged back, so a voxel's source is
-    resolved where a jaw or leaf edge crosses it (every Monte Carlo water profile passes; opt-in,
-    :data:`STATIC_SUPERSAMPLE` = 1, until the machine is recommissioned with it;
+    resolved where a jaw or leaf edge crosses it (every Monte Carlo water profile passes; default
+    :data:`STATIC_SUPERSAMPLE` = 2 since the machine was recommissioned with it on 2026-11-29;
     docs/collapsed_cone.md section 4f).
 ``"pencil_beam"`` (fast)
     :func:`tomodose.transport.pencil_beam.pencil_beam_dose`.
@@ -92,11 +92,11 @@ LINE_PHASES = 1
 #: on 2.5 mm voxels the 10 mm jaw's penumbra was too wide (10 Monte Carlo profile points failing
 #: 2 %/1 mm, none with 2x); 2x takes most of the change of 3x (Monte Carlo checks within 0.05 %) for
 #: 8x the cost of a static beam (docs/collapsed_cone.md section 4f). Helical plans are not refined.
-#: Off by default until the machine is recommissioned with it: the shipped machine file (isolated-leaf
-#: output loss, jaw factors) was fitted with the unrefined engine on 5 mm commissioning grids, and 2x
-#: moves the 2-leaf output of the 25 mm jaw to +1.01 % of LA4 (its 1 % check fails) and two TPR
-#: residuals into 1 % (measured 2026-11-29, section 4f).
-STATIC_SUPERSAMPLE = 1
+#: On by default since 2026-11-29 11:30 UTC: the shipped machine file (isolated-leaf output loss, jaw
+#: factors, jaw and leaf edges) was refitted with it (kernels/commission_la4.py, docs/commissioning.md);
+#: with the machine fitted on the unrefined engine, 2x had moved the 2-leaf output of the 25 mm jaw to
+#: +1.01 % of LA4 (section 4f).
+STATIC_SUPERSAMPLE = 2
 #: static plans with more distinct beams than this keep the dose grid (cost f**3 per beam).
 STATIC_SUPERSAMPLE_MAX_BEAMS = 16
 #: the refinement stops before the finest voxel side drops below this (mm): 2.5 mm -> 1.25 mm,
@@ -444,7 +444,7 @@ def compute_dose(patient: PatientModel, plan, engine: str = "collapsed_cone", *,
         = 512), ``shared_coarse_block_mm`` (:data:`SHARED_COARSE_BLOCK_MM` = None: all terms on
         the dose grid) and ``shared_coarse_directions``. :data:`FAST_CCC_OPTIONS` is the fast
         configuration of the benchmark goal (96 + 128 directions, long-range terms on <= 7 mm
-        blocks). ``static_supersample`` (:data:`STATIC_SUPERSAMPLE` = 1 = off; 2 recommended): static
+        blocks). ``static_supersample`` (:data:`STATIC_SUPERSAMPLE` = 2; 1 = off): static
         deliveries computed on an ``f`` times finer grid (fine voxels >= 1 mm, at most 24 M),
         their calibration field too. ``line_phases`` (:data:`LINE_PHASES` = 1): sub-voxel line
         phases per lateral axis of the per-group transports (cost ``n**2``; for studies).
