@@ -295,13 +295,7 @@ def _offaxis_and_depth(u, sad, soft, offc, d_rad, dz_tab, nzt):
 def _exit_pos(t_exit, nxt):
     """Row ``kx`` and fraction ``fx`` of the exit distance ``t_exit`` (mm of water) in an exit table of
     ``nxt`` rows (step :data:`EXIT_DT_MM`), clamped to the table (its last row applies beyond it)."""
-    q = t_exit * (1.0 / EXIT_DT_MM)
-    if q <= 0.0:
-        return 0, 0.0
-    if q >= nxt - 1:
-        return nxt - 2, 1.0
-    kx = int(q)
-    return kx, q - kx
+    return _level_coordinate(t_exit * (1.0 / EXIT_DT_MM), nxt)
 
 
 @numba.njit(**NUMBA_OPTIONS)

@@ -396,23 +396,7 @@ class _Engine:
         the cache of :data:`DEPTH_CACHE_MIB` when the same density and source were traced before)."""
         from tomodose._kernels.pencil_beam import inplane_depth
 
-        p = self.projections
-        s = source_position_patient(self.group_angles[group], 0.0, p.isocentre_lps_mm, self.sad,
-                                    p.patient_position)
-        sx, sy = float(s[0]), float(s[1])
-        key = None
-        if DEPTH_CACHE_MIB > 0:
-            key = (self.density_key, sx, sy)
-            hit = _depth_cache_get(key)
-            if hit is not None:
-                return hit
-        out = np.empty(self._dens_t.shape)
-        inplane_depth(self._dens_t, self.origin[0], self.origin[1], self.spacing[0], self.spacing[1], sx, sy, out)
-        out = out.astype(np.float32)
-        out.setflags(write=False)
-        if key is not None:
-            _depth_cache_put(key, out)
-        return out
+        return self._traced_map(group, inplane_depth, "depth")
 
     def exit_map(self, group: int) -> np.ndarray:
         """(ny, nx, nz) float32 exit distance (mm water) for one angle group: the radiological path from
@@ -420,18 +404,23 @@ class _Engine:
         :func:`tomodose._kernels.pencil_beam.inplane_exit`; read-only, cached like the depth maps)."""
         from tomodose._kernels.pencil_beam import inplane_exit
 
+        return self._traced_map(group, inplane_exit, "exit")
+
+    def _traced_map(self, group: int, trace, kind: str) -> np.ndarray:
+        """In-slice trace ``trace`` (:func:`inplane_depth` or :func:`inplane_exit`) from the source of
+        angle group ``group``, as a read-only float32 (ny, nx, nz) map, through the depth cache."""
         p = self.projections
         s = source_position_patient(self.group_angles[group], 0.0, p.isocentre_lps_mm, self.sad,
                                     p.patient_position)
         sx, sy = float(s[0]), float(s[1])
         key = None
         if DEPTH_CACHE_MIB > 0:
-            key = (self.density_key, sx, sy, "exit")
+            key = (self.density_key, sx, sy) if kind == "depth" else (self.density_key, sx, sy, kind)
             hit = _depth_cache_get(key)
             if hit is not None:
                 return hit
         out = np.empty(self._dens_t.shape)
-        inplane_exit(self._dens_t, self.origin[0], self.origin[1], self.spacing[0], self.spacing[1], sx, sy, out)
+        trace(self._dens_t, self.origin[0], self.origin[1], self.spacing[0], self.spacing[1], sx, sy, out)
         out = out.astype(np.float32)
         out.setflags(write=False)
         if key is not None:
