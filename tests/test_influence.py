@@ -48,23 +48,6 @@ def exact(case):
     return influence_matrix(dens, plan, target=target, threshold=0.0, progress=False, return_beamlets=True)
 
 
-def _naive_exit(eng, rho, g):
-    """Exact exit-distance maps (NumPy twin) of every sample of ``eng`` and the exit-table keywords."""
-    from tests.naive import pencil_beam as naive
-    from tomodose.geometry.frames import source_position_patient
-
-    p = eng.projections
-    by_group, maps = {}, []
-    for q in eng.proj:
-        grp = int(eng.proj_group[q])
-        if grp not in by_group:
-            src = source_position_patient(eng.group_angles[grp], 0.0, p.isocentre_lps_mm, eng.sad, p.patient_position)
-            by_group[grp] = naive.inplane_exit(rho, g.origin_mm, g.spacing_mm, src[:2])
-        maps.append(by_group[grp])
-    k = eng.kernel
-    return dict(exit_maps=maps, exit_distance_mm=k.exit_distance_mm, exit_deficit=k.exit_deficit)
-
-
 @pytest.mark.parametrize("n_sub", [1, 2])
 def test_matrix_times_sinogram_equals_full_dose(case, exact, n_sub):
     dens, target, plan, sino = case
@@ -204,7 +187,7 @@ def test_clustered_columns_match_naive_twin():
                                   s_leaf=eng.s_leaf, jaw_h=eng.jaw_h, s_jaw=eng.s_jaw, offc=eng.offc, soft=eng.soft,
                                   rho_floor=0.05, voxel_average=True,
                                   zcol=naive.medium_column_ends(rho, g.origin_mm, g.spacing_mm),
-                                  **_naive_exit(eng, rho, g))
+                                  **naive.exit_keywords(eng, rho, g))
     got = m.toarray()
     cmax = ref.max(axis=0)
     assert np.all(cmax > 0)

@@ -32,23 +32,6 @@ def _water(shape=(6, 10, 8), spacing=8.0, air_rows=1):
     return g, rho
 
 
-def _naive_exit(eng, rho, g):
-    """Exact exit-distance maps (NumPy twin) of every sample of ``eng`` (its group's source), and the
-    exit-table keywords of :func:`tests.naive.pencil_beam.dose`."""
-    from tomodose.geometry.frames import source_position_patient
-
-    p = eng.projections
-    by_group, maps = {}, []
-    for q in eng.proj:
-        grp = int(eng.proj_group[q])
-        if grp not in by_group:
-            src = source_position_patient(eng.group_angles[grp], 0.0, p.isocentre_lps_mm, eng.sad, p.patient_position)
-            by_group[grp] = naive.inplane_exit(rho, g.origin_mm, g.spacing_mm, src[:2])
-        maps.append(by_group[grp])
-    k = eng.kernel
-    return dict(exit_maps=maps, exit_distance_mm=k.exit_distance_mm, exit_deficit=k.exit_deficit)
-
-
 # --- kernel table ---------------------------------------------------------------------------
 def test_kernel_table_loads_and_is_consistent():
     k = load_pencil_kernel()
@@ -184,7 +167,7 @@ def test_dose_matches_naive_twin(model, voxel_average, medium_ends):
                      e0=eng.e0, w=eng.w, s_leaf=eng.s_leaf, jaw_h=eng.jaw_h, s_jaw=eng.s_jaw, offc=eng.offc,
                      soft=eng.soft, rho_floor=0.05, voxel_average=voxel_average,
                      zcol=naive.medium_column_ends(rho, g.origin_mm, g.spacing_mm) if medium_ends else None,
-                     **_naive_exit(eng, rho, g))
+                     **naive.exit_keywords(eng, rho, g))
     assert ref.max() > 0
     # tables (erf lookup, aperture ladder; voxel average of the wide Gaussians in the equal-variance
     # form) vs exact error functions and exact box means
@@ -369,7 +352,7 @@ def test_clustered_static_beams_and_naive_twin():
                      beam.leaf_weights(f)[eng.proj], sad=850.0, sigma_mm=k.sigma_mm, depth_mm=k.depth_mm,
                      amplitude_cm2_g=k.amplitude_cm2_g, e0=eng.e0, w=eng.w, s_leaf=eng.s_leaf, jaw_h=eng.jaw_h,
                      s_jaw=eng.s_jaw, offc=eng.offc, soft=eng.soft, rho_floor=0.05, voxel_average=True,
-                     zcol=naive.medium_column_ends(rho, g.origin_mm, g.spacing_mm), **_naive_exit(eng, rho, g))
+                     zcol=naive.medium_column_ends(rho, g.origin_mm, g.spacing_mm), **naive.exit_keywords(eng, rho, g))
     np.testing.assert_allclose(got, ref, rtol=0, atol=3e-3 * ref.max())
     np.testing.assert_allclose(got, pencil_beam_dose(dens, seq, beam, n_subsamples=2, progress=False),
                                rtol=1e-5, atol=1e-6 * ref.max())
@@ -419,7 +402,7 @@ def test_cluster_level_difference_matches_naive_twin():
     kw = dict(sad=850.0, sigma_mm=k.sigma_mm, depth_mm=k.depth_mm, amplitude_cm2_g=k.amplitude_cm2_g, e0=eng.e0,
               w=eng.w, s_leaf=eng.s_leaf, jaw_h=eng.jaw_h, s_jaw=eng.s_jaw, offc=eng.offc, soft=eng.soft,
               rho_floor=0.05, voxel_average=True, zcol=naive.medium_column_ends(rho, g.origin_mm, g.spacing_mm),
-              exit_maps=[_naive_exit(eng, rho, g)["exit_maps"][q] for q in s], exit_distance_mm=k.exit_distance_mm,
+              exit_maps=[naive.exit_keywords(eng, rho, g)["exit_maps"][q] for q in s], exit_distance_mm=k.exit_distance_mm,
               exit_deficit=k.exit_deficit)
     args = (rho, g.origin_mm, g.spacing_mm, eng.src[s], eng.xg[s], eng.yg[s], eng.zg[s], eng.dt[s], maps,
             a[eng.proj[s]])

@@ -243,3 +243,20 @@ def influence_columns(density, origin, spacing, src, xg, yg, zg, dt, depth_maps,
         col[(col <= 0) | (col < threshold * col.max())] = 0.0
         out[:, b] = col
     return out
+
+
+def exit_keywords(eng, rho, grid):
+    """Exact exit-distance maps (this module's :func:`inplane_exit`) of every sample of the engine
+    ``eng`` (its angle group's source) and the exit-table keywords of :func:`dose`."""
+    from tomodose.geometry.frames import source_position_patient
+
+    p = eng.projections
+    by_group, maps = {}, []
+    for q in eng.proj:
+        grp = int(eng.proj_group[q])
+        if grp not in by_group:
+            src = source_position_patient(eng.group_angles[grp], 0.0, p.isocentre_lps_mm, eng.sad, p.patient_position)
+            by_group[grp] = inplane_exit(rho, grid.origin_mm, grid.spacing_mm, src[:2])
+        maps.append(by_group[grp])
+    k = eng.kernel
+    return dict(exit_maps=maps, exit_distance_mm=k.exit_distance_mm, exit_deficit=k.exit_deficit)

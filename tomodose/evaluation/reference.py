@@ -624,8 +624,7 @@ def compare_case(ref: McReference, evaluated) -> dict:
         g = compare_gamma(ref, evaluated, merge=HELICAL_MERGE)
         out["gamma_2_2_pass_pct"] = g.pass_rate_percent
         out["gamma_2_2_unmerged_pass_pct"] = compare_gamma(ref, evaluated).pass_rate_percent
-        _, _, unc, rho = merge_bins(ref, ref.dose_gy, HELICAL_MERGE)
-        _, mcm, _, _ = merge_bins(ref, ref.dose_gy, HELICAL_MERGE)
+        _, mcm, unc, rho = merge_bins(ref, ref.dose_gy, HELICAL_MERGE)
         hi_m = (rho >= 0.05) & (mcm >= 0.5 * mcm[rho >= 0.05].max())
         out["mc_sigma_high_dose_pct"] = {"unmerged_median": float(100 * np.median(
             ref.rel_uncertainty[(ref.density_g_cm3 >= 0.05) & (ref.dose_gy >= 0.5 * ref.dose_gy[
