@@ -23,9 +23,11 @@ from tomodose.evaluation.reference import (
     REFERENCE_DIR,
     bin_average,
     bins_within,
+    compare_case,
     compare_depth_dose,
     compare_gamma,
     compare_profile,
+    depth_normalisation_mm,
     engine_dose,
     load_reference,
     overlap_matrix,
@@ -202,6 +204,19 @@ def test_slab_depth_dose_within_3_percent(case, engine, check):
     dd = compare_depth_dose(_ref(case), _engine(case, engine), normalise_mm=(15.0, 25.0))
     worst = dd["max_abs_beyond_pct"] if check == "depth_abs" else dd["max_rel_beyond_pct"]
     assert worst <= 3.0, f"{case} {engine} {check}: max |diff| beyond d_max {worst:.2f} %"
+
+
+@pytest.mark.parametrize("case", ("slab_lung", "water_j25"))
+def test_compare_case_normalises_as_the_tests(case):
+    # the report's numbers (compare_case) are the tests' numbers: slabs 15-25 mm, water fans 90-110 mm
+    ref = _ref(case)
+    ev = _engine(case, "pencil_beam")
+    norm = (15.0, 25.0) if case.startswith("slab") else (90.0, 110.0)
+    assert depth_normalisation_mm(ref) == norm
+    dd = compare_depth_dose(ref, ev, normalise_mm=norm)
+    got = compare_case(ref, ev)["depth_dose"]
+    for key in ("max_abs_beyond_pct", "max_rel_beyond_pct", "mean_rel_beyond_pct"):
+        assert got[key] == dd[key], key
 
 
 @pytest.mark.parametrize("case, engine, check", _params(("helical_cylinder",), ("gamma",)))
