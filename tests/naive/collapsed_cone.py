@@ -85,14 +85,56 @@ def transport_direction(terma, rho, m, sgn, da, db, step_cm, rates, amplitudes_o
     return dose
 
 
+def transport_direction_escape(terma, rho, m, sgn, da, db, step_cm, rates, amplitudes_of, escape_of,
+                               ca=0.5, cb=0.5):
+    """:func:`transport_direction` with the surface escape: ``escape_of(voxel) -> (K,)`` extra rate
+    (1/cm of radiological path) of each term in that voxel, whose energy is not deposited.
+
+    Pairwise closed form with ``mu_l = a + e_l`` per segment: a source of ``S`` per unit length over
+    segment ``i`` sends ``S (1 - exp(-mu_i d_i)) / mu_i`` out of it, ``exp(-sum_l mu_l d_l)`` of that
+    crosses the segments in between, and segment ``j`` deposits ``a / mu_j (1 - exp(-mu_j d_j))`` of
+    what enters; its own source deposits ``a / mu (S d - S (1 - exp(-mu d)) / mu)``.
+    """
+    dose = np.zeros(terma.shape)
+    for vox in _lines(terma.shape, m, sgn, da, db, ca, cb):
+        deltas = [rho[v] * step_cm for v in vox]
+        esc = [np.asarray(escape_of(v), float) for v in vox]
+        for j, vj in enumerate(vox):
+            dj = deltas[j]
+            total = 0.0
+            for i in range(j + 1):
+                vi = vox[i]
+                t = terma[vi]
+                if t == 0.0:
+                    continue
+                amp = amplitudes_of(vi)
+                di = deltas[i]
+                for k, (a, amp_k) in enumerate(zip(rates, amp)):
+                    if i == j:
+                        if dj > 0:
+                            mu = a + esc[j][k]
+                            total += t * amp_k * (a / mu) * (dj - (1 - math.exp(-mu * dj)) / mu) / dj
+                        continue
+                    mu_i = a + esc[i][k]
+                    mu_j = a + esc[j][k]
+                    tau = sum((a + esc[q][k]) * deltas[q] for q in range(i + 1, j))
+                    emit = (1 - math.exp(-mu_i * di)) / mu_i
+                    recv = (a / mu_j) * (1 - math.exp(-mu_j * dj)) / dj if dj > 0 else a
+                    total += t * amp_k * emit * recv * math.exp(-tau)
+            dose[vj] += total
+    return dose
+
+
 def collapsed_cone_dose(terma, rho, spacing_mm, origin_mm, kernel, *, beam_direction=None,
-                        source_position_mm=None, line_phases=1):
+                        source_position_mm=None, line_phases=1, surface=None):
     """Full naive collapsed-cone dose (float64), same conventions as the public function.
 
     ``terma`` (nz, ny, nx), or (G, nz, ny, nx) with a grouped kernel: the dose is then the sum
     over groups of the transport of each group's TERMA with that group's amplitudes.
     ``line_phases = n``: the mean of the doses of the ``n x n`` line phase pairs
-    ``((i + 1/2) / n, (j + 1/2) / n)``.
+    ``((i + 1/2) / n, (j + 1/2) / n)``. ``surface = (phi, correction)``: the surface escape, term
+    ``k`` of rate ``a`` loses ``correction.escape_rates(a) * phi[voxel]`` per cm
+    (:func:`transport_direction_escape`).
     """
     terma = np.asarray(terma, dtype=np.float64)
     c = [(i + 0.5) / line_phases for i in range(line_phases)]
@@ -102,16 +144,17 @@ def collapsed_cone_dose(terma, rho, spacing_mm, origin_mm, kernel, *, beam_direc
             if terma.ndim == 4:
                 total = total + sum(
                     _single(terma[g], rho, spacing_mm, origin_mm, kernel.group_kernel(g),
-                            beam_direction, source_position_mm, ca, cb)
+                            beam_direction, source_position_mm, ca, cb, surface)
                     for g in range(terma.shape[0])
                 )
             else:
                 total = total + _single(terma, rho, spacing_mm, origin_mm, kernel, beam_direction,
-                                        source_position_mm, ca, cb)
+                                        source_position_mm, ca, cb, surface)
     return total / len(c) ** 2
 
 
-def _single(terma, rho, spacing_mm, origin_mm, kernel, beam_direction, source_position_mm, ca=0.5, cb=0.5):
+def _single(terma, rho, spacing_mm, origin_mm, kernel, beam_direction, source_position_mm, ca=0.5, cb=0.5,
+            surface=None):
     from tomodose.transport.collapsed_cone import direction_steppings
 
     rho = np.asarray(rho, dtype=np.float64)
@@ -160,7 +203,13 @@ def _single(terma, rho, spacing_mm, origin_mm, kernel, beam_direction, source_po
                 return omega[d] * norm[v] * dens_at(float(dirs[d] @ photon_dir(v)))
         # a direction whose stepping axis ties (grid diagonal) is split over the tied axes
         for w, m, sgn, da, db, step_cm in direction_steppings(dirs[d], spacing):
-            dose += w * transport_direction(terma, rho, m, sgn, da, db, step_cm, rates, amplitudes_of, ca, cb)
+            if surface is None:
+                dose += w * transport_direction(terma, rho, m, sgn, da, db, step_cm, rates, amplitudes_of, ca, cb)
+            else:
+                phi, corr = surface
+                esc = corr.escape_rates(rates)
+                dose += w * transport_direction_escape(terma, rho, m, sgn, da, db, step_cm, rates, amplitudes_of,
+                                                       lambda v: esc * phi[v], ca, cb)
     return dose
 
 
@@ -169,7 +218,8 @@ def contract_sources(terma, weights):
     return np.einsum("jgk,gv->jkv", np.asarray(weights, float), np.asarray(terma, float))
 
 
-def shared_direction_dose(terma_groups, beam_directions, rho, spacing_mm, kernel, rings, n_directions, terms=None):
+def shared_direction_dose(terma_groups, beam_directions, rho, spacing_mm, kernel, rings, n_directions, terms=None,
+                          surface=None):
     """Twin of :func:`tomodose.transport.collapsed_cone.shared_direction_dose` (float64).
 
     ``terma_groups`` (G, nz, ny, nx), or (G, E, nz, ny, nx) with the group amplitudes of an
@@ -220,8 +270,14 @@ def shared_direction_dose(terma_groups, beam_directions, rho, spacing_mm, kernel
             return src[v] / mark[v]
 
         for w, m, sgn, da, db, step_cm in direction_steppings(fixed[i], spacing_mm):
-            dose += w * transport_direction(mark, np.asarray(rho, float), m, sgn, da, db, step_cm, rates,
-                                            amplitudes_of)
+            if surface is None:
+                dose += w * transport_direction(mark, np.asarray(rho, float), m, sgn, da, db, step_cm, rates,
+                                                amplitudes_of)
+            else:  # (phi, correction): the surface escape
+                phi, corr = surface
+                esc = corr.escape_rates(rates)
+                dose += w * transport_direction_escape(mark, np.asarray(rho, float), m, sgn, da, db, step_cm, rates,
+                                                       amplitudes_of, lambda v: esc * phi[v])
     return dose
 
 

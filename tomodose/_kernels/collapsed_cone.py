@@ -126,6 +126,50 @@ def _segment_factors(rates, inv_rates, delta, ex, gg, li):
 
 
 @numba.njit(**NUMBA_OPTIONS)
+def _g_of(x):
+    """(1 - exp(-x)) / x for x >= 0 (Taylor series below 0.05, as :func:`_segment_factors`)."""
+    if x > 0.05:
+        return (1.0 - _exp_neg(x)) / x
+    return 1.0 - x * (0.5 - x * (1.0 / 6.0 - x * (1.0 / 24.0 - x * (1.0 / 120.0 - x * (
+        1.0 / 720.0 - x * (1.0 / 5040.0 - x * (1.0 / 40320.0)))))))
+
+
+@numba.njit(**NUMBA_OPTIONS)
+def _deposit_escape(flux_row, src, rates, inv_rates, ex_row, gg_row, delta, ph, esc_rate):
+    """Dose of one voxel and flux update of every term with the surface escape (in place on
+    ``flux_row``); returns the dose.
+
+    Term ``k`` loses, besides its deposition rate ``a_k``, an escape rate ``e = esc_rate[k] * ph``
+    per cm of radiological path (``ph`` the voxel's surface weight): with ``mu = a_k + e`` and
+    ``x = mu delta``, ``dose = F a_k g(x) + S (a_k / mu) (1 - g(x))``,
+    ``F' = F exp(-x) + S (1 - exp(-x)) / mu`` (the escaped part ``e / mu`` is not deposited).
+    Terms with ``e = 0`` use exactly the arithmetic of the uncorrected recursion.
+    """
+    d = 0.0
+    last_e = -1.0
+    fac = 1.0
+    for k in range(rates.size):
+        f = flux_row[k]
+        sk = src[k]
+        e = esc_rate[k] * ph
+        if e == 0.0:
+            gk = gg_row[k]
+            ek = ex_row[k]
+            d += f * rates[k] * gk + sk * (1.0 - gk)
+            flux_row[k] = f * ek + sk * (1.0 - ek) * inv_rates[k]
+            continue
+        if e != last_e:
+            fac = _exp_neg(e * delta)
+            last_e = e
+        mu = rates[k] + e
+        ek = ex_row[k] * fac
+        gk = _g_of(mu * delta)
+        d += f * rates[k] * gk + sk * (rates[k] / mu) * (1.0 - gk)
+        flux_row[k] = f * ek + sk * (1.0 - ek) / mu
+    return d
+
+
+@numba.njit(**NUMBA_OPTIONS)
 def _photon_direction(x, y, z, source_xyz, fallback_axis):
     """Unit vector source -> (x, y, z) (LPS mm); ``fallback_axis`` at the source itself."""
     bx = x - source_xyz[0]
@@ -403,7 +447,8 @@ def transport_direction_reference(terma, rho, dose, m, sgn, da, db, step_cm, rat
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
 def transport_direction(terma, rho, dose, m, sgn, da, db, step_cm, rates, amp_const,
                         tilt, u_xyz, solid_angle, density_table, ds, norm,
-                        source_xyz, origin_xyz, spacing_xyz, fallback_axis, direct_sources, ca=0.5, cb=0.5):
+                        source_xyz, origin_xyz, spacing_xyz, fallback_axis, direct_sources, ca=0.5, cb=0.5,
+                        surface=False, phi=np.zeros((1, 1, 1)), esc_rate=np.zeros(1)):
     """Add the dose carried along one cone direction to ``dose`` (in place).
 
     Parameters (plain arrays/scalars)
@@ -434,6 +479,12 @@ def transport_direction(terma, rho, dose, m, sgn, da, db, step_cm, rates, amp_co
         ``tilt`` unused): the shared-direction transport of rotational delivery. Term sources
         may be negative (build-up kernels: signed amplitudes whose sum over terms deposits a
         non-negative energy); a voxel is skipped only when all its term sources are zero.
+    surface : bool
+        Surface escape (``docs/collapsed_cone.md``, surface correction): term ``k`` loses an extra
+        ``esc_rate[k] * phi[voxel]`` per cm of radiological path, not deposited (see
+        :func:`_deposit_escape`). False (default): the uncorrected recursion, bit for bit.
+    phi : (nz, ny, nx) float64   surface weight of each voxel (0 deep inside), used when ``surface``.
+    esc_rate : (K,) float64      escape rate of each term at ``phi = 1`` (1/cm), used when ``surface``.
 
     One ``prange`` task per row of lines (all lines sharing the index ``ia`` along axis ``a``):
     the lines of a row visit neighbouring voxels along ``b`` at every step (contiguous memory
@@ -450,6 +501,7 @@ def transport_direction(terma, rho, dose, m, sgn, da, db, step_cm, rates, amp_co
     rf = rho.reshape(n_vox)
     df = dose.reshape(n_vox)
     nf = norm.reshape((norm.shape[0], norm.size // norm.shape[0]))
+    pf = phi.reshape(phi.size)
     inv_rates = 1.0 / rates
     for task in numba.prange(lines_a):
         ia = task - max_a
@@ -524,14 +576,17 @@ def transport_direction(terma, rho, dose, m, sgn, da, db, step_cm, rates, amp_co
                         else:
                             for k in range(n_k):
                                 src[k] += tg * amp_const[g, k]
-                d = 0.0
-                for k in range(n_k):
-                    f = flux[li, k]
-                    gk = gg[li, k]
-                    ek = ex[li, k]
-                    sk = src[k]
-                    d += f * rates[k] * gk + sk * (1.0 - gk)
-                    flux[li, k] = f * ek + sk * (1.0 - ek) * inv_rates[k]
+                if surface and pf[idx] != 0.0:
+                    d = _deposit_escape(flux[li], src, rates, inv_rates, ex[li], gg[li], delta, pf[idx], esc_rate)
+                else:
+                    d = 0.0
+                    for k in range(n_k):
+                        f = flux[li, k]
+                        gk = gg[li, k]
+                        ek = ex[li, k]
+                        sk = src[k]
+                        d += f * rates[k] * gk + sk * (1.0 - gk)
+                        flux[li, k] = f * ek + sk * (1.0 - ek) * inv_rates[k]
                 has_flux[li] = True
                 df[idx] += d
 
@@ -618,14 +673,16 @@ def contract_sources_sparse(terma, ptr, rows, vals, out):
 
 
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
-def transport_direct_sources(src, rho, dose, m, sgn, da, db, step_cm, rates):
+def transport_direct_sources(src, rho, dose, m, sgn, da, db, step_cm, rates, surface=False,
+                             phi=np.zeros((1, 1, 1)), esc_rate=np.zeros(1)):
     """dose += the transport of direct term sources along one direction (shared directions).
 
     ``src`` (nz, ny, nx, K) float32 or float64, voxel-major: ``src[..., k]`` is the source of
     term ``k`` (TERMA x amplitude, signed for build-up terms); ``rho`` (nz, ny, nx) float64;
     ``dose`` (nz, ny, nx) float64, accumulated in place; geometry and recursion as
     :func:`transport_direction` with ``direct_sources=True`` (same results to rounding), but the
-    K sources of a voxel are read from one cache line instead of K volumes.
+    K sources of a voxel are read from one cache line instead of K volumes. ``surface``,
+    ``phi``, ``esc_rate``: the surface escape of :func:`transport_direction`.
     """
     shape = rho.shape
     (a_ax, b_ax, n_m, n_a, n_b, s_m, s_a, s_b, off_a, off_b, max_a, max_b, lines_a,
@@ -635,6 +692,7 @@ def transport_direct_sources(src, rho, dose, m, sgn, da, db, step_cm, rates):
     sf = src.reshape((n_vox, n_k))
     rf = rho.reshape(n_vox)
     df = dose.reshape(n_vox)
+    pf = phi.reshape(phi.size)
     inv_rates = 1.0 / rates
     for task in numba.prange(lines_a):
         ia = task - max_a
@@ -643,6 +701,7 @@ def transport_direct_sources(src, rho, dose, m, sgn, da, db, step_cm, rates):
         gg = np.ones((lines_b, n_k))
         last_delta = np.full(lines_b, -1.0)
         has_flux = np.zeros(lines_b, dtype=np.bool_)
+        sv64 = np.empty(n_k)
         started = False
         for n in range(n_m):
             ja = ia + off_a[n]
@@ -671,10 +730,15 @@ def transport_direct_sources(src, rho, dose, m, sgn, da, db, step_cm, rates):
                 if delta != last_delta[li]:
                     last_delta[li] = delta
                     _segment_factors(rates, inv_rates, delta, ex, gg, li)
-                d = 0.0
                 fl = flux[li]
                 el = ex[li]
                 gl = gg[li]
+                if surface and pf[idx] != 0.0:
+                    for k in range(n_k):
+                        sv64[k] = sv[k]
+                    df[idx] += _deposit_escape(fl, sv64, rates, inv_rates, el, gl, delta, pf[idx], esc_rate)
+                    continue
+                d = 0.0
                 for k in range(n_k):
                     f = fl[k]
                     gk = gl[k]

@@ -97,6 +97,18 @@ LINE_PHASES = 1
 #: with the machine fitted on the unrefined engine, 2x had moved the 2-leaf output of the 25 mm jaw to
 #: +1.01 % of LA4 (section 4f).
 STATIC_SUPERSAMPLE = 2
+#: default ``surface_correction`` of the collapsed-cone engine: the kernel's slow (scattered-photon)
+#: terms lose energy along their lines near the body's exterior (line escape fitted to the project's own
+#: Monte Carlo pencil, ``tomodose/data/kernels/ccc_surface_water_6mv.json``; docs/collapsed_cone.md,
+#: section "Surface correction"). Off (the commissioning tests depend on it): the lead turns it on
+#: together with :data:`STATIC_N_AZIMUTH` = 16 and the machine refit (measured table in that section).
+SURFACE_CORRECTION = False
+#: default ``static_n_azimuth``: cones per kernel ring of the transports of static beams (kernel tilted to
+#: one point source, the calibration field included); None = the kernel's own (8). 16 removes the long
+#: fan's ray effect (LA4 TPR at 20 cm) but, without :data:`SURFACE_CORRECTION`, lowers the 8-leaf Monte
+#: Carlo fields by 0.3-0.5 % relative to the 64-leaf calibration field (docs/finite_phantom.md); helical
+#: plans keep their shared direction set.
+STATIC_N_AZIMUTH: int | None = None
 #: static plans with more distinct beams than this keep the dose grid (cost f**3 per beam).
 STATIC_SUPERSAMPLE_MAX_BEAMS = 16
 #: the refinement stops before the finest voxel side drops below this (mm): 2.5 mm -> 1.25 mm,
@@ -129,7 +141,8 @@ def _ccc_engine(patient: PatientModel, seq: ProjectionSequence, *, beam_model=No
                 progress=None, n_subsamples: int | None = None, angle_groups: int | None = None,
                 grouping: str = "angle", tilt: str = "auto", shared_from_deg=DEFAULT,
                 shared_directions=DEFAULT, shared_coarse_block_mm=DEFAULT, shared_coarse_directions=DEFAULT,
-                line_phases=DEFAULT, static_supersample=DEFAULT, timings: dict | None = None) -> np.ndarray:
+                line_phases=DEFAULT, static_supersample=DEFAULT, surface_correction=DEFAULT,
+                static_n_azimuth=DEFAULT, timings: dict | None = None) -> np.ndarray:
     from tomodose.terma.terma import compute_terma
 
     check_choice("grouping", grouping, ("angle", "projection"))
@@ -144,7 +157,8 @@ def _ccc_engine(patient: PatientModel, seq: ProjectionSequence, *, beam_model=No
                            shared_from_deg=shared_from_deg, shared_directions=shared_directions,
                            shared_coarse_block_mm=shared_coarse_block_mm,
                            shared_coarse_directions=shared_coarse_directions, line_phases=line_phases,
-                           static_supersample=1, timings=timings)
+                           static_supersample=1, surface_correction=surface_correction,
+                           static_n_azimuth=static_n_azimuth, timings=timings)
         if timings is not None:
             timings["static_supersample"] = f
         return block_mean_dose(dose, fine.mass_density_g_cm3, f)
@@ -171,6 +185,7 @@ def _ccc_engine(patient: PatientModel, seq: ProjectionSequence, *, beam_model=No
                           tilt=tilt, shared_from_deg=shared_from_deg, shared_directions=shared_directions,
                           shared_coarse_block_mm=shared_coarse_block_mm,
                           shared_coarse_directions=shared_coarse_directions, line_phases=line_phases,
+                          surface_correction=surface_correction, static_n_azimuth=static_n_azimuth,
                           timings=timings)
 
 
@@ -261,6 +276,20 @@ def _check_static_supersample(value) -> None:
                          f"beams; 1 = off), got {value!r}")
 
 
+def _check_surface_correction(value) -> None:
+    value = SURFACE_CORRECTION if value is DEFAULT else value
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"surface_correction must be a bool (collapsed-cone surface escape on/off), got {value!r}")
+
+
+def _check_static_n_azimuth(value) -> None:
+    value = STATIC_N_AZIMUTH if value is DEFAULT else value
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+                              or not 1 <= value <= 256):
+        raise ValueError(f"static_n_azimuth must be None (the kernel's own) or an integer in [1, 256] (cones per "
+                         f"kernel ring of static beams), got {value!r}")
+
+
 def _check_line_phases(line_phases) -> None:
     value = LINE_PHASES if line_phases is DEFAULT else line_phases
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= 16:
@@ -291,7 +320,7 @@ def _stacked_view(arrays):
 def _ccc_transport(patient: PatientModel, groups: list, *, kernel=None, progress=None, single_sources: bool = False,
                    tilt: str = "auto", shared_from_deg=DEFAULT, shared_directions=DEFAULT,
                    shared_coarse_block_mm=DEFAULT, shared_coarse_directions=DEFAULT, line_phases=DEFAULT,
-                   timings: dict | None = None) -> np.ndarray:
+                   surface_correction=DEFAULT, static_n_azimuth=DEFAULT, timings: dict | None = None) -> np.ndarray:
     """Collapsed-cone dose of TERMA groups (see :func:`_ccc_engine`); float32, engine units.
 
     ``shared_from_deg``: kernel rings at least this far from the beam (ring direction, deg) of the
@@ -301,6 +330,9 @@ def _ccc_transport(patient: PatientModel, groups: list, *, kernel=None, progress
     shared directions); None transports every ring per group (the reference).
     ``shared_coarse_block_mm`` / ``shared_coarse_directions``: the long-range kernel terms of the
     shared transport on a coarser grid (:data:`SHARED_COARSE_BLOCK_MM`).
+    ``surface_correction`` (:data:`SURFACE_CORRECTION`): surface escape in every transport (one
+    surface map of the patient for all of them). ``static_n_azimuth`` (:data:`STATIC_N_AZIMUTH`):
+    cones per ring of the transports tilted to one point source (static beams).
     """
     from tomodose.transport.collapsed_cone import collapsed_cone_dose, shared_direction_dose
 
@@ -315,9 +347,16 @@ def _ccc_transport(patient: PatientModel, groups: list, *, kernel=None, progress
         shared_coarse_directions = SHARED_COARSE_DIRECTIONS
     if line_phases is DEFAULT:
         line_phases = LINE_PHASES
+    if surface_correction is DEFAULT:
+        surface_correction = SURFACE_CORRECTION
+    if static_n_azimuth is DEFAULT:
+        static_n_azimuth = STATIC_N_AZIMUTH
     kernel = engine_kernel(kernel)
     _check_shared_options(shared_from_deg, shared_directions, shared_coarse_block_mm, shared_coarse_directions)
     _check_line_phases(line_phases)
+    _check_surface_correction(surface_correction)
+    _check_static_n_azimuth(static_n_azimuth)
+    static_kernel = kernel if static_n_azimuth is None else kernel.with_azimuths(int(static_n_azimuth))
     shared_rings = own_rings = None
     if shared_from_deg is not None:
         shared_rings = np.flatnonzero(kernel.polar_deg >= float(shared_from_deg))
@@ -325,6 +364,16 @@ def _ccc_transport(patient: PatientModel, groups: list, *, kernel=None, progress
     density = patient.mass_density_g_cm3
     grid = patient.grid
     dose = np.zeros(grid.shape, dtype=np.float64)
+    surface_kw = {}
+    if surface_correction:
+        from tomodose.transport.ccc_surface import load_surface_correction, surface_weight
+
+        corr = load_surface_correction()
+        ts = time.perf_counter()
+        surface_kw = {"surface_correction": corr,
+                      "surface_weight_map": surface_weight(density, grid.spacing_mm, corr)}
+        if timings is not None:
+            timings["surface_map_s"] = time.perf_counter() - ts
     # kernel tilt of every non-empty group: toward one point source, or the group's beam direction
     plan_units = []
     for s, terma_g, angle, couches, travel in groups:
@@ -352,8 +401,8 @@ def _ccc_transport(patient: PatientModel, groups: list, *, kernel=None, progress
         if use_source:
             src = source_position_patient(angle, float(np.mean(couches)), s.isocentre_lps_mm, s.machine.sad_mm,
                                           s.patient_position)
-            dose += collapsed_cone_dose(terma_g, density, grid, source_position_mm=src, kernel=kernel,
-                                        line_phases=int(line_phases), progress=False)
+            dose += collapsed_cone_dose(terma_g, density, grid, source_position_mm=src, kernel=static_kernel,
+                                        line_phases=int(line_phases), progress=False, **surface_kw)
         else:
             _, _, zg = beam_axes_patient(angle, s.patient_position)
             rings = None
@@ -363,7 +412,7 @@ def _ccc_transport(patient: PatientModel, groups: list, *, kernel=None, progress
                 parallel_dirs.append(-zg)
             if rings is None or rings.size:
                 dose += collapsed_cone_dose(terma_g, density, grid, beam_direction=-zg, kernel=kernel, rings=rings,
-                                            line_phases=int(line_phases), progress=False)
+                                            line_phases=int(line_phases), progress=False, **surface_kw)
         per_group_s.append(time.perf_counter() - tg)
     t_shared = 0.0
     if parallel_index:
@@ -378,7 +427,7 @@ def _ccc_transport(patient: PatientModel, groups: list, *, kernel=None, progress
         dose += shared_direction_dose(stack, np.asarray(parallel_dirs), density, grid, kernel=kernel,
                                       rings=shared_rings, n_directions=int(shared_directions), progress=show,
                                       coarse_factor=_coarse_factor(shared_coarse_block_mm, grid),
-                                      coarse_directions=shared_coarse_directions)
+                                      coarse_directions=shared_coarse_directions, **surface_kw)
         t_shared = time.perf_counter() - ts
     if timings is not None:
         timings.update(transport_s=time.perf_counter() - t1, n_transports=len(plan_units),
@@ -448,6 +497,11 @@ def compute_dose(patient: PatientModel, plan, engine: str = "collapsed_cone", *,
         deliveries computed on an ``f`` times finer grid (fine voxels >= 1 mm, at most 24 M),
         their calibration field too. ``line_phases`` (:data:`LINE_PHASES` = 1): sub-voxel line
         phases per lateral axis of the per-group transports (cost ``n**2``; for studies).
+        ``surface_correction`` (:data:`SURFACE_CORRECTION` = False): surface escape of the kernel's
+        slow terms near the body's exterior in every transport, the calibration field included
+        (docs/collapsed_cone.md, "Surface correction"). ``static_n_azimuth``
+        (:data:`STATIC_N_AZIMUTH` = None: the kernel's 8): cones per kernel ring of static beams
+        (transports tilted to one point source), the calibration field included.
 
     Returns
     -------
@@ -476,12 +530,21 @@ def compute_dose(patient: PatientModel, plan, engine: str = "collapsed_cone", *,
                               engine_options.get("shared_coarse_directions", DEFAULT))
         _check_line_phases(engine_options.get("line_phases", DEFAULT))
         _check_static_supersample(engine_options.get("static_supersample", DEFAULT))
+        _check_surface_correction(engine_options.get("surface_correction", DEFAULT))
+        _check_static_n_azimuth(engine_options.get("static_n_azimuth", DEFAULT))
     beam_model = beam_model or BeamModel.default()
     # the calibration field is a static beam: computed with the same line phases, and supersampled
     # when this plan's static beams are (a helical plan keeps the cheaper unrefined calibration field:
     # the 2x refinement changes its calibration point by 0.008 %, docs/collapsed_cone.md section 4f)
+    # the surface correction and the static beams' azimuths too: the calibration field is a static
+    # beam in water, computed with the physics of the plan (a calibration made without the surface
+    # escape would carry its excess into every plan)
     calib_options = {k: v for k, v in engine_options.items() if k in ("n_subsamples", "line_phases")}
     if engine == "collapsed_cone":
+        sc = engine_options.get("surface_correction", DEFAULT)
+        calib_options["surface_correction"] = bool(SURFACE_CORRECTION if sc is DEFAULT else sc)
+        na = engine_options.get("static_n_azimuth", DEFAULT)
+        calib_options["static_n_azimuth"] = STATIC_N_AZIMUTH if na is DEFAULT else na
         f = engine_options.get("static_supersample", DEFAULT)
         f = supersample_factor(STATIC_SUPERSAMPLE if f is DEFAULT else int(f), patient.grid)
         calib_options["static_supersample"] = f if is_static_delivery(seq) else 1

@@ -39,6 +39,7 @@ import numpy as np
 from tomodose import config
 from tomodose._validate import check_array, check_vector
 from tomodose.geometry.grid import Grid
+from tomodose.transport.ccc_surface import resolve_surface_correction, surface_weight
 from tomodose.transport.kernels import CollapsedConeKernel, load_kernel
 
 __all__ = ["collapsed_cone_dose", "shared_direction_dose", "fibonacci_directions", "direction_geometry",
@@ -132,6 +133,8 @@ def collapsed_cone_dose(
     rings=None,
     line_phases: int = 1,
     progress: bool | None = None,
+    surface_correction=None,
+    surface_weight_map=None,
 ) -> np.ndarray:
     """Dose (energy per mass) from TERMA by collapsed-cone convolution/superposition.
 
@@ -172,6 +175,15 @@ def collapsed_cone_dose(
         direction (docs/collapsed_cone.md section 4f).
     progress : bool, optional
         Progress bar over cone directions (default: ``tomodose.config.settings.progress``).
+    surface_correction : None, bool or SurfaceCorrection
+        Surface escape of the kernel's slow (scattered-photon) terms near the body's exterior
+        (:mod:`tomodose.transport.ccc_surface`; True: the shipped table; None/False: off, the
+        uncorrected transport bit for bit). The surface map is made from ``density_g_cm3`` on
+        ``grid``.
+    surface_weight_map : (nz, ny, nx) array_like, optional
+        The map :func:`tomodose.transport.ccc_surface.surface_weight` of this density, grid and
+        correction, when the caller has it already (several transports of one patient); values in
+        [0, 1]. Used only with ``surface_correction``.
 
     Returns
     -------
@@ -195,6 +207,7 @@ def collapsed_cone_dose(
     elif not isinstance(kernel, CollapsedConeKernel):
         raise TypeError(f"kernel must be a CollapsedConeKernel, got {type(kernel).__name__}")
     phases = line_phase_set(line_phases)
+    surface = resolve_surface_correction(surface_correction)
     t_arr = np.ascontiguousarray(t_arr, dtype=np.float64)
     rho = np.ascontiguousarray(rho, dtype=np.float64)
     if grouped:
@@ -239,6 +252,7 @@ def collapsed_cone_dose(
     dose = np.zeros(grid.shape, dtype=np.float64)
     if not np.any(t_arr > 0):
         return dose.astype(np.float32)
+    phi, esc = _surface_arrays(surface, rho, spacing, rates, surface_weight_map)
 
     t0 = time.perf_counter()
     if tilt:
@@ -274,19 +288,32 @@ def collapsed_cone_dose(
                     _k.transport_direction(
                         ring_src[0].reshape((n_k,) + grid.shape), rho, dose, m, sgn, da, db, step_cm, rates,
                         w * eye, False, np.ascontiguousarray(dirs[d]), 0.0, table, ds, norm, src, origin, spacing,
-                        axis, w == 1.0, ca, cb,
+                        axis, w == 1.0, ca, cb, surface is not None, phi, esc,
                     )
                     continue
                 _k.transport_direction(
                     t_arr, rho, dose, m, sgn, da, db, step_cm, rates,
                     np.ascontiguousarray(w * amps_ring[:, ring[d]]), tilt, np.ascontiguousarray(dirs[d]),
                     float(w * omega[d]), table, ds, norm, src, origin, spacing, axis, False, ca, cb,
+                    surface is not None, phi, esc,
                 )
     if len(phases) > 1:
         dose /= len(phases)
     logger.debug("collapsed cone: %d directions x %d line phases on %s in %.2f s", len(iterator), len(phases),
                  grid.shape, time.perf_counter() - t0)
     return dose.astype(np.float32)
+
+
+def _surface_arrays(surface, rho, spacing_mm, rates, weight_map=None) -> tuple[np.ndarray, np.ndarray]:
+    """(phi map (nz, ny, nx), escape rates (K,)) of a surface correction, or dummies when off."""
+    if surface is None:
+        return np.zeros((1, 1, 1)), np.zeros(np.asarray(rates).size)
+    if weight_map is None:
+        phi = surface_weight(rho, spacing_mm, surface)
+    else:
+        phi = np.ascontiguousarray(check_array("surface_weight_map", weight_map, shape=rho.shape, low=0.0,
+                                               high=1.0), dtype=np.float64)
+    return phi, np.ascontiguousarray(surface.escape_rates(rates), dtype=np.float64)
 
 
 def line_phase_set(line_phases: int, layout: str = "product") -> np.ndarray:
@@ -362,6 +389,8 @@ def shared_direction_dose(
     coarse_rate_per_cm: float = 1.0,
     coarse_directions: int | None = None,
     progress: bool | None = None,
+    surface_correction=None,
+    surface_weight_map=None,
 ) -> np.ndarray:
     """Dose of selected kernel rings of many beams, transported along one shared direction set.
 
@@ -422,6 +451,11 @@ def shared_direction_dose(
         short-range terms use ``n_directions``.
     progress : bool, optional
         Progress bar over shared directions.
+    surface_correction : None, bool or SurfaceCorrection
+        Surface escape of the slow kernel terms (as :func:`collapsed_cone_dose`); on the coarse
+        grid the map is the block mean of the fine one.
+    surface_weight_map : (nz, ny, nx) array_like, optional
+        Precomputed :func:`tomodose.transport.ccc_surface.surface_weight` (as :func:`collapsed_cone_dose`).
 
     Returns
     -------
@@ -479,15 +513,19 @@ def shared_direction_dose(
         fast = np.flatnonzero(rates >= coarse_rate_per_cm)
     else:
         slow, fast = np.zeros(0, dtype=np.int64), np.arange(rates.size)
+    surface = resolve_surface_correction(surface_correction)
     dose = np.zeros(grid.shape, dtype=np.float64)
     if not any_terma:
         return dose
+    phi, esc = _surface_arrays(surface, rho, np.asarray(grid.spacing_mm, dtype=np.float64), rates,
+                               surface_weight_map)
     flat = np.ascontiguousarray(t_all.reshape(n_g * n_e, -1))
     t0 = time.perf_counter()
     if fast.size:
         fixed = fibonacci_directions(int(n_directions))
         weights = _shared_weights(fixed, beams / norms[:, None], kernel, selected, amps_e, int(neighbours))
-        _transport_shared(flat, weights[:, :, fast], fixed, rho, grid, rates[fast], int(batch), progress, dose)
+        _transport_shared(flat, weights[:, :, fast], fixed, rho, grid, rates[fast], int(batch), progress, dose,
+                          surface is not None, phi, esc[fast])
     t_fine = time.perf_counter() - t0
     if slow.size:
         f = int(coarse_factor)
@@ -498,8 +536,9 @@ def shared_direction_dose(
         fixed_c = fibonacci_directions(int(coarse_directions))
         weights_c = _shared_weights(fixed_c, beams / norms[:, None], kernel, selected, amps_e, int(neighbours))
         dose_c = np.zeros(grid_c.shape, dtype=np.float64)
+        phi_c = _k.coarse_density(phi, f)[0] if surface is not None else phi
         _transport_shared(flat_c.reshape(flat.shape[0], -1), weights_c[:, :, slow], fixed_c, rho_c, grid_c,
-                          rates[slow], int(batch), progress, dose_c)
+                          rates[slow], int(batch), progress, dose_c, surface is not None, phi_c, esc[slow])
         dose += refine_coarse_dose(dose_c, f, grid.shape)
     logger.debug("shared directions on %s for %d beams x %d energy groups: %d terms x %d directions in %.2f s, "
                  "%d terms x %d directions on a %dx coarser grid in %.2f s", grid.shape, n_g, n_e, fast.size,
@@ -587,10 +626,12 @@ def _shared_weights(fixed, beams, kernel, selected, amps_e, neighbours) -> np.nd
     return weights
 
 
-def _transport_shared(flat, weights, fixed, rho, grid: Grid, rates, batch: int, progress, dose) -> None:
+def _transport_shared(flat, weights, fixed, rho, grid: Grid, rates, batch: int, progress, dose,
+                      surface: bool = False, phi=None, esc=None) -> None:
     """dose += transport along every direction of ``fixed`` with the sources
     ``S_jk = sum_r weights[j, r, k] flat[r]`` (contracted in batches of ``batch`` directions from
-    the non-zero weights only)."""
+    the non-zero weights only); ``surface``, ``phi``, ``esc``: the surface escape (escape rate of
+    each term of ``rates``)."""
     from tomodose._kernels import collapsed_cone as _k
 
     # terms with the same rate within 1e-6 (e.g. the 100 /cm fit bound of two energy groups of the
@@ -610,7 +651,13 @@ def _transport_shared(flat, weights, fixed, rho, grid: Grid, rates, batch: int, 
         for k in range(rates.size):
             merged[:, :, slot[int(target[k])]] += weights[:, :, k]
         weights, rates = merged, rates[keep]
+        if esc is not None:
+            esc = np.asarray(esc)[keep]  # equal rates have equal escape rates
     n_k = rates.size
+    if phi is None or not surface:
+        surface, phi, esc = False, np.zeros((1, 1, 1)), np.zeros(n_k)
+    phi = np.ascontiguousarray(phi, dtype=np.float64)
+    esc = np.ascontiguousarray(esc, dtype=np.float64)
     active = np.flatnonzero(np.abs(weights).sum(axis=(1, 2)) > 0)
     if active.size == 0:
         return
@@ -641,7 +688,7 @@ def _transport_shared(flat, weights, fixed, rho, grid: Grid, rates, batch: int, 
                 out[i] *= np.float32(1.0 / len(steps))
             for _, m, sgn, da, db, step_cm in steps:
                 _k.transport_direct_sources(out[i].reshape(grid.shape + (n_k,)), rho, dose, m, sgn, da, db,
-                                            step_cm, rates)
+                                            step_cm, rates, surface, phi, esc)
         t_transport += time.process_time() - t1
     logger.debug("shared transport on %s: %d directions x %d terms, %d source entries per direction; CPU: sources "
                  "%.2f s, transport %.2f s", grid.shape, active.size, n_k,
