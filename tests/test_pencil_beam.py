@@ -62,37 +62,37 @@ def test_load_kernel_bad_name():
 
 
 # --- kernels vs naive twins -----------------------------------------------------------------
-def test_inplane_depth_matches_naive():
-    rng = np.random.default_rng(3)
+@pytest.mark.parametrize("kind, angles, seed", [("depth", [0.0, 37.0, 200.0], 3),
+                                                  ("exit", [0.0, 37.0, 200.0, 270.0], 13)])
+def test_inplane_trace_matches_naive(kind, angles, seed):
+    """The in-slice traces (radiological depth to the source, exit distance away from it) against
+    the NumPy twins; the kernel traces either map alone or both in one pass, with the same values."""
+    from tomodose._kernels.pencil_beam import inplane_trace
+    from tomodose.geometry.frames import source_position_patient
+
+    rng = np.random.default_rng(seed)
     g = Grid(shape=(3, 7, 6), spacing_mm=(5.0, 4.0, 6.0), origin_mm=(-12.0, -13.0, -6.0))
     rho = rng.uniform(0.0, 2.0, g.shape)
-    seq = ProjectionSequence.static_beams([0.0, 37.0, 200.0], np.ones(64), 1.0, 25.0)
+    seq = ProjectionSequence.static_beams(angles, np.ones(64), 1.0, 25.0)
     eng = _resolve(_density(g, rho), seq, BeamModel.ideal(), None, 1, 0.05, None)
     for grp, ang in enumerate(eng.group_angles):
-        from tomodose.geometry.frames import source_position_patient
-
         s = source_position_patient(ang, 0.0, seq.isocentre_lps_mm, 850.0)
-        ref = naive.inplane_depth(rho, g.origin_mm, g.spacing_mm, s[:2])
-        got = eng.depth_map(grp).transpose(2, 0, 1)
+        ref = getattr(naive, f"inplane_{kind}")(rho, g.origin_mm, g.spacing_mm, s[:2])
+        got = getattr(eng, f"{kind}_map")(grp).transpose(2, 0, 1)
         np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-4)
-
-
-def test_inplane_exit_matches_naive():
-    rng = np.random.default_rng(13)
-    g = Grid(shape=(3, 7, 6), spacing_mm=(5.0, 4.0, 6.0), origin_mm=(-12.0, -13.0, -6.0))
-    rho = rng.uniform(0.0, 2.0, g.shape)
-    seq = ProjectionSequence.static_beams([0.0, 37.0, 200.0, 270.0], np.ones(64), 1.0, 25.0)
-    eng = _resolve(_density(g, rho), seq, BeamModel.ideal(), None, 1, 0.05, None)
-    for grp, ang in enumerate(eng.group_angles):
-        from tomodose.geometry.frames import source_position_patient
-
-        s = source_position_patient(ang, 0.0, seq.isocentre_lps_mm, 850.0)
-        ref = naive.inplane_exit(rho, g.origin_mm, g.spacing_mm, s[:2])
-        got = eng.exit_map(grp).transpose(2, 0, 1)
-        np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-4)
-        # depth + exit = the whole radiological path of the ray through the grid
-        depth = eng.depth_map(grp).transpose(2, 0, 1)
-        assert np.all(got >= 0) and np.all(depth + got > 0)
+        # one map alone or both in one pass: the same values
+        both = [np.empty(eng._dens_t.shape) for _ in range(2)]
+        alone = np.empty(eng._dens_t.shape)
+        args = (eng._dens_t, g.origin_mm[0], g.origin_mm[1], g.spacing_mm[0], g.spacing_mm[1], float(s[0]),
+                float(s[1]))
+        inplane_trace(*args, *both)
+        none = np.empty((0, 0, 0))
+        inplane_trace(*args, *((alone, none) if kind == "depth" else (none, alone)))
+        assert np.array_equal(alone, both[0 if kind == "depth" else 1])
+        if kind == "exit":
+            # depth + exit = the whole radiological path of the ray through the grid
+            depth = eng.depth_map(grp).transpose(2, 0, 1)
+            assert np.all(got >= 0) and np.all(depth + got > 0)
 
 
 def test_exit_table_is_physical():
@@ -422,11 +422,12 @@ def test_depth_cache_reuses_maps_and_keeps_results(monkeypatch):
     kw = dict(method="clustered", far_field_step=2, progress=False)
     pb.clear_depth_cache()
     calls = []
-    trace = kern.inplane_depth
-    monkeypatch.setattr(kern, "inplane_depth", lambda *a: calls.append(1) or trace(*a))
+    trace = kern.inplane_trace
+    monkeypatch.setattr(kern, "inplane_trace", lambda *a: calls.append(1) or trace(*a))
     d1 = pencil_beam_dose(dens, plan, **kw)
     n_first = len(calls)
-    assert n_first > 0 and len(pb._depth_cache) == 2 * n_first  # a depth and an exit map per angle group
+    # one pass per angle group traces its depth and exit maps
+    assert n_first > 0 and len(pb._depth_cache) == 2 * n_first
     d2 = pencil_beam_dose(dens, plan, **kw)
     assert len(calls) == n_first  # all maps from the cache
     assert np.array_equal(d1, d2)
@@ -762,9 +763,15 @@ def test_fluence_profiles_and_maps_match_naive():
         nz_ = np.flatnonzero(jy[idx] != 0)
         assert first[idx] == (nz_[0] if nz_.size else nl)
         assert nz_.size == 0 or np.all(jy[idx][first[idx]:] != 0)
-    maps = np.empty((nk, ny_, nl, nu))
-    fluence_accumulate(maps, lu, jy, first)
+    maps = np.empty((nk, ny_, nu, nl))
+    fluence_accumulate(maps, lu, jy, first, np.zeros(ny_, np.int64))
     np.testing.assert_allclose(maps, naive_fl.accumulate(lu, jy), rtol=1e-12, atol=1e-14 * maps.max())
+    # a subset of the rows and levels (the coarse maps' rows that no voxel reads): 0 there, the rest unchanged
+    row_lev = np.random.default_rng(8).integers(0, nl + 1, ny_)
+    sub = np.full_like(maps, np.nan)
+    fluence_accumulate(sub, lu, jy, first, row_lev)
+    np.testing.assert_array_equal(sub, np.where(np.arange(nl)[None, None, :] >= row_lev[:, None, None], maps, 0.0))
+    np.testing.assert_allclose(sub, naive_fl.accumulate(lu, jy, row_lev), rtol=1e-12, atol=1e-14 * maps.max())
 
 
 def test_aperture_tables_match_matmul():
@@ -791,8 +798,8 @@ def test_fluence_lookup_matches_naive(coarse):
     shape = eng.grid.shape
     depth = rng.uniform(0.0, 450.0, shape)  # beyond the table too (tail)
     lvl = rng.uniform(-0.7, 3.2, shape)
-    maps_f = rng.uniform(0.0, 1.0, (3, 30, 6, 40))
-    maps_c = rng.uniform(0.0, 1.0, (2, 12, 16, 25))
+    maps_f = rng.uniform(0.0, 1.0, (3, 30, 40, 6))
+    maps_c = rng.uniform(0.0, 1.0, (2, 12, 25, 16))
     lat_f = np.array([-40.0, 2.0, -30.0, 2.5, 700.0, 150.0])
     lat_c = np.array([-90.0, 8.0, -60.0, 9.0, 650.0, 400.0])
     win = np.array([-20.0, 5.0, -60.0, 60.0, 3.0])  # rows of 5 mm from Y = -20 mm, reach 3 mm
@@ -815,7 +822,7 @@ def test_fluence_lookup_matches_naive(coarse):
                       zg, t_p, dt_p,
                       a_c, tab_c, win, win_u, 5, maps_c, lat_c, *par, True)
         ref = naive_fl.lookup(shape, eng.origin, eng.spacing, depth, lvl, s0, xg, yg, zg, win, win_u,
-                              maps_c[:, :, :0], lat_c, maps_c, lat_c, coarse=True, g_fine=5, **kw)
+                              maps_c[..., :0], lat_c, maps_c, lat_c, coarse=True, g_fine=5, **kw)
     else:
         nodes = tuple(_axis_nodes(n, 2).astype(np.int64) for n in shape)
         node_vals = rng.normal(size=tuple(a.size for a in nodes))
@@ -893,6 +900,36 @@ def test_fluence_invariants():
     b = pencil_beam_dose(dens, _small_plan(f2), **lk)
     np.testing.assert_allclose(pencil_beam_dose(dens, _small_plan(f1 + f2), **lk), a + b, rtol=1e-5,
                                atol=1e-6 * (a + b).max())
+
+
+def test_fluence_coarse_rows_subset_is_exact(monkeypatch):
+    """The coarse maps sum only the rows (and, in the window's rows, the levels) that some voxel or
+    node reads (``_coarse_rows``): the same dose, bit for bit, as with every row and level; with
+    fully closed projections (transmission-only clusters, no window) too."""
+    import tomodose.transport.pb_fluence as pbf
+
+    g, rho = _water(shape=(20, 11, 9), spacing=8.0)
+    rho[:, :, :3] = 0.3
+    rng = np.random.default_rng(21)
+    f = rng.uniform(0.2, 1.0, (30, 64)) * (np.abs(np.arange(64) - 31.5) < 6)
+    f[::4] = 0.0  # transmission only (default beam model)
+    dens, plan = _density(g, rho), _small_plan(f)
+    kw = dict(method="fluence", far_field_step=4, progress=False)
+    seen = []
+    orig = pbf._coarse_rows
+
+    def spy(*a):
+        lev = orig(*a)
+        seen.append((lev.copy(), a[6], a[8]))
+        return lev
+
+    monkeypatch.setattr(pbf, "_coarse_rows", spy)
+    d = pencil_beam_dose(dens, plan, **kw)
+    assert any(np.any(lev == nl) for lev, nl, _ in seen)  # rows skipped
+    assert any(np.any((lev > 0) & (lev < nl)) for lev, nl, _ in seen)  # narrow levels skipped
+    assert any(n_win == 0 for _, _, n_win in seen)  # transmission-only clusters
+    monkeypatch.setattr(pbf, "_coarse_rows", lambda *a: np.zeros(a[5], np.int64))
+    assert np.array_equal(d, pencil_beam_dose(dens, plan, **kw))
 
 
 def test_fluence_bad_inputs():

@@ -41,9 +41,14 @@ def profiles(u, y, den_planes, w2, t_p, dt_p, a_c, *, e0, w, sl2, sj2, bu2, bv2,
     return lu, jy
 
 
-def accumulate(lu, jy):
-    """``maps[k, b, j, a] = sum_p lu[k, p, j, a] jy[k, p, b, j]``."""
-    return np.einsum("kpja,kpbj->kbja", lu, jy)
+def accumulate(lu, jy, row_lev=None):
+    """``maps[k, b, a, j] = sum_p lu[k, p, j, a] jy[k, p, b, j]`` (levels innermost, as the kernel), 0 for
+    the levels ``j < row_lev[b]``."""
+    maps = np.einsum("kpja,kpbj->kbaj", lu, jy)
+    if row_lev is not None:
+        below = np.arange(maps.shape[3])[None, :] < np.asarray(row_lev)[:, None]  # (nY, nl)
+        maps = np.where(below[None, :, None, :], 0.0, maps)
+    return maps
 
 
 def _pos(x, x0, h, n):
@@ -61,7 +66,7 @@ def _row(y, y0, h, n):
 
 
 def _map_value(maps, lat, q, x, y, den):
-    nk, n_y, nl, n_u = maps.shape
+    nk, n_y, n_u, nl = maps.shape
     k, fk = _pos(den, lat[4], lat[5], nk)
     a, fa = _pos(x, lat[0], lat[1], n_u)
     b, fb = _row(y, lat[2], lat[3], n_y)
@@ -69,7 +74,7 @@ def _map_value(maps, lat, q, x, y, den):
     for dk, wk in ((0, 1 - fk), (1, fk)):
         for db, wb in ((0, 1 - fb), (1, fb)):
             for da, wa in ((0, 1 - fa), (1, fa)):
-                total += wk * wb * wa * maps[k + dk, b + db, q, a + da]
+                total += wk * wb * wa * maps[k + dk, b + db, a + da, q]
     return total
 
 
@@ -87,7 +92,7 @@ def lookup(shape, origin, spacing, depth, lvl, s0, xg, yg, zg, win, win_u, maps_
     nz, ny, nx = shape
     n_g = amps.shape[1]
     nzt = amps.shape[0]
-    nl_f, nl_c = maps_f.shape[2], maps_c.shape[2]
+    nl_f, nl_c = maps_f.shape[3], maps_c.shape[3]
     out = np.zeros(shape)
     interp = trilinear(node_vals, *nodes, shape) if node_vals is not None else np.zeros(shape)
     for k in range(nz):

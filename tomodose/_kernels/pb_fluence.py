@@ -14,6 +14,9 @@ A map (one cluster) is, for plane ``k`` (distance ``den_k``, ``c = SAD / den_k``
 
     M[k, b, a, j] = sum_p dt_p L_p(U_a; su) J((Y_b - t_p) c; sv) / (1 + (Y_b - t_p)^2 / den_k^2)
 
+(stored as ``maps[k, b, a, j]``: plane, couch row, leaf column, level; the levels innermost, so
+that a voxel's pass over its consecutive levels reads contiguous memory)
+
 with ``su^2 = s_leaf^2 + c^2 (w_j^2 + bu2)``, ``sv^2 = s_jaw^2 + c^2 (w_j^2 + bv2)`` (``bu2, bv2`` the
 variances of the voxel box along the leaf and jaw axes: the voxel average in equal-variance form),
 ``L_p`` the leaf-weighted aperture of sample ``p`` convolved with a Gaussian of width ``su`` and ``J`` the
@@ -32,10 +35,34 @@ import numba
 import numpy as np
 
 from tomodose._kernels.pencil_beam import (
-    NO_LIMIT, PHI_X, _amplitude, _cluster_row, _half_width, _leaf_table, cluster_row_scratch,
+    NO_LIMIT, PHI_X, _amplitude, _cluster_row, _half_width, _level_coordinate, cluster_row_scratch,
     _exit_pos, _medium_offsets, _offaxis_and_depth, _phi, _row_range,
 )
 from tomodose.config import NUMBA_OPTIONS, NUMBA_PARALLEL_OPTIONS
+
+
+@numba.njit(inline="always")
+def _table_positions(u0, hu, n_u, lq, lev_off, lev_h, lev_n, u_max, b0, b1, fu):
+    """Positions of the lattice ``u0 + a hu`` in level ``lq`` of the aperture table, as
+    :func:`tomodose._kernels.pencil_beam._leaf_table` finds them (the same for every sample):
+    ``tab[b0[a]] + fu[a] (tab[b1[a]] - tab[b0[a]])`` is its value (at the level's ends ``b1 = b0``,
+    ``fu = 0``: the end value exactly)."""
+    nq = lev_n[lq]
+    for a in range(n_u):
+        x = (u0 + a * hu + u_max) * lev_h[lq]
+        if x <= 0.0:
+            b0[a] = lev_off[lq]
+            b1[a] = lev_off[lq]
+            fu[a] = 0.0
+        elif x >= nq - 1:
+            b0[a] = lev_off[lq] + nq - 1
+            b1[a] = lev_off[lq] + nq - 1
+            fu[a] = 0.0
+        else:
+            jj = int(x)
+            b0[a] = lev_off[lq] + jj
+            b1[a] = lev_off[lq] + jj + 1
+            fu[a] = x - jj
 
 
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
@@ -44,123 +71,146 @@ def fluence_profiles(lu, jy, jy_first, u0, hu, y0, hy, den0, dden, w2_lev, t_p, 
                      u_max, eps, s_jaw, y_end_lo, y_end_hi):
     """One-dimensional profiles of the maps (see the module docstring).
 
-    ``lu`` (nk, n_p, nl, nU): ``L_p(U_a)`` (or (nk, m, nl, nU): the first ``m`` samples' only);
-    ``jy`` (nk, n_p, nY, nl): ``dt_p J(...) / (1 + ...)``, values
+    ``lu`` (nk, n_p, nl, nU): ``L_p(U_a)`` (or (nk, m, nl, nU):
+    the first ``m`` samples' only); ``jy`` (nk, n_p, nY, nl): ``dt_p J(...) / (1 + ...)``, values
     below ``eps`` times the largest of their (k, p, level) set to 0. ``jy_first`` (nk, n_p, nY): first
     level with a nonzero ``jy`` (``nl``: none; wider levels reach farther, so the nonzero levels of a
     row are a suffix). ``L_p`` of a total width below ``s_tab``: the leaf edges' error functions
     (:func:`tomodose._kernels.pencil_beam._phi`, each edge once for all samples); wider: the aperture
-    table ``tab_c`` (:func:`tomodose._kernels.pencil_beam._leaf_table`). ``y_end_lo, y_end_hi``: the
+    table ``tab_c`` (:func:`tomodose._kernels.pencil_beam._leaf_table`, its positions found once for
+    all samples, :func:`_table_positions`). ``y_end_lo, y_end_hi``: the
     medium's ends along the couch coordinate, the same for every voxel (``-+NO_LIMIT``: none); a sample
     whose field reaches them gets the truncated aperture of
     :func:`tomodose._kernels.pencil_beam._medium_cut` (its ends are ``(y_end - t_p) c`` in ``v``,
-    independent of the voxel). Parallel over (plane, level).
+    independent of the voxel). Parallel over the planes (each writes its own ``lu[k], jy[k]``).
     """
     nk, n_pl, nl, n_u = lu.shape
     n_p = t_p.shape[0]
     n_y = jy.shape[2]
     n_leaves = a_c.shape[1]
-    for kj in numba.prange(nk * nl):
-        k = kj // nl
-        j = kj % nl
+    n_lev = lev_off.shape[0]
+    for k in numba.prange(nk):
         den = den0 + k * dden
         c = sad / den
-        su = math.sqrt(sl2 + c * c * (w2_lev[j] + bu2))
-        sv = math.sqrt(sj2 + c * c * (w2_lev[j] + bv2))
-        if su < s_tab:
-            isu = 1.0 / su
-            reach = 7.5 * su
-            edge = np.empty(n_leaves + 1)
-            for a in range(n_u):
-                u = u0 + a * hu
-                m_lo = int(math.ceil((u - reach - e0) / w))
-                m_hi = int(math.floor((u + reach - e0) / w))
-                if m_lo < 0:
-                    m_lo = 0
-                if m_hi > n_leaves:
-                    m_hi = n_leaves
-                for m in range(m_lo, m_hi + 1):
-                    edge[m] = _phi((u - (e0 + m * w)) * isu, phi)
-                for p in range(n_pl):
-                    ap = a_c[p]
-                    # edges below m_lo are saturated (Phi = 1): their jumps sum to a[m_lo - 1]
-                    total = ap[m_lo - 1] if 1 <= m_lo <= n_leaves else 0.0
-                    for m in range(m_lo, m_hi + 1):
-                        right = ap[m] if m < n_leaves else 0.0
-                        left = ap[m - 1] if m >= 1 else 0.0
-                        if right != left:
-                            total += (right - left) * edge[m]
-                    lu[k, p, j, a] = total
-        else:
-            q = (math.log2(su) - log2_s0) * lpo
-            for p in range(n_pl):
+        edge = np.empty(n_leaves + 1)
+        tb00 = np.empty(n_u, dtype=np.int64)
+        tb01 = np.empty(n_u, dtype=np.int64)
+        tf0 = np.empty(n_u)
+        tb10 = np.empty(n_u, dtype=np.int64)
+        tb11 = np.empty(n_u, dtype=np.int64)
+        tf1 = np.empty(n_u)
+        for j in range(nl):
+            su = math.sqrt(sl2 + c * c * (w2_lev[j] + bu2))
+            sv = math.sqrt(sj2 + c * c * (w2_lev[j] + bv2))
+            if su < s_tab:
+                isu = 1.0 / su
+                reach = 7.5 * su
                 for a in range(n_u):
-                    lu[k, p, j, a] = _leaf_table(u0 + a * hu, q, tab_c[p], lev_off, lev_h, lev_n, u_max)
-        isv = 1.0 / sv
-        lim = jaw_h + PHI_X * s_jaw
+                    u = u0 + a * hu
+                    m_lo = int(math.ceil((u - reach - e0) / w))
+                    m_hi = int(math.floor((u + reach - e0) / w))
+                    if m_lo < 0:
+                        m_lo = 0
+                    if m_hi > n_leaves:
+                        m_hi = n_leaves
+                    for m in range(m_lo, m_hi + 1):
+                        edge[m] = _phi((u - (e0 + m * w)) * isu, phi)
+                    for p in range(n_pl):
+                        ap = a_c[p]
+                        # edges below m_lo are saturated (Phi = 1): their jumps sum to a[m_lo - 1]
+                        total = ap[m_lo - 1] if 1 <= m_lo <= n_leaves else 0.0
+                        for m in range(m_lo, m_hi + 1):
+                            right = ap[m] if m < n_leaves else 0.0
+                            left = ap[m - 1] if m >= 1 else 0.0
+                            if right != left:
+                                total += (right - left) * edge[m]
+                        lu[k, p, j, a] = total
+            else:
+                # _leaf_table: levels q0 and q0 + 1 of the table with weights 1 - fq and fq (a zero weight
+                # is skipped); the positions in each level are the same for every sample
+                q = (math.log2(su) - log2_s0) * lpo
+                q0, fq = _level_coordinate(q, n_lev)
+                w0 = 1.0 - fq
+                _table_positions(u0, hu, n_u, q0, lev_off, lev_h, lev_n, u_max, tb00, tb01, tf0)
+                _table_positions(u0, hu, n_u, q0 + 1, lev_off, lev_h, lev_n, u_max, tb10, tb11, tf1)
+                for p in range(n_pl):
+                    tp = tab_c[p]
+                    for a in range(n_u):
+                        out = 0.0
+                        if w0 != 0.0:
+                            out += w0 * (tp[tb00[a]] + tf0[a] * (tp[tb01[a]] - tp[tb00[a]]))
+                        if fq != 0.0:
+                            out += fq * (tp[tb10[a]] + tf1[a] * (tp[tb11[a]] - tp[tb10[a]]))
+                        lu[k, p, j, a] = out
+            isv = 1.0 / sv
+            lim = jaw_h + PHI_X * s_jaw
+            for p in range(n_p):
+                # jaw aperture [-jaw_h, jaw_h], or truncated at the medium's ends (as _medium_cut)
+                ml = (y_end_lo - t_p[p]) * c if y_end_lo > -NO_LIMIT else -NO_LIMIT
+                mr = (y_end_hi - t_p[p]) * c if y_end_hi < NO_LIMIT else NO_LIMIT
+                el = -jaw_h
+                er = jaw_h
+                isl = isv
+                isr = isv
+                if not (ml <= -lim and mr >= lim):
+                    if s_jaw > 0.0:
+                        wl = _phi((-jaw_h - ml) / s_jaw, phi)
+                        wr = _phi((mr - jaw_h) / s_jaw, phi)
+                    else:
+                        wl = 1.0 if ml < -jaw_h else 0.0
+                        wr = 1.0 if mr > jaw_h else 0.0
+                    el = max(-jaw_h, ml)
+                    er = min(jaw_h, mr)
+                    isl = 1.0 / max(math.sqrt(c * c * (w2_lev[j] + bv2) + wl * sj2), 1e-9)
+                    isr = 1.0 / max(math.sqrt(c * c * (w2_lev[j] + bv2) + wr * sj2), 1e-9)
+                vmax = 0.0
+                for b in range(n_y):
+                    yp = y0 + b * hy - t_p[p]
+                    v = yp * c
+                    jv = _phi((v - el) * isl, phi) - _phi((v - er) * isr, phi)
+                    if jv < 0.0:
+                        jv = 0.0
+                    val = dt_p[p] * jv / (1.0 + yp * yp / (den * den))
+                    jy[k, p, b, j] = val
+                    if val > vmax:
+                        vmax = val
+                cut = eps * vmax
+                for b in range(n_y):
+                    if jy[k, p, b, j] < cut:
+                        jy[k, p, b, j] = 0.0
         for p in range(n_p):
-            # jaw aperture [-jaw_h, jaw_h], or truncated at the medium's ends (as _medium_cut)
-            ml = (y_end_lo - t_p[p]) * c if y_end_lo > -NO_LIMIT else -NO_LIMIT
-            mr = (y_end_hi - t_p[p]) * c if y_end_hi < NO_LIMIT else NO_LIMIT
-            el = -jaw_h
-            er = jaw_h
-            isl = isv
-            isr = isv
-            if not (ml <= -lim and mr >= lim):
-                if s_jaw > 0.0:
-                    wl = _phi((-jaw_h - ml) / s_jaw, phi)
-                    wr = _phi((mr - jaw_h) / s_jaw, phi)
-                else:
-                    wl = 1.0 if ml < -jaw_h else 0.0
-                    wr = 1.0 if mr > jaw_h else 0.0
-                el = max(-jaw_h, ml)
-                er = min(jaw_h, mr)
-                isl = 1.0 / max(math.sqrt(c * c * (w2_lev[j] + bv2) + wl * sj2), 1e-9)
-                isr = 1.0 / max(math.sqrt(c * c * (w2_lev[j] + bv2) + wr * sj2), 1e-9)
-            vmax = 0.0
             for b in range(n_y):
-                yp = y0 + b * hy - t_p[p]
-                v = yp * c
-                jv = _phi((v - el) * isl, phi) - _phi((v - er) * isr, phi)
-                if jv < 0.0:
-                    jv = 0.0
-                val = dt_p[p] * jv / (1.0 + yp * yp / (den * den))
-                jy[k, p, b, j] = val
-                if val > vmax:
-                    vmax = val
-            cut = eps * vmax
-            for b in range(n_y):
-                if jy[k, p, b, j] < cut:
-                    jy[k, p, b, j] = 0.0
-    for kp in numba.prange(nk * n_p):
-        k = kp // n_p
-        p = kp % n_p
-        for b in range(n_y):
-            f = nl
-            for j in range(nl - 1, -1, -1):
-                if jy[k, p, b, j] != 0.0:
-                    f = j
-                else:
-                    break
-            jy_first[k, p, b] = f
+                f = nl
+                for j in range(nl - 1, -1, -1):
+                    if jy[k, p, b, j] != 0.0:
+                        f = j
+                    else:
+                        break
+                jy_first[k, p, b] = f
 
 
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
-def fluence_accumulate(maps, lu, jy, jy_first):
-    """``maps[k, b, j, a] = sum_p lu[k, p, j, a] jy[k, p, b, j]`` (overwritten), skipping the levels
-    before ``jy_first[k, p, b]``. Layout (plane, Y row, level, U column): the voxels of one slice
-    share ``Y`` (jaw axis = patient z), so a slice reads one contiguous band of each plane; the
-    innermost loop runs over ``U`` (vectorised). Parallel over (plane, Y row): disjoint writes,
-    fixed order."""
-    nk, n_y, nl, n_u = maps.shape
+def fluence_accumulate(maps, lu, jy, jy_first, row_lev):
+    """``maps[k, b, a, j] = sum_p lu[k, p, j, a] jy[k, p, b, j]`` (overwritten) for the levels
+    ``j >= row_lev[b]`` of each row (0 below: the levels no voxel reads; ``row_lev[b] = nl``: the
+    whole row 0), skipping the levels before ``jy_first[k, p, b]``. Layout (plane, Y row, U column,
+    level): the voxels of one slice share ``Y`` (jaw axis = patient z), so a slice reads one band of
+    each plane, and a voxel's consecutive levels are contiguous. The sum runs level by level over
+    ``U`` (vectorised) in a work row, then transposed into the map. Parallel over (plane, Y row):
+    disjoint writes, samples summed in a fixed order."""
+    nk, n_y, n_u, nl = maps.shape
     n_p = lu.shape[1]
     for kb in numba.prange(nk * n_y):
         k = kb // n_y
         b = kb % n_y
-        m = maps[k, b]
-        m[:, :] = 0.0
+        out = maps[k, b]
+        j_min = row_lev[b]
+        if j_min >= nl:
+            out[:, :] = 0.0
+            continue
+        m = np.zeros((nl, n_u))
         for p in range(n_p):
-            for j in range(jy_first[k, p, b], nl):
+            for j in range(max(jy_first[k, p, b], j_min), nl):
                 c = jy[k, p, b, j]
                 if c == 0.0:
                     continue
@@ -168,6 +218,9 @@ def fluence_accumulate(maps, lu, jy, jy_first):
                 mrow = m[j]
                 for a in range(n_u):
                     mrow[a] += c * lrow[a]
+        for a in range(n_u):
+            for j in range(nl):
+                out[a, j] = m[j, a]
 
 
 @numba.njit(inline="always")
@@ -249,7 +302,7 @@ def _map_sum(maps, lat, cq, q_min, q_max, u, yy, den):
     """``sum_q cq[q] M_q(u, yy, den)`` for ``q_min <= q <= q_max`` (bilinear in (u, yy), linear between
     the two bracketing planes; ``lat = (u0, hu, y0, hy, den0, dden)``; a voxel on a lattice row,
     :func:`_row_pos`, reads that row only), and resets those ``cq``."""
-    nk, n_y, nl, n_u = maps.shape
+    nk, n_y, n_u, nl = maps.shape
     kk, fk = _axis_pos(den, lat[4], lat[5], nk)
     a0, fa = _axis_pos(u, lat[0], lat[1], n_u)
     b0, fb = _row_pos(yy, lat[2], lat[3], n_y)
@@ -261,8 +314,8 @@ def _map_sum(maps, lat, cq, q_min, q_max, u, yy, den):
         m00 = maps[kk, b0]
         m10 = maps[kk + 1, b0]
         for q in range(q_min, q_max + 1):
-            x0 = wa0 * m00[q, a0] + fa * m00[q, a0 + 1]
-            x1 = wa0 * m10[q, a0] + fa * m10[q, a0 + 1]
+            x0 = wa0 * m00[a0, q] + fa * m00[a0 + 1, q]
+            x1 = wa0 * m10[a0, q] + fa * m10[a0 + 1, q]
             val += cq[q] * (w0 * x0 + fk * x1)
             cq[q] = 0.0
         return val
@@ -271,8 +324,8 @@ def _map_sum(maps, lat, cq, q_min, q_max, u, yy, den):
     m10 = maps[kk + 1, b0]
     m11 = maps[kk + 1, b0 + 1]
     for q in range(q_min, q_max + 1):
-        x0 = wb0 * (wa0 * m00[q, a0] + fa * m00[q, a0 + 1]) + fb * (wa0 * m01[q, a0] + fa * m01[q, a0 + 1])
-        x1 = wb0 * (wa0 * m10[q, a0] + fa * m10[q, a0 + 1]) + fb * (wa0 * m11[q, a0] + fa * m11[q, a0 + 1])
+        x0 = wb0 * (wa0 * m00[a0, q] + fa * m00[a0 + 1, q]) + fb * (wa0 * m01[a0, q] + fa * m01[a0 + 1, q])
+        x1 = wb0 * (wa0 * m10[a0, q] + fa * m10[a0 + 1, q]) + fb * (wa0 * m11[a0, q] + fa * m11[a0 + 1, q])
         val += cq[q] * (w0 * x0 + fk * x1)
         cq[q] = 0.0
     return val
@@ -284,8 +337,8 @@ def _voxel_maps(maps_f, lat_f, maps_c, lat_c, cq_f, cq_c, i_lo, i_hi, s, u, yy, 
     """Sum over the Gaussians ``i_lo <= i < i_hi`` of ``A_i`` times the map value at level ``q = i + s``
     (linear between the two bracketing levels): from the fine maps ``maps_f`` when both levels are
     in it (its levels are the first ``nl_f`` of the coarse maps'), else from the coarse ``maps_c``."""
-    nl_f = maps_f.shape[2]
-    nl_c = maps_c.shape[2]
+    nl_f = maps_f.shape[3]
+    nl_c = maps_c.shape[3]
     f_min = nl_c
     f_max = -1
     c_min = nl_c
@@ -343,45 +396,52 @@ def _spread(m, n):
 def _level_sum(maps, lat, amp, i_a, i_b, s0, fq, u, yy, den):
     """``sum_{i_a <= i < i_b} amp[i] ((1 - fq) M(i + s0) + fq M(i + s0 + 1))`` on ``maps`` (as
     :func:`_map_sum`): one pass over the levels ``i_a + s0 .. i_b + s0``, each read once with the
-    weight ``(1 - fq) amp[i] + fq amp[i - 1]`` (the Gaussians share the level fraction ``fq``)."""
+    weight ``(1 - fq) amp[i] + fq amp[i - 1]`` (the Gaussians share the level fraction ``fq``); the
+    first and last level outside the loop, so that its body has no branch and the levels, contiguous
+    in the maps, are read as vectors."""
     if i_b <= i_a:
         return 0.0
-    nk, n_y, nl, n_u = maps.shape
+    nk, n_y, n_u, nl = maps.shape
     kk, fk = _axis_pos(den, lat[4], lat[5], nk)
     a0, fa = _axis_pos(u, lat[0], lat[1], n_u)
     b0, fb = _row_pos(yy, lat[2], lat[3], n_y)
     g = 1.0 - fq
-    val = 0.0
-    prev = 0.0
+    q_a = i_a + s0
+    q_b = i_b + s0
     if fb == 0.0:
-        m0 = maps[kk, b0]
-        m1 = maps[kk + 1, b0]
+        r00 = maps[kk, b0, a0]
+        r01 = maps[kk, b0, a0 + 1]
+        r10 = maps[kk + 1, b0, a0]
+        r11 = maps[kk + 1, b0, a0 + 1]
         w00 = (1.0 - fk) * (1.0 - fa)
         w01 = (1.0 - fk) * fa
         w10 = fk * (1.0 - fa)
         w11 = fk * fa
-        for i in range(i_a, i_b + 1):
-            cur = amp[i] if i < i_b else 0.0
-            c = g * cur + fq * prev
-            prev = cur
+        val = g * amp[i_a] * (w00 * r00[q_a] + w01 * r01[q_a] + w10 * r10[q_a] + w11 * r11[q_a])
+        for i in range(i_a + 1, i_b):
             q = i + s0
-            val += c * (w00 * m0[q, a0] + w01 * m0[q, a0 + 1] + w10 * m1[q, a0] + w11 * m1[q, a0 + 1])
+            val += (g * amp[i] + fq * amp[i - 1]) * (w00 * r00[q] + w01 * r01[q] + w10 * r10[q] + w11 * r11[q])
+        val += fq * amp[i_b - 1] * (w00 * r00[q_b] + w01 * r01[q_b] + w10 * r10[q_b] + w11 * r11[q_b])
         return val
-    m00 = maps[kk, b0]
-    m01 = maps[kk, b0 + 1]
-    m10 = maps[kk + 1, b0]
-    m11 = maps[kk + 1, b0 + 1]
+    r00 = maps[kk, b0, a0]
+    r01 = maps[kk, b0, a0 + 1]
+    r02 = maps[kk, b0 + 1, a0]
+    r03 = maps[kk, b0 + 1, a0 + 1]
+    r10 = maps[kk + 1, b0, a0]
+    r11 = maps[kk + 1, b0, a0 + 1]
+    r12 = maps[kk + 1, b0 + 1, a0]
+    r13 = maps[kk + 1, b0 + 1, a0 + 1]
     w0 = 1.0 - fk
     wa0 = 1.0 - fa
     wb0 = 1.0 - fb
+    val = 0.0
     for i in range(i_a, i_b + 1):
         cur = amp[i] if i < i_b else 0.0
-        c = g * cur + fq * prev
-        prev = cur
+        prev = amp[i - 1] if i > i_a else 0.0
         q = i + s0
-        x0 = wb0 * (wa0 * m00[q, a0] + fa * m00[q, a0 + 1]) + fb * (wa0 * m01[q, a0] + fa * m01[q, a0 + 1])
-        x1 = wb0 * (wa0 * m10[q, a0] + fa * m10[q, a0 + 1]) + fb * (wa0 * m11[q, a0] + fa * m11[q, a0 + 1])
-        val += c * (w0 * x0 + fk * x1)
+        x0 = wb0 * (wa0 * r00[q] + fa * r01[q]) + fb * (wa0 * r02[q] + fa * r03[q])
+        x1 = wb0 * (wa0 * r10[q] + fa * r11[q]) + fb * (wa0 * r12[q] + fa * r13[q])
+        val += (g * cur + fq * prev) * (w0 * x0 + fk * x1)
     return val
 
 
@@ -393,8 +453,8 @@ def _voxel_levels(maps_f, lat_f, maps_c, lat_c, cq_f, cq_c, amp, i_lo, i_hi, s, 
     amplitudes of all Gaussians first (``amp`` scratch, negative ones as 0), then the fine levels of
     the Gaussians ``i < nl_f - 1 - floor(s)`` and the coarse levels of the rest. Levels outside the
     maps (clamped in :func:`_voxel_maps`) fall back to it."""
-    nl_f = maps_f.shape[2]
-    nl_c = maps_c.shape[2]
+    nl_f = maps_f.shape[3]
+    nl_c = maps_c.shape[3]
     s0 = int(math.floor(s))
     if s0 < 0 or s0 + i_hi > nl_c - 1 or i_hi <= i_lo:
         return _voxel_maps(maps_f, lat_f, maps_c, lat_c, cq_f, cq_c, i_lo, i_hi, s, u, yy, den, amps, tail, k0, f,
@@ -457,8 +517,8 @@ def fluence_lookup(out, ks, js, is_, depth_t, exit_t, xtab, lvl_t, rho_t, origin
         aa = _spread(mm, ks.shape[0])
         k = ks[aa]
         ka, kb, fk_n = _node_weights(nks, k)
-        cq_f = np.zeros(maps_f.shape[2])
-        cq_c = np.zeros(maps_c.shape[2])
+        cq_f = np.zeros(maps_f.shape[3])
+        cq_c = np.zeros(maps_c.shape[3])
         amp_l = np.zeros(n_g)
         (amp_v, isv_v, hj_v, su2_v, lu_v, lu_i, kind_v, lam_v, l0_v, nl_v,
          tb_v) = cluster_row_scratch(n_g)
@@ -532,11 +592,11 @@ def coarse_lookup(out, ks, js, is_, depth_t, exit_t, xtab, lvl_t, rho_t, origin,
     n_s = t_p.shape[0]
     free_lo = np.full(n_s, -NO_LIMIT)
     free_hi = np.full(n_s, NO_LIMIT)
-    empty = np.zeros((2, 2, 0, 2))
+    empty = np.zeros((2, 2, 2, 0))
     for aa in numba.prange(ks.shape[0]):
         k = ks[aa]
         cq_f = np.zeros(0)
-        cq_c = np.zeros(maps_c.shape[2])
+        cq_c = np.zeros(maps_c.shape[3])
         amp_l = np.zeros(n_g)
         (amp_v, isv_v, hj_v, su2_v, lu_v, lu_i, kind_v, lam_v, l0_v, nl_v,
          tb_v) = cluster_row_scratch(n_g)

@@ -29,7 +29,7 @@ import numba
 import numpy as np
 
 from tomodose._kernels.profiles import offaxis_polynomial
-from tomodose._kernels.raytrace import trace_accumulate
+from tomodose._kernels.raytrace import trace_segments
 from tomodose.config import NUMBA_OPTIONS, NUMBA_PARALLEL_OPTIONS
 
 #: reaches at or beyond this (mm) mean "no limit" (finite: the kernels avoid infinities).
@@ -415,51 +415,58 @@ def _row_range(u_lo, u_hi, ax, bx, sad, nx):
 
 
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
-def inplane_depth(dens_t, ox, oy, dx, dy, sx, sy, out_t):
-    """Radiological depth (mm of water) of every voxel centre along the in-slice ray to the source.
+def inplane_trace(dens_t, ox, oy, dx, dy, sx, sy, depth_t, exit_t):
+    """In-slice radiological paths (mm of water) of every voxel centre, for a source at (sx, sy)
+    projected onto each slice (longitudinal divergence neglected), by the Siddon traversal of
+    :func:`tomodose._kernels.raytrace.trace_segments` with all slices as channels:
 
-    ``dens_t`` (ny, nx, nz) mass density (g/cm3); the source (sx, sy) is projected onto each slice
-    (longitudinal divergence neglected in the depth). ``out_t`` (ny, nx, nz) is overwritten.
-    Uses the Siddon traversal of :mod:`tomodose._kernels.raytrace` with all slices as channels.
+    * ``depth_t``: the radiological depth, from the voxel centre to the source;
+    * ``exit_t``: the exit distance, from the voxel centre on, away from the source, to the grid's
+      faces (the exit correction's ``t``).
+
+    The two differ only in the segment's end point. ``dens_t`` (ny, nx, nz) mass density (g/cm3);
+    ``depth_t`` and ``exit_t`` (ny, nx, nz) are overwritten; an empty one ((0, 0, 0)) is not traced,
+    so a call traces the depth, the exit distance or both (one pass over the grid). Parallel over
+    the rows ``j``; each voxel's sum runs along its own ray in a fixed order (the segment list
+    buffers are allocated once per row, not per voxel).
     """
     ny, nx, nz = dens_t.shape
-    vals = dens_t.reshape((1, ny, nx, nz))
-    for j in numba.prange(ny):
-        acc = np.zeros(nz)
-        for i in range(nx):
-            acc[:] = 0.0
-            x0 = ox + i * dx
-            y0 = oy + j * dy
-            trace_accumulate(vals, ox, oy, 0.0, dx, dy, 1.0, x0, y0, 0.0, sx, sy, 0.0, acc)
-            for k in range(nz):
-                out_t[j, i, k] = acc[k]
-
-
-@numba.njit(**NUMBA_PARALLEL_OPTIONS)
-def inplane_exit(dens_t, ox, oy, dx, dy, sx, sy, out_t):
-    """Exit distance (mm of water) of every voxel centre: the radiological path from the voxel centre
-    on, away from the source (sx, sy), to the grid's faces, in the voxel's slice (as
-    :func:`inplane_depth`: the source projected onto each slice, Siddon traversal of
-    :mod:`tomodose._kernels.raytrace` with all slices as channels). ``dens_t`` (ny, nx, nz) mass
-    density (g/cm3); ``out_t`` (ny, nx, nz) is overwritten.
-    """
-    ny, nx, nz = dens_t.shape
-    vals = dens_t.reshape((1, ny, nx, nz))
+    flat = dens_t.reshape((ny * nx, nz))
+    do_depth = depth_t.shape[0] > 0
+    do_exit = exit_t.shape[0] > 0
     reach = 2.0 * math.hypot(nx * dx, ny * dy)  # beyond the grid from any voxel (the trace is clipped)
+    cap = nx + ny + 1 + 3
     for j in numba.prange(ny):
-        acc = np.zeros(nz)
+        idx = np.empty(cap, dtype=np.int64)
+        seg = np.empty(cap)
+        acc = np.empty(nz)
+        y0 = oy + j * dy
         for i in range(nx):
-            acc[:] = 0.0
             x0 = ox + i * dx
-            y0 = oy + j * dy
-            ex = x0 - sx
-            ey = y0 - sy
-            nrm = math.sqrt(ex * ex + ey * ey)
-            if nrm > 0.0:
-                trace_accumulate(vals, ox, oy, 0.0, dx, dy, 1.0, x0, y0, 0.0, x0 + reach * ex / nrm,
-                                 y0 + reach * ey / nrm, 0.0, acc)
-            for k in range(nz):
-                out_t[j, i, k] = acc[k]
+            for kind in range(2):
+                if kind == 0:
+                    if not do_depth:
+                        continue
+                    x1 = sx
+                    y1 = sy
+                else:
+                    if not do_exit:
+                        continue
+                    ex = x0 - sx
+                    ey = y0 - sy
+                    nrm = math.sqrt(ex * ex + ey * ey)
+                    x1 = x0 + reach * ex / nrm if nrm > 0.0 else x0
+                    y1 = y0 + reach * ey / nrm if nrm > 0.0 else y0
+                acc[:] = 0.0
+                n = trace_segments(1, ny, nx, ox, oy, 0.0, dx, dy, 1.0, x0, y0, 0.0, x1, y1, 0.0, idx, seg)
+                for q in range(n):
+                    row = flat[idx[q]]
+                    sq = seg[q]
+                    for c in range(nz):
+                        acc[c] += sq * row[c]
+                out = depth_t if kind == 0 else exit_t
+                for c in range(nz):
+                    out[j, i, c] = acc[c]
 
 
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)

@@ -136,8 +136,10 @@ def _medium_ends(engine, s0, yg, t_p, sc_min: float) -> tuple[bool, float, float
     return check, -NO_LIMIT, NO_LIMIT
 
 
-def _build_maps(lat, n_u, n_y, n_k, w2, geo, engine, bu2, bv2, scratch, tag, y_ends):
-    """Maps (n_k, n_y, len(w2), n_u) of one cluster on the lattice ``lat = (u0, hu, y0, hy, den0, dden)``."""
+def _build_maps(lat, n_u, n_y, n_k, w2, geo, engine, bu2, bv2, scratch, tag, y_ends, row_lev=None):
+    """Maps (n_k, n_y, n_u, len(w2)) of one cluster on the lattice ``lat = (u0, hu, y0, hy, den0, dden)``;
+    ``row_lev`` (n_y,): first level summed in each row (the levels below it and the rows with
+    ``len(w2)`` are left 0, :func:`_coarse_rows`); default every level of every row."""
     from tomodose._kernels.pb_fluence import fluence_accumulate, fluence_profiles
     from tomodose.transport.pencil_beam import LEVELS_PER_OCTAVE, S_TAB_MM
 
@@ -150,9 +152,57 @@ def _build_maps(lat, n_u, n_y, n_k, w2, geo, engine, bu2, bv2, scratch, tag, y_e
                      engine.s_leaf ** 2, engine.s_jaw ** 2, bu2, bv2, engine.jaw_h, engine.sad, engine.e0, engine.w,
                      engine.phi, engine.cphi, S_TAB_MM, engine.lev_off, 1.0 / engine.lev_h, engine.lev_n,
                      engine.log2_s0, float(LEVELS_PER_OCTAVE), engine.u_max, FLUENCE_EPS, engine.s_jaw, *y_ends)
-    maps = scratch.get(tag, (n_k, n_y, nl, n_u))
-    fluence_accumulate(maps, lu, jy, jy_first)
+    maps = scratch.get(tag, (n_k, n_y, n_u, nl))
+    fluence_accumulate(maps, lu, jy, jy_first, np.zeros(n_y, np.int64) if row_lev is None else row_lev)
     return maps
+
+
+def _rows_read(y, y0: float, hy: float, n_y: int) -> np.ndarray:
+    """Rows of a couch-axis lattice (``y0 + b hy``, ``n_y`` rows) that voxels at the couch coordinates
+    ``y`` read, as :func:`tomodose._kernels.pb_fluence._row_pos` finds them: a coordinate on a row
+    (within 1e-9 steps: the kernel, whose own rounding of ``y`` is ~1e-12 steps, snaps it too) reads
+    that row (the last row: with the one before it, at weight 0), any other the row below and the
+    next one (clamped); one between 1e-9 and 1e-6 steps from a row also the rows on either side."""
+    t = np.clip((np.asarray(y, float).ravel() - y0) / hy, 0.0, n_y - 1.0)
+    r = np.rint(t)
+    off = np.abs(t - r)
+    rows = [np.minimum(np.floor(t), n_y - 2), np.minimum(np.floor(t), n_y - 2) + 1]
+    snap = off < 1e-9
+    rows = [np.where(snap, np.minimum(r, n_y - 2), rows[0]), np.where(snap & (r < n_y - 1), r, rows[1])]
+    near = (off >= 1e-9) & (off < 1e-6)
+    if np.any(near):
+        rows += [r[near] - 1, r[near], r[near] + 1]
+    out = np.concatenate([np.asarray(x, float).ravel() for x in rows]).astype(np.int64)
+    return np.unique(np.clip(out, 0, n_y - 1))
+
+
+def _coarse_rows(engine, s0, yg, nodes, lat_c, n_yc: int, nl_c: int, win, n_win_rows: int, nl_f: int) -> np.ndarray:
+    """First level of each row of the coarse maps that some voxel reads (``nl_c``: none), so that
+    :func:`tomodose._kernels.pb_fluence.fluence_accumulate` sums only those. The coarse maps are read
+    by the far-field nodes (:func:`tomodose._kernels.pb_fluence.coarse_lookup`: every level; their
+    rows are those of the nodes' couch coordinates) and by the voxels inside the fine window
+    (:func:`tomodose._kernels.pb_fluence.fluence_lookup`: the levels from ``nl_f - 1`` on, the fine
+    maps holding the lower ones; their couch coordinates lie in the ``n_win_rows`` rows of the
+    window ``win``, :func:`_window_rows`; None: no window). With the maps' rows on the slices this
+    skips the slices that hold neither a node nor the window, and the narrow levels of the
+    window's other slices: the same values wherever a voxel reads them."""
+    ks, js, is_ = nodes
+    o, sp = engine.origin, engine.spacing
+    y_k = (o[2] + ks * sp[2] - s0[2]) * yg[2]
+    if yg[0] == 0.0 and yg[1] == 0.0:  # the jaw axis is the patient z axis: Y depends on the slice only
+        y_node = y_k
+    else:
+        y_node = ((o[0] + is_ * sp[0] - s0[0]) * yg[0])[None, None, :] + \
+            ((o[1] + js * sp[1] - s0[1]) * yg[1])[None, :, None] + y_k[:, None, None]
+    lev = np.full(n_yc, nl_c, np.int64)
+    y0, hy = float(lat_c[2]), float(lat_c[3])
+    lev[_rows_read(np.unique(y_node), y0, hy, n_yc)] = 0
+    if win is not None:
+        # the window's couch range, one row of margin on each side
+        ends = _rows_read([win[0], win[0] + win[1] * n_win_rows], y0, hy, n_yc)
+        span = slice(max(int(ends.min()) - 1, 0), int(ends.max()) + 2)
+        lev[span] = np.minimum(lev[span], max(nl_f - 1, 0))
+    return lev
 
 
 def _lattice(lo: float, hi: float, step: float) -> tuple[float, int]:
@@ -285,7 +335,8 @@ def _fluence_dose(engine, a_proj: np.ndarray, progress, far_field_step: int, thr
     a_open = np.ascontiguousarray(a_proj - base[:, None])
 
     def coarse_setup(geo):
-        """Distance range, medium ends, voxel box and coarse maps of one cluster."""
+        """Distance range, medium ends, voxel box and coarse lattice of one cluster, and the builder of
+        its coarse maps (given the window, :func:`_coarse_rows`)."""
         s0, xg, yg, zg, t_p = geo[:5]
         d = corners - s0
         dens = -(d @ zg)
@@ -301,9 +352,13 @@ def _fluence_dose(engine, a_proj: np.ndarray, progress, far_field_step: int, thr
         y0c, hyc, n_yc = _y_lattice(engine, s0, yg, float(y_c.min()), float(y_c.max()), hc)
         n_kc, ddc = _planes(den_lo, den_hi, FLUENCE_COARSE_PLANE_MM)
         lat_c = np.array([u0c, hc, y0c, hyc, den_lo, ddc])
-        maps_c = _build_maps(lat_c, n_uc, n_yc, n_kc, w2, geo, engine, bu2, bv2, scratch, "maps_c",
-                             (y_end_lo, y_end_hi))
-        return den_lo, den_hi, sc_min, ends, (y_end_lo, y_end_hi), bu2, bv2, maps_c, lat_c
+
+        def coarse_maps(win, n_win_rows):
+            row_lev = _coarse_rows(engine, s0, yg, nodes, lat_c, n_yc, w2.size, win, n_win_rows, w2_f.size)
+            return _build_maps(lat_c, n_uc, n_yc, n_kc, w2, geo, engine, bu2, bv2, scratch, "maps_c",
+                               (y_end_lo, y_end_hi), row_lev)
+
+        return den_lo, den_hi, sc_min, ends, (y_end_lo, y_end_hi), bu2, bv2, coarse_maps, lat_c
 
     full_tab = np.ascontiguousarray(engine.btab.sum(axis=0)) if np.any(base > 0.0) else None
     for grp, _active, depth, samples in _active_groups(engine, a_proj, progress):
@@ -313,15 +368,17 @@ def _fluence_dose(engine, a_proj: np.ndarray, progress, far_field_step: int, thr
             geo = _fluence_geometry(engine, a_proj, a_open, base, s, centres, full_tab)
             n_clusters += 1
             s0, xg, yg, zg, t_p, dt_p, a_c, tab_c, u_lo_p, u_hi_p = geo
-            den_lo, den_hi, sc_min, ends, y_ends, bu2, bv2, maps_c, lat_c = coarse_setup(geo)
+            den_lo, den_hi, sc_min, ends, y_ends, bu2, bv2, coarse_maps, lat_c = coarse_setup(geo)
             has = u_lo_p <= u_hi_p
             if not np.any(has):  # transmission only: the coarse level, every Gaussian at every node
+                maps_c = coarse_maps(None, 0)
                 coarse_lookup(values, *nodes, depth, exit_m, engine.xtab, lvl_t, engine.rho_t, engine.origin,
                               engine.spacing, s0, xg, yg, zg, t_p, dt_p, a_c, tab_c, _NO_WIN, _NO_WIN_U, 0, maps_c,
                               lat_c, *par, ends)
                 continue
             win, win_u = _window_rows(t_p[has], u_lo_p[has], u_hi_p[has], engine.jaw_h / sc_min + r_v, r_u, widen,
                                       FLUENCE_ROW_MM)
+            maps_c = coarse_maps(win, win_u.shape[0])
             vals_c = np.zeros_like(values)
             coarse_lookup(vals_c, *nodes, depth, exit_m, engine.xtab, lvl_t, engine.rho_t, engine.origin,
                           engine.spacing, s0, xg, yg, zg, t_p, dt_p, a_c, tab_c, win, win_u, n0, maps_c, lat_c, *par,

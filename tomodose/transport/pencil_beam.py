@@ -394,38 +394,58 @@ class _Engine:
     def depth_map(self, group: int) -> np.ndarray:
         """(ny, nx, nz) float32 radiological depth (mm water) for one angle group (read-only; from
         the cache of :data:`DEPTH_CACHE_MIB` when the same density and source were traced before)."""
-        from tomodose._kernels.pencil_beam import inplane_depth
-
-        return self._traced_map(group, inplane_depth, "depth")
+        return self._traced_map(group, "depth")
 
     def exit_map(self, group: int) -> np.ndarray:
         """(ny, nx, nz) float32 exit distance (mm water) for one angle group: the radiological path from
         each voxel centre on, away from the group's source, to the end of the grid (in-slice trace,
-        :func:`tomodose._kernels.pencil_beam.inplane_exit`; read-only, cached like the depth maps)."""
-        from tomodose._kernels.pencil_beam import inplane_exit
+        :func:`tomodose._kernels.pencil_beam.inplane_trace`; read-only, cached like the depth maps)."""
+        return self._traced_map(group, "exit")
 
-        return self._traced_map(group, inplane_exit, "exit")
+    def _traced_map(self, group: int, kind: str) -> np.ndarray:
+        """In-slice trace (:func:`tomodose._kernels.pencil_beam.inplane_trace`) of ``kind`` ("depth" or
+        "exit") from the source of angle group ``group``, as a read-only float32 (ny, nx, nz) map,
+        through the depth cache. Every mode asks for a group's depth and then its exit map, so a
+        miss traces both in one pass (unless the other is known): the other map goes to the cache,
+        or, when the cache does not keep it, waits in ``_companion`` for the next request."""
+        from tomodose._kernels.pencil_beam import inplane_trace
 
-    def _traced_map(self, group: int, trace, kind: str) -> np.ndarray:
-        """In-slice trace ``trace`` (:func:`inplane_depth` or :func:`inplane_exit`) from the source of
-        angle group ``group``, as a read-only float32 (ny, nx, nz) map, through the depth cache."""
         p = self.projections
         s = source_position_patient(self.group_angles[group], 0.0, p.isocentre_lps_mm, self.sad,
                                     p.patient_position)
         sx, sy = float(s[0]), float(s[1])
-        key = None
-        if DEPTH_CACHE_MIB > 0:
-            key = (self.density_key, sx, sy) if kind == "depth" else (self.density_key, sx, sy, kind)
-            hit = _depth_cache_get(key)
+        use_cache = DEPTH_CACHE_MIB > 0
+
+        def key(k):
+            return (self.density_key, sx, sy) if k == "depth" else (self.density_key, sx, sy, k)
+
+        if use_cache:
+            hit = _depth_cache_get(key(kind))
             if hit is not None:
                 return hit
-        out = np.empty(self._dens_t.shape)
-        trace(self._dens_t, self.origin[0], self.origin[1], self.spacing[0], self.spacing[1], sx, sy, out)
-        out = out.astype(np.float32)
-        out.setflags(write=False)
-        if key is not None:
-            _depth_cache_put(key, out)
-        return out
+        companion = getattr(self, "_companion", None)
+        if companion is not None and companion[0] == (group, kind):
+            self._companion = None
+            return companion[1]
+        other = "exit" if kind == "depth" else "depth"
+        want_other = not (use_cache and _depth_cache_get(key(other)) is not None)
+        empty = np.empty((0, 0, 0))
+        outs = {kind: np.empty(self._dens_t.shape), other: np.empty(self._dens_t.shape) if want_other else empty}
+        inplane_trace(self._dens_t, self.origin[0], self.origin[1], self.spacing[0], self.spacing[1], sx, sy,
+                      outs["depth"], outs["exit"])
+        result = None
+        for k in ((kind, other) if want_other else (kind,)):
+            m = outs[k].astype(np.float32)
+            m.setflags(write=False)
+            kept = False
+            if use_cache:
+                _depth_cache_put(key(k), m)
+                kept = _depth_cache_get(key(k)) is not None
+            if k == kind:
+                result = m
+            elif not kept:
+                self._companion = ((group, k), m)
+        return result
 
     @functools.cached_property
     def density_key(self) -> tuple:
