@@ -59,9 +59,12 @@ def check_case(name: str, options: dict) -> dict:
         return {"gamma_pass_pct": round(g.pass_rate_percent, 2), "cpu_s": round(cpu, 1), "wall_s": round(wall, 1)}
     res = compare_case(ref, ev)
     dd = compare_depth_dose(ref, ev, normalise_mm=(15.0, 25.0)) if name.startswith("slab") else res["depth_dose"]
+    curve = compare_depth_dose(ref, ev)  # the absolute difference per depth (independent of the normalisation)
     out = {"abs_pct": round(dd["max_abs_beyond_pct"], 2), "mean_abs_pct": round(dd["mean_abs_beyond_pct"], 2),
            "rel_pct": round(dd["max_rel_beyond_pct"], 2), "cpu_s": round(cpu, 1), "wall_s": round(wall, 1),
-           "profile_fails": [f"{k}: {v['n_fail']}" for k, v in res["profiles"].items() if v["n_fail"]]}
+           "profile_fails": [f"{k}: {v['n_fail']}" for k, v in res["profiles"].items() if v["n_fail"]],
+           "diff_abs_by_depth": [[round(float(z), 1), round(float(v), 2)]
+                                 for z, v, b in zip(curve["depth_mm"], curve["diff_abs_pct"], curve["beyond"]) if b]}
     if name.startswith("slab"):
         import hashlib
 

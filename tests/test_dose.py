@@ -362,3 +362,60 @@ def test_static_supersample_identical_for_1_and_2_threads():
     finally:
         numba.set_num_threads(old)
     np.testing.assert_array_equal(out[0], out[1])
+
+
+def test_surface_correction_and_static_azimuths_keep_the_calibration():
+    """With surface_correction and static_n_azimuth the calibration field is computed with the same
+    options: the engine still reproduces the dose rate at its calibration point; the options change
+    the calibration factor and the dose of a narrow field relative to it (the long fan loses more of
+    its scatter near the surface than a narrow field); the defaults equal the explicit 'off' bit for bit."""
+    from tomodose.delivery.machine import TomoMachine
+    from tomodose.dose.engine import STATIC_N_AZIMUTH, SURFACE_CORRECTION
+
+    assert SURFACE_CORRECTION is False and STATIC_N_AZIMUTH is None  # the lead flips them with the refit
+    machine = TomoMachine()
+    grid, iso = reference_phantom_grid(SMALL_REF, machine)
+    pat = water_patient(grid)
+    seq60 = ProjectionSequence.static_beams([0.0], np.ones((1, 64)), 60.0, 50.0, isocentre_lps_mm=iso)
+    kw = dict(reference=SMALL_REF, progress=False, n_subsamples=1, static_supersample=1)
+    k = {}
+    for opts in ({}, {"surface_correction": True}, {"surface_correction": True, "static_n_azimuth": 16}):
+        d = compute_dose(pat, seq60, **kw, **opts)
+        assert _dose_at(d, grid, (0.0, 15.0, 0.0)) == pytest.approx(8.5, rel=1e-4)
+        k[len(opts)] = d.metadata["calibration_gy_per_unit"]
+    assert k[1] > k[0] * 1.001 and k[2] != k[1]  # less engine dose at the calibration point: larger factor
+    narrow = ProjectionSequence.static_beams([0.0], np.ones((1, 64)) * (np.arange(64) // 4 == 8), 1.0, 25.0,
+                                             isocentre_lps_mm=iso)
+    off = compute_dose(pat, narrow, **kw)
+    off2 = compute_dose(pat, narrow, **kw, surface_correction=False, static_n_azimuth=None)
+    np.testing.assert_array_equal(off.per_fraction.array, off2.per_fraction.array)
+    on = compute_dose(pat, narrow, **kw, surface_correction=True)
+    c_off, c_on = _dose_at(off, grid, (0.0, 50.0, 0.0)), _dose_at(on, grid, (0.0, 50.0, 0.0))
+    assert c_on > c_off and c_on == pytest.approx(c_off, rel=0.02)
+
+
+def test_surface_correction_in_helical_shared_and_coarse_transport():
+    """A helical plan with the shared direction set (and its coarse option) runs with the surface
+    correction; the relative dose in the target changes by little, more at the surface."""
+    pat, plan = _water_helix(spacing=5.0, rotations=1)
+    kw = dict(reference=SMALL_REF, progress=False, n_subsamples=1, shared_directions=64)
+    off = compute_dose(pat, plan, **kw).per_fraction.array
+    on = compute_dose(pat, plan, **kw, surface_correction=True).per_fraction.array
+    coarse = compute_dose(pat, plan, **kw, surface_correction=True, shared_coarse_block_mm=10.0).per_fraction.array
+    mx = off.max()
+    assert np.abs(on - off).max() < 0.05 * mx and np.abs(on - off).max() > 1e-4 * mx
+    assert np.abs(coarse - on).max() < 0.05 * mx
+
+
+def test_surface_and_azimuth_options_bad_input():
+    grid = Grid((3, 3, 3), (5, 5, 5))
+    pat = water_patient(grid)
+    seq = ProjectionSequence.static_beams([0.0], np.ones((1, 64)), 1.0, 25.0)
+    for bad in (1, "yes", None):
+        with pytest.raises(ValueError, match=r"surface_correction must be a bool \(collapsed-cone surface escape "
+                                             rf"on/off\), got {bad!r}"):
+            compute_dose(pat, seq, reference=SMALL_REF, progress=False, surface_correction=bad)
+    for bad in (0, 257, 16.0, True):
+        with pytest.raises(ValueError, match=r"static_n_azimuth must be None \(the kernel's own\) or an integer in "
+                                             rf"\[1, 256\] \(cones per kernel ring of static beams\), got {bad!r}"):
+            compute_dose(pat, seq, reference=SMALL_REF, progress=False, static_n_azimuth=bad)

@@ -162,8 +162,9 @@ def _deposit_escape(flux_row, src, rates, inv_rates, ex_row, gg_row, delta, ph, 
             fac = _exp_neg(e * delta)
             last_e = e
         mu = rates[k] + e
-        ek = ex_row[k] * fac
-        gk = _g_of(mu * delta)
+        ek = ex_row[k] * fac  # exp(-mu delta)
+        x = mu * delta
+        gk = (1.0 - ek) / x if x > 0.05 else _g_of(x)
         d += f * rates[k] * gk + sk * (rates[k] / mu) * (1.0 - gk)
         flux_row[k] = f * ek + sk * (1.0 - ek) / mu
     return d
