@@ -134,19 +134,23 @@ class PencilModel:
                 s_mm = np.minimum(np.minimum(Z, depth_mm - Z), DEPTH_MM - R)  # distance to the exterior
                 s_mm = np.where(live, np.maximum(s_mm, 0.0), 1e9).astype(np.float32)
                 self.fast += np.bincount(flat, weights=w_fast_p[ok], minlength=nr_b * nz_b)
-                self.rings.append(dict(idx=flat, w_slow=w_slow_p[ok].astype(np.float64), s=s_mm, ok=ok,
+                self.rings.append(dict(idx=flat, w_slow=w_slow_p[ok].astype(np.float64), s=s_mm, ok=ok, c=float(c),
                                        zsrc=np.broadcast_to(zs[:, None], ok.shape)[ok].astype(np.float32),
                                        drl_cm=drl_cm.astype(np.float32)))
 
     def energy(self, model="escape", beta_per_cm=0.0, lambda_mm=10.0, shape="exp"):
-        """(nR, nz) energy fractions of the CCC pencil with the given correction."""
+        """(nR, nz) energy fractions of the CCC pencil with the given correction (``model``:
+        "escape", "escape_directional": weighted by ``1 - c**2`` with ``c`` the cosine of the line to
+        the pencil axis, the normal of the entrance and exit faces; "source")."""
         n = self.shape[0] * self.shape[1]
         out = self.fast.copy()
         for ring in self.rings:
             if beta_per_cm == 0.0:
                 w = ring["w_slow"]
-            elif model == "escape":
+            elif model in ("escape", "escape_directional"):
                 phi = _phi(ring["s"], lambda_mm, shape)
+                if model == "escape_directional":
+                    phi = phi * (1.0 - ring["c"] ** 2)
                 # escape optical depth at the middle of each line step: cumulative up to its start + half
                 step = phi * ring["drl_cm"][None, :]
                 tau = np.cumsum(step, axis=1) - 0.5 * step
@@ -207,7 +211,7 @@ def fit(argv=None) -> int:
 
     results = {}
     for model, shape, x0 in (("escape", "exp", [0.05, 20.0]), ("escape", "rational", [0.05, 20.0]),
-                             ("source", "exp", [0.3, 20.0])):
+                             ("source", "exp", [0.3, 20.0]), ("escape_directional", "exp", [0.05, 20.0])):
         b_r = bias.copy()
         for it in range(3):  # the deep bias of the *corrected* model (the kernel's own error)
             r = least_squares(resid, x0, args=(model, shape, b_r), bounds=([0.0, 0.5], [5.0, 500.0]),
@@ -232,10 +236,14 @@ def fit(argv=None) -> int:
     results["exit_check"] = exit_check(kernel, mc, pm, chosen["params"])
     chosen["exit_check"] = results["exit_check"]
     write_table(chosen, results, args, dep, pm)
+    # the direction-weighted variant (study table, docs/collapsed_cone.md section 4g)
+    alt = results["escape_directional_exp"]
+    alt["exit_check"] = exit_check(kernel, mc, pm, alt["params"], "escape_directional")
+    write_table(alt, results, args, dep, pm, name=OUT_NAME + "_directional", directional=True)
     return 0
 
 
-def exit_check(kernel, mc, pm600, params):
+def exit_check(kernel, mc, pm600, params, model="escape"):
     """Not fitted: the exit of the 200 mm slab (same Monte Carlo seeds as the 600 mm run). Ratio of
     the 200 mm to the 600 mm pencil per ring group in the last 50 mm, Monte Carlo vs the CCC pencil
     without and with the correction (the model's own biases cancel in the ratio)."""
@@ -244,8 +252,8 @@ def exit_check(kernel, mc, pm600, params):
     n2 = ze2.size - 1
     out = {}
     for label, x in (("uncorrected", (0.0, 10.0)), ("corrected", params)):
-        e2 = pm200.energy("escape", *x)
-        e6 = pm600.energy("escape", *x)[:, :n2]
+        e2 = pm200.energy(model, *x)
+        e6 = pm600.energy(model, *x)[:, :n2]
         rows_out = []
         for r0, r1 in ((0, 25), (25, 100), (100, 600)):
             rows = (re[:-1] >= r0) & (re[1:] <= r1)
@@ -262,7 +270,7 @@ def exit_check(kernel, mc, pm600, params):
     return out
 
 
-def write_table(chosen, results, args, dep, pm) -> None:
+def write_table(chosen, results, args, dep, pm, name=OUT_NAME, directional=False) -> None:
     """Shipped JSON (``tomodose/data/kernels/<OUT_NAME>.json``) and its provenance beside it."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import _common
@@ -272,8 +280,9 @@ def write_table(chosen, results, args, dep, pm) -> None:
     data = {
         "format": "tomodose-ccc-surface-correction",
         "format_version": 1,
-        "name": OUT_NAME,
-        "model": {"kind": "line escape", "escape_rate_per_cm": round(float(beta), 5),
+        "name": name,
+        "model": {"kind": "line escape" + (", direction-weighted" if directional else ""),
+                  "directional": directional, "escape_rate_per_cm": round(float(beta), 5),
                   "decay_mm": round(float(lam), 3), "cutoff_mm": round(CUTOFF_DECAYS * float(lam), 1),
                   "slow_rate_per_cm": SLOW_RATE_PER_CM, "body_threshold_g_cm3": BODY_THRESHOLD},
         "provenance": {
@@ -289,9 +298,9 @@ def write_table(chosen, results, args, dep, pm) -> None:
                                      for k, r in results.items() if isinstance(r, dict) and "chi2" in r}},
         },
     }
-    path = ROOT / "tomodose" / "data" / "kernels" / f"{OUT_NAME}.json"
+    path = ROOT / "tomodose" / "data" / "kernels" / f"{name}.json"
     if args.check_only:
-        print(json.dumps(data["model"]))
+        print(json.dumps({"name": name, **data["model"]}))
         return
     _common.atomic_write_text(path, json.dumps(data, indent=1) + "\n")
     rg, zg = results["groups"]["ring_groups_mm"], results["groups"]["depth_groups_mm"]
@@ -313,14 +322,14 @@ def write_table(chosen, results, args, dep, pm) -> None:
         return head + "".join(f"| {a}-{b} | " + " | ".join(f"{v:.3f}" for v in row) + " |\n"
                               for (a, b), row in zip(rg, t))
 
-    prov = f"""# {OUT_NAME}.json: provenance
+    prov = f"""# {name}.json: provenance
 
 Written by `kernels/derive_ccc_surface.py` version {SCRIPT_VERSION} on {data["provenance"]["date_utc"]}.
 
 **Model** (line escape, `tomodose/transport/ccc_surface.py`): every kernel term with a rate below
 {SLOW_RATE_PER_CM} /cm (scattered photons) loses `beta phi(s)` per cm of radiological path along its transport
 lines, `phi(s) = exp(-s / lambda)` (0 beyond {CUTOFF_DECAYS} lambda), `s` the distance to the body's exterior;
-the escaped energy is not deposited. beta = {beta:.4f} /cm, lambda = {lam:.2f} mm.
+the escaped energy is not deposited.{" **Direction-weighted** (study variant): the rate is multiplied by `1 - (u . n)**2`, `u` the line, `n` the surface normal." if directional else ""} beta = {beta:.4f} /cm, lambda = {lam:.2f} mm.
 
 **Inputs**: the project's own ompMC pencil of the default spectrum entering 600 mm of water from vacuum
 (`kernels/study_pb_pencil_mc.npz`, `dep_600`, `unc_600`; {settings.get("histories")} histories, ompMC

@@ -78,10 +78,15 @@ def main(argv=None) -> int:
     ap.add_argument("--surface", type=int, choices=(0, 1), default=1)
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--table", default=None, help="surface-correction table (default: the engine's SURFACE_TABLE)")
     args = ap.parse_args(argv)
+    if args.table:
+        from tomodose.dose import engine
+
+        engine.SURFACE_TABLE = args.table  # a study of another shipped table (one per process)
     options = {"static_n_azimuth": None if args.n_azimuth == 8 else args.n_azimuth,
                "surface_correction": bool(args.surface)}
-    out = {"n_azimuth": args.n_azimuth, "surface_correction": bool(args.surface), "cases": {}}
+    out = {"n_azimuth": args.n_azimuth, "surface_correction": bool(args.surface), "table": args.table, "cases": {}}
     for name in args.cases.split(","):
         out["cases"][name] = check_case(name, options)
         print(name, json.dumps(out["cases"][name]), flush=True)

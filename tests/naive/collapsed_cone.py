@@ -206,11 +206,22 @@ def _single(terma, rho, spacing_mm, origin_mm, kernel, beam_direction, source_po
             if surface is None:
                 dose += w * transport_direction(terma, rho, m, sgn, da, db, step_cm, rates, amplitudes_of, ca, cb)
             else:
-                phi, corr = surface
-                esc = corr.escape_rates(rates)
                 dose += w * transport_direction_escape(terma, rho, m, sgn, da, db, step_cm, rates, amplitudes_of,
-                                                       lambda v: esc * phi[v], ca, cb)
+                                                       _escape_of(surface, rates, dirs[d]), ca, cb)
     return dose
+
+
+def _escape_of(surface, rates, u):
+    """``escape_of(voxel)`` of ``surface = (phi, correction)`` or ``(phi, correction, normal)``
+    (``normal`` (nz, ny, nx, 3) = sqrt(phi) n, LPS) for a line along ``u``: ``esc * phi`` or, with a
+    directional correction, ``esc * max(0, phi - (u . normal)**2)``."""
+    phi, corr = surface[0], surface[1]
+    esc = corr.escape_rates(rates)
+    if not corr.directional:
+        return lambda v: esc * phi[v]
+    normal = surface[2]
+    u = np.asarray(u, float)
+    return lambda v: esc * max(0.0, phi[v] - float(u @ normal[v]) ** 2)
 
 
 def contract_sources(terma, weights):
@@ -273,11 +284,9 @@ def shared_direction_dose(terma_groups, beam_directions, rho, spacing_mm, kernel
             if surface is None:
                 dose += w * transport_direction(mark, np.asarray(rho, float), m, sgn, da, db, step_cm, rates,
                                                 amplitudes_of)
-            else:  # (phi, correction): the surface escape
-                phi, corr = surface
-                esc = corr.escape_rates(rates)
+            else:  # (phi, correction[, normal]): the surface escape
                 dose += w * transport_direction_escape(mark, np.asarray(rho, float), m, sgn, da, db, step_cm, rates,
-                                                       amplitudes_of, lambda v: esc * phi[v])
+                                                       amplitudes_of, _escape_of(surface, rates, fixed[i]))
     return dose
 
 

@@ -135,6 +135,15 @@ def _g_of(x):
 
 
 @numba.njit(**NUMBA_OPTIONS)
+def _weight_along(ph, normal, idx, ux, uy, uz):
+    """Direction-weighted surface weight ``phi (1 - (u . n)**2)`` of voxel ``idx`` for a line along
+    ``u``: ``normal[idx]`` holds ``sqrt(phi) n`` (``n`` the unit surface normal, 0 where undefined)."""
+    c = ux * normal[idx, 0] + uy * normal[idx, 1] + uz * normal[idx, 2]
+    w = ph - c * c
+    return w if w > 0.0 else 0.0
+
+
+@numba.njit(**NUMBA_OPTIONS)
 def _deposit_escape(flux_row, src, rates, inv_rates, ex_row, gg_row, delta, ph, esc_rate):
     """Dose of one voxel and flux update of every term with the surface escape (in place on
     ``flux_row``); returns the dose.
@@ -449,7 +458,8 @@ def transport_direction_reference(terma, rho, dose, m, sgn, da, db, step_cm, rat
 def transport_direction(terma, rho, dose, m, sgn, da, db, step_cm, rates, amp_const,
                         tilt, u_xyz, solid_angle, density_table, ds, norm,
                         source_xyz, origin_xyz, spacing_xyz, fallback_axis, direct_sources, ca=0.5, cb=0.5,
-                        surface=False, phi=np.zeros((1, 1, 1)), esc_rate=np.zeros(1)):
+                        surface=False, phi=np.zeros((1, 1, 1)), esc_rate=np.zeros(1), directional=False,
+                        normal=np.zeros((1, 3))):
     """Add the dose carried along one cone direction to ``dose`` (in place).
 
     Parameters (plain arrays/scalars)
@@ -486,6 +496,9 @@ def transport_direction(terma, rho, dose, m, sgn, da, db, step_cm, rates, amp_co
         :func:`_deposit_escape`). False (default): the uncorrected recursion, bit for bit.
     phi : (nz, ny, nx) float64   surface weight of each voxel (0 deep inside), used when ``surface``.
     esc_rate : (K,) float64      escape rate of each term at ``phi = 1`` (1/cm), used when ``surface``.
+    directional : bool           the escape weighted by ``1 - (u . n)**2`` (energy travelling along a
+                                 surface escapes, across it not): :func:`_weight_along`.
+    normal : (nz * ny * nx, 3) float64  ``sqrt(phi) n`` per voxel (LPS x, y, z), used when ``directional``.
 
     One ``prange`` task per row of lines (all lines sharing the index ``ia`` along axis ``a``):
     the lines of a row visit neighbouring voxels along ``b`` at every step (contiguous memory
@@ -577,8 +590,11 @@ def transport_direction(terma, rho, dose, m, sgn, da, db, step_cm, rates, amp_co
                         else:
                             for k in range(n_k):
                                 src[k] += tg * amp_const[g, k]
-                if surface and pf[idx] != 0.0:
-                    d = _deposit_escape(flux[li], src, rates, inv_rates, ex[li], gg[li], delta, pf[idx], esc_rate)
+                ph = pf[idx] if surface else 0.0
+                if ph != 0.0 and directional:
+                    ph = _weight_along(ph, normal, idx, u_xyz[0], u_xyz[1], u_xyz[2])
+                if ph != 0.0:
+                    d = _deposit_escape(flux[li], src, rates, inv_rates, ex[li], gg[li], delta, ph, esc_rate)
                 else:
                     d = 0.0
                     for k in range(n_k):
@@ -675,7 +691,8 @@ def contract_sources_sparse(terma, ptr, rows, vals, out):
 
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
 def transport_direct_sources(src, rho, dose, m, sgn, da, db, step_cm, rates, surface=False,
-                             phi=np.zeros((1, 1, 1)), esc_rate=np.zeros(1)):
+                             phi=np.zeros((1, 1, 1)), esc_rate=np.zeros(1), directional=False,
+                             normal=np.zeros((1, 3)), u_xyz=np.zeros(3)):
     """dose += the transport of direct term sources along one direction (shared directions).
 
     ``src`` (nz, ny, nx, K) float32 or float64, voxel-major: ``src[..., k]`` is the source of
@@ -683,7 +700,8 @@ def transport_direct_sources(src, rho, dose, m, sgn, da, db, step_cm, rates, sur
     ``dose`` (nz, ny, nx) float64, accumulated in place; geometry and recursion as
     :func:`transport_direction` with ``direct_sources=True`` (same results to rounding), but the
     K sources of a voxel are read from one cache line instead of K volumes. ``surface``,
-    ``phi``, ``esc_rate``: the surface escape of :func:`transport_direction`.
+    ``phi``, ``esc_rate``, ``directional``, ``normal``: the surface escape of
+    :func:`transport_direction`; ``u_xyz`` (3,) the direction (LPS, unit; used when ``directional``).
     """
     shape = rho.shape
     (a_ax, b_ax, n_m, n_a, n_b, s_m, s_a, s_b, off_a, off_b, max_a, max_b, lines_a,
@@ -734,10 +752,13 @@ def transport_direct_sources(src, rho, dose, m, sgn, da, db, step_cm, rates, sur
                 fl = flux[li]
                 el = ex[li]
                 gl = gg[li]
-                if surface and pf[idx] != 0.0:
+                ph = pf[idx] if surface else 0.0
+                if ph != 0.0 and directional:
+                    ph = _weight_along(ph, normal, idx, u_xyz[0], u_xyz[1], u_xyz[2])
+                if ph != 0.0:
                     for k in range(n_k):
                         sv64[k] = sv[k]
-                    df[idx] += _deposit_escape(fl, sv64, rates, inv_rates, el, gl, delta, pf[idx], esc_rate)
+                    df[idx] += _deposit_escape(fl, sv64, rates, inv_rates, el, gl, delta, ph, esc_rate)
                     continue
                 d = 0.0
                 for k in range(n_k):

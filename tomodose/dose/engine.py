@@ -103,6 +103,9 @@ STATIC_SUPERSAMPLE = 2
 #: section "Surface correction"). Off (the commissioning tests depend on it): the lead turns it on
 #: together with :data:`STATIC_N_AZIMUTH` = 16 and the machine refit (measured table in that section).
 SURFACE_CORRECTION = False
+#: the surface-correction table the engine uses with ``surface_correction=True``
+#: (``tomodose/data/kernels/<name>.json``; ``..._directional`` is the direction-weighted study variant).
+SURFACE_TABLE = "ccc_surface_water_6mv"
 #: default ``static_n_azimuth``: cones per kernel ring of the transports of static beams (kernel tilted to
 #: one point source, the calibration field included); None = the kernel's own (8). 16 removes the long
 #: fan's ray effect (LA4 TPR at 20 cm) but, without :data:`SURFACE_CORRECTION`, lowers the 8-leaf Monte
@@ -368,7 +371,7 @@ def _ccc_transport(patient: PatientModel, groups: list, *, kernel=None, progress
     if surface_correction:
         from tomodose.transport.ccc_surface import load_surface_correction, surface_weight
 
-        corr = load_surface_correction()
+        corr = load_surface_correction(SURFACE_TABLE)
         ts = time.perf_counter()
         surface_kw = {"surface_correction": corr,
                       "surface_weight_map": surface_weight(density, grid.spacing_mm, corr)}

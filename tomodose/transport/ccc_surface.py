@@ -39,7 +39,8 @@ import numpy as np
 from tomodose._validate import check_array
 
 __all__ = ["SurfaceCorrection", "load_surface_correction", "surface_distance_mm", "surface_weight",
-           "DEFAULT_SURFACE_NAME", "SURFACE_FORMAT", "resolve_surface_correction", "body_mask"]
+           "DEFAULT_SURFACE_NAME", "SURFACE_FORMAT", "resolve_surface_correction", "body_mask",
+           "surface_normal_weight"]
 
 #: shipped surface-correction table
 DEFAULT_SURFACE_NAME = "ccc_surface_water_6mv"
@@ -76,6 +77,11 @@ class SurfaceCorrection:
         Density above which a voxel belongs to the body (before hole filling), > 0.
     name : str
     provenance : dict
+    directional : bool
+        False (the shipped model): the escape rate is the same for every line through a voxel.
+        True: weighted by ``1 - (u . n)**2`` (``u`` the line, ``n`` the surface normal: the
+        gradient of the distance map), so only energy travelling along a surface escapes
+        (studied in docs/collapsed_cone.md section 4g).
     """
 
     escape_rate_per_cm: float
@@ -85,6 +91,7 @@ class SurfaceCorrection:
     body_threshold_g_cm3: float = 0.1
     name: str = "custom"
     provenance: dict = field(default_factory=dict, repr=False, compare=False)
+    directional: bool = False
 
     def __post_init__(self):
         rate = self.escape_rate_per_cm
@@ -92,6 +99,9 @@ class SurfaceCorrection:
                 or rate < 0:
             raise ValueError(f"escape_rate_per_cm must be a finite rate >= 0 (1/cm), got {rate!r}")
         object.__setattr__(self, "escape_rate_per_cm", float(rate))
+        if not isinstance(self.directional, (bool, np.bool_)):
+            raise TypeError(f"directional must be a bool, got {self.directional!r}")
+        object.__setattr__(self, "directional", bool(self.directional))
         for name in ("decay_mm", "cutoff_mm", "slow_rate_per_cm", "body_threshold_g_cm3"):
             object.__setattr__(self, name, _check_positive_finite(name, getattr(self, name)))
 
@@ -117,7 +127,8 @@ class SurfaceCorrection:
         if missing:
             raise ValueError(f"surface correction data: model misses {missing}")
         return cls(m["escape_rate_per_cm"], m["decay_mm"], m["cutoff_mm"], m["slow_rate_per_cm"],
-                   m["body_threshold_g_cm3"], str(data.get("name", "custom")), dict(data.get("provenance", {})))
+                   m["body_threshold_g_cm3"], str(data.get("name", "custom")), dict(data.get("provenance", {})),
+                   bool(m.get("directional", False)))
 
 
 def load_surface_correction(name: str = DEFAULT_SURFACE_NAME) -> SurfaceCorrection:
@@ -199,3 +210,20 @@ def resolve_surface_correction(value) -> SurfaceCorrection | None:
     if isinstance(value, SurfaceCorrection):
         return value
     raise TypeError(f"surface_correction must be None, a bool or a SurfaceCorrection, got {value!r}")
+
+
+def surface_normal_weight(density_g_cm3, spacing_mm, correction: SurfaceCorrection, phi=None) -> np.ndarray:
+    """(nz * ny * nx, 3) float64 ``sqrt(phi) n`` of every voxel (LPS x, y, z) for the direction-weighted
+    escape: ``n`` the unit gradient of the distance map (pointing inward; 0 where the gradient
+    vanishes), 0 where ``phi`` is 0. ``phi``: :func:`surface_weight`, when computed already."""
+    s = surface_distance_mm(density_g_cm3, spacing_mm, correction.body_threshold_g_cm3)
+    if phi is None:
+        phi = surface_weight(density_g_cm3, spacing_mm, correction)
+    sp = np.asarray(spacing_mm, dtype=np.float64)
+    gz, gy, gx = np.gradient(s, sp[2], sp[1], sp[0])
+    g = np.stack([gx, gy, gz], axis=-1)
+    norm = np.linalg.norm(g, axis=-1, keepdims=True)
+    n = np.where(norm > 0, g / np.where(norm > 0, norm, 1.0), 0.0)
+    out = n * np.sqrt(np.asarray(phi, dtype=np.float64))[..., None]
+    return np.ascontiguousarray(out.reshape(-1, 3))
+

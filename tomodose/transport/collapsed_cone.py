@@ -39,7 +39,7 @@ import numpy as np
 from tomodose import config
 from tomodose._validate import check_array, check_vector
 from tomodose.geometry.grid import Grid
-from tomodose.transport.ccc_surface import resolve_surface_correction, surface_weight
+from tomodose.transport.ccc_surface import resolve_surface_correction, surface_normal_weight, surface_weight
 from tomodose.transport.kernels import CollapsedConeKernel, load_kernel
 
 __all__ = ["collapsed_cone_dose", "shared_direction_dose", "fibonacci_directions", "direction_geometry",
@@ -252,7 +252,7 @@ def collapsed_cone_dose(
     dose = np.zeros(grid.shape, dtype=np.float64)
     if not np.any(t_arr > 0):
         return dose.astype(np.float32)
-    phi, esc = _surface_arrays(surface, rho, spacing, rates, surface_weight_map)
+    phi, esc, directional, normal = _surface_arrays(surface, rho, spacing, rates, surface_weight_map)
 
     t0 = time.perf_counter()
     if tilt:
@@ -288,14 +288,14 @@ def collapsed_cone_dose(
                     _k.transport_direction(
                         ring_src[0].reshape((n_k,) + grid.shape), rho, dose, m, sgn, da, db, step_cm, rates,
                         w * eye, False, np.ascontiguousarray(dirs[d]), 0.0, table, ds, norm, src, origin, spacing,
-                        axis, w == 1.0, ca, cb, surface is not None, phi, esc,
+                        axis, w == 1.0, ca, cb, surface is not None, phi, esc, directional, normal,
                     )
                     continue
                 _k.transport_direction(
                     t_arr, rho, dose, m, sgn, da, db, step_cm, rates,
                     np.ascontiguousarray(w * amps_ring[:, ring[d]]), tilt, np.ascontiguousarray(dirs[d]),
                     float(w * omega[d]), table, ds, norm, src, origin, spacing, axis, False, ca, cb,
-                    surface is not None, phi, esc,
+                    surface is not None, phi, esc, directional, normal,
                 )
     if len(phases) > 1:
         dose /= len(phases)
@@ -304,16 +304,20 @@ def collapsed_cone_dose(
     return dose.astype(np.float32)
 
 
-def _surface_arrays(surface, rho, spacing_mm, rates, weight_map=None) -> tuple[np.ndarray, np.ndarray]:
-    """(phi map (nz, ny, nx), escape rates (K,)) of a surface correction, or dummies when off."""
+def _surface_arrays(surface, rho, spacing_mm, rates, weight_map=None):
+    """(phi map (nz, ny, nx), escape rates (K,), directional, normal (n_vox, 3)) of a surface
+    correction, or dummies when off."""
     if surface is None:
-        return np.zeros((1, 1, 1)), np.zeros(np.asarray(rates).size)
+        return np.zeros((1, 1, 1)), np.zeros(np.asarray(rates).size), False, np.zeros((1, 3))
     if weight_map is None:
         phi = surface_weight(rho, spacing_mm, surface)
     else:
         phi = np.ascontiguousarray(check_array("surface_weight_map", weight_map, shape=rho.shape, low=0.0,
                                                high=1.0), dtype=np.float64)
-    return phi, np.ascontiguousarray(surface.escape_rates(rates), dtype=np.float64)
+    normal = np.zeros((1, 3))
+    if surface.directional:
+        normal = surface_normal_weight(rho, spacing_mm, surface, phi)
+    return phi, np.ascontiguousarray(surface.escape_rates(rates), dtype=np.float64), surface.directional, normal
 
 
 def line_phase_set(line_phases: int, layout: str = "product") -> np.ndarray:
@@ -517,15 +521,15 @@ def shared_direction_dose(
     dose = np.zeros(grid.shape, dtype=np.float64)
     if not any_terma:
         return dose
-    phi, esc = _surface_arrays(surface, rho, np.asarray(grid.spacing_mm, dtype=np.float64), rates,
-                               surface_weight_map)
+    phi, esc, directional, normal = _surface_arrays(surface, rho, np.asarray(grid.spacing_mm, dtype=np.float64),
+                                                    rates, surface_weight_map)
     flat = np.ascontiguousarray(t_all.reshape(n_g * n_e, -1))
     t0 = time.perf_counter()
     if fast.size:
         fixed = fibonacci_directions(int(n_directions))
         weights = _shared_weights(fixed, beams / norms[:, None], kernel, selected, amps_e, int(neighbours))
         _transport_shared(flat, weights[:, :, fast], fixed, rho, grid, rates[fast], int(batch), progress, dose,
-                          surface is not None, phi, esc[fast])
+                          surface is not None, phi, esc[fast], directional, normal)
     t_fine = time.perf_counter() - t0
     if slow.size:
         f = int(coarse_factor)
@@ -536,9 +540,17 @@ def shared_direction_dose(
         fixed_c = fibonacci_directions(int(coarse_directions))
         weights_c = _shared_weights(fixed_c, beams / norms[:, None], kernel, selected, amps_e, int(neighbours))
         dose_c = np.zeros(grid_c.shape, dtype=np.float64)
-        phi_c = _k.coarse_density(phi, f)[0] if surface is not None else phi
+        phi_c, normal_c = phi, normal
+        if surface is not None:
+            phi_c = _k.coarse_density(phi, f)[0]
+            if directional:  # block mean of sqrt(phi) n, per component
+                nv = normal.reshape(grid.shape + (3,))
+                normal_c = np.ascontiguousarray(np.stack(
+                    [_k.coarse_density(np.ascontiguousarray(nv[..., i]), f)[0] for i in range(3)], axis=-1
+                ).reshape(-1, 3))
         _transport_shared(flat_c.reshape(flat.shape[0], -1), weights_c[:, :, slow], fixed_c, rho_c, grid_c,
-                          rates[slow], int(batch), progress, dose_c, surface is not None, phi_c, esc[slow])
+                          rates[slow], int(batch), progress, dose_c, surface is not None, phi_c, esc[slow],
+                          directional, normal_c)
         dose += refine_coarse_dose(dose_c, f, grid.shape)
     logger.debug("shared directions on %s for %d beams x %d energy groups: %d terms x %d directions in %.2f s, "
                  "%d terms x %d directions on a %dx coarser grid in %.2f s", grid.shape, n_g, n_e, fast.size,
@@ -627,7 +639,7 @@ def _shared_weights(fixed, beams, kernel, selected, amps_e, neighbours) -> np.nd
 
 
 def _transport_shared(flat, weights, fixed, rho, grid: Grid, rates, batch: int, progress, dose,
-                      surface: bool = False, phi=None, esc=None) -> None:
+                      surface: bool = False, phi=None, esc=None, directional: bool = False, normal=None) -> None:
     """dose += transport along every direction of ``fixed`` with the sources
     ``S_jk = sum_r weights[j, r, k] flat[r]`` (contracted in batches of ``batch`` directions from
     the non-zero weights only); ``surface``, ``phi``, ``esc``: the surface escape (escape rate of
@@ -655,7 +667,10 @@ def _transport_shared(flat, weights, fixed, rho, grid: Grid, rates, batch: int, 
             esc = np.asarray(esc)[keep]  # equal rates have equal escape rates
     n_k = rates.size
     if phi is None or not surface:
-        surface, phi, esc = False, np.zeros((1, 1, 1)), np.zeros(n_k)
+        surface, phi, esc, directional = False, np.zeros((1, 1, 1)), np.zeros(n_k), False
+    if normal is None or not directional:
+        directional, normal = False, np.zeros((1, 3))
+    normal = np.ascontiguousarray(normal, dtype=np.float64)
     phi = np.ascontiguousarray(phi, dtype=np.float64)
     esc = np.ascontiguousarray(esc, dtype=np.float64)
     active = np.flatnonzero(np.abs(weights).sum(axis=(1, 2)) > 0)
@@ -688,7 +703,8 @@ def _transport_shared(flat, weights, fixed, rho, grid: Grid, rates, batch: int, 
                 out[i] *= np.float32(1.0 / len(steps))
             for _, m, sgn, da, db, step_cm in steps:
                 _k.transport_direct_sources(out[i].reshape(grid.shape + (n_k,)), rho, dose, m, sgn, da, db,
-                                            step_cm, rates, surface, phi, esc)
+                                            step_cm, rates, surface, phi, esc, directional, normal,
+                                            np.ascontiguousarray(fixed[j], dtype=np.float64))
         t_transport += time.process_time() - t1
     logger.debug("shared transport on %s: %d directions x %d terms, %d source entries per direction; CPU: sources "
                  "%.2f s, transport %.2f s", grid.shape, active.size, n_k,
