@@ -260,10 +260,17 @@ def _in_window(u, yy, sc, win, win_u):
     return win_u[b, 0] - ru <= u and u <= win_u[b, 1] + ru
 
 
+@numba.njit(**NUMBA_OPTIONS)
+def _inverse_steps(lat):
+    """``(u0, 1 / hu, y0, 1 / hy, den0, 1 / dden)`` of a lattice ``(u0, hu, y0, hy, den0, dden)``."""
+    return np.array([lat[0], 1.0 / lat[1], lat[2], 1.0 / lat[3], lat[4], 1.0 / lat[5]])
+
+
 @numba.njit(inline="always")
-def _axis_pos(x, x0, h, n):
-    """Lower lattice index (clamped to [0, n - 2]) and weight of the upper one for ``x`` on ``x0 + m h``."""
-    t = (x - x0) / h
+def _axis_pos(x, x0, ih, n):
+    """Lower lattice index (clamped to [0, n - 2]) and weight of the upper one for ``x`` on ``x0 + m h``
+    (``ih = 1 / h``)."""
+    t = (x - x0) * ih
     if t < 0.0:
         t = 0.0
     if t > n - 1:
@@ -280,10 +287,10 @@ Y_SNAP = 1e-7
 
 
 @numba.njit(inline="always")
-def _row_pos(y, y0, h, n):
+def _row_pos(y, y0, ih, n):
     """:func:`_axis_pos` along the couch axis, with ``y`` within :data:`Y_SNAP` steps of a row snapped
-    onto it (weight of the next row exactly 0: the voxel reads one row)."""
-    t = (y - y0) / h
+    onto it (weight of the next row exactly 0: the voxel reads one row); ``ih = 1 / h``."""
+    t = (y - y0) * ih
     r = math.floor(t + 0.5)
     if abs(t - r) < Y_SNAP:
         t = r
@@ -300,8 +307,9 @@ def _row_pos(y, y0, h, n):
 @numba.njit(inline="always")
 def _map_sum(maps, lat, cq, q_min, q_max, u, yy, den):
     """``sum_q cq[q] M_q(u, yy, den)`` for ``q_min <= q <= q_max`` (bilinear in (u, yy), linear between
-    the two bracketing planes; ``lat = (u0, hu, y0, hy, den0, dden)``; a voxel on a lattice row,
-    :func:`_row_pos`, reads that row only), and resets those ``cq``."""
+    the two bracketing planes; ``lat = (u0, 1 / hu, y0, 1 / hy, den0, 1 / dden)``, the inverse steps of
+    :func:`_inverse_steps`; a voxel on a lattice row, :func:`_row_pos`, reads that row only), and
+    resets those ``cq``."""
     nk, n_y, n_u, nl = maps.shape
     kk, fk = _axis_pos(den, lat[4], lat[5], nk)
     a0, fa = _axis_pos(u, lat[0], lat[1], n_u)
@@ -497,6 +505,8 @@ def fluence_lookup(out, ks, js, is_, depth_t, exit_t, xtab, lvl_t, rho_t, origin
     fixed order). ``check_ends`` False: no voxel's aperture can be truncated (the caller checked the
     medium's ends against the samples' fields), the test is skipped."""
     nx = lvl_t.shape[1]
+    lat_f = _inverse_steps(lat_f)
+    lat_c = _inverse_steps(lat_c)
     # node bracket of every column index (as _node_weights)
     ni_lo = np.empty(nx, dtype=np.int64)
     ni_w = np.empty(nx)
@@ -593,6 +603,7 @@ def coarse_lookup(out, ks, js, is_, depth_t, exit_t, xtab, lvl_t, rho_t, origin,
     free_lo = np.full(n_s, -NO_LIMIT)
     free_hi = np.full(n_s, NO_LIMIT)
     empty = np.zeros((2, 2, 2, 0))
+    lat_c = _inverse_steps(lat_c)
     for aa in numba.prange(ks.shape[0]):
         k = ks[aa]
         cq_f = np.zeros(0)
