@@ -274,11 +274,21 @@ def test_lung_cut_by_the_grid_end_counts_as_inside():
 
 
 # --- the shipped table -----------------------------------------------------------------------------
-def test_shipped_table_loads_with_provenance():
+def test_engine_table_is_the_direction_weighted_fit():
+    from tomodose.dose.engine import SURFACE_TABLE
+
+    corr = load_surface_correction(SURFACE_TABLE)
+    iso = load_surface_correction()
+    assert corr.directional and not iso.directional
+    assert corr.provenance["fit"]["chi2_per_dof"] <= iso.provenance["fit"]["chi2_per_dof"]
+
+
+@pytest.mark.parametrize("name", ["ccc_surface_water_6mv", "ccc_surface_water_6mv_directional"])
+def test_shipped_table_loads_with_provenance(name):
     from importlib import resources
 
-    corr = load_surface_correction()
-    assert corr.name == "ccc_surface_water_6mv"
+    corr = load_surface_correction(name)
+    assert corr.name == name
     assert 0.0 < corr.escape_rate_per_cm < 1.0 and 5.0 < corr.decay_mm < 100.0
     assert corr.cutoff_mm >= 5 * corr.decay_mm and corr.slow_rate_per_cm == 1.0
     prov = corr.provenance
@@ -286,7 +296,7 @@ def test_shipped_table_loads_with_provenance():
     fit = prov["fit"]
     assert fit["chi2_per_dof"] < 0.2 * fit["chi2_per_dof_uncorrected"]
     folder = resources.files("tomodose").joinpath("data", "kernels")
-    md = folder.joinpath("ccc_surface_water_6mv.provenance.md").read_text(encoding="utf-8")
+    md = folder.joinpath(f"{name}.provenance.md").read_text(encoding="utf-8")
     assert "derive_ccc_surface.py" in md and "validation reference was used" in md
     # one parametrisation for every shipped kernel: the slow terms of each are corrected, the fast not
     for name in ("ccc_water_6mv_default", "ccc_water_6mv_3groups", "ccc_water_6mv_5groups"):
@@ -307,10 +317,12 @@ def test_derivation_reproduces_the_shipped_table(capsys):
     spec.loader.exec_module(mod)
     assert mod.fit(["--check-only"]) == 0
     models = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines() if line.startswith("{")]
-    model = next(m for m in models if m["name"] == "ccc_surface_water_6mv")
-    corr = load_surface_correction()
-    assert math.isclose(model["escape_rate_per_cm"], corr.escape_rate_per_cm, rel_tol=1e-3)
-    assert math.isclose(model["decay_mm"], corr.decay_mm, rel_tol=1e-3)
+    for name in ("ccc_surface_water_6mv", "ccc_surface_water_6mv_directional"):
+        model = next(m for m in models if m["name"] == name)
+        corr = load_surface_correction(name)
+        assert model["directional"] == corr.directional
+        assert math.isclose(model["escape_rate_per_cm"], corr.escape_rate_per_cm, rel_tol=1e-3)
+        assert math.isclose(model["decay_mm"], corr.decay_mm, rel_tol=1e-3)
 
 
 # --- bad input -------------------------------------------------------------------------------------
