@@ -278,8 +278,9 @@ def test_engine_table_is_the_direction_weighted_fit():
     from tomodose.dose.engine import SURFACE_TABLE
 
     corr = load_surface_correction(SURFACE_TABLE)
-    iso = load_surface_correction()
+    iso = load_surface_correction("ccc_surface_water_6mv")
     assert corr.directional and not iso.directional
+    assert load_surface_correction() is corr  # surface_correction=True means the engine's table
     assert corr.provenance["fit"]["chi2_per_dof"] <= iso.provenance["fit"]["chi2_per_dof"]
 
 

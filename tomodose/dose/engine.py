@@ -109,7 +109,7 @@ SURFACE_CORRECTION = False
 #: ``ccc_surface_water_6mv``). Measured on the Monte Carlo references (docs/collapsed_cone.md 4g), the
 #: isotropic escape also removes energy at the exit face (water_j50 -1 % at 170-195 mm), the
 #: direction-weighted one does not (the choice between the two fitted variants used those checks).
-SURFACE_TABLE = "ccc_surface_water_6mv_directional"
+SURFACE_TABLE = "ccc_surface_water_6mv_directional"  # = ccc_surface.DEFAULT_SURFACE_NAME
 #: default ``static_n_azimuth``: cones per kernel ring of the transports of static beams (kernel tilted to
 #: one point source, the calibration field included); None = the kernel's own (8). 16 removes the long
 #: fan's ray effect (LA4 TPR at 20 cm) but, without :data:`SURFACE_CORRECTION`, lowers the 8-leaf Monte

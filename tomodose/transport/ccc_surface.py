@@ -23,7 +23,10 @@ transport (energy reaching it leaves).
 
 The parameters are fitted by ``kernels/derive_ccc_surface.py`` to the project's own Monte Carlo
 pencil (``kernels/study_pb_pencil_mc.npz``) and shipped in
-``tomodose/data/kernels/ccc_surface_water_6mv.json``.
+``tomodose/data/kernels/ccc_surface_water_6mv.json`` (isotropic) and
+``ccc_surface_water_6mv_directional.json`` (the escape weighted by ``1 - (u . n)**2``, ``u`` the
+line and ``n`` the surface normal: energy travelling along a surface escapes, energy crossing it
+does not; the default, :data:`DEFAULT_SURFACE_NAME`).
 """
 
 from __future__ import annotations
@@ -42,8 +45,9 @@ __all__ = ["SurfaceCorrection", "load_surface_correction", "surface_distance_mm"
            "DEFAULT_SURFACE_NAME", "SURFACE_FORMAT", "resolve_surface_correction", "body_mask",
            "surface_normal_weight"]
 
-#: shipped surface-correction table
-DEFAULT_SURFACE_NAME = "ccc_surface_water_6mv"
+#: shipped surface-correction table used for ``surface_correction=True``: the direction-weighted line
+#: escape (``ccc_surface_water_6mv`` is the isotropic variant; docs/collapsed_cone.md section 4g)
+DEFAULT_SURFACE_NAME = "ccc_surface_water_6mv_directional"
 #: format tag of the table
 SURFACE_FORMAT = "tomodose-ccc-surface-correction"
 
