@@ -322,6 +322,11 @@ def write_table(chosen, results, args, dep, pm, name=OUT_NAME, directional=False
         return head + "".join(f"| {a}-{b} | " + " | ".join(f"{v:.3f}" for v in row) + " |\n"
                               for (a, b), row in zip(rg, t))
 
+    ex = chosen["exit_check"]["corrected"]
+    mc_25, mo_25 = ex[1]["mc_vs_model"][-1]
+    exit_note = (f"At 190-200 mm the corrected pencil gives {mo_25:.3f} of the deep phantom's energy at 25-100 mm "
+                 f"(Monte Carlo {mc_25:.3f}: {'over' if mo_25 < mc_25 else 'under'}-corrects by "
+                 f"{100 * abs(mo_25 / mc_25 - 1):.0f} %).")
     prov = f"""# {name}.json: provenance
 
 Written by `kernels/derive_ccc_surface.py` version {SCRIPT_VERSION} on {data["provenance"]["date_utc"]}.
@@ -355,8 +360,7 @@ phantom, per ring group in the last 50 mm (Monte Carlo, then the CCC pencil; the
 cancel in the ratio):
 
 {exit_md(chosen["exit_check"])}
-The escape fitted at the entrance explains most of the exit deficit near the axis and at 25-100 mm
-(over-corrects there by 3-4 %), less of it beyond 100 mm.
+{exit_note}
 """
     _common.atomic_write_text(path.with_suffix(".provenance.md"), prov)
     print("wrote", path)
