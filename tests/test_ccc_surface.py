@@ -380,6 +380,12 @@ def test_directional_escape_matches_naive_twin(mode, small_kernel):
     iso = collapsed_cone_dose(terma, rho, grid, kernel=small_kernel, progress=False, surface_correction=STRONG, **kw)
     assert np.abs(iso - fast).max() > 20 * tol * slow.max()  # the weighting matters here
     np.testing.assert_allclose(fast, slow, rtol=tol, atol=tol * slow.max())
+    given = collapsed_cone_dose(terma, rho, grid, kernel=small_kernel, progress=False, surface_correction=DIRECTIONAL,
+                                surface_weight_map=phi, surface_normal_map=normal.reshape(-1, 3), **kw)
+    np.testing.assert_array_equal(given, fast)  # precomputed maps: the same
+    with pytest.raises(ValueError, match="surface_normal_map"):
+        collapsed_cone_dose(terma, rho, grid, kernel=small_kernel, progress=False, surface_correction=DIRECTIONAL,
+                            surface_normal_map=np.zeros((3, 3)), **kw)
 
 
 def test_directional_shared_matches_naive_twin_and_threads():

@@ -135,6 +135,7 @@ def collapsed_cone_dose(
     progress: bool | None = None,
     surface_correction=None,
     surface_weight_map=None,
+    surface_normal_map=None,
 ) -> np.ndarray:
     """Dose (energy per mass) from TERMA by collapsed-cone convolution/superposition.
 
@@ -184,6 +185,9 @@ def collapsed_cone_dose(
         The map :func:`tomodose.transport.ccc_surface.surface_weight` of this density, grid and
         correction, when the caller has it already (several transports of one patient); values in
         [0, 1]. Used only with ``surface_correction``.
+    surface_normal_map : (nz * ny * nx, 3) array_like, optional
+        :func:`tomodose.transport.ccc_surface.surface_normal_weight` of this density, grid and
+        correction (a direction-weighted correction only), when the caller has it already.
 
     Returns
     -------
@@ -252,7 +256,8 @@ def collapsed_cone_dose(
     dose = np.zeros(grid.shape, dtype=np.float64)
     if not np.any(t_arr > 0):
         return dose.astype(np.float32)
-    phi, esc, directional, normal = _surface_arrays(surface, rho, spacing, rates, surface_weight_map)
+    phi, esc, directional, normal = _surface_arrays(surface, rho, spacing, rates, surface_weight_map,
+                                                    surface_normal_map)
 
     t0 = time.perf_counter()
     if tilt:
@@ -304,7 +309,7 @@ def collapsed_cone_dose(
     return dose.astype(np.float32)
 
 
-def _surface_arrays(surface, rho, spacing_mm, rates, weight_map=None):
+def _surface_arrays(surface, rho, spacing_mm, rates, weight_map=None, normal_map=None):
     """(phi map (nz, ny, nx), escape rates (K,), directional, normal (n_vox, 3)) of a surface
     correction, or dummies when off."""
     if surface is None:
@@ -316,7 +321,11 @@ def _surface_arrays(surface, rho, spacing_mm, rates, weight_map=None):
                                                high=1.0), dtype=np.float64)
     normal = np.zeros((1, 3))
     if surface.directional:
-        normal = surface_normal_weight(rho, spacing_mm, surface, phi)
+        if normal_map is None:
+            normal = surface_normal_weight(rho, spacing_mm, surface, phi)
+        else:
+            normal = np.ascontiguousarray(check_array("surface_normal_map", normal_map, shape=(rho.size, 3),
+                                                      low=-1.0, high=1.0), dtype=np.float64)
     return phi, np.ascontiguousarray(surface.escape_rates(rates), dtype=np.float64), surface.directional, normal
 
 
@@ -395,6 +404,7 @@ def shared_direction_dose(
     progress: bool | None = None,
     surface_correction=None,
     surface_weight_map=None,
+    surface_normal_map=None,
 ) -> np.ndarray:
     """Dose of selected kernel rings of many beams, transported along one shared direction set.
 
@@ -460,6 +470,8 @@ def shared_direction_dose(
         grid the map is the block mean of the fine one.
     surface_weight_map : (nz, ny, nx) array_like, optional
         Precomputed :func:`tomodose.transport.ccc_surface.surface_weight` (as :func:`collapsed_cone_dose`).
+    surface_normal_map : (nz * ny * nx, 3) array_like, optional
+        Precomputed :func:`tomodose.transport.ccc_surface.surface_normal_weight` (as :func:`collapsed_cone_dose`).
 
     Returns
     -------
@@ -522,7 +534,7 @@ def shared_direction_dose(
     if not any_terma:
         return dose
     phi, esc, directional, normal = _surface_arrays(surface, rho, np.asarray(grid.spacing_mm, dtype=np.float64),
-                                                    rates, surface_weight_map)
+                                                    rates, surface_weight_map, surface_normal_map)
     flat = np.ascontiguousarray(t_all.reshape(n_g * n_e, -1))
     t0 = time.perf_counter()
     if fast.size:
