@@ -50,7 +50,7 @@ ENGINES = ("collapsed_cone", "pencil_beam")
 #: validation/build_report.py prints this table from validation/results.json
 KNOWN_FAILURES: dict[tuple[str, str, str], str] = {
     ('slab_bone', 'pencil_beam', 'depth_abs'): 'max |diff| beyond d_max 6.1 % (mean -1.0 %), tolerance 3 %',
-    ('slab_bone', 'pencil_beam', 'depth_rel'): 'max |diff| beyond d_max 6.8 % (mean -0.4 %), tolerance 3 %',
+    ('slab_bone', 'pencil_beam', 'depth_rel'): 'max |diff| beyond d_max 6.7 % (mean -0.4 %), tolerance 3 %',
     ('slab_lung', 'pencil_beam', 'depth_abs'): 'max |diff| beyond d_max 7.3 % (mean +0.2 %), tolerance 3 %',
     ('slab_lung', 'pencil_beam', 'depth_rel'): 'max |diff| beyond d_max 7.2 % (mean +0.1 %), tolerance 3 %',
     ('water_j10', 'collapsed_cone', 'depth_abs'): 'max |diff| beyond d_max 1.6 % (mean -0.6 %), tolerance 1 %',
