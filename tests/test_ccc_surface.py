@@ -428,3 +428,17 @@ def test_directional_escape_spares_lines_across_a_surface():
     assert np.all(mid[:, 1] > 0)
     phi = surface_weight(rho, grid.spacing_mm, DIRECTIONAL)
     np.testing.assert_allclose(mid[:, 1] ** 2, phi[1, 4, 4:8])
+
+
+def test_surface_maps_equal_the_single_maps():
+    # one distance transform for both maps gives what the two single-map functions give
+    from tomodose.transport.ccc_surface import load_surface_correction, surface_maps, surface_normal_weight
+
+    _, grid, _, rho = _case(1)
+    corr = load_surface_correction()
+    phi, normal = surface_maps(rho, grid.spacing_mm, corr)
+    assert corr.directional and normal is not None
+    np.testing.assert_array_equal(phi, surface_weight(rho, grid.spacing_mm, corr))
+    np.testing.assert_array_equal(normal, surface_normal_weight(rho, grid.spacing_mm, corr))
+    np.testing.assert_array_equal(normal, surface_normal_weight(rho, grid.spacing_mm, corr, phi))
+    assert surface_maps(rho, grid.spacing_mm, corr, normals=False)[1] is None

@@ -373,14 +373,14 @@ def _ccc_transport(patient: PatientModel, groups: list, *, kernel=None, progress
     dose = np.zeros(grid.shape, dtype=np.float64)
     surface_kw = {}
     if surface_correction:
-        from tomodose.transport.ccc_surface import load_surface_correction, surface_normal_weight, surface_weight
+        from tomodose.transport.ccc_surface import load_surface_correction, surface_maps
 
         corr = load_surface_correction(SURFACE_TABLE)
         ts = time.perf_counter()
-        phi = surface_weight(density, grid.spacing_mm, corr)
+        phi, normal = surface_maps(density, grid.spacing_mm, corr)  # one distance transform for both
         surface_kw = {"surface_correction": corr, "surface_weight_map": phi}
-        if corr.directional:
-            surface_kw["surface_normal_map"] = surface_normal_weight(density, grid.spacing_mm, corr, phi)
+        if normal is not None:
+            surface_kw["surface_normal_map"] = normal
         if timings is not None:
             timings["surface_map_s"] = time.perf_counter() - ts
     # kernel tilt of every non-empty group: toward one point source, or the group's beam direction

@@ -43,7 +43,7 @@ from tomodose._validate import check_array
 
 __all__ = ["SurfaceCorrection", "load_surface_correction", "surface_distance_mm", "surface_weight",
            "DEFAULT_SURFACE_NAME", "SURFACE_FORMAT", "resolve_surface_correction", "body_mask",
-           "surface_normal_weight"]
+           "surface_normal_weight", "surface_maps"]
 
 #: shipped surface-correction table used for ``surface_correction=True``: the direction-weighted line
 #: escape (``ccc_surface_water_6mv`` is the isotropic variant; docs/collapsed_cone.md section 4g)
@@ -196,12 +196,36 @@ def surface_distance_mm(density_g_cm3, spacing_mm, threshold_g_cm3: float = 0.1)
 def surface_weight(density_g_cm3, spacing_mm, correction: SurfaceCorrection) -> np.ndarray:
     """(nz, ny, nx) float64 C-contiguous ``phi(s)`` of every voxel (0 at and beyond ``cutoff_mm``
     and outside the body, where there is nothing to deposit in)."""
+    return surface_maps(density_g_cm3, spacing_mm, correction, normals=False)[0]
+
+
+def surface_maps(density_g_cm3, spacing_mm, correction: SurfaceCorrection, *, normals: bool | None = None):
+    """The surface maps of one density from a single distance transform.
+
+    Returns ``(phi, normal)``: ``phi`` as :func:`surface_weight`; ``normal`` as
+    :func:`surface_normal_weight`, or None when not wanted (``normals`` False; default: when
+    ``correction.directional``).
+    """
     if not isinstance(correction, SurfaceCorrection):
         raise TypeError(f"correction must be a SurfaceCorrection, got {type(correction).__name__}")
     s = surface_distance_mm(density_g_cm3, spacing_mm, correction.body_threshold_g_cm3)
     phi = correction.phi(s)
     phi[s == 0.0] = 0.0  # outside the body (a body voxel has s >= half the smallest voxel side)
-    return np.ascontiguousarray(phi)
+    phi = np.ascontiguousarray(phi)
+    if normals is None:
+        normals = correction.directional
+    return phi, (_normal_weight(s, spacing_mm, phi) if normals else None)
+
+
+def _normal_weight(s, spacing_mm, phi) -> np.ndarray:
+    """``sqrt(phi) n`` (n_vox, 3) from the distance map ``s`` (see :func:`surface_normal_weight`)."""
+    sp = np.asarray(spacing_mm, dtype=np.float64)
+    gz, gy, gx = np.gradient(s, sp[2], sp[1], sp[0])
+    g = np.stack([gx, gy, gz], axis=-1)
+    norm = np.linalg.norm(g, axis=-1, keepdims=True)
+    n = np.where(norm > 0, g / np.where(norm > 0, norm, 1.0), 0.0)
+    out = n * np.sqrt(np.asarray(phi, dtype=np.float64))[..., None]
+    return np.ascontiguousarray(out.reshape(-1, 3))
 
 
 def resolve_surface_correction(value) -> SurfaceCorrection | None:
@@ -219,15 +243,10 @@ def resolve_surface_correction(value) -> SurfaceCorrection | None:
 def surface_normal_weight(density_g_cm3, spacing_mm, correction: SurfaceCorrection, phi=None) -> np.ndarray:
     """(nz * ny * nx, 3) float64 ``sqrt(phi) n`` of every voxel (LPS x, y, z) for the direction-weighted
     escape: ``n`` the unit gradient of the distance map (pointing inward; 0 where the gradient
-    vanishes), 0 where ``phi`` is 0. ``phi``: :func:`surface_weight`, when computed already."""
-    s = surface_distance_mm(density_g_cm3, spacing_mm, correction.body_threshold_g_cm3)
+    vanishes), 0 where ``phi`` is 0. ``phi``: :func:`surface_weight`, when computed already
+    (:func:`surface_maps` gives both from one distance transform)."""
     if phi is None:
-        phi = surface_weight(density_g_cm3, spacing_mm, correction)
-    sp = np.asarray(spacing_mm, dtype=np.float64)
-    gz, gy, gx = np.gradient(s, sp[2], sp[1], sp[0])
-    g = np.stack([gx, gy, gz], axis=-1)
-    norm = np.linalg.norm(g, axis=-1, keepdims=True)
-    n = np.where(norm > 0, g / np.where(norm > 0, norm, 1.0), 0.0)
-    out = n * np.sqrt(np.asarray(phi, dtype=np.float64))[..., None]
-    return np.ascontiguousarray(out.reshape(-1, 3))
+        return surface_maps(density_g_cm3, spacing_mm, correction, normals=True)[1]
+    s = surface_distance_mm(density_g_cm3, spacing_mm, correction.body_threshold_g_cm3)
+    return _normal_weight(s, spacing_mm, phi)
 

@@ -39,7 +39,7 @@ import numpy as np
 from tomodose import config
 from tomodose._validate import check_array, check_vector
 from tomodose.geometry.grid import Grid
-from tomodose.transport.ccc_surface import resolve_surface_correction, surface_normal_weight, surface_weight
+from tomodose.transport.ccc_surface import resolve_surface_correction, surface_maps, surface_normal_weight
 from tomodose.transport.kernels import CollapsedConeKernel, load_kernel
 
 __all__ = ["collapsed_cone_dose", "shared_direction_dose", "fibonacci_directions", "direction_geometry",
@@ -314,18 +314,20 @@ def _surface_arrays(surface, rho, spacing_mm, rates, weight_map=None, normal_map
     correction, or dummies when off."""
     if surface is None:
         return np.zeros((1, 1, 1)), np.zeros(np.asarray(rates).size), False, np.zeros((1, 3))
-    if weight_map is None:
-        phi = surface_weight(rho, spacing_mm, surface)
-    else:
+    phi = normal = None
+    if weight_map is not None:
         phi = np.ascontiguousarray(check_array("surface_weight_map", weight_map, shape=rho.shape, low=0.0,
                                                high=1.0), dtype=np.float64)
-    normal = np.zeros((1, 3))
-    if surface.directional:
-        if normal_map is None:
-            normal = surface_normal_weight(rho, spacing_mm, surface, phi)
-        else:
-            normal = np.ascontiguousarray(check_array("surface_normal_map", normal_map, shape=(rho.size, 3),
-                                                      low=-1.0, high=1.0), dtype=np.float64)
+    if surface.directional and normal_map is not None:
+        normal = np.ascontiguousarray(check_array("surface_normal_map", normal_map, shape=(rho.size, 3),
+                                                  low=-1.0, high=1.0), dtype=np.float64)
+    if phi is None:  # both maps from one distance transform where both are needed
+        phi, computed = surface_maps(rho, spacing_mm, surface, normals=surface.directional and normal is None)
+        normal = computed if normal is None else normal
+    if surface.directional and normal is None:
+        normal = surface_normal_weight(rho, spacing_mm, surface, phi)
+    if normal is None:
+        normal = np.zeros((1, 3))
     return phi, np.ascontiguousarray(surface.escape_rates(rates), dtype=np.float64), surface.directional, normal
 
 
