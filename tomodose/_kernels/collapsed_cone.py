@@ -125,16 +125,7 @@ def _segment_factors(rates, inv_rates, delta, ex, gg, li):
                 1.0 / 720.0 - x * (1.0 / 5040.0 - x * (1.0 / 40320.0)))))))
 
 
-@numba.njit(**NUMBA_OPTIONS)
-def _g_of(x):
-    """(1 - exp(-x)) / x for x >= 0 (Taylor series below 0.05, as :func:`_segment_factors`)."""
-    if x > 0.05:
-        return (1.0 - _exp_neg(x)) / x
-    return 1.0 - x * (0.5 - x * (1.0 / 6.0 - x * (1.0 / 24.0 - x * (1.0 / 120.0 - x * (
-        1.0 / 720.0 - x * (1.0 / 5040.0 - x * (1.0 / 40320.0)))))))
-
-
-@numba.njit(**NUMBA_OPTIONS)
+@numba.njit(inline="always", **NUMBA_OPTIONS)
 def _weight_along(ph, normal, idx, ux, uy, uz):
     """Direction-weighted surface weight ``phi (1 - (u . n)**2)`` of voxel ``idx`` for a line along
     ``u``: ``normal[idx]`` holds ``sqrt(phi) n`` (``n`` the unit surface normal, 0 where undefined)."""
@@ -143,39 +134,87 @@ def _weight_along(ph, normal, idx, ux, uy, uz):
     return w if w > 0.0 else 0.0
 
 
+#: below this ``x = mu delta`` the escape terms use the series :func:`_escape_h` (no ``exp``, no division)
+ESCAPE_SERIES_X = 0.2
+
+
+@numba.njit(inline="always", **NUMBA_OPTIONS)
+def _escape_h(x):
+    """``h(x) = (1 - g(x)) / x = sum_n (-x)**n / (n + 2)!`` for ``0 <= x <= ESCAPE_SERIES_X``
+    (``g(x) = (1 - exp(-x)) / x``; degree 10, truncation < x**11 / 13! < 4e-18, i.e. < 1e-17 of h)."""
+    return 1.0 / 2.0 - x * (1.0 / 6.0 - x * (1.0 / 24.0 - x * (1.0 / 120.0 - x * (1.0 / 720.0 - x * (
+        1.0 / 5040.0 - x * (1.0 / 40320.0 - x * (1.0 / 362880.0 - x * (1.0 / 3628800.0 - x * (
+            1.0 / 39916800.0 - x * (1.0 / 479001600.0))))))))))
+
+
 @numba.njit(**NUMBA_OPTIONS)
-def _deposit_escape(flux_row, src, rates, inv_rates, ex_row, gg_row, delta, ph, esc_rate):
-    """Dose of one voxel and flux update of every term with the surface escape (in place on
-    ``flux_row``); returns the dose.
+def _escape_terms(surface, esc_rate, n_k):
+    """(indices of the terms with an escape rate, indices of the others) of a kernel call; no
+    escape term when ``surface`` is False (``esc_rate`` is then not read)."""
+    n_e = 0
+    if surface:
+        for k in range(n_k):
+            if esc_rate[k] != 0.0:
+                n_e += 1
+    esc_idx = np.empty(n_e, np.int64)
+    plain_idx = np.empty(n_k - n_e, np.int64)
+    i = 0
+    j = 0
+    for k in range(n_k):
+        if surface and esc_rate[k] != 0.0:
+            esc_idx[i] = k
+            i += 1
+        else:
+            plain_idx[j] = k
+            j += 1
+    return esc_idx, plain_idx
+
+
+@numba.njit(inline="always", **NUMBA_OPTIONS)
+def _deposit_escape(flux, ex, gg, li, src, rates, inv_rates, delta, ph, esc_rate, esc_idx, plain_idx):
+    """Dose of one voxel of line ``li`` and flux update of every term with the surface escape
+    (in place on ``flux[li]``); returns the dose. ``src`` (K,): the voxel's term sources.
 
     Term ``k`` loses, besides its deposition rate ``a_k``, an escape rate ``e = esc_rate[k] * ph``
-    per cm of radiological path (``ph`` the voxel's surface weight): with ``mu = a_k + e`` and
-    ``x = mu delta``, ``dose = F a_k g(x) + S (a_k / mu) (1 - g(x))``,
-    ``F' = F exp(-x) + S (1 - exp(-x)) / mu`` (the escaped part ``e / mu`` is not deposited).
-    Terms with ``e = 0`` use exactly the arithmetic of the uncorrected recursion.
+    per cm of radiological path (``ph`` the voxel's surface weight): with ``mu = a_k + e``,
+    ``x = mu delta``, ``g(x) = (1 - exp(-x)) / x`` and ``h(x) = (1 - g(x)) / x``::
+
+        dose = F a_k g(x) + S (a_k / mu) (1 - g(x)) = F a_k g + S a_k delta h
+        F'   = F exp(-x) + S (1 - exp(-x)) / mu      = F (1 - x g) + S delta g
+
+    (the escaped part ``e / mu`` is not deposited). Up to ``x = ESCAPE_SERIES_X`` (every escape
+    term on common grids) ``h`` is a series and ``g = 1 - x h``, ``exp(-x) = 1 - x g``: no ``exp``
+    and no division (equal to the closed form to float64 rounding, < 1e-15 relative); above, the
+    closed form with one ``exp`` and one division. The terms of ``plain_idx`` (no escape rate) use
+    the uncorrected arithmetic with the line's cached ``ex``/``gg``.
     """
     d = 0.0
-    last_e = -1.0
-    fac = 1.0
-    for k in range(rates.size):
-        f = flux_row[k]
+    for j in range(plain_idx.size):
+        k = plain_idx[j]
+        f = flux[li, k]
+        gk = gg[li, k]
+        ek = ex[li, k]
         sk = src[k]
-        e = esc_rate[k] * ph
-        if e == 0.0:
-            gk = gg_row[k]
-            ek = ex_row[k]
-            d += f * rates[k] * gk + sk * (1.0 - gk)
-            flux_row[k] = f * ek + sk * (1.0 - ek) * inv_rates[k]
-            continue
-        if e != last_e:
-            fac = _exp_neg(e * delta)
-            last_e = e
-        mu = rates[k] + e
-        ek = ex_row[k] * fac  # exp(-mu delta)
+        d += f * rates[k] * gk + sk * (1.0 - gk)
+        flux[li, k] = f * ek + sk * (1.0 - ek) * inv_rates[k]
+    for j in range(esc_idx.size):
+        k = esc_idx[j]
+        f = flux[li, k]
+        sk = src[k]
+        a = rates[k]
+        mu = a + esc_rate[k] * ph
         x = mu * delta
-        gk = (1.0 - ek) / x if x > 0.05 else _g_of(x)
-        d += f * rates[k] * gk + sk * (rates[k] / mu) * (1.0 - gk)
-        flux_row[k] = f * ek + sk * (1.0 - ek) / mu
+        if x <= ESCAPE_SERIES_X:
+            h = _escape_h(x)
+            gk = 1.0 - x * h
+            d += f * a * gk + sk * (a * delta) * h
+            flux[li, k] = f * (1.0 - x * gk) + sk * delta * gk
+        else:
+            ek = _exp_neg(x)
+            inv_mu = 1.0 / mu
+            gk = (1.0 - ek) / x
+            d += f * a * gk + sk * (a * inv_mu) * (1.0 - gk)
+            flux[li, k] = f * ek + sk * (1.0 - ek) * inv_mu
     return d
 
 
@@ -517,6 +556,8 @@ def transport_direction(terma, rho, dose, m, sgn, da, db, step_cm, rates, amp_co
     nf = norm.reshape((norm.shape[0], norm.size // norm.shape[0]))
     pf = phi.reshape(phi.size)
     inv_rates = 1.0 / rates
+    esc_idx, plain_idx = _escape_terms(surface, esc_rate, n_k)
+    escape = esc_idx.size > 0  # no term with an escape rate: the uncorrected transport, bit for bit
     for task in numba.prange(lines_a):
         ia = task - max_a
         flux = np.zeros((lines_b, n_k))
@@ -590,11 +631,12 @@ def transport_direction(terma, rho, dose, m, sgn, da, db, step_cm, rates, amp_co
                         else:
                             for k in range(n_k):
                                 src[k] += tg * amp_const[g, k]
-                ph = pf[idx] if surface else 0.0
+                ph = pf[idx] if escape else 0.0
                 if ph != 0.0 and directional:
                     ph = _weight_along(ph, normal, idx, u_xyz[0], u_xyz[1], u_xyz[2])
                 if ph != 0.0:
-                    d = _deposit_escape(flux[li], src, rates, inv_rates, ex[li], gg[li], delta, ph, esc_rate)
+                    d = _deposit_escape(flux, ex, gg, li, src, rates, inv_rates, delta, ph, esc_rate, esc_idx,
+                                        plain_idx)
                 else:
                     d = 0.0
                     for k in range(n_k):
@@ -713,6 +755,8 @@ def transport_direct_sources(src, rho, dose, m, sgn, da, db, step_cm, rates, sur
     df = dose.reshape(n_vox)
     pf = phi.reshape(phi.size)
     inv_rates = 1.0 / rates
+    esc_idx, plain_idx = _escape_terms(surface, esc_rate, n_k)
+    escape = esc_idx.size > 0  # no term with an escape rate: the uncorrected transport, bit for bit
     for task in numba.prange(lines_a):
         ia = task - max_a
         flux = np.zeros((lines_b, n_k))
@@ -720,7 +764,6 @@ def transport_direct_sources(src, rho, dose, m, sgn, da, db, step_cm, rates, sur
         gg = np.ones((lines_b, n_k))
         last_delta = np.full(lines_b, -1.0)
         has_flux = np.zeros(lines_b, dtype=np.bool_)
-        sv64 = np.empty(n_k)
         started = False
         for n in range(n_m):
             ja = ia + off_a[n]
@@ -752,13 +795,12 @@ def transport_direct_sources(src, rho, dose, m, sgn, da, db, step_cm, rates, sur
                 fl = flux[li]
                 el = ex[li]
                 gl = gg[li]
-                ph = pf[idx] if surface else 0.0
+                ph = pf[idx] if escape else 0.0
                 if ph != 0.0 and directional:
                     ph = _weight_along(ph, normal, idx, u_xyz[0], u_xyz[1], u_xyz[2])
                 if ph != 0.0:
-                    for k in range(n_k):
-                        sv64[k] = sv[k]
-                    df[idx] += _deposit_escape(fl, sv64, rates, inv_rates, el, gl, delta, ph, esc_rate)
+                    df[idx] += _deposit_escape(flux, ex, gg, li, sv, rates, inv_rates, delta, ph, esc_rate, esc_idx,
+                                               plain_idx)
                     continue
                 d = 0.0
                 for k in range(n_k):
