@@ -60,8 +60,10 @@ def test_transport_kernels_match_naive_escape_twin(seed):
             b = np.zeros(shape)
             _k.transport_direction(src, rho, a, m, sgn, da, db, st, rates, np.eye(4), False, u, 0.0,
                                    np.zeros((1, 2, 4)), 1.0, np.zeros((1, 1, 1, 1)), z3, z3, np.ones(3), z3, True,
-                                   0.5, 0.5, True, phi, esc)
-            _k.transport_direct_sources(src_vm, rho, b, m, sgn, da, db, st, rates, True, phi, esc)
+                                   0.5, 0.5, True, phi, esc, False, np.zeros((1, 3)))  # no omitted array default:
+            # such a call cannot use numba's on-disk cache (it compiled in every test process)
+            _k.transport_direct_sources(src_vm, rho, b, m, sgn, da, db, st, rates, True, phi, esc, False,
+                                        np.zeros((1, 3)), np.zeros(3))
             slow = naive.transport_direction_escape(
                 mark, rho, m, sgn, da, db, st, rates,
                 lambda v: src[(slice(None),) + v].astype(np.float64) / mark[v], lambda v: esc * phi[v])
@@ -442,3 +444,92 @@ def test_surface_maps_equal_the_single_maps():
     np.testing.assert_array_equal(normal, surface_normal_weight(rho, grid.spacing_mm, corr))
     np.testing.assert_array_equal(normal, surface_normal_weight(rho, grid.spacing_mm, corr, phi))
     assert surface_maps(rho, grid.spacing_mm, corr, normals=False)[1] is None
+
+
+# --- the fast escape recursion (docs/collapsed_cone.md section 4g, "Cost") -------------------------
+def test_escape_recursion_equals_the_closed_form():
+    """:func:`_deposit_escape`: the series path (``x <= ESCAPE_SERIES_X``, contiguous or not) and the
+    closed-form path give the exact segment recursion to float64 rounding (reference in 80-bit)."""
+    from tomodose._kernels import collapsed_cone as _k
+
+    rng = np.random.default_rng(11)
+    rates = np.array([0.06, 0.09, 2.6, 29.8])
+    inv = 1.0 / rates
+    ld = np.longdouble
+    for esc, deltas in ((np.array([0.0592, 0.0592, 0.0, 0.0]), (0.0, 1e-5, 0.03, 0.3, 0.6, 1.2, 1.5)),  # series
+                        (np.array([2.0, 0.0, 1.5, 0.0]), (0.01, 0.3, 1.0, 3.0))):  # both paths, not contiguous
+        esc_idx, plain_idx, e_lo, e_hi, a_max, e_max = _k._escape_terms(True, esc, rates)
+        for delta in deltas:
+            for _ in range(20):
+                ph = float(rng.random())
+                flux = rng.random((2, 4)) * 5.0
+                src = rng.normal(size=4)
+                ex = np.exp(-rates * delta)[None].repeat(2, 0)
+                gg = np.where(rates * delta > 0, -np.expm1(-rates * delta) / np.maximum(rates * delta, 1e-300), 1.0)
+                gg = gg[None].repeat(2, 0)
+                f0 = flux[1].copy()
+                d = _k._deposit_escape(flux, ex, gg, 1, src, rates, inv, delta, ph, esc, esc_idx, plain_idx, e_lo,
+                                       e_hi, a_max, e_max)
+                want_d = ld(0.0)
+                for k in np.asarray(esc_idx):
+                    a, mu = ld(rates[k]), ld(rates[k]) + ld(esc[k]) * ld(ph)
+                    x = mu * ld(delta)
+                    if x == 0:
+                        g, one_minus_g = ld(1.0), ld(0.0)
+                    else:
+                        om = -np.expm1(-x)
+                        g = om / x
+                        one_minus_g = (x - om) / x  # 80-bit: cancellation 1e-19 / x
+                    want_d += ld(f0[k]) * a * g + ld(src[k]) * (a / mu) * one_minus_g
+                    want_f = ld(f0[k]) * np.exp(-x) + ld(src[k]) * (x * g / mu if x > 0 else ld(0.0))
+                    assert abs(float(want_f) - flux[1, k]) <= 1e-14 * (abs(float(want_f)) + abs(src[k]) * delta)
+                for k in np.asarray(plain_idx):
+                    want_d += ld(f0[k] * rates[k] * gg[1, k] + src[k] * (1.0 - gg[1, k]))
+                scale = float(np.abs(f0 * rates).sum() + np.abs(src).sum())
+                assert abs(d - float(want_d)) <= 1e-14 * scale, (esc, delta, d, float(want_d))
+                np.testing.assert_array_equal(flux[0], np.zeros(4) + flux[0])  # other lines untouched
+
+
+def test_without_escape_terms_the_kernels_are_the_uncorrected_ones_bitwise():
+    """``surface=True`` with no term having an escape rate (the fast terms of the coarse option) runs the
+    uncorrected transport, bit for bit; the shipped table: 1 vs 2 threads bit for bit."""
+    from tomodose._kernels import collapsed_cone as _k
+    from tomodose.transport.collapsed_cone import direction_steppings, fibonacci_directions
+
+    rng, grid, _, rho = _case(0)
+    shape = grid.shape
+    rates = np.array([0.05, 0.12, 3.0, 100.0])
+    phi = rng.random(shape)
+    src = (rng.normal(size=(4,) + shape) * (rng.random(shape) > 0.4)).astype(np.float32)
+    src_vm = np.ascontiguousarray(np.moveaxis(src, 0, -1))
+    z3 = np.zeros(3)
+    for u in fibonacci_directions(6):
+        for _, m, sgn, da, db, st in direction_steppings(u, grid.spacing_mm):
+            out = []
+            for surf in (False, True):
+                a = np.zeros(shape)
+                b = np.zeros(shape)
+                _k.transport_direction(src, rho, a, m, sgn, da, db, st, rates, np.eye(4), False, u, 0.0,
+                                       np.zeros((1, 2, 4)), 1.0, np.zeros((1, 1, 1, 1)), z3, z3, np.ones(3), z3, True,
+                                       0.5, 0.5, surf, phi, np.zeros(4), False, np.zeros((1, 3)))
+                _k.transport_direct_sources(src_vm, rho, b, m, sgn, da, db, st, rates, surf, phi, np.zeros(4), False,
+                                            np.zeros((1, 3)), np.zeros(3))
+                out.append((a, b))
+            np.testing.assert_array_equal(out[0][0], out[1][0])
+            np.testing.assert_array_equal(out[0][1], out[1][1])
+    kernel = load_kernel(n_azimuth=3)
+    beams = np.array([[1.0, 0.2, 0.0], [0.0, -1.0, 0.3]])
+    terma = rng.random((2,) + shape)
+    old = numba.get_num_threads()
+    res = []
+    try:
+        for n in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+            numba.set_num_threads(n)
+            res.append(shared_direction_dose(terma, beams, rho, grid, kernel=kernel, n_directions=20, progress=False,
+                                             surface_correction=True))
+            res.append(collapsed_cone_dose(terma[0], rho, grid, kernel=kernel, source_position_mm=(0.0, -900.0, 0.0),
+                                           progress=False, surface_correction=True))
+    finally:
+        numba.set_num_threads(old)
+    np.testing.assert_array_equal(res[0], res[2])
+    np.testing.assert_array_equal(res[1], res[3])

@@ -15,6 +15,13 @@ from tomodose.transport.collapsed_cone import direction_geometry
 from tomodose.transport.kernels import polyenergetic_kernel
 
 
+#: the kernels' optional trailing arguments, passed explicitly: a call that omits an array default
+#: cannot use numba's on-disk cache (the omitted default is part of the signature, compared by
+#: identity), so it compiled the kernel again in every test process (25-45 s each on 2 busy cores)
+TD_OFF = (0.5, 0.5, False, np.zeros((1, 1, 1)), np.zeros(1), False, np.zeros((1, 3)))  # ca, cb, surface...
+TDS_OFF = (False, np.zeros((1, 1, 1)), np.zeros(1), False, np.zeros((1, 3)), np.zeros(3))  # surface, phi, ...
+
+
 @pytest.fixture(scope="module")
 def kernel():
     return load_kernel()
@@ -429,7 +436,7 @@ def test_signed_direct_sources_give_the_buildup_kernel():
     z3 = np.zeros(3)
     _k.transport_direction(src, np.ones((n, 1, 1)), dose, 0, 1, 0.0, 0.0, d, rates, np.eye(2), False,
                            np.array([0.0, 0.0, 1.0]), 0.0, np.zeros((1, 2, 2)), 1.0, np.zeros((1, 1, 1, 1)), z3, z3,
-                           np.ones(3), z3, True)
+                           np.ones(3), z3, True, *TD_OFF)
     expected = np.zeros(n)
     for a, big_a in zip(rates, amp):
         e = -np.expm1(-a * d)
@@ -538,7 +545,7 @@ def test_fast_kernel_matches_reference_kernel(group_kernel, tilt):
         out = [np.zeros(shape), np.zeros(shape)]
         args = (terma, rho, None, m, sgn, da, db, step, rates, np.ascontiguousarray(amps[:, ring[d]]), tilt,
                 np.ascontiguousarray(dirs[d]), float(omega[d]), table, ds, norm, src, o, s, axis)
-        _k.transport_direction(*args[:2], out[0], *args[3:], False)
+        _k.transport_direction(*args[:2], out[0], *args[3:], False, *TD_OFF)
         _k.transport_direction_reference(*args[:2], out[1], *args[3:])
         np.testing.assert_allclose(out[0], out[1], rtol=1e-10, atol=1e-14 * out[1].max())
 
@@ -839,8 +846,9 @@ def test_direct_source_kernel_matches_transport_direction(seed):
             a = np.zeros(shape)
             b = np.zeros(shape)
             _k.transport_direction(src, rho, a, m, sgn, da, db, st, rates, np.eye(4), False, u, 0.0,
-                                   np.zeros((1, 2, 4)), 1.0, np.zeros((1, 1, 1, 1)), z3, z3, np.ones(3), z3, True)
-            _k.transport_direct_sources(src_vm, rho, b, m, sgn, da, db, st, rates)
+                                   np.zeros((1, 2, 4)), 1.0, np.zeros((1, 1, 1, 1)), z3, z3, np.ones(3), z3, True,
+                                   *TD_OFF)
+            _k.transport_direct_sources(src_vm, rho, b, m, sgn, da, db, st, rates, *TDS_OFF)
             np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12 * np.abs(a).max())
 
 
@@ -1048,7 +1056,7 @@ def test_line_phases_put_a_line_at_its_exact_lateral_position_on_average(phases)
             _k.transport_direction(terma, np.ones((n_m, n_a, 1)), dose, 0, 1, d_a, 0.0, 0.25, rates,
                                    np.ones((1, 1)), False, np.zeros(3), 0.0, np.zeros((1, 2, 1)), 1.0,
                                    np.zeros((1, 1, 1, 1)), np.zeros(3), np.zeros(3), np.ones(3), np.zeros(3),
-                                   False, ca, cb)
+                                   False, ca, cb, *TD_OFF[2:])
         for n in range(n_src + 1, n_m):
             row = dose[n, :, 0]
             centroid = float(np.sum(np.arange(n_a) * row) / row.sum()) - 10.0

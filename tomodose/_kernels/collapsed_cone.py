@@ -148,9 +148,13 @@ def _escape_h(x):
 
 
 @numba.njit(**NUMBA_OPTIONS)
-def _escape_terms(surface, esc_rate, n_k):
-    """(indices of the terms with an escape rate, indices of the others) of a kernel call; no
-    escape term when ``surface`` is False (``esc_rate`` is then not read)."""
+def _escape_terms(surface, esc_rate, rates):
+    """Escape terms of a kernel call: ``(esc_idx, plain_idx, e_lo, e_hi, x_rate)``: indices of the
+    terms with an escape rate and of the others (no escape term when ``surface`` is False;
+    ``esc_rate`` is then not read); ``[e_lo, e_hi)`` the escape terms when they are contiguous
+    (else ``e_lo = e_hi = 0``); ``x_rate``, ``max_k (rates[k] + esc_rate[k])`` over the escape
+    terms: ``x = mu delta <= (a_max + e_max ph) delta`` bounds every escape term's ``x`` of a voxel."""
+    n_k = rates.size
     n_e = 0
     if surface:
         for k in range(n_k):
@@ -160,20 +164,31 @@ def _escape_terms(surface, esc_rate, n_k):
     plain_idx = np.empty(n_k - n_e, np.int64)
     i = 0
     j = 0
+    a_max = 0.0
+    e_max = 0.0
     for k in range(n_k):
         if surface and esc_rate[k] != 0.0:
             esc_idx[i] = k
             i += 1
+            a_max = max(a_max, rates[k])
+            e_max = max(e_max, esc_rate[k])
         else:
             plain_idx[j] = k
             j += 1
-    return esc_idx, plain_idx
+    e_lo = 0
+    e_hi = 0
+    if n_e > 0 and esc_idx[n_e - 1] - esc_idx[0] == n_e - 1:
+        e_lo = esc_idx[0]
+        e_hi = esc_idx[n_e - 1] + 1
+    return esc_idx, plain_idx, e_lo, e_hi, a_max, e_max
 
 
 @numba.njit(inline="always", **NUMBA_OPTIONS)
-def _deposit_escape(flux, ex, gg, li, src, rates, inv_rates, delta, ph, esc_rate, esc_idx, plain_idx):
+def _deposit_escape(flux, ex, gg, li, src, rates, inv_rates, delta, ph, esc_rate, esc_idx, plain_idx, e_lo, e_hi,
+                    a_max, e_max):
     """Dose of one voxel of line ``li`` and flux update of every term with the surface escape
-    (in place on ``flux[li]``); returns the dose. ``src`` (K,): the voxel's term sources.
+    (in place on ``flux[li]``); returns the dose. ``src`` (K,): the voxel's term sources; the
+    other arguments from :func:`_escape_terms`.
 
     Term ``k`` loses, besides its deposition rate ``a_k``, an escape rate ``e = esc_rate[k] * ph``
     per cm of radiological path (``ph`` the voxel's surface weight): with ``mu = a_k + e``,
@@ -185,7 +200,9 @@ def _deposit_escape(flux, ex, gg, li, src, rates, inv_rates, delta, ph, esc_rate
     (the escaped part ``e / mu`` is not deposited). Up to ``x = ESCAPE_SERIES_X`` (every escape
     term on common grids) ``h`` is a series and ``g = 1 - x h``, ``exp(-x) = 1 - x g``: no ``exp``
     and no division (equal to the closed form to float64 rounding, < 1e-15 relative); above, the
-    closed form with one ``exp`` and one division. The terms of ``plain_idx`` (no escape rate) use
+    closed form with one ``exp`` and one division. When the escape terms are contiguous
+    (``[e_lo, e_hi)``) and the voxel's bound ``(a_max + e_max ph) delta`` is within the series
+    range, they run in one loop without branches. The terms of ``plain_idx`` (no escape rate) use
     the uncorrected arithmetic with the line's cached ``ex``/``gg``.
     """
     d = 0.0
@@ -197,19 +214,30 @@ def _deposit_escape(flux, ex, gg, li, src, rates, inv_rates, delta, ph, esc_rate
         sk = src[k]
         d += f * rates[k] * gk + sk * (1.0 - gk)
         flux[li, k] = f * ek + sk * (1.0 - ek) * inv_rates[k]
+    if e_hi > e_lo and (a_max + e_max * ph) * delta <= ESCAPE_SERIES_X:
+        for k in range(e_lo, e_hi):
+            a = rates[k]
+            x = (a + esc_rate[k] * ph) * delta
+            h = _escape_h(x)
+            gk = 1.0 - x * h
+            f = flux[li, k]
+            sk = src[k]
+            d += f * a * gk + sk * (a * delta) * h
+            flux[li, k] = f * (1.0 - x * gk) + sk * delta * gk
+        return d
     for j in range(esc_idx.size):
         k = esc_idx[j]
         f = flux[li, k]
         sk = src[k]
         a = rates[k]
-        mu = a + esc_rate[k] * ph
-        x = mu * delta
+        x = (a + esc_rate[k] * ph) * delta
         if x <= ESCAPE_SERIES_X:
             h = _escape_h(x)
             gk = 1.0 - x * h
             d += f * a * gk + sk * (a * delta) * h
             flux[li, k] = f * (1.0 - x * gk) + sk * delta * gk
         else:
+            mu = a + esc_rate[k] * ph
             ek = _exp_neg(x)
             inv_mu = 1.0 / mu
             gk = (1.0 - ek) / x
@@ -532,7 +560,8 @@ def transport_direction(terma, rho, dose, m, sgn, da, db, step_cm, rates, amp_co
     surface : bool
         Surface escape (``docs/collapsed_cone.md``, surface correction): term ``k`` loses an extra
         ``esc_rate[k] * phi[voxel]`` per cm of radiological path, not deposited (see
-        :func:`_deposit_escape`). False (default): the uncorrected recursion, bit for bit.
+        :func:`_deposit_escape`). False (default), or no term with an escape rate (the short-range
+        terms of the coarse option), or ``phi = 0``: the uncorrected recursion, bit for bit.
     phi : (nz, ny, nx) float64   surface weight of each voxel (0 deep inside), used when ``surface``.
     esc_rate : (K,) float64      escape rate of each term at ``phi = 1`` (1/cm), used when ``surface``.
     directional : bool           the escape weighted by ``1 - (u . n)**2`` (energy travelling along a
@@ -556,7 +585,7 @@ def transport_direction(terma, rho, dose, m, sgn, da, db, step_cm, rates, amp_co
     nf = norm.reshape((norm.shape[0], norm.size // norm.shape[0]))
     pf = phi.reshape(phi.size)
     inv_rates = 1.0 / rates
-    esc_idx, plain_idx = _escape_terms(surface, esc_rate, n_k)
+    esc_idx, plain_idx, e_lo, e_hi, a_max, e_max = _escape_terms(surface, esc_rate, rates)
     escape = esc_idx.size > 0  # no term with an escape rate: the uncorrected transport, bit for bit
     for task in numba.prange(lines_a):
         ia = task - max_a
@@ -636,7 +665,7 @@ def transport_direction(terma, rho, dose, m, sgn, da, db, step_cm, rates, amp_co
                     ph = _weight_along(ph, normal, idx, u_xyz[0], u_xyz[1], u_xyz[2])
                 if ph != 0.0:
                     d = _deposit_escape(flux, ex, gg, li, src, rates, inv_rates, delta, ph, esc_rate, esc_idx,
-                                        plain_idx)
+                                        plain_idx, e_lo, e_hi, a_max, e_max)
                 else:
                     d = 0.0
                     for k in range(n_k):
@@ -755,7 +784,7 @@ def transport_direct_sources(src, rho, dose, m, sgn, da, db, step_cm, rates, sur
     df = dose.reshape(n_vox)
     pf = phi.reshape(phi.size)
     inv_rates = 1.0 / rates
-    esc_idx, plain_idx = _escape_terms(surface, esc_rate, n_k)
+    esc_idx, plain_idx, e_lo, e_hi, a_max, e_max = _escape_terms(surface, esc_rate, rates)
     escape = esc_idx.size > 0  # no term with an escape rate: the uncorrected transport, bit for bit
     for task in numba.prange(lines_a):
         ia = task - max_a
@@ -800,7 +829,7 @@ def transport_direct_sources(src, rho, dose, m, sgn, da, db, step_cm, rates, sur
                     ph = _weight_along(ph, normal, idx, u_xyz[0], u_xyz[1], u_xyz[2])
                 if ph != 0.0:
                     df[idx] += _deposit_escape(flux, ex, gg, li, sv, rates, inv_rates, delta, ph, esc_rate, esc_idx,
-                                               plain_idx)
+                                               plain_idx, e_lo, e_hi, a_max, e_max)
                     continue
                 d = 0.0
                 for k in range(n_k):
