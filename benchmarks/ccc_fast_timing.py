@@ -32,8 +32,11 @@ _ACC = {"cpu": 0.0, "wall": 0.0, "calls": 0}
 def _wrap_kernels():
     from tomodose._kernels import collapsed_cone as _k
 
-    for name in ("transport_direction", "transport_direct_sources"):
-        fn = getattr(_k, name)
+    for name in ("transport_direction", "transport_direct_sources", "transport_direction_surface",
+                 "transport_direct_sources_surface"):
+        fn = getattr(_k, name, None)
+        if fn is None:  # code before the series escape kernels
+            continue
 
         def timed(*args, _fn=fn, **kw):
             c0, w0 = time.process_time(), time.perf_counter()

@@ -69,6 +69,15 @@ def test_transport_kernels_match_naive_escape_twin(seed):
                 lambda v: src[(slice(None),) + v].astype(np.float64) / mark[v], lambda v: esc * phi[v])
             np.testing.assert_allclose(a, slow, rtol=1e-9, atol=1e-9 * np.abs(slow).max())
             np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12 * np.abs(a).max())
+            for fast in (_k.transport_direction_surface, _k.transport_direct_sources_surface):  # the series escape
+                c = np.zeros(shape)
+                if fast is _k.transport_direction_surface:
+                    fast(src, rho, c, m, sgn, da, db, st, rates, np.eye(4), False, u, 0.0, np.zeros((1, 2, 4)), 1.0,
+                         np.zeros((1, 1, 1, 1)), z3, z3, np.ones(3), z3, True, 0.5, 0.5, True, phi, esc, False,
+                         np.zeros((1, 3)))
+                else:
+                    fast(src_vm, rho, c, m, sgn, da, db, st, rates, True, phi, esc, False, np.zeros((1, 3)), np.zeros(3))
+                np.testing.assert_allclose(c, a, rtol=1e-12, atol=1e-12 * np.abs(a).max())
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -448,28 +457,35 @@ def test_surface_maps_equal_the_single_maps():
 
 # --- the fast escape recursion (docs/collapsed_cone.md section 4g, "Cost") -------------------------
 def test_escape_recursion_equals_the_closed_form():
-    """:func:`_deposit_escape`: the series path (``x <= ESCAPE_SERIES_X``, contiguous or not) and the
-    closed-form path give the exact segment recursion to float64 rounding (reference in 80-bit)."""
+    """:func:`_deposit_escape_series`: the series paths (``x <= ESCAPE_SERIES_X``: scalar loop, vectorised loop
+    of >= ``ESCAPE_SIMD_TERMS`` terms placed first, terms not contiguous) and the closed-form path give
+    the exact segment recursion to float64 rounding (reference in 80-bit)."""
     from tomodose._kernels import collapsed_cone as _k
 
     rng = np.random.default_rng(11)
-    rates = np.array([0.06, 0.09, 2.6, 29.8])
-    inv = 1.0 / rates
     ld = np.longdouble
-    for esc, deltas in ((np.array([0.0592, 0.0592, 0.0, 0.0]), (0.0, 1e-5, 0.03, 0.3, 0.6, 1.2, 1.5)),  # series
-                        (np.array([2.0, 0.0, 1.5, 0.0]), (0.01, 0.3, 1.0, 3.0))):  # both paths, not contiguous
+    r4 = np.array([0.06, 0.09, 2.6, 29.8])
+    r7 = np.array([0.04, 0.06, 0.08, 0.1, 0.13, 2.6, 29.8])
+    cases = ((r4, np.array([0.0592, 0.0592, 0.0, 0.0]), (0.0, 1e-5, 0.03, 0.3, 0.6, 1.2, 1.5)),  # scalar series
+             (r7, np.array([0.0592] * 5 + [0.0, 0.0]), (0.0, 1e-5, 0.03, 0.3, 0.6, 1.1, 1.5)),  # vectorised
+             (r4, np.array([2.0, 0.0, 1.5, 0.0]), (0.01, 0.3, 1.0, 3.0)))  # both paths, not contiguous
+    assert _k.ESCAPE_SIMD_TERMS <= 5
+    for rates, esc, deltas in cases:
+        n_k = rates.size
+        inv = 1.0 / rates
         esc_idx, plain_idx, e_lo, e_hi, a_max, e_max = _k._escape_terms(True, esc, rates)
         for delta in deltas:
             for _ in range(20):
                 ph = float(rng.random())
-                flux = rng.random((2, 4)) * 5.0
-                src = rng.normal(size=4)
+                flux = rng.random((2, n_k)) * 5.0
+                src = rng.normal(size=n_k)
                 ex = np.exp(-rates * delta)[None].repeat(2, 0)
                 gg = np.where(rates * delta > 0, -np.expm1(-rates * delta) / np.maximum(rates * delta, 1e-300), 1.0)
                 gg = gg[None].repeat(2, 0)
                 f0 = flux[1].copy()
-                d = _k._deposit_escape(flux, ex, gg, 1, src, rates, inv, delta, ph, esc, esc_idx, plain_idx, e_lo,
-                                       e_hi, a_max, e_max)
+                other = flux[0].copy()
+                d = _k._deposit_escape_series(flux, ex, gg, 1, src, rates, inv, delta, ph, esc, esc_idx, plain_idx,
+                                              e_lo, e_hi, a_max, e_max)
                 want_d = ld(0.0)
                 for k in np.asarray(esc_idx):
                     a, mu = ld(rates[k]), ld(rates[k]) + ld(esc[k]) * ld(ph)
@@ -487,12 +503,13 @@ def test_escape_recursion_equals_the_closed_form():
                     want_d += ld(f0[k] * rates[k] * gg[1, k] + src[k] * (1.0 - gg[1, k]))
                 scale = float(np.abs(f0 * rates).sum() + np.abs(src).sum())
                 assert abs(d - float(want_d)) <= 1e-14 * scale, (esc, delta, d, float(want_d))
-                np.testing.assert_array_equal(flux[0], np.zeros(4) + flux[0])  # other lines untouched
+                np.testing.assert_array_equal(flux[0], other)  # other lines untouched
 
 
 def test_without_escape_terms_the_kernels_are_the_uncorrected_ones_bitwise():
-    """``surface=True`` with no term having an escape rate (the fast terms of the coarse option) runs the
-    uncorrected transport, bit for bit; the shipped table: 1 vs 2 threads bit for bit."""
+    """The series-escape kernels with no term having an escape rate run their uncorrected path (bit for
+    bit as with ``surface=False``); the transports then use the uncorrected kernels (bit for bit the
+    dose without the correction); the shipped table: 1 vs 2 threads bit for bit."""
     from tomodose._kernels import collapsed_cone as _k
     from tomodose.transport.collapsed_cone import direction_steppings, fibonacci_directions
 
@@ -509,10 +526,11 @@ def test_without_escape_terms_the_kernels_are_the_uncorrected_ones_bitwise():
             for surf in (False, True):
                 a = np.zeros(shape)
                 b = np.zeros(shape)
-                _k.transport_direction(src, rho, a, m, sgn, da, db, st, rates, np.eye(4), False, u, 0.0,
+                _k.transport_direction_surface(src, rho, a, m, sgn, da, db, st, rates, np.eye(4), False, u, 0.0,
                                        np.zeros((1, 2, 4)), 1.0, np.zeros((1, 1, 1, 1)), z3, z3, np.ones(3), z3, True,
                                        0.5, 0.5, surf, phi, np.zeros(4), False, np.zeros((1, 3)))
-                _k.transport_direct_sources(src_vm, rho, b, m, sgn, da, db, st, rates, surf, phi, np.zeros(4), False,
+                _k.transport_direct_sources_surface(src_vm, rho, b, m, sgn, da, db, st, rates, surf, phi, np.zeros(4),
+                                                    False,
                                             np.zeros((1, 3)), np.zeros(3))
                 out.append((a, b))
             np.testing.assert_array_equal(out[0][0], out[1][0])
@@ -533,3 +551,13 @@ def test_without_escape_terms_the_kernels_are_the_uncorrected_ones_bitwise():
         numba.set_num_threads(old)
     np.testing.assert_array_equal(res[0], res[2])
     np.testing.assert_array_equal(res[1], res[3])
+    # an escape for no term: the transports run the uncorrected kernels, bit for bit
+    none = SurfaceCorrection(0.0, 26.0, 210.0, directional=True)
+    for kw in ({"source_position_mm": (0.0, -900.0, 0.0)}, {"beam_direction": (0.2, 1.0, 0.1)}):
+        np.testing.assert_array_equal(
+            collapsed_cone_dose(terma[0], rho, grid, kernel=kernel, progress=False, surface_correction=none, **kw),
+            collapsed_cone_dose(terma[0], rho, grid, kernel=kernel, progress=False, **kw))
+    np.testing.assert_array_equal(
+        shared_direction_dose(terma, beams, rho, grid, kernel=kernel, n_directions=20, progress=False, coarse_factor=2,
+                              surface_correction=none),
+        shared_direction_dose(terma, beams, rho, grid, kernel=kernel, n_directions=20, progress=False, coarse_factor=2))
