@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Transport CPU of the collapsed cone with and without the surface correction (issues 4/8,
-docs/collapsed_cone.md section 4g, "Cost of the surface correction").
+docs/collapsed_cone.md section 4g-1).
 
 One configuration per process (run it under old and new code alternately, e.g. with
 ``PYTHONPATH=<old checkout>``): the transport kernels (``transport_direction``,
