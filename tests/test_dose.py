@@ -368,28 +368,32 @@ def test_surface_correction_and_static_azimuths_keep_the_calibration():
     """With surface_correction and static_n_azimuth the calibration field is computed with the same
     options: the engine still reproduces the dose rate at its calibration point; the options change
     the calibration factor and the dose of a narrow field relative to it (the long fan loses more of
-    its scatter near the surface than a narrow field); the defaults equal the explicit 'off' bit for bit."""
+    its scatter near the surface than a narrow field); the defaults (both on since session 9, with the
+    refitted machine) equal the explicit options bit for bit."""
     from tomodose.delivery.machine import TomoMachine
     from tomodose.dose.engine import STATIC_N_AZIMUTH, SURFACE_CORRECTION
 
-    assert SURFACE_CORRECTION is False and STATIC_N_AZIMUTH is None  # the lead flips them with the refit
+    assert SURFACE_CORRECTION is True and STATIC_N_AZIMUTH == 16  # flipped together with the machine refit
     machine = TomoMachine()
     grid, iso = reference_phantom_grid(SMALL_REF, machine)
     pat = water_patient(grid)
     seq60 = ProjectionSequence.static_beams([0.0], np.ones((1, 64)), 60.0, 50.0, isocentre_lps_mm=iso)
     kw = dict(reference=SMALL_REF, progress=False, n_subsamples=1, static_supersample=1)
+    off_opts = {"surface_correction": False, "static_n_azimuth": None}
     k = {}
-    for opts in ({}, {"surface_correction": True}, {"surface_correction": True, "static_n_azimuth": 16}):
+    for i, opts in enumerate((off_opts, {"surface_correction": True, "static_n_azimuth": None},
+                              {"surface_correction": True, "static_n_azimuth": 16})):
         d = compute_dose(pat, seq60, **kw, **opts)
         assert _dose_at(d, grid, (0.0, 15.0, 0.0)) == pytest.approx(8.5, rel=1e-4)
-        k[len(opts)] = d.metadata["calibration_gy_per_unit"]
+        k[i] = d.metadata["calibration_gy_per_unit"]
     assert k[1] > k[0] * 1.001 and k[2] != k[1]  # less engine dose at the calibration point: larger factor
     narrow = ProjectionSequence.static_beams([0.0], np.ones((1, 64)) * (np.arange(64) // 4 == 8), 1.0, 25.0,
                                              isocentre_lps_mm=iso)
-    off = compute_dose(pat, narrow, **kw)
-    off2 = compute_dose(pat, narrow, **kw, surface_correction=False, static_n_azimuth=None)
-    np.testing.assert_array_equal(off.per_fraction.array, off2.per_fraction.array)
-    on = compute_dose(pat, narrow, **kw, surface_correction=True)
+    default = compute_dose(pat, narrow, **kw)
+    explicit = compute_dose(pat, narrow, **kw, surface_correction=True, static_n_azimuth=16)
+    np.testing.assert_array_equal(default.per_fraction.array, explicit.per_fraction.array)
+    off = compute_dose(pat, narrow, **kw, **off_opts)
+    on = compute_dose(pat, narrow, **kw, surface_correction=True, static_n_azimuth=None)
     c_off, c_on = _dose_at(off, grid, (0.0, 50.0, 0.0)), _dose_at(on, grid, (0.0, 50.0, 0.0))
     assert c_on > c_off and c_on == pytest.approx(c_off, rel=0.02)
 
@@ -399,7 +403,7 @@ def test_surface_correction_in_helical_shared_and_coarse_transport():
     correction; the relative dose in the target changes by little, more at the surface."""
     pat, plan = _water_helix(spacing=5.0, rotations=1)
     kw = dict(reference=SMALL_REF, progress=False, n_subsamples=1, shared_directions=64)
-    off = compute_dose(pat, plan, **kw).per_fraction.array
+    off = compute_dose(pat, plan, **kw, surface_correction=False).per_fraction.array
     on = compute_dose(pat, plan, **kw, surface_correction=True).per_fraction.array
     coarse = compute_dose(pat, plan, **kw, surface_correction=True, shared_coarse_block_mm=10.0).per_fraction.array
     mx = off.max()

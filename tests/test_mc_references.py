@@ -47,14 +47,17 @@ ENGINES = ("collapsed_cone", "pencil_beam")
 #: table (docs/pencil_beam.md; the j10/j25 depth doses and the j50 normalised one pass). Both engines calibrated at the
 #: nominal condition. Slabs re-measured 13:30 UTC against their 6x-history references (3 M histories; the 500 k ones
 #: had a depth-bin 1-sigma of up to 1.4 %: the collapsed cone's lung 3.2 % was Monte Carlo noise, 1.6 % now).
+#: Session 9 (2026-11-29 evening): water_j50 and water_j10 regenerated with 4x the histories again (19.2 M / 11.2 M,
+#: per-bin 1-sigma 0.23 / 0.25 %, every reference recalibrated, +0.006 %), and the collapsed cone's defaults turned on:
+#: surface correction + 16 azimuths for static beams (docs/dose.md): water_j10 in Gy 1.55 -> 1.2 %, water_j50 in Gy
+#: 0.8 %; the pencil beam's water_j50 in Gy (1.08 % on the lighter reference) passes at 0.75 %.
 #: validation/build_report.py prints this table from validation/results.json
 KNOWN_FAILURES: dict[tuple[str, str, str], str] = {
     ('slab_bone', 'pencil_beam', 'depth_abs'): 'max |diff| beyond d_max 6.1 % (mean -1.0 %), tolerance 3 %',
     ('slab_bone', 'pencil_beam', 'depth_rel'): 'max |diff| beyond d_max 6.7 % (mean -0.4 %), tolerance 3 %',
     ('slab_lung', 'pencil_beam', 'depth_abs'): 'max |diff| beyond d_max 7.3 % (mean +0.2 %), tolerance 3 %',
     ('slab_lung', 'pencil_beam', 'depth_rel'): 'max |diff| beyond d_max 7.2 % (mean +0.1 %), tolerance 3 %',
-    ('water_j10', 'collapsed_cone', 'depth_abs'): 'max |diff| beyond d_max 1.6 % (mean -0.6 %), tolerance 1 %',
-    ('water_j50', 'pencil_beam', 'depth_abs'): 'max |diff| beyond d_max 1.1 % (mean -0.4 %), tolerance 1 %',
+    ('water_j10', 'collapsed_cone', 'depth_abs'): 'max |diff| beyond d_max 1.2 % (mean -0.8 %), tolerance 1 %',
 }
 
 

@@ -74,9 +74,12 @@ SHARED_COARSE_DIRECTIONS: int | None = None
 #: 96 shared directions, long-range terms on blocks of <= 7 mm with 128 directions. 3 mm liver plan:
 #: transport 3.9 s on 2 idle threads, 1.64 % of max (1.01 % above half max) from the per-group
 #: reference, Monte Carlo gamma 2 %/2 mm 99.98 %; the small grouping test case 2.7-3.6 % from
-#: per-projection transport (docs/collapsed_cone.md §4d-4e).
+#: per-projection transport (docs/collapsed_cone.md §4d-4e). Without the surface correction (default on since
+#: session 9): on this plan it changes the dose by at most 0.31 % of max (mean -0.15 % above half max), far
+#: inside the fast configuration's own 1.64 %, and costs about +1.2-1.6 s wall (+15 %), which the goal has no
+#: room for (10.46 s with it on 2 threads, 2026-11-29 17:47 UTC).
 FAST_CCC_OPTIONS = {"shared_from_deg": 0.0, "shared_directions": 96, "shared_coarse_block_mm": 7.0,
-                    "shared_coarse_directions": 128}
+                    "shared_coarse_directions": 128, "surface_correction": False}
 #: collapsed-cone kernel of :func:`compute_dose` when none is given: one kernel per energy group
 #: (TERMA split by the same groups), see ``docs/dose.md`` for the measured gain against Monte Carlo.
 #: Since 2026-11-29 five groups (inner edges 0.5, 1.0, 2.0, 3.5 MeV): the kernel follows the
@@ -100,9 +103,10 @@ STATIC_SUPERSAMPLE = 2
 #: default ``surface_correction`` of the collapsed-cone engine: the kernel's slow (scattered-photon)
 #: terms lose energy along their lines near the body's exterior (line escape fitted to the project's own
 #: Monte Carlo pencil, ``tomodose/data/kernels/ccc_surface_water_6mv.json``; docs/collapsed_cone.md,
-#: section "Surface correction"). Off (the commissioning tests depend on it): the lead turns it on
-#: together with :data:`STATIC_N_AZIMUTH` = 16 and the machine refit (measured table in that section).
-SURFACE_CORRECTION = False
+#: section "Surface correction"). On by default since 2026-11-29 (session 9), together with
+#: :data:`STATIC_N_AZIMUTH` = 16 and the machine refitted with both (docs/commissioning.md, *Refit with
+#: the surface correction and 16 static azimuths*); Monte Carlo and LA4 numbers in docs/dose.md.
+SURFACE_CORRECTION = True
 #: the surface-correction table the engine uses with ``surface_correction=True``
 #: (``tomodose/data/kernels/<name>.json``): the direction-weighted line escape (energy travelling along a
 #: surface escapes; fitted to the own Monte Carlo pencil, chi2/dof 2.37 vs 2.46 for the isotropic escape
@@ -113,9 +117,11 @@ SURFACE_TABLE = "ccc_surface_water_6mv_directional"  # = ccc_surface.DEFAULT_SUR
 #: default ``static_n_azimuth``: cones per kernel ring of the transports of static beams (kernel tilted to
 #: one point source, the calibration field included); None = the kernel's own (8). 16 removes the long
 #: fan's ray effect (LA4 TPR at 20 cm) but, without :data:`SURFACE_CORRECTION`, lowers the 8-leaf Monte
-#: Carlo fields by 0.3-0.5 % relative to the 64-leaf calibration field (docs/finite_phantom.md); helical
-#: plans keep their shared direction set.
-STATIC_N_AZIMUTH: int | None = None
+#: Carlo fields by 0.3-0.5 % relative to the 64-leaf calibration field (docs/finite_phantom.md); with
+#: it they stay within the Monte Carlo checks. 16 by default since 2026-11-29 (session 9), with the surface
+#: correction and the refitted machine; static beams cost about 3x the 8-azimuth uncorrected transport.
+#: Helical plans keep their shared direction set.
+STATIC_N_AZIMUTH: int | None = 16
 #: static plans with more distinct beams than this keep the dose grid (cost f**3 per beam).
 STATIC_SUPERSAMPLE_MAX_BEAMS = 16
 #: the refinement stops before the finest voxel side drops below this (mm): 2.5 mm -> 1.25 mm,
@@ -506,10 +512,10 @@ def compute_dose(patient: PatientModel, plan, engine: str = "collapsed_cone", *,
         deliveries computed on an ``f`` times finer grid (fine voxels >= 1 mm, at most 24 M),
         their calibration field too. ``line_phases`` (:data:`LINE_PHASES` = 1): sub-voxel line
         phases per lateral axis of the per-group transports (cost ``n**2``; for studies).
-        ``surface_correction`` (:data:`SURFACE_CORRECTION` = False): surface escape of the kernel's
+        ``surface_correction`` (:data:`SURFACE_CORRECTION` = True): surface escape of the kernel's
         slow terms near the body's exterior in every transport, the calibration field included
         (docs/collapsed_cone.md, "Surface correction"). ``static_n_azimuth``
-        (:data:`STATIC_N_AZIMUTH` = None: the kernel's 8): cones per kernel ring of static beams
+        (:data:`STATIC_N_AZIMUTH` = 16; None: the kernel's 8): cones per kernel ring of static beams
         (transports tilted to one point source), the calibration field included.
 
     Returns
