@@ -208,11 +208,11 @@ def _escape_h(x):
 
 @numba.njit(**NUMBA_OPTIONS)
 def _escape_terms(surface, esc_rate, rates):
-    """Escape terms of a kernel call: ``(esc_idx, plain_idx, e_lo, e_hi, x_rate)``: indices of the
+    """Escape terms of a kernel call: ``(esc_idx, plain_idx, e_lo, e_hi, a_max, e_max)``: indices of the
     terms with an escape rate and of the others (no escape term when ``surface`` is False;
     ``esc_rate`` is then not read); ``[e_lo, e_hi)`` the escape terms when they are contiguous
-    (else ``e_lo = e_hi = 0``); ``x_rate``, ``max_k (rates[k] + esc_rate[k])`` over the escape
-    terms: ``x = mu delta <= (a_max + e_max ph) delta`` bounds every escape term's ``x`` of a voxel."""
+    (else ``e_lo = e_hi = 0``); ``a_max`` and ``e_max``, the largest deposition and escape rates of the
+    escape terms: ``x = mu delta <= (a_max + e_max ph) delta`` bounds every escape term's ``x`` of a voxel."""
     n_k = rates.size
     n_e = 0
     if surface:

@@ -268,11 +268,10 @@ def collapsed_cone_dose(
         )
     else:
         norm = np.zeros((1, 1, 1, 1))
-    # the escape kernel only where an escape can happen; else the uncorrected kernel, bit for bit
-    escape = surface is not None and bool(np.any(esc != 0.0)) and bool(np.any(phi != 0.0))
+    order = _escape_order(surface is not None, esc, phi)
+    escape = order is not None
     transport = _k.transport_direction_surface if escape else _k.transport_direction
-    if escape:  # escape terms first: the kernel's vectorised escape loop (same dose to rounding)
-        order = _escape_first(esc)
+    if escape:
         rates, esc = np.ascontiguousarray(rates[order]), np.ascontiguousarray(esc[order])
         amps_ring = np.ascontiguousarray(amps_ring[..., order])
         table = np.ascontiguousarray(table[..., order])
@@ -317,10 +316,14 @@ def collapsed_cone_dose(
     return dose.astype(np.float32)
 
 
-def _escape_first(esc) -> np.ndarray:
-    """Term order with the terms that have an escape rate first (stable): the kernels run them in
-    one vectorised loop (``_deposit_escape``). The dose is a sum over terms: unchanged to rounding
+def _escape_order(on: bool, esc, phi) -> np.ndarray | None:
+    """Term order for the escape kernels (``*_surface``), or None where no escape can happen (the
+    surface correction off, no term with an escape rate, or ``phi`` all 0): the uncorrected kernel
+    then runs, bit for bit. The order puts the terms that have an escape rate first (stable): the
+    kernels run them in one vectorised loop. The dose is a sum over terms: unchanged to rounding
     (1e-16), bit for bit where the order is already so (the 1-group kernel: slow terms first)."""
+    if not (on and np.any(esc != 0.0) and np.any(phi != 0.0)):
+        return None
     return np.argsort(np.asarray(esc) == 0.0, kind="stable")
 
 
@@ -702,11 +705,10 @@ def _transport_shared(flat, weights, fixed, rho, grid: Grid, rates, batch: int, 
     normal = np.ascontiguousarray(normal, dtype=np.float64)
     phi = np.ascontiguousarray(phi, dtype=np.float64)
     esc = np.ascontiguousarray(esc, dtype=np.float64)
-    # the escape kernel only where an escape can happen; else the uncorrected kernel, bit for bit
-    surface = bool(surface and np.any(esc != 0.0) and np.any(phi != 0.0))
+    order = _escape_order(bool(surface), esc, phi)
+    surface = order is not None
     transport = _k.transport_direct_sources_surface if surface else _k.transport_direct_sources
-    if surface:  # escape terms first (the kernel's vectorised escape loop; same dose to rounding)
-        order = _escape_first(esc)
+    if surface:
         weights, rates, esc = weights[:, :, order], rates[order], np.ascontiguousarray(esc[order])
     active = np.flatnonzero(np.abs(weights).sum(axis=(1, 2)) > 0)
     if active.size == 0:
@@ -737,9 +739,8 @@ def _transport_shared(flat, weights, fixed, rho, grid: Grid, rates, batch: int, 
             if len(steps) > 1:  # a tie (never for the Fibonacci set on common grids): split the source
                 out[i] *= np.float32(1.0 / len(steps))
             for _, m, sgn, da, db, step_cm in steps:
-                transport(out[i].reshape(grid.shape + (n_k,)), rho, dose, m, sgn, da, db,
-                                            step_cm, rates, surface, phi, esc, directional, normal,
-                                            np.ascontiguousarray(fixed[j], dtype=np.float64))
+                transport(out[i].reshape(grid.shape + (n_k,)), rho, dose, m, sgn, da, db, step_cm, rates,
+                          surface, phi, esc, directional, normal, np.ascontiguousarray(fixed[j], dtype=np.float64))
         t_transport += time.process_time() - t1
     logger.debug("shared transport on %s: %d directions x %d terms, %d source entries per direction; CPU: sources "
                  "%.2f s, transport %.2f s", grid.shape, active.size, n_k,
