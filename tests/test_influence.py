@@ -24,6 +24,14 @@ from tomodose.transport.influence import (
 )
 from tomodose.transport.pencil_beam import beamlet_dose, pencil_beam_dose
 
+from tests.naive import pencil_beam as naive
+
+
+def _spectrum():
+    """Energies and energy fluence of the default beam model's spectrum (the matrix's medium factor)."""
+    s = BeamModel.default().spectrum
+    return s.energies_mev, s.energy_fluence
+
 
 @pytest.fixture(scope="module")
 def case():
@@ -91,19 +99,22 @@ def test_threshold_and_its_error(case, exact):
     x = beamlet_weights(sino, p, l)
     exact = m0 @ x
     previous = None
+    # the threshold cuts the water-equivalent dose (the entries before the medium factor)
+    fm = naive.medium_factor(dens.array, *_spectrum()).ravel()
+    m0_w = sparse.diags(1.0 / fm) @ m0
     for thr in (1e-3, DEFAULT_THRESHOLD):
         m = influence_matrix(dens, plan, target=target, threshold=thr, progress=False)
         # every kept entry is >= threshold x its column maximum, and none is invented
-        cmax = m0.max(axis=0).toarray().ravel()
+        cmax = m0_w.max(axis=0).toarray().ravel()
         for b in range(0, m.shape[1], max(1, m.shape[1] // 25)):
             col = m[:, b]
-            assert np.all(col.data >= thr * cmax[b] * (1 - 1e-6))
+            assert np.all(col.data / fm[col.indices] >= thr * cmax[b] * (1 - 1e-6))
             np.testing.assert_allclose(col.toarray().ravel()[col.indices], m0[:, b].toarray().ravel()[col.indices],
                                        rtol=1e-6)
         # nothing above the threshold is missed by the evaluation windows (water/lung case; the
         # reach is computed in water, so a small margin of 2 x threshold is allowed for the lung)
         for b in range(0, m.shape[1], max(1, m.shape[1] // 25)):
-            full_col = m0[:, b].toarray().ravel()
+            full_col = m0_w[:, b].toarray().ravel()
             big = np.flatnonzero(full_col >= 2 * thr * cmax[b])
             assert np.all(np.isin(big, m[:, b].indices))
         approx = m @ x
@@ -156,7 +167,6 @@ def test_clustered_columns_equal_per_beamlet_columns(case, n_sub):
 def test_clustered_columns_match_naive_twin():
     """cluster_column_entries + threshold_columns vs the NumPy twin (exact error functions,
     beamlet by beamlet) on a tiny grid: 2 sub-samples, so columns merge entries of two clusters."""
-    from tests.naive import pencil_beam as naive
     from tomodose.transport.influence import beamlet_reach_mm
     from tomodose.transport.pencil_beam import _resolve
 
@@ -180,15 +190,18 @@ def test_clustered_columns_match_naive_twin():
     r_u, r_v = beamlet_reach_mm(eng, thr)
     k = eng.kernel
     maps = [eng.depth_map(int(eng.proj_group[q])).transpose(2, 0, 1) for q in eng.proj]
+    fm = naive.medium_factor(rho, beam.spectrum.energies_mev, beam.spectrum.energy_fluence)
     ref = naive.influence_columns(rho, g.origin_mm, g.spacing_mm, eng.src, eng.xg, eng.yg, eng.zg, eng.dt, maps,
                                   eng.proj, list(zip(p, l)), seq.machine.leaf_centres_mm(), r_u=r_u,
                                   half_v=eng.jaw_h, r_v=r_v, threshold=thr, sad=850.0, sigma_mm=k.sigma_mm,
                                   depth_mm=k.depth_mm, amplitude_cm2_g=k.amplitude_cm2_g, e0=eng.e0, w=eng.w,
                                   s_leaf=eng.s_leaf, jaw_h=eng.jaw_h, s_jaw=eng.s_jaw, offc=eng.offc, soft=eng.soft,
                                   rho_floor=0.05, voxel_average=True,
-                                  zcol=naive.medium_column_ends(rho, g.origin_mm, g.spacing_mm),
-                                  **naive.exit_keywords(eng, rho, g))
-    got = m.toarray()
+                                  zcol=naive.medium_column_ends(rho, g.origin_mm, g.spacing_mm), medium_factor=fm,
+                                  **naive.exit_keywords(eng, rho * fm, g))
+    # the threshold cuts the water-equivalent dose (before the medium factor): compared in those units
+    got = m.toarray() / fm.ravel()[:, None]
+    ref = ref / fm.ravel()[:, None]
     cmax = ref.max(axis=0)
     assert np.all(cmax > 0)
     # values: lookup tables vs exact error functions; entries near the cut may fall on either side

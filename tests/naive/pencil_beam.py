@@ -134,7 +134,8 @@ def _half(ax, spacing):
 
 def dose(density, origin, spacing, src, xg, yg, zg, dt, depth_maps, a, *, sad, sigma_mm, depth_mm,
          amplitude_cm2_g, e0, w, s_leaf, jaw_h, s_jaw, offc, soft, rho_floor, n_gaussians=None, window=None,
-         voxel_average=False, zcol=None, exit_maps=None, exit_distance_mm=None, exit_deficit=None):
+         voxel_average=False, zcol=None, exit_maps=None, exit_distance_mm=None, exit_deficit=None,
+         medium_factor=None):
     """Dose (cm2/g*s) of samples ``s`` with geometry ``src[s], xg[s], ...``, weights ``dt[s]``,
     radiological depth maps ``depth_maps[s]`` (nz, ny, nx) and leaf weights ``a[s]`` (n_leaves,).
 
@@ -149,8 +150,12 @@ def dose(density, origin, spacing, src, xg, yg, zg, dt, depth_maps, a, *, sad, s
 
     ``n_gaussians``: only the first (narrowest) Gaussians. ``window = (u_lo (n_s,), u_hi (n_s,), r_u,
     v_half, r_v)``: sample ``s`` only where ``u_lo[s] - r_u c <= u <= u_hi[s] + r_u c`` and
-    ``|v| <= v_half + r_v c``, ``c = sad / den``."""
+    ``|v| <= v_half + r_v c``, ``c = sad / den``.
+    ``medium_factor`` (nz, ny, nx) (:func:`medium_factor`): the kernel is scaled laterally by the
+    water-equivalent density ``density x medium_factor`` and the dose multiplied by the factor
+    (``depth_maps`` / ``exit_maps`` traced through the water-equivalent density); None: 1."""
     nz, ny, nx = density.shape
+    fm = np.ones(density.shape) if medium_factor is None else medium_factor
     out = np.zeros(density.shape)
     dz_tab = depth_mm[1] - depth_mm[0]
     for s in range(src.shape[0]):
@@ -178,7 +183,7 @@ def dose(density, origin, spacing, src, xg, yg, zg, dt, depth_maps, a, *, sad, s
                         t1, t2 = ((zcol[j, i] - p[2]) * yg[s][2] * sad / den)
                         bl, br = min(t1, t2), max(t1, t2)
                     dd = h * depth_maps[s][k, j, i]
-                    rho = max(density[k, j, i], rho_floor)
+                    rho = max(density[k, j, i] * fm[k, j, i], rho_floor)
                     total = 0.0
                     for g, sig in enumerate(sigma_mm[:n_gaussians]):
                         amp = np.interp(dd, depth_mm, amplitude_cm2_g[:, g])
@@ -191,7 +196,7 @@ def dose(density, origin, spacing, src, xg, yg, zg, dt, depth_maps, a, *, sad, s
                         jv = max(_jaw(v, su, jaw_h, s_jaw, hv * sad / den, bl, br), 0.0)
                         sl = math.hypot(su, s_leaf)
                         total += amp * jv * _leaf(u, sl, a[s], e0, w, hu * sad / den)
-                    out[k, j, i] += dt[s] * total * h * off * (sad / r) ** 2
+                    out[k, j, i] += fm[k, j, i] * dt[s] * total * h * off * (sad / r) ** 2
     return out
 
 
@@ -229,6 +234,8 @@ def influence_columns(density, origin, spacing, src, xg, yg, zg, dt, depth_maps,
     arguments of :func:`dose` (``w`` among them)."""
     n_leaves = leaf_centres.size
     out = np.zeros((density.size, len(beamlets)))
+    fm = model.get("medium_factor")
+    fm = np.ones(density.shape) if fm is None else fm
     for b, (p, l) in enumerate(beamlets):
         s = np.flatnonzero(proj_of_sample == p)
         a = np.zeros((s.size, n_leaves))
@@ -240,7 +247,8 @@ def influence_columns(density, origin, spacing, src, xg, yg, zg, dt, depth_maps,
             kw["exit_maps"] = [model["exit_maps"][i] for i in s]
         col = dose(density, origin, spacing, src[s], xg[s], yg[s], zg[s], dt[s], [depth_maps[i] for i in s], a,
                    window=(lo, hi, r_u, half_v, r_v), **kw).ravel()
-        col[(col <= 0) | (col < threshold * col.max())] = 0.0
+        raw = col / fm.ravel()  # the threshold cuts the water-equivalent dose (before the medium factor)
+        col[(raw <= 0) | (raw < threshold * raw.max())] = 0.0
         out[:, b] = col
     return out
 
@@ -260,3 +268,32 @@ def exit_keywords(eng, rho, grid):
         maps.append(by_group[grp])
     k = eng.kernel
     return dict(exit_maps=maps, exit_distance_mm=k.exit_distance_mm, exit_deficit=k.exit_deficit)
+
+
+def medium_factor(density, energies_mev, energy_fluence):
+    """Per voxel: sum_E psi_E mu/rho_mix(E) / sum_E psi_E mu/rho_water(E), the mixture of the two
+    density anchors bracketing the voxel's density (mass fractions linear in density; below the
+    first anchor the first, above the last the last), voxel by voxel and energy by energy."""
+    from tomodose.terma.attenuation import DENSITY_ANCHORS, attenuation_table
+
+    t = attenuation_table()
+    names = [m for m, _ in DENSITY_ANCHORS]
+    rhos = [r for _, r in DENSITY_ANCHORS]
+
+    def spectral(material):
+        return sum(p * float(t.mu_rho(material, [e])[0]) for e, p in zip(energies_mev, energy_fluence))
+
+    water = spectral("water")
+    ratio = {m: spectral(m) / water for m in names}
+    out = np.empty(np.shape(density))
+    for idx, rho in np.ndenumerate(np.asarray(density)):
+        if rho <= rhos[0]:
+            out[idx] = ratio[names[0]]
+            continue
+        if rho >= rhos[-1]:
+            out[idx] = ratio[names[-1]]
+            continue
+        b = next(n for n in range(1, len(rhos)) if rho < rhos[n])
+        wb = (rho - rhos[b - 1]) / (rhos[b] - rhos[b - 1])
+        out[idx] = (1.0 - wb) * ratio[names[b - 1]] + wb * ratio[names[b]]
+    return out

@@ -168,7 +168,9 @@ def influence_matrix(patient, projections_or_plan, *, target="PTV", threshold: f
         Target whose beamlets get a column (default ``"PTV"``).
     threshold : float
         Relative-dose threshold in [0, 1): entries below ``threshold`` x the column maximum are
-        dropped (default :data:`DEFAULT_THRESHOLD`; 0 keeps everything).
+        dropped (default :data:`DEFAULT_THRESHOLD`; 0 keeps everything). The cut applies to the
+        water-equivalent dose, before each voxel's medium factor (``docs/pencil_beam.md``), which
+        the kept entries then carry.
     margin_mm : float
         Margin around the target for the beamlet selection (mm).
     chunk_beamlets : int
@@ -278,6 +280,8 @@ def influence_matrix(patient, projections_or_plan, *, target="PTV", threshold: f
             data[indptr[b]:indptr[b] + n] = val[s0:s0 + n]
             indices[indptr[b]:indptr[b] + n] = idx[s0:s0 + n]
     chunks.clear()
+    # medium composition: each voxel's dose is its material's factor times the water-equivalent one
+    data *= engine.medium_factor.ravel()[indices].astype(np.float32)
     if nnz > np.iinfo(np.int32).max:
         indptr_t = indptr
     else:
@@ -470,8 +474,9 @@ class FarField:
 
     ``dose ~= matrix @ x + far.dose(x)``: ``far.values`` (n_nodes, n_beamlets) float32 holds, at a
     coarse sub-grid of voxels (every ``step``-th voxel along each axis plus the last), each
-    beamlet's full pencil-beam dose minus the entry kept in the thresholded matrix; ``far.interp``
-    (n_voxels, n_nodes) CSR interpolates trilinearly back to every voxel.
+    beamlet's full pencil-beam dose minus the entry kept in the thresholded matrix (water-equivalent:
+    without the medium factor); ``far.interp`` (n_voxels, n_nodes) CSR interpolates trilinearly back
+    to every voxel and applies each voxel's medium factor.
 
     Attributes
     ----------
@@ -532,6 +537,7 @@ def far_field_operator(patient, projections_or_plan, matrix, projection, leaf, *
     shape = np.asarray(engine.grid.shape, dtype=np.int64)
     near = sparse.csc_matrix(matrix)[node_flat, :].toarray() if proj_b.size else np.zeros((n_nodes, 0))
     groups = engine.proj_group[proj_b]
+    f_node = engine.medium_factor.ravel()[node_flat]
     for g in np.unique(groups):
         members = np.flatnonzero(groups == g)
         depth = engine.depth_map(int(g))
@@ -545,8 +551,10 @@ def far_field_operator(patient, projections_or_plan, matrix, projection, leaf, *
                                 engine.origin, engine.spacing, shape, engine.src, engine.xg, engine.yg, engine.zg,
                                 engine.dt,
                                 *engine.params(), engine.unit_a, engine.btab, *engine.tail_params())
-            values[:, sel] = (out.T - near[:, sel]).astype(np.float32)
-    interp = _trilinear(engine.grid.shape, int(step))
+            # near holds the medium factor (matrix rows), the node values are water-equivalent
+            values[:, sel] = (out.T - near[:, sel] / f_node[:, None]).astype(np.float32)
+    # the remainder is interpolated water-equivalent and takes each voxel's own medium factor
+    interp = (sparse.diags(engine.medium_factor.ravel()) @ _trilinear(engine.grid.shape, int(step))).tocsr()
     log.info("far field: done in %.2f s", time.perf_counter() - t0)
     return FarField(step, node_flat, values, interp)
 

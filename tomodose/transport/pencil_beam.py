@@ -2,7 +2,7 @@
 
 A beamlet is one projection x one leaf. Its dose at a voxel is (see ``docs/pencil_beam.md``)::
 
-    dt * (SAD / r)^2 * O(theta) * h * sum_i A_i(h * d_rad) * (1 - x_i(t)) * J_i(v) * L_i(u)
+    f * dt * (SAD / r)^2 * O(theta) * h * sum_i A_i(h * d_rad) * (1 - x_i(t)) * J_i(v) * L_i(u)
 
 * ``A_i(z)`` depth-dependent amplitudes (cm2/g) of the pencil kernel written as a sum of
   normalised 2-D Gaussians of widths ``sigma_i`` (mm of water); derived from the same EDKnrc point
@@ -12,10 +12,16 @@ A beamlet is one projection x one leaf. Its dose at a voxel is (see ``docs/penci
 * ``x_i(t)`` the kernel's exit table: relative deficit of amplitude ``i`` at a voxel whose ray
   leaves the grid ``t`` mm of water further on (missing backscatter near an exit face; Monte
   Carlo), ``t`` traced in the voxel's slice like the depth (:meth:`_Engine.exit_map`);
-* ``d_rad`` radiological depth (mm of water; mass density x path) along the ray from the voxel to
-  the source, traced in the voxel's slice (longitudinal divergence neglected in the depth only);
-* lateral spread in isocentre-plane mm ``sigma_i * SAD / (rho * den)`` with ``rho`` the local
-  mass density (clamped at ``rho_floor``) and ``den`` the distance along the central axis:
+* ``f`` the voxel's medium factor (:func:`tomodose.terma.attenuation.mu_rho_ratio_to_water`: its
+  material's spectrum-averaged mu/rho relative to water; 1 in water, 0.94 in cortical bone): the
+  voxel attenuates and scatters like water of density ``rho_w = f * rho`` and, under
+  charged-particle equilibrium, receives ``f`` times that water's dose, so the dose above is
+  multiplied by ``f``;
+* ``d_rad`` radiological depth (mm of water; water-equivalent density ``rho_w`` x path) along the
+  ray from the voxel to the source, traced in the voxel's slice (longitudinal divergence neglected
+  in the depth only);
+* lateral spread in isocentre-plane mm ``sigma_i * SAD / (rho_w * den)`` with ``rho_w`` the local
+  water-equivalent density (clamped at ``rho_floor``) and ``den`` the distance along the central axis:
   O'Connor density scaling of the kernel laterally - the usual pencil-beam approximation, which
   is wrong across lateral heterogeneities (lung): see ``docs/pencil_beam.md`` and the tests;
 * ``J_i`` jaw profile, ``L_i`` leaf aperture(s) of :class:`tomodose.terma.BeamModel` convolved
@@ -60,6 +66,7 @@ from tomodose._validate import check_in_range
 from tomodose.delivery.plan import ProjectionSequence
 from tomodose.geometry.frames import source_position_patient
 from tomodose.geometry.grid import Grid
+from tomodose.terma.attenuation import mu_rho_ratio_to_water
 from tomodose.terma.beam_model import BeamModel
 from tomodose.terma.terma import (
     TERMA_UNIT, assign_angle_groups, density_input, projection_samples, resolve_delivery,
@@ -344,9 +351,14 @@ class _Engine:
         self.s_leaf = float(self.beam.leaf_edge_sigma_mm)
         self.offc = np.asarray(self.beam.offaxis_fluence_coeffs, dtype=np.float64)
         self.soft = float(self.beam.offaxis_softening_per_rad)
-        # density (transposed so slices are contiguous for the depth trace)
-        self.rho_t = np.ascontiguousarray(np.maximum(self.dens, self.rho_floor).transpose(1, 2, 0))
-        self._dens_t = np.ascontiguousarray(self.dens.transpose(1, 2, 0))
+        # medium composition: a voxel attenuates (and scales the kernel) like water of density rho * f,
+        # and deposits f times that water's dose (mu_rho_ratio_to_water; 1 exactly in water)
+        spec = self.beam.spectrum
+        self.medium_factor = mu_rho_ratio_to_water(self.dens, spec.energies_mev, spec.energy_fluence)
+        dens_w = self.dens * self.medium_factor
+        # water-equivalent density (transposed so slices are contiguous for the depth trace)
+        self.rho_t = np.ascontiguousarray(np.maximum(dens_w, self.rho_floor).transpose(1, 2, 0))
+        self._dens_t = np.ascontiguousarray(dens_w.transpose(1, 2, 0))
         # slab of slices each sample can reach (|v| <= v_reach)
         self.v_reach_full = 1e30
         self.unit_a = np.ascontiguousarray(np.eye(self.n_leaves))
@@ -743,7 +755,8 @@ def pencil_beam_dose(patient_or_density, projections, beam_model: BeamModel | No
     kernel : PencilKernel or str, optional
         Default the shipped :data:`DEFAULT_PENCIL_KERNEL`.
     rho_floor : float
-        Lower clamp of the density used for the lateral kernel scaling (g/cm3; default 0.05).
+        Lower clamp of the water-equivalent density used for the lateral kernel scaling (g/cm3;
+        default 0.05).
     angle_groups : int, optional
         Gantry-angle bins sharing one radiological-depth map (default: projections per rotation).
     far_field_step : int, optional
@@ -822,6 +835,7 @@ def pencil_beam_dose(patient_or_density, projections, beam_model: BeamModel | No
     else:
         step = 6 if (method == "windowed" and far_field_step is None) else far_field_step
         dose = _full_dose(engine, a, progress, step, window_threshold)
+    dose *= engine.medium_factor
     log.info("pencil beam (%s): %d projections x %d sub-samples on %s voxels in %.2f s", method,
              engine.projections.n_projections, engine.n_subsamples, engine.grid.shape, time.perf_counter() - t0)
     return dose.astype(np.float32)
@@ -851,4 +865,4 @@ def beamlet_dose(patient_or_density, projections, projection: int, leaf: int,
         raise ValueError(f"leaf must be an integer in [0, {engine.n_leaves - 1}], got {leaf!r}")
     a = np.zeros((n_p, engine.n_leaves))
     a[projection, leaf] = 1.0
-    return _full_dose(engine, a, False).astype(np.float32)
+    return (_full_dose(engine, a, False) * engine.medium_factor).astype(np.float32)
