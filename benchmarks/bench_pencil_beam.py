@@ -106,7 +106,8 @@ def _plan_for(target, field_width, pitch):
 
 
 #: model options of every engine call (``--no-voxel-average``, ``--no-medium-ends``)
-MODEL_OPTIONS: dict = {}
+#: one model for every mode, so the modes compare: the fluence fast path has the local lateral scaling only
+MODEL_OPTIONS: dict = {"lateral_scaling": "local"}
 
 
 def _modes_run(out, prefix, patient, plan, modes, fast_step, body, target):
@@ -214,7 +215,8 @@ def main(argv=None) -> int:
     if "fluence" in modes or "fluence_beam" in modes:
         # separately: the fluence-map kernels' compilation (or cache load)
         with _Timer(out, "jit_warmup_fluence"):
-            pencil_beam_dose(small, tiny, progress=False, method="fluence", far_field_step=args.fast_step)
+            pencil_beam_dose(small, tiny, progress=False, method="fluence", far_field_step=args.fast_step,
+                             lateral_scaling="local")
 
     patient = liver_phantom(spacing_mm=args.spacing)
     target = patient.structures[args.target]

@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     tiny = HelicalPlan.covering(lambda n, m: np.ones((n, m)), 10, -10, field_width_mm=25.0, pitch=0.5,
                                 gantry_period_s=20.0)
     c, t = time.process_time(), time.perf_counter()
-    pencil_beam_dose(small, tiny, progress=False, method="fluence", far_field_step=4)
+    pencil_beam_dose(small, tiny, progress=False, method="fluence", far_field_step=4, lateral_scaling="local")
     out = {"tomodose": str(Path(sys.modules["tomodose"].__file__).parent), "threads": numba.get_num_threads(),
            "jit_s": round(time.perf_counter() - t, 3), "jit_cpu_s": round(time.process_time() - c, 3)}
     patient = liver_phantom(spacing_mm=args.spacing)
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
         load = os.getloadavg()[0]
         c, t, m = time.process_time(), time.perf_counter(), time.thread_time()
         d = pencil_beam_dose(patient, plan, progress=False, method="fluence", far_field_step=4,
-                             leaf_model=args.leaf_model)
+                             leaf_model=args.leaf_model, lateral_scaling="local")
         rec = {"wall_s": round(time.perf_counter() - t, 3), "cpu_s": round(time.process_time() - c, 3),
                "main_thread_cpu_s": round(time.thread_time() - m, 3), "load_before": round(load, 2),
                "peak_rss_mib": round(peak_rss_mib(), 1)}

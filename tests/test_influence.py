@@ -198,7 +198,8 @@ def test_clustered_columns_match_naive_twin():
                                   s_leaf=eng.s_leaf, jaw_h=eng.jaw_h, s_jaw=eng.s_jaw, offc=eng.offc, soft=eng.soft,
                                   rho_floor=0.05, voxel_average=True,
                                   zcol=naive.medium_column_ends(rho, g.origin_mm, g.spacing_mm), medium_factor=fm,
-                                  **naive.exit_keywords(eng, rho * fm, g))
+                                  **naive.exit_keywords(eng, rho * fm, g),
+                                  **naive.lateral_keywords(eng, rho * fm, g, eng.kernel.sigma_mm))
     # the threshold cuts the water-equivalent dose (before the medium factor): compared in those units
     got = m.toarray() / fm.ravel()[:, None]
     ref = ref / fm.ravel()[:, None]

@@ -53,8 +53,6 @@ ENGINES = ("collapsed_cone", "pencil_beam")
 #: 0.8 %; the pencil beam's water_j50 in Gy (1.08 % on the lighter reference) passes at 0.75 %.
 #: validation/build_report.py prints this table from validation/results.json
 KNOWN_FAILURES: dict[tuple[str, str, str], str] = {
-    ('slab_lung', 'pencil_beam', 'depth_abs'): 'max |diff| beyond d_max 7.9 % (mean -0.2 %), tolerance 3 %',
-    ('slab_lung', 'pencil_beam', 'depth_rel'): 'max |diff| beyond d_max 8.0 % (mean -0.3 %), tolerance 3 %',
     ('water_j10', 'collapsed_cone', 'depth_abs'): 'max |diff| beyond d_max 1.2 % (mean -0.8 %), tolerance 1 %',
 }
 

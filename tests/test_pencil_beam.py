@@ -66,6 +66,13 @@ def _fm(rho, beam):
     return naive.medium_factor(rho, beam.spectrum.energies_mev, beam.spectrum.energy_fluence)
 
 
+def _lat(eng, rho, beam, grid):
+    """The NumPy twin's upstream lateral-density maps of every sample (``lateral_maps`` of naive.dose)."""
+    from tomodose.transport.pencil_beam import LATERAL_WINDOW_SCALE
+
+    return naive.lateral_keywords(eng, rho * _fm(rho, beam), grid, LATERAL_WINDOW_SCALE * eng.kernel.sigma_mm)
+
+
 # --- kernels vs naive twins -----------------------------------------------------------------
 @pytest.mark.parametrize("kind, angles, seed", [("depth", [0.0, 37.0, 200.0], 3),
                                                   ("exit", [0.0, 37.0, 200.0, 270.0], 13)])
@@ -172,7 +179,8 @@ def test_dose_matches_naive_twin(model, voxel_average, medium_ends):
                      e0=eng.e0, w=eng.w, s_leaf=eng.s_leaf, jaw_h=eng.jaw_h, s_jaw=eng.s_jaw, offc=eng.offc,
                      soft=eng.soft, rho_floor=0.05, voxel_average=voxel_average,
                      zcol=naive.medium_column_ends(rho, g.origin_mm, g.spacing_mm) if medium_ends else None,
-                     medium_factor=_fm(rho, beam), **naive.exit_keywords(eng, rho * _fm(rho, beam), g))
+                     medium_factor=_fm(rho, beam), **naive.exit_keywords(eng, rho * _fm(rho, beam), g),
+                     **_lat(eng, rho, beam, g))
     assert ref.max() > 0
     # tables (erf lookup, aperture ladder; voxel average of the wide Gaussians in the equal-variance
     # form) vs exact error functions and exact box means
@@ -358,7 +366,7 @@ def test_clustered_static_beams_and_naive_twin():
                      amplitude_cm2_g=k.amplitude_cm2_g, e0=eng.e0, w=eng.w, s_leaf=eng.s_leaf, jaw_h=eng.jaw_h,
                      s_jaw=eng.s_jaw, offc=eng.offc, soft=eng.soft, rho_floor=0.05, voxel_average=True,
                      zcol=naive.medium_column_ends(rho, g.origin_mm, g.spacing_mm), medium_factor=_fm(rho, beam),
-                     **naive.exit_keywords(eng, rho * _fm(rho, beam), g))
+                     **naive.exit_keywords(eng, rho * _fm(rho, beam), g), **_lat(eng, rho, beam, g))
     np.testing.assert_allclose(got, ref, rtol=0, atol=3e-3 * ref.max())
     np.testing.assert_allclose(got, pencil_beam_dose(dens, seq, beam, n_subsamples=2, progress=False),
                                rtol=1e-5, atol=1e-6 * ref.max())
@@ -394,7 +402,7 @@ def test_cluster_level_difference_matches_naive_twin():
 
     def run(win, win0, g_mid, g_hi):
         out = np.zeros(g.shape)
-        cluster_dose_lattice(out, *lat, 0, g.nz, depth, eng.exit_map(grp), eng.xtab, eng.rho_t, eng.origin,
+        cluster_dose_lattice(out, *lat, 0, g.nz, depth, eng.exit_map(grp), eng.xtab, eng.lateral_map(grp), eng.origin,
                              eng.spacing, *geo, *win, *win0, widen,
                              g_mid, g_hi, *par)
         return out
@@ -410,7 +418,7 @@ def test_cluster_level_difference_matches_naive_twin():
               w=eng.w, s_leaf=eng.s_leaf, jaw_h=eng.jaw_h, s_jaw=eng.s_jaw, offc=eng.offc, soft=eng.soft,
               rho_floor=0.05, voxel_average=True, zcol=naive.medium_column_ends(rho, g.origin_mm, g.spacing_mm),
               exit_maps=[naive.exit_keywords(eng, rho_w, g)["exit_maps"][q] for q in s], exit_distance_mm=k.exit_distance_mm,
-              exit_deficit=k.exit_deficit)
+              exit_deficit=k.exit_deficit, lateral_maps=[_lat(eng, rho, BeamModel.default(), g)["lateral_maps"][q] for q in s])
     # the kernel computes the water-equivalent dose (the medium factor is applied by the public functions)
     args = (rho_w, g.origin_mm, g.spacing_mm, eng.src[s], eng.xg[s], eng.yg[s], eng.zg[s], eng.dt[s], maps,
             a[eng.proj[s]])
@@ -826,7 +834,7 @@ def test_fluence_lookup_matches_naive(coarse):
               exit_mm=exit_mm, exit_deficit=eng.xtab)
     got = np.zeros(shape)
     if coarse:
-        coarse_lookup(got, *fine, depth_t, exit_t, eng.xtab, lvl_t, eng.rho_t, eng.origin, eng.spacing, s0, xg, yg,
+        coarse_lookup(got, *fine, depth_t, exit_t, eng.xtab, lvl_t, eng.rho_local4, eng.origin, eng.spacing, s0, xg, yg,
                       zg, t_p, dt_p,
                       a_c, tab_c, win, win_u, 5, maps_c, lat_c, *par, True)
         ref = naive_fl.lookup(shape, eng.origin, eng.spacing, depth, lvl, s0, xg, yg, zg, win, win_u,
@@ -834,7 +842,7 @@ def test_fluence_lookup_matches_naive(coarse):
     else:
         nodes = tuple(_axis_nodes(n, 2).astype(np.int64) for n in shape)
         node_vals = rng.normal(size=tuple(a.size for a in nodes))
-        fluence_lookup(got, *fine, depth_t, exit_t, eng.xtab, lvl_t, eng.rho_t, eng.origin, eng.spacing, s0, xg, yg,
+        fluence_lookup(got, *fine, depth_t, exit_t, eng.xtab, lvl_t, eng.rho_local4, eng.origin, eng.spacing, s0, xg, yg,
                        zg, t_p, dt_p,
                        a_c, tab_c, win, win_u, maps_f, lat_f, maps_c, lat_c, *par, True, node_vals,
                        *nodes)
@@ -850,8 +858,8 @@ def test_fluence_close_to_exact(step):
     rho[:, :, :3] = 0.3
     dens = _density(g, rho)
     plan = _small_plan(np.random.default_rng(4).uniform(0, 1, (30, 64)) * (np.abs(np.arange(64) - 31.5) < 6))
-    exact = pencil_beam_dose(dens, plan, progress=False)
-    fl = pencil_beam_dose(dens, plan, method="fluence", far_field_step=step, progress=False)
+    exact = pencil_beam_dose(dens, plan, progress=False, lateral_scaling="local")
+    fl = pencil_beam_dose(dens, plan, method="fluence", far_field_step=step, progress=False, lateral_scaling="local")
     err = np.abs(fl - exact).max() / exact.max()
     assert err < FLUENCE_TOL, err
 
@@ -859,8 +867,8 @@ def test_fluence_close_to_exact(step):
 def test_fluence_subsamples_and_random_density_close_to_exact():
     dens, plan = _random_case(seed=9)
     for n_sub in (1, 2):
-        exact = pencil_beam_dose(dens, plan, n_subsamples=n_sub, method="clustered", progress=False)
-        fl = pencil_beam_dose(dens, plan, n_subsamples=n_sub, method="fluence", far_field_step=2, progress=False)
+        exact = pencil_beam_dose(dens, plan, n_subsamples=n_sub, method="clustered", progress=False, lateral_scaling="local")
+        fl = pencil_beam_dose(dens, plan, n_subsamples=n_sub, method="fluence", far_field_step=2, progress=False, lateral_scaling="local")
         err = np.abs(fl - exact).max() / exact.max()
         assert err < FLUENCE_TOL, (n_sub, err)
 
@@ -878,12 +886,12 @@ def test_fluence_medium_ends(uniform):
     dens = _density(g, rho)
     plan = HelicalPlan(sinogram=np.ones((12, 64)) * (np.abs(np.arange(64) - 31.5) < 6), field_width_mm=25.0,
                        pitch=0.5, gantry_period_s=15.0, couch_start_mm=-10.0)
-    kw = dict(method="fluence", far_field_step=2, progress=False)
-    exact = pencil_beam_dose(dens, plan, method="clustered", progress=False)
+    kw = dict(method="fluence", lateral_scaling="local", far_field_step=2, progress=False)
+    exact = pencil_beam_dose(dens, plan, method="clustered", progress=False, lateral_scaling="local")
     fl = pencil_beam_dose(dens, plan, **kw)
     err = np.abs(fl - exact).max() / exact.max()
     assert err < FLUENCE_TOL, err
-    effect = exact - pencil_beam_dose(dens, plan, method="clustered", medium_ends=False, progress=False)
+    effect = exact - pencil_beam_dose(dens, plan, method="clustered", medium_ends=False, progress=False, lateral_scaling="local")
     effect_fl = fl - pencil_beam_dose(dens, plan, medium_ends=False, **kw)
     assert np.abs(effect).max() > 0.1 * exact.max()
     assert np.abs(effect_fl - effect).max() < 0.1 * np.abs(effect).max()
@@ -893,7 +901,7 @@ def test_fluence_invariants():
     import dataclasses
 
     dens, plan = _random_case(seed=9)
-    kw = dict(method="fluence", far_field_step=2, progress=False)
+    kw = dict(method="fluence", lateral_scaling="local", far_field_step=2, progress=False)
     d1 = _deterministic_thread_independent_zero_when_closed(dens, plan, kw)
     assert d1.max() > 0
     seq = plan.projections()
@@ -922,7 +930,7 @@ def test_fluence_coarse_rows_subset_is_exact(monkeypatch):
     f = rng.uniform(0.2, 1.0, (30, 64)) * (np.abs(np.arange(64) - 31.5) < 6)
     f[::4] = 0.0  # transmission only (default beam model)
     dens, plan = _density(g, rho), _small_plan(f)
-    kw = dict(method="fluence", far_field_step=4, progress=False)
+    kw = dict(method="fluence", lateral_scaling="local", far_field_step=4, progress=False)
     seen = []
     orig = pbf._coarse_rows
 
@@ -947,15 +955,15 @@ def test_fluence_bad_inputs():
     dens = _density(g, rho)
     plan = _small_plan()
     with pytest.raises(ValueError, match="positive window_threshold"):
-        pencil_beam_dose(dens, plan, method="fluence", window_threshold=0.0, progress=False)
+        pencil_beam_dose(dens, plan, method="fluence", window_threshold=0.0, progress=False, lateral_scaling="local")
     k = load_pencil_kernel()
     sig = k.sigma_mm.copy()
     sig[3] *= 1.1
     bad = dataclasses.replace(k, sigma_mm=sig)
     with pytest.raises(ValueError, match="log-spaced"):
-        pencil_beam_dose(dens, plan, method="fluence", kernel=bad, progress=False)
+        pencil_beam_dose(dens, plan, method="fluence", kernel=bad, progress=False, lateral_scaling="local")
     with pytest.raises(ValueError, match="far_field_step"):
-        pencil_beam_dose(dens, plan, method="fluence", far_field_step=0, progress=False)
+        pencil_beam_dose(dens, plan, method="fluence", far_field_step=0, progress=False, lateral_scaling="local")
 
 
 def test_fluence_transmission_on_the_coarse_level():
@@ -977,10 +985,10 @@ def test_fluence_transmission_on_the_coarse_level():
     rest = a - base[:, None]
     assert np.all(rest >= 0) and np.all(rest[f == 0] == 0)  # the window follows the open leaves
     assert np.all(_uniform_part(eng, _leaf_weights(eng, "linear")) == 0)  # closed leaves give 0 there
-    kw = dict(method="fluence", far_field_step=2, progress=False)
-    open_max = pencil_beam_dose(dens, _small_plan(), method="clustered", progress=False).max()
+    kw = dict(method="fluence", lateral_scaling="local", far_field_step=2, progress=False)
+    open_max = pencil_beam_dose(dens, _small_plan(), method="clustered", progress=False, lateral_scaling="local").max()
     for p, tol in ((_small_plan(np.zeros((30, 64))), t), (plan, FLUENCE_TOL)):
-        exact = pencil_beam_dose(dens, p, method="clustered", progress=False)
+        exact = pencil_beam_dose(dens, p, method="clustered", progress=False, lateral_scaling="local")
         fl = pencil_beam_dose(dens, p, **kw)
         assert exact.max() > 0
         # the transmission-only dose (t of the open one) is interpolated from the coarse nodes (here

@@ -135,7 +135,7 @@ def _half(ax, spacing):
 def dose(density, origin, spacing, src, xg, yg, zg, dt, depth_maps, a, *, sad, sigma_mm, depth_mm,
          amplitude_cm2_g, e0, w, s_leaf, jaw_h, s_jaw, offc, soft, rho_floor, n_gaussians=None, window=None,
          voxel_average=False, zcol=None, exit_maps=None, exit_distance_mm=None, exit_deficit=None,
-         medium_factor=None):
+         medium_factor=None, lateral_maps=None):
     """Dose (cm2/g*s) of samples ``s`` with geometry ``src[s], xg[s], ...``, weights ``dt[s]``,
     radiological depth maps ``depth_maps[s]`` (nz, ny, nx) and leaf weights ``a[s]`` (n_leaves,).
 
@@ -153,7 +153,9 @@ def dose(density, origin, spacing, src, xg, yg, zg, dt, depth_maps, a, *, sad, s
     ``|v| <= v_half + r_v c``, ``c = sad / den``.
     ``medium_factor`` (nz, ny, nx) (:func:`medium_factor`): the kernel is scaled laterally by the
     water-equivalent density ``density x medium_factor`` and the dose multiplied by the factor
-    (``depth_maps`` / ``exit_maps`` traced through the water-equivalent density); None: 1."""
+    (``depth_maps`` / ``exit_maps`` traced through the water-equivalent density); None: 1.
+    ``lateral_maps[s]`` (nz, ny, nx, nG) (:func:`upstream_density`): the density that scales each
+    Gaussian laterally (instead of the local water-equivalent density)."""
     nz, ny, nx = density.shape
     fm = np.ones(density.shape) if medium_factor is None else medium_factor
     out = np.zeros(density.shape)
@@ -192,7 +194,8 @@ def dose(density, origin, spacing, src, xg, yg, zg, dt, depth_maps, a, *, sad, s
                             amp = amplitude_cm2_g[-1, g] * min(ratio, 1.0) ** ((dd - depth_mm[-1]) / dz_tab)
                         if exit_maps is not None:
                             amp *= 1.0 - np.interp(exit_maps[s][k, j, i], exit_distance_mm, exit_deficit[:, g])
-                        su = sig * sad / (rho * den)
+                        rho_lat = rho if lateral_maps is None else lateral_maps[s][k, j, i, g]
+                        su = sig * sad / (rho_lat * den)
                         jv = max(_jaw(v, su, jaw_h, s_jaw, hv * sad / den, bl, br), 0.0)
                         sl = math.hypot(su, s_leaf)
                         total += amp * jv * _leaf(u, sl, a[s], e0, w, hu * sad / den)
@@ -245,6 +248,8 @@ def influence_columns(density, origin, spacing, src, xg, yg, zg, dt, depth_maps,
         kw = dict(model)
         if kw.get("exit_maps") is not None:
             kw["exit_maps"] = [model["exit_maps"][i] for i in s]
+        if kw.get("lateral_maps") is not None:
+            kw["lateral_maps"] = [model["lateral_maps"][i] for i in s]
         col = dose(density, origin, spacing, src[s], xg[s], yg[s], zg[s], dt[s], [depth_maps[i] for i in s], a,
                    window=(lo, hi, r_u, half_v, r_v), **kw).ravel()
         raw = col / fm.ravel()  # the threshold cuts the water-equivalent dose (before the medium factor)
@@ -297,3 +302,76 @@ def medium_factor(density, energies_mev, energy_fluence):
         wb = (rho - rhos[b - 1]) / (rhos[b] - rhos[b - 1])
         out[idx] = (1.0 - wb) * ratio[names[b - 1]] + wb * ratio[names[b]]
     return out
+
+
+def upstream_density(density_w, origin, spacing, source_xy, window, along_y, min_medium=0.05, rho_floor=0.05):
+    """(nz, ny, nx, nG) upstream lateral density, voxel by voxel (the recursion of
+    :func:`tomodose._kernels.pb_lateral.upstream_density`, written out): rows (``along_y``; columns
+    otherwise) from the source's side; each voxel continues the running sums ``N, W`` of the previous
+    row at its ray's crossing point (linear between the two columns; nothing outside), over the step
+    ``dl = d sqrt(1 + t^2)`` with its own density ``rho`` (>= ``min_medium``):
+    ``N = N' e + (1 - e) L / rho``, ``W = W' e + (1 - e) L``, ``e = exp(-rho dl / L)``; the value
+    ``max(W / N, rho_floor)`` (the voxel's density where ``N = 0``)."""
+    dens = np.asarray(density_w, float)
+    o = [float(origin[0]), float(origin[1])]
+    sp = [float(spacing[0]), float(spacing[1])]
+    src = [float(source_xy[0]), float(source_xy[1])]
+    if not along_y:  # the same on the slices transposed (x <-> y)
+        dens = dens.transpose(0, 2, 1)
+        o, sp, src = o[::-1], sp[::-1], src[::-1]
+    nz, ny, nx = dens.shape
+    ox, oy = o
+    dx, dy = sp
+    sx, sy = src
+    rows = list(range(ny)) if sy < oy else list(range(ny - 1, -1, -1))
+    out = np.zeros((nz, ny, nx, len(window)))
+    cols = np.arange(nx, dtype=float)
+    for k in range(nz):
+        for g, lg in enumerate(window):
+            n_prev = np.zeros(nx)
+            w_prev = np.zeros(nx)
+            for step, j in enumerate(rows):
+                py = oy + j * dy
+                n_cur = np.zeros(nx)
+                w_cur = np.zeros(nx)
+                for i in range(nx):
+                    px = ox + i * dx
+                    t = (px - sx) / (py - sy)
+                    dl = dy * math.sqrt(1.0 + t * t)
+                    n_up = w_up = 0.0
+                    if step > 0:
+                        py_prev = oy + rows[step - 1] * dy
+                        q = (px - t * (py - py_prev) - ox) / dx
+                        if 0.0 <= q <= nx - 1:
+                            n_up = float(np.interp(q, cols, n_prev))
+                            w_up = float(np.interp(q, cols, w_prev))
+                    rho = dens[k, j, i]
+                    if rho >= min_medium:
+                        e = math.exp(-rho * dl / lg)
+                        n_cur[i] = n_up * e + (1.0 - e) * lg / rho
+                        w_cur[i] = w_up * e + (1.0 - e) * lg
+                    else:
+                        n_cur[i], w_cur[i] = n_up, w_up
+                    val = w_cur[i] / n_cur[i] if n_cur[i] > 0.0 else rho
+                    out[k, j, i, g] = max(val, rho_floor)
+                n_prev, w_prev = n_cur, w_cur
+    return out if along_y else out.transpose(0, 2, 1, 3)
+
+
+def lateral_keywords(eng, rho_w, grid, window):
+    """Upstream lateral-density maps (this module's :func:`upstream_density`, windows ``window``) of
+    every sample of the engine ``eng`` (its angle group's source; rows swept along the axis closer to
+    the beam's central axis), as the ``lateral_maps`` keyword of :func:`dose`."""
+    from tomodose.geometry.frames import source_position_patient
+
+    p = eng.projections
+    iso = np.asarray(p.isocentre_lps_mm, float)
+    by_group, maps = {}, []
+    for q in eng.proj:
+        grp = int(eng.proj_group[q])
+        if grp not in by_group:
+            src = source_position_patient(eng.group_angles[grp], 0.0, p.isocentre_lps_mm, eng.sad, p.patient_position)
+            along_y = abs(iso[1] - src[1]) >= abs(iso[0] - src[0])
+            by_group[grp] = upstream_density(rho_w, grid.origin_mm, grid.spacing_mm, src[:2], window, along_y)
+        maps.append(by_group[grp])
+    return {"lateral_maps": maps}

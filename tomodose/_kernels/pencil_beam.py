@@ -309,12 +309,13 @@ def _amplitude(amps, tail, i, k0, f, ext, xtab, kx, fx):
 
 
 @numba.njit(**NUMBA_OPTIONS)
-def voxel_value(u, v, r, den, d_rad, t_exit, xtab, rho, leaf, sad, amps, dz_tab, tail, sig, a, tab, e0, w, s_leaf,
+def voxel_value(u, v, r, den, d_rad, t_exit, xtab, rho_g, leaf, sad, amps, dz_tab, tail, sig, a, tab, e0, w, s_leaf,
                 s_tab, lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi, cphi, au, av,
                 bl, br):
     """Dose per unit time of one sample at one voxel (cm2/g per unit energy-fluence rate).
 
-    ``sig`` is (2, nG): Gaussian widths (mm of water) and their log2. ``leaf >= 0``: a single leaf
+    ``sig`` is (2, nG): Gaussian widths (mm of water) and their log2. ``rho_g`` (nG,) or (1,): the
+    density that scales each Gaussian laterally (one value: all Gaussians). ``leaf >= 0``: a single leaf
     with unit weight (``a`` must then be its unit vector; same value as the general sum);
     ``leaf < 0``: the leaf weights ``a``. ``au, av``: half-widths (isocentre-plane mm) of the
     voxel along the leaf and jaw axes: the jaw profile and the leaf profiles are averaged over
@@ -325,7 +326,8 @@ def voxel_value(u, v, r, den, d_rad, t_exit, xtab, rho, leaf, sad, amps, dz_tab,
     """
     off, hsoft, k0, f, ext = _offaxis_and_depth(u, sad, soft, offc, d_rad, dz_tab, amps.shape[0])
     kx, fx = _exit_pos(t_exit, xtab.shape[0])
-    lat = sad / (rho * den)  # isocentre-plane mm per mm of water
+    per_gaussian = rho_g.shape[0] > 1
+    lat = sad / (rho_g[0] * den)  # isocentre-plane mm per mm of water
     log2_lat = math.log2(lat)
     sj2 = s_jaw * s_jaw
     sl2 = s_leaf * s_leaf
@@ -336,6 +338,9 @@ def voxel_value(u, v, r, den, d_rad, t_exit, xtab, rho, leaf, sad, amps, dz_tab,
         amp = _amplitude(amps, tail, i, k0, f, ext, xtab, kx, fx)
         if amp <= 0.0:
             continue
+        if per_gaussian:
+            lat = sad / (rho_g[i] * den)
+            log2_lat = math.log2(lat)
         su = sig[0, i] * lat
         su2 = su * su
         if cut:
@@ -826,7 +831,7 @@ def _cluster_row(out, is_, m0, m1, j, k, origin, spacing, depth_t, exit_t, xtab,
         px = origin[0] + ii * spacing[0]
         depth = depth_t[j, ii, k]
         t_exit = exit_t[j, ii, k]
-        rho = rho_t[j, ii, k]
+        rho_g = rho_t[j, ii, k]
         dx0 = px - s0[0]
         dy0 = py - s0[1]
         dz0 = pz - s0[2]
@@ -863,7 +868,8 @@ def _cluster_row(out, is_, m0, m1, j, k, origin, spacing, depth_t, exit_t, xtab,
             continue
         off, hsoft, k0, f, ext = _offaxis_and_depth(u, sad, soft, offc, depth, dz_tab, amps.shape[0])
         kx, fx = _exit_pos(t_exit, xtab.shape[0])
-        lat = sad / (rho * den)
+        per_gaussian = rho_g.shape[0] > 1
+        lat = sad / (rho_g[0] * den)
         log2_lat = math.log2(lat)
         sj2 = s_jaw * s_jaw
         sl2 = s_leaf * s_leaf
@@ -875,6 +881,9 @@ def _cluster_row(out, is_, m0, m1, j, k, origin, spacing, depth_t, exit_t, xtab,
             if amp <= 0.0:
                 continue
             amp_v[i] = amp
+            if per_gaussian:
+                lat = sad / (rho_g[i] * den)
+                log2_lat = math.log2(lat)
             su = sig[0, i] * lat
             su2 = su * su
             su2_v[i] = su2
@@ -1202,13 +1211,18 @@ def cluster_column_entries(count_only, counts, offsets, out_col, out_flat, out_v
                 au = hu * sc
                 av = hv * sc
                 bl, br = _medium_offsets(zcol, j, i, pz, yg[2], sc)
-                lat = sad / (rho_t[j, i, k] * den)
+                rho_g = rho_t[j, i, k]
+                per_gaussian = rho_g.shape[0] > 1
+                lat = sad / (rho_g[0] * den)
                 log2_lat = math.log2(lat)
                 for g in range(n_g):
                     amp = _amplitude(amps, tail, g, k0, f, ext, xtab, kx, fx)
                     amp_v[g] = amp
                     if amp <= 0.0:
                         continue
+                    if per_gaussian:
+                        lat = sad / (rho_g[g] * den)
+                        log2_lat = math.log2(lat)
                     su = sig[0, g] * lat
                     su2 = su * su
                     su2_v[g] = su2

@@ -154,7 +154,7 @@ def influence_matrix(patient, projections_or_plan, *, target="PTV", threshold: f
                      margin_mm: float = 0.0, chunk_beamlets: int = 512, beam_model=None, n_subsamples: int = 1,
                      kernel=None, rho_floor: float = 0.05, angle_groups: int | None = None,
                      progress: bool | None = None, return_beamlets: bool = False, method: str = "clustered",
-                     voxel_average: bool = True, medium_ends: bool = True):
+                     voxel_average: bool = True, medium_ends: bool = True, lateral_scaling: str = "upstream"):
     """Sparse influence matrix of the beamlets that meet the target.
 
     Parameters
@@ -175,7 +175,7 @@ def influence_matrix(patient, projections_or_plan, *, target="PTV", threshold: f
         Margin around the target for the beamlet selection (mm).
     chunk_beamlets : int
         Beamlets computed together (bounds the work memory).
-    beam_model, n_subsamples, kernel, rho_floor, angle_groups, voxel_average, medium_ends
+    beam_model, n_subsamples, kernel, rho_floor, angle_groups, voxel_average, medium_ends, lateral_scaling
         As in :func:`tomodose.transport.pencil_beam.pencil_beam_dose` (``voxel_average``: profiles
         averaged over each voxel; ``medium_ends``: no dose from pencils beyond the medium's
         longitudinal ends; both default; give the full-plan dose the same values).
@@ -210,7 +210,7 @@ def influence_matrix(patient, projections_or_plan, *, target="PTV", threshold: f
     seq = _projections(projections_or_plan)
     tgt = _target(patient, target)
     engine = _resolve(patient, seq, beam_model, kernel, n_subsamples, rho_floor, angle_groups, voxel_average,
-                      medium_ends)
+                      medium_ends, lateral_scaling)
     engine.grid.require_same(tgt.grid, "target structure grid and density grid")
     proj_b, leaf_b = influence_beamlets(seq, tgt, margin_mm=margin_mm)
     n_b = proj_b.size
@@ -311,6 +311,7 @@ def _per_beamlet_columns(engine, proj_b, leaf_b, groups, window, k_lo, k_hi, thr
         members = np.flatnonzero(group_of_proj[proj_b] == g)
         depth = engine.depth_map(int(g))[None]
         exit_m = engine.exit_map(int(g))[None]
+        lat_m = engine.lateral_map(int(g))
         for c0 in range(0, members.size, chunk_beamlets):
             sel = members[c0:c0 + chunk_beamlets]
             cnt = counts[sel]
@@ -322,7 +323,7 @@ def _per_beamlet_columns(engine, proj_b, leaf_b, groups, window, k_lo, k_hi, thr
             wbuf = np.empty((n_threads, max(int(cnt.max()) if sel.size else 1, 1)), dtype=np.int64)
             beamlet_columns(out_idx, out_val, offsets, kept_c, np.ascontiguousarray(proj_b[sel]),
                             np.ascontiguousarray(leaf_b[sel]), engine.samp_start, engine.samp_stop, zero_group,
-                            depth, exit_m, engine.xtab, engine.rho_t, engine.origin, engine.spacing, shape, engine.src,
+                            depth, exit_m, engine.xtab, lat_m, engine.origin, engine.spacing, shape, engine.src,
                             engine.xg,
                             engine.yg, engine.zg, engine.dt, *window, engine.den_min, k_lo, k_hi, threshold,
                             n_threads, scratch, mark, wbuf, *engine.params(), engine.unit_a, engine.btab,
@@ -380,7 +381,7 @@ def _cluster_plan(engine, proj_b, leaf_b, groups, window, k_lo, k_hi):
                     half_u, r_u, half_v, r_v, widen, *par)
             counts = np.zeros(nz, dtype=np.int64)
             cluster_column_entries(True, counts, counts, dummy_i, dummy_i, dummy_f, *args[:2], no_depth, no_depth,
-                                   engine.xtab, engine.rho_t, *args[2:])
+                                   engine.xtab, engine.rho_local4, *args[2:])  # counts: shape only
             if counts.sum():
                 clusters.append((args, counts))
         plan.append((g, members, clusters))
@@ -398,6 +399,7 @@ def _clustered_columns(engine, plan, threshold, kept, chunks, bar):
         if clusters:
             depth = engine.depth_map(int(g))
             exit_m = engine.exit_map(int(g))
+            lat_m = engine.lateral_map(int(g))
             total = int(sum(int(c.sum()) for _, c in clusters))
             col = np.empty(total, dtype=np.int32)
             flat = np.empty(total, dtype=np.int32)
@@ -406,7 +408,7 @@ def _clustered_columns(engine, plan, threshold, kept, chunks, bar):
             for args, counts in clusters:
                 offsets = base + np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
                 cluster_column_entries(False, counts, offsets, col, flat, val, *args[:2], depth, exit_m, engine.xtab,
-                                       engine.rho_t, *args[2:])
+                                       lat_m, *args[2:])
                 base += int(counts.sum())
             start = np.zeros(members.size + 1, dtype=np.int64)
             kept_g = np.zeros(members.size, dtype=np.int64)
@@ -501,7 +503,7 @@ class FarField:
 def far_field_operator(patient, projections_or_plan, matrix, projection, leaf, *, step: int = 6, beam_model=None,
                        n_subsamples: int = 1, kernel=None, rho_floor: float = 0.05, angle_groups: int | None = None,
                        progress: bool | None = None, voxel_average: bool = True,
-                       medium_ends: bool = True) -> FarField:
+                       medium_ends: bool = True, lateral_scaling: str = "upstream") -> FarField:
     """What the threshold of ``matrix`` dropped, on a coarse grid (see :class:`FarField`).
 
     The beamlets' full doses are evaluated at every ``step``-th voxel (no window, no threshold; the
@@ -517,7 +519,7 @@ def far_field_operator(patient, projections_or_plan, matrix, projection, leaf, *
         raise TypeError(f"matrix must be a scipy.sparse matrix, got {type(matrix).__name__}")
     seq = _projections(projections_or_plan)
     engine = _resolve(patient, seq, beam_model, kernel, n_subsamples, rho_floor, angle_groups, voxel_average,
-                      medium_ends)
+                      medium_ends, lateral_scaling)
     proj_b = np.ascontiguousarray(projection, dtype=np.int64)
     leaf_b = np.ascontiguousarray(leaf, dtype=np.int64)
     n_vox = engine.grid.n_voxels
@@ -542,12 +544,13 @@ def far_field_operator(patient, projections_or_plan, matrix, projection, leaf, *
         members = np.flatnonzero(groups == g)
         depth = engine.depth_map(int(g))
         exit_m = engine.exit_map(int(g))
+        lat_m = engine.lateral_map(int(g))
         for c0 in range(0, members.size, 256):
             sel = members[c0:c0 + 256]
             out = np.empty((sel.size, n_nodes))
             beamlet_node_values(out, np.ascontiguousarray(proj_b[sel]), np.ascontiguousarray(leaf_b[sel]),
                                 engine.samp_start, engine.samp_stop, node_flat, depth, exit_m, engine.xtab,
-                                engine.rho_t,
+                                lat_m,
                                 engine.origin, engine.spacing, shape, engine.src, engine.xg, engine.yg, engine.zg,
                                 engine.dt,
                                 *engine.params(), engine.unit_a, engine.btab, *engine.tail_params())

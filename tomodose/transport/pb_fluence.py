@@ -372,7 +372,7 @@ def _fluence_dose(engine, a_proj: np.ndarray, progress, far_field_step: int, thr
             has = u_lo_p <= u_hi_p
             if not np.any(has):  # transmission only: the coarse level, every Gaussian at every node
                 maps_c = coarse_maps(None, 0)
-                coarse_lookup(values, *nodes, depth, exit_m, engine.xtab, lvl_t, engine.rho_t, engine.origin,
+                coarse_lookup(values, *nodes, depth, exit_m, engine.xtab, lvl_t, engine.rho_local4, engine.origin,
                               engine.spacing, s0, xg, yg, zg, t_p, dt_p, a_c, tab_c, _NO_WIN, _NO_WIN_U, 0, maps_c,
                               lat_c, *par, ends)
                 continue
@@ -380,7 +380,7 @@ def _fluence_dose(engine, a_proj: np.ndarray, progress, far_field_step: int, thr
                                       FLUENCE_ROW_MM)
             maps_c = coarse_maps(win, win_u.shape[0])
             vals_c = np.zeros_like(values)
-            coarse_lookup(vals_c, *nodes, depth, exit_m, engine.xtab, lvl_t, engine.rho_t, engine.origin,
+            coarse_lookup(vals_c, *nodes, depth, exit_m, engine.xtab, lvl_t, engine.rho_local4, engine.origin,
                           engine.spacing, s0, xg, yg, zg, t_p, dt_p, a_c, tab_c, win, win_u, n0, maps_c, lat_c, *par,
                           ends)
             u0, n_u = _lattice(win[2], win[3], hu)
@@ -388,7 +388,7 @@ def _fluence_dose(engine, a_proj: np.ndarray, progress, far_field_step: int, thr
             n_k, dden = _planes(den_lo, den_hi, FLUENCE_PLANE_MM)
             lat_f = np.array([u0, hu, y0, hy_f, den_lo, dden])
             maps_f = _build_maps(lat_f, n_u, n_y, n_k, w2_f, geo, engine, bu2, bv2, scratch, "maps_f", y_ends)
-            fluence_lookup(dose, *fine, depth, exit_m, engine.xtab, lvl_t, engine.rho_t, engine.origin,
+            fluence_lookup(dose, *fine, depth, exit_m, engine.xtab, lvl_t, engine.rho_local4, engine.origin,
                            engine.spacing, s0, xg, yg, zg, t_p, dt_p, a_c, tab_c, win, win_u, maps_f, lat_f, maps_c,
                            lat_c, *par, ends, vals_c, *nodes)
             values += vals_c

@@ -20,10 +20,13 @@ A beamlet is one projection x one leaf. Its dose at a voxel is (see ``docs/penci
 * ``d_rad`` radiological depth (mm of water; water-equivalent density ``rho_w`` x path) along the
   ray from the voxel to the source, traced in the voxel's slice (longitudinal divergence neglected
   in the depth only);
-* lateral spread in isocentre-plane mm ``sigma_i * SAD / (rho_w * den)`` with ``rho_w`` the local
-  water-equivalent density (clamped at ``rho_floor``) and ``den`` the distance along the central axis:
-  O'Connor density scaling of the kernel laterally - the usual pencil-beam approximation, which
-  is wrong across lateral heterogeneities (lung): see ``docs/pencil_beam.md`` and the tests;
+* lateral spread in isocentre-plane mm ``sigma_i * SAD / (rho_i * den)`` with ``den`` the distance
+  along the central axis and ``rho_i`` (clamped at ``rho_floor``) the density that scales Gaussian
+  ``i``: with ``lateral_scaling="upstream"`` (default) the harmonic mean of ``rho_w`` upstream along
+  the ray, weighted by ``exp(-s / sigma_i)`` in radiological distance (:meth:`_Engine.lateral_map`:
+  build-down and build-up at interfaces); with ``"local"`` the voxel's own ``rho_w`` (O'Connor
+  scaling, the classic pencil beam). Either is wrong across *lateral* heterogeneities (a lung beside
+  the voxel): see ``docs/pencil_beam.md`` and the tests;
 * ``J_i`` jaw profile, ``L_i`` leaf aperture(s) of :class:`tomodose.terma.BeamModel` convolved
   analytically with Gaussian ``i``; ``O(theta)`` off-axis fluence; ``h = 1 + s |theta|`` the
   off-axis softening of the beam model (``TERMA_soft(d) = h TERMA(h d)``);
@@ -91,6 +94,12 @@ DEFAULT_PENCIL_KERNEL = "pencil_water_6mv_default"
 DOSE_UNIT = TERMA_UNIT
 #: widest total Gaussian (mm, isocentre plane) evaluated directly from the leaf edges.
 S_TAB_MM = 4.0
+#: window of Gaussian i's upstream lateral density (``lateral_scaling="upstream"``): this factor times
+#: its width ``sigma_i`` (mm of water, radiological distance; 1: the natural scale, not fitted)
+LATERAL_WINDOW_SCALE = 1.0
+#: the lateral scalings of the kernel (``lateral_scaling=``): by the density upstream along the ray
+#: (default) or by the voxel's own (O'Connor, the classic pencil beam)
+LATERAL_SCALINGS = ("upstream", "local")
 #: lowest mass density (g/cm3) counted as medium for the longitudinal ends of each voxel column
 #: (:func:`medium_column_ends`).
 MEDIUM_MIN_DENSITY = 0.05
@@ -302,6 +311,7 @@ class _Engine:
     angle_groups: int
     voxel_average: bool = True
     medium_ends: bool = True
+    lateral_scaling: str = "upstream"
 
     def __post_init__(self):
         from tomodose._kernels.pencil_beam import phi_integral_table, phi_table
@@ -359,6 +369,9 @@ class _Engine:
         # water-equivalent density (transposed so slices are contiguous for the depth trace)
         self.rho_t = np.ascontiguousarray(np.maximum(dens_w, self.rho_floor).transpose(1, 2, 0))
         self._dens_t = np.ascontiguousarray(dens_w.transpose(1, 2, 0))
+        # the local density as a lateral map (one value for every Gaussian): lateral_scaling="local"
+        self.rho_local4 = self.rho_t[..., None]
+        self._lateral_last = None
         # slab of slices each sample can reach (|v| <= v_reach)
         self.v_reach_full = 1e30
         self.unit_a = np.ascontiguousarray(np.eye(self.n_leaves))
@@ -402,6 +415,47 @@ class _Engine:
         k_lo = np.floor((zc - reach - self.origin[2]) / self.spacing[2]).astype(np.int64)
         k_hi = np.ceil((zc + reach - self.origin[2]) / self.spacing[2]).astype(np.int64) + 1
         return np.clip(k_lo, 0, nz), np.clip(k_hi, 0, nz)
+
+    def lateral_map(self, group: int) -> np.ndarray:
+        """(ny, nx, nz, nG) float64 density (g/cm3, water-equivalent, >= ``rho_floor``) that scales each
+        Gaussian laterally at each voxel for angle group ``group``: with ``lateral_scaling="upstream"``
+        the harmonic mean of the density upstream along the ray, weighted by ``exp(-s / L_i)`` in
+        radiological distance, ``L_i = LATERAL_WINDOW_SCALE x sigma_i``
+        (:func:`tomodose._kernels.pb_lateral.upstream_density`; the last group's map is kept); with
+        ``"local"`` the voxel's own density, (ny, nx, nz, 1) for every group."""
+        if self.lateral_scaling == "local":
+            return self.rho_local4
+        if self._lateral_last is not None and self._lateral_last[0] == group:
+            return self._lateral_last[1]
+        from tomodose._kernels.pb_lateral import upstream_density
+
+        p = self.projections
+        src = source_position_patient(self.group_angles[group], 0.0, p.isocentre_lps_mm, self.sad, p.patient_position)
+        sx, sy = float(src[0]), float(src[1])
+        ox, oy = float(self.origin[0]), float(self.origin[1])
+        dx, dy = float(self.spacing[0]), float(self.spacing[1])
+        ny, nx, _ = self._dens_t.shape
+        outside_y = not (oy <= sy <= oy + (ny - 1) * dy)
+        outside_x = not (ox <= sx <= ox + (nx - 1) * dx)
+        iso = np.asarray(p.isocentre_lps_mm, float)
+        along_y = abs(iso[1] - sy) >= abs(iso[0] - sx)
+        if (along_y and not outside_y) or (not along_y and not outside_x):
+            along_y = not along_y
+        if (along_y and not outside_y) or (not along_y and not outside_x):
+            raise ValueError(f"the source of angle group {group} at ({sx:.0f}, {sy:.0f}) mm lies within the grid's "
+                             "x and y ranges: the upstream lateral density needs it outside one of them")
+        window = LATERAL_WINDOW_SCALE * np.asarray(self.kernel.sigma_mm, dtype=np.float64)
+        if along_y:
+            out = np.empty(self._dens_t.shape + (window.size,))
+            upstream_density(self._dens_t, ox, oy, dx, dy, sx, sy, window, MEDIUM_MIN_DENSITY, out)
+        else:  # sweep along x: the same kernel on the transposed slices
+            dens_x = np.ascontiguousarray(self._dens_t.transpose(1, 0, 2))
+            out_x = np.empty(dens_x.shape + (window.size,))
+            upstream_density(dens_x, oy, ox, dy, dx, sy, sx, window, MEDIUM_MIN_DENSITY, out_x)
+            out = np.ascontiguousarray(out_x.transpose(1, 0, 2, 3))
+        np.maximum(out, self.rho_floor, out=out)
+        self._lateral_last = (group, out)
+        return out
 
     def depth_map(self, group: int) -> np.ndarray:
         """(ny, nx, nz) float32 radiological depth (mm water) for one angle group (read-only; from
@@ -492,8 +546,10 @@ def medium_column_ends(density: np.ndarray, grid: Grid) -> np.ndarray:
 
 
 def _resolve(patient_or_density, projections, beam_model, kernel, n_subsamples, rho_floor, angle_groups,
-             voxel_average=True, medium_ends=True):
+             voxel_average=True, medium_ends=True, lateral_scaling="upstream"):
     projections, beam = resolve_delivery(projections, beam_model)
+    if lateral_scaling not in LATERAL_SCALINGS:
+        raise ValueError(f"lateral_scaling must be one of {LATERAL_SCALINGS}, got {lateral_scaling!r}")
     if not isinstance(voxel_average, (bool, np.bool_)):
         raise TypeError(f"voxel_average must be True or False, got {voxel_average!r}")
     if not isinstance(medium_ends, (bool, np.bool_)):
@@ -511,7 +567,7 @@ def _resolve(patient_or_density, projections, beam_model, kernel, n_subsamples, 
     n_groups = machine.projections_per_rotation if angle_groups is None else angle_groups
     grid, dens, _ = density_input(patient_or_density, projections)
     return _Engine(grid, dens, projections, beam, kernel, int(n_subsamples), rho_floor, n_groups, bool(voxel_average),
-                   bool(medium_ends))
+                   bool(medium_ends), lateral_scaling)
 
 
 def _leaf_weights(engine: _Engine, leaf_model: str) -> np.ndarray:
@@ -589,14 +645,14 @@ def _full_dose(engine: _Engine, a_proj: np.ndarray, progress, far_field_step=Non
             u_hi = np.ascontiguousarray((centres[last] + reach)[local])
         else:
             u_lo, u_hi = free_lo, free_hi
-        full_dose_group(dose, depth, exit_m, engine.xtab, engine.rho_t, engine.origin, engine.spacing, *geo[:5],
+        full_dose_group(dose, depth, exit_m, engine.xtab, engine.lateral_map(int(g)), engine.origin, engine.spacing, *geo[:5],
                         geo[5], geo[6], geo[7], u_lo, u_hi, v_reach, k_lo[samples], k_hi[samples], *engine.params(),
                         *engine.tail_params())
         if fast:
-            node_dose_group(far_full, node_flat, depth, exit_m, engine.xtab, engine.rho_t, engine.origin,
+            node_dose_group(far_full, node_flat, depth, exit_m, engine.xtab, engine.lateral_map(int(g)), engine.origin,
                             engine.spacing, shape, *geo, free_lo, free_hi, 1e30, *engine.params(),
                             *engine.tail_params())
-            node_dose_group(far_near, node_flat, depth, exit_m, engine.xtab, engine.rho_t, engine.origin,
+            node_dose_group(far_near, node_flat, depth, exit_m, engine.xtab, engine.lateral_map(int(g)), engine.origin,
                             engine.spacing, shape, *geo, u_lo, u_hi, v_reach, *engine.params(), *engine.tail_params())
     if fast:
         interp = _trilinear(grid.shape, int(far_field_step))
@@ -692,6 +748,7 @@ def _clustered_dose(engine: _Engine, a_proj: np.ndarray, progress, far_field_ste
 
     for g, active, depth, samples in _active_groups(engine, a_proj, progress):
         exit_m = engine.exit_map(int(g))
+        lat_m = engine.lateral_map(int(g))
         for members in _clusters(engine, samples):
             s = samples[members]
             geo = _cluster_geometry(engine, a_proj, s, centres)
@@ -699,11 +756,11 @@ def _clustered_dose(engine: _Engine, a_proj: np.ndarray, progress, far_field_ste
             k_lo, k_hi = int(k_lo_all[s].min()), int(k_hi_all[s].max())
             if spec[0][1] > 0 and k_hi > k_lo:
                 w0 = window(spec[0][2])
-                cluster_dose_lattice(dose, *lattices[0], k_lo, k_hi, depth, exit_m, engine.xtab, engine.rho_t,
+                cluster_dose_lattice(dose, *lattices[0], k_lo, k_hi, depth, exit_m, engine.xtab, lat_m,
                                      engine.origin, engine.spacing, *geo, *w0, *w0, widen, 0, spec[0][1], *par)
             for m in range(1, len(spec)):
                 # level m minus level m - 1 in one pass (see _cluster_row)
-                cluster_dose_lattice(values[m - 1], *lattices[m], 0, nz, depth, exit_m, engine.xtab, engine.rho_t,
+                cluster_dose_lattice(values[m - 1], *lattices[m], 0, nz, depth, exit_m, engine.xtab, lat_m,
                                      engine.origin, engine.spacing, *geo, *window(spec[m][2]),
                                      *window(spec[m - 1][2]), widen,
                                      spec[m - 1][1], spec[m][1], *par)
@@ -735,7 +792,8 @@ def pencil_beam_dose(patient_or_density, projections, beam_model: BeamModel | No
                      rho_floor: float = 0.05, angle_groups: int | None = None,
                      far_field_step: int | None = None, window_threshold: float = 1e-2,
                      progress: bool | None = None, method: str | None = None,
-                     levels=DEFAULT_LEVELS, voxel_average: bool = True, medium_ends: bool = True) -> np.ndarray:
+                     levels=DEFAULT_LEVELS, voxel_average: bool = True, medium_ends: bool = True,
+                     lateral_scaling: str = "upstream") -> np.ndarray:
     """Pencil-beam dose of a whole delivery, without building a matrix.
 
     Parameters
@@ -802,6 +860,14 @@ def pencil_beam_dose(patient_or_density, projections, beam_model: BeamModel | No
         voxel column, at most the grid's ends) cross no matter and carry no dose, so the dose near
         a phantom's end faces or the grid's ends lacks their scatter (as in the collapsed cone and
         the Monte Carlo); ``False``: the laterally infinite medium of the plain pencil beam.
+    lateral_scaling : {"upstream", "local"}
+        Density that scales Gaussian ``i`` of the kernel laterally: ``"upstream"`` (default) the
+        harmonic mean of the water-equivalent density upstream along the ray, weighted by
+        ``exp(-s / L_i)`` in radiological distance with ``L_i = sigma_i``
+        (:data:`LATERAL_WINDOW_SCALE`; build-down and build-up at lung and bone interfaces); ``"local"``
+        the voxel's own (the classic O'Connor scaling: the spread changes at once at an interface).
+        ``method="fluence"`` supports ``"local"`` only (its beam's-eye maps share one width ladder
+        level per voxel).
 
     Returns
     -------
@@ -810,7 +876,7 @@ def pencil_beam_dose(patient_or_density, projections, beam_model: BeamModel | No
     """
     t0 = time.perf_counter()
     engine = _resolve(patient_or_density, projections, beam_model, kernel, n_subsamples, rho_floor, angle_groups,
-                      voxel_average, medium_ends)
+                      voxel_average, medium_ends, lateral_scaling)
     a = _leaf_weights(engine, leaf_model)
     if far_field_step is not None and (isinstance(far_field_step, bool) or not isinstance(far_field_step, (int, np.integer))
                                        or far_field_step < 1):
@@ -827,6 +893,9 @@ def pencil_beam_dose(patient_or_density, projections, beam_model: BeamModel | No
 
         if window_threshold <= 0.0:
             raise ValueError(f"method 'fluence' needs a positive window_threshold, got {window_threshold!r}")
+        if lateral_scaling != "local":
+            raise ValueError(f"method 'fluence' supports lateral_scaling='local' only, got {lateral_scaling!r} "
+                             "(use method='exact' or 'clustered' for the upstream scaling)")
         dose = fluence_dose(engine, a, progress, FLUENCE_FAR_FIELD_STEP if far_field_step is None else far_field_step,
                             window_threshold)
     elif method == "clustered":
@@ -845,19 +914,19 @@ def beamlet_dose(patient_or_density, projections, projection: int, leaf: int,
                  beam_model: BeamModel | None = None, *, n_subsamples: int = 1,
                  kernel: PencilKernel | str | None = None, rho_floor: float = 0.05,
                  angle_groups: int | None = None, voxel_average: bool = True,
-                 medium_ends: bool = True) -> np.ndarray:
+                 medium_ends: bool = True, lateral_scaling: str = "upstream") -> np.ndarray:
     """Dose of one beamlet (projection ``projection``, leaf ``leaf``) fully open for its projection.
 
     Same model as :func:`pencil_beam_dose` with ``leaf_model="linear"`` and a unit leaf weight:
     the column of :func:`tomodose.transport.influence.influence_matrix` at threshold 0
-    (``voxel_average``, ``medium_ends`` as there).
+    (``voxel_average``, ``medium_ends``, ``lateral_scaling`` as there).
 
     Returns
     -------
     (nz, ny, nx) float32 in :data:`DOSE_UNIT`.
     """
     engine = _resolve(patient_or_density, projections, beam_model, kernel, n_subsamples, rho_floor, angle_groups,
-                      voxel_average, medium_ends)
+                      voxel_average, medium_ends, lateral_scaling)
     n_p = engine.projections.n_projections
     if isinstance(projection, bool) or not isinstance(projection, (int, np.integer)) or not 0 <= projection < n_p:
         raise ValueError(f"projection must be an integer in [0, {n_p - 1}], got {projection!r}")
