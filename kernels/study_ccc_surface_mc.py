@@ -91,9 +91,9 @@ def main(argv=None) -> int:
         out["cases"][name] = check_case(name, options)
         print(name, json.dumps(out["cases"][name]), flush=True)
     if args.json:
-        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
-        tmp.write_text(json.dumps(out, indent=1), encoding="utf-8")
-        tmp.replace(args.json)
+        from tomodose._atomic import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(out, indent=1))
     return 0
 
 

@@ -69,9 +69,9 @@ def main(argv=None) -> int:
             out[f"{name} C={c:g}"] = r
             print(name, f"C={c:g}", json.dumps({k: v for k, v in r.items() if k != "diff_abs_by_depth"}), flush=True)
     if args.json:
-        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
-        tmp.write_text(json.dumps(out, indent=1), encoding="utf-8")
-        tmp.replace(args.json)
+        from tomodose._atomic import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(out, indent=1))
     return 0
 
 
