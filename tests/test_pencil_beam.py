@@ -666,31 +666,37 @@ def test_pencil_vs_collapsed_cone_in_water():
 def test_lung_heterogeneity_error_is_shown():
     """Water / lung / water slab, 2.5 x 5 cm field: the known pencil-beam errors in lung, shown.
 
-    With the local lateral density scaling (default) the pencil beam drops abruptly at the lung
-    entrance and jumps back behind it (no build-down / build-up); with depth scaling only
-    (``rho_floor=1``) it overestimates the dose in the lung. The collapsed cone is the reference.
+    With the classic local lateral density scaling (``lateral_scaling="local"``) the pencil beam
+    drops abruptly at the lung entrance and jumps back behind it (no build-down / build-up); with
+    depth scaling only (``rho_floor=1``) it overestimates the dose in the lung. The default upstream
+    scaling (each Gaussian by the density upstream over its own width) builds down and up: its
+    interface errors are a fraction of the local scaling's. The collapsed cone is the reference.
     Numbers: docs/pencil_beam.md."""
     f = np.zeros(64)
     f[30:34] = 1.0
     seq = ProjectionSequence.static_beams([0.0], f, 1.0, 50.0)
     beam = BeamModel.default()
-    pb = pencil_beam_dose(_slab(True), seq, beam, progress=False)[6, :, 20]
-    pb_depth_only = pencil_beam_dose(_slab(True), seq, beam, rho_floor=1.0, progress=False)[6, :, 20]
     cc = _ccc_dose(_slab(True), seq, beam)[6, :, 20]
-    pbw = pencil_beam_dose(_slab(False), seq, beam, progress=False)[6, :, 20]
     ccw = _ccc_dose(_slab(False), seq, beam)[6, :, 20]
-    norm = pbw / ccw  # remove the water difference of the two engines
-    entrance = pb[12] / cc[12] / norm[12]  # first lung voxel (52.5 mm depth)
-    exit_ = pb[28] / cc[28] / norm[28]  # first water voxel behind the lung (132.5 mm)
-    lung_depth_only = np.max(pb_depth_only[12:28] / cc[12:28] / norm[12:28])
-    print(f"PB/CCC (water-normalised): lung entrance {entrance:.3f}, behind lung {exit_:.3f}, "
-          f"depth-scaling-only max in lung {lung_depth_only:.3f}")
-    assert entrance < 0.92  # abrupt drop at the interface (CCC builds down over ~1-2 cm)
-    assert exit_ > 1.06  # abrupt recovery behind the lung (CCC builds up)
+    ratios = {}
+    for scaling in ("local", "upstream"):
+        pb = pencil_beam_dose(_slab(True), seq, beam, progress=False, lateral_scaling=scaling)[6, :, 20]
+        pbw = pencil_beam_dose(_slab(False), seq, beam, progress=False, lateral_scaling=scaling)[6, :, 20]
+        ratios[scaling] = pb / cc / (pbw / ccw)  # the water difference of the two engines removed
+    pb_depth_only = pencil_beam_dose(_slab(True), seq, beam, rho_floor=1.0, progress=False,
+                                     lateral_scaling="local")[6, :, 20]
+    pbw = pencil_beam_dose(_slab(False), seq, beam, progress=False, lateral_scaling="local")[6, :, 20]
+    lung_depth_only = np.max(pb_depth_only[12:28] / cc[12:28] / (pbw / ccw)[12:28])
+    # first lung voxel (52.5 mm depth), first water voxel behind the lung (132.5 mm), mid-lung
+    (ent_l, exit_l, mid_l), (ent_u, exit_u, _) = (ratios[s][[12, 28, 22]] for s in ("local", "upstream"))
+    print(f"PB/CCC (water-normalised), local: lung entrance {ent_l:.3f}, behind lung {exit_l:.3f}; upstream: "
+          f"{ent_u:.3f}, {exit_u:.3f}; depth-scaling-only max in lung {lung_depth_only:.3f}")
+    assert ent_l < 0.92  # local: abrupt drop at the interface (CCC builds down over ~1-2 cm)
+    assert exit_l > 1.06  # local: abrupt recovery behind the lung (CCC builds up)
     assert lung_depth_only > 1.10  # classic overestimate without lateral scaling
-    # away from the interfaces both engines agree better
-    mid = pb[22] / cc[22] / norm[22]
-    assert abs(mid - 1.0) < abs(entrance - 1.0)
+    assert abs(mid_l - 1.0) < abs(ent_l - 1.0)  # away from the interfaces the engines agree better
+    assert abs(ent_u - 1.0) < 0.4 * abs(ent_l - 1.0)  # upstream: builds down
+    assert abs(exit_u - 1.0) < 0.6 * abs(exit_l - 1.0)  # and up
 
 
 # --- input validation -------------------------------------------------------------------------
