@@ -106,7 +106,7 @@ def _plan_for(target, field_width, pitch):
 
 
 #: model options of every engine call (``--no-voxel-average``, ``--no-medium-ends``)
-#: one model for every mode, so the modes compare: the fluence fast path has the local lateral scaling only
+#: one model for every mode, so the modes compare (the local lateral scaling: the timings of before session 10)
 MODEL_OPTIONS: dict = {"lateral_scaling": "local"}
 
 

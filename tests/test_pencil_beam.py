@@ -833,7 +833,7 @@ def test_fluence_lookup_matches_naive(coarse):
            eng.offc, eng.soft, eng.phi, eng.cphi, 1.0, zcol)
     fine = tuple(np.arange(n, dtype=np.int64) for n in shape)
     depth_t = np.ascontiguousarray(depth.transpose(1, 2, 0))
-    lvl_t = np.ascontiguousarray(lvl.transpose(1, 2, 0))
+    lvl_t = np.ascontiguousarray(lvl.transpose(1, 2, 0)[..., None])
     exit_mm = rng.uniform(0.0, 450.0, shape)  # beyond the exit table too (its last row)
     exit_t = np.ascontiguousarray(exit_mm.transpose(1, 2, 0))
     kw = dict(sad=eng.sad, amps=eng.amps, dz_tab=eng.dz_tab, tail=eng.tail, soft=eng.soft, offc=eng.offc,
@@ -858,14 +858,16 @@ def test_fluence_lookup_matches_naive(coarse):
     np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-12 * np.abs(ref).max())
 
 
-@pytest.mark.parametrize("step", [2, 4])
-def test_fluence_close_to_exact(step):
+@pytest.mark.parametrize("step, scaling", [(2, "local"), (4, "local"), (2, "upstream"), (4, "upstream")])
+def test_fluence_close_to_exact(step, scaling):
+    """The fluence fast path against the exact path, with either lateral scaling (upstream: every
+    Gaussian reads its own width-ladder level)."""
     g, rho = _water(shape=(8, 12, 10), spacing=8.0)
     rho[:, :, :3] = 0.3
     dens = _density(g, rho)
     plan = _small_plan(np.random.default_rng(4).uniform(0, 1, (30, 64)) * (np.abs(np.arange(64) - 31.5) < 6))
-    exact = pencil_beam_dose(dens, plan, progress=False, lateral_scaling="local")
-    fl = pencil_beam_dose(dens, plan, method="fluence", far_field_step=step, progress=False, lateral_scaling="local")
+    exact = pencil_beam_dose(dens, plan, progress=False, lateral_scaling=scaling)
+    fl = pencil_beam_dose(dens, plan, method="fluence", far_field_step=step, progress=False, lateral_scaling=scaling)
     err = np.abs(fl - exact).max() / exact.max()
     assert err < FLUENCE_TOL, err
 

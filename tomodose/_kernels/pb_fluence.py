@@ -341,10 +341,13 @@ def _map_sum(maps, lat, cq, q_min, q_max, u, yy, den):
 
 @numba.njit(inline="always")
 def _voxel_maps(maps_f, lat_f, maps_c, lat_c, cq_f, cq_c, i_lo, i_hi, s, u, yy, den, amps, tail, k0, f, ext, xtab, kx,
-                fx):
+                fx, s_g):
     """Sum over the Gaussians ``i_lo <= i < i_hi`` of ``A_i`` times the map value at level ``q = i + s``
     (linear between the two bracketing levels): from the fine maps ``maps_f`` when both levels are
-    in it (its levels are the first ``nl_f`` of the coarse maps'), else from the coarse ``maps_c``."""
+    in it (its levels are the first ``nl_f`` of the coarse maps'), else from the coarse ``maps_c``.
+    ``s_g`` (nG,): a level offset per Gaussian (``q = i + s_g[i]``, the upstream lateral scaling)
+    instead of the common ``s``; length 1: ``s`` for all."""
+    per_gaussian = s_g.shape[0] > 1
     nl_f = maps_f.shape[3]
     nl_c = maps_c.shape[3]
     f_min = nl_c
@@ -355,7 +358,7 @@ def _voxel_maps(maps_f, lat_f, maps_c, lat_c, cq_f, cq_c, i_lo, i_hi, s, u, yy, 
         amp = _amplitude(amps, tail, i, k0, f, ext, xtab, kx, fx)
         if amp <= 0.0:
             continue
-        q = i + s
+        q = i + (s_g[i] if per_gaussian else s)
         if q < 0.0:
             q = 0.0
         if q > nl_c - 1:
@@ -454,19 +457,22 @@ def _level_sum(maps, lat, amp, i_a, i_b, s0, fq, u, yy, den):
 
 
 @numba.njit(inline="always")
-def _voxel_levels(maps_f, lat_f, maps_c, lat_c, cq_f, cq_c, amp, i_lo, i_hi, s, u, yy, den, amps, tail, k0, f, ext,
+def _voxel_levels(maps_f, lat_f, maps_c, lat_c, cq_f, cq_c, amp, i_lo, i_hi, s_g, u, yy, den, amps, tail, k0, f, ext,
                   xtab,
                   kx, fx):
     """:func:`_voxel_maps` (same value, other rounding order) in one pass per map set: the
     amplitudes of all Gaussians first (``amp`` scratch, negative ones as 0), then the fine levels of
     the Gaussians ``i < nl_f - 1 - floor(s)`` and the coarse levels of the rest. Levels outside the
-    maps (clamped in :func:`_voxel_maps`) fall back to it."""
+    maps (clamped in :func:`_voxel_maps`) fall back to it. ``s_g``: the voxel's level offset, (1,)
+    (every Gaussian) or (nG,) per Gaussian (the upstream lateral scaling: no shared level fraction,
+    always :func:`_voxel_maps`)."""
     nl_f = maps_f.shape[3]
     nl_c = maps_c.shape[3]
+    s = s_g[0]
     s0 = int(math.floor(s))
-    if s0 < 0 or s0 + i_hi > nl_c - 1 or i_hi <= i_lo:
+    if s_g.shape[0] > 1 or s0 < 0 or s0 + i_hi > nl_c - 1 or i_hi <= i_lo:
         return _voxel_maps(maps_f, lat_f, maps_c, lat_c, cq_f, cq_c, i_lo, i_hi, s, u, yy, den, amps, tail, k0, f,
-                           ext, xtab, kx, fx)
+                           ext, xtab, kx, fx, s_g)
     fq = s - s0
     for i in range(i_lo, i_hi):
         a = amps[k0, i] + f * (amps[k0 + 1, i] - amps[k0, i])
@@ -497,7 +503,7 @@ def fluence_lookup(out, ks, js, is_, depth_t, exit_t, xtab, lvl_t, rho_t, origin
     this cluster's coarse node values ``node_vals`` (given at ``nks x njs x nis``) at the voxel, which
     the caller adds to every voxel later: a voxel inside the window thus gets the map value only.
 
-    ``lvl_t`` (ny, nx, nz): level offset ``s`` of every voxel (``log(1 / rho) / log r`` minus the
+    ``lvl_t`` (ny, nx, nz, 1 or nG): level offset ``s`` of every voxel (``log(1 / rho) / log r`` minus the
     maps' first level). A voxel whose jaw aperture may be truncated by the medium's ends for some
     sample (an end of its column within ``jaw_h + PHI_X s_jaw`` of a sample's field,
     :func:`tomodose._kernels.pencil_beam._medium_cut`) is evaluated exactly instead

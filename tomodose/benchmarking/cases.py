@@ -207,11 +207,8 @@ def ccc_plan(size, *, ladder: str = "spacing", spacing_mm: float = 6.0, rotation
 def pencil_beam_plan(size, *, ladder: str = "spacing", spacing_mm: float = 6.0, rotations: float | None = None,
                      method: str | None = None, lateral_scaling: str | None = None):
     """Full helical plan dose with the pencil-beam engine (no matrix; ``method``: e.g. ``"fluence"``,
-    the fast path, default the engine's; ``lateral_scaling`` default the engine's, ``"local"`` for
-    ``method="fluence"``, its only one)."""
+    the fast path, default the engine's; ``lateral_scaling`` default the engine's, ``"upstream"``)."""
     options = {"method": method} if method else {}
-    if lateral_scaling is None and method == "fluence":
-        lateral_scaling = "local"
     if lateral_scaling is not None:
         options["lateral_scaling"] = lateral_scaling
     return _plan_dose("pencil_beam", size, ladder, spacing_mm, rotations, options or None)

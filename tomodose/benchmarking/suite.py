@@ -122,7 +122,8 @@ GOALS = {
     "ccc_plan": {"size": 3.0, "params": {"fast": True}, "goal_s": 10.0,
                  "note": "FAST_CCC_OPTIONS (96 + 128 shared directions, long-range terms on <= 7 mm blocks)"},
     "pencil_beam_plan": {"size": 3.0, "params": {"method": "fluence", "lateral_scaling": "local"}, "goal_s": 1.0,
-                         "note": "method='fluence' (the full-plan fast path; local lateral scaling, its only one)"},
+                         "note": "method='fluence' (the full-plan fast path) with the local lateral scaling (the goal's "
+                                 "configuration; the default upstream scaling adds one sweep per angle group)"},
     "influence": {"size": 3.0, "params": {}, "goal_s": 30.0, "goal_mib": 2048.0},
     "gamma": {"size": 3.0, "params": {}, "goal_s": 2.0, "note": "goal is for 1 M voxels"},
 }

@@ -310,7 +310,8 @@ def _fluence_dose(engine, a_proj: np.ndarray, progress, far_field_step: int, thr
     lvl = -np.log(engine.rho_t) / math.log(r)
     j_lo = int(math.floor(float(lvl.min())))
     j_hi = int(math.ceil(n_g - 1 + float(lvl.max()))) + 1
-    lvl_t = np.ascontiguousarray(lvl - j_lo)
+    lvl_t = np.ascontiguousarray((lvl - j_lo)[..., None])  # one offset for every Gaussian (local scaling)
+    upstream = engine.lateral_scaling == "upstream"
     w2 = (float(sig[0]) * r ** np.arange(j_lo, j_hi + 1, dtype=float)) ** 2
     w2_f = w2[:max(2, n0 - j_lo + 1)]  # levels of the fine maps: below the first wide Gaussian
     r_u, r_v = beamlet_reach_mm(engine, threshold, n_gaussians=max(n0, 1))
@@ -363,6 +364,9 @@ def _fluence_dose(engine, a_proj: np.ndarray, progress, far_field_step: int, thr
     full_tab = np.ascontiguousarray(engine.btab.sum(axis=0)) if np.any(base > 0.0) else None
     for grp, _active, depth, samples in _active_groups(engine, a_proj, progress):
         exit_m = engine.exit_map(int(grp))
+        lat_m = engine.lateral_map(int(grp))
+        if upstream:  # a level offset per Gaussian: the upstream densities (within the local ones' range)
+            lvl_t = np.ascontiguousarray(-np.log(lat_m) / math.log(r) - j_lo)
         for members in _clusters(engine, samples):
             s = samples[members]
             geo = _fluence_geometry(engine, a_proj, a_open, base, s, centres, full_tab)
@@ -372,7 +376,7 @@ def _fluence_dose(engine, a_proj: np.ndarray, progress, far_field_step: int, thr
             has = u_lo_p <= u_hi_p
             if not np.any(has):  # transmission only: the coarse level, every Gaussian at every node
                 maps_c = coarse_maps(None, 0)
-                coarse_lookup(values, *nodes, depth, exit_m, engine.xtab, lvl_t, engine.rho_local4, engine.origin,
+                coarse_lookup(values, *nodes, depth, exit_m, engine.xtab, lvl_t, lat_m, engine.origin,
                               engine.spacing, s0, xg, yg, zg, t_p, dt_p, a_c, tab_c, _NO_WIN, _NO_WIN_U, 0, maps_c,
                               lat_c, *par, ends)
                 continue
@@ -380,7 +384,7 @@ def _fluence_dose(engine, a_proj: np.ndarray, progress, far_field_step: int, thr
                                       FLUENCE_ROW_MM)
             maps_c = coarse_maps(win, win_u.shape[0])
             vals_c = np.zeros_like(values)
-            coarse_lookup(vals_c, *nodes, depth, exit_m, engine.xtab, lvl_t, engine.rho_local4, engine.origin,
+            coarse_lookup(vals_c, *nodes, depth, exit_m, engine.xtab, lvl_t, lat_m, engine.origin,
                           engine.spacing, s0, xg, yg, zg, t_p, dt_p, a_c, tab_c, win, win_u, n0, maps_c, lat_c, *par,
                           ends)
             u0, n_u = _lattice(win[2], win[3], hu)
@@ -388,7 +392,7 @@ def _fluence_dose(engine, a_proj: np.ndarray, progress, far_field_step: int, thr
             n_k, dden = _planes(den_lo, den_hi, FLUENCE_PLANE_MM)
             lat_f = np.array([u0, hu, y0, hy_f, den_lo, dden])
             maps_f = _build_maps(lat_f, n_u, n_y, n_k, w2_f, geo, engine, bu2, bv2, scratch, "maps_f", y_ends)
-            fluence_lookup(dose, *fine, depth, exit_m, engine.xtab, lvl_t, engine.rho_local4, engine.origin,
+            fluence_lookup(dose, *fine, depth, exit_m, engine.xtab, lvl_t, lat_m, engine.origin,
                            engine.spacing, s0, xg, yg, zg, t_p, dt_p, a_c, tab_c, win, win_u, maps_f, lat_f, maps_c,
                            lat_c, *par, ends, vals_c, *nodes)
             values += vals_c

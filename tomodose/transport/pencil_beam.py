@@ -793,7 +793,7 @@ def pencil_beam_dose(patient_or_density, projections, beam_model: BeamModel | No
                      far_field_step: int | None = None, window_threshold: float = 1e-2,
                      progress: bool | None = None, method: str | None = None,
                      levels=DEFAULT_LEVELS, voxel_average: bool = True, medium_ends: bool = True,
-                     lateral_scaling: str | None = None) -> np.ndarray:
+                     lateral_scaling: str = "upstream") -> np.ndarray:
     """Pencil-beam dose of a whole delivery, without building a matrix.
 
     Parameters
@@ -860,15 +860,15 @@ def pencil_beam_dose(patient_or_density, projections, beam_model: BeamModel | No
         voxel column, at most the grid's ends) cross no matter and carry no dose, so the dose near
         a phantom's end faces or the grid's ends lacks their scatter (as in the collapsed cone and
         the Monte Carlo); ``False``: the laterally infinite medium of the plain pencil beam.
-    lateral_scaling : {"upstream", "local"}, optional
+    lateral_scaling : {"upstream", "local"}
         Density that scales Gaussian ``i`` of the kernel laterally: ``"upstream"`` (default) the
         harmonic mean of the water-equivalent density upstream along the ray, weighted by
         ``exp(-s / L_i)`` in radiological distance with ``L_i = sigma_i``
         (:data:`LATERAL_WINDOW_SCALE`; build-down and build-up at lung and bone interfaces); ``"local"``
         the voxel's own (the classic O'Connor scaling: the spread changes at once at an interface).
-        ``method="fluence"`` supports ``"local"`` only (its beam's-eye maps share one width ladder
-        level per voxel): None (default) means ``"local"`` there, ``"upstream"`` for every other
-        method.
+        Every method supports both (``method="fluence"`` reads each Gaussian's own width-ladder level
+        with the upstream scaling instead of one shared level per voxel; one sweep per angle group
+        adds about 50-90 ms per group on a 3 mm grid).
 
     Returns
     -------
@@ -876,8 +876,6 @@ def pencil_beam_dose(patient_or_density, projections, beam_model: BeamModel | No
         Energy per mass in :data:`DOSE_UNIT` (``cm2/g*s``, the unit of TERMA), on the density grid.
     """
     t0 = time.perf_counter()
-    if lateral_scaling is None:
-        lateral_scaling = "local" if method == "fluence" else "upstream"
     engine = _resolve(patient_or_density, projections, beam_model, kernel, n_subsamples, rho_floor, angle_groups,
                       voxel_average, medium_ends, lateral_scaling)
     a = _leaf_weights(engine, leaf_model)
@@ -896,9 +894,6 @@ def pencil_beam_dose(patient_or_density, projections, beam_model: BeamModel | No
 
         if window_threshold <= 0.0:
             raise ValueError(f"method 'fluence' needs a positive window_threshold, got {window_threshold!r}")
-        if lateral_scaling != "local":
-            raise ValueError(f"method 'fluence' supports lateral_scaling='local' only, got {lateral_scaling!r} "
-                             "(use method='exact' or 'clustered' for the upstream scaling)")
         dose = fluence_dose(engine, a, progress, FLUENCE_FAR_FIELD_STEP if far_field_step is None else far_field_step,
                             window_threshold)
     elif method == "clustered":
