@@ -27,12 +27,6 @@ from tomodose.transport.pencil_beam import beamlet_dose, pencil_beam_dose
 from tests.naive import pencil_beam as naive
 
 
-def _spectrum():
-    """Energies and energy fluence of the default beam model's spectrum (the matrix's medium factor)."""
-    s = BeamModel.default().spectrum
-    return s.energies_mev, s.energy_fluence
-
-
 @pytest.fixture(scope="module")
 def case():
     g = Grid(shape=(8, 12, 12), spacing_mm=(12.0, 12.0, 10.0), origin_mm=(-66.0, -66.0, -35.0))
@@ -100,7 +94,7 @@ def test_threshold_and_its_error(case, exact):
     exact = m0 @ x
     previous = None
     # the threshold cuts the water-equivalent dose (the entries before the medium factor)
-    fm = naive.medium_factor(dens.array, *_spectrum()).ravel()
+    fm = naive.beam_medium_factor(dens.array, BeamModel.default()).ravel()
     m0_w = sparse.diags(1.0 / fm) @ m0
     for thr in (1e-3, DEFAULT_THRESHOLD):
         m = influence_matrix(dens, plan, target=target, threshold=thr, progress=False)
@@ -190,7 +184,7 @@ def test_clustered_columns_match_naive_twin():
     r_u, r_v = beamlet_reach_mm(eng, thr)
     k = eng.kernel
     maps = [eng.depth_map(int(eng.proj_group[q])).transpose(2, 0, 1) for q in eng.proj]
-    fm = naive.medium_factor(rho, beam.spectrum.energies_mev, beam.spectrum.energy_fluence)
+    fm = naive.beam_medium_factor(rho, beam)
     ref = naive.influence_columns(rho, g.origin_mm, g.spacing_mm, eng.src, eng.xg, eng.yg, eng.zg, eng.dt, maps,
                                   eng.proj, list(zip(p, l)), seq.machine.leaf_centres_mm(), r_u=r_u,
                                   half_v=eng.jaw_h, r_v=r_v, threshold=thr, sad=850.0, sigma_mm=k.sigma_mm,

@@ -61,16 +61,11 @@ def test_load_kernel_bad_name():
         load_pencil_kernel("no_such_kernel")
 
 
-def _fm(rho, beam):
-    """The NumPy twin's medium factor of ``rho`` for the spectrum of ``beam``."""
-    return naive.medium_factor(rho, beam.spectrum.energies_mev, beam.spectrum.energy_fluence)
-
-
 def _lat(eng, rho, beam, grid):
     """The NumPy twin's upstream lateral-density maps of every sample (``lateral_maps`` of naive.dose)."""
     from tomodose.transport.pencil_beam import LATERAL_WINDOW_SCALE
 
-    return naive.lateral_keywords(eng, rho * _fm(rho, beam), grid, LATERAL_WINDOW_SCALE * eng.kernel.sigma_mm)
+    return naive.lateral_keywords(eng, rho * naive.beam_medium_factor(rho, beam), grid, LATERAL_WINDOW_SCALE * eng.kernel.sigma_mm)
 
 
 # --- kernels vs naive twins -----------------------------------------------------------------
@@ -89,7 +84,7 @@ def test_inplane_trace_matches_naive(kind, angles, seed):
     eng = _resolve(_density(g, rho), seq, BeamModel.ideal(), None, 1, 0.05, None)
     for grp, ang in enumerate(eng.group_angles):
         s = source_position_patient(ang, 0.0, seq.isocentre_lps_mm, 850.0)
-        ref = getattr(naive, f"inplane_{kind}")(rho * _fm(rho, BeamModel.ideal()), g.origin_mm, g.spacing_mm, s[:2])
+        ref = getattr(naive, f"inplane_{kind}")(rho * naive.beam_medium_factor(rho, BeamModel.ideal()), g.origin_mm, g.spacing_mm, s[:2])
         got = getattr(eng, f"{kind}_map")(grp).transpose(2, 0, 1)
         np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-4)
         # one map alone or both in one pass: the same values
@@ -179,7 +174,7 @@ def test_dose_matches_naive_twin(model, voxel_average, medium_ends):
                      e0=eng.e0, w=eng.w, s_leaf=eng.s_leaf, jaw_h=eng.jaw_h, s_jaw=eng.s_jaw, offc=eng.offc,
                      soft=eng.soft, rho_floor=0.05, voxel_average=voxel_average,
                      zcol=naive.medium_column_ends(rho, g.origin_mm, g.spacing_mm) if medium_ends else None,
-                     medium_factor=_fm(rho, beam), **naive.exit_keywords(eng, rho * _fm(rho, beam), g),
+                     medium_factor=naive.beam_medium_factor(rho, beam), **naive.exit_keywords(eng, rho * naive.beam_medium_factor(rho, beam), g),
                      **_lat(eng, rho, beam, g))
     assert ref.max() > 0
     # tables (erf lookup, aperture ladder; voxel average of the wide Gaussians in the equal-variance
@@ -365,8 +360,8 @@ def test_clustered_static_beams_and_naive_twin():
                      beam.leaf_weights(f)[eng.proj], sad=850.0, sigma_mm=k.sigma_mm, depth_mm=k.depth_mm,
                      amplitude_cm2_g=k.amplitude_cm2_g, e0=eng.e0, w=eng.w, s_leaf=eng.s_leaf, jaw_h=eng.jaw_h,
                      s_jaw=eng.s_jaw, offc=eng.offc, soft=eng.soft, rho_floor=0.05, voxel_average=True,
-                     zcol=naive.medium_column_ends(rho, g.origin_mm, g.spacing_mm), medium_factor=_fm(rho, beam),
-                     **naive.exit_keywords(eng, rho * _fm(rho, beam), g), **_lat(eng, rho, beam, g))
+                     zcol=naive.medium_column_ends(rho, g.origin_mm, g.spacing_mm), medium_factor=naive.beam_medium_factor(rho, beam),
+                     **naive.exit_keywords(eng, rho * naive.beam_medium_factor(rho, beam), g), **_lat(eng, rho, beam, g))
     np.testing.assert_allclose(got, ref, rtol=0, atol=3e-3 * ref.max())
     np.testing.assert_allclose(got, pencil_beam_dose(dens, seq, beam, n_subsamples=2, progress=False),
                                rtol=1e-5, atol=1e-6 * ref.max())
@@ -413,7 +408,7 @@ def test_cluster_level_difference_matches_naive_twin():
     np.testing.assert_allclose(got, two, rtol=0, atol=1e-12 * np.abs(two).max())
     k = eng.kernel
     maps = [depth.transpose(2, 0, 1)] * s.size
-    rho_w = rho * _fm(rho, BeamModel.default())
+    rho_w = rho * naive.beam_medium_factor(rho, BeamModel.default())
     kw = dict(sad=850.0, sigma_mm=k.sigma_mm, depth_mm=k.depth_mm, amplitude_cm2_g=k.amplitude_cm2_g, e0=eng.e0,
               w=eng.w, s_leaf=eng.s_leaf, jaw_h=eng.jaw_h, s_jaw=eng.s_jaw, offc=eng.offc, soft=eng.soft,
               rho_floor=0.05, voxel_average=True, zcol=naive.medium_column_ends(rho, g.origin_mm, g.spacing_mm),

@@ -258,9 +258,9 @@ def influence_columns(density, origin, spacing, src, xg, yg, zg, dt, depth_maps,
     return out
 
 
-def exit_keywords(eng, rho, grid):
-    """Exact exit-distance maps (this module's :func:`inplane_exit`) of every sample of the engine
-    ``eng`` (its angle group's source) and the exit-table keywords of :func:`dose`."""
+def _sample_maps(eng, make):
+    """One map per sample of the engine ``eng``: ``make(source_xyz)`` evaluated once per angle group
+    (at the group's source) and repeated for each of its samples."""
     from tomodose.geometry.frames import source_position_patient
 
     p = eng.projections
@@ -268,9 +268,16 @@ def exit_keywords(eng, rho, grid):
     for q in eng.proj:
         grp = int(eng.proj_group[q])
         if grp not in by_group:
-            src = source_position_patient(eng.group_angles[grp], 0.0, p.isocentre_lps_mm, eng.sad, p.patient_position)
-            by_group[grp] = inplane_exit(rho, grid.origin_mm, grid.spacing_mm, src[:2])
+            by_group[grp] = make(source_position_patient(eng.group_angles[grp], 0.0, p.isocentre_lps_mm, eng.sad,
+                                                         p.patient_position))
         maps.append(by_group[grp])
+    return maps
+
+
+def exit_keywords(eng, rho, grid):
+    """Exact exit-distance maps (this module's :func:`inplane_exit`) of every sample of the engine
+    ``eng`` (its angle group's source) and the exit-table keywords of :func:`dose`."""
+    maps = _sample_maps(eng, lambda src: inplane_exit(rho, grid.origin_mm, grid.spacing_mm, src[:2]))
     k = eng.kernel
     return dict(exit_maps=maps, exit_distance_mm=k.exit_distance_mm, exit_deficit=k.exit_deficit)
 
@@ -362,16 +369,15 @@ def lateral_keywords(eng, rho_w, grid, window):
     """Upstream lateral-density maps (this module's :func:`upstream_density`, windows ``window``) of
     every sample of the engine ``eng`` (its angle group's source; rows swept along the axis closer to
     the beam's central axis), as the ``lateral_maps`` keyword of :func:`dose`."""
-    from tomodose.geometry.frames import source_position_patient
+    iso = np.asarray(eng.projections.isocentre_lps_mm, float)
 
-    p = eng.projections
-    iso = np.asarray(p.isocentre_lps_mm, float)
-    by_group, maps = {}, []
-    for q in eng.proj:
-        grp = int(eng.proj_group[q])
-        if grp not in by_group:
-            src = source_position_patient(eng.group_angles[grp], 0.0, p.isocentre_lps_mm, eng.sad, p.patient_position)
-            along_y = abs(iso[1] - src[1]) >= abs(iso[0] - src[0])
-            by_group[grp] = upstream_density(rho_w, grid.origin_mm, grid.spacing_mm, src[:2], window, along_y)
-        maps.append(by_group[grp])
-    return {"lateral_maps": maps}
+    def make(src):
+        along_y = abs(iso[1] - src[1]) >= abs(iso[0] - src[0])
+        return upstream_density(rho_w, grid.origin_mm, grid.spacing_mm, src[:2], window, along_y)
+
+    return {"lateral_maps": _sample_maps(eng, make)}
+
+
+def beam_medium_factor(density, beam):
+    """:func:`medium_factor` of ``density`` for the spectrum of the beam model ``beam``."""
+    return medium_factor(density, beam.spectrum.energies_mev, beam.spectrum.energy_fluence)

@@ -306,12 +306,18 @@ def _fluence_dose(engine, a_proj: np.ndarray, progress, far_field_step: int, thr
     n_g = int(sig.size)
     n0 = int(np.count_nonzero(sig < FLUENCE_FINE_SIGMA_MM))
     dose = np.zeros(grid.shape)
-    # level offset s = log(1 / rho) / log r of every voxel (rho clamped at rho_floor, as the kernels)
+    # level offset s = log(1 / rho) / log r of every voxel (rho clamped at rho_floor, as the kernels);
+    # the upstream densities lie within the local ones' range, so their levels within [j_lo, j_hi]
     lvl = -np.log(engine.rho_t) / math.log(r)
     j_lo = int(math.floor(float(lvl.min())))
     j_hi = int(math.ceil(n_g - 1 + float(lvl.max()))) + 1
-    lvl_t = np.ascontiguousarray((lvl - j_lo)[..., None])  # one offset for every Gaussian (local scaling)
+
+    def level_offsets(lat):
+        """(ny, nx, nz, 1 or nG) level offsets of a lateral map, minus the ladder's first level."""
+        return np.ascontiguousarray(-np.log(lat) / math.log(r) - j_lo)
+
     upstream = engine.lateral_scaling == "upstream"
+    lvl_t = None
     w2 = (float(sig[0]) * r ** np.arange(j_lo, j_hi + 1, dtype=float)) ** 2
     w2_f = w2[:max(2, n0 - j_lo + 1)]  # levels of the fine maps: below the first wide Gaussian
     r_u, r_v = beamlet_reach_mm(engine, threshold, n_gaussians=max(n0, 1))
@@ -365,8 +371,8 @@ def _fluence_dose(engine, a_proj: np.ndarray, progress, far_field_step: int, thr
     for grp, _active, depth, samples in _active_groups(engine, a_proj, progress):
         exit_m = engine.exit_map(int(grp))
         lat_m = engine.lateral_map(int(grp))
-        if upstream:  # a level offset per Gaussian: the upstream densities (within the local ones' range)
-            lvl_t = np.ascontiguousarray(-np.log(lat_m) / math.log(r) - j_lo)
+        if lvl_t is None or upstream:  # local: one offset per voxel for every group; upstream: per group
+            lvl_t = level_offsets(lat_m)
         for members in _clusters(engine, samples):
             s = samples[members]
             geo = _fluence_geometry(engine, a_proj, a_open, base, s, centres, full_tab)

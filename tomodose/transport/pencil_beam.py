@@ -435,15 +435,16 @@ class _Engine:
         ox, oy = float(self.origin[0]), float(self.origin[1])
         dx, dy = float(self.spacing[0]), float(self.spacing[1])
         ny, nx, _ = self._dens_t.shape
-        outside_y = not (oy <= sy <= oy + (ny - 1) * dy)
-        outside_x = not (ox <= sx <= ox + (nx - 1) * dx)
+        outside = {True: not oy <= sy <= oy + (ny - 1) * dy, False: not ox <= sx <= ox + (nx - 1) * dx}
+        # sweep along the axis closer to the beam's central axis, or the other one if the source lies
+        # within the first one's range
         iso = np.asarray(p.isocentre_lps_mm, float)
-        along_y = abs(iso[1] - sy) >= abs(iso[0] - sx)
-        if (along_y and not outside_y) or (not along_y and not outside_x):
-            along_y = not along_y
-        if (along_y and not outside_y) or (not along_y and not outside_x):
+        prefer_y = abs(iso[1] - sy) >= abs(iso[0] - sx)
+        usable = [a for a in (prefer_y, not prefer_y) if outside[a]]
+        if not usable:
             raise ValueError(f"the source of angle group {group} at ({sx:.0f}, {sy:.0f}) mm lies within the grid's "
                              "x and y ranges: the upstream lateral density needs it outside one of them")
+        along_y = usable[0]
         window = LATERAL_WINDOW_SCALE * np.asarray(self.kernel.sigma_mm, dtype=np.float64)
         if along_y:
             out = np.empty(self._dens_t.shape + (window.size,))
@@ -645,14 +646,15 @@ def _full_dose(engine: _Engine, a_proj: np.ndarray, progress, far_field_step=Non
             u_hi = np.ascontiguousarray((centres[last] + reach)[local])
         else:
             u_lo, u_hi = free_lo, free_hi
-        full_dose_group(dose, depth, exit_m, engine.xtab, engine.lateral_map(int(g)), engine.origin, engine.spacing, *geo[:5],
+        lat_m = engine.lateral_map(int(g))
+        full_dose_group(dose, depth, exit_m, engine.xtab, lat_m, engine.origin, engine.spacing, *geo[:5],
                         geo[5], geo[6], geo[7], u_lo, u_hi, v_reach, k_lo[samples], k_hi[samples], *engine.params(),
                         *engine.tail_params())
         if fast:
-            node_dose_group(far_full, node_flat, depth, exit_m, engine.xtab, engine.lateral_map(int(g)), engine.origin,
+            node_dose_group(far_full, node_flat, depth, exit_m, engine.xtab, lat_m, engine.origin,
                             engine.spacing, shape, *geo, free_lo, free_hi, 1e30, *engine.params(),
                             *engine.tail_params())
-            node_dose_group(far_near, node_flat, depth, exit_m, engine.xtab, engine.lateral_map(int(g)), engine.origin,
+            node_dose_group(far_near, node_flat, depth, exit_m, engine.xtab, lat_m, engine.origin,
                             engine.spacing, shape, *geo, u_lo, u_hi, v_reach, *engine.params(), *engine.tail_params())
     if fast:
         interp = _trilinear(grid.shape, int(far_field_step))
