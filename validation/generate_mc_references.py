@@ -16,8 +16,13 @@ angle, the same spectrum, the same phantom and geometry):
   (uniform fluence per unit *plane* area); the engine's fluence is uniform per unit *solid angle*
   (``(SAD / |P - S|)^2``), which is ``cos^3`` per unit plane area;
 * the phantom's mass density (the engine's HU -> density table) in each Monte Carlo voxel, with a
-  medium from the PEGS file ``700icru`` chosen by density (air < 0.05 g/cm3 <= lung < 0.6 <=
-  water < 1.2 <= ICRP bone); the media are density-scaled to the voxel density.
+  medium from the PEGS file ``700icru``: the one that stands for the engine's *dominant* material
+  of that density (the anchor with the larger mass fraction in
+  :func:`tomodose.terma.attenuation.material_weights`; :data:`ENGINE_MATERIAL_MEDIUM`), i.e. air
+  below 0.131 g/cm3, lung below 0.605, water below 1.03 (adipose included: ``700icru`` has no
+  adipose), ICRU tissue below 1.49 and ICRP bone above; the media are density-scaled to the voxel
+  density. Until 2026-11-30 water covered 0.6-1.2 g/cm3, so the liver (1.03-1.06) was water in the
+  Monte Carlo and soft tissue in the engines (about 0.7 % of the liver PTV dose).
 
 Absolute dose. ``calc_forward`` returns Gy for exactly the given weights (dose per weight unit
 = per particle with the weights above). The engine's calibration condition
@@ -82,8 +87,13 @@ ECUT_MEV = 0.7
 PCUT_MEV = 0.01
 N_SPLIT = 20
 N_BATCHES = 10
-#: (upper density bound g/cm3, medium) used to pick a medium per voxel
-MEDIA = ((0.05, "AIR700ICRU"), (0.6, "LUNG700ICRU"), (1.2, "H2O700ICRU"), (np.inf, "ICRPBONE700ICRU"))
+#: ompMC media, in the order of the stored ``medium_index`` (1-based; the first four are the media of
+#: the references made before the tissue medium was added, which keep their indices)
+MEDIA = ("AIR700ICRU", "LUNG700ICRU", "H2O700ICRU", "ICRPBONE700ICRU", "ICRUTISSUE700ICRU")
+#: the engine's density anchor (``tomodose.terma.attenuation.DENSITY_ANCHORS``) -> its ompMC medium.
+#: ICRU four-component tissue stands for the engine's ICRU-44 soft tissue (Z/A 0.5496 vs 0.5500).
+ENGINE_MATERIAL_MEDIUM = {"air": "AIR700ICRU", "lung": "LUNG700ICRU", "adipose": "H2O700ICRU",
+                          "water": "H2O700ICRU", "soft_tissue": "ICRUTISSUE700ICRU", "bone": "ICRPBONE700ICRU"}
 #: sub-samples per projection of rotating deliveries (the engine's TERMA default is 8)
 N_SUB_HELICAL = 8
 #: beam-on time of the static cases (s); the dose scales linearly with it
@@ -277,13 +287,22 @@ def liver_helical_plan():
 
 # --------------------------------------------------------------------------------------------
 def medium_index(density):
-    """1-based medium index per voxel from the density (see :data:`MEDIA`)."""
-    out = np.ones(density.shape, dtype=np.int32)
-    lo = -np.inf
-    for i, (hi, _) in enumerate(MEDIA, start=1):
-        out[(density >= lo) & (density < hi)] = i
-        lo = hi
-    return out
+    """1-based index into :data:`MEDIA` per voxel: the medium of the engine's dominant material.
+
+    Parameters
+    ----------
+    density : array (...), g/cm3
+
+    Returns
+    -------
+    (...) int32
+        ``MEDIA.index(ENGINE_MATERIAL_MEDIUM[m]) + 1`` with ``m`` the density anchor of the largest
+        mass fraction in :func:`tomodose.terma.attenuation.material_weights` (ties: the lighter).
+    """
+    from tomodose.terma.attenuation import DENSITY_ANCHORS, material_weights
+
+    lookup = np.array([MEDIA.index(ENGINE_MATERIAL_MEDIUM[name]) + 1 for name, _ in DENSITY_ANCHORS], np.int32)
+    return lookup[np.argmax(material_weights(density), axis=-1)]
 
 
 def beamlets(seq: ProjectionSequence, beam_model: BeamModel, n_sub: int):
@@ -333,7 +352,7 @@ def run_case(case: Case, spectrum, scale: float, out_dir: Path) -> Path:
     rho = voxel_density(patient, (xe, ye, ze))
     rho = np.maximum(rho, 1e-4)
     mat = medium_index(rho)
-    geo = ompmc.Geometry(xe / 10, ye / 10, ze / 10, [m for _, m in MEDIA],
+    geo = ompmc.Geometry(xe / 10, ye / 10, ze / 10, list(MEDIA),
                          density=np.asfortranarray(rho.transpose(2, 1, 0)),
                          material=np.asfortranarray(mat.transpose(2, 1, 0)))
     i_beam, src, corner, side1, side2, w = beamlets(case.sequence, beam_model, case.n_sub)
@@ -363,7 +382,8 @@ def run_case(case: Case, spectrum, scale: float, out_dir: Path) -> Path:
         "ompmc_version": getattr(ompmc, "__version__", "unknown"), "function": "ompmc.calc_forward",
         "histories": n_hist, "n_batches": N_BATCHES, "seeds": list(seeds), "pegs_file": PEGS,
         "ecut_mev": ECUT_MEV, "pcut_mev": PCUT_MEV, "n_split": N_SPLIT,
-        "media": {m: f"density < {hi}" for hi, m in MEDIA}, "n_beamlets": int(len(w)),
+        "media": list(MEDIA), "medium_rule": "medium of the engine's dominant material (ENGINE_MATERIAL_MEDIUM)",
+        "n_beamlets": int(len(w)),
         "n_subsamples": case.n_sub, "beam_model": "BeamModel.ideal", "weights":
             "leaf-open fraction x sub-sample duration (s) x aperture area (cm2) x cos^3(fan angle)",
         "spectrum_name": spectrum.name, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
@@ -388,7 +408,7 @@ def run_case(case: Case, spectrum, scale: float, out_dir: Path) -> Path:
             h.create_dataset("rel_uncertainty", data=unc.astype(np.float32), compression="gzip")
             h.create_dataset("density_g_cm3", data=rho.astype(np.float32), compression="gzip")
             h.create_dataset("medium_index", data=mat.astype(np.uint8), compression="gzip")
-            h.attrs["media"] = json.dumps([m for _, m in MEDIA])
+            h.attrs["media"] = json.dumps(list(MEDIA))
             sp = h.create_group("spectrum")
             sp.create_dataset("energies_mev", data=np.asarray(spectrum.energies_mev, float))
             sp.create_dataset("fluence", data=np.asarray(spectrum.fluence, float))
