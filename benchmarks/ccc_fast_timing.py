@@ -35,7 +35,7 @@ def _wrap_kernels():
     for name in ("transport_direction", "transport_direct_sources", "transport_direction_surface",
                  "transport_direct_sources_surface"):
         fn = getattr(_k, name, None)
-        if fn is None:  # code before the series escape kernels
+        if fn is None:  # the *_surface names exist from the series escape (7ffe114+) to the merge (session 11)
             continue
 
         def timed(*args, _fn=fn, **kw):

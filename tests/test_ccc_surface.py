@@ -41,16 +41,26 @@ def _case(seed):
 
 # --- kernels vs the naive twin ---------------------------------------------------------------------
 @pytest.mark.parametrize("seed", [0, 1])
-def test_transport_kernels_match_naive_escape_twin(seed):
+@pytest.mark.parametrize("rates, esc", [
+    # two escape terms, x = mu delta within the series range: the scalar series loop
+    ([0.05, 0.12, 3.0, 100.0], [1.5, 1.5, 0.0, 0.0]),
+    # four escape terms first (the vectorised series loop) and strong escapes (x above ESCAPE_SERIES_X:
+    # the closed form with exp), a plain term after them
+    ([0.05, 0.12, 0.3, 0.7, 3.0], [2.0, 40.0, 0.5, 8.0, 0.0]),
+], ids=["series-scalar", "series-simd-and-closed"])
+def test_transport_kernels_match_naive_escape_twin(seed, rates, esc):
+    """The transport kernels' surface escape against the NumPy twin (every path of
+    :func:`_deposit_escape_series` through the kernels; the recursion's closed form is pinned alone by
+    ``test_escape_recursion_equals_the_closed_form``)."""
     from tomodose._kernels import collapsed_cone as _k
     from tomodose.transport.collapsed_cone import direction_steppings, fibonacci_directions
 
     rng, grid, _, rho = _case(seed)
     shape = grid.shape
-    rates = np.array([0.05, 0.12, 3.0, 100.0])
-    esc = np.array([1.5, 1.5, 0.0, 0.0])
+    rates, esc = np.array(rates), np.array(esc)
+    n_k = rates.size
     phi = rng.random(shape) * (rng.random(shape) > 0.3)
-    src = (rng.normal(size=(4,) + shape) * (rng.random(shape) > 0.4)).astype(np.float32)
+    src = (rng.normal(size=(n_k,) + shape) * (rng.random(shape) > 0.4)).astype(np.float32)
     src_vm = np.ascontiguousarray(np.moveaxis(src, 0, -1))
     mark = np.abs(src.astype(np.float64)).sum(axis=0)
     z3 = np.zeros(3)
@@ -58,8 +68,8 @@ def test_transport_kernels_match_naive_escape_twin(seed):
         for _, m, sgn, da, db, st in direction_steppings(u, grid.spacing_mm):
             a = np.zeros(shape)
             b = np.zeros(shape)
-            _k.transport_direction(src, rho, a, m, sgn, da, db, st, rates, np.eye(4), False, u, 0.0,
-                                   np.zeros((1, 2, 4)), 1.0, np.zeros((1, 1, 1, 1)), z3, z3, np.ones(3), z3, True,
+            _k.transport_direction(src, rho, a, m, sgn, da, db, st, rates, np.eye(n_k), False, u, 0.0,
+                                   np.zeros((1, 2, n_k)), 1.0, np.zeros((1, 1, 1, 1)), z3, z3, np.ones(3), z3, True,
                                    0.5, 0.5, True, phi, esc, False, np.zeros((1, 3)))  # no omitted array default:
             # such a call cannot use numba's on-disk cache (it compiled in every test process)
             _k.transport_direct_sources(src_vm, rho, b, m, sgn, da, db, st, rates, True, phi, esc, False,
@@ -68,16 +78,8 @@ def test_transport_kernels_match_naive_escape_twin(seed):
                 mark, rho, m, sgn, da, db, st, rates,
                 lambda v: src[(slice(None),) + v].astype(np.float64) / mark[v], lambda v: esc * phi[v])
             np.testing.assert_allclose(a, slow, rtol=1e-9, atol=1e-9 * np.abs(slow).max())
+            np.testing.assert_allclose(b, slow, rtol=1e-9, atol=1e-9 * np.abs(slow).max())
             np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12 * np.abs(a).max())
-            for fast in (_k.transport_direction_surface, _k.transport_direct_sources_surface):  # the series escape
-                c = np.zeros(shape)
-                if fast is _k.transport_direction_surface:
-                    fast(src, rho, c, m, sgn, da, db, st, rates, np.eye(4), False, u, 0.0, np.zeros((1, 2, 4)), 1.0,
-                         np.zeros((1, 1, 1, 1)), z3, z3, np.ones(3), z3, True, 0.5, 0.5, True, phi, esc, False,
-                         np.zeros((1, 3)))
-                else:
-                    fast(src_vm, rho, c, m, sgn, da, db, st, rates, True, phi, esc, False, np.zeros((1, 3)), np.zeros(3))
-                np.testing.assert_allclose(c, a, rtol=1e-12, atol=1e-12 * np.abs(a).max())
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -526,10 +528,10 @@ def test_without_escape_terms_the_kernels_are_the_uncorrected_ones_bitwise():
             for surf in (False, True):
                 a = np.zeros(shape)
                 b = np.zeros(shape)
-                _k.transport_direction_surface(src, rho, a, m, sgn, da, db, st, rates, np.eye(4), False, u, 0.0,
+                _k.transport_direction(src, rho, a, m, sgn, da, db, st, rates, np.eye(4), False, u, 0.0,
                                        np.zeros((1, 2, 4)), 1.0, np.zeros((1, 1, 1, 1)), z3, z3, np.ones(3), z3, True,
                                        0.5, 0.5, surf, phi, np.zeros(4), False, np.zeros((1, 3)))
-                _k.transport_direct_sources_surface(src_vm, rho, b, m, sgn, da, db, st, rates, surf, phi, np.zeros(4),
+                _k.transport_direct_sources(src_vm, rho, b, m, sgn, da, db, st, rates, surf, phi, np.zeros(4),
                                                     False,
                                             np.zeros((1, 3)), np.zeros(3))
                 out.append((a, b))

@@ -125,7 +125,7 @@ def _segment_factors(rates, inv_rates, delta, ex, gg, li):
                 1.0 / 720.0 - x * (1.0 / 5040.0 - x * (1.0 / 40320.0)))))))
 
 
-@numba.njit(**NUMBA_OPTIONS)
+@numba.njit(inline="always", **NUMBA_OPTIONS)
 def _weight_along(ph, normal, idx, ux, uy, uz):
     """Direction-weighted surface weight ``phi (1 - (u . n)**2)`` of voxel ``idx`` for a line along
     ``u``: ``normal[idx]`` holds ``sqrt(phi) n`` (``n`` the unit surface normal, 0 where undefined)."""
@@ -134,64 +134,9 @@ def _weight_along(ph, normal, idx, ux, uy, uz):
     return w if w > 0.0 else 0.0
 
 
-@numba.njit(inline="always", **NUMBA_OPTIONS)
-def _weight_along_inline(ph, normal, idx, ux, uy, uz):
-    """:func:`_weight_along`, inlined (the ``*_surface`` kernels). Direction-weighted surface weight
-    ``phi (1 - (u . n)**2)`` of voxel ``idx`` for a line along
-    ``u``: ``normal[idx]`` holds ``sqrt(phi) n`` (``n`` the unit surface normal, 0 where undefined)."""
-    c = ux * normal[idx, 0] + uy * normal[idx, 1] + uz * normal[idx, 2]
-    w = ph - c * c
-    return w if w > 0.0 else 0.0
-
-
-@numba.njit(**NUMBA_OPTIONS)
-def _g_of(x):
-    """(1 - exp(-x)) / x for x >= 0 (Taylor series below 0.05, as :func:`_segment_factors`)."""
-    if x > 0.05:
-        return (1.0 - _exp_neg(x)) / x
-    return 1.0 - x * (0.5 - x * (1.0 / 6.0 - x * (1.0 / 24.0 - x * (1.0 / 120.0 - x * (
-        1.0 / 720.0 - x * (1.0 / 5040.0 - x * (1.0 / 40320.0)))))))
-
-
-@numba.njit(**NUMBA_OPTIONS)
-def _deposit_escape(flux_row, src, rates, inv_rates, ex_row, gg_row, delta, ph, esc_rate):
-    """Dose of one voxel and flux update of every term with the surface escape (in place on
-    ``flux_row``); returns the dose.
-
-    Term ``k`` loses, besides its deposition rate ``a_k``, an escape rate ``e = esc_rate[k] * ph``
-    per cm of radiological path (``ph`` the voxel's surface weight): with ``mu = a_k + e`` and
-    ``x = mu delta``, ``dose = F a_k g(x) + S (a_k / mu) (1 - g(x))``,
-    ``F' = F exp(-x) + S (1 - exp(-x)) / mu`` (the escaped part ``e / mu`` is not deposited).
-    Terms with ``e = 0`` use exactly the arithmetic of the uncorrected recursion.
-    """
-    d = 0.0
-    last_e = -1.0
-    fac = 1.0
-    for k in range(rates.size):
-        f = flux_row[k]
-        sk = src[k]
-        e = esc_rate[k] * ph
-        if e == 0.0:
-            gk = gg_row[k]
-            ek = ex_row[k]
-            d += f * rates[k] * gk + sk * (1.0 - gk)
-            flux_row[k] = f * ek + sk * (1.0 - ek) * inv_rates[k]
-            continue
-        if e != last_e:
-            fac = _exp_neg(e * delta)
-            last_e = e
-        mu = rates[k] + e
-        ek = ex_row[k] * fac  # exp(-mu delta)
-        x = mu * delta
-        gk = (1.0 - ek) / x if x > 0.05 else _g_of(x)
-        d += f * rates[k] * gk + sk * (rates[k] / mu) * (1.0 - gk)
-        flux_row[k] = f * ek + sk * (1.0 - ek) / mu
-    return d
-
-
 #: below this ``x = mu delta`` the escape terms use the series :func:`_escape_h` (no ``exp``, no division)
 ESCAPE_SERIES_X = 0.5
-#: from this many escape terms (first in the term order) :func:`_deposit_escape` runs them in a loop that
+#: from this many escape terms (first in the term order) :func:`_deposit_escape_series` runs them in a loop that
 #: LLVM vectorises (across terms); fewer run in a scalar loop (the vector loop's set-up costs more for 2)
 ESCAPE_SIMD_TERMS = 4
 
@@ -595,6 +540,8 @@ def transport_direction_reference(terma, rho, dose, m, sgn, da, db, step_cm, rat
                 dose[kz, jy, ix] += d
 
 
+
+
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
 def transport_direction(terma, rho, dose, m, sgn, da, db, step_cm, rates, amp_const,
                         tilt, u_xyz, solid_angle, density_table, ds, norm,
@@ -634,167 +581,9 @@ def transport_direction(terma, rho, dose, m, sgn, da, db, step_cm, rates, amp_co
     surface : bool
         Surface escape (``docs/collapsed_cone.md``, surface correction): term ``k`` loses an extra
         ``esc_rate[k] * phi[voxel]`` per cm of radiological path, not deposited (see
-        :func:`_deposit_escape`). False (default): the uncorrected recursion, bit for bit.
-    phi : (nz, ny, nx) float64   surface weight of each voxel (0 deep inside), used when ``surface``.
-    esc_rate : (K,) float64      escape rate of each term at ``phi = 1`` (1/cm), used when ``surface``.
-    directional : bool           the escape weighted by ``1 - (u . n)**2`` (energy travelling along a
-                                 surface escapes, across it not): :func:`_weight_along`.
-    normal : (nz * ny * nx, 3) float64  ``sqrt(phi) n`` per voxel (LPS x, y, z), used when ``directional``.
-
-    One ``prange`` task per row of lines (all lines sharing the index ``ia`` along axis ``a``):
-    the lines of a row visit neighbouring voxels along ``b`` at every step (contiguous memory
-    when ``b`` is x), and different rows never write the same voxel. Same recursion as
-    :func:`transport_direction_reference`; ``exp`` by :func:`_exp_neg`, one division per voxel.
-    """
-    shape = rho.shape
-    n_g = terma.shape[0]
-    (a_ax, b_ax, n_m, n_a, n_b, s_m, s_a, s_b, off_a, off_b, max_a, max_b, lines_a,
-     lines_b) = _line_layout(shape, m, da, db, ca, cb)
-    n_k = rates.size
-    n_vox = shape[0] * shape[1] * shape[2]
-    tf = terma.reshape((n_g, n_vox))
-    rf = rho.reshape(n_vox)
-    df = dose.reshape(n_vox)
-    nf = norm.reshape((norm.shape[0], norm.size // norm.shape[0]))
-    pf = phi.reshape(phi.size)
-    inv_rates = 1.0 / rates
-    for task in numba.prange(lines_a):
-        ia = task - max_a
-        flux = np.zeros((lines_b, n_k))
-        ex = np.ones((lines_b, n_k))
-        gg = np.ones((lines_b, n_k))
-        last_delta = np.full(lines_b, -1.0)
-        has_flux = np.zeros(lines_b, dtype=np.bool_)
-        amp = np.empty(n_k)
-        src = np.empty(n_k)
-        started = False
-        for n in range(n_m):
-            ja = ia + off_a[n]
-            if ja < 0 or ja >= n_a:
-                if started:
-                    break
-                continue
-            started = True
-            km = n if sgn > 0 else n_m - 1 - n
-            base = km * s_m + ja * s_a
-            ob = off_b[n]
-            # line li (li = jb - ob + max_b) is at voxel jb of this slice row
-            jb_lo = max(0, ob - max_b)
-            jb_hi = min(n_b, lines_b - max_b + ob)
-            for jb in range(jb_lo, jb_hi):
-                li = jb - ob + max_b
-                idx = base + jb * s_b
-                t = 0.0
-                for g in range(n_g):
-                    t += abs(tf[g, idx])  # direct sources of build-up terms may be negative
-                if t == 0.0 and not has_flux[li]:
-                    continue
-                delta = rf[idx] * step_cm
-                if delta != last_delta[li]:
-                    last_delta[li] = delta
-                    _segment_factors(rates, inv_rates, delta, ex, gg, li)
-                for k in range(n_k):
-                    src[k] = 0.0
-                if direct_sources:
-                    for k in range(n_k):
-                        src[k] = tf[k, idx]
-                elif t != 0.0:
-                    c = 0.0
-                    i0 = 0
-                    fi = 0.0
-                    if tilt:
-                        if m == 0:
-                            kz, jy, ix = km, ja, jb
-                        elif m == 1:
-                            kz, jy, ix = ja, km, jb
-                        else:
-                            kz, jy, ix = ja, jb, km
-                        px = origin_xyz[0] + ix * spacing_xyz[0] - source_xyz[0]
-                        py = origin_xyz[1] + jy * spacing_xyz[1] - source_xyz[1]
-                        pz = origin_xyz[2] + kz * spacing_xyz[2] - source_xyz[2]
-                        pn = math.sqrt(px * px + py * py + pz * pz)
-                        if pn > 0.0:
-                            c = (u_xyz[0] * px + u_xyz[1] * py + u_xyz[2] * pz) / pn
-                        else:
-                            c = (u_xyz[0] * fallback_axis[0] + u_xyz[1] * fallback_axis[1]
-                                 + u_xyz[2] * fallback_axis[2])
-                        # table position once for all energy groups
-                        i0, fi = _interp_position(density_table.shape[1], ds, c)
-                    for g in range(n_g):
-                        tg = tf[g, idx]
-                        if tg == 0.0:
-                            continue
-                        if tilt:
-                            _interp_at(density_table[g], i0, fi, amp, solid_angle * nf[g, idx])
-                            for k in range(n_k):
-                                src[k] += tg * amp[k]
-                        else:
-                            for k in range(n_k):
-                                src[k] += tg * amp_const[g, k]
-                ph = pf[idx] if surface else 0.0
-                if ph != 0.0 and directional:
-                    ph = _weight_along(ph, normal, idx, u_xyz[0], u_xyz[1], u_xyz[2])
-                if ph != 0.0:
-                    d = _deposit_escape(flux[li], src, rates, inv_rates, ex[li], gg[li], delta, ph, esc_rate)
-                else:
-                    d = 0.0
-                    for k in range(n_k):
-                        f = flux[li, k]
-                        gk = gg[li, k]
-                        ek = ex[li, k]
-                        sk = src[k]
-                        d += f * rates[k] * gk + sk * (1.0 - gk)
-                        flux[li, k] = f * ek + sk * (1.0 - ek) * inv_rates[k]
-                has_flux[li] = True
-                df[idx] += d
-
-
-@numba.njit(**NUMBA_PARALLEL_OPTIONS)
-def transport_direction_surface(terma, rho, dose, m, sgn, da, db, step_cm, rates, amp_const,
-                        tilt, u_xyz, solid_angle, density_table, ds, norm,
-                        source_xyz, origin_xyz, spacing_xyz, fallback_axis, direct_sources, ca=0.5, cb=0.5,
-                        surface=False, phi=np.zeros((1, 1, 1)), esc_rate=np.zeros(1), directional=False,
-                        normal=np.zeros((1, 3))):
-    """:func:`transport_direction` with the surface escape by :func:`_deposit_escape_series` (same
-    arguments; used by the transports when a term has an escape rate and ``phi`` is not all 0; equal
-    to :func:`transport_direction`'s escape to float64 rounding, 2-4x cheaper per voxel; the
-    off path of :func:`transport_direction` is the code before 2026-11-29, kept bit for bit).
-
-    Add the dose carried along one cone direction to ``dose`` (in place).
-
-    Parameters (plain arrays/scalars)
-    ---------------------------------
-    terma : (G, nz, ny, nx) float64, C-contiguous
-        Source per group (TERMA per energy group; G = 1 without groups). The source strength of
-        term ``k`` in a voxel is ``sum_g terma[g] * amp_const[g, k]`` (or the tilted amplitudes).
-    rho : (nz, ny, nx) float64, C-contiguous
-        Density relative to water.
-    dose : (nz, ny, nx) float64, C-contiguous, accumulated in place.
-    m : int            stepping array axis (0 = z, 1 = y, 2 = x).
-    sgn : int          +1 when the direction increases the index along ``m``, else -1.
-    da, db : float     lateral index shift per step along the other two axes (ascending order).
-    step_cm : float    geometric path length per step (cm).
-    rates : (K,)       decay rates (1/cm).
-    amp_const : (G, K) cone amplitudes per group when ``tilt`` is False.
-    tilt : bool        per-voxel amplitudes from the source direction instead.
-    u_xyz : (3,)       transport direction (LPS x, y, z), unit.
-    solid_angle : float  cone solid angle (sr).
-    density_table : (G, M, K)  per-steradian amplitudes vs s = sqrt(1 - cos theta), step ``ds``.
-    norm : (G, nz, ny, nx)  per-voxel normalisation per group (tilt only).
-    source_xyz, origin_xyz, spacing_xyz, fallback_axis : (3,) LPS mm / unit vector.
-    ca, cb : float     line phases along axes a and b (offsets ``floor(n d + c)``, c in (0, 1);
-                       0.5 = nearest-voxel lines). Every phase gives a partition of the voxels;
-                       the caller averages the doses of several phases (sub-voxel line positions).
-    direct_sources : bool
-        ``terma`` (K, nz, ny, nx) already holds the source of each term (``amp_const`` and
-        ``tilt`` unused): the shared-direction transport of rotational delivery. Term sources
-        may be negative (build-up kernels: signed amplitudes whose sum over terms deposits a
-        non-negative energy); a voxel is skipped only when all its term sources are zero.
-    surface : bool
-        Surface escape (``docs/collapsed_cone.md``, surface correction): term ``k`` loses an extra
-        ``esc_rate[k] * phi[voxel]`` per cm of radiological path, not deposited (see
-        :func:`_deposit_escape`). False (default), or no term with an escape rate (the short-range
-        terms of the coarse option), or ``phi = 0``: the uncorrected recursion, bit for bit.
+        :func:`_deposit_escape_series`; the transports put the escape terms first). False (default),
+        or no term with an escape rate (the short-range terms of the coarse option), or
+        ``phi = 0`` in a voxel: the uncorrected recursion there.
     phi : (nz, ny, nx) float64   surface weight of each voxel (0 deep inside), used when ``surface``.
     esc_rate : (K,) float64      escape rate of each term at ``phi = 1`` (1/cm), used when ``surface``.
     directional : bool           the escape weighted by ``1 - (u . n)**2`` (energy travelling along a
@@ -895,7 +684,7 @@ def transport_direction_surface(terma, rho, dose, m, sgn, da, db, step_cm, rates
                                 src[k] += tg * amp_const[g, k]
                 ph = pf[idx] if escape else 0.0
                 if ph != 0.0 and directional:
-                    ph = _weight_along_inline(ph, normal, idx, u_xyz[0], u_xyz[1], u_xyz[2])
+                    ph = _weight_along(ph, normal, idx, u_xyz[0], u_xyz[1], u_xyz[2])
                 if ph != 0.0:
                     d = _deposit_escape_series(flux, ex, gg, li, src, rates, inv_rates, delta, ph, esc_rate, esc_idx,
                                         plain_idx, e_lo, e_hi, a_max, e_max)
@@ -993,96 +782,13 @@ def contract_sources_sparse(terma, ptr, rows, vals, out):
                     o[v] = acc[v]
 
 
+
+
 @numba.njit(**NUMBA_PARALLEL_OPTIONS)
 def transport_direct_sources(src, rho, dose, m, sgn, da, db, step_cm, rates, surface=False,
                              phi=np.zeros((1, 1, 1)), esc_rate=np.zeros(1), directional=False,
                              normal=np.zeros((1, 3)), u_xyz=np.zeros(3)):
     """dose += the transport of direct term sources along one direction (shared directions).
-
-    ``src`` (nz, ny, nx, K) float32 or float64, voxel-major: ``src[..., k]`` is the source of
-    term ``k`` (TERMA x amplitude, signed for build-up terms); ``rho`` (nz, ny, nx) float64;
-    ``dose`` (nz, ny, nx) float64, accumulated in place; geometry and recursion as
-    :func:`transport_direction` with ``direct_sources=True`` (same results to rounding), but the
-    K sources of a voxel are read from one cache line instead of K volumes. ``surface``,
-    ``phi``, ``esc_rate``, ``directional``, ``normal``: the surface escape of
-    :func:`transport_direction`; ``u_xyz`` (3,) the direction (LPS, unit; used when ``directional``).
-    """
-    shape = rho.shape
-    (a_ax, b_ax, n_m, n_a, n_b, s_m, s_a, s_b, off_a, off_b, max_a, max_b, lines_a,
-     lines_b) = _line_layout(shape, m, da, db)
-    n_k = rates.size
-    n_vox = shape[0] * shape[1] * shape[2]
-    sf = src.reshape((n_vox, n_k))
-    rf = rho.reshape(n_vox)
-    df = dose.reshape(n_vox)
-    pf = phi.reshape(phi.size)
-    inv_rates = 1.0 / rates
-    for task in numba.prange(lines_a):
-        ia = task - max_a
-        flux = np.zeros((lines_b, n_k))
-        ex = np.ones((lines_b, n_k))
-        gg = np.ones((lines_b, n_k))
-        last_delta = np.full(lines_b, -1.0)
-        has_flux = np.zeros(lines_b, dtype=np.bool_)
-        sv64 = np.empty(n_k)
-        started = False
-        for n in range(n_m):
-            ja = ia + off_a[n]
-            if ja < 0 or ja >= n_a:
-                if started:
-                    break
-                continue
-            started = True
-            km = n if sgn > 0 else n_m - 1 - n
-            base = km * s_m + ja * s_a
-            ob = off_b[n]
-            jb_lo = max(0, ob - max_b)
-            jb_hi = min(n_b, lines_b - max_b + ob)
-            for jb in range(jb_lo, jb_hi):
-                li = jb - ob + max_b
-                idx = base + jb * s_b
-                sv = sf[idx]
-                if not has_flux[li]:
-                    t = 0.0
-                    for k in range(n_k):
-                        t += abs(sv[k])
-                    if t == 0.0:
-                        continue
-                    has_flux[li] = True
-                delta = rf[idx] * step_cm
-                if delta != last_delta[li]:
-                    last_delta[li] = delta
-                    _segment_factors(rates, inv_rates, delta, ex, gg, li)
-                fl = flux[li]
-                el = ex[li]
-                gl = gg[li]
-                ph = pf[idx] if surface else 0.0
-                if ph != 0.0 and directional:
-                    ph = _weight_along(ph, normal, idx, u_xyz[0], u_xyz[1], u_xyz[2])
-                if ph != 0.0:
-                    for k in range(n_k):
-                        sv64[k] = sv[k]
-                    df[idx] += _deposit_escape(fl, sv64, rates, inv_rates, el, gl, delta, ph, esc_rate)
-                    continue
-                d = 0.0
-                for k in range(n_k):
-                    f = fl[k]
-                    gk = gl[k]
-                    ek = el[k]
-                    sk = sv[k]
-                    d += f * rates[k] * gk + sk * (1.0 - gk)
-                    fl[k] = f * ek + sk * (1.0 - ek) * inv_rates[k]
-                df[idx] += d
-
-
-@numba.njit(**NUMBA_PARALLEL_OPTIONS)
-def transport_direct_sources_surface(src, rho, dose, m, sgn, da, db, step_cm, rates, surface=False,
-                             phi=np.zeros((1, 1, 1)), esc_rate=np.zeros(1), directional=False,
-                             normal=np.zeros((1, 3)), u_xyz=np.zeros(3)):
-    """:func:`transport_direct_sources` with the surface escape by :func:`_deposit_escape_series`
-    (same arguments and use as :func:`transport_direction_surface`).
-
-    dose += the transport of direct term sources along one direction (shared directions).
 
     ``src`` (nz, ny, nx, K) float32 or float64, voxel-major: ``src[..., k]`` is the source of
     term ``k`` (TERMA x amplitude, signed for build-up terms); ``rho`` (nz, ny, nx) float64;
@@ -1144,7 +850,7 @@ def transport_direct_sources_surface(src, rho, dose, m, sgn, da, db, step_cm, ra
                 gl = gg[li]
                 ph = pf[idx] if escape else 0.0
                 if ph != 0.0 and directional:
-                    ph = _weight_along_inline(ph, normal, idx, u_xyz[0], u_xyz[1], u_xyz[2])
+                    ph = _weight_along(ph, normal, idx, u_xyz[0], u_xyz[1], u_xyz[2])
                 if ph != 0.0:
                     df[idx] += _deposit_escape_series(flux, ex, gg, li, sv, rates, inv_rates, delta, ph, esc_rate, esc_idx,
                                                plain_idx, e_lo, e_hi, a_max, e_max)

@@ -270,7 +270,7 @@ def collapsed_cone_dose(
         norm = np.zeros((1, 1, 1, 1))
     order = _escape_order(surface is not None, esc, phi)
     escape = order is not None
-    transport = _k.transport_direction_surface if escape else _k.transport_direction
+    transport = _k.transport_direction
     if escape:
         rates, esc = np.ascontiguousarray(rates[order]), np.ascontiguousarray(esc[order])
         amps_ring = np.ascontiguousarray(amps_ring[..., order])
@@ -317,9 +317,9 @@ def collapsed_cone_dose(
 
 
 def _escape_order(on: bool, esc, phi) -> np.ndarray | None:
-    """Term order for the escape kernels (``*_surface``), or None where no escape can happen (the
-    surface correction off, no term with an escape rate, or ``phi`` all 0): the uncorrected kernel
-    then runs, bit for bit. The order puts the terms that have an escape rate first (stable): the
+    """Term order for the transports' escape path, or None where no escape can happen (the
+    surface correction off, no term with an escape rate, or ``phi`` all 0): the kernels then run
+    their uncorrected recursion in every voxel. The order puts the terms that have an escape rate first (stable): the
     kernels run them in one vectorised loop. The dose is a sum over terms: unchanged to rounding
     (1e-16), bit for bit where the order is already so (the 1-group kernel: slow terms first)."""
     if not (on and np.any(esc != 0.0) and np.any(phi != 0.0)):
@@ -707,7 +707,7 @@ def _transport_shared(flat, weights, fixed, rho, grid: Grid, rates, batch: int, 
     esc = np.ascontiguousarray(esc, dtype=np.float64)
     order = _escape_order(bool(surface), esc, phi)
     surface = order is not None
-    transport = _k.transport_direct_sources_surface if surface else _k.transport_direct_sources
+    transport = _k.transport_direct_sources
     if surface:
         weights, rates, esc = weights[:, :, order], rates[order], np.ascontiguousarray(esc[order])
     active = np.flatnonzero(np.abs(weights).sum(axis=(1, 2)) > 0)
