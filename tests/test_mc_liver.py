@@ -46,6 +46,9 @@ GAMMA_MIN_PASS_PCT = 98.0
 #: Re-measured 2026-11-29 03:25 UTC with the merged engines (derive_ccc_kernels 1.4 tables, TERMA trace_sharing=
 #: "angle", pencil beam voxel average + medium ends): gamma 100.0 % (CCC) and 99.98 % (PB), PTV mean -0.31 % (CCC)
 #: and -0.55 % (PB).
+#: Re-measured 2026-11-30 (session 11) with the reference regenerated with the medium of the engines' dominant
+#: material (ICRU tissue for the liver's 1.03-1.06 g/cm3, was water; validation/notes.md): gamma 100.0 % (CCC) and
+#: 99.96 % (PB), PTV mean -0.02 % (CCC) and -0.43 % (PB) (-0.70 / -1.11 % on the water-medium reference).
 KNOWN_FAILURES: dict[tuple[str, str], str] = {}
 
 

@@ -99,6 +99,40 @@ def test_reference_file_holds_its_generation_settings(name):
     assert ref.spectrum.n_bins > 1
 
 
+
+def _generator():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "validation" / "generate_mc_references.py"
+    spec = importlib.util.spec_from_file_location("_tomodose_generate_mc_references", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses of the module look themselves up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_every_reference_has_the_medium_of_the_engines_material():
+    """Each stored Monte Carlo voxel's medium is the generator's rule (the ompMC medium of the engine's
+    dominant material at the voxel's density), so engine and reference agree on composition: e.g. the
+    liver (1.03-1.06 g/cm3) is ICRU tissue, not water; 1.6 g/cm3 is bone; lung is lung."""
+    import h5py
+
+    gen = _generator()
+    assert gen.medium_index(np.array([0.0012, 0.26, 0.95, 1.0, 1.06, 1.44, 1.6, 1.92])).tolist() == [
+        gen.MEDIA.index(m) + 1 for m in ("AIR700ICRU", "LUNG700ICRU", "H2O700ICRU", "H2O700ICRU",
+                                         "ICRUTISSUE700ICRU", "ICRUTISSUE700ICRU", "ICRPBONE700ICRU",
+                                         "ICRPBONE700ICRU")]
+    names = sorted(REFERENCE_DIR.glob("*.h5"))
+    assert len(names) >= 8
+    for path in names:
+        with h5py.File(path, "r") as h:
+            media = np.array(json.loads(h.attrs["media"]))
+            stored = media[h["medium_index"][()].astype(int) - 1]
+            rule = np.array(gen.MEDIA)[gen.medium_index(h["density_g_cm3"][()]) - 1]
+        assert np.array_equal(stored, rule), (path.name, int((stored != rule).sum()))
+
 def test_references_are_small():
     total = sum(p.stat().st_size for p in REFERENCE_DIR.glob("*.h5"))
     assert total < 20e6, f"references take {total / 1e6:.1f} MB"
