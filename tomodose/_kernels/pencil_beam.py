@@ -308,6 +308,15 @@ def _amplitude(amps, tail, i, k0, f, ext, xtab, kx, fx):
     return amp * (1.0 - (xtab[kx, i] + fx * (xtab[kx + 1, i] - xtab[kx, i])))
 
 
+@numba.njit(inline="always", **NUMBA_OPTIONS)
+def _lateral_scale(sad, rho, den):
+    """``(lat, log2(lat))``: isocentre-plane mm per mm of water of a Gaussian scaled laterally by the
+    water-equivalent density ``rho`` at the source distance ``den`` (mm; ``sad`` mm), and its log2 (the
+    width-ladder level offset of the aperture tables)."""
+    lat = sad / (rho * den)
+    return lat, math.log2(lat)
+
+
 @numba.njit(**NUMBA_OPTIONS)
 def voxel_value(u, v, r, den, d_rad, t_exit, xtab, rho_g, leaf, sad, amps, dz_tab, tail, sig, a, tab, e0, w, s_leaf,
                 s_tab, lev_off, lev_h, lev_n, log2_s0, lpo, u_max, jaw_h, s_jaw, offc, soft, phi, cphi, au, av,
@@ -327,8 +336,7 @@ def voxel_value(u, v, r, den, d_rad, t_exit, xtab, rho_g, leaf, sad, amps, dz_ta
     off, hsoft, k0, f, ext = _offaxis_and_depth(u, sad, soft, offc, d_rad, dz_tab, amps.shape[0])
     kx, fx = _exit_pos(t_exit, xtab.shape[0])
     per_gaussian = rho_g.shape[0] > 1
-    lat = sad / (rho_g[0] * den)  # isocentre-plane mm per mm of water
-    log2_lat = math.log2(lat)
+    lat, log2_lat = _lateral_scale(sad, rho_g[0], den)
     sj2 = s_jaw * s_jaw
     sl2 = s_leaf * s_leaf
     st2 = s_tab * s_tab
@@ -339,8 +347,7 @@ def voxel_value(u, v, r, den, d_rad, t_exit, xtab, rho_g, leaf, sad, amps, dz_ta
         if amp <= 0.0:
             continue
         if per_gaussian:
-            lat = sad / (rho_g[i] * den)
-            log2_lat = math.log2(lat)
+            lat, log2_lat = _lateral_scale(sad, rho_g[i], den)
         su = sig[0, i] * lat
         su2 = su * su
         if cut:
@@ -869,8 +876,7 @@ def _cluster_row(out, is_, m0, m1, j, k, origin, spacing, depth_t, exit_t, xtab,
         off, hsoft, k0, f, ext = _offaxis_and_depth(u, sad, soft, offc, depth, dz_tab, amps.shape[0])
         kx, fx = _exit_pos(t_exit, xtab.shape[0])
         per_gaussian = rho_g.shape[0] > 1
-        lat = sad / (rho_g[0] * den)
-        log2_lat = math.log2(lat)
+        lat, log2_lat = _lateral_scale(sad, rho_g[0], den)
         sj2 = s_jaw * s_jaw
         sl2 = s_leaf * s_leaf
         st2 = s_tab * s_tab
@@ -882,8 +888,7 @@ def _cluster_row(out, is_, m0, m1, j, k, origin, spacing, depth_t, exit_t, xtab,
                 continue
             amp_v[i] = amp
             if per_gaussian:
-                lat = sad / (rho_g[i] * den)
-                log2_lat = math.log2(lat)
+                lat, log2_lat = _lateral_scale(sad, rho_g[i], den)
             su = sig[0, i] * lat
             su2 = su * su
             su2_v[i] = su2
@@ -1213,16 +1218,14 @@ def cluster_column_entries(count_only, counts, offsets, out_col, out_flat, out_v
                 bl, br = _medium_offsets(zcol, j, i, pz, yg[2], sc)
                 rho_g = rho_t[j, i, k]
                 per_gaussian = rho_g.shape[0] > 1
-                lat = sad / (rho_g[0] * den)
-                log2_lat = math.log2(lat)
+                lat, log2_lat = _lateral_scale(sad, rho_g[0], den)
                 for g in range(n_g):
                     amp = _amplitude(amps, tail, g, k0, f, ext, xtab, kx, fx)
                     amp_v[g] = amp
                     if amp <= 0.0:
                         continue
                     if per_gaussian:
-                        lat = sad / (rho_g[g] * den)
-                        log2_lat = math.log2(lat)
+                        lat, log2_lat = _lateral_scale(sad, rho_g[g], den)
                     su = sig[0, g] * lat
                     su2 = su * su
                     su2_v[g] = su2
