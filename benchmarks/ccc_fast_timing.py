@@ -9,7 +9,7 @@ call of the same code paths runs first (JIT / cache load excluded). Prints one J
 saves the dose (float64 ``.npy``) for exactness comparisons.
 
 Cases: ``cyl_static`` (tilted static transport of a fan on a 100 x 100 x 80 grid of 3 mm, water
-cylinder with a lung block, as ``benchmarks/ccc_surface_timing.py``), ``cyl_shared`` (shared
+cylinder with a lung block, :func:`timing_cylinder`, as ``benchmarks/ccc_surface_timing.py``), ``cyl_shared`` (shared
 transport, 12 beams, 96 directions), ``water_j50`` / ``water_j10`` (``engine_dose`` of the Monte Carlo
 case, static beams, the calibration field included), ``liver_fast`` / ``liver_default`` (the helical
 liver plan on 3 mm, ``FAST_CCC_OPTIONS`` / default options, the benchmark goal's problem).
@@ -50,7 +50,10 @@ def _wrap_kernels():
         setattr(_k, name, timed)
 
 
-def _cylinder():
+def timing_cylinder():
+    """(grid, density, TERMA) of the timing cylinder: 100 x 100 x 80 voxels of 3 mm, water cylinder of radius
+    135 mm in air with a lung block (0.25 g/cm3), a 100 mm wide fan of exponentially falling TERMA along +y
+    (also ``benchmarks/ccc_surface_timing.py``)."""
     from tomodose.geometry.grid import Grid
 
     grid = Grid((80, 100, 100), (3.0, 3.0, 3.0), (-148.5, -148.5, -118.5))
@@ -73,7 +76,7 @@ def _setup(case: str, surface: bool, n_azimuth: int):
     if case.startswith("cyl"):
         from tomodose.transport.collapsed_cone import collapsed_cone_dose, shared_direction_dose
 
-        grid, rho, terma = _cylinder()
+        grid, rho, terma = timing_cylinder()
         if case == "cyl_static":
             def run(g=grid, r=rho, t=terma):
                 return collapsed_cone_dose(t, r, g, source_position_mm=(0.0, -850.0, 0.0), kernel=kernel,

@@ -17,18 +17,13 @@ import numpy as np
 
 
 def main() -> int:
-    from tomodose.geometry.grid import Grid
+    from ccc_fast_timing import timing_cylinder  # this folder (the script's own path entry)
+
     from tomodose.transport.ccc_surface import load_surface_correction, surface_weight
     from tomodose.transport.collapsed_cone import collapsed_cone_dose, shared_direction_dose
     from tomodose.transport.kernels import load_kernel
 
-    grid = Grid((80, 100, 100), (3.0, 3.0, 3.0), (-148.5, -148.5, -118.5))
-    z, y, x = np.meshgrid(*(np.arange(n) for n in grid.shape), indexing="ij")
-    xm = grid.origin_mm[0] + x * 3.0
-    ym = grid.origin_mm[1] + y * 3.0
-    rho = np.where(xm**2 + ym**2 <= 135.0**2, 1.0, 0.0012)
-    rho[(np.abs(xm - 40) < 30) & (np.abs(ym) < 40)] = 0.25
-    terma = np.where((np.abs(xm) < 50) & (rho > 0.1), np.exp(-0.005 * (ym + 150)), 0.0)
+    grid, rho, terma = timing_cylinder()
     kernel = load_kernel()
     corr = load_surface_correction()
     out = {}
