@@ -105,3 +105,21 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return _atomic.atomic_write_text(path, text, mkdir=True)
+
+
+def load_script(name: str):
+    """The script ``kernels/<name>.py`` as a module (loaded once per process, registered in
+    ``sys.modules`` as ``_tomodose_<name>`` so that its dataclasses and pickling work)."""
+    import importlib.util
+
+    key = f"_tomodose_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, ROOT / "kernels" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[key] = mod
+        try:
+            spec.loader.exec_module(mod)
+        except BaseException:
+            del sys.modules[key]
+            raise
+    return sys.modules[key]

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import importlib.util
 import json
 import logging
 import os
@@ -245,10 +244,11 @@ def engine_tpr(beam, kernel, jaw_mm, n_open, depths_cm, *, norm_cm=10.0, sad_mm=
 # spectrum and kernel for a candidate
 # --------------------------------------------------------------------------------------------
 def _load_script(name):
-    spec = importlib.util.spec_from_file_location(f"_tomodose_{name}", ROOT / "kernels" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    if str(ROOT / "kernels") not in sys.path:
+        sys.path.insert(0, str(ROOT / "kernels"))
+    import _common
+
+    return _common.load_script(name)
 
 
 def model_spectrum(t0_mev: float, w_mm: float = 1.0, cu_mm: float = 1.5) -> Spectrum:

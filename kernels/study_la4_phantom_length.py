@@ -20,13 +20,15 @@ About 15 CPU minutes for the defaults (the 150 mm slab is 2.5-3.5x the voxels). 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common  # noqa: E402
 
 NORM_CM = 10.0
 
@@ -49,10 +51,7 @@ def main(argv=None) -> int:
     ap.add_argument("--extra", default="40,150", help="slab reach beyond the jaw's half width (mm); 40 = commission_la4")
     ap.add_argument("--depths", default="3,5,20")
     args = ap.parse_args(argv)
-    spec = importlib.util.spec_from_file_location("commission_la4", ROOT / "kernels" / "commission_la4.py")
-    C = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = C
-    spec.loader.exec_module(C)
+    C = _common.load_script("commission_la4")
     from tomodose.dose.engine import engine_kernel
     from tomodose.terma.beam_model import BeamModel
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -45,18 +44,13 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common  # noqa: E402
 
 GROUP_EDGES_MEV = (0.0, 0.5, 1.0, 2.0, 3.5, np.inf)
 JAWS_MM = (50, 25, 10)
 NORM_CM = 10.0
-
-
-def _commission():
-    spec = importlib.util.spec_from_file_location("commission_la4", ROOT / "kernels" / "commission_la4.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def group_of(energies_mev) -> np.ndarray:
@@ -86,7 +80,6 @@ def group_doses(C, work: Path, depths_cm) -> dict:
     from tomodose.dose.engine import engine_kernel
     from tomodose.terma.beam_model import BeamModel
 
-    work.mkdir(parents=True, exist_ok=True)
     path = work / "group_doses.json"
     res = json.loads(path.read_text()) if path.exists() else {}
     beam = BeamModel.default()
@@ -103,8 +96,8 @@ def group_doses(C, work: Path, depths_cm) -> dict:
             if key not in res:
                 res[key] = C.point_dose(b, kernel, jaw, 64, 850.0 - 10 * d, 10 * d)
                 print(key, res[key], flush=True)
-                C._atomic_write(path, json.dumps(res))
-    C._atomic_write(path, json.dumps(res))
+                _common.atomic_write_text(path, json.dumps(res))
+    _common.atomic_write_text(path, json.dumps(res))
     return res
 
 
@@ -120,7 +113,7 @@ def main(argv=None) -> int:
 
     from tomodose.terma.beam_model import BeamModel
 
-    C = _commission()
+    C = _common.load_script("commission_la4")
     la4 = C.read_la4(args.shared_data)
     depths = [float(x) for x in args.depths.split(",")]
     res = group_doses(C, args.work, depths)
@@ -169,7 +162,8 @@ def main(argv=None) -> int:
     for _, t0, cu, s in fam[:4]:
         show(s, f"Schiff model T0 {t0:g} MeV, Cu {cu:g} mm", t0_mev=t0, cu_mm=cu)
     if args.json:
-        C._atomic_write(args.json, json.dumps({"linearity": lin, "depths_cm": depths, "fits": report}, indent=1))
+        _common.atomic_write_text(args.json, json.dumps({"linearity": lin, "depths_cm": depths, "fits": report},
+                                                        indent=1))
     return 0
 
 

@@ -340,13 +340,13 @@ def _map_sum(maps, lat, cq, q_min, q_max, u, yy, den):
 
 
 @numba.njit(inline="always")
-def _voxel_maps(maps_f, lat_f, maps_c, lat_c, cq_f, cq_c, i_lo, i_hi, s, u, yy, den, amps, tail, k0, f, ext, xtab, kx,
-                fx, s_g):
+def _voxel_maps(maps_f, lat_f, maps_c, lat_c, cq_f, cq_c, i_lo, i_hi, s_g, u, yy, den, amps, tail, k0, f, ext, xtab,
+                kx, fx):
     """Sum over the Gaussians ``i_lo <= i < i_hi`` of ``A_i`` times the map value at level ``q = i + s``
     (linear between the two bracketing levels): from the fine maps ``maps_f`` when both levels are
     in it (its levels are the first ``nl_f`` of the coarse maps'), else from the coarse ``maps_c``.
-    ``s_g`` (nG,): a level offset per Gaussian (``q = i + s_g[i]``, the upstream lateral scaling)
-    instead of the common ``s``; length 1: ``s`` for all."""
+    ``s_g``: the level offset ``s``, (1,) for every Gaussian or (nG,) one per Gaussian (``q = i + s_g[i]``,
+    the upstream lateral scaling)."""
     per_gaussian = s_g.shape[0] > 1
     nl_f = maps_f.shape[3]
     nl_c = maps_c.shape[3]
@@ -358,7 +358,7 @@ def _voxel_maps(maps_f, lat_f, maps_c, lat_c, cq_f, cq_c, i_lo, i_hi, s, u, yy, 
         amp = _amplitude(amps, tail, i, k0, f, ext, xtab, kx, fx)
         if amp <= 0.0:
             continue
-        q = i + (s_g[i] if per_gaussian else s)
+        q = i + s_g[i if per_gaussian else 0]
         if q < 0.0:
             q = 0.0
         if q > nl_c - 1:
@@ -471,8 +471,8 @@ def _voxel_levels(maps_f, lat_f, maps_c, lat_c, cq_f, cq_c, amp, i_lo, i_hi, s_g
     s = s_g[0]
     s0 = int(math.floor(s))
     if s_g.shape[0] > 1 or s0 < 0 or s0 + i_hi > nl_c - 1 or i_hi <= i_lo:
-        return _voxel_maps(maps_f, lat_f, maps_c, lat_c, cq_f, cq_c, i_lo, i_hi, s, u, yy, den, amps, tail, k0, f,
-                           ext, xtab, kx, fx, s_g)
+        return _voxel_maps(maps_f, lat_f, maps_c, lat_c, cq_f, cq_c, i_lo, i_hi, s_g, u, yy, den, amps, tail, k0, f,
+                           ext, xtab, kx, fx)
     fq = s - s0
     for i in range(i_lo, i_hi):
         a = amps[k0, i] + f * (amps[k0 + 1, i] - amps[k0, i])

@@ -270,7 +270,6 @@ def collapsed_cone_dose(
         norm = np.zeros((1, 1, 1, 1))
     order = _escape_order(surface is not None, esc, phi)
     escape = order is not None
-    transport = _k.transport_direction
     if escape:
         rates, esc = np.ascontiguousarray(rates[order]), np.ascontiguousarray(esc[order])
         amps_ring = np.ascontiguousarray(amps_ring[..., order])
@@ -297,13 +296,13 @@ def collapsed_cone_dose(
             for ca, cb in phases:  # every phase is a partition of the voxels; the doses are averaged below
                 if contract:
                     # direct sources; a split (tied) cone scales them through identity amplitudes instead
-                    transport(
+                    _k.transport_direction(
                         ring_src[0].reshape((n_k,) + grid.shape), rho, dose, m, sgn, da, db, step_cm, rates,
                         w * eye, False, np.ascontiguousarray(dirs[d]), 0.0, table, ds, norm, src, origin, spacing,
                         axis, w == 1.0, ca, cb, escape, phi, esc, directional, normal,
                     )
                     continue
-                transport(
+                _k.transport_direction(
                     t_arr, rho, dose, m, sgn, da, db, step_cm, rates,
                     np.ascontiguousarray(w * amps_ring[:, ring[d]]), tilt, np.ascontiguousarray(dirs[d]),
                     float(w * omega[d]), table, ds, norm, src, origin, spacing, axis, False, ca, cb,
@@ -707,7 +706,6 @@ def _transport_shared(flat, weights, fixed, rho, grid: Grid, rates, batch: int, 
     esc = np.ascontiguousarray(esc, dtype=np.float64)
     order = _escape_order(bool(surface), esc, phi)
     surface = order is not None
-    transport = _k.transport_direct_sources
     if surface:
         weights, rates, esc = weights[:, :, order], rates[order], np.ascontiguousarray(esc[order])
     active = np.flatnonzero(np.abs(weights).sum(axis=(1, 2)) > 0)
@@ -739,8 +737,9 @@ def _transport_shared(flat, weights, fixed, rho, grid: Grid, rates, batch: int, 
             if len(steps) > 1:  # a tie (never for the Fibonacci set on common grids): split the source
                 out[i] *= np.float32(1.0 / len(steps))
             for _, m, sgn, da, db, step_cm in steps:
-                transport(out[i].reshape(grid.shape + (n_k,)), rho, dose, m, sgn, da, db, step_cm, rates,
-                          surface, phi, esc, directional, normal, np.ascontiguousarray(fixed[j], dtype=np.float64))
+                _k.transport_direct_sources(out[i].reshape(grid.shape + (n_k,)), rho, dose, m, sgn, da, db, step_cm,
+                                            rates, surface, phi, esc, directional, normal,
+                                            np.ascontiguousarray(fixed[j], dtype=np.float64))
         t_transport += time.process_time() - t1
     logger.debug("shared transport on %s: %d directions x %d terms, %d source entries per direction; CPU: sources "
                  "%.2f s, transport %.2f s", grid.shape, active.size, n_k,
