@@ -21,6 +21,7 @@ from tomodose.transport.kernels import (
     read_edk_csv,
     terma_weights,
 )
+from tests._scripts import load_script
 
 EDK = "dose_physics/kernels/edknrc_mono_water_conehead.csv"
 MACKIE = "dose_physics/kernels/mackie_edk_mono_water.npz"
@@ -88,14 +89,7 @@ def test_shipped_kernel_energy_matches_spectrum_weighted_mono_totals(merged):
 
 @pytest.fixture(scope="module")
 def script():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "kernels" / "derive_ccc_kernels.py"
-    spec = importlib.util.spec_from_file_location("derive_ccc_kernels", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("kernels/derive_ccc_kernels.py")
 
 
 def test_reproducible_from_inputs(merged, script):
@@ -493,13 +487,7 @@ def test_low_energy_mc_kernels_agree_with_mackie(mc, mc_prov, shared_data):
 
 @pytest.fixture(scope="module")
 def mc_script():
-    import importlib.util
-
-    path = ROOT / "kernels" / "derive_mc_kernels.py"
-    spec = importlib.util.spec_from_file_location("derive_mc_kernels", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("kernels/derive_mc_kernels.py")
 
 
 def test_pencil_to_point_kernel_recovers_a_point_deposit(mc_script):

@@ -16,6 +16,7 @@ from tomodose.transport.ccc_surface import (SurfaceCorrection, load_surface_corr
                                             surface_weight)
 from tomodose.transport.collapsed_cone import collapsed_cone_dose, shared_direction_dose
 from tomodose.transport.kernels import load_kernel
+from tests._scripts import load_script
 
 #: a strong correction for the tests (the effect is visible on tiny grids)
 STRONG = SurfaceCorrection(escape_rate_per_cm=2.0, decay_mm=6.0, cutoff_mm=12.0, slow_rate_per_cm=1.0,
@@ -322,13 +323,7 @@ def test_shipped_table_loads_with_provenance(name):
 
 @pytest.mark.slow
 def test_derivation_reproduces_the_shipped_table(capsys):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "kernels" / "derive_ccc_surface.py"
-    spec = importlib.util.spec_from_file_location("derive_ccc_surface", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("kernels/derive_ccc_surface.py")
     assert mod.fit(["--check-only"]) == 0
     models = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines() if line.startswith("{")]
     for name in ("ccc_surface_water_6mv", "ccc_surface_water_6mv_directional"):

@@ -13,6 +13,7 @@ from tomodose.geometry.grid import Grid
 from tomodose.transport import collapsed_cone_dose, load_kernel
 from tomodose.transport.collapsed_cone import direction_geometry
 from tomodose.transport.kernels import polyenergetic_kernel
+from tests._scripts import load_script
 
 
 #: the kernels' optional trailing arguments, passed explicitly: a call that omits an array default
@@ -340,13 +341,7 @@ def _slab_transfer(fine, theta_edges_deg, r_edges_cm, dz, nz, half_width_cm, ns=
 
 
 def test_broad_beam_depth_dose_matches_brute_force_convolution(kernel, shared_data):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "kernels" / "derive_ccc_kernels.py"
-    spec = importlib.util.spec_from_file_location("derive_ccc_kernels", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("kernels/derive_ccc_kernels.py")
     edk, _ = script.read_mono_table(shared_data)  # the merged table the shipped kernel came from
     mu_e, mu_v = script.read_mu_water(shared_data / script.MU_REL)
     w = np.asarray(kernel.provenance["terma_weights"])

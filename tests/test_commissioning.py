@@ -8,7 +8,6 @@ shipped kernel) on coarse grids; see ``kernels/commission_la4.py`` and ``docs/co
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -18,15 +17,13 @@ import pytest
 from tomodose.terma import BeamModel
 from tomodose.terma.beam_model import load_machine_parameters
 from tomodose.terma.spectrum import default_spectrum
+from tests._scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _commission():
-    spec = importlib.util.spec_from_file_location("_commission_la4", ROOT / "kernels" / "commission_la4.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("kernels/commission_la4.py")
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,7 @@ from tomodose.evaluation.reference import (
     overlap_matrix,
 )
 from tomodose.geometry.grid import Grid, ImageVolume
+from tests._scripts import load_script
 
 WATER = ("water_j10", "water_j25", "water_j50")
 SLABS = ("slab_lung", "slab_bone")
@@ -101,16 +102,7 @@ def test_reference_file_holds_its_generation_settings(name):
 
 
 def _generator():
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "validation" / "generate_mc_references.py"
-    spec = importlib.util.spec_from_file_location("_tomodose_generate_mc_references", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses of the module look themselves up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("validation/generate_mc_references.py")
 
 
 def test_every_reference_has_the_medium_of_the_engines_material():

@@ -1,6 +1,5 @@
 """The static-beam peer comparison (pyRadPlan, OpenTPS in their own environments)."""
 
-import importlib.util
 import json
 import sys
 
@@ -8,13 +7,11 @@ import numpy as np
 import pytest
 
 from tomodose.benchmarking import static_peers
+from tests._scripts import load_script
 
 
 def _load_runner_common():
-    spec = importlib.util.spec_from_file_location("_peer_common", static_peers.RUNNERS / "_common.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(static_peers.RUNNERS / "_common.py", "_peer_common")
 
 
 def test_case_file_is_what_the_runners_read(tmp_path):
