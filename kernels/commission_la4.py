@@ -220,15 +220,28 @@ def _half_x(n_open):
     return min(0.5 * n_open * LEAF_MM + 60.0, 215.0)
 
 
-def point_dose(beam, kernel, jaw_mm, n_open, ssd_mm, depth_mm, *, back_mm=100.0, dx=None, dy=2.5, dz=None):
-    """Central-axis dose at ``depth_mm`` below a surface at ``ssd_mm`` (field centre in x).
+#: Reach of the point-dose water slab along the couch axis beyond the jaw's half width (mm). The
+#: LA4 TPR and output factors are measured in a tank; with the collapsed cone's surface correction
+#: (engine default since session 9) a short slab loses the scatter the tank's water beyond it sends
+#: back. Until session 12 the slab reached 40 mm (TPR 3 / 20 cm -0.3 / +0.4-0.7 % and the dose at
+#: 10 cm -0.3 % against this reach; ``kernels/study_la4_phantom_length.py``, docs/commissioning.md
+#: *Phantom length*). 150 mm is converged: 250 mm changes the 50 mm jaw's dose at 10 and 20 cm depth
+#: by less than 0.003 % (session 12).
+SLAB_REACH_MM = 150.0
+
+
+def point_dose(beam, kernel, jaw_mm, n_open, ssd_mm, depth_mm, *, back_mm=100.0, reach_mm=SLAB_REACH_MM,
+               dx=None, dy=2.5, dz=None):
+    """Central-axis dose at ``depth_mm`` below a surface at ``ssd_mm`` (field centre in x), in a
+    water slab reaching ``reach_mm`` beyond the jaw's half width along the couch axis and
+    ``back_mm`` below the point.
 
     Voxels: 2.5 mm along the beam; across the jaws 2 mm (jaw 10) or 2.5 mm; across the leaves
     5 mm, refined to a fifth of the open width (>= 1.25 mm) for narrow MLC fields."""
     dz = dz or (2.0 if jaw_mm <= 10 else 2.5)
     dx = dx or float(np.clip(n_open * LEAF_MM / 5.0, 1.25, 5.0))
     dose, grid = water_dose(beam, kernel, jaw_mm, open_leaves(n_open), ssd_mm, max_depth_mm=depth_mm + back_mm,
-                            half_x_mm=_half_x(n_open), half_z_mm=0.5 * jaw_mm + 40.0, spacing_mm=(dx, dy, dz))
+                            half_x_mm=_half_x(n_open), half_z_mm=0.5 * jaw_mm + reach_mm, spacing_mm=(dx, dy, dz))
     return float(sample(dose, grid, [[field_centre_x_mm(n_open), depth_mm, 0.0]])[0])
 
 
@@ -1024,6 +1037,8 @@ def _scan_summary(folder: Path) -> list:
     for f in sorted(Path(folder).glob("T0_*.json")):
         r = json.loads(f.read_text())
         rows.append({"t0_mev": r["t0_mev"], "cu_mm": r["cu_mm"], "kernel": r.get("kernel", f.stem.split("_", 4)[-1]),
+                     # the couch-axis reach of the point-dose slab (40 mm for scans before session 12)
+                     "slab_reach_mm": r.get("slab_reach_mm", 40.0),
                      "mean_energy_mev": round(r["mean_energy_mev"], 4),
                      "tpr_3_20cm_rms_pct": round(r["rms_3_20cm_pct"], 2),
                      "tpr_3_20cm_max_abs_pct": round(r["max_abs_3_20cm_pct"], 2)})
@@ -1240,7 +1255,7 @@ def main(argv=None) -> int:
                 cmp = tpr_comparison(beam, k, la4)
                 dev = tpr_deviations(cmp)
                 res = {"t0_mev": t0, "cu_mm": cu, "groups_mev": list(groups), "offaxis": args.offaxis,
-                       "kernel": tag, "engine_kernel": engine_kernel().name,
+                       "kernel": tag, "engine_kernel": engine_kernel().name, "slab_reach_mm": SLAB_REACH_MM,
                        "softening_per_rad": beam.offaxis_softening_per_rad,
                        "mean_energy_mev": sp.mean_energy_mev, "depths_cm": list(TPR_FIT_DEPTHS_CM),
                        "rms_3_20cm_pct": 100 * tpr_rms(cmp), "max_abs_3_20cm_pct": 100 * float(np.abs(dev).max()),

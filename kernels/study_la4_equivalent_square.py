@@ -72,6 +72,7 @@ def engine_tpr(beam, machine, kernel, jaw_mm: float, n_open: int) -> np.ndarray:
         depth_mm = 10.0 * d
         dose, grid = C.water_dose(beam, kernel, jaw_mm, C.open_leaves(n_open), machine.sad_mm - depth_mm,
                                   max_depth_mm=depth_mm + 100.0, half_x_mm=C._half_x(n_open),
+                                  # the slab of commission_la4.point_dose until session 12 (the documented numbers)
                                   half_z_mm=0.5 * jaw_mm + 40.0, spacing_mm=(dx, 2.5, dz), machine=machine)
         vals.append(float(C.sample(dose, grid, [[C.field_centre_x_mm(n_open), depth_mm, 0.0]])[0]))
     v = np.asarray(vals)

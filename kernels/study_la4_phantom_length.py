@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """How much does the length of the commissioning phantom along the couch axis move the TPR? (issue 8)
 
-``kernels/commission_la4.point_dose`` (and so ``tests/test_commissioning.py`` and every fit stage)
-computes the LA4 TPR points in a water slab that reaches ``jaw / 2 + 40 mm`` from the axis along the
-couch (13 cm long for the 50 mm jaw). With the collapsed cone's surface correction on (the engine
+Until session 12 ``kernels/commission_la4.point_dose`` (and so ``tests/test_commissioning.py`` and
+every fit stage) computed the LA4 TPR points in a water slab that reached ``jaw / 2 + 40 mm`` from the
+axis along the couch (13 cm long for the 50 mm jaw); it now reaches ``jaw / 2 + SLAB_REACH_MM``
+(150 mm) because of this study. With the collapsed cone's surface correction on (the engine
 default), scatter that would come back from the water beyond the slab's ends is missing, as in a
 real short phantom, while a TPR measurement is made in a tank. This study recomputes the TPR
 (normalised at 10 cm, detector at the isocentre, the shipped machine and engine, the voxels of
@@ -37,18 +38,16 @@ def tpr(C, beam, kernel, jaw_mm, extra_mm, depths_cm):
     """{depth: TPR(depth) / TPR(10 cm)} of jaw x 64 leaves in a slab reaching ``jaw / 2 + extra_mm``."""
     vals = {}
     for d in sorted(set(depths_cm) | {NORM_CM}):
-        dose, grid = C.water_dose(beam, kernel, jaw_mm, C.open_leaves(64), 850.0 - 10.0 * d,
-                                  max_depth_mm=10.0 * d + 100.0, half_x_mm=C._half_x(64),
-                                  half_z_mm=0.5 * jaw_mm + extra_mm,
-                                  spacing_mm=(5.0, 2.5, 2.0 if jaw_mm <= 10 else 2.5))
-        vals[d] = float(C.sample(dose, grid, [[C.field_centre_x_mm(64), 10.0 * d, 0.0]])[0])
+        vals[d] = C.point_dose(beam, kernel, jaw_mm, 64, 850.0 - 10.0 * d, 10.0 * d, reach_mm=extra_mm)
     return {d: vals[d] / vals[NORM_CM] for d in depths_cm}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--jaws", default="50,25,10")
-    ap.add_argument("--extra", default="40,150", help="slab reach beyond the jaw's half width (mm); 40 = commission_la4")
+    ap.add_argument("--extra", default="40,150",
+                    help="slab reach beyond the jaw's half width (mm); 40 = commission_la4 before session 12, "
+                         "150 = its SLAB_REACH_MM")
     ap.add_argument("--depths", default="3,5,20")
     args = ap.parse_args(argv)
     C = _common.load_script("commission_la4")

@@ -25,11 +25,12 @@ re-deriving a kernel per candidate:
 The LA4 files are GPL-3.0 and read at run time from ``--shared-data`` (never copied); the cache
 (``--work``) holds only engine doses. About 60 static collapsed-cone runs, 25 CPU minutes on the
 2-core machine (12 TPR points x 5 groups). Results of 2026-11-30 in ``docs/commissioning.md``
-(section *Spectrum weights*).
+(section *Spectrum weights*: session 11 in the 40 mm slab, ``--reach-mm 40``; session 12 in the
+150 mm slab that ``point_dose`` uses since).
 
 Usage::
 
-    python kernels/study_la4_spectrum_groups.py [--work /tmp/la4_groups] [--depths 3,5,10,20]
+    python kernels/study_la4_spectrum_groups.py [--work /tmp/la4_groups] [--depths 3,5,20] [--reach-mm 40]
 """
 
 from __future__ import annotations
@@ -75,12 +76,13 @@ def group_spectrum(spectrum, g):
     return Spectrum(np.asarray(spectrum.energies_mev)[idx], np.asarray(spectrum.fluence)[idx], edges, f"group{g}")
 
 
-def group_doses(C, work: Path, depths_cm) -> dict:
-    """``{"g|jaw|depth": dose per unit energy fluence of group g}`` at the TPR points (cached in ``work``)."""
+def group_doses(C, work: Path, depths_cm, reach_mm: float) -> dict:
+    """``{"g|jaw|depth": dose per unit energy fluence of group g}`` at the TPR points in a slab reaching
+    ``reach_mm`` beyond the jaw's half width along the couch (cached in ``work``, one file per reach)."""
     from tomodose.dose.engine import engine_kernel
     from tomodose.terma.beam_model import BeamModel
 
-    path = work / "group_doses.json"
+    path = work / f"group_doses_reach{reach_mm:g}.json"
     res = json.loads(path.read_text()) if path.exists() else {}
     beam = BeamModel.default()
     kernel = engine_kernel()
@@ -88,13 +90,14 @@ def group_doses(C, work: Path, depths_cm) -> dict:
     points = [(j, float(d)) for j in JAWS_MM for d in sorted(set(depths_cm) | {NORM_CM})]
     full_key = f"full|{points[0][0]}|{points[0][1]:g}"
     if full_key not in res:  # linearity check point: the full spectrum
-        res[full_key] = C.point_dose(beam, kernel, points[0][0], 64, 850.0 - 10 * points[0][1], 10 * points[0][1])
+        res[full_key] = C.point_dose(beam, kernel, points[0][0], 64, 850.0 - 10 * points[0][1], 10 * points[0][1],
+                                     reach_mm=reach_mm)
     for g in range(5):
         b = dataclasses.replace(beam, spectrum=group_spectrum(beam.spectrum, g))
         for jaw, d in points:
             key = f"{g}|{jaw}|{d:g}"
             if key not in res:
-                res[key] = C.point_dose(b, kernel, jaw, 64, 850.0 - 10 * d, 10 * d)
+                res[key] = C.point_dose(b, kernel, jaw, 64, 850.0 - 10 * d, 10 * d, reach_mm=reach_mm)
                 print(key, res[key], flush=True)
                 _common.atomic_write_text(path, json.dumps(res))
     _common.atomic_write_text(path, json.dumps(res))
@@ -108,6 +111,9 @@ def main(argv=None) -> int:
     ap.add_argument("--depths", default="3,5,20", help="TPR depths (cm) compared; 10 cm is the normalisation")
     ap.add_argument("--lambdas", default="0,0.003,0.01", help="smoothness penalties of the free fit")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--reach-mm", type=float, default=None,
+                    help="slab reach along the couch beyond the jaw's half width (mm); default "
+                         "commission_la4.SLAB_REACH_MM (150; the session 11 results: 40)")
     args = ap.parse_args(argv)
     from scipy.optimize import least_squares
 
@@ -116,7 +122,8 @@ def main(argv=None) -> int:
     C = _common.load_script("commission_la4")
     la4 = C.read_la4(args.shared_data)
     depths = [float(x) for x in args.depths.split(",")]
-    res = group_doses(C, args.work, depths)
+    reach = C.SLAB_REACH_MM if args.reach_mm is None else args.reach_mm
+    res = group_doses(C, args.work, depths, reach)
     F = np.array(res["F"])
     j0, d0 = JAWS_MM[0], min(sorted(set(depths) | {NORM_CM}))
     lin = sum(F[g] * res[f"{g}|{j0}|{d0:g}"] for g in range(5)) / res[f"full|{j0}|{d0:g}"] - 1.0

@@ -170,6 +170,32 @@ def test_reference_phantom_places_the_surface_at_ssd():
         assert 0.0 - src[1] == pytest.approx(ssd)  # the entrance surface is the plane y = 0
 
 
+def test_point_doses_are_computed_in_a_tank_like_slab(com, monkeypatch):
+    """The LA4 points (every fit stage and the checks below) sit in water reaching SLAB_REACH_MM
+    beyond the jaw edge along the couch and 100 mm below the point: the tables are measured in a
+    tank, and with the surface correction a 40 mm reach lost 0.3 % at 10 cm (docs/commissioning.md,
+    *Phantom length*)."""
+    from tomodose.geometry.grid import Grid
+
+    seen = []
+
+    def fake_water_dose(beam, kernel, jaw_mm, lof, ssd_mm, *, max_depth_mm, half_x_mm, half_z_mm,
+                        spacing_mm=(5.0, 2.5, 2.5), machine=None):
+        seen.append((jaw_mm, max_depth_mm, half_z_mm, float(np.sum(lof))))
+        dx, dy, dz = spacing_mm
+        grid = Grid.from_extent((-half_x_mm, dy / 2, -half_z_mm), (half_x_mm, max_depth_mm - dy / 2, half_z_mm),
+                                (dx, dy, dz))
+        return np.ones(grid.shape), grid
+
+    monkeypatch.setattr(com, "water_dose", fake_water_dose)
+    assert com.SLAB_REACH_MM >= 150.0
+    for jaw, n in ((10, 1), (25, 64), (50, 8)):
+        assert com.point_dose(None, None, jaw, n, 750.0, 100.0) == pytest.approx(1.0)
+        assert seen[-1] == (jaw, 200.0, 0.5 * jaw + com.SLAB_REACH_MM, float(n))
+    com.point_dose(None, None, 50, 64, 750.0, 100.0, reach_mm=40.0)
+    assert seen[-1][2] == 65.0
+
+
 # ---------------------------------------------------------------------------------------------
 # issue 8's check: TPR within 1 % past d_max, output factors within 1 % (engine as shipped)
 # ---------------------------------------------------------------------------------------------
@@ -180,27 +206,32 @@ def engine(com, shared_data):
     return BeamModel.default(), engine_kernel()
 
 
-# Measured with the engine as shipped (2026-11-29 16:27 UTC, `--runxfail`): energy-group TERMA, the 5-group kernel
+# Measured with the engine as shipped (2026-11-30, session 12): energy-group TERMA, the 5-group kernel
 # ccc_water_6mv_5groups, staggered azimuths, voxel-averaged TERMA, static beams on a 2x finer grid
-# (static_supersample=2), and since this refit the collapsed-cone surface correction (direction-weighted) and 16
-# azimuths per ring for static beams (engine defaults SURFACE_CORRECTION, STATIC_N_AZIMUTH). T0 = 6.0 MeV (scanned
-# with the 5-group kernel at 06:00 UTC, not rescanned with the two new options); stages 4, 5, 2 refitted with them
-# (h 0.053, g 0.0097; docs/commissioning.md, *Refit with the surface correction and 16 static azimuths*): the 20 cm
-# TPR of every jaw, the 10 mm jaw's 64-leaf output and the 25 mm jaw's 2-leaf output now pass; the 3 cm TPR of the
-# 25 and 10 mm jaws now fails. A part that cannot meet 1 % is an xfail(strict=True) carrying its number and the
-# reason, never a looser tolerance.
-_TPR_SHALLOW = ("TPR({} cm)/TPR(10 cm), jaw {} mm: engine {} % vs LA4 with the fitted spectrum (T0 = 6.0 MeV, not "
-                "rescanned with the surface correction and 16 static azimuths); the engine's TPR falls faster from 3 "
-                "to 10 cm than LA4's for every jaw (+2.4 / +1.3 / +1.4 % at 3 cm for jaws 50 / 25 / 10) while 15-20 cm "
-                "agree within 0.8 %: a higher T0 lowers 3 cm by about 0.55 % per 0.25 MeV and raises 20 cm by about "
-                "0.7 %, so one spectral parameter cannot hold both ends for the 50 mm jaw; see docs/commissioning.md")
-TPR_XFAIL = {(50, 64, 3.0): _TPR_SHALLOW.format(3, 50, "+2.40"), (50, 64, 5.0): _TPR_SHALLOW.format(5, 50, "+1.75"),
-             (25, 64, 3.0): _TPR_SHALLOW.format(3, 25, "+1.30"), (10, 64, 3.0): _TPR_SHALLOW.format(3, 10, "+1.40")}
-_OF_SINGLE = ("{} leaf, jaw {} mm: engine {} % vs LA4 with the fitted isolated-leaf output loss h = 0.053; LA4's "
+# (static_supersample=2), the collapsed-cone surface correction (direction-weighted) and 16 azimuths per ring for
+# static beams (engine defaults SURFACE_CORRECTION, STATIC_N_AZIMUTH). Since session 12 every point sits in a slab
+# reaching SLAB_REACH_MM = 150 mm beyond the jaw edge along the couch (40 mm before: the surface correction took
+# 0.3 % of scatter a tank gives back) and stage 2 was refitted there (g 0.0069, h 0.0533, jaw factors 0.9462 /
+# 0.9915 / 1; docs/commissioning.md, *Refit in a tank-like slab*). T0 = 6.0 MeV; the scan in the long slab
+# (5.75 / 6.0 / 6.25 MeV) is in the same section. Against the 40 mm slab the 25 mm jaw's 3 cm TPR now passes
+# (+1.30 -> +0.96 %) and the 50 mm jaw's 20 cm TPR fails (+0.82 -> +1.51 %). A part that cannot meet 1 % is an
+# xfail(strict=True) carrying its number and the reason, never a looser tolerance.
+_TPR_SHALLOW = ("TPR({} cm)/TPR(10 cm), jaw {} mm: engine {} % vs LA4 with the fitted spectrum (T0 = 6.0 MeV); the "
+                "engine's TPR falls faster from 3 to 10 cm than LA4's for every jaw (+2.1 / +1.0 / +1.1 % at 3 cm for "
+                "jaws 50 / 25 / 10); a higher T0 lowers 3 cm by about 0.5 % per 0.25 MeV and raises 20 cm by about "
+                "0.7-0.8 %, so one spectral parameter cannot hold both ends for the 50 mm jaw, and no physical "
+                "spectrum does (docs/commissioning.md, *Spectrum weights*)")
+_TPR_DEEP = ("TPR(20 cm)/TPR(10 cm), jaw 50 mm: engine {} % vs LA4 in the tank-like slab (+0.82 % in the 40 mm slab "
+             "before session 12); T0 = 5.75 MeV would bring it to +0.71 % but raise 3 cm to +2.56 %; LA4's 8.89 cm "
+             "column grows by only 1.5 % over the 6.67 cm column at 20 cm (docs/commissioning.md, *Equivalent "
+             "square*)")
+TPR_XFAIL = {(50, 64, 3.0): _TPR_SHALLOW.format(3, 50, "+2.11"), (50, 64, 5.0): _TPR_SHALLOW.format(5, 50, "+1.46"),
+             (50, 64, 20.0): _TPR_DEEP.format("+1.51"), (10, 64, 3.0): _TPR_SHALLOW.format(3, 10, "+1.12")}
+_OF_SINGLE = ("{} leaf, jaw {} mm: engine {} % vs LA4 with the fitted isolated-leaf output loss h = 0.0533; LA4's "
               "single leaf is jaw-inconsistent with the engine (single/pair output 0.876 at jaw 10, 0.773 at jaw 50 "
-              "against 0.89 / 0.87 in the engine without leaf effects), so one h leaves jaw 10 -8.1 %, jaw 25 +3.9 %, "
+              "against 0.89 / 0.87 in the engine without leaf effects), so one h leaves jaw 10 -8.0 %, jaw 25 +3.7 %, "
               "jaw 50 +5.2 %; see docs/commissioning.md")
-OF_XFAIL = {(50, 1): _OF_SINGLE.format(1, 50, "+5.15")}
+OF_XFAIL = {(50, 1): _OF_SINGLE.format(1, 50, "+5.19")}
 
 
 def _param(table, key, *values):
