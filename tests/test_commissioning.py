@@ -218,8 +218,8 @@ def engine(com, shared_data):
 # xfail(strict=True) carrying its number and the reason, never a looser tolerance.
 _TPR_SHALLOW = ("TPR({} cm)/TPR(10 cm), jaw {} mm: engine {} % vs LA4 with the fitted spectrum (T0 = 6.0 MeV); the "
                 "engine's TPR falls faster from 3 to 10 cm than LA4's for every jaw (+2.1 / +1.0 / +1.1 % at 3 cm for "
-                "jaws 50 / 25 / 10); a higher T0 lowers 3 cm by about 0.5 % per 0.25 MeV and raises 20 cm by about "
-                "0.7-0.8 %, so one spectral parameter cannot hold both ends for the 50 mm jaw, and no physical "
+                "jaws 50 / 25 / 10); a higher T0 lowers 3 cm by 0.45-0.73 % per 0.25 MeV and raises 20 cm by "
+                "0.67-0.83 %, so one spectral parameter cannot hold both ends for the 50 mm jaw, and no physical "
                 "spectrum does (docs/commissioning.md, *Spectrum weights*)")
 _TPR_DEEP = ("TPR(20 cm)/TPR(10 cm), jaw 50 mm: engine {} % vs LA4 in the tank-like slab (+0.82 % in the 40 mm slab "
              "before session 12); T0 = 5.75 MeV would bring it to +0.71 % but raise 3 cm to +2.56 %; LA4's 8.89 cm "
