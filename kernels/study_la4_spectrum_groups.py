@@ -25,8 +25,9 @@ re-deriving a kernel per candidate:
 The LA4 files are GPL-3.0 and read at run time from ``--shared-data`` (never copied); the cache
 (``--work``) holds only engine doses. About 60 static collapsed-cone runs, 25 CPU minutes on the
 2-core machine (12 TPR points x 5 groups). Results of 2026-11-30 in ``docs/commissioning.md``
-(section *Spectrum weights*: session 11 in the 40 mm slab, ``--reach-mm 40``; session 12 in the
-150 mm slab that ``point_dose`` uses since).
+(section *Spectrum weights*): session 11, in the 40 mm slab (``--reach-mm 40``). The default is now
+the 150 mm slab of ``point_dose`` (session 12); the study has not been rerun there (the long-slab T0
+scan of ``commission_la4.py`` is in the section *Refit in a tank-like slab*).
 
 Usage::
 
