@@ -279,7 +279,7 @@ def engine_group_edges_mev() -> tuple[float, ...]:
     ``()`` when that kernel has no groups."""
     from tomodose.dose.engine import engine_kernel
 
-    k = engine_kernel()
+    k = engine_kernel(static=True)
     return tuple(float(v) for v in k.group_edges_mev[1:-1]) if getattr(k, "n_groups", 0) else ()
 
 
@@ -310,7 +310,7 @@ def kernel_for_spectrum(spectrum: Spectrum, shared_data, name="commissioning", *
     inner = tuple(float(v) for v in (group_edges_mev or ()))
     e = np.asarray(spectrum.energies_mev, dtype=float)
     w = np.asarray(spectrum.fluence, dtype=float)
-    ref = engine_kernel()
+    ref = engine_kernel(static=True)
     derive = _derive_script()
     layout = ["--polar-edges-deg", ",".join(f"{v:g}" for v in ref.polar_edges_deg), "--n-azimuth",
               str(ref.n_azimuth), "--n-terms", str(ref.n_terms)]
@@ -1120,7 +1120,7 @@ def main(argv=None) -> int:
     ap.add_argument("--softening", type=float, default=None, help="off-axis softening (1/rad), stage spectrum")
     ap.add_argument("--group-edges-mev", default="engine",
                     help="inner energy-group edges of the candidate kernels (MeV, comma separated): 'engine' "
-                         "(default: those of tomodose.dose.engine.engine_kernel(), 1.0,2.5) or 'none' (one "
+                         "(default: those of tomodose.dose.engine.engine_kernel(static=True), 1.0,2.5) or 'none' (one "
                          "polyenergetic kernel, the recipe before 2026-11-29)")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "tomodose_commissioning")
     ap.add_argument("--parts", default=None, help="comma-separated subset of " + ",".join(EVAL_PARTS))
@@ -1185,7 +1185,7 @@ def main(argv=None) -> int:
         # the machine as shipped (BeamModel.default() and the engine's own kernel), in the current engine
         from tomodose.dose.engine import engine_kernel
 
-        ev = evaluate(BeamModel.default(), engine_kernel(), la4, parts=parts, cache_dir=args.work, tag="shipped")
+        ev = evaluate(BeamModel.default(), engine_kernel(static=True), la4, parts=parts, cache_dir=args.work, tag="shipped")
         if "summary" in ev:
             _atomic_write(args.work / "shipped.json", json.dumps(ev, indent=1))
             print(json.dumps(ev["summary"], indent=1))
@@ -1235,7 +1235,7 @@ def main(argv=None) -> int:
 
         # the result names carry the kernel layout the engine had (energy groups, azimuth stagger)
         tag = ("single" if not groups else "g" + "-".join(f"{v:g}" for v in groups)) + \
-            ("_stagger" if getattr(engine_kernel(), "azimuth_stagger", False) else "")
+            ("_stagger" if getattr(engine_kernel(static=True), "azimuth_stagger", False) else "")
         for item in args.t0.split(","):
             t0, cu = (float(v) for v in (item.split(":") + ["1.5"])[:2])
             extra = ("" if args.offaxis is None else f"_oa{args.offaxis}") + \
@@ -1255,7 +1255,7 @@ def main(argv=None) -> int:
                 cmp = tpr_comparison(beam, k, la4)
                 dev = tpr_deviations(cmp)
                 res = {"t0_mev": t0, "cu_mm": cu, "groups_mev": list(groups), "offaxis": args.offaxis,
-                       "kernel": tag, "engine_kernel": engine_kernel().name, "slab_reach_mm": SLAB_REACH_MM,
+                       "kernel": tag, "engine_kernel": engine_kernel(static=True).name, "slab_reach_mm": SLAB_REACH_MM,
                        "softening_per_rad": beam.offaxis_softening_per_rad,
                        "mean_energy_mev": sp.mean_energy_mev, "depths_cm": list(TPR_FIT_DEPTHS_CM),
                        "rms_3_20cm_pct": 100 * tpr_rms(cmp), "max_abs_3_20cm_pct": 100 * float(np.abs(dev).max()),

@@ -203,7 +203,7 @@ def test_point_doses_are_computed_in_a_tank_like_slab(com, monkeypatch):
 def engine(com, shared_data):
     from tomodose.dose.engine import engine_kernel
 
-    return BeamModel.default(), engine_kernel()
+    return BeamModel.default(), engine_kernel(static=True)  # the LA4 fields are static beams
 
 
 # Measured with the engine as shipped (2026-11-30, session 12): energy-group TERMA, the 5-group kernel
@@ -216,8 +216,13 @@ def engine(com, shared_data):
 # (5.75 / 6.0 / 6.25 MeV) is in the same section. Against the 40 mm slab the 25 mm jaw's 3 cm TPR now passes
 # (+1.30 -> +0.96 %) and the 50 mm jaw's 20 cm TPR fails (+0.82 -> +1.51 %). A part that cannot meet 1 % is an
 # xfail(strict=True) carrying its number and the reason, never a looser tolerance.
+# Session 13 (2026-11-30): static beams use the 8-group, 17-ring kernel (STATIC_CCC_KERNEL_NAME; the Monte Carlo
+# 10 mm jaw now passes, docs/collapsed_cone.md 4h); the machine was NOT refitted for it. Re-measured (before ->
+# now): TPR jaw 50 at 3 / 5 / 20 cm +2.11 / +1.46 / +1.51 -> +2.07 / +1.48 / +1.76 %, jaw 10 at 3 cm +1.12 -> +1.32 %,
+# jaw 25 at 3 cm +0.96 % (unchanged, passes); output 50 x 1 +5.19 -> +5.50 %, 25 x 2 +0.59 -> +0.94 % (passes);
+# TPR 3-20 cm rms 0.96 -> 0.99 % (docs/commissioning.md, *Static kernel*).
 _TPR_SHALLOW = ("TPR({} cm)/TPR(10 cm), jaw {} mm: engine {} % vs LA4 with the fitted spectrum (T0 = 6.0 MeV); the "
-                "engine's TPR falls faster from 3 to 10 cm than LA4's for every jaw (+2.1 / +1.0 / +1.1 % at 3 cm for "
+                "engine's TPR falls faster from 3 to 10 cm than LA4's for every jaw (+2.1 / +1.0 / +1.3 % at 3 cm for "
                 "jaws 50 / 25 / 10); a higher T0 lowers 3 cm by 0.45-0.73 % per 0.25 MeV and raises 20 cm by "
                 "0.67-0.83 %, so one spectral parameter cannot hold both ends for the 50 mm jaw, and no physical "
                 "spectrum does (docs/commissioning.md, *Spectrum weights*)")
@@ -225,13 +230,13 @@ _TPR_DEEP = ("TPR(20 cm)/TPR(10 cm), jaw 50 mm: engine {} % vs LA4 in the tank-l
              "before session 12); T0 = 5.75 MeV would bring it to +0.71 % but raise 3 cm to +2.56 %; LA4's 8.89 cm "
              "column grows by only 1.5 % over the 6.67 cm column at 20 cm (docs/commissioning.md, *Equivalent "
              "square*)")
-TPR_XFAIL = {(50, 64, 3.0): _TPR_SHALLOW.format(3, 50, "+2.11"), (50, 64, 5.0): _TPR_SHALLOW.format(5, 50, "+1.46"),
-             (50, 64, 20.0): _TPR_DEEP.format("+1.51"), (10, 64, 3.0): _TPR_SHALLOW.format(3, 10, "+1.12")}
+TPR_XFAIL = {(50, 64, 3.0): _TPR_SHALLOW.format(3, 50, "+2.07"), (50, 64, 5.0): _TPR_SHALLOW.format(5, 50, "+1.48"),
+             (50, 64, 20.0): _TPR_DEEP.format("+1.76"), (10, 64, 3.0): _TPR_SHALLOW.format(3, 10, "+1.32")}
 _OF_SINGLE = ("{} leaf, jaw {} mm: engine {} % vs LA4 with the fitted isolated-leaf output loss h = 0.0533; LA4's "
               "single leaf is jaw-inconsistent with the engine (single/pair output 0.876 at jaw 10, 0.773 at jaw 50 "
-              "against 0.89 / 0.87 in the engine without leaf effects), so one h leaves jaw 10 -8.0 %, jaw 25 +3.7 %, "
-              "jaw 50 +5.2 %; see docs/commissioning.md")
-OF_XFAIL = {(50, 1): _OF_SINGLE.format(1, 50, "+5.19")}
+              "against 0.89 / 0.87 in the engine without leaf effects), so one h leaves jaw 10 -7.6 %, jaw 25 +4.0 %, "
+              "jaw 50 +5.5 % (static 8-group kernel, machine fitted with the 5-group one); see docs/commissioning.md")
+OF_XFAIL = {(50, 1): _OF_SINGLE.format(1, 50, "+5.50")}
 
 
 def _param(table, key, *values):

@@ -620,8 +620,8 @@ def _ccc_dose(dens_vol, seq, beam):
 
     from tomodose.dose.engine import engine_kernel, terma_energy_edges_mev
 
-    # the collapsed cone as the engine runs it: energy-group TERMA with the grouped kernel
-    kernel = engine_kernel()
+    # the collapsed cone as the engine runs a static beam: energy-group TERMA with the grouped static kernel
+    kernel = engine_kernel(static=True)
     t = compute_terma(dens_vol, seq, beam, n_subsamples=1, energy_group_edges_mev=terma_energy_edges_mev(kernel),
                       progress=False)
     src = source_position_patient(seq.gantry_angle_deg[0], seq.couch_mm[0], seq.isocentre_lps_mm)

@@ -4,9 +4,10 @@ Engines
 -------
 ``"collapsed_cone"`` (accurate, default)
     Polyenergetic TERMA (:func:`tomodose.terma.compute_terma`) accumulated per gantry-angle
-    group and, with an energy-grouped kernel (the default :data:`CCC_KERNEL_NAME`, 3 groups), per
-    energy group, then one collapsed-cone transport (:func:`tomodose.transport.collapsed_cone
-    .collapsed_cone_dose`) per angle group in which each energy group's TERMA releases energy
+    group and, with an energy-grouped kernel (the default :data:`CCC_KERNEL_NAME`, 5 groups, or for
+    static deliveries :data:`STATIC_CCC_KERNEL_NAME`, 8 groups on 17 rings), per energy group, then
+    one collapsed-cone transport (:func:`tomodose.transport.collapsed_cone.collapsed_cone_dose`)
+    per angle group in which each energy group's TERMA releases energy
     with its own kernel (beam hardening in the kernel: with one polyenergetic kernel the depth
     dose fell 6 % too fast by 19 cm against Monte Carlo, ``docs/dose.md``). Projections that share a gantry angle (one per rotation of
     a helical plan) are summed at the TERMA level, so the transport cost does not grow with the
@@ -85,6 +86,18 @@ FAST_CCC_OPTIONS = {"shared_from_deg": 0.0, "shared_directions": 96, "shared_coa
 #: Since 2026-11-29 five groups (inner edges 0.5, 1.0, 2.0, 3.5 MeV): the kernel follows the
 #: hardening of the spectrum with depth 3x better than the 3-group table (docs/collapsed_cone.md 4c).
 CCC_KERNEL_NAME = "ccc_water_6mv_5groups"
+#: collapsed-cone kernel of :func:`compute_dose` for **static** deliveries (:func:`is_static_delivery`: fixed
+#: gantry and couch, at most :data:`STATIC_SUPERSAMPLE_MAX_BEAMS` beams) when none is given, their calibration
+#: field included: eight energy groups (inner edges 0.25, 0.5, 1, 1.5, 2, 3, 4 MeV) on 17 polar rings
+#: (the 11 of :data:`CCC_KERNEL_NAME` with the 7.5-30 deg rings halved and the 30-60 and 60-90 deg rings
+#: split: 11.25, 18.75, 26.25, 37.5, 52.5, 75 deg added). Since 2026-11-30 (session 13): the narrow
+#: (10 mm jaw) Monte Carlo field's depth dose in Gy goes from 1.20 % to 0.88 % (8 groups alone 1.04 %,
+#: 17 rings alone 1.05 %, all 48 tabulated cones with 5 groups 1.01 %), jaws 25 / 50 from 0.92 / 0.80 %
+#: to 0.66 / 0.55 %, for 1.9x the transport time of a static beam (272 instead of 176 cones with
+#: :data:`STATIC_N_AZIMUTH`). Helical plans keep :data:`CCC_KERNEL_NAME`: there the 8 groups and 32 terms
+#: cost 1.5x the wall time and 1.5x the memory of the whole plan (3 mm liver: 28.7 -> 43.7 s, 1.54 ->
+#: 2.37 GiB) and the shared direction set does not resolve the finer rings. docs/collapsed_cone.md 4h.
+STATIC_CCC_KERNEL_NAME = "ccc_water_6mv_8groups_17rings"
 #: default ``line_phases`` of the per-group collapsed-cone transports (sub-voxel line phases per
 #: lateral axis, :func:`tomodose.transport.collapsed_cone.collapsed_cone_dose`); 1 = nearest-voxel lines.
 LINE_PHASES = 1
@@ -132,11 +145,15 @@ STATIC_SUPERSAMPLE_MIN_MM = 1.0
 STATIC_SUPERSAMPLE_MAX_VOXELS = 24_000_000
 
 
-def engine_kernel(kernel=None):
-    """The collapsed-cone kernel :func:`compute_dose` uses (``kernel`` or :data:`CCC_KERNEL_NAME`)."""
+def engine_kernel(kernel=None, *, static: bool = False):
+    """The collapsed-cone kernel :func:`compute_dose` uses: ``kernel`` when given, else
+    :data:`STATIC_CCC_KERNEL_NAME` for a static delivery (``static=True``, see :func:`is_static_delivery`)
+    and :data:`CCC_KERNEL_NAME` for any other (helical, rotational)."""
     from tomodose.transport.kernels import load_kernel
 
-    return load_kernel(CCC_KERNEL_NAME) if kernel is None else kernel
+    if kernel is not None:
+        return kernel
+    return load_kernel(STATIC_CCC_KERNEL_NAME if static else CCC_KERNEL_NAME)
 
 
 def terma_energy_edges_mev(kernel) -> np.ndarray:
@@ -163,7 +180,9 @@ def _ccc_engine(patient: PatientModel, seq: ProjectionSequence, *, beam_model=No
     f = STATIC_SUPERSAMPLE if static_supersample is DEFAULT else static_supersample
     _check_static_supersample(f)
     f = supersample_factor(int(f), patient.grid)
-    if f > 1 and is_static_delivery(seq):
+    static = is_static_delivery(seq)
+    kernel = engine_kernel(kernel, static=static)
+    if f > 1 and static:
         fine = supersampled_patient(patient, f)
         dose = _ccc_engine(fine, seq, beam_model=beam_model, kernel=kernel, progress=progress,
                            n_subsamples=n_subsamples, angle_groups=angle_groups, grouping=grouping, tilt=tilt,
@@ -175,7 +194,6 @@ def _ccc_engine(patient: PatientModel, seq: ProjectionSequence, *, beam_model=No
         if timings is not None:
             timings["static_supersample"] = f
         return block_mean_dose(dose, fine.mass_density_g_cm3, f)
-    kernel = engine_kernel(kernel)
     sub_kw = {} if n_subsamples is None else {"n_subsamples": n_subsamples}
     if getattr(kernel, "n_groups", 0):
         sub_kw["energy_group_edges_mev"] = terma_energy_edges_mev(kernel)
@@ -492,8 +510,9 @@ def compute_dose(patient: PatientModel, plan, engine: str = "collapsed_cone", *,
     beam_model : BeamModel, optional
         Default :meth:`tomodose.terma.beam_model.BeamModel.default`.
     kernel : CollapsedConeKernel, optional
-        Collapsed-cone kernel (default :data:`CCC_KERNEL_NAME`, energy-grouped; with a grouped
-        kernel the TERMA is split by its energy groups, with a single kernel it is not).
+        Collapsed-cone kernel, for the plan and its calibration field (default: energy-grouped,
+        :data:`STATIC_CCC_KERNEL_NAME` for a static delivery, :data:`CCC_KERNEL_NAME` otherwise; with
+        a grouped kernel the TERMA is split by its energy groups, with a single kernel it is not).
     reference : ReferenceCondition, optional
         Calibration condition (default: 5 x 40 cm, SSD 850 mm, depth 15 mm, machine dose rate).
     progress : bool, optional
@@ -563,6 +582,8 @@ def compute_dose(patient: PatientModel, plan, engine: str = "collapsed_cone", *,
         f = engine_options.get("static_supersample", DEFAULT)
         f = supersample_factor(STATIC_SUPERSAMPLE if f is DEFAULT else int(f), patient.grid)
         calib_options["static_supersample"] = f if is_static_delivery(seq) else 1
+        # the kernel of the plan's delivery (static or helical default), the calibration field's too
+        kernel = engine_kernel(kernel, static=is_static_delivery(seq))
     t0 = time.perf_counter()
     k = calibration_factor(engine, beam_model=beam_model, machine=seq.machine, kernel=kernel,
                            reference=reference, engine_options=calib_options)
@@ -577,5 +598,7 @@ def compute_dose(patient: PatientModel, plan, engine: str = "collapsed_cone", *,
     meta = {"engine": engine, "calibration_gy_per_unit": k, "beam_model": beam_model.name,
             "n_projections": seq.n_projections, "timings_s": timings,
             "engine_options": {key: repr(v) for key, v in engine_options.items()}}
+    if engine == "collapsed_cone":
+        meta["kernel"] = getattr(kernel, "name", repr(kernel))
     log.info("dose (%s): max %.3f Gy per fraction in %.1f s", engine, float(dose.array.max()), timings["engine_s"])
     return DoseResult(dose, n_fractions, engine, meta)
