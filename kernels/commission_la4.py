@@ -9,9 +9,9 @@ Every engine number below is computed with tomodose itself: polyenergetic TERMA
 (:func:`tomodose.terma.compute_terma`) of a static beam (gantry 0) on a water phantom, then the
 collapsed-cone transport with the kernel ``kernels/derive_ccc_kernels.py`` derives for the
 candidate spectrum (:func:`kernel_for_spectrum` runs that script on it). Since 2026-11-29 that is
-an energy-grouped kernel with the group edges of the engine's default kernel (1.0 and 2.5 MeV,
-``ccc_water_6mv_3groups``), and the engine splits the TERMA by the same groups — the engine as
-shipped; ``--group-edges-mev none`` gives the single polyenergetic kernel of the first fit.
+an energy-grouped kernel with the group edges and rings of the kernel the engine gives the LA4
+fields (:func:`la4_kernel`: since session 13 the static kernel, 8 groups and 17 rings), and the
+engine splits the TERMA by the same groups — the engine as shipped; ``--group-edges-mev none`` gives the single polyenergetic kernel of the first fit.
 
 Quantities compared (LA4 section -> our geometry):
 
@@ -76,6 +76,15 @@ log = logging.getLogger("commission_la4")
 LA4_REL = "tomotherapy/checktomo_LA4"
 JAWS_MM = (10, 25, 50)
 LEAF_MM = 6.25
+
+
+def la4_kernel():
+    """The collapsed-cone kernel of every LA4 field: they are static beams, so the engine's static
+    kernel (:func:`tomodose.dose.engine.engine_kernel` with ``static=True``, the one
+    ``compute_dose`` takes for them)."""
+    from tomodose.dose.engine import engine_kernel
+
+    return engine_kernel(static=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,6 +181,58 @@ def la4_tpr(la4: dict, size_cm: float, depths_cm) -> np.ndarray:
 
 def equivalent_square_cm(jaw_cm: float, width_cm: float) -> float:
     return 2.0 * jaw_cm * width_cm / (jaw_cm + width_cm)
+
+
+def la4_field_columns(la4: dict, *, tol_cm: float = 0.01) -> dict[tuple[int, float], int]:
+    """The LA4 TPR columns that belong to exactly one tomotherapy field.
+
+    The columns are labelled by an equivalent square; most labels are, to their three digits, the
+    equivalent square of one jaw (10 / 25 / 50 mm) and one ``[SPdata]`` open width (e.g. 8.89 =
+    5 x 40 cm, 8.0 = 5 x 20 cm, 1.95 = 1 x 40 cm). A label that two fields share (1.67 = 1 x 5 and
+    2.5 x 1.25 cm; 3.33 = 2.5 x 5 and 5 x 2.5 cm) or that none has (1.0, 2.1 cm) is left out.
+
+    Returns
+    -------
+    dict
+        ``{(jaw_mm, open_width_cm): column index}``.
+    """
+    sizes = la4[50]["tpr"]["sizes_cm"]
+    owners: dict[int, list] = {}
+    for jaw in JAWS_MM:
+        for w in la4[jaw]["sp"]["widths_cm"]:
+            s = equivalent_square_cm(jaw / 10.0, float(w))
+            k = int(np.argmin(np.abs(sizes - s)))
+            if abs(sizes[k] - s) <= tol_cm:
+                owners.setdefault(k, []).append((jaw, float(w)))
+    return {fields[0]: k for k, fields in owners.items() if len(fields) == 1}
+
+
+def la4_nested_dose_ratios(la4: dict, *, min_depth_cm: float = 2.0) -> list[dict]:
+    """Central-axis dose ratio of two nested MLC fields of one jaw, as the LA4 tables imply it.
+
+    CheckTomo computes the dose of a field ``F`` at depth ``d`` as ``Sp(F) x TPR_F(d)`` times
+    field-independent factors (``README`` of the LA4 folder; the TPR is normalised at 10 cm, so
+    ``Sp`` is the output at the isocentre under 10 cm of water, where ``tests/test_commissioning.py``
+    compares it). For two fields of one jaw with centred open widths ``a < b`` the wider field
+    contains the narrower one, so its central-axis dose cannot be lower at any depth:
+    ``Sp(b) TPR_b(d) / (Sp(a) TPR_a(d)) >= 1``. Returns one row per field pair (columns of
+    :func:`la4_field_columns`) and tabulated depth >= ``min_depth_cm`` (past the build-up) with
+    keys ``jaw_mm``, ``width_a_cm``, ``width_b_cm``, ``depth_cm``, ``ratio``.
+    """
+    t = la4[50]["tpr"]
+    depths = np.asarray(t["depths_cm"], dtype=float)
+    cols = la4_field_columns(la4)
+    rows = []
+    for jaw in JAWS_MM:
+        widths = np.asarray(la4[jaw]["sp"]["widths_cm"], dtype=float)
+        sp = np.asarray(la4[jaw]["sp"]["values"], dtype=float)
+        own = sorted((w, cols[(jaw, w)]) for w in widths if (jaw, w) in cols)
+        for i, (wa, ka) in enumerate(own):
+            for wb, kb in own[i + 1:]:
+                ratio = (sp[widths == wb][0] * t["table"][:, kb]) / (sp[widths == wa][0] * t["table"][:, ka])
+                rows += [{"jaw_mm": jaw, "width_a_cm": wa, "width_b_cm": wb, "depth_cm": float(d), "ratio": float(r)}
+                         for d, r in zip(depths, ratio) if d >= min_depth_cm]
+    return rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,12 +335,10 @@ def model_spectrum(t0_mev: float, w_mm: float = 1.0, cu_mm: float = 1.5) -> Spec
 
 
 def engine_group_edges_mev() -> tuple[float, ...]:
-    """Inner energy-group edges (MeV) of the engine's default collapsed-cone kernel
-    (:func:`tomodose.dose.engine.engine_kernel`; ``(1.0, 2.5)`` for ``ccc_water_6mv_3groups``),
-    ``()`` when that kernel has no groups."""
-    from tomodose.dose.engine import engine_kernel
-
-    k = engine_kernel(static=True)
+    """Inner energy-group edges (MeV) of the LA4 fields' collapsed-cone kernel (:func:`la4_kernel`;
+    ``(0.25, 0.5, 1, 1.5, 2, 3, 4)`` for the static ``ccc_water_6mv_8groups_17rings``), ``()`` when
+    that kernel has no groups."""
+    k = la4_kernel()
     return tuple(float(v) for v in k.group_edges_mev[1:-1]) if getattr(k, "n_groups", 0) else ()
 
 
@@ -288,11 +347,11 @@ def kernel_for_spectrum(spectrum: Spectrum, shared_data, name="commissioning", *
     """Collapsed-cone kernel for ``spectrum``, derived by ``kernels/derive_ccc_kernels.py`` itself.
 
     The script's :func:`main` runs on the candidate spectrum (written as a two-column CSV) with
-    its mono-kernel set (own ompMC below 0.5 MeV + EDKnrc) and the layout of the engine's own
-    kernel (:func:`tomodose.dose.engine.engine_kernel`: ring edges, azimuths, azimuth stagger,
-    exponential terms) and ``--group-edges-mev``: by default that kernel's inner group edges
+    its mono-kernel set (own ompMC below 0.5 MeV + EDKnrc) and the layout of the LA4 fields' kernel
+    (:func:`la4_kernel`: ring edges, azimuths, azimuth stagger, exponential terms) and
+    ``--group-edges-mev``: by default that kernel's inner group edges
     (:func:`engine_group_edges_mev`), so the result is the candidate-spectrum twin of the shipped
-    ``ccc_water_6mv_3groups`` and the engine splits the TERMA by the same groups
+    static kernel and the engine splits the TERMA by the same groups
     (``tomodose.dose.engine._ccc_engine`` does so for any kernel with ``n_groups``).
     ``group_edges_mev=()`` or None gives the single polyenergetic kernel (the recipe of the
     2026-11-28 commissioning). ``cache_dir``: the derived JSON tables are kept there, keyed by a
@@ -302,7 +361,6 @@ def kernel_for_spectrum(spectrum: Spectrum, shared_data, name="commissioning", *
     import hashlib
     import io
 
-    from tomodose.dose.engine import engine_kernel
     from tomodose.transport.kernels import CollapsedConeKernel
 
     if isinstance(group_edges_mev, str) and group_edges_mev == "engine":
@@ -310,7 +368,7 @@ def kernel_for_spectrum(spectrum: Spectrum, shared_data, name="commissioning", *
     inner = tuple(float(v) for v in (group_edges_mev or ()))
     e = np.asarray(spectrum.energies_mev, dtype=float)
     w = np.asarray(spectrum.fluence, dtype=float)
-    ref = engine_kernel(static=True)
+    ref = la4_kernel()
     derive = _derive_script()
     layout = ["--polar-edges-deg", ",".join(f"{v:g}" for v in ref.polar_edges_deg), "--n-azimuth",
               str(ref.n_azimuth), "--n-terms", str(ref.n_terms)]
@@ -1120,7 +1178,7 @@ def main(argv=None) -> int:
     ap.add_argument("--softening", type=float, default=None, help="off-axis softening (1/rad), stage spectrum")
     ap.add_argument("--group-edges-mev", default="engine",
                     help="inner energy-group edges of the candidate kernels (MeV, comma separated): 'engine' "
-                         "(default: those of tomodose.dose.engine.engine_kernel(static=True), 1.0,2.5) or 'none' (one "
+                         "(default: those of la4_kernel(), the engine's static kernel) or 'none' (one "
                          "polyenergetic kernel, the recipe before 2026-11-29)")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "tomodose_commissioning")
     ap.add_argument("--parts", default=None, help="comma-separated subset of " + ",".join(EVAL_PARTS))
@@ -1183,9 +1241,7 @@ def main(argv=None) -> int:
         return 0
     if args.stage == "shipped":
         # the machine as shipped (BeamModel.default() and the engine's own kernel), in the current engine
-        from tomodose.dose.engine import engine_kernel
-
-        ev = evaluate(BeamModel.default(), engine_kernel(static=True), la4, parts=parts, cache_dir=args.work, tag="shipped")
+        ev = evaluate(BeamModel.default(), la4_kernel(), la4, parts=parts, cache_dir=args.work, tag="shipped")
         if "summary" in ev:
             _atomic_write(args.work / "shipped.json", json.dumps(ev, indent=1))
             print(json.dumps(ev["summary"], indent=1))
@@ -1231,11 +1287,9 @@ def main(argv=None) -> int:
     if args.stage == "spectrum":
         # one cached result per candidate (resumable; items "T0[:Cu mm]")
         folder = args.work / "spectrum"
-        from tomodose.dose.engine import engine_kernel
-
         # the result names carry the kernel layout the engine had (energy groups, azimuth stagger)
         tag = ("single" if not groups else "g" + "-".join(f"{v:g}" for v in groups)) + \
-            ("_stagger" if getattr(engine_kernel(static=True), "azimuth_stagger", False) else "")
+            ("_stagger" if getattr(la4_kernel(), "azimuth_stagger", False) else "")
         for item in args.t0.split(","):
             t0, cu = (float(v) for v in (item.split(":") + ["1.5"])[:2])
             extra = ("" if args.offaxis is None else f"_oa{args.offaxis}") + \
@@ -1255,7 +1309,7 @@ def main(argv=None) -> int:
                 cmp = tpr_comparison(beam, k, la4)
                 dev = tpr_deviations(cmp)
                 res = {"t0_mev": t0, "cu_mm": cu, "groups_mev": list(groups), "offaxis": args.offaxis,
-                       "kernel": tag, "engine_kernel": engine_kernel(static=True).name, "slab_reach_mm": SLAB_REACH_MM,
+                       "kernel": tag, "engine_kernel": la4_kernel().name, "slab_reach_mm": SLAB_REACH_MM,
                        "softening_per_rad": beam.offaxis_softening_per_rad,
                        "mean_energy_mev": sp.mean_energy_mev, "depths_cm": list(TPR_FIT_DEPTHS_CM),
                        "rms_3_20cm_pct": 100 * tpr_rms(cmp), "max_abs_3_20cm_pct": 100 * float(np.abs(dev).max()),

@@ -581,9 +581,10 @@ def compute_dose(patient: PatientModel, plan, engine: str = "collapsed_cone", *,
         calib_options["static_n_azimuth"] = STATIC_N_AZIMUTH if na is DEFAULT else na
         f = engine_options.get("static_supersample", DEFAULT)
         f = supersample_factor(STATIC_SUPERSAMPLE if f is DEFAULT else int(f), patient.grid)
-        calib_options["static_supersample"] = f if is_static_delivery(seq) else 1
+        static = is_static_delivery(seq)
+        calib_options["static_supersample"] = f if static else 1
         # the kernel of the plan's delivery (static or helical default), the calibration field's too
-        kernel = engine_kernel(kernel, static=is_static_delivery(seq))
+        kernel = engine_kernel(kernel, static=static)
     t0 = time.perf_counter()
     k = calibration_factor(engine, beam_model=beam_model, machine=seq.machine, kernel=kernel,
                            reference=reference, engine_options=calib_options)
