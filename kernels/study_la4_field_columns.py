@@ -21,6 +21,7 @@ Usage::
 
     python kernels/study_la4_field_columns.py --work W [--fields 50x8,50x16,50x32,50x64,...]
         [--depths 3,5,20,25] [--shared-data ../shared/data]
+    python kernels/study_la4_field_columns.py --work W --detector-width 10x64   # 2 point doses
 
 The default fields are every jaw-50 and jaw-25 field of 10 cm and more with a column of its own, the
 5 x 5 cm field and the 1 cm jaw's 10 and 40 cm fields. 30-150 s of wall time per point dose on 2 idle
@@ -90,14 +91,47 @@ def cached_point_dose(work: Path, beam, kernel, jaw_mm: int, n_open: int, depth_
     return v
 
 
+def detector_average_effect(beam, kernel, jaw_mm: int, n_open: int, *, depths_cm=(3.0, 10.0), dz_mm: float = 1.0,
+                            half_widths_mm=(1.0, 2.0, 3.0, 3.5)) -> dict:
+    """How much a detector of finite width along the couch changes TPR(d0)/TPR(d1) of a field.
+
+    The dose on the central axis at the isocentre under ``d`` cm of water (the TPR geometry of
+    :func:`commission_la4.point_dose`, ``dz_mm`` voxels across the jaw) is averaged uniformly over
+    ``|z| <= h`` for each half width ``h`` (mm). Returns ``{"tpr_centre": TPR(d0)/TPR(d1) at the
+    centre, "change_pct": {h: % change of that ratio for the averaged dose}}``.
+    """
+    z = np.arange(-8.0, 8.0 + 1e-9, 0.25)
+    prof = []
+    for d in depths_cm:
+        d_mm = 10.0 * d
+        dose, grid = C.water_dose(beam, kernel, jaw_mm, C.open_leaves(n_open), 850.0 - d_mm, max_depth_mm=d_mm + 100.0,
+                                  half_x_mm=C._half_x(n_open), half_z_mm=0.5 * jaw_mm + C.SLAB_REACH_MM,
+                                  spacing_mm=(float(np.clip(n_open * C.LEAF_MM / 5.0, 1.25, 5.0)), 2.5, dz_mm))
+        pts = np.c_[np.full_like(z, C.field_centre_x_mm(n_open)), np.full_like(z, d_mm), z]
+        prof.append(C.sample(dose, grid, pts))
+    c = z.size // 2
+    change = {}
+    for h in half_widths_mm:
+        m = np.abs(z) <= h + 1e-9
+        change[h] = round(100.0 * ((prof[0][m].mean() / prof[0][c]) / (prof[1][m].mean() / prof[1][c]) - 1.0), 3)
+    return {"tpr_centre": float(prof[0][c] / prof[1][c]), "change_pct": change}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shared-data", type=Path, default=ROOT.parent / "shared" / "data")
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--fields", default="50x8,50x16,50x32,50x64,25x16,25x32,25x64,10x16,10x64")
     ap.add_argument("--depths", default="3,5,20,25", help="depths in cm (10 cm is the normalisation)")
+    ap.add_argument("--detector-width", default=None, metavar="JAWxN",
+                    help="instead: the detector-width effect on TPR(3)/TPR(10) of one field (1 mm voxels across the jaw)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.detector_width:
+        (jaw, n), = parse_fields(args.detector_width)
+        res = detector_average_effect(BeamModel.default(), C.la4_kernel(), jaw, n)
+        print(json.dumps(res, indent=1))
+        return 0
     fields = parse_fields(args.fields)
     depths = [float(v) for v in args.depths.split(",")]
     la4 = C.read_la4(args.shared_data)
