@@ -31,7 +31,6 @@ import argparse
 import dataclasses
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -39,21 +38,20 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "validation"))
+sys.path.insert(0, str(ROOT / "kernels"))
 
-import generate_mc_references as G  # noqa: E402
+from study_la4_field_growth_mc import DEPTHS_MM, PHANTOM, SURFACE_Y_MM, at_depths, axis_curve  # noqa: E402
+from study_la4_field_growth_mc import edges as _edges  # noqa: E402
+from study_la4_field_growth_mc import mc_and_engine_bins  # noqa: E402
 
 from tomodose.delivery.machine import TomoMachine  # noqa: E402
 from tomodose.delivery.plan import ProjectionSequence  # noqa: E402
-from tomodose.dose.engine import _engine_dose, engine_kernel  # noqa: E402
+from tomodose.dose.engine import engine_kernel  # noqa: E402
 from tomodose.evaluation import reference as refmod  # noqa: E402
-from tomodose.geometry.grid import ImageVolume  # noqa: E402
 from tomodose.terma.beam_model import BeamModel  # noqa: E402
 from tomodose.terma.spectrum import default_spectrum  # noqa: E402
 
 SQUARE_MM = 43.75
-PHANTOM = {"builder": "water_box", "kwargs": {"size_mm": [440.0, 300.0, 160.0], "spacing_mm": 2.5}}
-SURFACE_Y_MM = -150.0
-DEPTHS_MM = (30.0, 50.0, 70.0, 100.0, 150.0, 200.0)
 
 
 def fields(machine):
@@ -68,26 +66,11 @@ def fields(machine):
 
 
 def edges():
-    x = np.array([-220.0, -10.0, 10.0, 220.0])
-    y = SURFACE_Y_MM + np.arange(0.0, 300.0 + 1e-9, 10.0)
-    z = np.array([-80.0, -2.5, 2.5, 80.0])
-    return x, y, z
-
-
-def axis_curve(dose_bins, y_edges):
-    centres = 0.5 * (y_edges[1:] + y_edges[:-1]) - SURFACE_Y_MM
-    d = dose_bins[1, :, 1]
-    return centres, d
-
-
-def at_depths(centres, d):
-    v = np.interp(DEPTHS_MM, centres, d)
-    return v / v[DEPTHS_MM.index(100.0)]
+    """The axis bin 5 mm along the jaws (the 25 mm jaw's flat top)."""
+    return _edges(2.5)
 
 
 def main(argv=None) -> int:
-    import ompmc
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--histories", type=int, default=3_000_000)
     ap.add_argument("--json", type=Path, default=None)
@@ -97,34 +80,18 @@ def main(argv=None) -> int:
     ideal = BeamModel.ideal(spectrum)
     ideal = dataclasses.replace(ideal, jaw_fwhm_mm={**(ideal.jaw_fwhm_mm or machine.jaw_fwhm_mm), SQUARE_MM: SQUARE_MM})
     patient = refmod.build_phantom_from_spec(PHANTOM)
-    xe, ye, ze = edges()
-    rho = np.maximum(G.voxel_density(patient, (xe, ye, ze)), 1e-4)
-    mat = G.medium_index(rho)
-    geo = ompmc.Geometry(xe / 10, ye / 10, ze / 10, [m for _, m in G.MEDIA],
-                         density=np.asfortranarray(rho.transpose(2, 1, 0)),
-                         material=np.asfortranarray(mat.transpose(2, 1, 0)))
-    e = np.asarray(spectrum.bin_edges_mev, float)
-    mc_spec = ompmc.Spectrum.from_histogram(e[1:], np.asarray(spectrum.fluence, float), e_min=float(e[0]))
+    ye = edges()[1]
     kernel = engine_kernel()
     out = {"depths_mm": list(DEPTHS_MM), "histories": args.histories, "fields": {}}
     for k, (name, seq) in enumerate(fields(machine).items()):
-        i_beam, src, corner, side1, side2, w = G.beamlets(seq, ideal, 1)
-        phys = ompmc.Physics(pegs_file=str(ompmc.data_path() / "pegs4" / f"{G.PEGS}.pegs4dat"),
-                             global_ecut=G.ECUT_MEV, global_pcut=G.PCUT_MEV, n_split=G.N_SPLIT, seeds=(2001 + k, 33))
-        t = time.process_time()
-        dose, unc = ompmc.calc_forward(geo, ompmc.BeamletSource(i_beam, src, corner, side1, side2), w, mc_spec, phys,
-                                       n_histories=args.histories, n_batches=G.N_BATCHES)
-        cpu = time.process_time() - t
-        mc = np.asarray(dose).transpose(2, 1, 0)  # -> (nz, ny, nx), as generate_mc_references
-        un = np.asarray(unc).transpose(2, 1, 0)
-        eng = _engine_dose("collapsed_cone", patient, seq, beam_model=ideal, kernel=kernel, progress=False)
-        eng_bins = refmod.bin_average(ImageVolume(patient.grid, eng.astype(np.float64), "Gy"), (xe, ye, ze))
+        mc, un, eng_bins, wall = mc_and_engine_bins(patient, edges(), seq, ideal, spectrum, kernel, seeds=(2001 + k, 33),
+                                                   histories=args.histories)
         c, d_mc = axis_curve(mc, ye)
         _, d_en = axis_curve(eng_bins, ye)
         _, s_mc = axis_curve(un, ye)
         out["fields"][name] = {"mc": at_depths(c, d_mc).tolist(), "engine": at_depths(c, d_en).tolist(),
-                               "mc_rel_sigma_at_depths": np.interp(DEPTHS_MM, c, s_mc).tolist(), "cpu_s": cpu}
-        print(f"{name}: {cpu:.0f} CPU s; D(d)/D(100) MC  " + " ".join(f"{v:.4f}" for v in out["fields"][name]["mc"]),
+                               "mc_rel_sigma_at_depths": np.interp(DEPTHS_MM, c, s_mc).tolist(), "mc_wall_s": wall}
+        print(f"{name}: {wall:.0f} s ompMC; D(d)/D(100) MC  " + " ".join(f"{v:.4f}" for v in out["fields"][name]["mc"]),
               flush=True)
         print(f"{' ' * len(name)}                  engine " + " ".join(f"{v:.4f}" for v in out["fields"][name]["engine"]),
               flush=True)

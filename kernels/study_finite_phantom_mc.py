@@ -182,7 +182,7 @@ def run_mc(phantom: str, jaw_mm: float, histories: int, seed: int, cache: Path, 
     rho_w = float(np.median(patient.mass_density_volume().array))
     rho = np.full(shape, rho_w)
     mat = G.medium_index(rho)
-    geo = ompmc.Geometry(xe / 10, ye / 10, ze / 10, [m for _, m in G.MEDIA],
+    geo = ompmc.Geometry(xe / 10, ye / 10, ze / 10, list(G.MEDIA),
                          density=np.asfortranarray(rho.transpose(2, 1, 0)),
                          material=np.asfortranarray(mat.transpose(2, 1, 0)))
     seq = fan(jaw_mm, phantom)
