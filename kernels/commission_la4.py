@@ -11,7 +11,8 @@ collapsed-cone transport with the kernel ``kernels/derive_ccc_kernels.py`` deriv
 candidate spectrum (:func:`kernel_for_spectrum` runs that script on it). Since 2026-11-29 that is
 an energy-grouped kernel with the group edges and rings of the kernel the engine gives the LA4
 fields (:func:`la4_kernel`: since session 13 the static kernel, 8 groups and 17 rings), and the
-engine splits the TERMA by the same groups — the engine as shipped; ``--group-edges-mev none`` gives the single polyenergetic kernel of the first fit.
+engine splits the TERMA by the same groups — the engine as shipped; ``--group-edges-mev none`` gives the
+single polyenergetic kernel of the first fit.
 
 Quantities compared (LA4 section -> our geometry):
 

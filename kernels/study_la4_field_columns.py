@@ -124,7 +124,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fields", default="50x8,50x16,50x32,50x64,25x16,25x32,25x64,10x16,10x64")
     ap.add_argument("--depths", default="3,5,20,25", help="depths in cm (10 cm is the normalisation)")
     ap.add_argument("--detector-width", default=None, metavar="JAWxN",
-                    help="instead: the detector-width effect on TPR(3)/TPR(10) of one field (1 mm voxels across the jaw)")
+                    help="instead: the detector-width effect on TPR(3)/TPR(10) of one field "
+                         "(1 mm voxels across the jaw)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.detector_width:

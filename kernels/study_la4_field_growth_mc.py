@@ -130,8 +130,8 @@ def main(argv=None) -> int:
     for k, (jaw, n) in enumerate(fields):
         name = f"{jaw}x{n}"
         seq = static_field(machine, jaw, n)
-        mc, un, eng_bins, wall = mc_and_engine_bins(patient, edges(), seq, ideal, spectrum, kernel, seeds=(3001 + k, 47),
-                                                    histories=args.histories)
+        mc, un, eng_bins, wall = mc_and_engine_bins(patient, edges(), seq, ideal, spectrum, kernel,
+                                                    seeds=(3001 + k, 47), histories=args.histories)
         c, d_mc = axis_curve(mc, ye)
         _, d_en = axis_curve(eng_bins, ye)
         _, s_mc = axis_curve(un, ye)
