@@ -22,6 +22,7 @@ Usage::
     python kernels/study_la4_field_columns.py --work W [--fields 50x8,50x16,50x32,50x64,...]
         [--depths 3,5,20,25] [--shared-data ../shared/data]
     python kernels/study_la4_field_columns.py --work W --detector-width 10x64   # 2 point doses
+    python kernels/study_la4_field_columns.py --work W --fields 50x32 --depths 3,20 --softening 0.5
 
 The default fields are every jaw-50 and jaw-25 field of 10 cm and more with a column of its own, the
 5 x 5 cm field and the 1 cm jaw's 10 and 40 cm fields. 30-150 s of wall time per point dose on 2 idle
@@ -79,8 +80,8 @@ def column_tpr(la4: dict, jaw_mm: int, n_open: int, depths_cm) -> tuple[float, n
     return float(t["sizes_cm"][k]), np.interp(depths_cm, t["depths_cm"], t["table"][:, k])
 
 
-def cached_point_dose(work: Path, beam, kernel, jaw_mm: int, n_open: int, depth_cm: float) -> float:
-    f = work / f"point_{jaw_mm}x{n_open}_{depth_cm:g}cm.json"
+def cached_point_dose(work: Path, beam, kernel, jaw_mm: int, n_open: int, depth_cm: float, tag: str = "") -> float:
+    f = work / f"point_{jaw_mm}x{n_open}_{depth_cm:g}cm{tag}.json"
     if f.is_file():
         return float(json.loads(f.read_text())["dose"])
     t = time.perf_counter()
@@ -123,6 +124,8 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--fields", default="50x8,50x16,50x32,50x64,25x16,25x32,25x64,10x16,10x64")
     ap.add_argument("--depths", default="3,5,20,25", help="depths in cm (10 cm is the normalisation)")
+    ap.add_argument("--softening", type=float, default=None,
+                    help="off-axis softening (1/rad) instead of the shipped machine's (cached apart)")
     ap.add_argument("--detector-width", default=None, metavar="JAWxN",
                     help="instead: the detector-width effect on TPR(3)/TPR(10) of one field "
                          "(1 mm voxels across the jaw)")
@@ -138,11 +141,14 @@ def main(argv=None) -> int:
     la4 = C.read_la4(args.shared_data)
     args.work.mkdir(parents=True, exist_ok=True)
     beam, kernel = BeamModel.default(), C.la4_kernel()
+    tag = ""
+    if args.softening is not None:
+        beam, tag = beam.replace(offaxis_softening_per_rad=args.softening), f"_soft{args.softening:g}"
     rows = {}
     for jaw, n in fields:
         size, ref = column_tpr(la4, jaw, n, depths)
-        norm = cached_point_dose(args.work, beam, kernel, jaw, n, NORM_CM)
-        eng = np.array([cached_point_dose(args.work, beam, kernel, jaw, n, d) for d in depths]) / norm
+        norm = cached_point_dose(args.work, beam, kernel, jaw, n, NORM_CM, tag)
+        eng = np.array([cached_point_dose(args.work, beam, kernel, jaw, n, d, tag) for d in depths]) / norm
         rows[f"{jaw}x{n}"] = {"column_cm": size, "depths_cm": depths, "engine": eng.round(5).tolist(),
                               "la4": ref.round(5).tolist(), "deviation_pct": (100 * (eng / ref - 1)).round(2).tolist()}
     print("| field | LA4 column (cm) | " + " | ".join(f"{d:g} cm" for d in depths) + " |")
@@ -151,7 +157,7 @@ def main(argv=None) -> int:
         jaw, n = key.split("x")
         print(f"| {int(jaw) / 10:g} x {int(n) * C.LEAF_MM / 10:g} cm | {r['column_cm']:g} | "
               + " | ".join(f"{v:+.2f}" for v in r["deviation_pct"]) + " |")
-    C._atomic_write(args.work / "field_columns.json", json.dumps(rows, indent=1))
+    C._atomic_write(args.work / f"field_columns{tag}.json", json.dumps(rows, indent=1))
     return 0
 
 
