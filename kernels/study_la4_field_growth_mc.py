@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT / "validation"))
 sys.path.insert(0, str(ROOT / "kernels"))
 
 import generate_mc_references as G  # noqa: E402
+import commission_la4 as C  # noqa: E402
 from study_la4_field_columns import parse_fields  # noqa: E402
 
 from tomodose.delivery.machine import TomoMachine  # noqa: E402
@@ -56,10 +57,7 @@ def static_field(machine: TomoMachine, jaw_mm: int, n_open: int) -> ProjectionSe
     """Gantry 0, ``n_open`` central leaves (an even number: centred on the axis), 60 s, SSD 850 mm."""
     if n_open % 2:
         raise ValueError(f"n_open must be even (a field centred on the axis), got {n_open}")
-    f = np.zeros(machine.n_leaves)
-    lo = machine.n_leaves // 2 - n_open // 2
-    f[lo:lo + n_open] = 1.0
-    return ProjectionSequence.static_beams([0.0], f, 60.0, float(jaw_mm), isocentre_lps_mm=(0.0, SURFACE_Y_MM, 0.0),
+    return ProjectionSequence.static_beams([0.0], C.open_leaves(n_open, machine.n_leaves), 60.0, float(jaw_mm), isocentre_lps_mm=(0.0, SURFACE_Y_MM, 0.0),
                                            machine=machine)
 
 
