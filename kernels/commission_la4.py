@@ -253,11 +253,12 @@ def field_centre_x_mm(n_open: int) -> float:
 
 
 def water_dose(beam, kernel, jaw_mm, lof, ssd_mm, *, max_depth_mm, half_x_mm, half_z_mm,
-               spacing_mm=(5.0, 2.5, 2.5), machine=None):
+               spacing_mm=(5.0, 2.5, 2.5), machine=None, engine_options=None):
     """Dose of one static beam (gantry 0) on a water slab; returns (dose, grid).
 
     The slab's entrance surface is the plane y = 0 (the source is anterior, -y), the isocentre
-    is on the central axis at depth ``sad - ssd``.
+    is on the central axis at depth ``sad - ssd``. ``engine_options`` (dict, default none) go to the
+    collapsed cone as ``compute_dose``'s engine options do (e.g. ``static_supersample``).
     """
     from tomodose.dose.engine import _engine_dose
 
@@ -269,7 +270,8 @@ def water_dose(beam, kernel, jaw_mm, lof, ssd_mm, *, max_depth_mm, half_x_mm, ha
     iso = (0.0, machine.sad_mm - ssd_mm, 0.0)
     seq = ProjectionSequence.static_beams([0.0], np.asarray(lof)[None], 1.0, float(jaw_mm),
                                           isocentre_lps_mm=iso, machine=machine)
-    dose = _engine_dose("collapsed_cone", water, seq, beam_model=beam, kernel=kernel, progress=False)
+    dose = _engine_dose("collapsed_cone", water, seq, beam_model=beam, kernel=kernel, progress=False,
+                        **(engine_options or {}))
     return dose.astype(np.float64), grid
 
 
@@ -293,17 +295,19 @@ SLAB_REACH_MM = 150.0
 
 
 def point_dose(beam, kernel, jaw_mm, n_open, ssd_mm, depth_mm, *, back_mm=100.0, reach_mm=SLAB_REACH_MM,
-               dx=None, dy=2.5, dz=None):
+               dx=None, dy=2.5, dz=None, engine_options=None):
     """Central-axis dose at ``depth_mm`` below a surface at ``ssd_mm`` (field centre in x), in a
     water slab reaching ``reach_mm`` beyond the jaw's half width along the couch axis and
     ``back_mm`` below the point.
 
     Voxels: 2.5 mm along the beam; across the jaws 2 mm (jaw 10) or 2.5 mm; across the leaves
-    5 mm, refined to a fifth of the open width (>= 1.25 mm) for narrow MLC fields."""
+    5 mm, refined to a fifth of the open width (>= 1.25 mm) for narrow MLC fields. ``engine_options``:
+    see :func:`water_dose` (default: the engine's static-beam defaults, as the tests run)."""
     dz = dz or (2.0 if jaw_mm <= 10 else 2.5)
     dx = dx or float(np.clip(n_open * LEAF_MM / 5.0, 1.25, 5.0))
     dose, grid = water_dose(beam, kernel, jaw_mm, open_leaves(n_open), ssd_mm, max_depth_mm=depth_mm + back_mm,
-                            half_x_mm=_half_x(n_open), half_z_mm=0.5 * jaw_mm + reach_mm, spacing_mm=(dx, dy, dz))
+                            half_x_mm=_half_x(n_open), half_z_mm=0.5 * jaw_mm + reach_mm, spacing_mm=(dx, dy, dz),
+                            engine_options=engine_options)
     return float(sample(dose, grid, [[field_centre_x_mm(n_open), depth_mm, 0.0]])[0])
 
 
@@ -476,13 +480,15 @@ OARX_MAX_RAD = 0.215  # inside the fan edge (0.235 rad) and its penumbra
 OARX_POWERS = (1, 2, 3, 4)
 
 
-def open_fan_profiles(beam, kernel, depths_cm, angles_rad, *, ssd_mm=850.0, dx=5.0, dy=2.5, dz=2.5):
+def open_fan_profiles(beam, kernel, depths_cm, angles_rad, *, ssd_mm=850.0, dx=5.0, dy=2.5, dz=2.5,
+                      engine_options=None):
     """Dose of the open fan (jaw 50 mm, 64 leaves, gantry 0, SSD ``ssd_mm``) at fan angles
-    ``angles_rad`` (x = (SSD + d) tan(theta)) and depths ``depths_cm``: array (n_depths, n_angles)."""
+    ``angles_rad`` (x = (SSD + d) tan(theta)) and depths ``depths_cm``: array (n_depths, n_angles).
+    ``engine_options``: see :func:`water_dose`."""
     dmax = 10.0 * max(depths_cm) + 80.0
     half_x = (ssd_mm + dmax) * np.tan(0.25) + 10.0
     dose, grid = water_dose(beam, kernel, 50, np.ones(64), ssd_mm, max_depth_mm=dmax, half_x_mm=half_x,
-                            half_z_mm=65.0, spacing_mm=(dx, dy, dz))
+                            half_z_mm=65.0, spacing_mm=(dx, dy, dz), engine_options=engine_options)
     out = np.empty((len(depths_cm), len(angles_rad)))
     for i, d in enumerate(depths_cm):
         x = (ssd_mm + 10.0 * d) * np.tan(np.asarray(angles_rad))

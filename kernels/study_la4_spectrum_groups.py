@@ -55,24 +55,25 @@ JAWS_MM = (50, 25, 10)
 NORM_CM = 10.0
 
 
-def group_of(energies_mev) -> np.ndarray:
-    """Energy group (0-4) of each spectral line."""
-    return np.searchsorted(np.asarray(GROUP_EDGES_MEV), np.asarray(energies_mev), side="right") - 1
+def group_of(energies_mev, edges_mev=GROUP_EDGES_MEV) -> np.ndarray:
+    """Energy group (0 .. len(edges_mev) - 2) of each spectral line."""
+    return np.searchsorted(np.asarray(edges_mev), np.asarray(energies_mev), side="right") - 1
 
 
-def group_shares(spectrum) -> np.ndarray:
-    """(5,) share of each group in the energy fluence of ``spectrum``."""
+def group_shares(spectrum, edges_mev=GROUP_EDGES_MEV) -> np.ndarray:
+    """(n_groups,) share of each group (``edges_mev``, default the 5 groups) in the energy fluence of
+    ``spectrum``."""
     e = np.asarray(spectrum.energies_mev)
     ef = np.asarray(spectrum.fluence) * e
-    g = group_of(e)
-    return np.array([ef[g == k].sum() for k in range(5)]) / ef.sum()
+    g = group_of(e, edges_mev)
+    return np.array([ef[g == k].sum() for k in range(len(edges_mev) - 1)]) / ef.sum()
 
 
-def group_spectrum(spectrum, g):
-    """``spectrum`` restricted to the bins of group ``g`` (contiguous bins, edges kept)."""
+def group_spectrum(spectrum, g, edges_mev=GROUP_EDGES_MEV):
+    """``spectrum`` restricted to the bins of group ``g`` of ``edges_mev`` (contiguous bins, edges kept)."""
     from tomodose.terma.spectrum import Spectrum
 
-    idx = np.flatnonzero(group_of(spectrum.energies_mev) == g)
+    idx = np.flatnonzero(group_of(spectrum.energies_mev, edges_mev) == g)
     edges = np.asarray(spectrum.bin_edges_mev)[np.r_[idx, idx[-1] + 1]]
     return Spectrum(np.asarray(spectrum.energies_mev)[idx], np.asarray(spectrum.fluence)[idx], edges, f"group{g}")
 

@@ -229,7 +229,8 @@ def test_point_doses_are_computed_in_a_tank_like_slab(com, monkeypatch):
     seen = []
 
     def fake_water_dose(beam, kernel, jaw_mm, lof, ssd_mm, *, max_depth_mm, half_x_mm, half_z_mm,
-                        spacing_mm=(5.0, 2.5, 2.5), machine=None):
+                        spacing_mm=(5.0, 2.5, 2.5), machine=None, engine_options=None):
+        assert engine_options is None  # the checks run the engine's static-beam defaults
         seen.append((jaw_mm, max_depth_mm, half_z_mm, float(np.sum(lof))))
         dx, dy, dz = spacing_mm
         grid = Grid.from_extent((-half_x_mm, dy / 2, -half_z_mm), (half_x_mm, max_depth_mm - dy / 2, half_z_mm),
@@ -392,3 +393,85 @@ def test_field_columns_study_picks_each_fields_own_column(la4):
     assert tpr[1] == pytest.approx(1.0) and tpr[0] == pytest.approx(t["table"][21, 15])
     with pytest.raises(ValueError, match="no LA4 column"):
         study.column_tpr(la4, 25, 8, [3.0])  # 2.5 x 5 cm shares 3.33 with 5 x 2.5 cm
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels/study_la4_spectrum_minimax.py: the linear programs (synthetic; no engine run)
+# ---------------------------------------------------------------------------------------------
+def test_spectrum_minimax_balances_two_conflicting_points():
+    """Two points share one mixture ratio x of two groups (ratios 1.0 and 1.2) but want 1.05 and 1.15:
+    the minimax deviation balances them, x (1/1.05 + 1/1.15) = 2, t* = x/1.05 - 1 = 4.546 %; one point
+    alone is met exactly (t* = 0); a target outside the groups' range is out of reach within bounds."""
+    mm = load_script("kernels/study_la4_spectrum_minimax.py")
+    rows_d = np.array([[1.0, 1.2], [1.0, 1.2]])
+    rows_n = np.ones((2, 2))
+    shares = np.array([0.5, 0.5])
+    t, s = mm.minimax(rows_d, rows_n, np.array([1.05, 1.15]), shares, [(0, None)] * 2)
+    x = 2.0 / (1 / 1.05 + 1 / 1.15)
+    assert t == pytest.approx(x / 1.05 - 1.0, abs=2e-5)
+    assert (s @ rows_d[0]) / (s @ rows_n[0]) == pytest.approx(x, abs=1e-4)
+    assert s @ shares == pytest.approx(1.0)
+    t1, _ = mm.minimax(rows_d[:1], rows_n[:1], np.array([1.05]), shares, [(0, None)] * 2)
+    assert t1 < 2e-5
+    # within s in [1/1.1, 1.1] the ratio stays near 1.1: 1.05 needs a larger deviation than without bounds
+    tb, sb = mm.minimax(rows_d[:1], rows_n[:1], np.array([1.05]), shares, [(1 / 1.1, 1.1)] * 2)
+    assert np.all(sb >= 1 / 1.1 - 1e-9) and np.all(sb <= 1.1 + 1e-9)
+    s1 = 1 / 1.1  # the least group 1 the bounds allow; shares . s = 1 then sets s0 = 2 - s1 (< 1.1)
+    lo = ((2 - s1) * 1.0 + s1 * 1.2) / 2.0  # the smallest ratio within the bounds
+    assert tb == pytest.approx(lo / 1.05 - 1.0, abs=2e-5)
+    assert mm.feasible(0.001, rows_d, rows_n, np.array([1.3, 1.3]), shares, [(0, None)] * 2) is None
+
+
+def test_spectrum_minimax_weights_are_anchored_to_the_tested_tpr():
+    """At the shipped weights (s = 1) the study's TPR is the test geometry's, whatever the basis runs
+    give; a group weight moves it by the basis ratio only."""
+    mm = load_script("kernels/study_la4_spectrum_minimax.py")
+    key, norm = (50, 64, 3.0), (50, 64, 10.0)
+    groups = {key: np.array([0.6, 0.9]), norm: np.array([0.5, 0.5])}
+    basis = {key: 1.5, norm: 1.0}
+    test = {key: 1.3, norm: 1.0}
+    assert mm.tpr_of_weights([1, 1], groups, basis, test, [key])[0] == pytest.approx(1.3)
+    assert mm.tpr_of_weights([2, 0], groups, basis, test, [key])[0] == pytest.approx(1.3 * (1.2 / 1.0) / 1.5)
+
+
+def test_spectrum_minimax_group_masks_partition_the_spectrum():
+    """The group spectra of the kernel's edges cover every bin once, their energy-fluence shares sum to 1,
+    and weights of 1 give back the shipped spectrum."""
+    mm = load_script("kernels/study_la4_spectrum_minimax.py")
+    sg = load_script("kernels/study_la4_spectrum_groups.py")
+    spec = default_spectrum()
+    edges = np.r_[0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, np.inf]
+    shares = sg.group_shares(spec, edges)
+    assert shares.size == 8 and shares.sum() == pytest.approx(1.0) and np.all(shares > 0)
+    n = [sg.group_spectrum(spec, g, edges).energies_mev.size for g in range(8)]
+    assert sum(n) == spec.energies_mev.size
+    np.testing.assert_allclose(mm.weighted_spectrum(spec, np.ones(8), edges).fluence, spec.fluence)
+    heavy = mm.weighted_spectrum(spec, np.r_[np.ones(7), 3.0], edges)
+    assert mm.mean_energy_mev(heavy) > mm.mean_energy_mev(spec)
+
+
+def test_fluence_minimax_rows_keep_the_profiles_and_a_positive_fluence():
+    """kernels/study_la4_fluence_minimax.py: the OAR rows hold exactly when the basis profile's off-axis
+    ratio is within eps of LA4; the positivity rows reject a fluence that turns negative in the fan."""
+    fm = load_script("kernels/study_la4_fluence_minimax.py")
+    assert fm.basis_coeffs(0, 3) == () and fm.basis_coeffs(2, 3) == (0.0, 1.0, 0.0)
+    # basis: flat profile (1, 0.8) and one power adding (0, -0.2) per unit coefficient; LA4 OAR 0.7
+    prof = np.array([[[1.0, 0.8]], [[0.0, -0.2]]])
+    la = np.array([[1.0, 0.7]])
+    rows = fm.oar_rows(prof, la, 0.01)
+    for c, ok in ((0.5, True), (0.45, True), (0.0, False), (1.0, False)):
+        assert bool(np.all(rows @ np.array([1.0, c]) <= 1e-12)) is ok, c
+    pos = fm.positivity_rows(1)
+    assert np.all(pos @ np.array([1.0, -4.0]) <= 1e-12)  # O = 1 - 4 theta reaches 0 at the fan edge
+    assert np.any(pos @ np.array([1.0, -5.0]) > 0)  # negative beyond 0.2 rad
+
+
+def test_spectrum_minimax_points_name_tested_points_only():
+    mm = load_script("kernels/study_la4_spectrum_minimax.py")
+    assert list(mm.FIELDS) == TPR_CASES and mm.DEPTHS_CM == TPR_DEPTHS_CM  # the studies follow the tests
+    assert len(mm.tested_points()) == 12
+    assert mm.tested_points("50x64@3, 50x64@5")[0] == (50, 64, 20.0)
+    assert mm.parse_points("10x64@3") == [(10, 64, 3.0)]
+    for bad in ("50x64@10", "40x64@3", "50x64", "x@"):
+        with pytest.raises(ValueError, match="exclude"):
+            mm.tested_points(bad)
