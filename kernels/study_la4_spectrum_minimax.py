@@ -43,6 +43,7 @@ spectrum weights*).
 Usage::
 
     python kernels/study_la4_spectrum_minimax.py --work W [--bounds 1.1,1.25,1.5,2] [--verify any] [--json out.json]
+    python kernels/study_la4_spectrum_minimax.py --work W --exclude 50x64@3,50x64@5 --per-jaw 0.95   # one spectrum per jaw
 """
 
 from __future__ import annotations
@@ -200,6 +201,24 @@ def minimax(rows_d, rows_n, q, shares, bounds, *, extra_rows=None, t_hi: float =
     return hi, best
 
 
+def smallest_box(rows_d, rows_n, q, shares, t: float, *, b_hi: float = 20.0, tol: float = 1e-4):
+    """Smallest ``b`` for which weights within ``[1/b, b]`` meet every point within ``t`` (:func:`feasible`),
+    and those weights (bisection; ``(inf, None)`` when even ``b_hi`` does not)."""
+    n = shares.size
+    best = feasible(t, rows_d, rows_n, q, shares, [(1 / b_hi, b_hi)] * n)
+    if best is None:
+        return float("inf"), None
+    lo, hi = 1.0, b_hi
+    while hi - lo > tol:
+        mid = 0.5 * (lo + hi)
+        s = feasible(t, rows_d, rows_n, q, shares, [(1 / mid, mid)] * n)
+        if s is None:
+            lo = mid
+        else:
+            hi, best = mid, s
+    return hi, best
+
+
 def weighted_spectrum(spectrum, s, edges_mev):
     """``spectrum`` with the photon fluence of group ``g``'s bins scaled by ``s[g]``."""
     import dataclasses
@@ -232,6 +251,9 @@ def main(argv=None) -> int:
     ap.add_argument("--verify", default="", help="recompute these optima as the tests do: 'any' and/or bounds "
                                                  "(comma separated; 16 test-geometry point doses each)")
     ap.add_argument("--verify-points", default="", help="verify only these points (JAWxN@DEPTH, comma separated)")
+    ap.add_argument("--per-jaw", type=float, default=None, metavar="T_PCT",
+                    help="also: for each jaw alone (one spectrum per jaw), the smallest box that meets its points "
+                         "within T_PCT %%")
     ap.add_argument("--exclude", default="", help="tested points left out, JAWxN@DEPTH comma separated")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -288,6 +310,25 @@ def main(argv=None) -> int:
             report["cases"][f"minimax, {label}"]["t_star_pct"] = 100 * t
             if key in verify:
                 optima[label] = (spec, s)
+    if args.per_jaw is not None:
+        report["per_jaw"] = {}
+        for jaw in C.JAWS_MM:
+            idx = [i for i, k in enumerate(keys) if k[0] == jaw]
+            if not idx:
+                continue
+            b, s = smallest_box(rows_d[idx], rows_n[idx], q[idx], shares, args.per_jaw / 100.0)
+            if s is None:
+                print(f"jaw {jaw} alone: no spectrum within x20 per group meets {args.per_jaw:g} %")
+                continue
+            spec = weighted_spectrum(beam.spectrum, s, edges)
+            dev = 100.0 * (tpr_of_weights(s, B["groups"], B["full_basis"], B["full_test"], [keys[i] for i in idx])
+                           / la[idx] - 1.0)
+            report["per_jaw"][str(jaw)] = {"box": round(b, 4), "s": np.round(s, 4).tolist(),
+                                           "mean_energy_mev": round(mean_energy_mev(spec), 4),
+                                           "deviation_pct": dev.round(3).tolist()}
+            print(f"jaw {jaw} alone: smallest box x{b:.3f} for {args.per_jaw:g} %, mean energy "
+                  f"{mean_energy_mev(spec):.3f} MeV, s = {np.round(s, 3).tolist()}")
+            print_deviations([keys[i] for i in idx], dev)
     check = parse_points(args.verify_points, "verify-points") or keys
     for label, (spec, s) in optima.items():
         b = beam.replace(spectrum=spec)

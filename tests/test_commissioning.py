@@ -475,3 +475,15 @@ def test_spectrum_minimax_points_name_tested_points_only():
     for bad in ("50x64@10", "40x64@3", "50x64", "x@"):
         with pytest.raises(ValueError, match="exclude"):
             mm.tested_points(bad)
+
+
+def test_spectrum_minimax_smallest_box_is_the_least_reshaping_that_passes():
+    """One point, groups with ratios 1.0 and 1.2, target 1.05: within [1/b, b] (shares 0.5 / 0.5) the
+    smallest ratio is 1 + 0.1 / b, so t = 0 needs b = 2 and t = 1 % needs b = 0.1 / 0.0605."""
+    mm = load_script("kernels/study_la4_spectrum_minimax.py")
+    args = (np.array([[1.0, 1.2]]), np.ones((1, 2)), np.array([1.05]), np.array([0.5, 0.5]))
+    b0, s0 = mm.smallest_box(*args, 0.0)
+    assert b0 == pytest.approx(2.0, abs=2e-4) and s0[1] == pytest.approx(0.5, abs=1e-3)
+    b1, _ = mm.smallest_box(*args, 0.01)
+    assert b1 == pytest.approx(0.1 / (1.05 * 1.01 - 1.0), abs=2e-4)
+    assert mm.smallest_box(*args, 0.0, b_hi=1.5) == (float("inf"), None)
