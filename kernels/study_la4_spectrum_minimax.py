@@ -32,9 +32,11 @@ Method
   voxels, not the attenuation of a group, so the anchor carries it to first order; ``--verify`` recomputes
   every point with the optimal spectrum exactly as the tests do.
 
-Limits: the kernel tables stay those of the shipped spectrum (a new spectrum would re-derive them;
-session 11 measured that within-group shape change at <= 0.1 % of TPR), and the beam model's other
-parameters (off-axis fluence, jaw and leaf edges, jaw factors) stay fitted for the shipped spectrum.
+Limits: the kernel tables stay those of the shipped spectrum. With the kernel's own groups (the default)
+a weight scales a whole group, so the spectrum *within* each group is unchanged, and with it the group's
+kernel (each group has its own amplitudes and rates, ``derive_ccc_kernels.py --group-rates per-group``):
+a re-derived kernel would be the same. The beam model's other parameters (off-axis fluence, jaw and leaf edges, jaw factors) stay fitted
+for the shipped spectrum; the jaw factors cancel in a TPR.
 
 The LA4 files are GPL-3.0 and read at run time from ``--shared-data`` (never copied); ``--work`` caches
 engine point doses only (JSON, resumable). Results in ``docs/commissioning.md`` (section *Minimax over
