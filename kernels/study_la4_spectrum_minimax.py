@@ -264,6 +264,8 @@ def main(argv=None) -> int:
     if any(not b > 1.0 for b in bounds_b):
         raise ValueError(f"bounds must all be > 1, got {args.bounds!r}")
     verify = {v.strip() for v in args.verify.split(",") if v.strip()}
+    if args.per_jaw is not None and not args.per_jaw > 0:
+        raise ValueError(f"per-jaw must be a deviation > 0 %, got {args.per_jaw}")
     logging.basicConfig(level=logging.WARNING)
     from tomodose.terma.beam_model import BeamModel
 
@@ -271,6 +273,8 @@ def main(argv=None) -> int:
     beam, kernel = BeamModel.default(), C.la4_kernel()
     inner = (kernel.group_edges_mev[1:-1] if args.edges is None else [float(v) for v in args.edges.split(",")])
     edges = np.r_[0.0, np.asarray(inner, float), np.inf]
+    if np.any(np.diff(edges) <= 0):
+        raise ValueError(f"edges must be inner group edges > 0 MeV in increasing order, got {list(inner)}")
     args.work.mkdir(parents=True, exist_ok=True)
     B = basis(args.work, beam, kernel, edges)
     la = np.array([C.la4_tpr(la4, C.equivalent_square_cm(j / 10.0, n * C.LEAF_MM / 10.0), [d])[0] for j, n, d in keys])
