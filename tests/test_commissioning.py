@@ -487,3 +487,17 @@ def test_spectrum_minimax_smallest_box_is_the_least_reshaping_that_passes():
     b1, _ = mm.smallest_box(*args, 0.01)
     assert b1 == pytest.approx(0.1 / (1.05 * 1.01 - 1.0), abs=2e-4)
     assert mm.smallest_box(*args, 0.0, b_hi=1.5) == (float("inf"), None)
+
+
+def test_fluence_minimax_joint_alternation_uses_both_freedoms():
+    """One point 10 % high: the spectrum box (x1.5, shares 0.5 / 0.5) can lower the TPR by the factor
+    (2 / 3 + 0.9 x 4 / 3) / 2 / 0.95 and the fluence (c <= 0.5 by its row) by 1 - 0.1 c; together they
+    reach 1.1 x both factors, which neither reaches alone."""
+    fm = load_script("kernels/study_la4_fluence_minimax.py")
+    spec = (np.array([[1.0, 0.9]]), np.ones((1, 2)), np.array([0.5, 0.5]), np.ones(2))
+    flu = (np.array([[1.0, -0.1]]), np.array([[1.0, 0.0]]), np.array([1.0, 0.0]), np.array([1.0, 0.0]))
+    rows = np.array([[-0.5, 1.0]])  # c <= 0.5
+    t, s, x = fm.joint_alternating(spec, flu, np.array([1.0]), np.array([1.1]), rows, [(1 / 1.5, 1.5)] * 2)
+    s_factor = (2 / 3 + 0.9 * 4 / 3) / 2 / 0.95
+    assert t == pytest.approx(1.1 * s_factor * 0.95 - 1.0, abs=1e-4)
+    assert x[1] == pytest.approx(0.5, abs=1e-4) and s[1] == pytest.approx(4 / 3, abs=1e-4)  # bisection to 1e-5
