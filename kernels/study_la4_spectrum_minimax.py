@@ -115,16 +115,21 @@ def cached_dose(work: Path, key: str, compute) -> float:
 
 
 def point(beam, kernel, jaw: int, n: int, depth_cm: float, options=None) -> float:
+    """Dose at the isocentre under ``depth_cm`` of water (the TPR geometry of the tests), ``n`` central
+    leaves open; ``options``: engine options (None: the static-beam defaults)."""
     d_mm = 10.0 * depth_cm
     return C.point_dose(beam, kernel, jaw, n, 850.0 - d_mm, d_mm, engine_options=options)
 
 
 def basis(work: Path, beam, kernel, edges_mev, fields=FIELDS, depths_cm=DEPTHS_CM) -> dict:
-    """Basis doses ``{(jaw, n, depth): (n_groups,) array}`` (group ``g`` alone, per unit energy fluence as
-    the engine normalises a spectrum; the shipped spectrum's dose is ``sum_g F_g D_g``), the full-spectrum
-    basis-geometry dose
-    ``{(jaw, n, depth): float}`` and the test-geometry full-spectrum dose, for every field at
-    ``depths_cm`` and the 10 cm normalisation."""
+    """Doses of every field at ``depths_cm`` and the 10 cm normalisation, keyed ``(jaw, n, depth)``:
+
+    * ``"groups"``: (n_groups,) arrays, group ``g`` alone per unit energy fluence (as the engine normalises a
+      spectrum; the shipped spectrum's dose is ``sum_g F_g D_g``), basis geometry;
+    * ``"full_basis"``: the shipped spectrum, basis geometry (:data:`BASIS_OPTIONS`);
+    * ``"full_test"``: the shipped spectrum as the tests compute it (engine defaults).
+
+    Cached in ``work`` by field, depth and group edges only: use a fresh ``work`` for another machine."""
     import dataclasses
 
     n_g = len(edges_mev) - 1
