@@ -497,6 +497,13 @@ def open_fan_profiles(beam, kernel, depths_cm, angles_rad, *, ssd_mm=850.0, dx=5
     return out
 
 
+def la4_open_fan_oar(la4: dict, max_rad: float = OARX_MAX_RAD):
+    """LA4 ``[OARXOPENdata]`` (jaw 50) within ``max_rad``: (angles rad (n,), OAR (n_depths, n), depths cm)."""
+    t = la4[50]["oarx_open"]
+    sel = t["angle_rad"] <= max_rad + 1e-9
+    return t["angle_rad"][sel], t["table"][sel].T, list(t["depths_cm"])
+
+
 def fit_offaxis(beam, kernel, la4, *, powers=OARX_POWERS, max_rad=OARX_MAX_RAD):
     """Least-squares off-axis fluence coefficients (``1 + sum c_n |theta|^n``) so that the engine's
     open-fan off-axis ratios match LA4 ``[OARXOPENdata]`` (jaw 50) at all four depths.
@@ -507,9 +514,7 @@ def fit_offaxis(beam, kernel, la4, *, powers=OARX_POWERS, max_rad=OARX_MAX_RAD):
     """
     from scipy.optimize import least_squares
 
-    t = la4[50]["oarx_open"]
-    sel = t["angle_rad"] <= max_rad + 1e-9
-    ang, ref, depths = t["angle_rad"][sel], t["table"][sel].T, list(t["depths_cm"])
+    ang, ref, depths = la4_open_fan_oar(la4, max_rad)
     flat = open_fan_profiles(beam.replace(offaxis_fluence_coeffs=()), kernel, depths, ang)
     basis = []
     for p in powers:
@@ -815,18 +820,17 @@ def _eval_of(beam, kernel, la4, jaw_output_factors):
 
 
 def _eval_oarx(beam, kernel, la4, jaw_output_factors):
-    t = la4[50]["oarx_open"]
-    sel = t["angle_rad"] <= OARX_MAX_RAD + 1e-9
-    eng = open_fan_profiles(beam, kernel, list(t["depths_cm"]), t["angle_rad"][sel])
+    ang, ref, depths = la4_open_fan_oar(la4)
+    eng = open_fan_profiles(beam, kernel, depths, ang)
     eng = eng / eng[:, :1]
-    diff = eng - t["table"][sel].T
-    return {"depths_cm": t["depths_cm"].tolist(), "max_angle_rad": OARX_MAX_RAD,
+    diff = eng - ref
+    return {"depths_cm": [float(d) for d in depths], "max_angle_rad": OARX_MAX_RAD,
                         "rms_per_depth": np.round(np.sqrt(np.mean(diff ** 2, axis=1)), 4).tolist(),
                         "max_abs_per_depth": np.round(np.abs(diff).max(axis=1), 4).tolist(),
                         "at_0.1_rad": {"engine": np.round(eng[:, 20], 4).tolist(),
-                                       "la4": np.round(t["table"][20], 4).tolist()},
+                                       "la4": np.round(ref[:, 20], 4).tolist()},
                         "at_0.2_rad": {"engine": np.round(eng[:, 40], 4).tolist(),
-                                       "la4": np.round(t["table"][40], 4).tolist()}}
+                                       "la4": np.round(ref[:, 40], 4).tolist()}}
 
 
 def _eval_oary(beam, kernel, la4, jaw_output_factors):

@@ -113,15 +113,12 @@ def joint_alternating(spec, flu, la, test1, eps_rows, bounds, *, iterations: int
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shared-data", type=Path, default=ROOT.parent / "shared" / "data")
-    ap.add_argument("--work", type=Path, required=True)
+    SM.add_common_arguments(ap)
     ap.add_argument("--powers", type=int, default=6, help="highest power of theta in O(theta)")
     ap.add_argument("--eps", default="0.005,0.01,0.02,0.05", help="OAR tolerances (absolute), comma separated")
     ap.add_argument("--joint", type=float, default=None, metavar="B",
                     help="also: spectrum weights within [1/B, B] and the fluence together, by alternating linear "
                          "programs (needs the spectrum study's basis in --work; computed there when missing)")
-    ap.add_argument("--exclude", default="", help="tested points left out, JAWxN@DEPTH comma separated")
-    ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     keys = SM.tested_points(args.exclude)
     if not 1 <= args.powers <= 8:
@@ -137,9 +134,7 @@ def main(argv=None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     all_keys = [(j, n, d) for j, n in SM.FIELDS for d in SM.DEPTHS_CM]
     norm_keys = [(j, n, SM.NORM_CM) for j, n in SM.FIELDS]
-    t = la4[50]["oarx_open"]
-    sel = t["angle_rad"] <= C.OARX_MAX_RAD + 1e-9
-    ang, oar_la4, oar_depths = t["angle_rad"][sel], t["table"][sel].T, list(t["depths_cm"])
+    ang, oar_la4, oar_depths = C.la4_open_fan_oar(la4)
 
     n_basis = args.powers + 1
     dose = {}
@@ -168,14 +163,12 @@ def main(argv=None) -> int:
     rows_d, rows_n = rows(keys), rows([(j, n, SM.NORM_CM) for j, n, _ in keys])
     x_ship = np.r_[1.0, np.zeros(args.powers)]
     x_ship[1:1 + len(shipped.offaxis_fluence_coeffs)] = shipped.offaxis_fluence_coeffs
-    la = np.array([C.la4_tpr(la4, C.equivalent_square_cm(j / 10.0, n * C.LEAF_MM / 10.0), [d])[0] for j, n, d in keys])
-    test1 = np.array([SM.cached_dose(args.work, f"test_{j}x{n}_{d:g}cm", lambda: SM.point(shipped, kernel, j, n, d))
-                      / SM.cached_dose(args.work, f"test_{j}x{n}_10cm",
-                                       lambda: SM.point(shipped, kernel, j, n, SM.NORM_CM)) for j, n, d in keys])
+    la = SM.la4_point_tpr(la4, keys)
+    test1 = np.array([SM.test_dose(args.work, shipped, kernel, j, n, d)
+                      / SM.test_dose(args.work, shipped, kernel, j, n, SM.NORM_CM) for j, n, d in keys])
     ship_ratio = (rows_d @ x_ship) / (rows_n @ x_ship)
     q = la * ship_ratio / test1
-    full = np.array([SM.cached_dose(args.work, f"basis_full_{j}x{n}_{d:g}cm",
-                                    lambda: SM.point(shipped, kernel, j, n, d, SM.BASIS_OPTIONS)) for j, n, d in keys])
+    full = np.array([SM.basis_full_dose(args.work, shipped, kernel, j, n, d) for j, n, d in keys])
     lin = float(np.abs((rows_d @ x_ship) / full - 1.0).max())
 
     def oar_of(x):
@@ -187,14 +180,14 @@ def main(argv=None) -> int:
 
     e0 = np.r_[1.0, np.zeros(args.powers)]
     free = [(None, None)] * n_basis
-    oar_ship = oar_of(x_ship) - oar_la4
+    oar_ship = oar_of(x_ship)[:, 1:] - oar_la4[:, 1:]
+    shipped_row = {"oar_rms": float(np.sqrt(np.mean(oar_ship ** 2))), "oar_max": float(np.abs(oar_ship).max()),
+                   "deviation_pct": dev_of(x_ship).round(3).tolist()}
     print(f"linearity (shipped coefficients vs the full basis-geometry run): {lin:.1e}")
-    print(f"shipped: OAR rms {np.sqrt(np.mean(oar_ship[:, 1:] ** 2)):.4f}, max {np.abs(oar_ship[:, 1:]).max():.4f}; "
-          f"TPR max |dev| {np.abs(dev_of(x_ship)).max():.2f} %")
-    report = {"excluded": args.exclude, "powers": args.powers, "linearity": lin, "points": [f"{j}x{n}@{d:g}" for j, n, d in keys],
-              "shipped": {"oar_rms": float(np.sqrt(np.mean(oar_ship[:, 1:] ** 2))),
-                          "oar_max": float(np.abs(oar_ship[:, 1:]).max()),
-                          "deviation_pct": dev_of(x_ship).round(3).tolist()}, "cases": {}}
+    print(f"shipped: OAR rms {shipped_row['oar_rms']:.4f}, max {shipped_row['oar_max']:.4f}; "
+          f"TPR max |dev| {np.abs(shipped_row['deviation_pct']).max():.2f} %")
+    report = {"excluded": args.exclude, "powers": args.powers, "linearity": lin,
+              "points": [f"{j}x{n}@{d:g}" for j, n, d in keys], "shipped": shipped_row, "cases": {}}
     extra_pos = positivity_rows(args.powers)
     for eps in eps_list:
         extra = np.vstack([oar_rows(prof, oar_la4, eps), extra_pos])

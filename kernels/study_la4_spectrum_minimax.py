@@ -114,6 +114,30 @@ def cached_dose(work: Path, key: str, compute) -> float:
     return v
 
 
+def add_common_arguments(ap) -> None:
+    """The options both minimax studies take: --shared-data, --work, --exclude, --json."""
+    ap.add_argument("--shared-data", type=Path, default=ROOT.parent / "shared" / "data")
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--exclude", default="", help="tested points left out, JAWxN@DEPTH comma separated")
+    ap.add_argument("--json", type=Path, default=None)
+
+
+def la4_point_tpr(la4: dict, keys) -> np.ndarray:
+    """LA4 TPR(d)/TPR(10) at ``keys`` ((jaw, leaves, depth) tuples), as the tests read it."""
+    return np.array([C.la4_tpr(la4, C.equivalent_square_cm(j / 10.0, n * C.LEAF_MM / 10.0), [d])[0]
+                     for j, n, d in keys])
+
+
+def test_dose(work: Path, beam, kernel, j: int, n: int, d: float) -> float:
+    """The shipped beam's point dose as the tests compute it (engine defaults), cached in ``work``."""
+    return cached_dose(work, f"test_{j}x{n}_{d:g}cm", lambda: point(beam, kernel, j, n, d))
+
+
+def basis_full_dose(work: Path, beam, kernel, j: int, n: int, d: float) -> float:
+    """The shipped beam's point dose in the basis geometry (:data:`BASIS_OPTIONS`), cached in ``work``."""
+    return cached_dose(work, f"basis_full_{j}x{n}_{d:g}cm", lambda: point(beam, kernel, j, n, d, BASIS_OPTIONS))
+
+
 def point(beam, kernel, jaw: int, n: int, depth_cm: float, options=None) -> float:
     """Dose at the isocentre under ``depth_cm`` of water (the TPR geometry of the tests), ``n`` central
     leaves open; ``options``: engine options (None: the static-beam defaults)."""
@@ -137,9 +161,8 @@ def basis(work: Path, beam, kernel, edges_mev, fields=FIELDS, depths_cm=DEPTHS_C
     pts = [(j, n, d) for j, n in fields for d in sorted(set(depths_cm) | {NORM_CM})]
     out = {"groups": {}, "full_basis": {}, "full_test": {}}
     for j, n, d in pts:
-        out["full_test"][(j, n, d)] = cached_dose(work, f"test_{j}x{n}_{d:g}cm", lambda: point(beam, kernel, j, n, d))
-        out["full_basis"][(j, n, d)] = cached_dose(work, f"basis_full_{j}x{n}_{d:g}cm",
-                                                   lambda: point(beam, kernel, j, n, d, BASIS_OPTIONS))
+        out["full_test"][(j, n, d)] = test_dose(work, beam, kernel, j, n, d)
+        out["full_basis"][(j, n, d)] = basis_full_dose(work, beam, kernel, j, n, d)
     for g in range(n_g):
         b = dataclasses.replace(beam, spectrum=SG.group_spectrum(beam.spectrum, g, edges_mev))
         for j, n, d in pts:
@@ -191,39 +214,34 @@ def feasible(t: float, rows_d: np.ndarray, rows_n: np.ndarray, q: np.ndarray, sh
     return res.x if res.status == 0 else None
 
 
-def minimax(rows_d, rows_n, q, shares, bounds, *, extra_rows=None, t_hi: float = 0.2, tol: float = 1e-5):
-    """Smallest ``t`` (fraction) for which :func:`feasible` has a solution, and that solution
-    (bisection; ``(inf, None)`` when even ``t_hi`` is infeasible)."""
-    s_hi = feasible(t_hi, rows_d, rows_n, q, shares, bounds, extra_rows)
-    if s_hi is None:
+def smallest_feasible(solve, lo: float, hi: float, tol: float):
+    """Smallest parameter in ``[lo, hi]`` (to ``tol``, by bisection) for which ``solve(parameter)``, feasible
+    for every parameter above a threshold, returns a solution; ``(parameter, solution)``, or
+    ``(inf, None)`` when even ``hi`` has none."""
+    best = solve(hi)
+    if best is None:
         return float("inf"), None
-    lo, hi, best = 0.0, t_hi, s_hi
     while hi - lo > tol:
         mid = 0.5 * (lo + hi)
-        s = feasible(mid, rows_d, rows_n, q, shares, bounds, extra_rows)
+        s = solve(mid)
         if s is None:
             lo = mid
         else:
             hi, best = mid, s
     return hi, best
+
+
+def minimax(rows_d, rows_n, q, shares, bounds, *, extra_rows=None, t_hi: float = 0.2, tol: float = 1e-5):
+    """Smallest ``t`` (fraction) for which :func:`feasible` has a solution, and that solution
+    (bisection; ``(inf, None)`` when even ``t_hi`` is infeasible)."""
+    return smallest_feasible(lambda t: feasible(t, rows_d, rows_n, q, shares, bounds, extra_rows), 0.0, t_hi, tol)
 
 
 def smallest_box(rows_d, rows_n, q, shares, t: float, *, b_hi: float = 20.0, tol: float = 1e-4):
     """Smallest ``b`` for which weights within ``[1/b, b]`` meet every point within ``t`` (:func:`feasible`),
     and those weights (bisection; ``(inf, None)`` when even ``b_hi`` does not)."""
-    n = shares.size
-    best = feasible(t, rows_d, rows_n, q, shares, [(1 / b_hi, b_hi)] * n)
-    if best is None:
-        return float("inf"), None
-    lo, hi = 1.0, b_hi
-    while hi - lo > tol:
-        mid = 0.5 * (lo + hi)
-        s = feasible(t, rows_d, rows_n, q, shares, [(1 / mid, mid)] * n)
-        if s is None:
-            lo = mid
-        else:
-            hi, best = mid, s
-    return hi, best
+    return smallest_feasible(lambda b: feasible(t, rows_d, rows_n, q, shares, [(1 / b, b)] * shares.size),
+                             1.0, b_hi, tol)
 
 
 def weighted_spectrum(spectrum, s, edges_mev):
@@ -250,8 +268,7 @@ def mean_energy_mev(spectrum) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shared-data", type=Path, default=ROOT.parent / "shared" / "data")
-    ap.add_argument("--work", type=Path, required=True)
+    add_common_arguments(ap)
     ap.add_argument("--edges", default=None, help="inner group edges (MeV), comma separated; default the kernel's")
     ap.add_argument("--bounds", default="1.1,1.25,1.5,2",
                     help="plausible neighbourhoods b: every s_g within [1/b, b] (comma separated, each > 1)")
@@ -261,8 +278,6 @@ def main(argv=None) -> int:
     ap.add_argument("--per-jaw", type=float, default=None, metavar="T_PCT",
                     help="also: for each jaw alone (one spectrum per jaw), the smallest box that meets its points "
                          "within T_PCT %%")
-    ap.add_argument("--exclude", default="", help="tested points left out, JAWxN@DEPTH comma separated")
-    ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     keys = tested_points(args.exclude)
     bounds_b = [float(v) for v in args.bounds.split(",") if v.strip()]
@@ -282,7 +297,7 @@ def main(argv=None) -> int:
         raise ValueError(f"edges must be inner group edges > 0 MeV in increasing order, got {list(inner)}")
     args.work.mkdir(parents=True, exist_ok=True)
     B = basis(args.work, beam, kernel, edges)
-    la = np.array([C.la4_tpr(la4, C.equivalent_square_cm(j / 10.0, n * C.LEAF_MM / 10.0), [d])[0] for j, n, d in keys])
+    la = la4_point_tpr(la4, keys)
     shares = SG.group_shares(beam.spectrum, edges)
     B["groups"] = {k: shares * v for k, v in B["groups"].items()}  # the shipped spectrum's group doses
     lin = max(abs(B["groups"][k].sum() / B["full_basis"][k] - 1.0) for k in B["groups"])
@@ -349,7 +364,7 @@ def main(argv=None) -> int:
         for j, n, d in check:
             v = cached_dose(args.work, f"{tag}_{j}x{n}_{d:g}cm", lambda: point(b, kernel, j, n, d))
             v0 = cached_dose(args.work, f"{tag}_{j}x{n}_10cm", lambda: point(b, kernel, j, n, NORM_CM))
-            la_k = C.la4_tpr(la4, C.equivalent_square_cm(j / 10.0, n * C.LEAF_MM / 10.0), [d])[0]
+            la_k = la4_point_tpr(la4, [(j, n, d)])[0]
             pred = tpr_of_weights(s, B["groups"], B["full_basis"], B["full_test"], [(j, n, d)])[0]
             rows[f"{j}x{n}@{d:g}"] = {"exact_pct": round(100.0 * (v / v0 / la_k - 1.0), 3),
                                       "linear_pct": round(100.0 * (pred / la_k - 1.0), 3)}
