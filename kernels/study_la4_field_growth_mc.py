@@ -57,8 +57,8 @@ def static_field(machine: TomoMachine, jaw_mm: int, n_open: int) -> ProjectionSe
     """Gantry 0, ``n_open`` central leaves (an even number: centred on the axis), 60 s, SSD 850 mm."""
     if n_open % 2:
         raise ValueError(f"n_open must be even (a field centred on the axis), got {n_open}")
-    return ProjectionSequence.static_beams([0.0], C.open_leaves(n_open, machine.n_leaves), 60.0, float(jaw_mm), isocentre_lps_mm=(0.0, SURFACE_Y_MM, 0.0),
-                                           machine=machine)
+    return ProjectionSequence.static_beams([0.0], C.open_leaves(n_open, machine.n_leaves), 60.0, float(jaw_mm),
+                                           isocentre_lps_mm=(0.0, SURFACE_Y_MM, 0.0), machine=machine)
 
 
 def mc_and_engine_bins(patient, edges_mm, seq, beam_model, spectrum, kernel, *, seeds, histories: int):

@@ -200,7 +200,8 @@ def main(argv=None) -> int:
         report["cases"][f"{eps:g}"] = {"t_star_pct": 100 * t_star, "coeffs": x[1:].round(4).tolist(),
                                        "deviation_pct": dev.round(3).tolist(),
                                        "oar_rms": float(np.sqrt(np.mean(o[:, 1:] ** 2))),
-                                       "fluence_at": {f"{a:g}": float(np.polyval(x[::-1], a)) for a in (0.05, 0.1, 0.15, 0.2)}}
+                                       "fluence_at": {f"{a:g}": float(np.polyval(x[::-1], a))
+                                                      for a in (0.05, 0.1, 0.15, 0.2)}}
         print(f"eps {eps:g}: t* = {100 * t_star:.3f} %, OAR rms {report['cases'][f'{eps:g}']['oar_rms']:.4f}, "
               f"O(0.1 / 0.2 rad) = {np.polyval(x[::-1], 0.1):.3f} / {np.polyval(x[::-1], 0.2):.3f}")
         SM.print_deviations(keys, dev)

@@ -35,8 +35,8 @@ Method
 Limits: the kernel tables stay those of the shipped spectrum. With the kernel's own groups (the default)
 a weight scales a whole group, so the spectrum *within* each group is unchanged, and with it the group's
 kernel (each group has its own amplitudes and rates, ``derive_ccc_kernels.py --group-rates per-group``):
-a re-derived kernel would be the same. The beam model's other parameters (off-axis fluence, jaw and leaf edges, jaw factors) stay fitted
-for the shipped spectrum; the jaw factors cancel in a TPR.
+a re-derived kernel would be the same. The beam model's other parameters (off-axis fluence, jaw and leaf
+edges, jaw factors) stay fitted for the shipped spectrum; the jaw factors cancel in a TPR.
 
 The LA4 files are GPL-3.0 and read at run time from ``--shared-data`` (never copied); ``--work`` caches
 engine point doses only (JSON, resumable). Results in ``docs/commissioning.md`` (section *Minimax over
@@ -45,7 +45,8 @@ spectrum weights*).
 Usage::
 
     python kernels/study_la4_spectrum_minimax.py --work W [--bounds 1.1,1.25,1.5,2] [--verify any] [--json out.json]
-    python kernels/study_la4_spectrum_minimax.py --work W --exclude 50x64@3,50x64@5 --per-jaw 0.95   # one spectrum per jaw
+    # one spectrum per jaw:
+    python kernels/study_la4_spectrum_minimax.py --work W --exclude 50x64@3,50x64@5 --per-jaw 0.95
 """
 
 from __future__ import annotations
@@ -309,8 +310,9 @@ def main(argv=None) -> int:
     q = la * basis1 / test1
     print(f"linearity: max |sum_g D_g / D(full) - 1| = {lin:.1e}; group energy-fluence shares "
           + " / ".join(f"{v:.3f}" for v in shares))
-    report = {"excluded": args.exclude, "edges_mev": edges[1:-1].tolist(), "shares": shares.round(5).tolist(), "linearity": lin,
-              "points": [f"{j}x{n}@{d:g}" for j, n, d in keys], "cases": {}}  # no LA4 value (GPL: never copied)
+    report = {"excluded": args.exclude, "edges_mev": edges[1:-1].tolist(), "shares": shares.round(5).tolist(),
+              # no LA4 value in the report (GPL: never copied)
+              "linearity": lin, "points": [f"{j}x{n}@{d:g}" for j, n, d in keys], "cases": {}}
 
     def show(label, s):
         tpr = tpr_of_weights(s, B["groups"], B["full_basis"], B["full_test"], keys)
